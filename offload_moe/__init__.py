@@ -1,0 +1,48 @@
+"""offload_moe: run Mixture-of-Experts models whose experts do not fit on the device.
+
+Routed experts stay in the checkpoint files and move on demand into a fixed
+pool of expert slots on the compute device; everything else is loaded as usual.
+
+    import offload_moe
+    model = offload_moe.load("path/to/model", device="cuda", cache_memory="6GiB")
+    model.generate(input_ids, max_new_tokens=32)
+    model.offload.stats()
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .errors import (
+    BudgetError,
+    CheckpointError,
+    ConfigError,
+    DeviceError,
+    ExpertLoadError,
+    ModelPathError,
+    OffloadMoEError,
+    PolicyError,
+    UnsupportedModelError,
+)
+from .loader import SUPPORTED_FAMILIES, load
+from .planning import Plan, plan
+
+try:
+    __version__ = version("offload_moe")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+source"
+
+__all__ = [
+    "load",
+    "plan",
+    "Plan",
+    "SUPPORTED_FAMILIES",
+    "OffloadMoEError",
+    "ModelPathError",
+    "CheckpointError",
+    "UnsupportedModelError",
+    "BudgetError",
+    "ConfigError",
+    "DeviceError",
+    "PolicyError",
+    "ExpertLoadError",
+    "__version__",
+]

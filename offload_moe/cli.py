@@ -1,0 +1,101 @@
+"""The ``offload-moe`` command. Thin: parse options, call the library, print."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import OffloadMoEError
+
+app = typer.Typer(
+    name="offload-moe",
+    help="Run Mixture-of-Experts models whose experts do not fit on your GPU (or in RAM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"offload-moe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    """Run Mixture-of-Experts models whose experts do not fit on your GPU (or in RAM).
+
+    Example: offload-moe demo
+    """
+    state["debug"] = debug
+
+
+@app.command()
+def demo(
+    device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
+    tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 24,
+) -> None:
+    """Build a small MoE model, run it with 25% of its experts resident, and show the cache statistics.
+
+    Example: offload-moe demo --tokens 32
+    """
+    from .demo import run_demo
+
+    result = run_demo(device=device, new_tokens=tokens, console=console)
+    table = Table(title="expert cache")
+    for col in ("capacity", "hits", "misses", "evictions", "hit rate", "loaded", "tokens/s"):
+        table.add_column(col, justify="right")
+    s = result["stats"]
+    table.add_row(
+        f"{s['capacity_experts']} of {s['total_experts']}", str(s["hits"]), str(s["misses"]), str(s["evictions"]),
+        f"{s['hit_rate']:.1%}", f"{s['bytes_loaded'] / 2**20:.1f} MiB", f"{result['tokens_per_s']:.1f}",
+    )
+    console.print(table)
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Argument(help="Model folder (config.json + *.safetensors).")],
+    device_memory: Annotated[str, typer.Option(help="Memory for the compute device, e.g. 12GiB.")],
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
+    context: Annotated[int, typer.Option(help="Tokens of KV cache to reserve.")] = 4096,
+) -> None:
+    """Show what goes where for MODEL under a device-memory budget, without loading any weights.
+
+    Example: offload-moe plan ./Mixtral-8x7B --device-memory 12GiB
+    """
+    from .planning import plan as make_plan
+
+    p = make_plan(model, device_memory=device_memory, dtype=dtype, context_length=context)
+    table = Table(title=f"{p.model_type} in {p.device_memory / 2**30:.1f} GiB of device memory ({p.dtype})")
+    table.add_column("part")
+    table.add_column("where")
+    table.add_column("size", justify="right")
+    for row in p.rows():
+        table.add_row(*row)
+    console.print(table)
+    if not p.fits:
+        raise OffloadMoEError("the model does not fit: fewer than 2 expert slots remain after the dense weights")
+
+
+def main() -> None:
+    """Entry point: run the app; turn offload_moe errors into one line and exit code 1 (unless --debug)."""
+    try:
+        app()
+    except OffloadMoEError as e:
+        if "--debug" in sys.argv:
+            raise
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)

@@ -1,0 +1,137 @@
+"""The module that stands in for a model's routed experts.
+
+transformers 5 keeps each family's routed experts in one module called as
+``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``.
+``OffloadedExperts`` takes its place with the same call. The router, the routing
+rule, shared experts and attention stay the model's own. The weights come from
+expert-cache slots; this module never knows whether they came from RAM or disk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import ExpertCache
+from .store import ExpertsSpec
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """True for a module decorated with transformers' ``use_experts_implementation``."""
+    return (
+        hasattr(module, "is_transposed")
+        and hasattr(module, "has_gate")
+        and hasattr(module, "num_experts")
+        and hasattr(type(module), "_apply_gate")
+    )
+
+
+def find_experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if is_experts_module(m)]
+
+
+def layer_number(name: str, ordinal: int) -> int:
+    m = _LAYER.search(name + ".")
+    return int(m.group(1)) if m else ordinal
+
+
+def expert_params(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The module's per-expert parameters: direct parameters with a leading expert dimension."""
+    e = module.num_experts
+    return {n: p for n, p in module._parameters.items() if p is not None and p.dim() >= 2 and p.shape[0] == e}
+
+
+class OffloadedExperts(nn.Module):
+    """Computes a layer's routed experts with weights held in an ``ExpertCache``.
+
+    Resident experts run first; missing ones are then loaded and run, one at a
+    time, so a layer needs at most one free slot beyond what it already holds.
+    Tokens are grouped by expert, so a prefill batch loads each expert once.
+    """
+
+    def __init__(self, original: nn.Module, spec: ExpertsSpec):
+        super().__init__()
+        self.spec = spec
+        self.layer = spec.layer
+        self.num_experts = spec.num_experts
+        self.has_gate = bool(original.has_gate)
+        self.has_bias = bool(getattr(original, "has_bias", False))
+        self.is_transposed = bool(original.is_transposed)
+        self.has_post_expert_norm = bool(getattr(original, "has_post_expert_norm", False))
+        self.first = "gate_up_proj" if self.has_gate else "up_proj"
+        for name in expert_params(original):
+            del original._parameters[name]
+        # What is left of the module (act_fn, norms, dense parameters) stays under its own names,
+        # so dense checkpoint keys such as "...experts.post_expert_norm.weight" still load.
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        for name, p in original.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        # Bound to the original: GPT-OSS's clamped SwiGLU reads its alpha and limit from there.
+        self._gate_fn: Callable[[torch.Tensor], torch.Tensor] = original._apply_gate
+        self.cache: ExpertCache | None = None  # set by the runtime; not a submodule
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, num_experts={self.num_experts}, offloaded=True"
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:
+            raise RuntimeError("OffloadedExperts used before offload_moe attached an expert cache")
+        num_tokens, top_k = top_k_index.shape
+        flat = top_k_index.reshape(-1)  # [T*k]
+        order = torch.argsort(flat, stable=True)  # pair ids grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts].tolist()  # one sync per layer
+        starts, needed, pos = {}, [], 0
+        for e, n in enumerate(counts):
+            if n:
+                starts[e] = (pos, pos + n)
+                needed.append(e)
+            pos += n
+        out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
+        out = hidden_states.new_zeros(num_tokens * top_k, hidden_states.shape[-1], dtype=out_dtype)  # [T*k, H]
+        weights = top_k_weights.reshape(-1)  # [T*k]
+
+        def run(expert: int, slot: int) -> None:
+            lo, hi = starts[expert]
+            pairs = order[lo:hi]
+            y = self._expert(hidden_states[pairs // top_k], self.cache.pool.views(slot))
+            out[pairs] = y * weights[pairs, None]
+
+        cache, layer = self.cache, self.layer
+        hits, misses = cache.acquire(layer, needed)
+        pinned = {e for e, _ in hits}
+        try:
+            for expert, slot in hits:
+                run(expert, slot)
+                cache.release(layer, expert)
+                pinned.discard(expert)
+            for expert in misses:
+                slot = cache.load(layer, expert)
+                pinned.add(expert)
+                run(expert, slot)
+                cache.release(layer, expert)
+                pinned.discard(expert)
+        finally:
+            for expert in pinned:
+                cache.release(layer, expert)
+        return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def _expert(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = self._linear(x, w[self.first], w.get(self.first + "_bias"))
+        h = self._gate_fn(h) if self.has_gate else self.act_fn(h)
+        y = self._linear(h, w["down_proj"], w.get("down_proj_bias"))
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        return y
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.is_transposed:  # weight [in, out]
+            y = x @ weight
+            return y + bias if bias is not None else y
+        return F.linear(x, weight, bias)  # weight [out, in]

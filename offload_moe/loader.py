@@ -1,0 +1,282 @@
+"""Build an offloaded model: empty skeleton, experts swapped, dense weights loaded, experts indexed.
+
+The steps of ``load``:
+
+1. read ``config.json`` and build the model on the meta device (no memory);
+2. replace every routed-experts module with ``OffloadedExperts``;
+3. index the checkpoint: routed experts stay on disk, everything else is dense;
+4. read the dense weights one tensor at a time onto the compute device;
+5. allocate the fixed pool of expert slots and attach the cache.
+
+Nothing is written to the model folder, and on any error everything built so far is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cache import ExpertCache, Residency, SlotLayout, SlotPool
+from .config import Budget, parse_device, parse_dtype
+from .errors import CheckpointError, ModelPathError, UnsupportedModelError
+from .experts import OffloadedExperts, expert_params, find_experts_modules, layer_number
+from .policies import make_policy
+from .runtime import OffloadRuntime
+from .store import ExpertsSpec, ExpertStore
+from .transfer import make_mover
+
+log = logging.getLogger("offload_moe")
+
+# Families with a parity test against transformers (tests/test_families.py).
+SUPPORTED_FAMILIES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+    "glm4_moe", "phimoe", "granitemoe", "gpt_oss",
+)
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A local model folder; a hub id is looked up in the local Hugging Face cache only, never downloaded."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise ModelPathError(f"{folder} is not a model folder: it has no config.json")
+        return folder
+    if folder.exists():
+        raise ModelPathError(f"{folder} is a file; pass the model folder that holds config.json and *.safetensors")
+    if str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            cached = Path(snapshot_download(str(path), local_files_only=True))
+            return resolve_model_path(cached)
+        except Exception:
+            raise ModelPathError(
+                f"{path!r} is not a folder, and no copy of that hub model is in the local Hugging Face cache. "
+                f"offload_moe never downloads: fetch it first (`hf download {path}`) and pass the folder"
+            ) from None
+    raise ModelPathError(f"{folder} does not exist; pass the folder of a model saved with save_pretrained")
+
+
+def load_config(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedModelError(f"{folder / 'config.json'} cannot be read by transformers: {e}") from None
+
+
+def build_skeleton(config) -> nn.Module:
+    """The model with every parameter on the meta device (buffers such as rotary tables are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise UnsupportedModelError(
+            f"transformers has no causal-LM class for model_type {config.model_type!r} ({e}). "
+            f"Supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        ) from None
+
+
+def swap_experts(model: nn.Module) -> list[OffloadedExperts]:
+    """Replace each routed-experts module by an ``OffloadedExperts``; returns them in layer order."""
+    found = find_experts_modules(model)
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({model.config.model_type}) has no routed-experts module in the "
+            "transformers 5 experts layout, so there is nothing to offload. Supported families: "
+            f"{', '.join(SUPPORTED_FAMILIES)}; other families decorated with use_experts_implementation "
+            "should work too"
+        )
+    swapped = []
+    for ordinal, (name, module) in enumerate(found):
+        spec = ExpertsSpec(
+            layer=layer_number(name, ordinal),
+            prefix=name,
+            num_experts=module.num_experts,
+            shapes={n: tuple(p.shape[1:]) for n, p in expert_params(module).items()},
+            is_transposed=bool(module.is_transposed),
+            is_concatenated=bool(getattr(module, "is_concatenated", True)),
+        )
+        offloaded = OffloadedExperts(module, spec)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, offloaded)
+        swapped.append(offloaded)
+    return swapped
+
+
+def checkpoint_renamer(model: nn.Module) -> Callable[[str], str]:
+    """Map checkpoint names to the model's parameter names with transformers' own renaming rules.
+
+    Only renamings are applied (e.g. Mixtral's ``block_sparse_moe`` -> ``mlp``); the rules that
+    fuse per-expert tensors are not, since the store reads experts one at a time instead.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # an older transformers: names are used as they are
+        return lambda key: key
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    names = dict.fromkeys(_tensor_names(model), True)
+    prefix = getattr(model, "base_model_prefix", None)
+    return lambda key: rename_source_key(key, renamings, [], prefix, names)[0]
+
+
+def _tensor_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+
+
+def _keep_fp32(model: nn.Module) -> set[str]:
+    return set(getattr(model, "_keep_in_fp32_modules", None) or []) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    )
+
+
+def load_dense(model: nn.Module, store: ExpertStore, device: torch.device, dtype: torch.dtype, progress: bool) -> None:
+    """Read every non-expert tensor onto ``device``, one at a time, then tie weights and check nothing is missing."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    expected = dict(model.named_parameters())
+    expected.update(model.named_buffers())
+    keep_fp32 = _keep_fp32(model) if dtype in (torch.float16, torch.bfloat16) else set()
+    unexpected = []
+    items = sorted(store.dense.items(), key=lambda kv: (str(kv[1].file), kv[1].offset))
+    with _progress(progress, "dense weights", sum(info.nbytes for _, info in items)) as advance:
+        for key, info in items:
+            target = expected.get(key)
+            if target is None:
+                unexpected.append(info.name)
+                continue
+            if tuple(target.shape) != info.shape:
+                raise CheckpointError(
+                    f"{info.file}: tensor {info.name!r} has shape {list(info.shape)} but the model built from "
+                    f"config.json expects {list(target.shape)}; the checkpoint does not match its config"
+                )
+            value = store.read_dense(info)
+            cast = torch.float32 if keep_fp32 and keep_fp32 & set(key.split(".")) else dtype
+            set_module_tensor_to_device(model, key, device, value=value, dtype=cast if value.is_floating_point() else None)
+            advance(info.nbytes)
+    if unexpected:
+        log.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
+    model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if missing:
+        raise CheckpointError(
+            f"{store.folder}: the checkpoint lacks {len(missing)} weight(s) the model needs, e.g. "
+            f"{', '.join(missing[:5])}; a shard may be missing or the checkpoint may not match config.json"
+        )
+    for name, buf in list(model.named_buffers()):
+        if buf.device != device:
+            module_name, _, buf_name = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[buf_name] = buf.to(device)
+
+
+def _progress(enabled: bool, what: str, total: int):
+    from contextlib import contextmanager
+
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    @contextmanager
+    def bar():
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn(f"[bold]loading {what}"), BarColumn(), DownloadColumn(binary_units=True), TimeRemainingColumn(),
+            console=console, transient=True, disable=not (enabled and console.is_terminal),
+        ) as p:
+            task = p.add_task(what, total=total)
+            yield lambda n: p.advance(task, n)
+
+    return bar()
+
+
+def default_cache_bytes(device: torch.device, dense_bytes: int) -> int:
+    """Without a budget: half of what is free on the device after the dense weights."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return max(0, free // 2 - dense_bytes)
+
+
+def load(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    cache_experts: int | None = None,
+    cache_memory: str | int | None = None,
+    policy: str = "lru",
+    dtype: str | torch.dtype | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """Load a Hugging Face MoE checkpoint with its routed experts offloaded to a device expert cache.
+
+    Everything but the routed experts goes to ``device``; the experts stay in the
+    checkpoint files and move into a fixed pool of slots on demand. The budget is
+    ``cache_experts`` (a number of experts, across all layers) or ``cache_memory``
+    (bytes or a string such as ``"6GiB"``); without either, half the free memory.
+    ``policy`` is the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``).
+    Returns the transformers model; ``model.offload`` holds the runtime and its stats.
+    """
+    dev = parse_device(device)
+    want_dtype = parse_dtype(dtype)
+    budget = Budget(cache_experts, cache_memory)
+    make_policy(policy, seed=seed)  # fail on a bad name before reading anything
+    folder = resolve_model_path(path)
+    config = load_config(folder)
+    if want_dtype is None:
+        want_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        want_dtype = parse_dtype(want_dtype)
+    store = mover = model = None
+    try:
+        model = build_skeleton(config)
+        modules = swap_experts(model)
+        store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model))
+        layout = SlotLayout(_shared_shapes(modules), want_dtype)
+        total_experts = sum(m.num_experts for m in modules)
+        dense_bytes = sum(info.nbytes for info in store.dense.values())
+        capacity = budget.slots(layout.nbytes, total_experts, default_cache_bytes(dev, dense_bytes))
+        load_dense(model, store, dev, want_dtype, progress)
+        mover = make_mover(dev, store.expert_source_bytes())
+        cache = ExpertCache(
+            Residency(capacity, make_policy(policy, seed=seed)),
+            SlotPool(capacity, layout, dev),
+            store,
+            mover,
+            {m.layer: m.spec.prefix for m in modules},
+        )
+        for m in modules:
+            m.cache = cache
+    except BaseException:
+        if store is not None:
+            store.close()
+        if mover is not None:
+            mover.close()
+        del model
+        raise
+    model.eval()
+    model.offload = OffloadRuntime(model, cache, modules, dev, want_dtype, folder)
+    return model
+
+
+def _shared_shapes(modules: list[OffloadedExperts]) -> dict[str, tuple[int, ...]]:
+    shapes = modules[0].spec.shapes
+    for m in modules[1:]:
+        if m.spec.shapes != shapes:
+            raise UnsupportedModelError(
+                f"{m.spec.prefix} has expert shapes {m.spec.shapes}, unlike {modules[0].spec.prefix} "
+                f"({shapes}); offload_moe needs one expert size for the whole model"
+            )
+    return shapes

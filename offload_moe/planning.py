@@ -1,0 +1,135 @@
+"""``plan``: what goes where for a model and a memory budget, from the config and file headers alone."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .cache import SlotLayout
+from .config import MIN_CACHE_EXPERTS, format_bytes, parse_bytes, parse_dtype
+from .loader import build_skeleton, checkpoint_renamer, load_config, resolve_model_path, swap_experts
+from .store import ExpertStore
+
+WORKSPACE_MIN = 256 * 2**20  # activations, allocator slack, CUDA context share
+WORKSPACE_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where each part of a model would live under a device-memory budget. Sizes are bytes."""
+
+    model: str
+    model_type: str
+    dtype: str
+    moe_layers: int
+    experts_per_layer: int
+    top_k: int
+    total_experts: int
+    expert_bytes: int
+    dense_bytes: int
+    experts_bytes: int
+    kv_bytes_per_token: int
+    context_length: int
+    kv_reserve_bytes: int
+    workspace_bytes: int
+    device_memory: int
+    expert_slots: int
+    slots_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.expert_slots >= MIN_CACHE_EXPERTS
+
+    @property
+    def resident_fraction(self) -> float:
+        return self.expert_slots / self.total_experts if self.total_experts else 0.0
+
+    @property
+    def disk_bytes(self) -> int:
+        return (self.total_experts - self.expert_slots) * self.expert_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "fits": self.fits, "resident_fraction": self.resident_fraction, "disk_bytes": self.disk_bytes}
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(part, where, size) rows for a table."""
+        return [
+            ("dense weights (attention, norms, embeddings, routers, shared experts)", "device", format_bytes(self.dense_bytes)),
+            (f"KV-cache reserve ({self.context_length} tokens)", "device", format_bytes(self.kv_reserve_bytes)),
+            ("workspace reserve", "device", format_bytes(self.workspace_bytes)),
+            (f"expert slots: {self.expert_slots} of {self.total_experts} ({self.resident_fraction:.0%})", "device", format_bytes(self.slots_bytes)),
+            (f"experts not resident: {self.total_experts - self.expert_slots}", "disk (checkpoint files)", format_bytes(self.disk_bytes)),
+        ]
+
+    def __str__(self) -> str:
+        width = max(len(r[0]) for r in self.rows())
+        lines = [f"{self.model} ({self.model_type}, {self.dtype}): {self.moe_layers} MoE layers x {self.experts_per_layer} experts, "
+                 f"top-{self.top_k}, {format_bytes(self.expert_bytes)} per expert; device budget {format_bytes(self.device_memory)}"]
+        lines += [f"  {part:<{width}}  {where:<24} {size:>12}" for part, where, size in self.rows()]
+        if not self.fits:
+            lines.append(f"  does not fit: fewer than {MIN_CACHE_EXPERTS} expert slots remain after the dense weights")
+        return "\n".join(lines)
+
+
+def kv_bytes_per_token(config, itemsize: int) -> int:
+    """Key and value bytes one token adds to the cache across all layers (MLA caches decompressed heads)."""
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    if getattr(config, "qk_nope_head_dim", None) is not None:  # DeepSeek-style multi-head latent attention
+        per_layer = heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+    else:
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        per_layer = 2 * kv_heads * head_dim
+    return layers * per_layer * itemsize
+
+
+def plan(
+    path: str | Path,
+    *,
+    device_memory: str | int,
+    dtype: str | torch.dtype | None = None,
+    context_length: int = 4096,
+) -> Plan:
+    """What fits where for the model at ``path`` with ``device_memory`` for the compute device.
+
+    Reads only config.json and the safetensors headers: no weights are loaded.
+    """
+    budget = parse_bytes(device_memory, "device_memory")
+    folder = resolve_model_path(path)
+    config = load_config(folder)
+    want = parse_dtype(dtype) or parse_dtype(getattr(config, "dtype", None) or torch.float32)
+    itemsize = torch.empty((), dtype=want).element_size()
+    model = build_skeleton(config)
+    modules = swap_experts(model)
+    store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model))
+    store.close()
+    dense = sum(info.nbytes // info.dtype.itemsize * (itemsize if info.dtype.is_floating_point else info.dtype.itemsize)
+                for info in store.dense.values())
+    expert_bytes = SlotLayout(modules[0].spec.shapes, want).nbytes
+    total = sum(m.num_experts for m in modules)
+    kv_token = kv_bytes_per_token(config, itemsize)
+    kv = kv_token * context_length
+    workspace = max(WORKSPACE_MIN, int(WORKSPACE_FRACTION * budget))
+    slots = max(0, min(total, (budget - dense - kv - workspace) // expert_bytes))
+    return Plan(
+        model=str(folder),
+        model_type=config.model_type,
+        dtype=str(want).removeprefix("torch."),
+        moe_layers=len(modules),
+        experts_per_layer=modules[0].num_experts,
+        top_k=int(getattr(config, "num_experts_per_tok", 0) or 0),
+        total_experts=total,
+        expert_bytes=expert_bytes,
+        dense_bytes=dense,
+        experts_bytes=total * expert_bytes,
+        kv_bytes_per_token=kv_token,
+        context_length=context_length,
+        kv_reserve_bytes=kv,
+        workspace_bytes=workspace,
+        device_memory=budget,
+        expert_slots=int(slots),
+        slots_bytes=int(slots) * expert_bytes,
+    )

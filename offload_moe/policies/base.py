@@ -1,0 +1,44 @@
+"""The eviction-policy interface.
+
+A policy keeps an ordering of the keys it has been told about and answers one
+question: which resident key goes. It never touches tensors and never knows
+about slots; the cache (``offload_moe.cache.Residency``) tells it what happens.
+
+Call order the cache guarantees, for every request of a key:
+
+- ``on_access(key)``: always, hit or miss, in request order;
+- on a miss with a full cache: ``victim(evictable)`` then ``on_evict(victim)``;
+- on a miss: ``on_insert(key)`` once the key is resident.
+
+``on_evict`` is also called when the cache drops a key for another reason.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable
+from typing import ClassVar
+
+Key = Hashable  # in the runtime: (layer, expert)
+
+
+class EvictionPolicy(ABC):
+    """Base class of eviction policies. Subclasses set ``name`` and implement ``victim``."""
+
+    name: ClassVar[str]
+
+    def on_access(self, key: Key) -> None:
+        """A request for ``key`` was made (hit or miss)."""
+
+    def on_insert(self, key: Key) -> None:
+        """``key`` became resident."""
+
+    def on_evict(self, key: Key) -> None:
+        """``key`` is no longer resident."""
+
+    @abstractmethod
+    def victim(self, evictable: Callable[[Key], bool]) -> Key:
+        """Return the resident key to evict, choosing only among keys for which ``evictable(key)`` is true.
+
+        The cache only calls this when at least one resident key is evictable.
+        """

@@ -1,0 +1,62 @@
+"""``model.offload``: the handle a user holds on a loaded model's expert cache."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cache import ExpertCache
+from .experts import OffloadedExperts
+
+
+class OffloadRuntime:
+    """The expert cache, store and statistics of one offloaded model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: ExpertCache,
+        modules: list[OffloadedExperts],
+        device: torch.device,
+        dtype: torch.dtype,
+        folder: Path,
+    ):
+        self.cache = cache
+        self.modules = modules
+        self.device = device
+        self.dtype = dtype
+        self.folder = folder
+        self._finalizer = weakref.finalize(model, _close, cache)
+
+    @property
+    def store(self):
+        return self.cache.store
+
+    def stats(self) -> dict:
+        """Counters since load (or the last ``reset_stats``): hits, misses, evictions, bytes_loaded,
+        capacity_experts, resident_bytes, and the same per layer under ``per_layer``."""
+        out = self.cache.stats()
+        out.update(
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            layers=len(self.modules),
+            total_experts=sum(m.num_experts for m in self.modules),
+        )
+        requests = out["hits"] + out["misses"]
+        out["hit_rate"] = out["hits"] / requests if requests else 0.0
+        return out
+
+    def reset_stats(self) -> None:
+        self.cache.residency.per_layer.clear()
+
+    def close(self) -> None:
+        """Release file handles and staging buffers now rather than when the model is collected."""
+        self._finalizer()
+
+
+def _close(cache: ExpertCache) -> None:
+    cache.store.close()
+    cache.mover.close()

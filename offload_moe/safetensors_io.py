@@ -1,0 +1,175 @@
+"""Read safetensors headers and byte ranges ourselves: validated, read-only, no mmap.
+
+Reading with ``os.preadv`` into a caller's buffer lets an expert land directly in
+its slot (or a reused staging buffer) with one copy, keeps the process's resident
+memory at what it asked for, and releases the GIL while the disk works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, ModelPathError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        DTYPES[_name] = getattr(torch, _attr)
+
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are: ``file`` at absolute byte ``offset``, ``nbytes`` long."""
+
+    name: str
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors file's header; every offset is checked against the file size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is not a safetensors file: it is only {size} bytes long")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(
+                    f"{path} has a corrupted safetensors header (length field says {n} bytes, file has {size}); "
+                    "re-download or re-save this file"
+                )
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing; re-download the model") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} has a corrupted safetensors header ({e}); re-download or re-save this file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupted safetensors header (not a JSON object)")
+    data_start = 8 + n
+    tensors = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = _tensor_info(path, name, meta, data_start, size)
+    return tensors
+
+
+def _tensor_info(path: Path, name: str, meta: object, data_start: int, size: int) -> TensorInfo:
+    try:
+        dtype_name, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}") from None
+    dtype = DTYPES.get(dtype_name)
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name}, which offload_moe cannot read")
+    numel = 1
+    for d in shape:
+        numel *= d
+    expected = numel * torch.empty((), dtype=dtype).element_size()
+    if end - begin != expected or begin < 0:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} spans bytes {begin}..{end} but its shape {list(shape)} and dtype {dtype_name} "
+            f"need {expected}; the file is corrupted"
+        )
+    if data_start + end > size:
+        raise CheckpointError(
+            f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes; "
+            "re-download this shard"
+        )
+    return TensorInfo(name, path, data_start + begin, end - begin, dtype, shape)
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder: from ``model.safetensors.index.json`` if present, else ``*.safetensors``."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e!r}); re-download it") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).exists()]
+        if missing:
+            raise CheckpointError(
+                f"{folder}: shard(s) {', '.join(missing)} named in {index.name} are missing; "
+                "download the complete checkpoint"
+            )
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelPathError(
+            f"{folder} has no .safetensors files; offload_moe reads safetensors checkpoints "
+            "(convert .bin weights with transformers' save_pretrained)"
+        )
+    return files
+
+
+class FileReader:
+    """Read-only file descriptors, opened once, and positional reads into caller buffers."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fds[path] = fd
+        return fd
+
+    def read_into(self, path: Path, offset: int, out: torch.Tensor) -> int:
+        """Fill the contiguous CPU tensor ``out`` with the bytes at ``offset`` of ``path``."""
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        want = len(view)
+        done = 0
+        fd = self._fd(path)
+        while done < want:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise CheckpointError(
+                    f"{path} ended after {offset + done} bytes while reading {want} bytes at offset {offset}; "
+                    "the file is truncated, re-download it"
+                )
+            done += n
+        return want
+
+    def read_tensor(self, info: TensorInfo) -> torch.Tensor:
+        """A fresh CPU tensor holding ``info``'s data."""
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
+            self.read_into(info.file, info.offset, out)
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()

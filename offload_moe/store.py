@@ -1,0 +1,213 @@
+"""The cold tier: an index of every routed expert in a checkpoint, and reads of one expert at a time.
+
+Checkpoints keep experts in one of two layouts, and the store reads both:
+
+- per expert, as ``nn.Linear`` weights: ``...experts.E.w1.weight`` (Mixtral: w1 gate,
+  w3 up, w2 down) or ``...experts.E.gate_proj.weight`` / ``up_proj`` / ``down_proj``;
+- fused 3D tensors in the module's own layout: ``...experts.gate_up_proj`` [E, 2I, H],
+  ``...experts.down_proj`` [E, H, I], GPT-OSS's transposed form and biases.
+
+Each expert becomes a list of ``Piece``s: a byte range of one file, and the part of
+one slot tensor it fills. Nothing is read until ``read_piece`` is asked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .safetensors_io import FileReader, TensorInfo, checkpoint_files, read_header
+
+GATE_NAMES = ("w1", "gate_proj")
+UP_NAMES = ("w3", "up_proj")
+DOWN_NAMES = ("w2", "down_proj")
+_PER_EXPERT = re.compile(r"^(\d+)\.(\w+)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """What one experts module holds, as the runtime needs it to place checkpoint bytes.
+
+    ``shapes`` are the per-expert tensors (the module's 3D parameters without the
+    leading expert dimension); the flags are the ones ``use_experts_implementation`` sets.
+    """
+
+    layer: int
+    prefix: str  # the module's name in the model, e.g. "model.layers.3.mlp.experts"
+    num_experts: int
+    shapes: dict[str, tuple[int, ...]]
+    is_transposed: bool = False
+    is_concatenated: bool = True
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One tensor's bytes for one expert, and where they go in the slot.
+
+    The destination is ``views[param][index]``; the source is a ``shape`` tensor of
+    ``dtype`` at ``offset`` in ``file``, transposed first if ``transpose``.
+    """
+
+    param: str
+    index: tuple[slice, ...]
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    transpose: bool
+    name: str  # checkpoint tensor name, for messages
+
+    @property
+    def whole(self) -> bool:
+        return all(s == slice(None) for s in self.index) and not self.transpose
+
+
+class ExpertStore:
+    """Index of a checkpoint's routed experts, and positional reads of their bytes.
+
+    ``rename`` maps a checkpoint tensor name to the model's parameter name (the
+    loader passes transformers' own renaming rules). Tensors that are not routed
+    experts are kept in ``dense`` under their model names.
+    """
+
+    def __init__(self, folder: Path, specs: Iterable[ExpertsSpec], rename: Callable[[str], str] = lambda k: k):
+        self.folder = Path(folder)
+        self.specs = {s.layer: s for s in specs}
+        self.files = checkpoint_files(self.folder)
+        self.reader = FileReader()
+        self.dense: dict[str, TensorInfo] = {}
+        self.pieces: dict[tuple[int, int], list[Piece]] = defaultdict(list)
+        by_prefix = {s.prefix: s for s in self.specs.values()}
+        for path in self.files:
+            for name, info in read_header(path).items():
+                key = rename(name)
+                spec, rest = _owner(key, by_prefix)
+                if spec is None or not self._add_expert_tensor(spec, rest, info):
+                    self.dense[key] = info
+        self._check_complete()
+
+    # -- index ---------------------------------------------------------------
+    def _add_expert_tensor(self, spec: ExpertsSpec, rest: str, info: TensorInfo) -> bool:
+        if rest in spec.shapes:  # fused [E, ...] in the module's own layout
+            self._add_fused(spec, rest, info)
+            return True
+        m = _PER_EXPERT.match(rest)
+        if m is None:
+            return False
+        expert, proj, kind = int(m.group(1)), m.group(2), m.group(3)
+        if expert >= spec.num_experts:
+            raise CheckpointError(
+                f"{info.file}: tensor {info.name!r} is for expert {expert}, but the config gives "
+                f"{spec.num_experts} experts per layer; the checkpoint and config.json disagree"
+            )
+        param, index = self._destination(spec, proj, kind, info)
+        want = _indexed_shape(spec.shapes[param], index)
+        transpose = spec.is_transposed and len(info.shape) == 2
+        got = info.shape[::-1] if transpose else info.shape
+        if tuple(got) != want:
+            raise CheckpointError(
+                f"{info.file}: expert tensor {info.name!r} has shape {list(info.shape)}, expected "
+                f"{list(want[::-1] if transpose else want)} from config.json; the checkpoint does not match its config"
+            )
+        self.pieces[(spec.layer, expert)].append(
+            Piece(param, index, info.file, info.offset, info.nbytes, info.dtype, info.shape, transpose, info.name)
+        )
+        return True
+
+    def _destination(self, spec: ExpertsSpec, proj: str, kind: str, info: TensorInfo) -> tuple[str, tuple[slice, ...]]:
+        suffix = "" if kind == "weight" else "_bias"
+        whole = (slice(None),)
+        if proj in DOWN_NAMES:
+            return "down_proj" + suffix, whole
+        if proj == "gate_up_proj":
+            return "gate_up_proj" + suffix, whole
+        if proj in UP_NAMES and "up_proj" + suffix in spec.shapes:  # an ungated expert
+            return "up_proj" + suffix, whole
+        if proj in GATE_NAMES + UP_NAMES and "gate_up_proj" + suffix in spec.shapes:
+            along_columns = spec.is_transposed and kind == "weight"  # [H, 2I] rather than [2I, H]
+            half = spec.shapes["gate_up_proj" + suffix][1 if along_columns else 0] // 2
+            part = 0 if proj in GATE_NAMES else 1
+            rows = slice(part * half, (part + 1) * half) if spec.is_concatenated else slice(part, None, 2)
+            return "gate_up_proj" + suffix, ((slice(None), rows) if along_columns else (rows,))
+        raise CheckpointError(
+            f"{info.file}: tensor {info.name!r} looks like an expert's {proj!r} projection, which offload_moe "
+            f"does not know how to place into {sorted(spec.shapes)}; please report this model"
+        )
+
+    def _add_fused(self, spec: ExpertsSpec, param: str, info: TensorInfo) -> None:
+        want = (spec.num_experts, *spec.shapes[param])
+        if info.shape != want:
+            raise CheckpointError(
+                f"{info.file}: fused expert tensor {info.name!r} has shape {list(info.shape)}, expected {list(want)} "
+                "from config.json; the checkpoint does not match its config"
+            )
+        per_expert = info.nbytes // spec.num_experts
+        for e in range(spec.num_experts):
+            self.pieces[(spec.layer, e)].append(
+                Piece(param, (slice(None),), info.file, info.offset + e * per_expert, per_expert,
+                      info.dtype, want[1:], False, f"{info.name}[{e}]")
+            )
+
+    def _check_complete(self) -> None:
+        for spec in self.specs.values():
+            for e in range(spec.num_experts):
+                covered = defaultdict(int)
+                for p in self.pieces.get((spec.layer, e), []):
+                    covered[p.param] += _prod(_indexed_shape(spec.shapes[p.param], p.index))
+                for param, shape in spec.shapes.items():
+                    if covered[param] != _prod(shape):
+                        raise CheckpointError(
+                            f"{self.folder}: the checkpoint has no complete {param!r} for expert {e} of "
+                            f"{spec.prefix} (found {covered[param]} of {_prod(shape)} values); "
+                            "a shard may be missing or the checkpoint may not match config.json"
+                        )
+
+    # -- reads ---------------------------------------------------------------
+    def expert_pieces(self, layer: int, expert: int) -> list[Piece]:
+        return self.pieces[(layer, expert)]
+
+    def read_piece(self, piece: Piece, out: torch.Tensor) -> int:
+        """Read ``piece``'s bytes into the contiguous CPU tensor ``out`` (of ``piece.nbytes`` bytes)."""
+        return self.reader.read_into(piece.file, piece.offset, out)
+
+    def read_dense(self, info: TensorInfo) -> torch.Tensor:
+        return self.reader.read_tensor(info)
+
+    def describe(self, layer: int, expert: int) -> str:
+        files = sorted({p.file.name for p in self.pieces.get((layer, expert), [])})
+        return ", ".join(str(self.folder / f) for f in files) or str(self.folder)
+
+    def expert_source_bytes(self) -> int:
+        """The largest number of checkpoint bytes one expert occupies (sizes staging buffers)."""
+        return max((sum(p.nbytes for p in ps) for ps in self.pieces.values()), default=0)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _owner(key: str, by_prefix: dict[str, ExpertsSpec]) -> tuple[ExpertsSpec | None, str]:
+    head, _, _ = key.rpartition(".")
+    while head:
+        spec = by_prefix.get(head)
+        if spec is not None:
+            return spec, key[len(head) + 1 :]
+        head, _, _ = head.rpartition(".")
+    return None, ""
+
+
+def _indexed_shape(shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(torch.empty(shape, device="meta")[index].shape)
+
+
+def _prod(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

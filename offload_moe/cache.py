@@ -39,6 +39,7 @@ class Counters:
     misses: int = 0
     evictions: int = 0
     bytes_loaded: int = 0
+    load_failures: int = 0
     load_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
@@ -47,6 +48,7 @@ class Counters:
             "misses": self.misses,
             "evictions": self.evictions,
             "bytes_loaded": self.bytes_loaded,
+            "load_failures": self.load_failures,
             "load_seconds": self.load_seconds,
         }
 
@@ -55,6 +57,7 @@ class Counters:
         self.misses += other.misses
         self.evictions += other.evictions
         self.bytes_loaded += other.bytes_loaded
+        self.load_failures += other.load_failures
         self.load_seconds += other.load_seconds
 
 
@@ -269,6 +272,7 @@ class ExpertCache:
             nbytes = self.mover.fill(self.store, layer, expert, self.pool.views(slot))
         except BaseException as e:
             self.residency.discard(key)
+            self.residency.per_layer[layer].load_failures += 1
             if isinstance(e, ExpertLoadError) or not isinstance(e, Exception):
                 raise
             raise ExpertLoadError(

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny generated checkpoints, one per family, written once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import FAMILIES, make_model  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """``model_dir(family)`` -> folder of a tiny seeded ``family`` checkpoint (made once per session)."""
+    made: dict[str, Path] = {}
+
+    def get(family: str = "mixtral") -> Path:
+        if family not in made:
+            made[family] = make_model(family, tmp_path_factory.mktemp(family))
+        return made[family]
+
+    return get
+
+
+@pytest.fixture
+def prompt():
+    return torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def all_families():
+    return list(FAMILIES)

@@ -1,0 +1,105 @@
+"""The offloaded experts module: resident experts first, each expert loaded once per layer, no eviction of what a layer still needs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import offload_moe
+from offload_moe.errors import ExpertLoadError
+
+
+class Spy:
+    """Records, per layer call, which experts were hits, which were loaded, the compute order and the evictions."""
+
+    def __init__(self, model):
+        self.cache = cache = model.offload.cache
+        self.calls: list[dict] = []
+        self.loading = False
+        acquire, admit, views, load = cache.acquire, cache.residency.admit, cache.pool.views, cache.load
+
+        def spy_acquire(layer, experts):
+            hits, misses = acquire(layer, experts)
+            self.calls.append({"layer": layer, "needed": list(experts), "hits": [e for e, _ in hits],
+                               "computed": [], "loaded": [], "bad_evictions": []})
+            return hits, misses
+
+        def spy_admit(key):
+            slot, evicted = admit(key)
+            call = self.calls[-1]
+            call["loaded"].append(key[1])
+            if evicted is not None and evicted[0] == call["layer"] and evicted[1] not in call["computed"]:
+                call["bad_evictions"].append(evicted)
+            return slot, evicted
+
+        def spy_load(layer, expert):
+            self.loading = True
+            try:
+                return load(layer, expert)
+            finally:
+                self.loading = False
+
+        def spy_views(slot):
+            if not self.loading:
+                self.calls[-1]["computed"].append(cache.residency.owner[slot][1])
+            return views(slot)
+
+        cache.acquire, cache.residency.admit, cache.pool.views, cache.load = spy_acquire, spy_admit, spy_views, spy_load
+
+
+@pytest.mark.parametrize("capacity", [2, 3, 5])
+def test_resident_first_and_nothing_needed_is_evicted(model_dir, capacity):
+    model = offload_moe.load(model_dir("mixtral"), cache_experts=capacity, dtype="float32", progress=False)
+    spy = Spy(model)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    assert spy.calls
+    evictions = 0
+    for call in spy.calls:
+        hits = call["hits"]
+        assert call["computed"][: len(hits)] == hits  # resident experts run first
+        assert sorted(call["computed"]) == sorted(call["needed"])  # every needed expert runs exactly once
+        assert len(call["loaded"]) == len(set(call["loaded"]))  # a batch loads an expert once per layer
+        assert call["bad_evictions"] == []  # nothing this layer still needs was evicted
+        evictions += len(call["loaded"])
+    assert evictions > 0
+    model.offload.cache.residency.check()
+
+
+def test_prefill_loads_each_needed_expert_once_per_layer(model_dir):
+    model = offload_moe.load(model_dir("olmoe"), cache_experts=2, dtype="float32", progress=False)
+    spy = Spy(model)
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(ids)
+    assert len(spy.calls) == 3
+    for call in spy.calls:
+        assert len(call["needed"]) == 4  # 40 tokens touch all 4 experts
+        assert len(call["loaded"]) == len(call["needed"]) - len(call["hits"])
+    stats = model.offload.stats()
+    assert stats["misses"] == sum(len(c["loaded"]) for c in spy.calls)
+
+
+def test_load_failure_is_clear_and_leaves_cache_consistent(model_dir, prompt):
+    folder = model_dir("mixtral")
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = offload_moe.load(folder, cache_experts=2, dtype="float32", progress=False)
+    mover = model.offload.cache.mover
+    real_fill = mover.fill
+
+    def broken(store, layer, expert, views):
+        views["down_proj"].fill_(123.0)  # half-written slot: must never be used
+        raise OSError(5, "Input/output error")
+
+    mover.fill = broken
+    with pytest.raises(ExpertLoadError, match=r"expert \d+ of layer 0 .*model.safetensors.*Input/output error"):
+        model(prompt)
+    residency = model.offload.cache.residency
+    residency.check()
+    assert len(residency) == 0 and not residency.pins
+    assert model.offload.stats()["load_failures"] == 1
+    mover.fill = real_fill
+    with torch.no_grad():
+        want, got = ref(prompt).logits, model(prompt).logits
+    assert ((want - got).abs().max() / want.abs().max()).item() <= 1e-5

@@ -68,9 +68,10 @@ def demo(
 @app.command()
 def plan(
     model: Annotated[str, typer.Argument(help="Model folder (config.json + *.safetensors).")],
-    device_memory: Annotated[str, typer.Option(help="Memory for the compute device, e.g. 12GiB.")],
+    device_memory: Annotated[Optional[str], typer.Option(help="Memory for the compute device, e.g. 12GiB.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
     context: Annotated[int, typer.Option(help="Tokens of KV cache to reserve.")] = 4096,
+    profile: Annotated[Optional[str], typer.Option(help="Hardware profile name or TOML path (see `offload-moe profiles`).")] = None,
 ) -> None:
     """Show what goes where for MODEL under a device-memory budget, without loading any weights.
 
@@ -78,7 +79,7 @@ def plan(
     """
     from .planning import plan as make_plan
 
-    p = make_plan(model, device_memory=device_memory, dtype=dtype, context_length=context)
+    p = make_plan(model, device_memory=device_memory, dtype=dtype, context_length=context, profile=profile)
     table = Table(title=f"{p.model_type} in {p.device_memory / 2**30:.1f} GiB of device memory ({p.dtype})")
     table.add_column("part")
     table.add_column("where")
@@ -90,6 +91,22 @@ def plan(
         raise OffloadMoEError("the model does not fit: fewer than 2 expert slots remain after the dense weights")
 
 
+@app.command()
+def profiles() -> None:
+    """List the hardware profiles that --profile accepts.
+
+    Example: offload-moe profiles
+    """
+    from .hardware import list_profiles, profiles_folder
+
+    table = Table(title=f"hardware profiles ({profiles_folder()})")
+    for col in ("name", "device", "device memory", "dtype", "policy", "suits"):
+        table.add_column(col)
+    for p in list_profiles():
+        table.add_row(p.name, p.device, p.device_memory, p.dtype or "checkpoint's", p.policy or "lru", p.description)
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: run the app; turn offload_moe errors into one line and exit code 1 (unless --debug)."""
     try:
@@ -97,5 +114,5 @@ def main() -> None:
     except OffloadMoEError as e:
         if "--debug" in sys.argv:
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(1)

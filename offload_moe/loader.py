@@ -24,6 +24,7 @@ from torch import nn
 from .cache import ExpertCache, Residency, SlotLayout, SlotPool
 from .config import Budget, parse_device, parse_dtype
 from .errors import CheckpointError, ModelPathError, UnsupportedModelError
+from .hardware import get_profile
 from .experts import OffloadedExperts, expert_params, find_experts_modules, layer_number
 from .policies import make_policy
 from .runtime import OffloadRuntime
@@ -213,11 +214,12 @@ def default_cache_bytes(device: torch.device, dense_bytes: int) -> int:
 def load(
     path: str | Path,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     cache_experts: int | None = None,
     cache_memory: str | int | None = None,
-    policy: str = "lru",
+    policy: str | None = None,
     dtype: str | torch.dtype | None = None,
+    profile: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> nn.Module:
@@ -228,13 +230,21 @@ def load(
     ``cache_experts`` (a number of experts, across all layers) or ``cache_memory``
     (bytes or a string such as ``"6GiB"``); without either, half the free memory.
     ``policy`` is the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``).
+    ``profile`` (a name from ``profiles/`` or a TOML path) fills in the device, dtype,
+    policy and, through ``plan``, the number of slots, where they are not given.
     Returns the transformers model; ``model.offload`` holds the runtime and its stats.
     """
-    dev = parse_device(device)
-    want_dtype = parse_dtype(dtype)
-    budget = Budget(cache_experts, cache_memory)
+    hw = get_profile(profile) if profile is not None else None
+    dev = parse_device(device or (hw.device if hw else "cpu"))
+    want_dtype = parse_dtype(dtype or (hw.dtype if hw else None))
+    policy = policy or (hw.policy if hw and hw.policy else "lru")
     make_policy(policy, seed=seed)  # fail on a bad name before reading anything
     folder = resolve_model_path(path)
+    if hw is not None and cache_experts is None and cache_memory is None:
+        from .planning import plan
+
+        cache_experts = plan(folder, device_memory=hw.device_memory, dtype=want_dtype).expert_slots
+    budget = Budget(cache_experts, cache_memory)
     config = load_config(folder)
     if want_dtype is None:
         want_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32

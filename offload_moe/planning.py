@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from .cache import SlotLayout
+from .errors import BudgetError
+from .hardware import get_profile
 from .config import MIN_CACHE_EXPERTS, format_bytes, parse_bytes, parse_dtype
 from .loader import build_skeleton, checkpoint_renamer, load_config, resolve_model_path, swap_experts
 from .store import ExpertStore
@@ -89,14 +91,22 @@ def kv_bytes_per_token(config, itemsize: int) -> int:
 def plan(
     path: str | Path,
     *,
-    device_memory: str | int,
+    device_memory: str | int | None = None,
     dtype: str | torch.dtype | None = None,
     context_length: int = 4096,
+    profile: str | Path | None = None,
 ) -> Plan:
     """What fits where for the model at ``path`` with ``device_memory`` for the compute device.
 
+    ``profile`` supplies ``device_memory`` and ``dtype`` where they are not given.
     Reads only config.json and the safetensors headers: no weights are loaded.
     """
+    if profile is not None:
+        hw = get_profile(profile)
+        device_memory = device_memory or hw.device_memory
+        dtype = dtype or hw.dtype
+    if device_memory is None:
+        raise BudgetError("plan needs device_memory (e.g. '12GiB') or a hardware profile")
     budget = parse_bytes(device_memory, "device_memory")
     folder = resolve_model_path(path)
     config = load_config(folder)

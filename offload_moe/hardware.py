@@ -1,0 +1,69 @@
+"""Hardware profiles: TOML files in ``profiles/`` giving a machine's budgets and settings.
+
+A profile fills in what a user did not say: ``device``, ``device_memory``, ``dtype``
+and ``policy``. Explicit arguments always win over the profile.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+FIELDS = ("description", "device", "device_memory", "dtype", "policy")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    device: str
+    device_memory: str
+    dtype: str | None = None
+    policy: str | None = None
+
+
+def profiles_folder() -> Path:
+    """``offload_moe/profiles`` in an installed package, the top-level ``profiles/`` in a source tree."""
+    here = Path(__file__).parent
+    installed = here / "profiles"
+    return installed if installed.is_dir() else here.parent / "profiles"
+
+
+def _bundled() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(profiles_folder().glob("*.toml"))}
+
+
+def list_profiles() -> list[Profile]:
+    """Every bundled profile, by name."""
+    return [read_profile(path) for _, path in sorted(_bundled().items())]
+
+
+def get_profile(name_or_path: str | Path) -> Profile:
+    """A bundled profile by name (``gpu-24gb``) or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        return read_profile(path)
+    bundled = _bundled()
+    if str(name_or_path) not in bundled:
+        raise ConfigError(f"no hardware profile named {str(name_or_path)!r}; known: {', '.join(sorted(bundled))} "
+                          "(or pass the path of a .toml file)")
+    return read_profile(bundled[str(name_or_path)])
+
+
+def read_profile(path: Path) -> Profile:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"profile file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"profile {path} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"profile {path} has unknown setting(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+    missing = [k for k in ("description", "device", "device_memory") if k not in data]
+    if missing:
+        raise ConfigError(f"profile {path} lacks {', '.join(missing)}")
+    return Profile(name=path.stem, **data)

@@ -1,0 +1,44 @@
+"""Hardware profiles: bundled TOML files, lookup by name or path, explicit settings win."""
+
+from __future__ import annotations
+
+import pytest
+
+import offload_moe
+from offload_moe.errors import ConfigError
+from offload_moe.hardware import get_profile, list_profiles
+
+
+def test_bundled_profiles_are_valid():
+    names = [p.name for p in list_profiles()]
+    assert {"gpu-12gb", "gpu-24gb", "cpu-32gb"} <= set(names)
+    for p in list_profiles():
+        assert p.description and p.device in ("cpu", "cuda")
+        offload_moe.config.parse_bytes(p.device_memory)
+
+
+def test_profile_by_path_and_errors(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text('description = "test box"\ndevice = "cpu"\ndevice_memory = "1GiB"\npolicy = "fifo"\n')
+    assert get_profile(f).policy == "fifo"
+    with pytest.raises(ConfigError, match="gpu-24gb"):
+        get_profile("no-such-profile")
+    f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\ncolour = "red"\n')
+    with pytest.raises(ConfigError, match="colour"):
+        get_profile(f)
+    f.write_text("not = [toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        get_profile(f)
+
+
+def test_profile_fills_in_and_explicit_settings_win(model_dir, tmp_path):
+    f = tmp_path / "box.toml"
+    f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\npolicy = "fifo"\ndtype = "float32"\n')
+    model = offload_moe.load(model_dir("mixtral"), profile=f, progress=False)
+    assert model.offload.cache.residency.policy.name == "fifo"
+    assert model.offload.stats()["capacity_experts"] == 12  # 1 GiB holds every expert of the tiny model
+    model.offload.close()
+    model = offload_moe.load(model_dir("mixtral"), profile=f, policy="lru", cache_experts=3, progress=False)
+    assert model.offload.cache.residency.policy.name == "lru"
+    assert model.offload.stats()["capacity_experts"] == 3
+    model.offload.close()

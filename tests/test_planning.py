@@ -1,0 +1,51 @@
+"""plan(): what fits where, from config and headers only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offload_moe
+from offload_moe.cache import SlotLayout
+from offload_moe.planning import WORKSPACE_MIN, kv_bytes_per_token
+
+
+def test_plan_arithmetic(model_dir):
+    folder = model_dir("mixtral")
+    model = offload_moe.load(folder, cache_experts=2, dtype="float32", progress=False)
+    expert_bytes = model.offload.stats()["expert_bytes"]
+    dense = sum(p.numel() * 4 for p in model.parameters())
+    model.offload.close()
+    budget = WORKSPACE_MIN + dense + 1000 * 4 * 2 * 3 * 2 * 8 + 5 * expert_bytes + 7
+    p = offload_moe.plan(folder, device_memory=budget, dtype="float32", context_length=1000)
+    assert p.dense_bytes == dense
+    assert p.expert_bytes == expert_bytes
+    assert p.kv_bytes_per_token == 3 * 2 * 2 * 8 * 4  # layers x (k, v) x kv heads x head dim x fp32
+    assert p.expert_slots == 5 and p.fits
+    assert p.total_experts == 12 and p.moe_layers == 3 and p.top_k == 2
+    assert "expert slots: 5 of 12" in str(p)
+
+
+def test_plan_that_does_not_fit(model_dir):
+    p = offload_moe.plan(model_dir("mixtral"), device_memory="1MiB")
+    assert not p.fits and p.expert_slots == 0
+    assert "does not fit" in str(p)
+
+
+def test_plan_uses_checkpoint_dtype_by_default(model_dir):
+    p = offload_moe.plan(model_dir("gpt_oss"), device_memory="1GiB")
+    assert p.dtype == "bfloat16"
+    assert p.expert_bytes == SlotLayout({"gate_up_proj": (32, 96), "gate_up_proj_bias": (96,), "down_proj": (48, 32),
+                                         "down_proj_bias": (32,)}, torch.bfloat16).nbytes
+
+
+def test_mla_kv_estimate(model_dir):
+    from offload_moe.loader import load_config
+
+    cfg = load_config(model_dir("deepseek_v3"))
+    assert kv_bytes_per_token(cfg, 2) == 3 * 4 * (8 + 8 + 8) * 2
+
+
+def test_plan_bad_budget(model_dir):
+    with pytest.raises(offload_moe.BudgetError, match="device_memory"):
+        offload_moe.plan(model_dir("mixtral"), device_memory="twelve")

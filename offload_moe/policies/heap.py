@@ -1,0 +1,63 @@
+"""A min-heap over resident keys whose priorities change, for policies that rank keys (LFU, Belady)."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+
+from ..errors import PolicyError
+from .base import Key
+
+_Entry = tuple[tuple, int, Key]  # (priority, push order, key)
+
+
+class LazyHeap:
+    """Resident keys ordered by ``priority(key)``, lowest first.
+
+    A key is pushed again whenever its priority changes; entries whose priority is
+    out of date, or whose key left, are dropped when they reach the top, so
+    ``pop_evictable`` is O(log n) amortised. The push order keeps entries
+    comparable without comparing keys.
+    """
+
+    def __init__(self, priority: Callable[[Key], tuple], owner: str):
+        self.priority = priority
+        self.owner = owner
+        self.resident: set[Key] = set()
+        self._heap: list[_Entry] = []
+        self._order = itertools.count()
+
+    def add(self, key: Key) -> None:
+        self.resident.add(key)
+        self.push(key)
+
+    def discard(self, key: Key) -> None:
+        self.resident.discard(key)
+
+    def push(self, key: Key) -> None:
+        heapq.heappush(self._heap, (self.priority(key), next(self._order), key))
+        # Hits push without popping; rebuild once stale entries dominate so memory stays O(resident).
+        if len(self._heap) > 2 * len(self.resident) + 32:
+            self._heap = [(self.priority(k), next(self._order), k) for k in self.resident]
+            heapq.heapify(self._heap)
+
+    def lowest_evictable(self, evictable: Callable[[Key], bool]) -> Key:
+        """The evictable resident key of lowest priority; it stays in the heap until ``discard``."""
+        kept: list[_Entry] = []  # current entries popped on the way; they go back
+        try:
+            while self._heap:
+                entry = heapq.heappop(self._heap)
+                priority, _, key = entry
+                if key not in self.resident or priority != self.priority(key):
+                    continue
+                kept.append(entry)
+                if evictable(key):
+                    return key
+        finally:
+            for entry in kept:
+                heapq.heappush(self._heap, entry)
+        raise PolicyError(f"{self.owner}: victim() found no evictable resident key; call it only when one is unpinned")
+
+    def __len__(self) -> int:
+        return len(self._heap)

@@ -259,7 +259,7 @@ def load(
         dense_bytes = sum(info.nbytes for info in store.dense.values())
         capacity = budget.slots(layout.nbytes, total_experts, default_cache_bytes(dev, dense_bytes))
         load_dense(model, store, dev, want_dtype, progress)
-        mover = make_mover(dev, store.expert_source_bytes())
+        mover = make_mover(dev, store)
         cache = ExpertCache(
             Residency(capacity, make_policy(policy, seed=seed)),
             SlotPool(capacity, layout, dev),

@@ -184,10 +184,6 @@ class ExpertStore:
         files = sorted({p.file.name for p in self.pieces.get((layer, expert), [])})
         return ", ".join(str(self.folder / f) for f in files) or str(self.folder)
 
-    def expert_source_bytes(self) -> int:
-        """The largest number of checkpoint bytes one expert occupies (sizes staging buffers)."""
-        return max((sum(p.nbytes for p in ps) for ps in self.pieces.values()), default=0)
-
     def close(self) -> None:
         self.reader.close()
 

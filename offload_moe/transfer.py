@@ -15,6 +15,18 @@ import torch
 from .store import ExpertStore, Piece
 
 
+ALIGN = 64  # bytes; keeps each piece's view in a shared staging buffer aligned for any dtype
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def staging_bytes(store: ExpertStore) -> int:
+    """Room for the largest expert's pieces laid end to end, each aligned."""
+    return max((sum(_aligned(p.nbytes) for p in ps) for ps in store.pieces.values()), default=0)
+
+
 def _source(staging: torch.Tensor, piece: Piece) -> torch.Tensor:
     src = staging.view(piece.dtype).view(piece.shape)
     return src.T if piece.transpose else src
@@ -62,7 +74,7 @@ class CudaMover(Mover):
         offset = 0
         for piece in pieces:
             store.read_piece(piece, staging[offset : offset + piece.nbytes])
-            offset += piece.nbytes
+            offset += _aligned(piece.nbytes)
         compute = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(compute)  # kernels still reading the evicted expert's slot come first
         with torch.cuda.stream(self.stream):
@@ -70,12 +82,12 @@ class CudaMover(Mover):
             for piece in pieces:
                 src = _source(staging[offset : offset + piece.nbytes], piece)
                 views[piece.param][piece.index].copy_(src, non_blocking=True)
-                offset += piece.nbytes
+                offset += _aligned(piece.nbytes)
             done = torch.cuda.Event()
             done.record(self.stream)
         compute.wait_event(done)
         self.events[i] = done
-        return offset
+        return sum(p.nbytes for p in pieces)
 
     def close(self) -> None:
         for ev in self.events:
@@ -85,7 +97,8 @@ class CudaMover(Mover):
         self.events = []
 
 
-def make_mover(device: torch.device, staging_bytes: int) -> Mover:
+def make_mover(device: torch.device, store: ExpertStore) -> Mover:
+    """The mover for ``device``, with staging buffers sized for ``store``'s largest expert."""
     if device.type == "cuda":
-        return CudaMover(staging_bytes, device)
-    return Mover(staging_bytes)
+        return CudaMover(staging_bytes(store), device)
+    return Mover(staging_bytes(store))

@@ -196,3 +196,16 @@ def test_stats_fields(model_dir, prompt):
     assert sorted(s["per_layer"]) == [0, 1, 2]
     model.offload.reset_stats()
     assert model.offload.stats()["misses"] == 0
+
+
+def test_tied_embeddings_are_tied_again(tmp_path):
+    from tiny_models import make_model
+    from transformers import AutoModelForCausalLM
+
+    folder = make_model("qwen3_moe", tmp_path / "tied", tie_word_embeddings=True)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = load(folder, dtype="float32")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        assert torch.allclose(ref(ids).logits, model(ids).logits, rtol=0, atol=1e-6)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -215,16 +215,18 @@ def _itemsize(dtype: torch.dtype) -> int:
 class SlotPool:
     """``capacity`` expert slots in one buffer on ``device``; ``views(slot)`` gives a slot's tensors."""
 
-    def __init__(self, capacity: int, layout: SlotLayout, device: torch.device):
+    def __init__(self, capacity: int, layout: SlotLayout, device: torch.device, pin: bool = False):
         self.capacity = capacity
         self.layout = layout
         self.device = device
+        what = "pinned host" if pin else str(device)
         try:
-            self.buffer = torch.empty(capacity * layout.numel, dtype=layout.dtype, device=device)
-        except torch.OutOfMemoryError as e:
+            self.buffer = torch.empty(capacity * layout.numel, dtype=layout.dtype, device=device, pin_memory=pin)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
             raise BudgetError(
                 f"could not allocate {capacity} expert slots ({capacity * layout.nbytes / 2**30:.2f} GiB) "
-                f"on {device}: {e}. Lower cache_experts / cache_memory."
+                f"in {what} memory: {str(e).splitlines()[0]}. Lower the budget (cache_experts / cache_memory / "
+                "host_memory)."
             ) from None
         self._views: list[dict[str, torch.Tensor]] = []
         for slot in range(capacity):
@@ -239,62 +241,285 @@ class SlotPool:
     def views(self, slot: int) -> dict[str, torch.Tensor]:
         return self._views[slot]
 
+    def flat(self, slot: int) -> torch.Tensor:
+        """A slot's whole memory as one tensor: host and device pools share a layout, so a move is one copy."""
+        return self.buffer[slot * self.layout.numel : (slot + 1) * self.layout.numel]
+
     @property
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
 
+
+
 @dataclass
-class ExpertCache:
-    """The hot tier: ``Residency`` bookkeeping over a ``SlotPool``, filled from an ``ExpertStore``."""
+class HostTier:
+    """The warm tier: expert slots in (pinned, on CUDA) host RAM, with their own residency and policy."""
 
     residency: Residency
     pool: SlotPool
-    store: "ExpertStore"
-    mover: "Mover"
-    layer_names: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class FlowCounters:
+    """What moved between tiers and how long compute waited, since the last reset."""
+
+    inflight_hits: int = 0  # needed experts that a prefetch had already started
+    prefetch_issued: int = 0
+    prefetch_used: int = 0  # prefetched experts requested before they were evicted
+    prefetch_wasted: int = 0  # prefetched experts evicted unused
+    prefetch_failures: int = 0
+    disk_bytes: int = 0
+    disk_seconds: float = 0.0
+    copy_bytes: int = 0  # host slot -> device slot
+    copy_seconds: float = 0.0
+    stall_seconds: float = 0.0  # host time blocked waiting for an expert
+    tokens: int = 0
+
+
+class ExpertCache:
+    """The hot tier: device slots filled from the warm tier (if any) or the disk, loads in flight tracked.
+
+    Every bookkeeping step runs on the calling (compute) thread; reader threads only move bytes.
+    A key in flight holds a slot and counts as resident, so a layer that needs it waits for it
+    rather than loading it twice. A prefetch holds a pin until it lands, so it cannot be evicted
+    half-written, and it never evicts a pinned key, so it never takes an expert the current
+    layer still needs.
+    """
+
+    def __init__(self, residency: Residency, pool: SlotPool, store: "ExpertStore", mover: "Mover",
+                 host: HostTier | None = None, layer_names: dict[int, str] | None = None):
+        self.residency = residency
+        self.pool = pool
+        self.store = store
+        self.mover = mover
+        self.host = host
+        self.layer_names = layer_names or {}
+        self.reuse = True  # False: drop each expert after use (the no-reuse baseline of the benchmarks)
+        self.flow = FlowCounters()
+        self._inflight: dict[Key, object] = {}  # key -> Ticket
+        self._prefetched: set[Key] = set()  # admitted by a prefetch, not yet requested
+        self._flying_prefetch: set[Key] = set()  # prefetches whose flight pin is still held
+        self._host_pending: list[tuple[Key, object]] = []  # host slots pinned until their copy lands
 
     @property
     def capacity(self) -> int:
         return self.residency.capacity
 
+    # -- the layer's side ------------------------------------------------------
     def acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[tuple[int, int]], list[int]]:
-        """Pin the resident experts of ``experts``; return [(expert, slot)] for them and the missing experts."""
+        """Pin the resident (or in-flight) experts among ``experts``; return [(expert, slot)] for them and the rest."""
+        self.reap()
         hits, misses = self.residency.request((layer, e) for e in experts)
+        for key, _ in hits:
+            if key in self._inflight:
+                self.flow.inflight_hits += 1
+            if key in self._prefetched:
+                self._prefetched.discard(key)
+                self.flow.prefetch_used += 1
         return [(k[1], slot) for k, slot in hits], [k[1] for k in misses]
 
-    def load(self, layer: int, expert: int) -> int:
-        """Bring a missing expert into a slot (evicting per policy); returns the slot, pinned."""
+    def start(self, layer: int, expert: int, prefetch: bool = False) -> bool:
+        """Begin loading a missing expert into a slot; False when every slot is pinned (try again later)."""
         key = (layer, expert)
-        slot, _ = self.residency.admit(key)
-        start = time.perf_counter()
+        if not self.residency.free and len(self.residency.pins) >= len(self.residency):
+            return False
+        slot, evicted = self.residency.admit(key)
+        if evicted in self._prefetched:
+            self._prefetched.discard(evicted)
+            self.flow.prefetch_wasted += 1
         try:
-            nbytes = self.mover.fill(self.store, layer, expert, self.pool.views(slot))
-        except BaseException as e:
-            self.residency.discard(key)
-            self.residency.per_layer[layer].load_failures += 1
-            if isinstance(e, ExpertLoadError) or not isinstance(e, Exception):
-                raise
-            raise ExpertLoadError(
-                f"loading expert {expert} of layer {layer} ({self.layer_names.get(layer, '?')}) "
-                f"from {self.store.describe(layer, expert)} failed: {e}"
-            ) from e
-        counters = self.residency.per_layer[layer]
-        counters.bytes_loaded += nbytes
-        counters.load_seconds += time.perf_counter() - start
-        return slot
+            self._inflight[key] = self._begin(key, slot)
+        except BaseException:
+            self._fail(key)
+            raise
+        if prefetch:
+            self._prefetched.add(key)
+            self._flying_prefetch.add(key)
+            self.flow.prefetch_issued += 1
+        return True
+
+    def ready(self, layer: int, expert: int) -> int:
+        """The slot of a pinned expert, once its bytes are usable by compute; raises ExpertLoadError if its load failed."""
+        key = (layer, expert)
+        ticket = self._inflight.get(key)
+        if ticket is not None:
+            begin = time.perf_counter()
+            try:
+                transfer = self.mover.wait(ticket)
+            except Exception as e:
+                self._fail(key)
+                raise self._load_error(key, e) from e
+            finally:
+                self.flow.stall_seconds += time.perf_counter() - begin
+            self._landed(key, transfer)
+        return self.residency.slot_of[key]
+
+    def start_blocking(self, layer: int, expert: int) -> None:
+        """``start``, first letting prefetches in flight land if they hold every free slot."""
+        if self.start(layer, expert):
+            return
+        for key in list(self._flying_prefetch):
+            ticket = self._inflight.get(key)
+            if ticket is not None and not ticket.finished():
+                ticket.future.exception()  # wait for it; reap accounts for the outcome
+        self.reap()
+        if not self.start(layer, expert):
+            raise BudgetError(
+                f"all {self.capacity} expert slots are pinned by the layer being computed; "
+                "raise cache_experts / cache_memory"
+            )
+
+    def load(self, layer: int, expert: int) -> int:
+        """Load a missing expert and wait for it: ``start_blocking`` then ``ready``."""
+        self.start_blocking(layer, expert)
+        return self.ready(layer, expert)
 
     def release(self, layer: int, expert: int) -> None:
-        self.residency.release((layer, expert))
+        key = (layer, expert)
+        self.residency.release(key)
+        if not self.reuse and not self.residency.is_pinned(key) and key not in self._inflight:
+            self.residency.discard(key)
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> int:
+        """Start loading those of ``experts`` that are neither resident nor in flight, while a slot is evictable."""
+        started = 0
+        for expert in experts:
+            if (layer, expert) in self.residency:
+                continue
+            if not self.start(layer, expert, prefetch=True):
+                break
+            started += 1
+        return started
+
+    # -- internals -------------------------------------------------------------
+    def _begin(self, key: Key, slot: int):
+        layer, expert = key
+        if self.host is None:
+            return self.mover.from_disk(layer, expert, self.pool.views(slot))
+        hits, _ = self.host.residency.request([key])
+        if hits:
+            ticket = self.mover.from_host(self.host.pool.flat(hits[0][1]), self.pool.flat(slot))
+        else:
+            host_slot, _ = self.host.residency.admit(key)
+            ticket = self.mover.from_disk(layer, expert, self.host.pool.views(host_slot),
+                                          device_flat=self.pool.flat(slot), host_flat=self.host.pool.flat(host_slot))
+        self._host_pending.append((key, ticket))
+        return ticket
+
+    def _landed(self, key: Key, transfer) -> None:
+        self._inflight.pop(key, None)
+        layer_counters = self.residency.per_layer[key[0]]
+        layer_counters.bytes_loaded += self.pool.layout.nbytes
+        layer_counters.load_seconds += transfer.disk_seconds + transfer.copy_seconds
+        self.flow.disk_bytes += transfer.disk_bytes
+        self.flow.disk_seconds += transfer.disk_seconds
+        self.flow.copy_bytes += transfer.copy_bytes
+        self.flow.copy_seconds += transfer.copy_seconds
+        if key in self._flying_prefetch:
+            self._flying_prefetch.discard(key)
+            self.residency.release(key)
+
+    def _fail(self, key: Key) -> None:
+        """A load failed: the slot is freed, never marked resident, and the host copy (maybe partial) dropped."""
+        self._inflight.pop(key, None)
+        self._prefetched.discard(key)
+        self._flying_prefetch.discard(key)
+        self.residency.discard(key)
+        self.residency.per_layer[key[0]].load_failures += 1
+        if self.host is not None:
+            self._host_pending = [(k, t) for k, t in self._host_pending if k != key]
+            self.host.residency.discard(key)
+
+    def _load_error(self, key: Key, e: BaseException) -> ExpertLoadError:
+        if isinstance(e, ExpertLoadError):
+            return e
+        layer, expert = key
+        return ExpertLoadError(
+            f"loading expert {expert} of layer {layer} ({self.layer_names.get(layer, '?')}) "
+            f"from {self.store.describe(layer, expert)} failed: {e}"
+        )
+
+    def reap(self) -> None:
+        """Account for loads that finished in the background; drop failed prefetches; unpin landed host slots."""
+        for key, ticket in list(self._inflight.items()):
+            if not ticket.finished() or key not in self._flying_prefetch:
+                continue
+            try:
+                transfer = ticket.transfer()
+            except Exception:
+                self._fail(key)
+                self.flow.prefetch_failures += 1
+                continue
+            self._landed(key, transfer)
+        if self.host is not None and self._host_pending:
+            pending = []
+            for key, ticket in self._host_pending:
+                if ticket.finished() and (ticket.future.exception() is not None or self.mover.landed(ticket.transfer())):
+                    self.host.residency.release(key)
+                else:
+                    pending.append((key, ticket))
+            self._host_pending = pending
+
+    def drain(self) -> None:
+        """Wait for every load in flight (prefetches included) and account for it."""
+        for ticket in list(self._inflight.values()):
+            try:
+                ticket.transfer()
+            except Exception:
+                pass
+        self.reap()
+        for key, ticket in list(self._inflight.items()):  # foreground loads nobody waited for
+            try:
+                self._landed(key, ticket.transfer())
+            except Exception:
+                self._fail(key)
+        if self.host is not None:
+            for key, ticket in self._host_pending:
+                if ticket.future.exception() is None:
+                    self.mover.landed(ticket.transfer())
+                self.host.residency.release(key)
+            self._host_pending = []
 
     def stats(self) -> dict:
         total = self.residency.totals()
-        return {
+        f = self.flow
+        requests = total.hits + total.misses
+        stall = f.stall_seconds + self.mover.gpu_stall_seconds()
+        out = {
             **total.as_dict(),
             "capacity_experts": self.capacity,
             "resident_experts": len(self.residency),
             "resident_bytes": self.pool.nbytes,
             "expert_bytes": self.pool.layout.nbytes,
             "policy": self.residency.policy.name,
+            "inflight_hits": f.inflight_hits,
+            "prefetch_issued": f.prefetch_issued,
+            "prefetch_used": f.prefetch_used,
+            "prefetch_wasted": f.prefetch_wasted,
+            "prefetch_failures": f.prefetch_failures,
+            "prefetch_precision": f.prefetch_used / f.prefetch_issued if f.prefetch_issued else 0.0,
+            "prefetch_recall": total.hits / requests if requests else 0.0,
+            "tokens": f.tokens,
+            "stall_seconds": stall,
+            "stall_per_token": stall / f.tokens if f.tokens else 0.0,
+            "bytes_moved": {"disk": f.disk_bytes, "host_to_device": f.copy_bytes},
+            "bandwidth": {
+                "disk": f.disk_bytes / f.disk_seconds if f.disk_seconds else 0.0,
+                "host_to_device": f.copy_bytes / f.copy_seconds if f.copy_seconds else 0.0,
+            },
+            "io": self.store.reader.io,
             "per_layer": {layer: c.as_dict() for layer, c in sorted(self.residency.per_layer.items())},
         }
+        if self.host is not None:
+            host = self.host.residency.totals()
+            out["host"] = {"capacity_experts": self.host.residency.capacity, "resident_experts": len(self.host.residency),
+                           "hits": host.hits, "misses": host.misses, "evictions": host.evictions,
+                           "resident_bytes": self.host.pool.nbytes, "policy": self.host.residency.policy.name}
+        return out
+
+    def reset_stats(self) -> None:
+        self.residency.per_layer.clear()
+        self.flow = FlowCounters()
+        if self.host is not None:
+            self.host.residency.per_layer.clear()

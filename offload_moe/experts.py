@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import ExpertCache
+from .prefetch import Prefetcher
 from .store import ExpertsSpec
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -76,6 +77,8 @@ class OffloadedExperts(nn.Module):
         # Bound to the original: GPT-OSS's clamped SwiGLU reads its alpha and limit from there.
         self._gate_fn: Callable[[torch.Tensor], torch.Tensor] = original._apply_gate
         self.cache: ExpertCache | None = None  # set by the runtime; not a submodule
+        self.prefetcher: Prefetcher | None = None
+        self.pos = 0  # position among the model's MoE layers
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, offloaded=True"
@@ -83,38 +86,41 @@ class OffloadedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError("OffloadedExperts used before offload_moe attached an expert cache")
+        cache, prefetcher, layer = self.cache, self.prefetcher, self.layer
         num_tokens, top_k = top_k_index.shape
+        if self.pos == 0:
+            cache.flow.tokens += num_tokens
         flat = top_k_index.reshape(-1)  # [T*k]
         order = torch.argsort(flat, stable=True)  # pair ids grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts].tolist()  # one sync per layer
-        starts, needed, pos = {}, [], 0
+        predicted = prefetcher.predict_device(self.pos, hidden_states) if prefetcher else {}
+        routing, predicted = _to_host(flat, predicted)  # the layer's one host-device sync
+        counts = torch.bincount(routing, minlength=self.num_experts)[: self.num_experts].tolist()
+        spans, needed, pos = {}, [], 0
         for e, n in enumerate(counts):
             if n:
-                starts[e] = (pos, pos + n)
+                spans[e] = (pos, pos + n)
                 needed.append(e)
             pos += n
+
+        hits, misses = cache.acquire(layer, needed)
+        waiting = [e for e in misses if not cache.start(layer, e)]  # no free slot yet: started once one frees
+        if prefetcher is not None:
+            prefetcher.after_routing(self.pos, routing.view(num_tokens, top_k), predicted, issue=not waiting)
+
         out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
         out = hidden_states.new_zeros(num_tokens * top_k, hidden_states.shape[-1], dtype=out_dtype)  # [T*k, H]
         weights = top_k_weights.reshape(-1)  # [T*k]
-
-        def run(expert: int, slot: int) -> None:
-            lo, hi = starts[expert]
-            pairs = order[lo:hi]
-            y = self._expert(hidden_states[pairs // top_k], self.cache.pool.views(slot))
-            out[pairs] = y * weights[pairs, None]
-
-        cache, layer = self.cache, self.layer
-        hits, misses = cache.acquire(layer, needed)
-        pinned = {e for e, _ in hits}
+        pinned = {e for e, _ in hits} | (set(misses) - set(waiting))
         try:
-            for expert, slot in hits:
-                run(expert, slot)
-                cache.release(layer, expert)
-                pinned.discard(expert)
-            for expert in misses:
-                slot = cache.load(layer, expert)
-                pinned.add(expert)
-                run(expert, slot)
+            for expert in [e for e, _ in hits] + misses:  # resident first, then in the order their loads started
+                if expert in waiting:
+                    cache.start_blocking(layer, expert)
+                    pinned.add(expert)
+                slot = cache.ready(layer, expert)
+                lo, hi = spans[expert]
+                pairs = order[lo:hi]
+                y = self._expert(hidden_states[pairs // top_k], cache.pool.views(slot))
+                out[pairs] = y * weights[pairs, None]
                 cache.release(layer, expert)
                 pinned.discard(expert)
         finally:
@@ -135,3 +141,17 @@ class OffloadedExperts(nn.Module):
             y = x @ weight
             return y + bias if bias is not None else y
         return F.linear(x, weight, bias)  # weight [out, in]
+
+
+def _to_host(flat: torch.Tensor, predicted: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Bring the routing [T*k] and any device-side predictions to the host in one copy."""
+    if flat.device.type == "cpu":
+        return flat, predicted
+    parts = [flat] + [p.reshape(-1) for p in predicted.values()]
+    host = torch.cat(parts).cpu()
+    routing, rest = host[: flat.numel()], host[flat.numel():]
+    out, offset = {}, 0
+    for pos, p in predicted.items():
+        out[pos] = rest[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    return routing, out

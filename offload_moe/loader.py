@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cache import ExpertCache, Residency, SlotLayout, SlotPool
-from .config import Budget, parse_device, parse_dtype
-from .errors import CheckpointError, ModelPathError, UnsupportedModelError
+from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
+from .config import Budget, parse_bytes, parse_device, parse_dtype
+from .errors import BudgetError, CheckpointError, ConfigError, ModelPathError, UnsupportedModelError
 from .hardware import get_profile
 from .experts import OffloadedExperts, expert_params, find_experts_modules, layer_number
 from .policies import make_policy
+from .prefetch import PREDICTORS, Prefetcher, make_predictor
 from .runtime import OffloadRuntime
 from .store import ExpertsSpec, ExpertStore
 from .transfer import make_mover
@@ -113,6 +114,18 @@ def swap_experts(model: nn.Module) -> list[OffloadedExperts]:
         setattr(model.get_submodule(parent_name), child, offloaded)
         swapped.append(offloaded)
     return swapped
+
+
+def find_routers(model: nn.Module, modules: list[OffloadedExperts]) -> list[nn.Module | None]:
+    """Each experts module's router: its block's ``gate`` or ``router`` with a [E, H] weight (None if not found)."""
+    routers = []
+    for m in modules:
+        block = model.get_submodule(m.spec.prefix.rpartition(".")[0])
+        router = getattr(block, "gate", None) or getattr(block, "router", None)
+        weight = getattr(router, "weight", None)
+        ok = isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == m.num_experts
+        routers.append(router if ok else None)
+    return routers
 
 
 def checkpoint_renamer(model: nn.Module) -> Callable[[str], str]:
@@ -219,6 +232,13 @@ def load(
     cache_memory: str | int | None = None,
     policy: str | None = None,
     dtype: str | torch.dtype | None = None,
+    host_memory: str | int | None = None,
+    host_policy: str = "lru",
+    prefetch: str = "gate",
+    prefetch_margin: int = 1,
+    prefetch_depth: int = 1,
+    readers: int = 2,
+    io: str = "direct",
     profile: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -230,6 +250,12 @@ def load(
     ``cache_experts`` (a number of experts, across all layers) or ``cache_memory``
     (bytes or a string such as ``"6GiB"``); without either, half the free memory.
     ``policy`` is the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``).
+    ``host_memory`` adds a warm tier of (pinned, on CUDA) host RAM between the device
+    slots and the disk, with its own ``host_policy``; when it holds every expert it is
+    filled at load. ``prefetch`` picks the predictor that starts loads for the next
+    ``prefetch_depth`` layers (``gate``, ``transition`` or ``none``), naming top-k plus
+    ``prefetch_margin`` experts. ``readers`` threads read the disk; ``io`` is ``direct``
+    (O_DIRECT, else dropping read pages), ``dontneed`` or ``buffered`` (page cache).
     ``profile`` (a name from ``profiles/`` or a TOML path) fills in the device, dtype,
     policy and, through ``plan``, the number of slots, where they are not given.
     Returns the transformers model; ``model.offload`` holds the runtime and its stats.
@@ -239,6 +265,11 @@ def load(
     want_dtype = parse_dtype(dtype or (hw.dtype if hw else None))
     policy = policy or (hw.policy if hw and hw.policy else "lru")
     make_policy(policy, seed=seed)  # fail on a bad name before reading anything
+    make_policy(host_policy, seed=seed)
+    if prefetch not in PREDICTORS:
+        raise ConfigError(f"prefetch={prefetch!r} is not a predictor; use one of {', '.join(PREDICTORS)}")
+    if readers < 1:
+        raise ConfigError(f"readers={readers} must be at least 1")
     folder = resolve_model_path(path)
     if hw is not None and cache_experts is None and cache_memory is None:
         from .planning import plan
@@ -253,32 +284,71 @@ def load(
     try:
         model = build_skeleton(config)
         modules = swap_experts(model)
-        store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model))
+        store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model), io=io)
         layout = SlotLayout(_shared_shapes(modules), want_dtype)
         total_experts = sum(m.num_experts for m in modules)
         dense_bytes = sum(info.nbytes for info in store.dense.values())
         capacity = budget.slots(layout.nbytes, total_experts, default_cache_bytes(dev, dense_bytes))
+        host = _host_tier(host_memory, host_policy, seed, layout, total_experts, dev)
         load_dense(model, store, dev, want_dtype, progress)
-        mover = make_mover(dev, store)
+        mover = make_mover(dev, store, readers)
         cache = ExpertCache(
             Residency(capacity, make_policy(policy, seed=seed)),
             SlotPool(capacity, layout, dev),
             store,
             mover,
+            host,
             {m.layer: m.spec.prefix for m in modules},
         )
-        for m in modules:
-            m.cache = cache
+        predictor = make_predictor(prefetch, routers=find_routers(model, modules), num_experts=modules[0].num_experts,
+                                   top_k=int(getattr(config, "num_experts_per_tok", 2) or 2),
+                                   margin=prefetch_margin, depth=prefetch_depth)
+        prefetcher = Prefetcher(predictor, [m.layer for m in modules], cache) if prefetch != "none" else None
+        for pos, m in enumerate(modules):
+            m.cache, m.prefetcher, m.pos = cache, prefetcher, pos
+        if host is not None and host.residency.capacity >= total_experts:
+            fill_host_tier(cache, modules, progress)
     except BaseException:
-        if store is not None:
-            store.close()
         if mover is not None:
             mover.close()
+        if store is not None:
+            store.close()
         del model
         raise
     model.eval()
-    model.offload = OffloadRuntime(model, cache, modules, dev, want_dtype, folder)
+    model.offload = OffloadRuntime(model, cache, modules, dev, want_dtype, folder, prefetcher)
     return model
+
+
+def _host_tier(host_memory, host_policy: str, seed: int, layout: SlotLayout, total_experts: int,
+               device: torch.device) -> HostTier | None:
+    if host_memory is None:
+        return None
+    slots = min(total_experts, parse_bytes(host_memory, "host_memory") // layout.nbytes)
+    if slots < 1:
+        raise BudgetError(f"host_memory={host_memory!r} holds no expert of {layout.nbytes} bytes; raise it or leave it out")
+    pin = device.type == "cuda"
+    return HostTier(Residency(slots, make_policy(host_policy, seed=seed)), SlotPool(slots, layout, torch.device("cpu"), pin=pin))
+
+
+def fill_host_tier(cache: ExpertCache, modules: list[OffloadedExperts], progress: bool) -> None:
+    """Read every expert from disk into the warm tier once (it holds them all), with a progress bar."""
+    host = cache.host
+    keys = [(m.layer, e) for m in modules for e in range(m.num_experts)]
+    with _progress(progress, "experts into host memory", len(keys) * host.pool.layout.nbytes) as advance:
+        for start in range(0, len(keys), 64):
+            batch = []
+            for key in keys[start : start + 64]:
+                slot, _ = host.residency.admit(key)
+                batch.append((key, cache.mover.from_disk(*key, host.pool.views(slot))))
+            for key, ticket in batch:
+                try:
+                    ticket.transfer()
+                except Exception as e:
+                    host.residency.discard(key)
+                    raise cache._load_error(key, e) from e
+                host.residency.release(key)
+                advance(host.pool.layout.nbytes)
 
 
 def _shared_shapes(modules: list[OffloadedExperts]) -> dict[str, tuple[int, ...]]:

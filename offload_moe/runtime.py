@@ -10,6 +10,7 @@ from torch import nn
 
 from .cache import ExpertCache
 from .experts import OffloadedExperts
+from .prefetch import Prefetcher
 
 
 class OffloadRuntime:
@@ -23,12 +24,14 @@ class OffloadRuntime:
         device: torch.device,
         dtype: torch.dtype,
         folder: Path,
+        prefetcher: Prefetcher | None = None,
     ):
         self.cache = cache
         self.modules = modules
         self.device = device
         self.dtype = dtype
         self.folder = folder
+        self.prefetcher = prefetcher
         self._finalizer = weakref.finalize(model, _close, cache)
 
     @property
@@ -47,10 +50,16 @@ class OffloadRuntime:
         )
         requests = out["hits"] + out["misses"]
         out["hit_rate"] = out["hits"] / requests if requests else 0.0
+        pf = self.prefetcher
+        out["prefetch"] = pf.predictor.name if pf else "none"
+        out["prediction_recall"] = pf.score.recall if pf else 0.0
+        out["prediction_precision"] = pf.score.precision if pf else 0.0
         return out
 
     def reset_stats(self) -> None:
-        self.cache.residency.per_layer.clear()
+        self.cache.reset_stats()
+        if self.prefetcher is not None:
+            self.prefetcher.reset()
 
     def close(self) -> None:
         """Release file handles and staging buffers now rather than when the model is collected."""
@@ -58,5 +67,6 @@ class OffloadRuntime:
 
 
 def _close(cache: ExpertCache) -> None:
-    cache.store.close()
+    cache.drain()
     cache.mover.close()
+    cache.store.close()

@@ -7,9 +7,11 @@ memory at what it asked for, and releases the GIL while the disk works.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,25 +132,63 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
+IO_MODES = ("buffered", "dontneed", "direct")
+PAGE = 4096
+
+
 class FileReader:
-    """Read-only file descriptors, opened once, and positional reads into caller buffers."""
+    """Read-only file descriptors, opened once, and positional reads into caller buffers.
 
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+    ``io`` decides what happens to the page cache:
 
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
+    - ``buffered``: plain reads; repeated reads may come from the page cache;
+    - ``dontneed``: plain reads, then the pages read are dropped (``POSIX_FADV_DONTNEED``),
+      so a RAM budget is really kept and a re-read really goes to the disk;
+    - ``direct``: ``O_DIRECT`` reads of page-aligned spans into an aligned scratch buffer,
+      bypassing the page cache. Where the file system refuses ``O_DIRECT`` (tmpfs, some
+      overlays), it falls back to ``dontneed`` and ``io`` says so.
+
+    Reads are safe from several threads at once.
+    """
+
+    def __init__(self, io: str = "buffered") -> None:
+        if io not in IO_MODES:
+            from .errors import ConfigError
+
+            raise ConfigError(f"io={io!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
+        self.io = io
+        self._fds: dict[tuple[Path, bool], int] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _fd(self, path: Path, direct: bool = False) -> int:
+        fd = self._fds.get((path, direct))
         if fd is None:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            self._fds[path] = fd
+            with self._lock:
+                fd = self._fds.get((path, direct))
+                if fd is None:
+                    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (getattr(os, "O_DIRECT", 0) if direct else 0)
+                    fd = os.open(path, flags)
+                    self._fds[(path, direct)] = fd
         return fd
 
     def read_into(self, path: Path, offset: int, out: torch.Tensor) -> int:
         """Fill the contiguous CPU tensor ``out`` with the bytes at ``offset`` of ``path``."""
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        want = len(view)
-        done = 0
-        fd = self._fd(path)
+        if self.io == "direct":
+            try:
+                return self._read_direct(path, offset, view)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1)):
+                    raise
+                self.io = "dontneed"  # this file system refuses O_DIRECT
+        n = self._read_exact(self._fd(path), path, offset, view)
+        if self.io == "dontneed" and n:
+            os.posix_fadvise(self._fd(path), offset, n, os.POSIX_FADV_DONTNEED)
+        return n
+
+    def _read_exact(self, fd: int, path: Path, offset: int, view: memoryview) -> int:
+        want, done = len(view), 0
         while done < want:
             n = os.preadv(fd, [view[done:]], offset + done)
             if n == 0:
@@ -159,6 +199,35 @@ class FileReader:
             done += n
         return want
 
+    def _read_direct(self, path: Path, offset: int, view: memoryview) -> int:
+        start = offset // PAGE * PAGE
+        end = -(-(offset + len(view)) // PAGE) * PAGE
+        scratch = self._scratch(end - start)
+        fd = self._fd(path, direct=True)
+        done = 0
+        while done < end - start:
+            n = os.preadv(fd, [scratch[done : end - start]], start + done)
+            if n == 0:  # end of file: the last page is short
+                break
+            done += n
+        if done < offset - start + len(view):
+            raise CheckpointError(
+                f"{path} ended after {start + done} bytes while reading {len(view)} bytes at offset {offset}; "
+                "the file is truncated, re-download it"
+            )
+        view[:] = scratch[offset - start : offset - start + len(view)]
+        return len(view)
+
+    def _scratch(self, nbytes: int) -> memoryview:
+        """A page-aligned buffer of at least ``nbytes``, one per thread, grown as needed."""
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or len(buf) < nbytes:
+            raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+            skip = -raw.data_ptr() % PAGE
+            self._local.raw = raw  # keeps the memory alive
+            buf = self._local.scratch = memoryview(raw[skip : skip + nbytes].numpy())
+        return buf
+
     def read_tensor(self, info: TensorInfo) -> torch.Tensor:
         """A fresh CPU tensor holding ``info``'s data."""
         out = torch.empty(info.shape, dtype=info.dtype)
@@ -167,9 +236,10 @@ class FileReader:
         return out
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()

@@ -77,11 +77,12 @@ class ExpertStore:
     experts are kept in ``dense`` under their model names.
     """
 
-    def __init__(self, folder: Path, specs: Iterable[ExpertsSpec], rename: Callable[[str], str] = lambda k: k):
+    def __init__(self, folder: Path, specs: Iterable[ExpertsSpec], rename: Callable[[str], str] = lambda k: k,
+                 io: str = "buffered"):
         self.folder = Path(folder)
         self.specs = {s.layer: s for s in specs}
         self.files = checkpoint_files(self.folder)
-        self.reader = FileReader()
+        self.reader = FileReader(io)
         self.dense: dict[str, TensorInfo] = {}
         self.pieces: dict[tuple[int, int], list[Piece]] = defaultdict(list)
         by_prefix = {s.prefix: s for s in self.specs.values()}

@@ -1,19 +1,30 @@
-"""Moving one expert's bytes from the store into a cache slot.
+"""Moving experts between the tiers: disk -> (pinned host slot ->) device slot.
 
-``Mover.fill`` is the only place bytes cross from the cold tier to the slot. On
-CPU it reads straight into the slot when the checkpoint layout and dtype allow
-it, otherwise through one reused staging buffer. On CUDA it reads into reused
-pinned staging buffers and copies on a side stream; the compute stream waits on
-an event for that one expert, never on the whole queue, and the host never
-waits for the device.
+``Mover.start`` begins filling one device slot and returns a ``Ticket`` at once:
+
+- from the warm tier (a host slot already holding the expert): one whole-slot copy,
+  issued on the calling thread;
+- from the disk: a reader thread reads the expert's pieces (file reads release the
+  GIL) into a host slot of the warm tier if there is one, else straight into the
+  device slot on CPU, or into a reused pinned staging buffer on CUDA, then copies.
+
+On CUDA every copy goes on one side stream and records an event; ``Ticket.wait``
+makes the compute stream wait on that event alone, so compute waits only for the
+expert it is about to use and the host never waits for the device. The mover does
+no bookkeeping: ``ExpertCache`` and ``HostTier`` decide which slot, on the calling
+thread, and tell the mover where to put bytes.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
 import torch
 
 from .store import ExpertStore, Piece
-
 
 ALIGN = 64  # bytes; keeps each piece's view in a shared staging buffer aligned for any dtype
 
@@ -32,73 +43,219 @@ def _source(staging: torch.Tensor, piece: Piece) -> torch.Tensor:
     return src.T if piece.transpose else src
 
 
+@dataclass
+class Transfer:
+    """What one load moved, reported back to the compute thread for the statistics."""
+
+    disk_bytes: int = 0
+    disk_seconds: float = 0.0
+    copy_bytes: int = 0  # host slot -> device slot
+    copy_seconds: float = 0.0  # CPU copies; CUDA copies are timed with events
+    events: tuple = ()  # CUDA (start, end) of the copy, for its duration
+    done: "torch.cuda.Event | None" = None  # CUDA: recorded after the copy on the copy stream
+
+
+@dataclass
+class Ticket:
+    """One expert on its way into a device slot."""
+
+    future: Future
+    started: float = field(default_factory=time.perf_counter)
+
+    def finished(self) -> bool:
+        """The host-side work is over (the copy may still be queued on the device)."""
+        return self.future.done()
+
+    def transfer(self) -> Transfer:
+        """Block until the host-side work is over; raises what the reader raised."""
+        return self.future.result()
+
+
+def _done(value: Transfer) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
 class Mover:
-    """Fills slots on the CPU: direct reads when possible, else one reused staging buffer."""
+    """Reads and copies on the CPU: ``readers`` threads for disk reads, copies inline."""
 
-    def __init__(self, staging_bytes: int):
-        self.staging = torch.empty(max(staging_bytes, 1), dtype=torch.uint8)
+    def __init__(self, store: ExpertStore, readers: int = 2):
+        self.store = store
+        self.pool = ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix="offload-moe-reader")
+        self._staging_size = staging_bytes(store)
+        self._local = threading.local()
 
-    def fill(self, store: ExpertStore, layer: int, expert: int, views: dict[str, torch.Tensor]) -> int:
+    # -- the API the caches use ------------------------------------------------
+    def from_disk(self, layer: int, expert: int, views: dict[str, torch.Tensor],
+                  device_flat: torch.Tensor | None = None, host_flat: torch.Tensor | None = None) -> Ticket:
+        """Read an expert into ``views`` (a host slot when ``device_flat`` is given, then copied there)."""
+        return Ticket(self.pool.submit(self._read_then_copy, layer, expert, views, host_flat, device_flat, self._compute()))
+
+    def from_host(self, host_flat: torch.Tensor, device_flat: torch.Tensor) -> Ticket:
+        """Copy a whole host slot into a device slot."""
+        return Ticket(_done(self._copy(host_flat, device_flat, self._compute())))
+
+    def _compute(self):
+        """The stream compute runs on, read on the calling thread (streams are per thread)."""
+        return None
+
+    def wait(self, ticket: Ticket) -> Transfer:
+        """Make the expert usable by compute: wait for the host work (and, on CUDA, order the compute stream)."""
+        return ticket.transfer()
+
+    def landed(self, transfer: Transfer) -> bool:
+        """The bytes are in the device slot (CPU: once the host work is over)."""
+        return True
+
+    def gpu_stall_seconds(self) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- the work --------------------------------------------------------------
+    def _read_then_copy(self, layer, expert, views, host_flat, device_flat, compute) -> Transfer:
+        start = time.perf_counter()
+        nbytes = self._read(layer, expert, views)
+        t = Transfer(disk_bytes=nbytes, disk_seconds=time.perf_counter() - start)
+        if device_flat is not None:
+            copy = self._copy(host_flat, device_flat, compute)
+            t.copy_bytes, t.copy_seconds, t.events, t.done = copy.copy_bytes, copy.copy_seconds, copy.events, copy.done
+        return t
+
+    def _read(self, layer: int, expert: int, views: dict[str, torch.Tensor]) -> int:
+        """Read every piece of an expert into ``views`` (CPU tensors), converting dtype or layout if needed."""
         total = 0
-        for piece in store.expert_pieces(layer, expert):
+        for piece in self.store.expert_pieces(layer, expert):
             dest = views[piece.param][piece.index]
             if piece.whole and piece.dtype == dest.dtype and dest.is_contiguous():
-                store.read_piece(piece, dest)
+                self.store.read_piece(piece, dest)
             else:
-                buf = self.staging[: piece.nbytes]
-                store.read_piece(piece, buf)
+                buf = self._staging()[: piece.nbytes]
+                self.store.read_piece(piece, buf)
                 dest.copy_(_source(buf, piece))
             total += piece.nbytes
         return total
 
-    def close(self) -> None:
-        self.staging = torch.empty(0, dtype=torch.uint8)
+    def _staging(self) -> torch.Tensor:
+        buf = getattr(self._local, "staging", None)
+        if buf is None:
+            buf = self._local.staging = torch.empty(max(self._staging_size, 1), dtype=torch.uint8)
+        return buf
+
+    def _copy(self, host_flat: torch.Tensor, device_flat: torch.Tensor, compute=None) -> Transfer:
+        start = time.perf_counter()
+        device_flat.copy_(host_flat)
+        return Transfer(copy_bytes=host_flat.numel() * host_flat.element_size(), copy_seconds=time.perf_counter() - start)
 
 
 class CudaMover(Mover):
-    """Fills device slots from pinned staging buffers on a side stream, double-buffered."""
+    """Device slots on a GPU: pinned staging per reader thread, copies on a side stream with one event each."""
 
-    def __init__(self, staging_bytes: int, device: torch.device, buffers: int = 2):
+    def __init__(self, store: ExpertStore, device: torch.device, readers: int = 2):
+        super().__init__(store, readers)
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
-        self.buffers = [torch.empty(max(staging_bytes, 1), dtype=torch.uint8, pin_memory=True) for _ in range(buffers)]
-        self.events: list[torch.cuda.Event | None] = [None] * buffers
-        self.turn = 0
+        self._stagings: list[torch.Tensor] = []  # every pinned buffer, freed on close
+        self._lock = threading.Lock()
+        self.stall_events: list[tuple] = []  # (before, after) wait events on the compute stream
+        self._stall_folded = 0.0
 
-    def fill(self, store: ExpertStore, layer: int, expert: int, views: dict[str, torch.Tensor]) -> int:
-        i, self.turn = self.turn, (self.turn + 1) % len(self.buffers)
-        staging, previous = self.buffers[i], self.events[i]
+    def from_disk(self, layer, expert, views, device_flat=None, host_flat=None) -> Ticket:
+        if device_flat is None:  # no warm tier: disk -> pinned staging -> device slot
+            return Ticket(self.pool.submit(self._read_staged, layer, expert, views, self._compute()))
+        return super().from_disk(layer, expert, views, device_flat, host_flat)
+
+    def _compute(self):
+        return torch.cuda.current_stream(self.device)
+
+    def wait(self, ticket: Ticket) -> Transfer:
+        t = ticket.transfer()
+        if t.done is not None:
+            compute = torch.cuda.current_stream(self.device)
+            before, after = self._events()
+            before.record(compute)
+            compute.wait_event(t.done)  # GPU-side wait: no host sync
+            after.record(compute)
+            self.stall_events.append((before, after))
+            if len(self.stall_events) > 1024:
+                self._fold(block=False)
+        return t
+
+    def _fold(self, block: bool) -> None:
+        """Add up the stalls whose events have completed (all of them when ``block``)."""
+        if block:
+            torch.cuda.synchronize(self.device)
+        pending = []
+        for before, after in self.stall_events:
+            if block or after.query():
+                self._stall_folded += before.elapsed_time(after) / 1000
+            else:
+                pending.append((before, after))
+        self.stall_events = pending
+
+    def gpu_stall_seconds(self) -> float:
+        """Time the compute stream spent waiting on copies (synchronises: for stats, not the hot path)."""
+        self._fold(block=True)
+        return self._stall_folded
+
+    def landed(self, transfer: Transfer) -> bool:
+        return transfer.done is None or transfer.done.query()
+
+    def _read_staged(self, layer: int, expert: int, views: dict[str, torch.Tensor], compute) -> Transfer:
+        staging, previous = self._pinned_staging()
         if previous is not None:
-            previous.synchronize()  # the copy that last read this buffer has finished
-        pieces = store.expert_pieces(layer, expert)
+            previous.synchronize()  # the copy that last read this thread's buffer has finished
+        pieces = self.store.expert_pieces(layer, expert)
+        start = time.perf_counter()
         offset = 0
         for piece in pieces:
-            store.read_piece(piece, staging[offset : offset + piece.nbytes])
+            self.store.read_piece(piece, staging[offset : offset + piece.nbytes])
             offset += _aligned(piece.nbytes)
-        compute = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(compute)  # kernels still reading the evicted expert's slot come first
+        t = Transfer(disk_bytes=sum(p.nbytes for p in pieces), disk_seconds=time.perf_counter() - start)
+        begin, end = self._events()
         with torch.cuda.stream(self.stream):
+            self.stream.wait_stream(compute)  # kernels still reading the evicted expert's slot go first
+            begin.record(self.stream)
             offset = 0
             for piece in pieces:
-                src = _source(staging[offset : offset + piece.nbytes], piece)
-                views[piece.param][piece.index].copy_(src, non_blocking=True)
+                views[piece.param][piece.index].copy_(_source(staging[offset : offset + piece.nbytes], piece), non_blocking=True)
                 offset += _aligned(piece.nbytes)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        compute.wait_event(done)
-        self.events[i] = done
-        return sum(p.nbytes for p in pieces)
+            end.record(self.stream)
+        self._local.event = end
+        t.copy_bytes, t.events, t.done = t.disk_bytes, (begin, end), end
+        return t
+
+    def _copy(self, host_flat: torch.Tensor, device_flat: torch.Tensor, compute=None) -> Transfer:
+        begin, end = self._events()
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_stream(compute)
+            begin.record(self.stream)
+            device_flat.copy_(host_flat, non_blocking=True)
+            end.record(self.stream)
+        return Transfer(copy_bytes=host_flat.numel() * host_flat.element_size(), events=(begin, end), done=end)
+
+    def _events(self):
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def _pinned_staging(self):
+        buf = getattr(self._local, "pinned", None)
+        if buf is None:
+            buf = self._local.pinned = torch.empty(max(self._staging_size, 1), dtype=torch.uint8, pin_memory=True)
+            with self._lock:
+                self._stagings.append(buf)
+        return buf, getattr(self._local, "event", None)
 
     def close(self) -> None:
-        for ev in self.events:
-            if ev is not None:
-                ev.synchronize()
-        self.buffers = []
-        self.events = []
+        super().close()
+        self.stream.synchronize()
+        with self._lock:
+            self._stagings.clear()
 
 
-def make_mover(device: torch.device, store: ExpertStore) -> Mover:
-    """The mover for ``device``, with staging buffers sized for ``store``'s largest expert."""
+def make_mover(device: torch.device, store: ExpertStore, readers: int = 2) -> Mover:
+    """The mover for ``device``, with ``readers`` disk-reader threads."""
     if device.type == "cuda":
-        return CudaMover(staging_bytes(store), device)
-    return Mover(staging_bytes(store))
+        return CudaMover(store, device, readers)
+    return Mover(store, readers)

@@ -7,7 +7,7 @@ from safetensors import safe_open
 
 from offload_moe.loader import build_skeleton, checkpoint_renamer, load_config, swap_experts
 from offload_moe.store import ExpertStore
-from offload_moe.transfer import Mover, staging_bytes
+from offload_moe.transfer import Mover
 
 
 def open_store(folder):
@@ -18,7 +18,9 @@ def open_store(folder):
 
 def read_expert(store, spec, layer, expert, dtype=torch.float32):
     views = {n: torch.full(s, float("nan"), dtype=dtype) for n, s in spec.shapes.items()}
-    nbytes = Mover(staging_bytes(store)).fill(store, layer, expert, views)
+    mover = Mover(store, readers=1)
+    nbytes = mover.from_disk(layer, expert, views).transfer().disk_bytes
+    mover.close()
     return views, nbytes
 
 

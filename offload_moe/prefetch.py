@@ -1,0 +1,177 @@
+"""Prefetch: predict the experts of the next layers from what the router sees now, and start moving them.
+
+A predictor names, for each token, the experts it expects at the next ``depth``
+MoE layers. Predictors are pluggable like eviction policies:
+
+- ``gate``: apply layer l+1's router to the hidden states entering layer l's
+  experts and take its top-k plus a margin (the mixtral-offloading method);
+- ``transition``: estimate P(experts at l+1 | experts at l) online from the routing
+  observed so far, in the spirit of MoE-Infinity's activation matrices;
+- ``none``.
+
+``Prefetcher`` asks the predictor, scores its past predictions against the routing
+that really came, and asks the cache to start the predicted loads. A prediction
+costs no extra host-device synchronisation: device-side predictions travel to the
+host with the layer's own routing, in the one copy per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+
+class Predictor:
+    """Base class: override ``predict_device`` (runs before the layer's sync) or ``predict_host`` (after it)."""
+
+    name = "none"
+
+    def predict_device(self, pos: int, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Predicted expert ids [T, m] on the device, by MoE-layer position, from the hidden states at ``pos``."""
+        return {}
+
+    def predict_host(self, pos: int, routing: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Predicted expert ids [T, m] on the host, by MoE-layer position, from the routing [T, k] at ``pos``."""
+        return {}
+
+    def observe(self, pos: int, routing: torch.Tensor) -> None:
+        """The routing [T, k] that really came at ``pos`` (CPU tensor)."""
+
+
+class GatePredictor(Predictor):
+    """Layer l+d's router applied to the hidden states entering layer l's experts: its top-(k + margin)."""
+
+    name = "gate"
+
+    def __init__(self, routers: Sequence[nn.Module | None], top_k: int, margin: int = 1, depth: int = 1):
+        self.routers = list(routers)
+        self.width = top_k + margin
+        self.depth = depth
+
+    def predict_device(self, pos: int, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+        out = {}
+        for ahead in range(pos + 1, min(pos + 1 + self.depth, len(self.routers))):
+            router = self.routers[ahead]
+            if router is None:
+                continue
+            scores = F.linear(hidden.to(router.weight.dtype), router.weight, getattr(router, "bias", None))  # [T, E]
+            bias = getattr(router, "e_score_correction_bias", None)
+            if bias is not None:  # DeepSeek-V3 style: selection on sigmoid scores plus the correction bias
+                scores = scores.sigmoid() + bias
+            out[ahead] = scores.topk(min(self.width, scores.shape[-1]), dim=-1).indices
+        return out
+
+
+class TransitionPredictor(Predictor):
+    """Counts, per pair of consecutive MoE layers, how often expert i at l is followed by expert j at l+1."""
+
+    name = "transition"
+
+    def __init__(self, layers: int, num_experts: int, top_k: int, margin: int = 1, depth: int = 1):
+        self.counts = torch.zeros(max(layers - 1, 0), num_experts, num_experts)  # [L-1, E, E]
+        self.width = top_k + margin
+        self.depth = depth
+        self._last: tuple[int, torch.Tensor] | None = None
+
+    def observe(self, pos: int, routing: torch.Tensor) -> None:
+        last = self._last
+        if last is not None and last[0] == pos - 1 and last[1].shape[0] == routing.shape[0]:
+            prev, k = last[1], routing.shape[1]
+            rows = prev.unsqueeze(2).expand(-1, -1, k).reshape(-1)  # [T*k*k]
+            cols = routing.unsqueeze(1).expand(-1, prev.shape[1], -1).reshape(-1)
+            self.counts[pos - 1].index_put_((rows, cols), torch.ones(rows.shape[0]), accumulate=True)
+        self._last = (pos, routing)
+
+    def predict_host(self, pos: int, routing: torch.Tensor) -> dict[int, torch.Tensor]:
+        out = {}
+        dist = F.one_hot(routing, self.counts.shape[-1]).sum(1).float()  # [T, E]: the experts chosen now
+        for ahead in range(pos + 1, min(pos + 1 + self.depth, self.counts.shape[0] + 1)):
+            step = self.counts[ahead - 1]
+            dist = dist @ (step / step.sum(1, keepdim=True).clamp(min=1))  # [T, E]
+            if not dist.any():
+                break
+            width = min(self.width, int((dist > 0).sum(1).max()))
+            out[ahead] = dist.topk(width, dim=-1).indices
+        return out
+
+
+@dataclass
+class PredictionScore:
+    """How well predictions one layer ahead matched the routing that came."""
+
+    predicted: int = 0  # distinct experts predicted, summed over layer calls
+    needed: int = 0  # distinct experts needed
+    correct: int = 0  # needed and predicted
+
+    @property
+    def recall(self) -> float:
+        return self.correct / self.needed if self.needed else 0.0
+
+    @property
+    def precision(self) -> float:
+        return self.correct / self.predicted if self.predicted else 0.0
+
+
+class Prefetcher:
+    """Runs a predictor at every MoE layer, scores it, and starts the predicted loads in the cache."""
+
+    def __init__(self, predictor: Predictor, layers: Sequence[int], cache):
+        self.predictor = predictor
+        self.layers = list(layers)  # model layer number of each MoE position
+        self.cache = cache
+        self.score = PredictionScore()
+        self._expected: dict[int, set[int]] = {}  # pos -> experts predicted one layer ahead
+
+    def predict_device(self, pos: int, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+        return self.predictor.predict_device(pos, hidden)
+
+    def after_routing(self, pos: int, routing: torch.Tensor, device_predictions: dict[int, torch.Tensor],
+                      issue: bool = True) -> None:
+        """Score the prediction made for ``pos``, learn from its routing, and start loads for the layers ahead."""
+        needed = set(routing.unique().tolist())
+        expected = self._expected.pop(pos, None)
+        if expected is not None:
+            self.score.needed += len(needed)
+            self.score.predicted += len(expected)
+            self.score.correct += len(needed & expected)
+        self.predictor.observe(pos, routing)
+        predictions = {**device_predictions, **self.predictor.predict_host(pos, routing)}
+        for ahead in sorted(predictions):
+            votes = torch.bincount(predictions[ahead].reshape(-1))  # how many tokens named each expert
+            ranked = votes.argsort(descending=True, stable=True)
+            experts = ranked[: int((votes > 0).sum())].tolist()
+            if ahead == pos + 1:
+                self._expected[ahead] = set(experts)
+            if issue:
+                self.cache.prefetch(self.layers[ahead], experts)
+
+    def reset(self) -> None:
+        self.score = PredictionScore()
+
+
+PREDICTORS = ("none", "gate", "transition")
+
+
+def make_predictor(name: str, *, routers: Sequence[nn.Module | None], num_experts: int, top_k: int,
+                   margin: int = 1, depth: int = 1) -> Predictor:
+    """A predictor by name: ``none``, ``gate`` or ``transition``."""
+    name = (name or "none").lower()
+    if depth < 1:
+        raise ConfigError(f"prefetch_depth={depth} must be at least 1 layer")
+    if margin < 0:
+        raise ConfigError(f"prefetch_margin={margin} must be 0 or more")
+    if name == "none":
+        return Predictor()
+    if name == "gate":
+        if all(r is None for r in routers):
+            raise ConfigError("prefetch='gate' needs the model's router modules, and none was found; use 'transition'")
+        return GatePredictor(routers, top_k, margin, depth)
+    if name == "transition":
+        return TransitionPredictor(len(routers), num_experts, top_k, margin, depth)
+    raise ConfigError(f"prefetch={name!r} is not a predictor; use one of {', '.join(PREDICTORS)}")

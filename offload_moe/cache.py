@@ -401,7 +401,10 @@ class ExpertCache:
         if hits:
             ticket = self.mover.from_host(self.host.pool.flat(hits[0][1]), self.pool.flat(slot))
         else:
-            host_slot, _ = self.host.residency.admit(key)
+            host = self.host.residency
+            while not host.free and len(host.pins) >= len(host) and self._host_pending:
+                self._settle_oldest_host_copy()  # every host slot is still feeding a device copy
+            host_slot, _ = host.admit(key)
             ticket = self.mover.from_disk(layer, expert, self.host.pool.views(host_slot),
                                           device_flat=self.pool.flat(slot), host_flat=self.host.pool.flat(host_slot))
         self._host_pending.append((key, ticket))
@@ -461,6 +464,12 @@ class ExpertCache:
                     pending.append((key, ticket))
             self._host_pending = pending
 
+    def _settle_oldest_host_copy(self) -> None:
+        key, ticket = self._host_pending[0]
+        if ticket.future.exception() is None:
+            self.mover.settle(ticket.transfer())
+        self.reap()
+
     def drain(self) -> None:
         """Wait for every load in flight (prefetches included) and account for it."""
         for ticket in list(self._inflight.values()):
@@ -477,7 +486,7 @@ class ExpertCache:
         if self.host is not None:
             for key, ticket in self._host_pending:
                 if ticket.future.exception() is None:
-                    self.mover.landed(ticket.transfer())
+                    self.mover.settle(ticket.transfer())
                 self.host.residency.release(key)
             self._host_pending = []
 

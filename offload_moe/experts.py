@@ -126,6 +126,8 @@ class OffloadedExperts(nn.Module):
         finally:
             for expert in pinned:
                 cache.release(layer, expert)
+        if prefetcher is not None:
+            prefetcher.retry()  # slots this layer held are free now
         return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
     def _expert(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:

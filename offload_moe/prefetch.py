@@ -127,6 +127,7 @@ class Prefetcher:
         self.cache = cache
         self.score = PredictionScore()
         self._expected: dict[int, set[int]] = {}  # pos -> experts predicted one layer ahead
+        self._pending: list[tuple[int, list[int]]] = []  # (layer, experts best first) predicted at this layer
 
     def predict_device(self, pos: int, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
         return self.predictor.predict_device(pos, hidden)
@@ -142,17 +143,30 @@ class Prefetcher:
             self.score.correct += len(needed & expected)
         self.predictor.observe(pos, routing)
         predictions = {**device_predictions, **self.predictor.predict_host(pos, routing)}
+        self._pending = []
         for ahead in sorted(predictions):
-            votes = torch.bincount(predictions[ahead].reshape(-1))  # how many tokens named each expert
-            ranked = votes.argsort(descending=True, stable=True)
-            experts = ranked[: int((votes > 0).sum())].tolist()
+            experts = _ranked(predictions[ahead])
             if ahead == pos + 1:
                 self._expected[ahead] = set(experts)
-            if issue:
-                self.cache.prefetch(self.layers[ahead], experts)
+            self._pending.append((self.layers[ahead], experts))
+        if issue:
+            self.retry()
+
+    def retry(self) -> None:
+        """Start the predicted loads that found no free slot earlier (the layer has since released its experts)."""
+        for layer, experts in self._pending:
+            self.cache.prefetch(layer, experts)
 
     def reset(self) -> None:
         self.score = PredictionScore()
+
+
+def _ranked(ids: torch.Tensor) -> list[int]:
+    """Distinct experts of ``ids`` [T, m] (each row best first), most strongly predicted first."""
+    width = ids.shape[-1]
+    votes = torch.bincount(ids.reshape(-1), weights=torch.arange(width, 0, -1.0).repeat(ids.shape[0]))
+    ranked = votes.argsort(descending=True, stable=True)
+    return ranked[: int((votes > 0).sum())].tolist()
 
 
 PREDICTORS = ("none", "gate", "transition")

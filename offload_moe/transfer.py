@@ -108,6 +108,9 @@ class Mover:
         """The bytes are in the device slot (CPU: once the host work is over)."""
         return True
 
+    def settle(self, transfer: Transfer) -> None:
+        """Block until the bytes are in the device slot (CPU: they already are)."""
+
     def gpu_stall_seconds(self) -> float:
         return 0.0
 
@@ -202,6 +205,10 @@ class CudaMover(Mover):
 
     def landed(self, transfer: Transfer) -> bool:
         return transfer.done is None or transfer.done.query()
+
+    def settle(self, transfer: Transfer) -> None:
+        if transfer.done is not None:
+            transfer.done.synchronize()
 
     def _read_staged(self, layer: int, expert: int, views: dict[str, torch.Tensor], compute) -> Transfer:
         staging, previous = self._pinned_staging()

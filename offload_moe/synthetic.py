@@ -23,9 +23,16 @@ def write_synthetic_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     shard_bytes: int = 512 * 2**20,
+    layout: str = "per_expert",
     **config_kwargs,
 ) -> Path:
-    """Write config.json and random safetensors shards for a ``model_type`` model; returns the folder."""
+    """Write config.json and random safetensors shards for a ``model_type`` model; returns the folder.
+
+    ``layout`` is ``per_expert`` (``experts.E.gate_proj.weight``..., what most hub checkpoints hold)
+    or ``fused`` (``experts.gate_up_proj`` [E, 2I, H], the in-memory layout of transformers 5).
+    """
+    if layout not in ("per_expert", "fused"):
+        raise ValueError(f"layout={layout!r}: use 'per_expert' or 'fused'")
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -37,7 +44,7 @@ def write_synthetic_checkpoint(
         model = AutoModelForCausalLM.from_config(config)
     experts = {name: m for name, m in find_experts_modules(model)}
     g = torch.Generator().manual_seed(seed)
-    tensors = list(_dense_tensors(model, experts)) + list(_expert_tensors(experts))
+    tensors = list(_dense_tensors(model, experts)) + list(_expert_tensors(experts, layout))
     shards: list[dict[str, tuple]] = [{}]
     size = 0
     for name, shape, kind in tensors:
@@ -71,8 +78,12 @@ def _dense_tensors(model, experts):
         yield name, tuple(p.shape), kind
 
 
-def _expert_tensors(experts):
+def _expert_tensors(experts, layout: str):
     for prefix, m in experts.items():
+        if layout == "fused":
+            for name, p in expert_params(m).items():
+                yield f"{prefix}.{name}", tuple(p.shape), "normal"
+            continue
         shapes = {n: tuple(p.shape[1:]) for n, p in expert_params(m).items()}
         two_i, hidden = shapes["gate_up_proj"]
         for e in range(m.num_experts):

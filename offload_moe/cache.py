@@ -275,6 +275,8 @@ class FlowCounters:
     copy_seconds: float = 0.0
     stall_seconds: float = 0.0  # host time blocked waiting for an expert
     tokens: int = 0
+    gpu_stall_base: float = 0.0  # the mover's running GPU totals at the last reset
+    gpu_copy_base: float = 0.0
 
 
 class ExpertCache:
@@ -412,6 +414,7 @@ class ExpertCache:
 
     def _landed(self, key: Key, transfer) -> None:
         self._inflight.pop(key, None)
+        self.mover.account(transfer)
         layer_counters = self.residency.per_layer[key[0]]
         layer_counters.bytes_loaded += self.pool.layout.nbytes
         layer_counters.load_seconds += transfer.disk_seconds + transfer.copy_seconds
@@ -494,7 +497,8 @@ class ExpertCache:
         total = self.residency.totals()
         f = self.flow
         requests = total.hits + total.misses
-        stall = f.stall_seconds + self.mover.gpu_stall_seconds()
+        stall = f.stall_seconds + self.mover.gpu_stall_seconds() - f.gpu_stall_base
+        copy_seconds = f.copy_seconds + self.mover.gpu_copy_seconds() - f.gpu_copy_base
         out = {
             **total.as_dict(),
             "capacity_experts": self.capacity,
@@ -515,7 +519,7 @@ class ExpertCache:
             "bytes_moved": {"disk": f.disk_bytes, "host_to_device": f.copy_bytes},
             "bandwidth": {
                 "disk": f.disk_bytes / f.disk_seconds if f.disk_seconds else 0.0,
-                "host_to_device": f.copy_bytes / f.copy_seconds if f.copy_seconds else 0.0,
+                "host_to_device": f.copy_bytes / copy_seconds if copy_seconds else 0.0,
             },
             "io": self.store.reader.io,
             "per_layer": {layer: c.as_dict() for layer, c in sorted(self.residency.per_layer.items())},
@@ -529,6 +533,6 @@ class ExpertCache:
 
     def reset_stats(self) -> None:
         self.residency.per_layer.clear()
-        self.flow = FlowCounters()
+        self.flow = FlowCounters(gpu_stall_base=self.mover.gpu_stall_seconds(), gpu_copy_base=self.mover.gpu_copy_seconds())
         if self.host is not None:
             self.host.residency.per_layer.clear()

@@ -114,6 +114,12 @@ class Mover:
     def gpu_stall_seconds(self) -> float:
         return 0.0
 
+    def gpu_copy_seconds(self) -> float:
+        return 0.0
+
+    def account(self, transfer: Transfer) -> None:
+        """Note a landed transfer for the timing statistics (CUDA times copies with events)."""
+
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -164,6 +170,8 @@ class CudaMover(Mover):
         self._lock = threading.Lock()
         self.stall_events: list[tuple] = []  # (before, after) wait events on the compute stream
         self._stall_folded = 0.0
+        self.copy_events: list[tuple] = []  # (begin, end) of copies on the copy stream
+        self._copy_folded = 0.0
 
     def from_disk(self, layer, expert, views, device_flat=None, host_flat=None) -> Ticket:
         if device_flat is None:  # no warm tier: disk -> pinned staging -> device slot
@@ -186,22 +194,30 @@ class CudaMover(Mover):
                 self._fold(block=False)
         return t
 
+    def account(self, transfer: Transfer) -> None:
+        if transfer.events:
+            self.copy_events.append(transfer.events)
+            if len(self.copy_events) > 1024:
+                self._fold(block=False)
+
     def _fold(self, block: bool) -> None:
-        """Add up the stalls whose events have completed (all of them when ``block``)."""
+        """Add up the stall and copy times whose events have completed (all of them when ``block``)."""
         if block:
             torch.cuda.synchronize(self.device)
-        pending = []
-        for before, after in self.stall_events:
-            if block or after.query():
-                self._stall_folded += before.elapsed_time(after) / 1000
-            else:
-                pending.append((before, after))
-        self.stall_events = pending
+        self.stall_events, stalled = _elapsed(self.stall_events, block)
+        self.copy_events, copied = _elapsed(self.copy_events, block)
+        self._stall_folded += stalled
+        self._copy_folded += copied
 
     def gpu_stall_seconds(self) -> float:
         """Time the compute stream spent waiting on copies (synchronises: for stats, not the hot path)."""
         self._fold(block=True)
         return self._stall_folded
+
+    def gpu_copy_seconds(self) -> float:
+        """Time the copy stream spent on host-to-device copies (synchronises: for stats, not the hot path)."""
+        self._fold(block=True)
+        return self._copy_folded
 
     def landed(self, transfer: Transfer) -> bool:
         return transfer.done is None or transfer.done.query()
@@ -259,6 +275,17 @@ class CudaMover(Mover):
         self.stream.synchronize()
         with self._lock:
             self._stagings.clear()
+
+
+def _elapsed(pairs: list[tuple], block: bool) -> tuple[list[tuple], float]:
+    """Sum the durations of the completed (start, end) event pairs; return the pending ones and the sum."""
+    pending, total = [], 0.0
+    for start, end in pairs:
+        if block or end.query():
+            total += start.elapsed_time(end) / 1000
+        else:
+            pending.append((start, end))
+    return pending, total
 
 
 def make_mover(device: torch.device, store: ExpertStore, readers: int = 2) -> Mover:

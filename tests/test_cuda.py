@@ -47,3 +47,35 @@ def test_bf16_on_cuda(model_dir, prompt):
     out = model.generate(prompt.to("cuda"), max_new_tokens=8, do_sample=False)
     assert out.shape[1] == prompt.shape[1] + 8
     model.offload.close()
+
+
+def test_pinned_host_tier_and_freed_on_delete(model_dir, prompt):
+    import gc
+    import weakref
+
+    model = offload_moe.load(model_dir("mixtral"), device="cuda", cache_experts=2, dtype="float32",
+                             host_memory=4 * 18432, progress=False)
+    cache = model.offload.cache
+    assert cache.host.pool.buffer.is_pinned()
+    model.generate(prompt.to("cuda"), max_new_tokens=8, do_sample=False)
+    s = model.offload.stats()
+    assert s["bytes_moved"]["host_to_device"] > 0 and s["bandwidth"]["host_to_device"] > 0
+    refs = [weakref.ref(cache.host.pool.buffer), weakref.ref(cache.pool.buffer)]
+    refs += [weakref.ref(b) for b in cache.mover._stagings]
+    del model, cache, s
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+@pytest.mark.parametrize("settings", [dict(prefetch="gate"), dict(prefetch="transition", host_memory="1GiB"),
+                                      dict(prefetch="gate", host_memory=3 * 18432, io="dontneed")])
+def test_prefetch_and_tiers_keep_parity_on_cuda(settings, model_dir, prompt):
+    folder = model_dir("qwen3_moe")
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to("cuda")
+    ids = prompt.to("cuda")
+    want = ref.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    model = offload_moe.load(folder, device="cuda", cache_experts=3, dtype="float32", progress=False, **settings)
+    assert torch.equal(model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False), want)
+    s = model.offload.stats()
+    assert s["stall_seconds"] >= 0 and s["tokens"] > 0
+    model.offload.close()

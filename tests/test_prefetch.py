@@ -177,3 +177,16 @@ def test_bad_prefetch_settings(model_dir):
         offload_moe.load(folder, cache_experts=2, host_memory="1KiB", progress=False)
     with pytest.raises(ConfigError, match="readers"):
         offload_moe.load(folder, cache_experts=2, readers=0, progress=False)
+
+
+def test_buffers_are_freed_when_the_model_is_deleted(model_dir, prompt):
+    import weakref
+
+    model = offload_moe.load(model_dir("mixtral"), cache_experts=2, dtype="float32", host_memory=3 * 18432,
+                             progress=False)
+    model.generate(prompt, max_new_tokens=4, do_sample=False)
+    cache = model.offload.cache
+    buffers = [weakref.ref(cache.pool.buffer), weakref.ref(cache.host.pool.buffer)]
+    del model, cache
+    gc.collect()
+    assert all(ref() is None for ref in buffers)

@@ -7,7 +7,8 @@ and fewer layers is decoded greedily by:
 - accelerate's offload: transformers with ``device_map``, ``max_memory`` and an offload folder;
 - offload_moe without cache reuse (every needed expert is loaded every time);
 - offload_moe with LRU and no prefetch;
-- offload_moe in full (LRU, gate prefetch; on CUDA a pinned host tier too);
+- offload_moe in full (LRU, gate prefetch; on CUDA a pinned host tier too), and the same with
+  ``io="buffered"``, which lets the page cache serve re-reads as accelerate's disk offload does;
 - everything resident (plain transformers), the upper bound;
 - the transfer bound: misses per token x expert bytes / the bandwidth this script measures
   (direct disk reads on CPU, pinned host-to-device copies on CUDA).
@@ -46,6 +47,9 @@ SHAPES = {
     "mini": dict(model_type="mixtral", hidden_size=1024, intermediate_size=3584, num_local_experts=8,
                  num_experts_per_tok=2, num_attention_heads=16, num_key_value_heads=4, vocab_size=8000),
 }
+
+
+VARIANTS = ("no reuse", "lru", "full", "full buffered")
 
 
 def write_checkpoint(shape: str, layers: int, folder: Path, dtype: torch.dtype) -> Path:
@@ -168,6 +172,8 @@ def run_offload(folder: Path, device: str, capacity: int, variant: str, tokens: 
         "lru": dict(prefetch="none"),
         "full": dict(prefetch="gate" if trace is None else "transition",
                      host_memory=host_memory if device.startswith("cuda") else None),
+        # The page cache as an unbudgeted warm tier, as accelerate's disk offload gets it.
+        "full buffered": dict(prefetch="gate" if trace is None else "transition", io="buffered"),
     }[variant]
     model = offload_moe.load(folder, device=device, cache_experts=capacity, progress=False, **settings)
     if variant == "no reuse":
@@ -217,12 +223,13 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mixtral")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=8, help="decode steps timed per configuration")
-    parser.add_argument("--budgets", default="0.125,0.25,0.5", help="shares of all experts resident")
+    parser.add_argument("--budgets", default="0.125,0.25,0.5,1.0", help="shares of all experts resident")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--trace", help="routing trace to replay (int16 [tokens, layers, top_k] safetensors)")
     parser.add_argument("--host-memory", default="64GiB", help="warm tier for the full runtime on CUDA")
-    parser.add_argument("--skip", default="", help="comma-separated rows to skip: accelerate,resident,no reuse,lru,full")
+    parser.add_argument("--skip", default="", help="comma-separated columns to skip: accelerate, resident, "
+                        + ", ".join(VARIANTS))
     parser.add_argument("--folder", help="keep the checkpoint here (reused if present)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -248,7 +255,7 @@ def main() -> None:
         for share in [float(b) for b in args.budgets.split(",")]:
             capacity = max(2, round(share * total))
             row = {"budget": share, "capacity_experts": capacity}
-            for variant in ("no reuse", "lru", "full"):
+            for variant in VARIANTS:
                 if variant not in skip:
                     row[variant] = run_offload(folder, args.device, capacity, variant, args.tokens, trace, args.host_memory)
             if "accelerate" not in skip:
@@ -300,7 +307,7 @@ def print_table(report: dict) -> None:
           f"{report['expert_bytes'] / 2**20:.0f} MiB, {report['device']}, {report['dtype']}, "
           f"{'trace ' + report['trace'] if report['trace'] else 'router-chosen routing'}; "
           f"bandwidth {report['bandwidth'] / 2**30:.2f} GiB/s; {m['date']}, torch {m['torch']}")
-    cols = ["accelerate", "no reuse", "lru", "full", "resident"]
+    cols = ["accelerate", *VARIANTS, "resident"]
     print("\n| budget | " + " | ".join(f"{c} tok/s" for c in cols)
           + " | full: misses/tok | full: stall s/tok | full: prefetch recall | bound s/tok | full s/tok / bound | full / accelerate |")
     print("|" + "---|" * (len(cols) + 7))

@@ -361,11 +361,7 @@ class ExpertCache:
         """``start``, first letting prefetches in flight land if they hold every free slot."""
         if self.start(layer, expert):
             return
-        for key in list(self._flying_prefetch):
-            ticket = self._inflight.get(key)
-            if ticket is not None and not ticket.finished():
-                ticket.future.exception()  # wait for it; reap accounts for the outcome
-        self.reap()
+        self._finish_prefetches()
         if not self.start(layer, expert):
             raise BudgetError(
                 f"all {self.capacity} expert slots are pinned by the layer being computed; "
@@ -446,8 +442,20 @@ class ExpertCache:
             f"from {self.store.describe(layer, expert)} failed: {e}"
         )
 
+    def _finish_prefetches(self) -> None:
+        """Wait until every prefetch in flight has landed (or failed), then account for them."""
+        for key in list(self._flying_prefetch):
+            ticket = self._inflight.get(key)
+            if ticket is not None and ticket.future.exception() is None:
+                self.mover.settle(ticket.transfer())
+        self.reap()
+
     def reap(self) -> None:
-        """Account for loads that finished in the background; drop failed prefetches; unpin landed host slots."""
+        """Account for prefetches that landed in the background; drop failed ones; unpin landed host slots.
+
+        A prefetch counts as landed only once its bytes are in the slot (on CUDA: its copy event has
+        completed), since a later hit on it uses the slot without waiting.
+        """
         for key, ticket in list(self._inflight.items()):
             if not ticket.finished() or key not in self._flying_prefetch:
                 continue
@@ -457,7 +465,8 @@ class ExpertCache:
                 self._fail(key)
                 self.flow.prefetch_failures += 1
                 continue
-            self._landed(key, transfer)
+            if self.mover.landed(transfer):
+                self._landed(key, transfer)
         if self.host is not None and self._host_pending:
             pending = []
             for key, ticket in self._host_pending:
@@ -475,15 +484,12 @@ class ExpertCache:
 
     def drain(self) -> None:
         """Wait for every load in flight (prefetches included) and account for it."""
-        for ticket in list(self._inflight.values()):
-            try:
-                ticket.transfer()
-            except Exception:
-                pass
-        self.reap()
+        self._finish_prefetches()
         for key, ticket in list(self._inflight.items()):  # foreground loads nobody waited for
             try:
-                self._landed(key, ticket.transfer())
+                transfer = ticket.transfer()
+                self.mover.settle(transfer)
+                self._landed(key, transfer)
             except Exception:
                 self._fail(key)
         if self.host is not None:

@@ -174,7 +174,7 @@ class CudaMover(Mover):
         self._copy_folded = 0.0
 
     def from_disk(self, layer, expert, views, device_flat=None, host_flat=None) -> Ticket:
-        if device_flat is None:  # no warm tier: disk -> pinned staging -> device slot
+        if device_flat is None and next(iter(views.values())).is_cuda:  # no warm tier: disk -> pinned staging -> slot
             return Ticket(self.pool.submit(self._read_staged, layer, expert, views, self._compute()))
         return super().from_disk(layer, expert, views, device_flat, host_flat)
 

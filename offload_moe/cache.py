@@ -16,6 +16,7 @@ slot through ``Residency`` and asks the store to fill the slot's views.
 from __future__ import annotations
 
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class Residency:
         self.slot_of: dict[Key, int] = {}
         self.owner: list[Key | None] = [None] * capacity
         self.free: list[int] = list(range(capacity - 1, -1, -1))
+        self.quarantined: set[int] = set()  # slots a timed-out read may still write into
         self.pins: dict[Key, int] = defaultdict(int)
         self.per_layer: dict[int, Counters] = defaultdict(Counters)
 
@@ -138,15 +140,27 @@ class Residency:
         self.policy.on_insert(key)
         return slot, evicted
 
-    def discard(self, key: Key) -> None:
-        """Drop ``key`` (a load failed): its slot becomes free and nothing can hit on it."""
+    def discard(self, key: Key, quarantine: bool = False) -> int | None:
+        """Drop ``key`` (a load failed): nothing can hit on it any more. Returns its slot.
+
+        With ``quarantine`` the slot is withheld from reuse until ``unquarantine(slot)``: a read
+        that timed out may still write into it later.
+        """
         slot = self.slot_of.pop(key, None)
         if slot is None:
-            return
+            return None
         self.owner[slot] = None
-        self.free.append(slot)
+        if quarantine:
+            self.quarantined.add(slot)
+        else:
+            self.free.append(slot)
         self.pins.pop(key, None)
         self.policy.on_evict(key)
+        return slot
+
+    def unquarantine(self, slot: int) -> None:
+        self.quarantined.discard(slot)
+        self.free.append(slot)
 
     def release(self, key: Key) -> None:
         """Unpin ``key``: the layer no longer needs it."""
@@ -159,10 +173,10 @@ class Residency:
     def check(self) -> None:
         """Raise AssertionError if an invariant does not hold."""
         assert len(self.slot_of) <= self.capacity
-        assert len(self.slot_of) + len(self.free) == self.capacity
+        assert len(self.slot_of) + len(self.free) + len(self.quarantined) == self.capacity
         for key, slot in self.slot_of.items():
             assert self.owner[slot] == key
-        assert all(self.owner[s] is None for s in self.free)
+        assert all(self.owner[s] is None for s in self.free) and not self.quarantined & set(self.free)
         assert all(k in self.slot_of for k, n in self.pins.items() if n > 0)
 
 
@@ -298,11 +312,13 @@ class ExpertCache:
         self.host = host
         self.layer_names = layer_names or {}
         self.reuse = True  # False: drop each expert after use (the no-reuse baseline of the benchmarks)
+        self.read_timeout: float | None = None  # seconds a layer waits for one expert before giving up
         self.flow = FlowCounters()
         self._inflight: dict[Key, object] = {}  # key -> Ticket
         self._prefetched: set[Key] = set()  # admitted by a prefetch, not yet requested
-        self._flying_prefetch: set[Key] = set()  # prefetches whose flight pin is still held
+        self._flying: set[Key] = set()  # loads whose flight pin is still held: until landed, nothing evicts them
         self._host_pending: list[tuple[Key, object]] = []  # host slots pinned until their copy lands
+        self._quarantine: list[tuple[int, int | None, object]] = []  # (slot, host slot, ticket) of timed-out reads
 
     @property
     def capacity(self) -> int:
@@ -335,10 +351,12 @@ class ExpertCache:
         except BaseException:
             self._fail(key)
             raise
+        self._flying.add(key)  # admit's pin: held until the bytes land, even if the layer gives up
         if prefetch:
             self._prefetched.add(key)
-            self._flying_prefetch.add(key)
             self.flow.prefetch_issued += 1
+        else:
+            self.residency.pins[key] += 1  # and the layer's own pin
         return True
 
     def ready(self, layer: int, expert: int) -> int:
@@ -348,7 +366,12 @@ class ExpertCache:
         if ticket is not None:
             begin = time.perf_counter()
             try:
-                transfer = self.mover.wait(ticket)
+                transfer = self.mover.wait(ticket, self.read_timeout)
+            except FutureTimeout:
+                self._fail(key, ticket)
+                raise self._load_error(key, TimeoutError(
+                    f"no data after {self.read_timeout:g} s (read_timeout); the disk may be failing or stalled"
+                )) from None
             except Exception as e:
                 self._fail(key)
                 raise self._load_error(key, e) from e
@@ -361,7 +384,7 @@ class ExpertCache:
         """``start``, first letting prefetches in flight land if they hold every free slot."""
         if self.start(layer, expert):
             return
-        self._finish_prefetches()
+        self._finish_flights()
         if not self.start(layer, expert):
             raise BudgetError(
                 f"all {self.capacity} expert slots are pinned by the layer being computed; "
@@ -418,20 +441,27 @@ class ExpertCache:
         self.flow.disk_seconds += transfer.disk_seconds
         self.flow.copy_bytes += transfer.copy_bytes
         self.flow.copy_seconds += transfer.copy_seconds
-        if key in self._flying_prefetch:
-            self._flying_prefetch.discard(key)
+        if key in self._flying:
+            self._flying.discard(key)
             self.residency.release(key)
 
-    def _fail(self, key: Key) -> None:
-        """A load failed: the slot is freed, never marked resident, and the host copy (maybe partial) dropped."""
+    def _fail(self, key: Key, hung=None) -> None:
+        """A load failed: the key is never marked resident, and the host copy (maybe partial) is dropped.
+
+        ``hung`` is the ticket of a read that timed out and may still write: its slots are
+        quarantined until it ends, so no later expert can be overwritten by it.
+        """
         self._inflight.pop(key, None)
         self._prefetched.discard(key)
-        self._flying_prefetch.discard(key)
-        self.residency.discard(key)
+        self._flying.discard(key)
+        slot = self.residency.discard(key, quarantine=hung is not None)
         self.residency.per_layer[key[0]].load_failures += 1
+        host_slot = None
         if self.host is not None:
             self._host_pending = [(k, t) for k, t in self._host_pending if k != key]
-            self.host.residency.discard(key)
+            host_slot = self.host.residency.discard(key, quarantine=hung is not None)
+        if hung is not None and slot is not None:
+            self._quarantine.append((slot, host_slot, hung))
 
     def _load_error(self, key: Key, e: BaseException) -> ExpertLoadError:
         if isinstance(e, ExpertLoadError):
@@ -442,31 +472,66 @@ class ExpertCache:
             f"from {self.store.describe(layer, expert)} failed: {e}"
         )
 
-    def _finish_prefetches(self) -> None:
-        """Wait until every prefetch in flight has landed (or failed), then account for them."""
-        for key in list(self._flying_prefetch):
-            ticket = self._inflight.get(key)
-            if ticket is not None and ticket.future.exception() is None:
+    def _release_quarantine(self, block: bool = False) -> None:
+        """Return the slots of timed-out reads that have since ended (or all, waiting, when ``block``)."""
+        waiting = []
+        for slot, host_slot, ticket in self._quarantine:
+            if block:
+                try:
+                    ticket.future.exception(self.read_timeout)
+                except FutureTimeout:
+                    pass
+            if not ticket.finished():
+                waiting.append((slot, host_slot, ticket))
+                continue
+            if ticket.future.exception() is None:
                 self.mover.settle(ticket.transfer())
+            self.residency.unquarantine(slot)
+            if host_slot is not None:
+                self.host.residency.unquarantine(host_slot)
+        self._quarantine = waiting
+
+    def stuck_reads(self) -> int:
+        """Reads that timed out and have not ended yet."""
+        return sum(1 for _, _, t in self._quarantine if not t.finished())
+
+    def _finish_flights(self) -> None:
+        """Wait until every load in flight has landed (or failed, or timed out), then account for them."""
+        for key in list(self._flying):
+            ticket = self._inflight.get(key)
+            if ticket is None:
+                continue
+            try:
+                transfer = ticket.transfer(self.read_timeout)
+            except FutureTimeout:
+                if key in self._prefetched:
+                    self.flow.prefetch_failures += 1
+                self._fail(key, ticket)
+                continue
+            except Exception:
+                continue  # reap drops it
+            self.mover.settle(transfer)
         self.reap()
 
     def reap(self) -> None:
-        """Account for prefetches that landed in the background; drop failed ones; unpin landed host slots.
+        """Account for loads that landed in the background; drop failed ones; unpin landed host slots.
 
-        A prefetch counts as landed only once its bytes are in the slot (on CUDA: its copy event has
+        A load counts as landed only once its bytes are in the slot (on CUDA: its copy event has
         completed), since a later hit on it uses the slot without waiting.
         """
         for key, ticket in list(self._inflight.items()):
-            if not ticket.finished() or key not in self._flying_prefetch:
+            if not ticket.finished():
                 continue
             try:
                 transfer = ticket.transfer()
             except Exception:
+                if key in self._prefetched:
+                    self.flow.prefetch_failures += 1
                 self._fail(key)
-                self.flow.prefetch_failures += 1
                 continue
             if self.mover.landed(transfer):
                 self._landed(key, transfer)
+        self._release_quarantine()
         if self.host is not None and self._host_pending:
             pending = []
             for key, ticket in self._host_pending:
@@ -483,21 +548,15 @@ class ExpertCache:
         self.reap()
 
     def drain(self) -> None:
-        """Wait for every load in flight (prefetches included) and account for it."""
-        self._finish_prefetches()
-        for key, ticket in list(self._inflight.items()):  # foreground loads nobody waited for
-            try:
-                transfer = ticket.transfer()
-                self.mover.settle(transfer)
-                self._landed(key, transfer)
-            except Exception:
-                self._fail(key)
+        """Wait for every load in flight (prefetches and timed-out reads included) and account for it."""
+        self._finish_flights()
+        self._release_quarantine(block=True)
         if self.host is not None:
             for key, ticket in self._host_pending:
-                if ticket.future.exception() is None:
+                if ticket.finished() and ticket.future.exception() is None:
                     self.mover.settle(ticket.transfer())
-                self.host.residency.release(key)
-            self._host_pending = []
+                    self.host.residency.release(key)
+            self._host_pending = [(k, t) for k, t in self._host_pending if not t.finished()]
 
     def stats(self) -> dict:
         total = self.residency.totals()

@@ -239,6 +239,7 @@ def load(
     prefetch_depth: int = 1,
     readers: int = 2,
     io: str = "direct",
+    read_timeout: float | None = 120.0,
     profile: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -256,6 +257,7 @@ def load(
     ``prefetch_depth`` layers (``gate``, ``transition`` or ``none``), naming top-k plus
     ``prefetch_margin`` experts. ``readers`` threads read the disk; ``io`` is ``direct``
     (O_DIRECT, else dropping read pages), ``dontneed`` or ``buffered`` (page cache).
+    A layer waits at most ``read_timeout`` seconds for one expert, then raises ExpertLoadError.
     ``profile`` (a name from ``profiles/`` or a TOML path) fills in the device, dtype,
     policy and, through ``plan``, the number of slots, where they are not given.
     Returns the transformers model; ``model.offload`` holds the runtime and its stats.
@@ -270,6 +272,8 @@ def load(
         raise ConfigError(f"prefetch={prefetch!r} is not a predictor; use one of {', '.join(PREDICTORS)}")
     if readers < 1:
         raise ConfigError(f"readers={readers} must be at least 1")
+    if read_timeout is not None and not read_timeout > 0:
+        raise ConfigError(f"read_timeout={read_timeout} must be a positive number of seconds, or None to wait forever")
     folder = resolve_model_path(path)
     if hw is not None and cache_experts is None and cache_memory is None:
         from .planning import plan
@@ -300,6 +304,7 @@ def load(
             host,
             {m.layer: m.spec.prefix for m in modules},
         )
+        cache.read_timeout = read_timeout
         predictor = make_predictor(prefetch, routers=find_routers(model, modules), num_experts=modules[0].num_experts,
                                    top_k=int(getattr(config, "num_experts_per_tok", 2) or 2),
                                    margin=prefetch_margin, depth=prefetch_depth)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 import weakref
 from pathlib import Path
 
@@ -33,6 +35,8 @@ class OffloadRuntime:
         self.folder = folder
         self.prefetcher = prefetcher
         self._finalizer = weakref.finalize(model, _close, cache)
+        self.lock = threading.RLock()
+        _serialise(model, self.lock)
 
     @property
     def store(self):
@@ -66,7 +70,25 @@ class OffloadRuntime:
         self._finalizer()
 
 
+def _serialise(model: nn.Module, lock: threading.RLock) -> None:
+    """Make ``forward`` and ``generate`` take ``lock``: calls from several threads run one after the other,
+    so the expert cache never sees two forwards interleave."""
+    for name in ("forward", "generate"):
+        method = getattr(model, name, None)
+        if method is None:
+            continue
+
+        @functools.wraps(method)
+        def locked(*args, __method=method, **kwargs):
+            with lock:
+                return __method(*args, **kwargs)
+
+        setattr(model, name, locked)
+
+
 def _close(cache: ExpertCache) -> None:
     cache.drain()
-    cache.mover.close()
-    cache.store.close()
+    stuck = cache.stuck_reads()
+    cache.mover.close(wait=not stuck)
+    if not stuck:  # a stuck read still needs its file open
+        cache.store.close()

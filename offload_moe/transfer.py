@@ -66,9 +66,9 @@ class Ticket:
         """The host-side work is over (the copy may still be queued on the device)."""
         return self.future.done()
 
-    def transfer(self) -> Transfer:
-        """Block until the host-side work is over; raises what the reader raised."""
-        return self.future.result()
+    def transfer(self, timeout: float | None = None) -> Transfer:
+        """Block until the host-side work is over; raises what the reader raised, or TimeoutError."""
+        return self.future.result(timeout)
 
 
 def _done(value: Transfer) -> Future:
@@ -100,9 +100,9 @@ class Mover:
         """The stream compute runs on, read on the calling thread (streams are per thread)."""
         return None
 
-    def wait(self, ticket: Ticket) -> Transfer:
+    def wait(self, ticket: Ticket, timeout: float | None = None) -> Transfer:
         """Make the expert usable by compute: wait for the host work (and, on CUDA, order the compute stream)."""
-        return ticket.transfer()
+        return ticket.transfer(timeout)
 
     def landed(self, transfer: Transfer) -> bool:
         """The bytes are in the device slot (CPU: once the host work is over)."""
@@ -120,8 +120,10 @@ class Mover:
     def account(self, transfer: Transfer) -> None:
         """Note a landed transfer for the timing statistics (CUDA times copies with events)."""
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the reader threads. ``wait=False`` when a read is stuck in the kernel: it cannot be
+        interrupted, and its thread holds the buffers it writes into until it ends."""
+        self.pool.shutdown(wait=wait, cancel_futures=True)
 
     # -- the work --------------------------------------------------------------
     def _read_then_copy(self, layer, expert, views, host_flat, device_flat, compute) -> Transfer:
@@ -181,8 +183,8 @@ class CudaMover(Mover):
     def _compute(self):
         return torch.cuda.current_stream(self.device)
 
-    def wait(self, ticket: Ticket) -> Transfer:
-        t = ticket.transfer()
+    def wait(self, ticket: Ticket, timeout: float | None = None) -> Transfer:
+        t = ticket.transfer(timeout)
         if t.done is not None:
             compute = torch.cuda.current_stream(self.device)
             before, after = self._events()
@@ -270,8 +272,8 @@ class CudaMover(Mover):
                 self._stagings.append(buf)
         return buf, getattr(self._local, "event", None)
 
-    def close(self) -> None:
-        super().close()
+    def close(self, wait: bool = True) -> None:
+        super().close(wait)
         self.stream.synchronize()
         with self._lock:
             self._stagings.clear()

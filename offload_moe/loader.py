@@ -170,6 +170,11 @@ def load_dense(model: nn.Module, store: ExpertStore, device: torch.device, dtype
             if target is None:
                 unexpected.append(info.name)
                 continue
+            if target.is_floating_point() != info.dtype.is_floating_point:
+                raise CheckpointError(
+                    f"{info.file}: tensor {info.name!r} has dtype {str(info.dtype).removeprefix('torch.')} but the "
+                    f"model expects {str(target.dtype).removeprefix('torch.')}; the checkpoint is corrupted"
+                )
             if tuple(target.shape) != info.shape:
                 raise CheckpointError(
                     f"{info.file}: tensor {info.name!r} has shape {list(info.shape)} but the model built from "

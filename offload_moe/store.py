@@ -96,6 +96,12 @@ class ExpertStore:
 
     # -- index ---------------------------------------------------------------
     def _add_expert_tensor(self, spec: ExpertsSpec, rest: str, info: TensorInfo) -> bool:
+        if not info.dtype.is_floating_point:
+            raise CheckpointError(
+                f"{info.file}: expert tensor {info.name!r} has dtype {str(info.dtype).removeprefix('torch.')}, "
+                "but expert weights are floating point; the checkpoint is corrupted or quantized in a format "
+                "offload_moe does not read"
+            )
         if rest in spec.shapes:  # fused [E, ...] in the module's own layout
             self._add_fused(spec, rest, info)
             return True

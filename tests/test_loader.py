@@ -212,3 +212,16 @@ def test_tied_embeddings_are_tied_again(tmp_path):
     ids = torch.arange(10)[None]
     with torch.no_grad():
         assert torch.allclose(ref(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_dtype_that_disagrees_with_the_config(mixtral_copy):
+    f = mixtral_copy / "model.safetensors"
+    tensors = load_file(f)
+    name = next(k for k in tensors if k.endswith("experts.0.w2.weight"))
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, f)
+    expect(CheckpointError, "dtype int32", load, mixtral_copy)
+    tensors[name] = tensors[name].float()
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int64)
+    save_file(tensors, f)
+    expect(CheckpointError, "model.norm.weight.*int64", load, mixtral_copy)

@@ -79,3 +79,46 @@ def test_prefetch_and_tiers_keep_parity_on_cuda(settings, model_dir, prompt):
     s = model.offload.stats()
     assert s["stall_seconds"] >= 0 and s["tokens"] > 0
     model.offload.close()
+
+
+@pytest.mark.parametrize("where", ["_read_staged", "_copy"])
+def test_device_oom_during_a_load_is_clear_and_recoverable(where, model_dir, prompt, monkeypatch):
+    from offload_moe.errors import ExpertLoadError
+
+    folder = model_dir("mixtral")
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to("cuda")
+    ids = prompt.to("cuda")
+    with torch.no_grad():
+        want = ref(ids).logits
+    host = 3 * 18432 if where == "_copy" else None
+    model = offload_moe.load(folder, device="cuda", cache_experts=3, dtype="float32", host_memory=host,
+                             progress=False)
+    real = getattr(CudaMover, where)
+    armed = [True]
+
+    def failing(self, *args, **kwargs):
+        if armed[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CudaMover, where, failing)
+    with pytest.raises(ExpertLoadError, match=r"expert \d+ of layer \d+.*out of memory"):
+        with torch.no_grad():
+            model(ids)
+    armed[0] = False
+    cache = model.offload.cache
+    cache.drain()
+    cache.residency.check()
+    with torch.no_grad():
+        got = model(ids).logits
+    assert ((want - got).abs().max() / want.abs().max()).item() <= 1e-4
+    model.offload.close()
+
+
+def test_slot_pool_too_large_for_the_device_is_a_budget_error():
+    from offload_moe.cache import SlotLayout, SlotPool
+
+    free, _ = torch.cuda.mem_get_info()
+    layout = SlotLayout({"gate_up_proj": (1024, 1024)}, torch.float32)  # 4 MiB a slot
+    with pytest.raises(offload_moe.BudgetError, match="expert slots"):
+        SlotPool(2 * free // layout.nbytes, layout, torch.device("cuda"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,35 +70,46 @@ class GatePredictor(Predictor):
 
 
 class TransitionPredictor(Predictor):
-    """Counts, per pair of consecutive MoE layers, how often expert i at l is followed by expert j at l+1."""
+    """Counts, per pair of consecutive MoE layers, how often expert i at l is followed by expert j at l+1.
+
+    Plain numpy on the host: it runs once per layer on a handful of tokens, where small
+    array operations cost microseconds rather than the tens a tensor operation costs.
+    """
 
     name = "transition"
 
     def __init__(self, layers: int, num_experts: int, top_k: int, margin: int = 1, depth: int = 1):
-        self.counts = torch.zeros(max(layers - 1, 0), num_experts, num_experts)  # [L-1, E, E]
+        self.counts = np.zeros((max(layers - 1, 0), num_experts, num_experts), dtype=np.float32)  # [L-1, E, E]
         self.width = top_k + margin
         self.depth = depth
-        self._last: tuple[int, torch.Tensor] | None = None
+        self._last: tuple[int, np.ndarray] | None = None
 
-    def observe(self, pos: int, routing: torch.Tensor) -> None:
+    def observe(self, pos: int, routing: torch.Tensor | np.ndarray) -> None:
+        now = np.asarray(routing)
         last = self._last
-        if last is not None and last[0] == pos - 1 and last[1].shape[0] == routing.shape[0]:
-            prev, k = last[1], routing.shape[1]
-            rows = prev.unsqueeze(2).expand(-1, -1, k).reshape(-1)  # [T*k*k]
-            cols = routing.unsqueeze(1).expand(-1, prev.shape[1], -1).reshape(-1)
-            self.counts[pos - 1].index_put_((rows, cols), torch.ones(rows.shape[0]), accumulate=True)
-        self._last = (pos, routing)
+        if last is not None and last[0] == pos - 1 and last[1].shape[0] == now.shape[0]:
+            prev, k = last[1], now.shape[1]
+            rows = np.repeat(prev, k, axis=1).reshape(-1)  # every (previous, current) pair of each token
+            cols = np.tile(now, (1, prev.shape[1])).reshape(-1)
+            np.add.at(self.counts[pos - 1], (rows, cols), 1.0)
+        self._last = (pos, now)
 
-    def predict_host(self, pos: int, routing: torch.Tensor) -> dict[int, torch.Tensor]:
+    def predict_host(self, pos: int, routing: torch.Tensor | np.ndarray) -> dict[int, torch.Tensor]:
         out = {}
-        dist = F.one_hot(routing, self.counts.shape[-1]).sum(1).float()  # [T, E]: the experts chosen now
+        dist = None  # [T, E], a distribution over the experts at the layer ahead
+        routing = np.asarray(routing)
         for ahead in range(pos + 1, min(pos + 1 + self.depth, self.counts.shape[0] + 1)):
             step = self.counts[ahead - 1]
-            dist = dist @ (step / step.sum(1, keepdim=True).clamp(min=1))  # [T, E]
-            if not dist.any():
+            if dist is None:
+                rows = step[routing]  # [T, k, E]
+                dist = (rows / np.maximum(rows.sum(-1, keepdims=True), 1)).sum(1)
+            else:
+                dist = dist @ (step / np.maximum(step.sum(-1, keepdims=True), 1))
+            reach = int((dist > 0).sum(-1).max())
+            if reach == 0:
                 break
-            width = min(self.width, int((dist > 0).sum(1).max()))
-            out[ahead] = dist.topk(width, dim=-1).indices
+            width = min(self.width, reach)
+            out[ahead] = torch.from_numpy(np.argsort(-dist, axis=-1, kind="stable")[:, :width].copy())
         return out
 
 
@@ -161,11 +173,12 @@ class Prefetcher:
         self.score = PredictionScore()
 
 
-def _ranked(ids: torch.Tensor) -> list[int]:
+def _ranked(ids: torch.Tensor | np.ndarray) -> list[int]:
     """Distinct experts of ``ids`` [T, m] (each row best first), most strongly predicted first."""
-    width = ids.shape[-1]
-    votes = torch.bincount(ids.reshape(-1), weights=torch.arange(width, 0, -1.0).repeat(ids.shape[0]))
-    ranked = votes.argsort(descending=True, stable=True)
+    ids = np.asarray(ids)
+    rows, width = ids.shape
+    votes = np.bincount(ids.reshape(-1), weights=np.tile(np.arange(width, 0, -1.0), rows))
+    ranked = np.argsort(-votes, kind="stable")
     return ranked[: int((votes > 0).sum())].tolist()
 
 

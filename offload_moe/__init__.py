@@ -22,8 +22,10 @@ from .errors import (
     PolicyError,
     UnsupportedModelError,
 )
+from .generic import offload_experts, save_experts
 from .loader import SUPPORTED_FAMILIES, load
 from .planning import Plan, plan
+from .checksums import verify
 
 try:
     __version__ = version("offload_moe")
@@ -34,6 +36,9 @@ __all__ = [
     "load",
     "plan",
     "Plan",
+    "offload_experts",
+    "save_experts",
+    "verify",
     "SUPPORTED_FAMILIES",
     "OffloadMoEError",
     "ModelPathError",

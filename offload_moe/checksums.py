@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .errors import CheckpointError, ConfigError
 from .loader import build_skeleton, checkpoint_renamer, load_config, resolve_model_path, swap_experts
 from .store import ExpertStore
@@ -61,21 +61,6 @@ def manifest_path(folder: Path, manifest_dir: str | Path | None) -> Path:
     return Path(manifest_dir) / MANIFEST if manifest_dir is not None else folder / MANIFEST
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def verify(path: str | Path, *, manifest_dir: str | Path | None = None, progress=None) -> VerifyResult:
     """Check every expert's bytes against the manifest, creating the manifest on the first run."""
     folder = resolve_model_path(path)
@@ -93,7 +78,8 @@ def verify(path: str | Path, *, manifest_dir: str | Path | None = None, progress
                 f"{folder} is read-only, so the checksum manifest cannot go beside the model; "
                 "name a folder for it (manifest_dir= / --manifest-dir)"
             )
-        write_json_atomic(target, {"format": FORMAT, "model": str(folder), "experts": digests})
+        manifest = {"format": FORMAT, "model": str(folder), "experts": digests}
+        atomic_write(target, json.dumps(manifest, indent=1, sort_keys=True).encode())
         return VerifyResult(target, True, len(digests))
     try:
         manifest = json.loads(target.read_text())

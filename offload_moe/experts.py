@@ -86,49 +86,10 @@ class OffloadedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError("OffloadedExperts used before offload_moe attached an expert cache")
-        cache, prefetcher, layer = self.cache, self.prefetcher, self.layer
-        num_tokens, top_k = top_k_index.shape
         if self.pos == 0:
-            cache.flow.tokens += num_tokens
-        flat = top_k_index.reshape(-1)  # [T*k]
-        order = torch.argsort(flat, stable=True)  # pair ids grouped by expert
-        predicted = prefetcher.predict_device(self.pos, hidden_states) if prefetcher else {}
-        routing, predicted = _to_host(flat, predicted)  # the layer's one host-device sync
-        counts = torch.bincount(routing, minlength=self.num_experts)[: self.num_experts].tolist()
-        spans, needed, pos = {}, [], 0
-        for e, n in enumerate(counts):
-            if n:
-                spans[e] = (pos, pos + n)
-                needed.append(e)
-            pos += n
-
-        hits, misses = cache.acquire(layer, needed)
-        waiting = [e for e in misses if not cache.start(layer, e)]  # no free slot yet: started once one frees
-        if prefetcher is not None:
-            prefetcher.after_routing(self.pos, routing.view(num_tokens, top_k), predicted, issue=not waiting)
-
-        out_dtype = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
-        out = hidden_states.new_zeros(num_tokens * top_k, hidden_states.shape[-1], dtype=out_dtype)  # [T*k, H]
-        weights = top_k_weights.reshape(-1)  # [T*k]
-        pinned = {e for e, _ in hits} | (set(misses) - set(waiting))
-        try:
-            for expert in [e for e, _ in hits] + misses:  # resident first, then in the order their loads started
-                if expert in waiting:
-                    cache.start_blocking(layer, expert)
-                    pinned.add(expert)
-                slot = cache.ready(layer, expert)
-                lo, hi = spans[expert]
-                pairs = order[lo:hi]
-                y = self._expert(hidden_states[pairs // top_k], cache.pool.views(slot))
-                out[pairs] = y * weights[pairs, None]
-                cache.release(layer, expert)
-                pinned.discard(expert)
-        finally:
-            for expert in pinned:
-                cache.release(layer, expert)
-        if prefetcher is not None:
-            prefetcher.retry()  # slots this layer held are free now
-        return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+            self.cache.flow.tokens += top_k_index.shape[0]
+        return compute_grouped(self.cache, self.prefetcher, self.layer, self.pos, hidden_states, top_k_index,
+                               top_k_weights, self._expert, self.num_experts)
 
     def _expert(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self._linear(x, w[self.first], w.get(self.first + "_bias"))
@@ -145,7 +106,7 @@ class OffloadedExperts(nn.Module):
         return F.linear(x, weight, bias)  # weight [out, in]
 
 
-def _to_host(flat: torch.Tensor, predicted: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def routing_to_host(flat: torch.Tensor, predicted: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Bring the routing [T*k] and any device-side predictions to the host in one copy."""
     if flat.device.type == "cpu":
         return flat, predicted
@@ -157,3 +118,68 @@ def _to_host(flat: torch.Tensor, predicted: dict[int, torch.Tensor]) -> tuple[to
         out[pos] = rest[offset : offset + p.numel()].view(p.shape)
         offset += p.numel()
     return routing, out
+
+
+def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: int, pos: int,
+                    hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                    kernel: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor], num_experts: int,
+                    check: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """One MoE layer's routed experts with weights from ``cache``: ``hidden`` [T, H], ``index`` and ``weights`` [T, k].
+
+    Token-expert pairs are grouped by expert; resident experts run first while the missing ones
+    are already loading, and each needed expert is loaded once. An index of -1 is a dropped pair
+    (it contributes nothing). ``kernel(x, slot_tensors)`` computes one expert. ``check`` sees the
+    routing once it is on the host. The k contributions of a token are summed in k order, as
+    transformers' grouped implementation does.
+    """
+    num_tokens, top_k = index.shape
+    flat = index.reshape(-1)  # [T*k]
+    order = torch.argsort(flat, stable=True)  # pair ids grouped by expert, dropped (-1) pairs first
+    predicted = prefetcher.predict_device(pos, hidden) if prefetcher else {}
+    routing, predicted = routing_to_host(flat, predicted)  # the layer's one host-device sync
+    if check is not None:
+        check(routing)
+    spans = _spans(routing, num_experts)
+    hits, misses = cache.acquire(layer, list(spans))
+    waiting = [e for e in misses if not cache.start(layer, e)]  # no free slot yet: started once one frees
+    if prefetcher is not None:
+        prefetcher.after_routing(pos, _kept(routing, num_tokens, top_k), predicted, issue=not waiting)
+
+    out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1], dtype=torch.promote_types(hidden.dtype, weights.dtype))
+    pair_weights = weights.reshape(-1)  # [T*k]
+    pinned = {e for e, _ in hits} | (set(misses) - set(waiting))
+    try:
+        for expert in [e for e, _ in hits] + misses:  # resident first, then in the order their loads started
+            if expert in waiting:
+                cache.start_blocking(layer, expert)
+                pinned.add(expert)
+            slot = cache.ready(layer, expert)
+            lo, hi = spans[expert]
+            pairs = order[lo:hi]
+            out[pairs] = kernel(hidden[pairs // top_k], cache.pool.views(slot)) * pair_weights[pairs, None]
+            cache.release(layer, expert)
+            pinned.discard(expert)
+    finally:
+        for expert in pinned:
+            cache.release(layer, expert)
+    if prefetcher is not None:
+        prefetcher.retry()  # slots this layer held are free now
+    return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def _spans(routing: torch.Tensor, num_experts: int) -> dict[int, tuple[int, int]]:
+    """Expert -> (first, end) of its pairs in the sorted routing, for the experts that have any."""
+    counts = torch.bincount(routing + 1, minlength=num_experts + 1)[: num_experts + 1].tolist()  # [0]: dropped
+    spans, start = {}, counts[0]
+    for expert, n in enumerate(counts[1:]):
+        if n:
+            spans[expert] = (start, start + n)
+        start += n
+    return spans
+
+
+def _kept(routing: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """The routing [T, k] for the prefetcher; with dropped pairs, the kept ones as [n, 1]."""
+    if routing.numel() == 0 or int(routing.min()) >= 0:
+        return routing.view(num_tokens, top_k)
+    return routing[routing >= 0].view(-1, 1)

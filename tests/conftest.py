@@ -13,6 +13,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import FAMILIES, make_model  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The test models are tiny: intra-op threads gain nothing and spin on a busy CPU. Use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

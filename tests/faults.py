@@ -36,6 +36,7 @@ class Faults:
         self.mode: str | None = None
         self.reads = 0  # reads that met an armed fault
         self.release = threading.Event()  # ends every hang
+        self._local = threading.local()
         monkeypatch.setattr(safetensors_io, "os", _Os(self))
         real_copy = transfer.Mover._copy
 
@@ -56,6 +57,9 @@ class Faults:
         self.release.set()
 
     def preadv(self, fd, buffers, offset):
+        if getattr(self._local, "eof_next", False):  # the rest of a short read: the file "ends" here
+            self._local.eof_next = False
+            return 0
         mode = self.mode
         if mode in (None, "oom"):
             return os.preadv(fd, buffers, offset)
@@ -64,12 +68,8 @@ class Faults:
             raise OSError(errno.EIO, "Input/output error (injected)")
         if mode == "short":  # the file seems to end a little way into the read
             view = buffers[0]
-            got = os.preadv(fd, [view[: max(1, len(view) // 3)]], offset)
-            self.mode = "eof"
-            return got
-        if mode == "eof":
-            self.mode = "short"
-            return 0
+            self._local.eof_next = True  # per thread: a read in flight while the fault clears still ends short
+            return os.preadv(fd, [view[: max(1, len(view) // 3)]], offset)
         if mode == "hang":
             self.release.wait()
             return os.preadv(fd, buffers, offset)

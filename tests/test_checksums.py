@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from offload_moe.errors import ConfigError
-from offload_moe.verify import MANIFEST, verify
+from offload_moe.checksums import MANIFEST, verify
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_corrupted_expert_bytes_are_named(model):
 
 
 def test_read_only_model_folder_needs_a_manifest_dir(model, monkeypatch):
-    import offload_moe.verify as v
+    import offload_moe.checksums as v
 
     real_access = os.access
     monkeypatch.setattr(v.os, "access", lambda p, mode: False if str(p) == str(model) else real_access(p, mode))

@@ -7,7 +7,6 @@ import threading
 
 import psutil
 import pytest
-import torch
 
 import offload_moe
 

@@ -1,0 +1,805 @@
+"""Offload the experts of any PyTorch MoE model: custom layers, Switch Transformers, NLLB-MoE, DBRX.
+
+``offload_moe.load`` builds a transformers model from a checkpoint. ``offload_experts`` takes a model
+that is already built (its experts in memory, or on the meta device with ``store=``) and moves the
+experts of its MoE layers into the same expert cache, store, prefetch and statistics.
+
+An MoE layer is a module with an ``experts`` container and a ``gate`` or ``router``. The container is
+replaced, so the layer above it keeps working unchanged:
+
+- an ``nn.ModuleList`` / ``nn.ModuleDict`` of identical experts becomes an ``OffloadedModuleList`` /
+  ``OffloadedModuleDict`` whose item ``i`` computes expert ``i`` with its weights from a cache slot
+  (``torch.func.functional_call`` on one weightless template of the expert). The layer's own forward,
+  and the container's own forward if its class has one (Switch Transformers, NLLB-MoE), run as written;
+  each call of an item loads that expert if it is not resident. A layer that loops over every expert
+  loads every expert.
+- fused expert parameters (``[E, ...]``, or DBRX's ``[E * I, H]``), called as
+  ``experts(hidden, top_k_index, top_k_weights)``, become an ``OffloadedFusedExperts`` that groups the
+  tokens by expert, computes the resident experts first and loads each missing one once. Containers
+  decorated with transformers' ``use_experts_implementation`` get the core ``OffloadedExperts``.
+- ``replace_forward=True`` replaces the layer's forward itself by its router (``offload_moe.routing``)
+  plus that grouped computation: the fast path for a layer whose forward calls every expert.
+
+Where the bytes come from: ``save_experts`` writes the experts to safetensors, one tensor per expert
+parameter named ``layers.{L}.experts.{E}.{param}``, plus a JSON manifest; ``SavedExperts`` indexes
+those files for the movers, as ``ExpertStore`` does for a transformers checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import tempfile
+import weakref
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .cache import ExpertCache, Residency, SlotLayout, SlotPool
+from .config import Budget, parse_device, parse_dtype
+from .errors import ConfigError, DeviceError, ExpertLoadError, UnsupportedModelError
+from .experts import OffloadedExperts, compute_grouped, expert_params, is_experts_module
+from .loader import default_cache_bytes
+from .policies import make_policy
+from .prefetch import PREDICTORS, Predictor, Prefetcher, make_predictor
+from .routing import Router, default_router, gate_of, top_k_of
+from .saved_experts import SavedExperts, expert_item, write_plans
+from .transfer import make_mover
+
+COUNT_NAMES = ("num_experts", "moe_num_experts", "num_local_experts", "n_routed_experts")
+DROPPED = ("zero", "identity")
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+Kernel = Callable[..., torch.Tensor]  # kernel(slot_tensors, x, *args, **kwargs) -> y
+ExpertFn = Callable[[nn.Module, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+
+
+# == finding MoE layers ======================================================================================
+@dataclass
+class LayerPlan:
+    """One MoE layer as offload_moe sees it: its experts container, their layout, and its cache layer id."""
+
+    layer: int  # the cache's layer id (the store's)
+    name: str  # dotted name in the model ("" for the model itself)
+    module: nn.Module
+    attr: str  # the container is getattr(module, attr)
+    container: nn.Module
+    kind: str  # "ModuleList", "ModuleDict", "fused" or "transformers"
+    keys: list[str]  # expert e is container item keys[e]
+    shapes: dict[str, tuple[int, ...]]  # per-expert tensors, as the slot holds them
+    dtypes: dict[str, torch.dtype]
+    expert_fn: ExpertFn | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.keys)
+
+    @property
+    def where(self) -> str:
+        return f"{self.name + '.' if self.name else ''}{self.attr}"
+
+    def expert_tensors(self, expert: int) -> dict[str, torch.Tensor]:
+        """Expert ``expert``'s tensors under their slot names (views of the model's parameters)."""
+        if self.kind in ("ModuleList", "ModuleDict"):
+            return _module_tensors(expert_item(self.container, self.keys[expert]))
+        params = _fused_params(self.container, self.kind)
+        return {n: p.reshape(self.num_experts, *self.shapes[n])[expert] for n, p in params.items()}
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def _fused_params(container: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    return expert_params(container) if kind == "transformers" else dict(container.named_parameters())
+
+
+def _expert_count(module: nn.Module) -> int | None:
+    for name in COUNT_NAMES:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+            return value
+    return None
+
+
+def _is_container(module: object) -> bool:
+    """A ModuleList/ModuleDict of 2 or more modules, or a module with an expert count and [E * n, ...] parameters."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return len(module) >= 2
+    count = _expert_count(module) if isinstance(module, nn.Module) else None
+    return count is not None and any(p.dim() >= 2 and p.shape[0] % count == 0 for p in module.parameters())
+
+
+def find_moe_layers(model: nn.Module, *, experts_attr: str = "experts",
+                    need_gate: bool = True) -> list[tuple[str, nn.Module]]:
+    """The MoE layers of ``model``, outermost first: modules whose ``experts_attr`` is an expert container
+    (a ModuleList/ModuleDict of 2 or more modules, or fused expert parameters) next to a ``gate`` or
+    ``router`` module (unless ``need_gate`` is False). Layers inside a found layer are not searched."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f + ".") or (f == "" and name) for f, _ in found):
+            continue
+        if not _is_container(getattr(module, experts_attr, None)):
+            continue
+        if need_gate and not any(isinstance(getattr(module, g, None), nn.Module) for g in ("gate", "router")):
+            continue
+        found.append((name, module))
+    return found
+
+
+def plan_layers(model: nn.Module, layers: Sequence[nn.Module | str] | nn.Module | str | None = None, *,
+                experts_attr: str = "experts", need_gate: bool = True,
+                expert_fn: ExpertFn | None = None) -> list[LayerPlan]:
+    """Find (or look up) the MoE layers of ``model`` and describe their experts; raises if there are none."""
+    found = _named_layers(model, layers) if layers is not None else find_moe_layers(
+        model, experts_attr=experts_attr, need_gate=need_gate)
+    if not found:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no MoE layer offload_moe can find. It looks for a module with an "
+            f"`{experts_attr}` attribute holding an nn.ModuleList or nn.ModuleDict of 2 or more identical expert "
+            f"modules (or fused expert parameters with a {'/'.join(COUNT_NAMES)} attribute), next to a `gate` or "
+            "`router` module. Name the MoE layers with layers=[module or dotted name, ...], the container with "
+            "experts_attr='...' if it is not called `experts`, and give router=... for layers without a gate"
+        )
+    return [_plan(i, name, module, experts_attr, expert_fn) for i, (name, module) in enumerate(found)]
+
+
+def _named_layers(model: nn.Module, layers) -> list[tuple[str, nn.Module]]:
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for item in [layers] if isinstance(layers, (str, nn.Module)) else list(layers):
+        if isinstance(item, str):
+            try:
+                out.append((item, model.get_submodule(item)))
+            except AttributeError:
+                raise ConfigError(f"layers=[{item!r}]: {type(model).__name__} has no submodule named {item!r}") from None
+        elif isinstance(item, nn.Module) and id(item) in names:
+            out.append((names[id(item)], item))
+        else:
+            raise ConfigError(
+                f"layers=[...] holds a {type(item).__name__} that is not a submodule of the model; "
+                "pass the MoE layer modules themselves or their dotted names"
+            )
+    return out
+
+
+def _plan(layer: int, name: str, module: nn.Module, attr: str, expert_fn: ExpertFn | None) -> LayerPlan:
+    container = getattr(module, attr, None)
+    where = f"{name + '.' if name else ''}{attr}"
+    if isinstance(container, OFFLOADED_TYPES):
+        raise ConfigError(f"{where} is already offloaded; call offload_experts once per model")
+    if isinstance(container, (nn.ModuleList, nn.ModuleDict)):
+        return _items_plan(layer, name, module, attr, container, where)
+    if isinstance(container, nn.Module) and _expert_count(container) is not None:
+        return _fused_plan(layer, name, module, attr, container, where, expert_fn)
+    raise UnsupportedModelError(
+        f"{where} is a {type(container).__name__}, not an expert container: offload_moe offloads an nn.ModuleList "
+        "or nn.ModuleDict of identical experts, or a module of fused [E, ...] expert parameters with a num_experts "
+        "attribute"
+    )
+
+
+def _items_plan(layer, name, module, attr, container, where) -> LayerPlan:
+    items = list(container.items()) if isinstance(container, nn.ModuleDict) else \
+        [(str(i), m) for i, m in enumerate(container)]
+    common = Counter(type(m) for _, m in items).most_common(1)[0][0] if items else None
+    experts = [(k, m) for k, m in items if type(m) is common]  # other children (a dropout...) stay as they are
+    if len(experts) < 2:
+        raise UnsupportedModelError(f"{where} holds {len(experts)} expert module(s); an MoE layer needs at least 2")
+    key0, first = experts[0]
+    for key, expert in experts[1:]:
+        difference = _difference(first, expert)
+        if difference:
+            raise UnsupportedModelError(
+                f"{where}: expert {key!r} differs from expert {key0!r} ({difference}). offload_moe computes every "
+                "expert of a layer with one template and one slot size, so the experts must be identical modules "
+                "(same class, parameter names, shapes and dtypes)"
+            )
+    tensors = _module_tensors(first)
+    _check_floating(where, key0, tensors)
+    kind = "ModuleDict" if isinstance(container, nn.ModuleDict) else "ModuleList"
+    return LayerPlan(layer, name, module, attr, container, kind, [k for k, _ in experts],
+                     {n: tuple(t.shape) for n, t in tensors.items()}, {n: t.dtype for n, t in tensors.items()})
+
+
+def _difference(a: nn.Module, b: nn.Module) -> str:
+    if repr(a) != repr(b):
+        return f"{repr(a)!r} vs {repr(b)!r}"
+    ta, tb = _module_tensors(a), _module_tensors(b)
+    for n in sorted(set(ta) | set(tb)):
+        if n not in ta or n not in tb:
+            return f"only one of them has {n!r}"
+        if ta[n].shape != tb[n].shape or ta[n].dtype != tb[n].dtype:
+            return f"{n!r} is {list(ta[n].shape)} {ta[n].dtype} vs {list(tb[n].shape)} {tb[n].dtype}"
+    return ""
+
+
+def _check_floating(where: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    for n, t in tensors.items():
+        if not t.is_floating_point():
+            raise UnsupportedModelError(
+                f"{where}: expert {key!r} has the {t.dtype} tensor {n!r}; expert slots hold one floating dtype, so "
+                "integer buffers cannot be offloaded"
+            )
+    if not tensors:
+        raise UnsupportedModelError(f"{where}: expert {key!r} has no parameters, so there is nothing to offload")
+
+
+def _fused_plan(layer, name, module, attr, container, where, expert_fn) -> LayerPlan:
+    count = _expert_count(container)
+    kind = "transformers" if is_experts_module(container) else "fused"
+    if kind == "fused" and expert_fn is None and type(container).__name__ not in FUSED_KERNELS:
+        raise UnsupportedModelError(
+            f"{where} is a {type(container).__name__} with fused expert parameters, and offload_moe does not know how "
+            "one of its experts computes; pass expert_fn=lambda container, x, weights: ... (weights: that expert's "
+            f"slices by parameter name). Known fused containers: {', '.join(FUSED_KERNELS)}"
+        )
+    shapes = {}
+    for n, p in _fused_params(container, kind).items():
+        if p.dim() < 2 or p.shape[0] % count:
+            raise UnsupportedModelError(
+                f"{where}: parameter {n!r} of shape {list(p.shape)} has no leading expert dimension of {count} "
+                "(num_experts); every parameter of a fused expert container must be [E, ...] or [E * n, ...]"
+            )
+        shapes[n] = tuple(p.shape[1:]) if p.shape[0] == count else (p.shape[0] // count, *p.shape[1:])
+    dtypes = {n: p.dtype for n, p in _fused_params(container, kind).items()}
+    return LayerPlan(layer, name, module, attr, container, kind, [str(e) for e in range(count)], shapes, dtypes,
+                     expert_fn)
+
+
+def _dbrx_kernel(container: nn.Module) -> Kernel:
+    mlp = container.mlp  # DbrxExpertGLU: forward(x, w1, v1, w2) with one expert's slices
+    return lambda w, x: mlp(x, w["mlp.w1"], w["mlp.v1"], w["mlp.w2"])
+
+
+FUSED_KERNELS: dict[str, Callable[[nn.Module], Kernel]] = {"DbrxExperts": _dbrx_kernel}
+
+
+# == the modules that stand in for expert containers ==========================================================
+class _TemplateKernel:
+    """Runs one expert module's forward with a slot's tensors as its parameters and buffers."""
+
+    def __init__(self, expert: nn.Module):
+        self.template = copy.deepcopy(expert).to("meta")  # structure only, no memory
+
+    def __call__(self, weights: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        return functional_call(self.template, weights, args, kwargs)
+
+
+@dataclass
+class LayerRuntime:
+    """What the stand-in modules of one layer share: its cache layer id, how an expert computes, the cache."""
+
+    layer: int
+    name: str
+    num_experts: int
+    kernel: Kernel
+    cache: ExpertCache | None = None
+    prefetcher: Prefetcher | None = None
+    pos: int = 0  # position among the offloaded layers, for the prefetcher
+    closed: bool = False
+
+    def attached(self) -> ExpertCache:
+        if self.cache is None:
+            state = "was closed (model.offload.close())" if self.closed else "is not attached yet"
+            raise ExpertLoadError(f"the expert cache of {self.name or 'the model'} {state}; offload the model again")
+        return self.cache
+
+    def check_device(self, x: torch.Tensor) -> None:
+        device = self.attached().pool.device
+        if x.device.type != device.type or (device.index is not None and x.device.index != device.index):
+            raise DeviceError(
+                f"{self.name or 'the model'}: hidden states are on {x.device} but the expert slots are on {device}; "
+                "move the rest of the model there (model.to(device)) or pass offload_experts(device=...)"
+            )
+
+    def follow(self, training: bool) -> None:
+        """Put the expert template (dropout...) in the calling module's train/eval mode."""
+        template = getattr(self.kernel, "template", None)
+        if template is not None and template.training != training:
+            template.train(training)
+
+    def run_one(self, expert: int, args: tuple, kwargs: dict, training: bool) -> torch.Tensor:
+        """Compute one expert on ``args``: load it if it is not resident, keep it pinned while it runs."""
+        cache = self.attached()
+        if args and isinstance(args[0], torch.Tensor):
+            self.check_device(args[0])
+        self.follow(training)
+        _, misses = cache.acquire(self.layer, [expert])
+        try:
+            if misses:
+                cache.start_blocking(self.layer, expert)
+            slot = cache.ready(self.layer, expert)
+            return self.kernel(cache.pool.views(slot), *args, **kwargs)
+        finally:
+            cache.release(self.layer, expert)
+
+
+class OffloadedExpert(nn.Module):
+    """Item ``expert`` of an offloaded container: the expert's forward, with its weights from the cache."""
+
+    def __init__(self, runtime: LayerRuntime, expert: int, key: str):
+        super().__init__()
+        self.runtime = runtime
+        self.expert = expert
+        self.key = key
+
+    def extra_repr(self) -> str:
+        return f"layer={self.runtime.layer}, expert={self.expert}, offloaded=True"
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.runtime.run_one(self.expert, args, kwargs, self.training)
+
+
+class _OffloadedItems:
+    """What offloaded ModuleList and ModuleDict share: the original's attributes and its own forward."""
+
+    def _adopt(self, original: nn.Module, plan: LayerPlan, runtime: LayerRuntime) -> list[tuple[str, nn.Module]]:
+        for key, value in vars(original).items():
+            if key not in _MODULE_INTERNALS:
+                self.__dict__[key] = value  # num_experts, moe_token_dropout...: what its forward reads
+        self.training = original.training
+        self.runtime = runtime
+        forward = type(original).forward
+        self._container_forward = None if forward in (nn.Module.forward, nn.ModuleList.forward,
+                                                      nn.ModuleDict.forward) else forward
+        experts = {k: i for i, k in enumerate(plan.keys)}
+        items = original.items() if isinstance(original, nn.ModuleDict) else \
+            ((str(i), m) for i, m in enumerate(original))
+        return [(k, OffloadedExpert(runtime, experts[k], k).train(m.training) if k in experts else m) for k, m in items]
+
+    def forward(self, *args, **kwargs):
+        if self._container_forward is None:
+            raise UnsupportedModelError(f"{type(self).__name__} of {self.runtime.name}: the original container has no "
+                                        "forward of its own; call its items")
+        return self._container_forward(self, *args, **kwargs)
+
+
+class OffloadedModuleList(_OffloadedItems, nn.ModuleList):
+    """Stands in for an ``nn.ModuleList`` of experts: same length and order, items compute from the cache."""
+
+    def __init__(self, original: nn.ModuleList, plan: LayerPlan, runtime: LayerRuntime):
+        nn.ModuleList.__init__(self)
+        for _, module in self._adopt(original, plan, runtime):
+            self.append(module)
+
+
+class OffloadedModuleDict(_OffloadedItems, nn.ModuleDict):
+    """Stands in for an ``nn.ModuleDict`` of experts: same keys, items compute from the cache."""
+
+    def __init__(self, original: nn.ModuleDict, plan: LayerPlan, runtime: LayerRuntime):
+        nn.ModuleDict.__init__(self)
+        for key, module in self._adopt(original, plan, runtime):
+            self[key] = module
+
+
+class OffloadedFusedExperts(nn.Module):
+    """Stands in for fused experts called as ``experts(hidden [..., H], top_k_index [T, k], top_k_weights [T, k])``.
+
+    Returns ``[..., H]``, the weighted sum of each token's experts. Keeps the original's other children
+    and attributes (DBRX's ``mlp`` with its activation), without the expert parameters.
+    """
+
+    def __init__(self, original: nn.Module, plan: LayerPlan, runtime: LayerRuntime):
+        super().__init__()
+        for key, value in vars(original).items():
+            if key not in _MODULE_INTERNALS:
+                self.__dict__[key] = value
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.training = original.training
+        self.runtime = runtime
+
+    def extra_repr(self) -> str:
+        return f"layer={self.runtime.layer}, num_experts={self.runtime.num_experts}, offloaded=True"
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        out = grouped(self.runtime, flat, top_k_index.reshape(flat.shape[0], -1),
+                      top_k_weights.reshape(flat.shape[0], -1), training=self.training)
+        return out.view(hidden_states.shape)
+
+
+OFFLOADED_TYPES = (OffloadedModuleList, OffloadedModuleDict, OffloadedFusedExperts, OffloadedExperts)
+
+
+# == grouped computation: resident experts first, each missing one loaded once ================================
+def grouped(rt: LayerRuntime, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, *,
+            training: bool = False) -> torch.Tensor:
+    """The layer's expert output [T, H] for ``hidden`` [T, H] routed by ``index``/``weights`` [T, k] (-1: none).
+
+    The computation is ``offload_moe.experts.compute_grouped``, the one ``OffloadedExperts`` runs; this
+    checks the router's output first. ``training`` is the caller's mode, which the expert template follows.
+    """
+    cache = rt.attached()
+    rt.check_device(hidden)
+    rt.follow(training)
+    _check_routing(rt, hidden, index, weights)
+    return compute_grouped(cache, rt.prefetcher, rt.layer, rt.pos, hidden, index, weights,
+                           lambda x, views: rt.kernel(views, x), rt.num_experts, check=lambda r: _check_range(rt, r))
+
+
+def _check_routing(rt: LayerRuntime, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+    want = hidden.shape[0]
+    ok = (isinstance(index, torch.Tensor) and isinstance(weights, torch.Tensor) and index.dim() == 2
+          and index.shape == weights.shape and index.shape[0] == want and not index.is_floating_point()
+          and weights.is_floating_point())
+    if not ok:
+        raise ConfigError(
+            f"the router of {rt.name or 'the model'} returned top_k_index {_describe(index)} and top_k_weights "
+            f"{_describe(weights)}; it must return an integer [T, k] index and a floating [T, k] weight with "
+            f"T={want} tokens (-1 in the index for no expert)"
+        )
+
+
+def _describe(t: object) -> str:
+    return f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_range(rt: LayerRuntime, routing: torch.Tensor) -> None:
+    if routing.numel() and (int(routing.min()) < -1 or int(routing.max()) >= rt.num_experts):
+        raise ConfigError(
+            f"the router of {rt.name or 'the model'} named expert {int(routing.min())}..{int(routing.max())}, outside "
+            f"0..{rt.num_experts - 1} (and -1 for no expert)"
+        )
+
+
+class RoutedForward:
+    """A layer's replacement forward: its router, then the grouped offloaded experts (``replace_forward=True``).
+
+    Called with the layer's own arguments; returns a tensor shaped like the hidden states. Tokens the
+    router drops (index -1 in every column) get zeros, or their input with ``dropped="identity"``.
+    """
+
+    def __init__(self, layer: nn.Module, runtime: LayerRuntime, router: Router, dropped: str = "zero"):
+        self.layer = weakref.ref(layer)
+        self.runtime = runtime
+        self.router = router
+        self.dropped = dropped
+
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        layer = self.layer()
+        index, weights = self.router(layer, hidden_states, *args, **kwargs)
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
+        out = grouped(self.runtime, flat, index, weights, training=layer.training)
+        if self.dropped == "identity":
+            gone = (index < 0).all(dim=-1)  # [T]
+            out = torch.where(gone[:, None], flat, out)
+        return out.view(hidden_states.shape)
+
+
+# == save_experts ===============================================================================================
+
+def save_experts(model_or_layers: nn.Module | Sequence[nn.Module], folder: str | Path, *,
+                 layers: Sequence[nn.Module | str] | None = None, experts_attr: str = "experts",
+                 dtype: str | torch.dtype | None = None, expert_fn: ExpertFn | None = None) -> Path:
+    """Write the experts of a model's MoE layers to ``folder`` as safetensors, for ``offload_experts(store=...)``.
+
+    One file per layer, one tensor per expert parameter, named ``layers.{L}.experts.{E}.{param}`` (L: the
+    layer's position among the MoE layers found, E: the expert), in the experts' dtype or ``dtype``; then
+    ``experts.json`` (layer names, expert counts, parameter shapes and dtypes, expert class). Each file is
+    written to a temporary name and renamed into place, the manifest last, so an interrupted save leaves
+    no folder that looks complete. The layers are found as ``offload_experts`` finds them, or named with
+    ``layers=``; ``model_or_layers`` may also be a list of MoE layer modules. Refuses a folder holding a
+    model (``config.json``): this never writes into a model's own files. Returns the folder.
+    """
+    if isinstance(model_or_layers, nn.Module):
+        plans = plan_layers(model_or_layers, layers, experts_attr=experts_attr, need_gate=True, expert_fn=expert_fn)
+    else:
+        holder = nn.ModuleList(list(model_or_layers))  # names "0", "1"...: matched by order later
+        plans = plan_layers(holder, list(holder), experts_attr=experts_attr, expert_fn=expert_fn)
+    return write_plans(plans, Path(folder).expanduser(), parse_dtype(dtype))
+
+
+# == the handle =================================================================================================
+class ExpertOffload:
+    """``model.offload`` for a model whose experts ``offload_experts`` moved into the expert cache."""
+
+    def __init__(self, model: nn.Module, cache: ExpertCache, plans: Sequence[LayerPlan], runtimes: list,
+                 device: torch.device, dtype: torch.dtype, prefetcher: Prefetcher | None,
+                 owned_folder: Path | None, cleanups: list[Callable[[], None]]):
+        self.cache = cache
+        self.layers = [p.name for p in plans]
+        self.total_experts = sum(p.num_experts for p in plans)
+        self.device, self.dtype, self.prefetcher = device, dtype, prefetcher
+        self.folder = cache.store.folder
+        self.owned_folder = owned_folder
+        self._finalizer = weakref.finalize(model, _shutdown, cache, runtimes, cleanups, owned_folder)
+
+    @property
+    def store(self) -> SavedExperts:
+        return self.cache.store
+
+    def stats(self) -> dict:
+        """The cache's counters (see the README's Statistics) plus layers, total_experts, hit_rate and the
+        predictor's prediction_recall / prediction_precision."""
+        out = self.cache.stats()
+        requests = out["hits"] + out["misses"]
+        pf = self.prefetcher
+        out.update(device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), layers=len(self.layers),
+                   total_experts=self.total_experts, hit_rate=out["hits"] / requests if requests else 0.0,
+                   prefetch=pf.predictor.name if pf else "none",
+                   prediction_recall=pf.score.recall if pf else 0.0,
+                   prediction_precision=pf.score.precision if pf else 0.0)
+        return out
+
+    def reset_stats(self) -> None:
+        self.cache.reset_stats()
+        if self.prefetcher is not None:
+            self.prefetcher.reset()
+
+    def close(self) -> None:
+        """Stop the readers, close the files, remove hooks, and delete the experts folder if offload_experts made it.
+        The offloaded layers cannot run afterwards."""
+        self._finalizer()
+
+    def __enter__(self) -> "ExpertOffload":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _shutdown(cache: ExpertCache, runtimes: list, cleanups: list, owned_folder: Path | None) -> None:
+    for cleanup in cleanups:
+        cleanup()
+    for rt in runtimes:
+        rt.cache, rt.closed = None, True
+    try:
+        cache.drain()
+    finally:
+        cache.mover.close()
+        cache.store.close()
+        if owned_folder is not None:
+            shutil.rmtree(owned_folder, ignore_errors=True)
+
+
+# == offload_experts ============================================================================================
+def offload_experts(
+    model: nn.Module,
+    *,
+    layers: Sequence[nn.Module | str] | nn.Module | str | None = None,
+    router: Router | Sequence[Router] | Mapping[str, Router] | None = None,
+    replace_forward: bool = False,
+    store: str | Path | SavedExperts | None = None,
+    offload_folder: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    cache_experts: int | None = None,
+    cache_memory: str | int | None = None,
+    policy: str = "lru",
+    dtype: str | torch.dtype | None = None,
+    prefetch: str | Predictor = "none",
+    prefetch_margin: int = 1,
+    prefetch_depth: int = 1,
+    readers: int = 2,
+    io: str = "direct",
+    experts_attr: str = "experts",
+    expert_fn: ExpertFn | None = None,
+    dropped_tokens: str = "zero",
+    seed: int = 0,
+) -> ExpertOffload:
+    """Move the experts of ``model``'s MoE layers into an expert cache; the model keeps running as before.
+
+    Layers: found as modules with an ``experts`` container (``experts_attr``) next to a ``gate`` or
+    ``router``, or named with ``layers=`` (modules or dotted names). Containers: ModuleList/ModuleDict of
+    identical experts, or fused ``[E, ...]`` parameters (DBRX's are known; others need
+    ``expert_fn(container, x, weights) -> y``). The container is replaced; the layer's forward is kept,
+    or with ``replace_forward=True`` replaced by ``router(layer, hidden, *args) -> (top_k_index [T, k],
+    top_k_weights [T, k])`` plus a grouped computation that loads each needed expert once. ``router``:
+    one callable, one per layer, or a mapping by layer name; default: the family's router
+    (Switch Transformers, NLLB-MoE, DBRX), else ``TopKRouter()`` (softmax over the gate, top-k from the
+    layer's ``top_k``/``k``/``num_experts_per_tok``, renormalised). Tokens the router drops (-1) output
+    zeros, or their input with ``dropped_tokens="identity"``.
+
+    Bytes: from ``store`` (a folder or file written by ``save_experts``), else the experts are first
+    written with ``save_experts`` to ``offload_folder`` or to a temporary folder deleted on ``close()``.
+    Budget: ``cache_experts`` slots or ``cache_memory`` bytes on ``device``, shared by all layers (one
+    expert size for the model); ``policy``, ``dtype``, ``readers`` and ``io`` as in ``offload_moe.load``.
+    ``prefetch``: ``none``, ``gate``, ``transition`` or a ``Predictor``; it needs the routing before the
+    experts run, so ``replace_forward=True`` or fused containers. A predictor with ``bind(prefetcher)``
+    (``routing.HashPredictor``) is bound to the model's inputs.
+
+    Returns an ``ExpertOffload`` handle (``stats()``, ``reset_stats()``, ``close()``), also set as
+    ``model.offload`` if the model has no such attribute. Put the rest of the model on ``device`` yourself.
+    """
+    dev, slot_dtype = parse_device(device), parse_dtype(dtype)
+    _check_options(policy, prefetch, readers, dropped_tokens, seed)
+    plans = plan_layers(model, layers, experts_attr=experts_attr, need_gate=router is None, expert_fn=expert_fn)
+    routers = _routers(plans, router) if replace_forward else [None] * len(plans)
+    _check_modes(plans, replace_forward, prefetch)
+    predictor = _predictor(plans, prefetch, prefetch_margin, prefetch_depth)
+    layout = SlotLayout(_shared_shapes(plans), slot_dtype or next(iter(plans[0].dtypes.values())))
+    capacity = _capacity(model, plans, layout, dev, cache_experts, cache_memory)
+    store, owned = _open_store(plans, store, offload_folder, io)
+    try:
+        cache = ExpertCache(Residency(capacity, make_policy(policy, seed=seed)), SlotPool(capacity, layout, dev),
+                            store, make_mover(dev, store, readers), None, {p.layer: p.where for p in plans})
+    except BaseException:
+        store.close()
+        if owned is not None:
+            shutil.rmtree(owned, ignore_errors=True)
+        raise
+    runtimes = [_swap(plan, routers[i], dropped_tokens) for i, plan in enumerate(plans)]
+    prefetcher, cleanups = _attach(plans, runtimes, cache, predictor)
+    handle = ExpertOffload(model, cache, plans, runtimes, dev, layout.dtype, prefetcher, owned, cleanups)
+    if getattr(model, "offload", None) is None:
+        model.offload = handle
+    return handle
+
+
+def _check_options(policy: str, prefetch, readers: int, dropped: str, seed: int) -> None:
+    make_policy(policy, seed=seed)  # fails on an unknown name
+    if not isinstance(prefetch, Predictor) and prefetch not in PREDICTORS:
+        raise ConfigError(f"prefetch={prefetch!r} is not a predictor; use one of {', '.join(PREDICTORS)} or a Predictor")
+    if readers < 1:
+        raise ConfigError(f"readers={readers} must be at least 1")
+    if dropped not in DROPPED:
+        raise ConfigError(f"dropped_tokens={dropped!r}: use one of {', '.join(DROPPED)}")
+
+
+def _routers(plans: Sequence[LayerPlan], router) -> list[Router]:
+    for plan in plans:
+        if plan.kind == "transformers":
+            raise UnsupportedModelError(
+                f"{plan.where} is a transformers experts module: its block keeps its own routing (shared experts, "
+                "scaling), so replace_forward=True does not apply; leave it False"
+            )
+    if router is None:
+        out = [default_router(p.module, p.num_experts) for p in plans]
+    elif isinstance(router, Mapping):
+        missing = [p.name for p in plans if p.name not in router]
+        if missing:
+            raise ConfigError(f"router={{...}} has no router for the MoE layer(s) {missing}; key it by layer name")
+        out = [router[p.name] for p in plans]
+    elif callable(router):
+        out = [router] * len(plans)
+    else:
+        out = list(router)
+        if len(out) != len(plans):
+            raise ConfigError(f"router=[...] holds {len(out)} routers for {len(plans)} MoE layers; give one per layer")
+    for plan, r in zip(plans, out):
+        if hasattr(r, "check"):
+            r.check(plan.module, plan.num_experts)
+    return out
+
+
+def _check_modes(plans: Sequence[LayerPlan], replace_forward: bool, prefetch) -> None:
+    if prefetch == "none" or replace_forward:
+        return
+    blind = [p.where for p in plans if p.kind in ("ModuleList", "ModuleDict")]
+    if blind:
+        raise ConfigError(
+            f"prefetch={getattr(prefetch, 'name', prefetch)!r} needs each layer's routing before its experts run, and "
+            f"{blind[0]} is called one expert at a time by its layer's own forward; use replace_forward=True, or "
+            "prefetch='none'"
+        )
+
+
+def _shared_shapes(plans: Sequence[LayerPlan]) -> dict[str, tuple[int, ...]]:
+    shapes = plans[0].shapes
+    for plan in plans[1:]:
+        if plan.shapes != shapes:
+            raise UnsupportedModelError(
+                f"{plan.where} has expert tensors {plan.shapes}, unlike {plans[0].where} ({shapes}); the expert cache "
+                "holds one expert size per model, so offload layers of one size (layers=[...]) per call"
+            )
+    return shapes
+
+
+def _open_store(plans, store, offload_folder, io) -> tuple[SavedExperts, Path | None]:
+    owned = None
+    if store is None:
+        folder = Path(offload_folder).expanduser() if offload_folder is not None else None
+        if folder is None:
+            folder = owned = Path(tempfile.mkdtemp(prefix="offload_moe-experts-"))
+        try:
+            write_plans(plans, folder)
+        except BaseException:
+            if owned is not None:
+                shutil.rmtree(owned, ignore_errors=True)
+            raise
+        store = folder
+    opened = store if isinstance(store, SavedExperts) else SavedExperts(store, io=io)
+    try:
+        opened.match(plans)
+    except BaseException:
+        opened.close()
+        if owned is not None:
+            shutil.rmtree(owned, ignore_errors=True)
+        raise
+    return opened, owned
+
+
+def _capacity(model, plans, layout: SlotLayout, dev, cache_experts, cache_memory) -> int:
+    """Expert slots from the budget; without one, half the free device memory less the dense weights."""
+    total = sum(p.num_experts for p in plans)
+    expert_ids = {id(t) for p in plans for t in p.container.parameters()}
+    dense = sum(t.numel() * t.element_size() for t in model.parameters() if id(t) not in expert_ids)
+    return Budget(cache_experts, cache_memory).slots(layout.nbytes, total, default_cache_bytes(dev, dense))
+
+
+def _swap(plan: LayerPlan, router: Router | None, dropped: str):
+    """Replace the layer's container by its offloaded stand-in (the expert weights are dropped here)."""
+    if plan.kind == "transformers":
+        spec = _transformers_spec(plan)
+        stand_in = OffloadedExperts(plan.container, spec)
+        setattr(plan.module, plan.attr, stand_in)
+        return stand_in
+    kernel = _kernel(plan)
+    runtime = LayerRuntime(plan.layer, plan.where, plan.num_experts, kernel)
+    if plan.kind == "fused":
+        for name in plan.shapes:
+            owner, _, leaf = name.rpartition(".")
+            del plan.container.get_submodule(owner)._parameters[leaf]
+        stand_in = OffloadedFusedExperts(plan.container, plan, runtime)
+    else:
+        cls = OffloadedModuleDict if plan.kind == "ModuleDict" else OffloadedModuleList
+        stand_in = cls(plan.container, plan, runtime)
+    setattr(plan.module, plan.attr, stand_in)
+    plan.container = stand_in
+    if router is not None:
+        plan.module.forward = RoutedForward(plan.module, runtime, router, dropped)
+    return runtime
+
+
+def _kernel(plan: LayerPlan) -> Kernel:
+    if plan.kind in ("ModuleList", "ModuleDict"):
+        return _TemplateKernel(expert_item(plan.container, plan.keys[0]))
+    if plan.expert_fn is not None:
+        container, fn = plan.container, plan.expert_fn
+        return lambda w, x: fn(container, x, w)
+    return FUSED_KERNELS[type(plan.container).__name__](plan.container)
+
+
+def _transformers_spec(plan: LayerPlan):
+    from .store import ExpertsSpec
+
+    c = plan.container
+    return ExpertsSpec(layer=plan.layer, prefix=plan.where, num_experts=plan.num_experts, shapes=plan.shapes,
+                       is_transposed=bool(c.is_transposed), is_concatenated=bool(getattr(c, "is_concatenated", True)))
+
+
+def _predictor(plans, prefetch, margin: int, depth: int) -> Predictor | None:
+    if isinstance(prefetch, Predictor):
+        return prefetch
+    if prefetch == "none":
+        return None
+    return make_predictor(prefetch, routers=[gate_of(p.module, p.num_experts) for p in plans],
+                          num_experts=plans[0].num_experts, top_k=top_k_of(plans[0].module) or 2,
+                          margin=margin, depth=depth)
+
+
+def _attach(plans, runtimes, cache, predictor) -> tuple[Prefetcher | None, list]:
+    """Give every stand-in the cache and the prefetcher; count tokens; bind input-driven predictors."""
+    prefetcher = Prefetcher(predictor, [p.layer for p in plans], cache) if predictor is not None else None
+    for pos, rt in enumerate(runtimes):
+        rt.cache, rt.prefetcher, rt.pos = cache, prefetcher, pos
+    cleanups = [_count_tokens(plans, runtimes, cache)]
+    bind = getattr(prefetcher.predictor, "bind", None) if prefetcher else None
+    if bind is not None:
+        cleanups.append(bind(prefetcher))
+    return prefetcher, cleanups
+
+
+def _count_tokens(plans, runtimes, cache) -> Callable[[], None]:
+    """Count the tokens entering the first MoE layer of each stack (encoder, decoder...) for ``stats()['tokens']``."""
+    def count(module, args, kwargs):
+        hidden = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1:
+            cache.flow.tokens += hidden.numel() // hidden.shape[-1]
+
+    handles, stacks = [], set()
+    for plan, rt in zip(plans, runtimes):
+        stack = re.split(r"(?:^|\.)\d+(?:\.|$)", plan.name, maxsplit=1)[0]
+        if stack in stacks:
+            continue
+        stacks.add(stack)
+        if not (isinstance(rt, OffloadedExperts) and rt.pos == 0):  # the core module counts its own at pos 0
+            handles.append(plan.module.register_forward_pre_hook(count, with_kwargs=True))
+    return lambda: [h.remove() for h in handles]

@@ -1,0 +1,237 @@
+"""The files ``save_experts`` writes, and ``SavedExperts``, the store that reads them back one expert at a time.
+
+A saved-experts folder holds one safetensors file per MoE layer, one tensor per expert parameter
+named ``layers.{L}.experts.{E}.{param}``, and ``experts.json``, the manifest, written last so that
+an interrupted save never looks complete. ``SavedExperts`` offers the movers the same reads as
+``ExpertStore`` does for a transformers checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .atomic import atomic_write
+from .errors import CheckpointError, ConfigError
+from .safetensors_io import DTYPES, FileReader, read_header
+from .store import Piece
+
+if TYPE_CHECKING:
+    from .generic import LayerPlan
+
+MANIFEST = "experts.json"
+FORMAT = "offload_moe.experts"
+_TENSOR = re.compile(r"^layers\.(\d+)\.experts\.(\d+)\.(.+)$")
+
+
+def expert_item(container: nn.Module, key: str) -> nn.Module:
+    """Expert ``key`` of a ModuleList (by position) or ModuleDict (by name)."""
+    return container[int(key)] if isinstance(container, nn.ModuleList) else container[key]
+
+
+@dataclass
+class SavedLayer:
+    """One layer's entry in a saved-experts folder."""
+
+    layer: int
+    name: str | None
+    num_experts: int
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+
+
+class SavedExperts:
+    """Index of experts written by ``save_experts`` (a folder with its manifest, or one of its safetensors
+    files), and positional reads of one expert at a time: the store the movers read from.
+
+    A folder is read through its manifest, which ``save_experts`` writes last, so a folder whose save was
+    interrupted is refused. A single file is described by its tensor names alone. ``match`` pairs the
+    saved layers with the model's by name, or by order when the names differ and the counts agree.
+    """
+
+    def __init__(self, path: str | Path, io: str = "direct"):
+        path = Path(path).expanduser()
+        self.reader = FileReader(io)
+        self.pieces: dict[tuple[int, int], list[Piece]] = {}
+        if path.is_dir():
+            self.folder = path
+            self.layers, files = _read_manifest(path)
+        elif path.is_file():
+            self.folder, self.layers, files = path.parent, {}, [path]
+        else:
+            raise CheckpointError(f"{path} does not exist; write the experts first with save_experts(model, folder)")
+        for file in files:
+            self._index(file)
+        self._check_complete()
+
+    def _index(self, file: Path) -> None:
+        for name, info in read_header(file).items():
+            m = _TENSOR.match(name)
+            if m is None:
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} is not named layers.L.experts.E.<param>; this file was not written by "
+                    "save_experts"
+                )
+            layer, expert, param = int(m.group(1)), int(m.group(2)), m.group(3)
+            entry = self.layers.setdefault(layer, SavedLayer(layer, None, 0, {}))
+            entry.num_experts = max(entry.num_experts, expert + 1)
+            if entry.shapes.setdefault(param, info.shape) != info.shape:
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} has shape {list(info.shape)} but the manifest or expert 0 gives "
+                    f"{list(entry.shapes[param])}; the file is corrupted or was written by another model"
+                )
+            entry.dtypes.setdefault(param, info.dtype)
+            self.pieces.setdefault((layer, expert), []).append(
+                Piece(param, (slice(None),), info.file, info.offset, info.nbytes, info.dtype, info.shape, False, name))
+
+    def _check_complete(self) -> None:
+        for entry in self.layers.values():
+            for expert in range(entry.num_experts):
+                have = {p.param for p in self.pieces.get((entry.layer, expert), [])}
+                if have != set(entry.shapes):
+                    raise CheckpointError(
+                        f"{self.folder}: expert {expert} of layer {entry.layer} ({entry.name or '?'}) has "
+                        f"{sorted(have)}, expected {sorted(entry.shapes)}; a file is missing or incomplete, save the "
+                        "experts again"
+                    )
+
+    def match(self, plans: Sequence[LayerPlan]) -> None:
+        """Give each plan the store's layer id (by module name, or by order for a store without names);
+        raises CheckpointError if the store lacks a layer or its experts differ from the model's."""
+        by_name = {e.name: e for e in self.layers.values() if e.name is not None}
+        ordered = sorted(self.layers.values(), key=lambda e: e.layer)
+        named = bool(by_name) and all(p.name in by_name for p in plans)
+        if not named and len(ordered) != len(plans):
+            raise CheckpointError(
+                f"{self.folder} holds experts for {len(ordered)} MoE layer(s) {sorted(by_name)}, and the model has "
+                f"{len(plans)} ({[p.name for p in plans]}); write this model's experts with save_experts(model, folder)"
+            )
+        for i, plan in enumerate(plans):
+            entry = by_name[plan.name] if named else ordered[i]
+            if entry.num_experts != plan.num_experts or entry.shapes != plan.shapes:
+                raise CheckpointError(
+                    f"{self.folder}: layer {plan.name!r} has {entry.num_experts} saved experts of {entry.shapes}, but "
+                    f"the model's {plan.where} has {plan.num_experts} of {plan.shapes}; save this model's experts again"
+                )
+            plan.layer = entry.layer
+
+    # -- what the movers call ----------------------------------------------------------------------------
+    def expert_pieces(self, layer: int, expert: int) -> list[Piece]:
+        return self.pieces[(layer, expert)]
+
+    def read_piece(self, piece: Piece, out: torch.Tensor) -> int:
+        """Read ``piece``'s bytes into the contiguous CPU tensor ``out`` (of ``piece.nbytes`` bytes)."""
+        return self.reader.read_into(piece.file, piece.offset, out)
+
+    def describe(self, layer: int, expert: int) -> str:
+        files = sorted({str(p.file) for p in self.pieces.get((layer, expert), [])})
+        return ", ".join(files) or str(self.folder)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _read_manifest(folder: Path) -> tuple[dict[int, SavedLayer], list[Path]]:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a save_experts manifest (no \"format\": \"{FORMAT}\"); "
+                                  "run save_experts again")
+        layers, files = {}, []
+        for entry in manifest["layers"]:
+            shapes = {n: tuple(t["shape"]) for n, t in entry["params"].items()}
+            layers[entry["id"]] = SavedLayer(entry["id"], entry["module"], entry["num_experts"], shapes)
+            files.append(folder / entry["file"])
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{folder} has no {MANIFEST}: it was not written by save_experts, or the save was interrupted "
+            "(the manifest is written last); run save_experts again"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a save_experts manifest ({e!r}); run save_experts again") from None
+    return layers, files
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def write_plans(plans: Sequence[LayerPlan], folder: Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the experts of ``plans`` and the manifest into ``folder`` (see ``save_experts``)."""
+    if (folder / "config.json").exists():
+        raise ConfigError(
+            f"{folder} holds a model (config.json); save_experts never writes into a model's files. Pick another folder"
+        )
+    for plan in plans:
+        _check_materialised(plan)
+    folder.mkdir(parents=True, exist_ok=True)
+    _uncommit(folder)
+    entries = []
+    for plan in plans:
+        file = f"experts-{plan.layer:05d}.safetensors"
+        tensors = [(f"layers.{plan.layer}.experts.{e}.{n}", t)
+                   for e in range(plan.num_experts) for n, t in plan.expert_tensors(e).items()]
+        _write_safetensors(folder / file, tensors, dtype)
+        entries.append(_manifest_entry(plan, file, dtype))
+    atomic_write(folder / MANIFEST, json.dumps({"format": FORMAT, "version": 1, "layers": entries}, indent=1).encode())
+    return folder
+
+
+def _uncommit(folder: Path) -> None:
+    """Remove a previous save's manifest before its files are rewritten; refuse a manifest that is not ours."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return
+    try:
+        ours = json.loads(path.read_text()).get("format") == FORMAT
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise ConfigError(f"{path} exists and was not written by save_experts; pick another folder")
+    path.unlink()
+
+
+def _check_materialised(plan: LayerPlan) -> None:
+    for name, t in plan.expert_tensors(0).items():
+        if t.device.type == "meta":
+            raise ConfigError(
+                f"{plan.where}: expert tensor {name!r} is on the meta device (not loaded), so it cannot be saved; pass "
+                "offload_experts(store=...) a folder written by save_experts from a model with real weights"
+            )
+
+
+def _manifest_entry(plan: LayerPlan, file: str, dtype: torch.dtype | None) -> dict:
+    first = expert_item(plan.container, plan.keys[0]) if plan.kind in ("ModuleList", "ModuleDict") else plan.container
+    return {
+        "id": plan.layer, "module": plan.name, "file": file, "container": plan.kind, "keys": plan.keys,
+        "num_experts": plan.num_experts, "expert_class": f"{type(first).__module__}.{type(first).__qualname__}",
+        "params": {n: {"shape": list(s), "dtype": str(dtype or plan.dtypes[n]).removeprefix("torch.")}
+                   for n, s in plan.shapes.items()},
+    }
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> None:
+    """Stream ``tensors`` (cast to ``dtype``) into a safetensors file one at a time, atomically: no copy of the set."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors:
+        out = dtype or t.dtype
+        nbytes = t.numel() * torch.empty((), dtype=out).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[out], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+
+    def write(f) -> None:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, t in tensors:
+            f.write(t.detach().to("cpu", dtype or t.dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    atomic_write(path, write)

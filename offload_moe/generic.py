@@ -579,6 +579,7 @@ def offload_experts(
     prefetch_depth: int = 1,
     readers: int = 2,
     io: str = "direct",
+    read_timeout: float | None = 120.0,
     experts_attr: str = "experts",
     expert_fn: ExpertFn | None = None,
     dropped_tokens: str = "zero",
@@ -601,7 +602,7 @@ def offload_experts(
     written with ``save_experts`` to ``offload_folder`` or to a temporary folder deleted on ``close()``.
     Budget: ``cache_experts`` slots or ``cache_memory`` bytes on ``device``, shared by all layers (one
     expert size for the model); ``policy``, ``dtype``, ``readers`` and ``io`` as in ``offload_moe.load``.
-    ``prefetch``: ``none``, ``gate``, ``transition`` or a ``Predictor``; it needs the routing before the
+    ``read_timeout`` as in ``offload_moe.load``. ``prefetch``: ``none``, ``gate``, ``transition`` or a ``Predictor``; it needs the routing before the
     experts run, so ``replace_forward=True`` or fused containers. A predictor with ``bind(prefetcher)``
     (``routing.HashPredictor``) is bound to the model's inputs.
 
@@ -625,6 +626,7 @@ def offload_experts(
         if owned is not None:
             shutil.rmtree(owned, ignore_errors=True)
         raise
+    cache.read_timeout = read_timeout
     runtimes = [_swap(plan, routers[i], dropped_tokens) for i, plan in enumerate(plans)]
     prefetcher, cleanups = _attach(plans, runtimes, cache, predictor)
     handle = ExpertOffload(model, cache, plans, runtimes, dev, layout.dtype, prefetcher, owned, cleanups)

@@ -20,8 +20,10 @@ from .errors import (
     ModelPathError,
     OffloadMoEError,
     PolicyError,
+    TraceError,
     UnsupportedModelError,
 )
+from .demo import demo_model_path
 from .generic import offload_experts, save_experts
 from .loader import SUPPORTED_FAMILIES, load
 from .planning import Plan, plan
@@ -36,6 +38,7 @@ __all__ = [
     "load",
     "plan",
     "Plan",
+    "demo_model_path",
     "offload_experts",
     "save_experts",
     "verify",
@@ -49,5 +52,6 @@ __all__ = [
     "DeviceError",
     "PolicyError",
     "ExpertLoadError",
+    "TraceError",
     "__version__",
 ]

@@ -45,24 +45,40 @@ def root(
 @app.command()
 def demo(
     device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
-    tokens: Annotated[int, typer.Option(help="New tokens to generate.")] = 24,
+    tokens: Annotated[int, typer.Option(min=1, help="New tokens per prompt.")] = 40,
 ) -> None:
-    """Build a small MoE model, run it with 25% of its experts resident, and show the cache statistics.
+    """Complete three Python prompts with the bundled MoE model, 25% of its experts resident, and show the cache statistics.
 
-    Example: offload-moe demo --tokens 32
+    Example: offload-moe demo --tokens 64
     """
     from .demo import run_demo
 
     result = run_demo(device=device, new_tokens=tokens, console=console)
+    s = result.stats
+    requests = s["hits"] + s["misses"]
+    rows = {
+        "experts in cache": f"{s['capacity_experts']} of {s['total_experts']}",
+        "hits": f"{s['hits']} of {requests} expert requests",
+        "misses": f"{s['misses']} (the layer waited for a read)",
+        "hit rate": f"{s['hit_rate']:.1%}",
+        "evictions": str(s["evictions"]),
+        "bytes loaded": f"{s['bytes_loaded'] / 2**20:.1f} MiB",
+    }
+    rows["next-layer prediction"] = (f"{s['prediction_recall']:.0%} of needed experts named a layer ahead by "
+                                     f"the '{s['prefetch']}' predictor; {s['prefetch_used']} of "
+                                     f"{s['prefetch_issued']} prefetches used")
+    rows["tokens/s"] = f"{result.tokens_per_s:.1f} ({result.new_tokens} tokens on {s['device']})"
     table = Table(title="expert cache")
-    for col in ("capacity", "hits", "misses", "evictions", "hit rate", "loaded", "tokens/s"):
-        table.add_column(col, justify="right")
-    s = result["stats"]
-    table.add_row(
-        f"{s['capacity_experts']} of {s['total_experts']}", str(s["hits"]), str(s["misses"]), str(s["evictions"]),
-        f"{s['hit_rate']:.1%}", f"{s['bytes_loaded'] / 2**20:.1f} MiB", f"{result['tokens_per_s']:.1f}",
-    )
+    table.add_column("statistic")
+    table.add_column("value")
+    for name, value in rows.items():
+        table.add_row(name, value)
+    console.print()
     console.print(table)
+    console.print(
+        f"Load it yourself: offload_moe.load(offload_moe.demo_model_path(), cache_experts={result.cache_experts})",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -89,6 +105,35 @@ def plan(
     console.print(table)
     if not p.fits:
         raise OffloadMoEError("the model does not fit: fewer than 2 expert slots remain after the dense weights")
+
+
+@app.command()
+def verify(
+    model: Annotated[str, typer.Argument(help="Model folder (config.json + *.safetensors).")],
+    manifest_dir: Annotated[Optional[str], typer.Option(help="Where the checksum manifest lives when the model folder is read-only.")] = None,
+) -> None:
+    """Check every expert's bytes against a SHA-256 manifest; the first run writes the manifest.
+
+    Example: offload-moe verify ./Mixtral-8x7B --manifest-dir ~/.cache/offload-moe
+    """
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from .checksums import verify as check
+
+    with Progress(TextColumn("[bold]hashing experts"), BarColumn(), DownloadColumn(binary_units=True),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("hash", total=None)
+        result = check(model, manifest_dir=manifest_dir, progress=lambda n: bar.advance(task, n))
+    if result.created:
+        console.print(f"wrote checksums of {result.experts} experts to {result.manifest}")
+        return
+    if result.ok:
+        console.print(f"all {result.experts} experts match {result.manifest}")
+        return
+    for layer, expert, files in result.bad:
+        err.print(f"expert {expert} of layer {layer} differs from the manifest ({files})", highlight=False, soft_wrap=True)
+    raise OffloadMoEError(f"{len(result.bad)} of {result.experts} experts differ from {result.manifest}; "
+                          "re-download the files named above")
 
 
 @app.command()

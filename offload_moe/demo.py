@@ -1,47 +1,160 @@
-"""``offload-moe demo``: a small MoE model run with a quarter of its experts resident.
+"""``offload-moe demo``: the bundled MoE model completes Python with a quarter of its experts resident.
 
-Until the bundled trained model lands, the demo writes a small random
-Mixtral-architecture checkpoint to a temporary folder, so it needs no download.
+The model in ``offload_moe/demo_model/`` (see its README.md) ships with the package, so the
+demo needs no download. It is loaded like any other checkpoint with ``offload_moe.load``:
+24 of its 96 experts fit in the cache and the rest stream from ``model.safetensors`` as the
+router asks for them. Completions print as they are generated.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from .errors import ModelPathError
 from .loader import load
-from .synthetic import write_synthetic_checkpoint
 
-DEMO_CONFIG = dict(
-    vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-    num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
-    max_position_embeddings=512, tie_word_embeddings=False,
+# Each prompt stops inside a line: the tokenizer learned a newline together with the next line's
+# indentation, so a prompt ending in a bare newline reads to the model like the end of a block.
+DEMO_PROMPTS = (
+    "import argparse\n\n\ndef main():\n    parser = argparse.ArgumentParser(",
+    'def read_lines(path):\n    """Return the lines of the file at *path*, without line endings."""\n    with open(path',
+    'import os\n\n\ndef list_python_files(folder):\n    """Return the names of the .py files in *folder*."""\n'
+    "    return [name for name in os.listdir(folder)",
 )
+REPETITION_PENALTY = 1.1  # greedy decoding of a model this small loops without it
+CACHE_SHARE = 0.25  # of all experts
 
 
-def run_demo(device: str = "cpu", new_tokens: int = 24, console: Console | None = None) -> dict:
-    """Write the demo checkpoint, load it with 25% of experts resident, generate, and return the stats."""
-    console = console or Console()
-    with tempfile.TemporaryDirectory(prefix="offload-moe-demo-") as tmp:
-        folder = write_synthetic_checkpoint(Path(tmp) / "demo-mixtral", "mixtral", seed=0, **DEMO_CONFIG)
-        total = DEMO_CONFIG["num_hidden_layers"] * DEMO_CONFIG["num_local_experts"]
-        model = load(folder, device=device, cache_experts=total // 4, dtype="float32")
-        console.print(
-            f"[bold]demo model[/]: Mixtral architecture, {DEMO_CONFIG['num_hidden_layers']} layers x "
-            f"{DEMO_CONFIG['num_local_experts']} experts (top-2), random weights; "
-            f"{total // 4} of {total} experts resident on {device}"
+def demo_model_path() -> Path:
+    """The folder of the small MoE model bundled with offload_moe: config, bf16 weights, tokenizer, model card.
+
+    It loads with ``offload_moe.load(demo_model_path(), ...)`` or with transformers'
+    ``from_pretrained``; no download is needed.
+    """
+    folder = Path(__file__).resolve().parent / "demo_model"
+    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise ModelPathError(
+            f"{folder} lacks config.json or model.safetensors, so the bundled model is incomplete; reinstall "
+            "offload_moe (`pip install --force-reinstall .` from the repository) or train it again with "
+            "scripts/train_demo_model.py"
         )
-        prompt = torch.arange(1, 17, device=model.offload.device).unsqueeze(0)  # [1, 16]
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        seconds = time.perf_counter() - start
-        generated = out[0, prompt.shape[1]:].tolist()
-        console.print(f"generated token ids: {generated}")
+    return folder
+
+
+@dataclass
+class DemoResult:
+    """What the demo generated and what the expert cache did meanwhile."""
+
+    completions: list[str]
+    stats: dict
+    new_tokens: int
+    seconds: float
+    cache_experts: int
+    total_experts: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+class ConsoleStreamer:
+    """A ``generate(streamer=...)`` streamer that prints the completion as tokens arrive.
+
+    Text goes out through ``console.out``: no rich markup, wrapping or highlighting, since code
+    is full of brackets. A token that ends inside a UTF-8 character waits for the next one.
+    """
+
+    def __init__(self, tokenizer, console: Console, style: str = "green"):
+        self.tokenizer = tokenizer
+        self.console = console
+        self.style = style
+        self.ids: list[int] = []
+        self.printed = 0
+        self._prompt_seen = False
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first passes the prompt
+            self._prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.text
+        if not text.endswith("\ufffd"):
+            self._write(text)
+
+    def end(self) -> None:
+        self._write(self.text)
+
+    def _write(self, text: str) -> None:
+        self.console.out(text[self.printed:], end="", style=self.style, highlight=False)
+        self.printed = len(text)
+
+
+def run_demo(
+    device: str = "cpu",
+    new_tokens: int = 40,
+    console: Console | None = None,
+    prompts: tuple[str, ...] = DEMO_PROMPTS,
+) -> DemoResult:
+    """Load the bundled model with 25% of its experts resident, stream completions of ``prompts``, return the stats.
+
+    On CPU the bf16 checkpoint is computed in float32 (faster there); elsewhere in its own dtype.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    console = console or Console()
+    folder = demo_model_path()
+    config = AutoConfig.from_pretrained(folder)
+    total = config.num_hidden_layers * config.num_local_experts
+    capacity = max(2, int(total * CACHE_SHARE))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load(folder, device=device, cache_experts=capacity, dtype="float32" if device == "cpu" else None,
+                 prefetch="gate", prefetch_margin=0, progress=False)
+    try:
+        _print_header(console, config, capacity, total, model.offload.device)
+        completions, generated, seconds = [], 0, 0.0
+        for prompt in prompts:
+            text, count, took = _complete(model, tokenizer, prompt, new_tokens, console)
+            completions.append(text)
+            generated += count
+            seconds += took
         stats = model.offload.stats()
+    finally:
         model.offload.close()
-    return {"stats": stats, "tokens": generated, "seconds": seconds, "tokens_per_s": len(generated) / seconds}
+    return DemoResult(completions, stats, generated, seconds, capacity, total)
+
+
+def _print_header(console: Console, config, capacity: int, total: int, device: torch.device) -> None:
+    params = config.num_hidden_layers * config.num_local_experts * 3 * config.hidden_size * config.intermediate_size
+    console.print(
+        f"[bold]offload-moe demo[/]: a Mixtral-architecture model trained on the Python standard library "
+        f"({config.num_hidden_layers} layers x {config.num_local_experts} experts, top-{config.num_experts_per_tok}, "
+        f"{params / 1e6:.1f} M expert parameters), bundled with the package."
+    )
+    console.print(
+        f"[bold]{capacity} of {total}[/] experts fit in the cache on {device}; the others stream from "
+        f"model.safetensors when the router picks them.\n"
+    )
+
+
+def _complete(model, tokenizer, prompt: str, new_tokens: int, console: Console) -> tuple[str, int, float]:
+    """Stream one greedy completion (with a mild repetition penalty); returns its text, its number of new tokens and the seconds it took."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.offload.device)  # [1, S]
+    streamer = ConsoleStreamer(tokenizer, console)
+    console.rule(style="dim")
+    console.out(prompt, end="", style="bold", highlight=False)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        tokens = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, repetition_penalty=REPETITION_PENALTY,
+                                streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+    seconds = time.perf_counter() - start
+    console.out("")
+    return streamer.text, tokens.shape[1] - ids.shape[1], seconds

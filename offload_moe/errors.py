@@ -40,3 +40,7 @@ class PolicyError(OffloadMoEError):
 
 class ExpertLoadError(OffloadMoEError):
     """Reading or moving one expert failed; names the layer, the expert and the file."""
+
+
+class TraceError(OffloadMoEError, ValueError):
+    """A routing trace is missing, malformed, or disagrees with its own metadata."""

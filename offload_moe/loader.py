@@ -239,7 +239,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     host_memory: str | int | None = None,
     host_policy: str = "lru",
-    prefetch: str = "gate",
+    prefetch: str = "none",
     prefetch_margin: int = 1,
     prefetch_depth: int = 1,
     readers: int = 2,
@@ -259,8 +259,9 @@ def load(
     ``host_memory`` adds a warm tier of (pinned, on CUDA) host RAM between the device
     slots and the disk, with its own ``host_policy``; when it holds every expert it is
     filled at load. ``prefetch`` picks the predictor that starts loads for the next
-    ``prefetch_depth`` layers (``gate``, ``transition`` or ``none``), naming top-k plus
-    ``prefetch_margin`` experts. ``readers`` threads read the disk; ``io`` is ``direct``
+    ``prefetch_depth`` layers (``gate``, ``transition`` or ``none``, the default), naming top-k plus
+    ``prefetch_margin`` experts. Prefetch raises the hit rate but moves more bytes (wrong guesses
+    are loaded too); measure it on your model with ``benchmarks/prefetch_recall.py``. ``readers`` threads read the disk; ``io`` is ``direct``
     (O_DIRECT, else dropping read pages), ``dontneed`` or ``buffered`` (page cache).
     A layer waits at most ``read_timeout`` seconds for one expert, then raises ExpertLoadError.
     ``profile`` (a name from ``profiles/`` or a TOML path) fills in the device, dtype,

@@ -29,9 +29,15 @@ def test_help_lists_commands_with_examples():
 
 
 def test_demo_runs_and_prints_stats():
-    result = runner.invoke(app, ["demo", "--tokens", "6"])
+    from offload_moe.demo import DEMO_PROMPTS
+
+    result = runner.invoke(app, ["demo", "--tokens", "4"])
     assert result.exit_code == 0, result.output
-    assert "expert cache" in result.output and "misses" in result.output and "8 of 32" in result.output
+    out = result.output
+    assert "expert cache" in out and "24 of 96" in out
+    for row in ("hits", "misses", "hit rate", "evictions", "bytes loaded", "tokens/s"):
+        assert row in out, row
+    assert all(prompt.splitlines()[0] in out for prompt in DEMO_PROMPTS)  # the prompts were completed
 
 
 def test_plan_prints_table(model_dir):
@@ -66,3 +72,22 @@ def test_profiles_command_and_plan_with_profile(model_dir):
     result = runner.invoke(app, ["plan", str(model_dir("mixtral")), "--profile", "gpu-12gb"])
     assert result.exit_code == 0, result.output
     assert "bfloat16" in result.output
+
+
+def test_verify_command(model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir("mixtral"), folder)
+    first = runner.invoke(app, ["verify", str(folder)])
+    assert first.exit_code == 0 and "wrote checksums of 12 experts" in first.output
+    again = runner.invoke(app, ["verify", str(folder)])
+    assert again.exit_code == 0 and "all 12 experts match" in again.output
+    from offload_moe.safetensors_io import read_header
+
+    info = read_header(folder / "model.safetensors")["model.layers.0.block_sparse_moe.experts.3.w1.weight"]
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.seek(info.offset)
+        f.write(b"\xff\xff")
+    bad = run_cli("verify", str(folder))
+    assert bad.returncode == 1 and "expert 3 of layer 0 differs" in bad.stderr and "Traceback" not in bad.stderr

@@ -49,6 +49,7 @@ from .loader import default_cache_bytes
 from .policies import make_policy
 from .prefetch import PREDICTORS, Predictor, Prefetcher, make_predictor
 from .routing import Router, default_router, gate_of, top_k_of
+from .runtime import OffloadHandle
 from .saved_experts import SavedExperts, expert_item, write_plans
 from .transfer import make_mover
 
@@ -498,7 +499,7 @@ def save_experts(model_or_layers: nn.Module | Sequence[nn.Module], folder: str |
 
 
 # == the handle =================================================================================================
-class ExpertOffload:
+class ExpertOffload(OffloadHandle):
     """``model.offload`` for a model whose experts ``offload_experts`` moved into the expert cache."""
 
     def __init__(self, model: nn.Module, cache: ExpertCache, plans: Sequence[LayerPlan], runtimes: list,
@@ -513,26 +514,8 @@ class ExpertOffload:
         self._finalizer = weakref.finalize(model, _shutdown, cache, runtimes, cleanups, owned_folder)
 
     @property
-    def store(self) -> SavedExperts:
-        return self.cache.store
-
-    def stats(self) -> dict:
-        """The cache's counters (see the README's Statistics) plus layers, total_experts, hit_rate and the
-        predictor's prediction_recall / prediction_precision."""
-        out = self.cache.stats()
-        requests = out["hits"] + out["misses"]
-        pf = self.prefetcher
-        out.update(device=str(self.device), dtype=str(self.dtype).removeprefix("torch."), layers=len(self.layers),
-                   total_experts=self.total_experts, hit_rate=out["hits"] / requests if requests else 0.0,
-                   prefetch=pf.predictor.name if pf else "none",
-                   prediction_recall=pf.score.recall if pf else 0.0,
-                   prediction_precision=pf.score.precision if pf else 0.0)
-        return out
-
-    def reset_stats(self) -> None:
-        self.cache.reset_stats()
-        if self.prefetcher is not None:
-            self.prefetcher.reset()
+    def num_layers(self) -> int:
+        return len(self.layers)
 
     def close(self) -> None:
         """Stop the readers, close the files, remove hooks, and delete the experts folder if offload_experts made it.

@@ -15,8 +15,55 @@ from .experts import OffloadedExperts
 from .prefetch import Prefetcher
 
 
-class OffloadRuntime:
-    """The expert cache, store and statistics of one offloaded model."""
+class OffloadHandle:
+    """What both entry points (``load`` and ``offload_experts``) hand back as ``model.offload``.
+
+    Subclasses set ``cache``, ``prefetcher``, ``device``, ``dtype``, ``num_layers``,
+    ``total_experts`` and ``_finalizer``.
+    """
+
+    cache: ExpertCache
+    prefetcher: Prefetcher | None
+    device: torch.device
+    dtype: torch.dtype
+    num_layers: int
+    total_experts: int
+    _finalizer: weakref.finalize
+
+    @property
+    def store(self):
+        return self.cache.store
+
+    def stats(self) -> dict:
+        """Counters since load (or the last ``reset_stats``): see the README's Statistics. Among them hits,
+        misses, evictions, bytes_loaded, capacity_experts, resident_bytes, and the same per layer under ``per_layer``."""
+        out = self.cache.stats()
+        requests = out["hits"] + out["misses"]
+        pf = self.prefetcher
+        out.update(
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            layers=self.num_layers,
+            total_experts=self.total_experts,
+            hit_rate=out["hits"] / requests if requests else 0.0,
+            prefetch=pf.predictor.name if pf else "none",
+            prediction_recall=pf.score.recall if pf else 0.0,
+            prediction_precision=pf.score.precision if pf else 0.0,
+        )
+        return out
+
+    def reset_stats(self) -> None:
+        self.cache.reset_stats()
+        if self.prefetcher is not None:
+            self.prefetcher.reset()
+
+    def close(self) -> None:
+        """Release reader threads, file handles and pinned buffers now rather than when the model is collected."""
+        self._finalizer()
+
+
+class OffloadRuntime(OffloadHandle):
+    """``model.offload`` of a model from ``offload_moe.load``: its expert cache, store and statistics."""
 
     def __init__(
         self,
@@ -34,40 +81,11 @@ class OffloadRuntime:
         self.dtype = dtype
         self.folder = folder
         self.prefetcher = prefetcher
+        self.num_layers = len(modules)
+        self.total_experts = sum(m.num_experts for m in modules)
         self._finalizer = weakref.finalize(model, _close, cache)
         self.lock = threading.RLock()
         _serialise(model, self.lock)
-
-    @property
-    def store(self):
-        return self.cache.store
-
-    def stats(self) -> dict:
-        """Counters since load (or the last ``reset_stats``): hits, misses, evictions, bytes_loaded,
-        capacity_experts, resident_bytes, and the same per layer under ``per_layer``."""
-        out = self.cache.stats()
-        out.update(
-            device=str(self.device),
-            dtype=str(self.dtype).removeprefix("torch."),
-            layers=len(self.modules),
-            total_experts=sum(m.num_experts for m in self.modules),
-        )
-        requests = out["hits"] + out["misses"]
-        out["hit_rate"] = out["hits"] / requests if requests else 0.0
-        pf = self.prefetcher
-        out["prefetch"] = pf.predictor.name if pf else "none"
-        out["prediction_recall"] = pf.score.recall if pf else 0.0
-        out["prediction_precision"] = pf.score.precision if pf else 0.0
-        return out
-
-    def reset_stats(self) -> None:
-        self.cache.reset_stats()
-        if self.prefetcher is not None:
-            self.prefetcher.reset()
-
-    def close(self) -> None:
-        """Release file handles and staging buffers now rather than when the model is collected."""
-        self._finalizer()
 
 
 def _serialise(model: nn.Module, lock: threading.RLock) -> None:

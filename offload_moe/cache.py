@@ -391,11 +391,6 @@ class ExpertCache:
                 "raise cache_experts / cache_memory"
             )
 
-    def load(self, layer: int, expert: int) -> int:
-        """Load a missing expert and wait for it: ``start_blocking`` then ``ready``."""
-        self.start_blocking(layer, expert)
-        return self.ready(layer, expert)
-
     def release(self, layer: int, expert: int) -> None:
         key = (layer, expert)
         self.residency.release(key)

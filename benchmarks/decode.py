@@ -49,7 +49,7 @@ SHAPES = {
 }
 
 
-VARIANTS = ("no reuse", "lru", "full", "full buffered")
+VARIANTS = ("no reuse", "lru", "full", "full buffered", "lru buffered")
 
 
 def write_checkpoint(shape: str, layers: int, folder: Path, dtype: torch.dtype) -> Path:
@@ -178,6 +178,7 @@ def run_offload(folder: Path, device: str, capacity: int, variant: str, tokens: 
                      host_memory=host_memory if device.startswith("cuda") else None),
         # The page cache as an unbudgeted warm tier, as accelerate's disk offload gets it.
         "full buffered": dict(prefetch="gate" if trace is None else "transition", io="buffered"),
+        "lru buffered": dict(prefetch="none", io="buffered"),
     }[variant]
     model = offload_moe.load(folder, device=device, cache_experts=capacity, progress=False, **settings)
     if variant == "no reuse":

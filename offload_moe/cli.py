@@ -108,6 +108,46 @@ def plan(
 
 
 @app.command()
+def generate(
+    model: Annotated[Optional[str], typer.Argument(help="Model folder; default: the bundled model.")] = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to complete.")] = ...,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling when temperature > 0.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda; default: the profile's, else cpu.")] = None,
+    cache_experts: Annotated[Optional[int], typer.Option(help="Expert slots on the device.")] = None,
+    cache_memory: Annotated[Optional[str], typer.Option(help="Memory for expert slots, e.g. 6GiB.")] = None,
+    policy: Annotated[Optional[str], typer.Option(help="Eviction policy: lru, lfu, fifo, random.")] = None,
+    prefetch: Annotated[str, typer.Option(help="Predictor: none, gate, transition.")] = "none",
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.")] = None,
+    profile: Annotated[Optional[str], typer.Option(help="Hardware profile name or TOML path.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print text, timings and cache statistics as JSON.")] = False,
+) -> None:
+    """Complete one prompt, streaming the text; --json prints text, timings and statistics for scripts.
+
+    Example: offload-moe generate --prompt "def fib(n):" --max-new-tokens 48 --json
+    """
+    import json
+
+    from .generation import generate_text
+
+    stream = None if json_output else (lambda text: console.out(text, end="", highlight=False))
+    if stream is not None:
+        console.out(prompt, end="", style="bold", highlight=False)
+    result = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           seed=seed, on_text=stream, device=device, cache_experts=cache_experts,
+                           cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, profile=profile)
+    if json_output:
+        print(json.dumps(result.as_dict(), default=str))
+        return
+    s = result.stats
+    err.print(f"\n{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_s:.1f} tokens/s); "
+              f"expert cache {s['capacity_experts']} of {s['total_experts']}: {s['hits']} hits, {s['misses']} misses",
+              highlight=False)
+
+
+@app.command()
 def verify(
     model: Annotated[str, typer.Argument(help="Model folder (config.json + *.safetensors).")],
     manifest_dir: Annotated[Optional[str], typer.Option(help="Where the checksum manifest lives when the model folder is read-only.")] = None,

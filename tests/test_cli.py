@@ -91,3 +91,26 @@ def test_verify_command(model_dir, tmp_path):
         f.write(b"\xff\xff")
     bad = run_cli("verify", str(folder))
     assert bad.returncode == 1 and "expert 3 of layer 0 differs" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_generate_json_is_stable_and_has_stats():
+    import json
+
+    args = ["generate", "--prompt", "def read_lines(path):", "--max-new-tokens", "12", "--cache-experts", "24", "--json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    data = json.loads(first.output)
+    assert data["new_tokens"] == 12 and data["text"] and data["tokens_per_s"] > 0
+    assert data["stats"]["capacity_experts"] == 24 and data["stats"]["misses"] > 0
+    again = json.loads(runner.invoke(app, args).output)
+    assert again["text"] == data["text"]  # greedy: the same text every time
+
+
+def test_generate_streams_and_reports(tmp_path):
+    result = runner.invoke(app, ["generate", "--prompt", "import os", "--max-new-tokens", "6", "--cache-experts", "24"])
+    assert result.exit_code == 0 and result.output.startswith("import os")
+
+
+def test_generate_needs_a_tokenizer(model_dir):
+    result = run_cli("generate", str(model_dir("mixtral")), "--prompt", "hi")
+    assert result.returncode == 1 and "tokenizer" in result.stderr and "Traceback" not in result.stderr

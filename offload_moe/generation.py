@@ -1,0 +1,98 @@
+"""One-shot text generation with an offloaded model: what ``offload-moe generate`` runs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, ModelPathError
+
+
+@dataclass
+class Generation:
+    """The text a model wrote for a prompt, how long it took, and the expert-cache statistics."""
+
+    prompt: str
+    text: str
+    new_tokens: int
+    seconds: float
+    load_seconds: float
+    stats: dict
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ModelPathError(f"{folder} has no tokenizer transformers can load ({e}); "
+                             "generation needs tokenizer.json or the model's tokenizer files") from None
+
+
+def generate_text(
+    model_path: str | Path | None,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    on_text: Callable[[str], None] | None = None,
+    **load_options,
+) -> Generation:
+    """Load ``model_path`` (default: the bundled model) with ``load_options``, complete ``prompt``, return it all.
+
+    Greedy when ``temperature`` is 0, else sampled with ``top_p`` from ``seed``. ``on_text`` receives the
+    new text piece by piece as it is generated.
+    """
+    from .demo import demo_model_path
+    from .loader import load, resolve_model_path
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
+    tokenizer = load_tokenizer(folder)
+    start = time.perf_counter()
+    model = load(folder, **{"progress": on_text is not None, **load_options})
+    load_seconds = time.perf_counter() - start
+    try:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.offload.device)  # [1, S]
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        streamer = _streamer(tokenizer, on_text) if on_text is not None else None
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, streamer=streamer,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+        seconds = time.perf_counter() - start
+        new = out[0, ids.shape[1]:]
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        stats = model.offload.stats()
+    finally:
+        model.offload.close()
+    return Generation(prompt, text, int(new.numel()), seconds, load_seconds, stats)
+
+
+def _streamer(tokenizer, on_text: Callable[[str], None]):
+    """transformers' TextStreamer, handing the decoded text to ``on_text`` instead of printing it."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            on_text(text)
+
+    return Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -288,10 +288,9 @@ def main() -> None:
     }
     print_table(report)
     if args.json:
-        out = Path(args.json)
-        tmp_out = out.with_name(out.name + ".tmp")
-        tmp_out.write_text(json.dumps(report, indent=2))
-        tmp_out.replace(out)
+        from offload_moe.atomic import atomic_write
+
+        atomic_write(args.json, json.dumps(report, indent=2).encode())
 
 
 def machine(device: str) -> dict:

@@ -119,9 +119,9 @@ def main() -> None:
           f"({result['capacity_experts']}/{result['total_experts']}) | {result['growth'] / mib:.0f} MiB | "
           f"{result['target_bytes'] / mib:.0f} MiB | {'yes' if result['met'] else 'NO'} |")
     if args.json:
-        tmp_out = Path(args.json).with_suffix(".tmp")
-        tmp_out.write_text(json.dumps(result, indent=2))
-        tmp_out.replace(args.json)
+        from offload_moe.atomic import atomic_write
+
+        atomic_write(args.json, json.dumps(result, indent=2).encode())
 
 
 if __name__ == "__main__":

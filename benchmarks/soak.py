@@ -116,10 +116,9 @@ def main() -> None:
         report = {"steps": args.steps, "seconds": seconds, "samples": samples, "verdict": verdict,
                   "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count(),
                               "date": time.strftime("%Y-%m-%d")}}
-        out = Path(args.json)
-        tmp_out = out.with_name(out.name + ".tmp")
-        tmp_out.write_text(json.dumps(report, indent=2))
-        tmp_out.replace(out)
+        from offload_moe.atomic import atomic_write
+
+        atomic_write(args.json, json.dumps(report, indent=2).encode())
     sys.exit(0 if verdict["flat"] else 1)
 
 

@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 
 from .errors import ModelPathError
+from .generation import text_streamer
 from .loader import load
 
 # Each prompt stops inside a line: the tokenizer learned a newline together with the next line's
@@ -60,42 +61,6 @@ class DemoResult:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds else 0.0
-
-
-class ConsoleStreamer:
-    """A ``generate(streamer=...)`` streamer that prints the completion as tokens arrive.
-
-    Text goes out through ``console.out``: no rich markup, wrapping or highlighting, since code
-    is full of brackets. A token that ends inside a UTF-8 character waits for the next one.
-    """
-
-    def __init__(self, tokenizer, console: Console, style: str = "green"):
-        self.tokenizer = tokenizer
-        self.console = console
-        self.style = style
-        self.ids: list[int] = []
-        self.printed = 0
-        self._prompt_seen = False
-
-    @property
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first passes the prompt
-            self._prompt_seen = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        text = self.text
-        if not text.endswith("\ufffd"):
-            self._write(text)
-
-    def end(self) -> None:
-        self._write(self.text)
-
-    def _write(self, text: str) -> None:
-        self.console.out(text[self.printed:], end="", style=self.style, highlight=False)
-        self.printed = len(text)
 
 
 def run_demo(
@@ -148,7 +113,8 @@ def _print_header(console: Console, config, capacity: int, total: int, device: t
 def _complete(model, tokenizer, prompt: str, new_tokens: int, console: Console) -> tuple[str, int, float]:
     """Stream one greedy completion (with a mild repetition penalty); returns its text, its number of new tokens and the seconds it took."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.offload.device)  # [1, S]
-    streamer = ConsoleStreamer(tokenizer, console)
+    # console.out: no rich markup, wrapping or highlighting, since code is full of brackets
+    streamer = text_streamer(tokenizer, lambda text: console.out(text, end="", style="green", highlight=False))
     console.rule(style="dim")
     console.out(prompt, end="", style="bold", highlight=False)
     start = time.perf_counter()
@@ -157,4 +123,5 @@ def _complete(model, tokenizer, prompt: str, new_tokens: int, console: Console) 
                                 streamer=streamer, pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - start
     console.out("")
-    return streamer.text, tokens.shape[1] - ids.shape[1], seconds
+    new = tokens[0, ids.shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds

@@ -72,7 +72,7 @@ def generate_text(
     try:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.offload.device)  # [1, S]
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        streamer = _streamer(tokenizer, on_text) if on_text is not None else None
+        streamer = text_streamer(tokenizer, on_text) if on_text is not None else None
         torch.manual_seed(seed)
         start = time.perf_counter()
         with torch.inference_mode():
@@ -87,7 +87,7 @@ def generate_text(
     return Generation(prompt, text, int(new.numel()), seconds, load_seconds, stats)
 
 
-def _streamer(tokenizer, on_text: Callable[[str], None]):
+def text_streamer(tokenizer, on_text: Callable[[str], None]):
     """transformers' TextStreamer, handing the decoded text to ``on_text`` instead of printing it."""
     from transformers import TextStreamer
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .errors import TraceError
 from .experts import find_experts_modules, layer_number
 
@@ -142,23 +141,13 @@ def _check_expert_ids(trace: Trace, where: str | Path) -> None:
 
 def save_trace(trace: Trace, path: str | Path) -> Path:
     """Write ``trace`` to one safetensors file, atomically: readers see the old file or the new one."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     trace.validate(path)
     tensors = {name: getattr(trace, name).contiguous() for name in TENSORS if getattr(trace, name) is not None}
     metadata = {**trace.metadata, "format": FORMAT, "version": VERSION}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, save(tensors, metadata=metadata))
 
 
 def load_trace(path: str | Path) -> Trace:

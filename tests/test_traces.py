@@ -60,11 +60,10 @@ def test_failed_save_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     path = save_trace(make_trace(seed=1), tmp_path / "t.safetensors")
     before = path.read_bytes()
 
-    def broken(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"partial")
+    def broken(fd):  # the new bytes are in the temporary file when the disk fills up
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", broken)
+    monkeypatch.setattr("offload_moe.atomic.os.fsync", broken)
     with pytest.raises(OSError, match="disk full"):
         save_trace(make_trace(seed=2), path)
     assert path.read_bytes() == before

@@ -1,7 +1,7 @@
 """Hardware profiles: TOML files in ``profiles/`` giving a machine's budgets and settings.
 
-A profile fills in what a user did not say: ``device``, ``device_memory``, ``dtype``
-and ``policy``. Explicit arguments always win over the profile.
+A profile fills in what a user did not say: ``device``, ``device_memory``, ``host_memory``,
+``dtype``, ``policy`` and the prefetch settings. Explicit arguments always win over the profile.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-FIELDS = ("description", "device", "device_memory", "dtype", "policy")
+FIELDS = ("description", "device", "device_memory", "host_memory", "dtype", "policy", "prefetch",
+          "prefetch_margin", "prefetch_depth")
 
 
 @dataclass(frozen=True)
@@ -21,8 +22,12 @@ class Profile:
     description: str
     device: str
     device_memory: str
+    host_memory: str | None = None  # pinned warm tier; None: experts come straight from disk
     dtype: str | None = None
     policy: str | None = None
+    prefetch: str | None = None
+    prefetch_margin: int | None = None
+    prefetch_depth: int | None = None
 
 
 def profiles_folder() -> Path:
@@ -66,4 +71,8 @@ def read_profile(path: Path) -> Profile:
     missing = [k for k in ("description", "device", "device_memory") if k not in data]
     if missing:
         raise ConfigError(f"profile {path} lacks {', '.join(missing)}")
+    for key, value in data.items():
+        want = int if key in ("prefetch_margin", "prefetch_depth") else str
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise ConfigError(f"profile {path}: {key} = {value!r} should be {'an integer' if want is int else 'a string'}")
     return Profile(name=path.stem, **data)

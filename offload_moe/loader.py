@@ -239,9 +239,9 @@ def load(
     dtype: str | torch.dtype | None = None,
     host_memory: str | int | None = None,
     host_policy: str = "lru",
-    prefetch: str = "none",
-    prefetch_margin: int = 1,
-    prefetch_depth: int = 1,
+    prefetch: str | None = None,
+    prefetch_margin: int | None = None,
+    prefetch_depth: int | None = None,
     readers: int = 2,
     io: str = "direct",
     read_timeout: float | None = 120.0,
@@ -259,19 +259,24 @@ def load(
     ``host_memory`` adds a warm tier of (pinned, on CUDA) host RAM between the device
     slots and the disk, with its own ``host_policy``; when it holds every expert it is
     filled at load. ``prefetch`` picks the predictor that starts loads for the next
-    ``prefetch_depth`` layers (``gate``, ``transition`` or ``none``, the default), naming top-k plus
-    ``prefetch_margin`` experts. Prefetch raises the hit rate but moves more bytes (wrong guesses
+    ``prefetch_depth`` layers (default 1; ``gate``, ``transition`` or ``none``, the default), naming
+    top-k plus ``prefetch_margin`` (default 1) experts. Prefetch raises the hit rate but moves more bytes (wrong guesses
     are loaded too); measure it on your model with ``benchmarks/prefetch_recall.py``. ``readers`` threads read the disk; ``io`` is ``direct``
     (O_DIRECT, else dropping read pages), ``dontneed`` or ``buffered`` (page cache).
     A layer waits at most ``read_timeout`` seconds for one expert, then raises ExpertLoadError.
-    ``profile`` (a name from ``profiles/`` or a TOML path) fills in the device, dtype,
-    policy and, through ``plan``, the number of slots, where they are not given.
+    ``profile`` (a name from ``profiles/`` or a TOML path) fills in the device, dtype, policy,
+    host memory, prefetch settings and, through ``plan``, the number of slots, where they are
+    not given.
     Returns the transformers model; ``model.offload`` holds the runtime and its stats.
     """
     hw = get_profile(profile) if profile is not None else None
     dev = parse_device(device or (hw.device if hw else "cpu"))
     want_dtype = parse_dtype(dtype or (hw.dtype if hw else None))
     policy = policy or (hw.policy if hw and hw.policy else "lru")
+    host_memory = host_memory if host_memory is not None else (hw.host_memory if hw else None)
+    prefetch = (prefetch or (hw.prefetch if hw else None) or "none").lower()
+    prefetch_margin = _first(prefetch_margin, hw.prefetch_margin if hw else None, 1)
+    prefetch_depth = _first(prefetch_depth, hw.prefetch_depth if hw else None, 1)
     make_policy(policy, seed=seed)  # fail on a bad name before reading anything
     make_policy(host_policy, seed=seed)
     if prefetch not in PREDICTORS:
@@ -329,6 +334,11 @@ def load(
     model.eval()
     model.offload = OffloadRuntime(model, cache, modules, dev, want_dtype, folder, prefetcher)
     return model
+
+
+def _first(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
 
 
 def _host_tier(host_memory, host_policy: str, seed: int, layout: SlotLayout, total_experts: int,

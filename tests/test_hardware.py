@@ -42,3 +42,34 @@ def test_profile_fills_in_and_explicit_settings_win(model_dir, tmp_path):
     assert model.offload.cache.residency.policy.name == "lru"
     assert model.offload.stats()["capacity_experts"] == 3
     model.offload.close()
+
+
+def test_profiles_cover_the_common_machines():
+    names = {p.name for p in list_profiles()}
+    assert {"gpu-8gb", "gpu-12gb", "gpu-16gb", "gpu-24gb", "gpu-80gb", "cpu-16gb", "cpu-32gb"} <= names
+    for p in list_profiles():
+        assert p.policy and p.prefetch in ("none", "gate", "transition"), p.name
+        if p.host_memory is not None:
+            offload_moe.config.parse_bytes(p.host_memory)
+
+
+def test_profile_prefetch_and_host_settings_apply_and_yield_to_explicit_ones(model_dir, tmp_path):
+    f = tmp_path / "box.toml"
+    f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\nhost_memory = "1GiB"\n'
+                 'prefetch = "transition"\nprefetch_margin = 2\nprefetch_depth = 2\n')
+    model = offload_moe.load(model_dir("mixtral"), profile=f, cache_experts=4, progress=False)
+    s = model.offload.stats()
+    assert s["prefetch"] == "transition"
+    assert model.offload.prefetcher.predictor.width == 2 + 2 and model.offload.prefetcher.predictor.depth == 2
+    assert model.offload.cache.host is not None
+    model.offload.close()
+    model = offload_moe.load(model_dir("mixtral"), profile=f, cache_experts=4, prefetch="none", progress=False)
+    assert model.offload.stats()["prefetch"] == "none"
+    model.offload.close()
+
+
+def test_profile_with_a_wrongly_typed_setting_names_it(tmp_path):
+    f = tmp_path / "box.toml"
+    f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\nprefetch_margin = "two"\n')
+    with pytest.raises(ConfigError, match="prefetch_margin"):
+        get_profile(f)

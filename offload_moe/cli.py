@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import sys
-from typing import Annotated, Optional
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -32,7 +35,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
     """Run Mixture-of-Experts models whose experts do not fit on your GPU (or in RAM).
@@ -44,8 +47,9 @@ def root(
 
 @app.command()
 def demo(
-    device: Annotated[str, typer.Option(help="Compute device: cpu or cuda.")] = "cpu",
+    device: Annotated[str | None, typer.Option(help="Compute device: cpu or cuda; default: the profile's, else cpu.")] = None,
     tokens: Annotated[int, typer.Option(min=1, help="New tokens per prompt.")] = 40,
+    profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path (its device is used).")] = None,
 ) -> None:
     """Complete three Python prompts with the bundled MoE model, 25% of its experts resident, and show the cache statistics.
 
@@ -53,7 +57,7 @@ def demo(
     """
     from .demo import run_demo
 
-    result = run_demo(device=device, new_tokens=tokens, console=console)
+    result = run_demo(device=device, new_tokens=tokens, console=console, profile=profile)
     s = result.stats
     requests = s["hits"] + s["misses"]
     rows = {
@@ -84,18 +88,28 @@ def demo(
 @app.command()
 def plan(
     model: Annotated[str, typer.Argument(help="Model folder (config.json + *.safetensors).")],
-    device_memory: Annotated[Optional[str], typer.Option(help="Memory for the compute device, e.g. 12GiB.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
+    device_memory: Annotated[str | None, typer.Option(help="Memory for the compute device, e.g. 12GiB.")] = None,
+    host_memory: Annotated[str | None, typer.Option(help="Host RAM for the warm expert tier, e.g. 32GiB.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
     context: Annotated[int, typer.Option(help="Tokens of KV cache to reserve.")] = 4096,
-    profile: Annotated[Optional[str], typer.Option(help="Hardware profile name or TOML path (see `offload-moe profiles`).")] = None,
+    profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path (see `offload-moe profiles`).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Show what goes where for MODEL under a device-memory budget, without loading any weights.
+    """Show what goes where for MODEL: device, host RAM and disk, without loading any weights.
 
-    Example: offload-moe plan ./Mixtral-8x7B --device-memory 12GiB
+    Example: offload-moe plan ./Mixtral-8x7B --device-memory 12GiB --host-memory 32GiB
     """
     from .planning import plan as make_plan
 
-    p = make_plan(model, device_memory=device_memory, dtype=dtype, context_length=context, profile=profile)
+    p = make_plan(model, device_memory=device_memory, dtype=dtype, context_length=context, profile=profile,
+                  host_memory=host_memory)
+    if json_output:
+        import json
+
+        print(json.dumps(p.as_dict()))
+        if not p.fits:
+            raise typer.Exit(1)
+        return
     table = Table(title=f"{p.model_type} in {p.device_memory / 2**30:.1f} GiB of device memory ({p.dtype})")
     table.add_column("part")
     table.add_column("where")
@@ -109,19 +123,19 @@ def plan(
 
 @app.command()
 def generate(
-    model: Annotated[Optional[str], typer.Argument(help="Model folder; default: the bundled model.")] = None,
+    model: Annotated[str | None, typer.Argument(help="Model folder; default: the bundled model.")] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to complete.")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling when temperature > 0.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda; default: the profile's, else cpu.")] = None,
-    cache_experts: Annotated[Optional[int], typer.Option(help="Expert slots on the device.")] = None,
-    cache_memory: Annotated[Optional[str], typer.Option(help="Memory for expert slots, e.g. 6GiB.")] = None,
-    policy: Annotated[Optional[str], typer.Option(help="Eviction policy: lru, lfu, fifo, random.")] = None,
-    prefetch: Annotated[str, typer.Option(help="Predictor: none, gate, transition.")] = "none",
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.")] = None,
-    profile: Annotated[Optional[str], typer.Option(help="Hardware profile name or TOML path.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda; default: the profile's, else cpu.")] = None,
+    cache_experts: Annotated[int | None, typer.Option(help="Expert slots on the device.")] = None,
+    cache_memory: Annotated[str | None, typer.Option(help="Memory for expert slots, e.g. 6GiB.")] = None,
+    policy: Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random.")] = None,
+    prefetch: Annotated[str | None, typer.Option(help="Predictor: none, gate, transition; default: the profile's, else none.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print text, timings and cache statistics as JSON.")] = False,
 ) -> None:
     """Complete one prompt, streaming the text; --json prints text, timings and statistics for scripts.
@@ -148,9 +162,46 @@ def generate(
 
 
 @app.command()
+def chat(
+    model: Annotated[str | None, typer.Argument(help="Model folder; default: the bundled model.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling when temperature > 0.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(min=0.0, help="1 turns it off; small models loop without it.")] = 1.1,
+    seed: Annotated[int, typer.Option(help="Sampling seed; /reset re-seeds.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda; default: the profile's, else cpu.")] = None,
+    cache_experts: Annotated[int | None, typer.Option(help="Expert slots on the device.")] = None,
+    cache_memory: Annotated[str | None, typer.Option(help="Memory for expert slots, e.g. 6GiB.")] = None,
+    policy: Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random.")] = None,
+    prefetch: Annotated[str | None, typer.Option(help="Predictor: none, gate, transition; default: the profile's, else none.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")] = None,
+) -> None:
+    """Chat with MODEL, streaming answers; /reset, /stats, /quit. Reads lines from stdin when it is not a terminal.
+
+    Uses the tokenizer's chat template, or continues the conversation as plain text without one.
+    Ctrl-C stops an answer (it stays in the history); Ctrl-C or Ctrl-D at the prompt leaves.
+
+    Example: offload-moe chat --cache-experts 24 --temperature 0.7
+    """
+    from .chat import ChatSession, prompt_lines, run_chat
+
+    session = ChatSession.load(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                               repetition_penalty=repetition_penalty, device=device, cache_experts=cache_experts,
+                               cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, profile=profile)
+    interactive = sys.stdin.isatty()
+    try:
+        if interactive:
+            err.print(f"[dim]chatting with {session.model.offload.folder.name}; /reset, /stats, /quit[/]", highlight=False)
+        run_chat(session, prompt_lines(console) if interactive else sys.stdin, console, interactive=interactive)
+    finally:
+        session.close()
+
+
+@app.command()
 def verify(
     model: Annotated[str, typer.Argument(help="Model folder (config.json + *.safetensors).")],
-    manifest_dir: Annotated[Optional[str], typer.Option(help="Where the checksum manifest lives when the model folder is read-only.")] = None,
+    manifest_dir: Annotated[str | None, typer.Option(help="Where the checksum manifest lives when the model folder is read-only.")] = None,
 ) -> None:
     """Check every expert's bytes against a SHA-256 manifest; the first run writes the manifest.
 
@@ -177,19 +228,217 @@ def verify(
 
 
 @app.command()
-def profiles() -> None:
-    """List the hardware profiles that --profile accepts.
+def profiles(
+    profile: Annotated[str | None, typer.Option(help="Show this one profile (a name or a TOML path) in full.")] = None,
+) -> None:
+    """List the hardware profiles that --profile accepts, or show one in full.
 
-    Example: offload-moe profiles
+    Example: offload-moe profiles --profile gpu-12gb
     """
-    from .hardware import list_profiles, profiles_folder
+    from dataclasses import asdict
 
+    from .hardware import get_profile, list_profiles, profiles_folder
+
+    if profile is not None:
+        table = Table(title=f"hardware profile {profile}")
+        table.add_column("setting")
+        table.add_column("value")
+        for key, value in asdict(get_profile(profile)).items():
+            table.add_row(key, "-" if value is None else str(value))
+        console.print(table)
+        return
     table = Table(title=f"hardware profiles ({profiles_folder()})")
-    for col in ("name", "device", "device memory", "dtype", "policy", "suits"):
+    for col in ("name", "device", "device memory", "host memory", "policy", "prefetch", "suits"):
         table.add_column(col)
     for p in list_profiles():
-        table.add_row(p.name, p.device, p.device_memory, p.dtype or "checkpoint's", p.policy or "lru", p.description)
+        prefetch = p.prefetch or "none"
+        if prefetch != "none" and p.prefetch_margin is not None:
+            prefetch += f" (margin {p.prefetch_margin})"
+        table.add_row(p.name, p.device, p.device_memory, p.host_memory or "-", p.policy or "lru", prefetch, p.description)
     console.print(table)
+
+
+trace_app = typer.Typer(help="Record, synthesise and summarise routing traces.", no_args_is_help=True)
+app.add_typer(trace_app, name="trace")
+
+
+@trace_app.command("record")
+def trace_record(
+    model: Annotated[str | None, typer.Argument(help="Model folder; default: the bundled model.")] = None,
+    prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line; or .jsonl, one JSON string or {\"prompt\": ...} per line.")] = ...,
+    out: Annotated[Path, typer.Option(help="The trace file to write (.safetensors).")] = ...,
+    max_new_tokens: Annotated[int, typer.Option(min=0, help="Also trace this many greedy decoding steps after each prompt.")] = 0,
+    margin: Annotated[int, typer.Option(min=0, help="Store the gate predictor's top-k + MARGIN guesses for the next layer.")] = 2,
+    predictions: Annotated[bool, typer.Option(help="Store the gate predictor's guesses (--no-predictions: routing only).")] = True,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda; default: the profile's, else cpu.")] = None,
+    cache_experts: Annotated[int | None, typer.Option(help="Expert slots while recording (routing does not depend on it).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")] = None,
+) -> None:
+    """Record which experts each token of each prompt is routed to, with router scores and gate predictions.
+
+    Example: offload-moe trace record --prompts prompts.txt --out trace.safetensors --max-new-tokens 32
+    """
+    from .traces import read_prompts, record_prompts, save_trace
+
+    texts = read_prompts(prompts)
+    with _bar("recording", len(texts)) as advance:
+        trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}"
+                               + (f", {max_new_tokens} greedy tokens after each" if max_new_tokens else ""),
+                               predict_margin=margin if predictions else None, max_new_tokens=max_new_tokens,
+                               on_prompt=advance, device=device, cache_experts=cache_experts, dtype=dtype,
+                               profile=profile)
+    path = save_trace(trace, out)
+    _print_trace_summary(trace, path)
+
+
+@trace_app.command("synth")
+def trace_synth(
+    out: Annotated[Path, typer.Option(help="The trace file to write (.safetensors).")] = ...,
+    tokens: Annotated[int, typer.Option(min=1, help="Tokens in the trace.")] = 4096,
+    layers: Annotated[int, typer.Option(min=1, help="MoE layers.")] = 32,
+    experts: Annotated[int, typer.Option(min=1, help="Experts per layer.")] = 8,
+    top_k: Annotated[int, typer.Option(min=1, help="Experts per token and layer.")] = 2,
+    skew: Annotated[float, typer.Option(min=0.0, help="Zipf exponent of expert popularity; 0: uniform.")] = 1.0,
+    locality: Annotated[float, typer.Option(min=0.0, max=1.0, help="Chance a choice repeats one of the previous token's experts.")] = 0.3,
+    sequences: Annotated[int, typer.Option(min=1, help="Independent sequences the tokens are split into.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a synthetic routing trace with controllable popularity skew and temporal locality.
+
+    Example: offload-moe trace synth --out qwen-like.safetensors --layers 48 --experts 128 --top-k 8 --skew 1.2
+    """
+    from .traces import save_trace, synthesize_trace
+
+    trace = synthesize_trace(tokens=tokens, layers=layers, num_experts=experts, top_k=top_k, skew=skew,
+                             locality=locality, sequences=sequences, seed=seed)
+    _print_trace_summary(trace, save_trace(trace, out))
+
+
+@trace_app.command("show")
+def trace_show(trace_file: Annotated[Path, typer.Argument(help="A trace file (.safetensors).")]) -> None:
+    """Summarise a trace: its size, metadata, and per-layer expert usage and locality.
+
+    Example: offload-moe trace show trace.safetensors
+    """
+    from .traces import load_trace
+
+    trace = load_trace(trace_file)
+    _print_trace_summary(trace, trace_file)
+    for key, value in sorted(trace.metadata.items()):
+        console.print(f"  {key}: {value}", highlight=False, soft_wrap=True)
+
+
+def _print_trace_summary(trace, path: Path) -> None:
+    from .traces import expert_usage_entropy, random_repeat_rate, repeat_rate
+
+    stored = [name for name in ("scores", "predicted", "token_ids") if getattr(trace, name) is not None]
+    console.print(f"{path}: {trace.num_tokens} tokens x {len(trace.layers)} layers x top-{trace.top_k} of "
+                  f"{trace.num_experts} experts" + (f"; also {', '.join(stored)}" if stored else ""), highlight=False)
+    entropy, repeats = expert_usage_entropy(trace), repeat_rate(trace)
+    console.print(f"  usage entropy per layer, bits (uniform {math.log2(trace.num_experts):.2f}): "
+                  f"mean {sum(entropy) / len(entropy):.2f}, min {min(entropy):.2f}", highlight=False)
+    console.print(f"  first-choice repeat rate of consecutive tokens (random {random_repeat_rate(trace.num_experts, trace.top_k):.3f}): "
+                  f"mean {sum(repeats) / len(repeats):.3f}", highlight=False)
+
+
+@app.command("profile")
+def profile_command(
+    model: Annotated[str | None, typer.Argument(help="Model folder to record a trace from (needs --prompts).")] = None,
+    trace_file: Annotated[Path | None, typer.Option("--trace", help="Replay this trace instead of recording one.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompts to record with MODEL (see `trace record`).")] = None,
+    policies: Annotated[str, typer.Option(help="Comma-separated eviction policies: lru, lfu, fifo, random.")] = "lru,lfu,fifo,random",
+    capacities: Annotated[str, typer.Option(help="Comma-separated capacities: expert slots (32) or shares of all experts (25%).")] = "12.5%,25%,50%",
+    predictors: Annotated[str | None, typer.Option(help="Comma-separated predictors: none, transition, gate; default: all the trace allows.")] = None,
+    margin: Annotated[int, typer.Option(min=0, help="Predictors name top-k + MARGIN experts.")] = 1,
+    out: Annotated[Path, typer.Option(help="Folder for results.json, results.csv and the plots.")] = Path("profile-results"),
+    max_new_tokens: Annotated[int, typer.Option(min=0, help="With MODEL: also trace this many decoding steps per prompt.")] = 0,
+    plots: Annotated[bool, typer.Option(help="Draw PNG plots (needs matplotlib: pip install 'offload_moe[plot]').")] = True,
+    profile: Annotated[str | None, typer.Option(help="Hardware profile: with MODEL, adds the capacity its device memory gives.")] = None,
+) -> None:
+    """Replay a routing trace through eviction policies x capacities x prefetch predictors, against Belady's optimum.
+
+    Without MODEL or --trace, profiles the bundled model's held-out reference trace.
+
+    Example: offload-moe profile --trace trace.safetensors --policies lru,lfu --capacities 16,32,64 --out results
+    """
+    import time
+
+    from .profiling import parse_capacities, sweep, sweep_size, write_results
+    from .traces import load_trace, read_prompts, record_prompts, save_trace
+
+    if model is not None and trace_file is not None:
+        raise OffloadMoEError("give MODEL (with --prompts) or --trace FILE, not both")
+    if model is not None:
+        if prompts is None:
+            raise OffloadMoEError("profiling MODEL records a trace first: give --prompts FILE (one prompt per line)")
+        texts = read_prompts(prompts)
+        with _bar("recording", len(texts)) as advance:
+            trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}", predict_margin=margin,
+                                   max_new_tokens=max_new_tokens, on_prompt=advance, profile=profile)
+        console.print(f"recorded {save_trace(trace, out / 'trace.safetensors')}", highlight=False, soft_wrap=True)
+    else:
+        if prompts is not None:
+            raise OffloadMoEError("--prompts needs MODEL; to profile the bundled model, pass its folder "
+                                  "(python -c 'import offload_moe; print(offload_moe.demo_model_path())')")
+        trace = load_trace(trace_file if trace_file is not None else _reference_trace())
+    chosen = [p.strip().lower() for p in (predictors or "").split(",") if p.strip()] or (
+        ["none", "transition"] + (["gate"] if trace.predicted is not None else []))
+    slots = parse_capacities(capacities, len(trace.layers) * trace.num_experts)
+    if model is not None and profile is not None:
+        from .planning import plan
+
+        slots = sorted(set(slots) | {min(plan(model, profile=profile).expert_slots, len(trace.layers) * trace.num_experts)})
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    start = time.perf_counter()
+    with _bar("replaying", sweep_size(names, slots, chosen)) as advance:
+        results = sweep(trace, policies=names, capacities=slots, predictors=chosen, margin=margin,
+                        progress=lambda n: advance())
+    seconds = time.perf_counter() - start
+    console.print(_results_table(results, trace, seconds))
+    for name, where in write_results(results, trace, out, seconds=seconds, plots=plots).items():
+        console.print(f"{name}: {where}", highlight=False, soft_wrap=True)
+
+
+def _reference_trace() -> Path:
+    from .hardware import profiles_folder
+
+    return profiles_folder() / "traces" / "demo-heldout.safetensors"
+
+
+def _results_table(results, trace, seconds: float) -> Table:
+    total = len(trace.layers) * trace.num_experts
+    table = Table(title=f"{trace.metadata['model']}: {trace.num_tokens} tokens x {len(trace.layers)} layers "
+                        f"({trace.num_tokens * len(trace.layers)} accesses), {len(results)} replays in {seconds:.1f} s",
+                  caption="Belady: the fewest misses any eviction policy reaches without prefetch. "
+                          "loads: misses + prefetches, each moving one expert.")
+    for col in ("capacity", "policy", "prefetch", "hit rate", "misses", "loads", "misses / Belady"):
+        table.add_column(col, justify="left" if col in ("policy", "prefetch") else "right")
+    last = None
+    for r in sorted(results, key=lambda r: (r.capacity, r.policy != "belady", r.misses)):
+        if last is not None and r.capacity != last:
+            table.add_section()
+        last = r.capacity
+        table.add_row(f"{r.capacity} ({r.capacity / total:.1%})", "Belady (optimum)" if r.policy == "belady" else r.policy,
+                      r.predictor, f"{r.hit_rate:.3f}", str(r.misses), str(r.loads), f"{r.misses_over_belady:.2f}")
+    return table
+
+
+@contextmanager
+def _bar(label: str, total: int):
+    """A progress bar on stderr (when it is a terminal); yields the function that advances it by one."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
 
 
 def main() -> None:

@@ -37,8 +37,29 @@ def load_tokenizer(folder: Path):
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
-        raise ModelPathError(f"{folder} has no tokenizer transformers can load ({e}); "
+        reason = " ".join(str(e).split())  # transformers' message spans lines; an error here is one line
+        raise ModelPathError(f"{folder} has no tokenizer transformers can load ({reason}); "
                              "generation needs tokenizer.json or the model's tokenizer files") from None
+
+
+def sampling_options(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float = 1.0) -> dict:
+    """``generate`` keyword arguments: greedy when ``temperature`` is 0, else sampled with ``top_p``; checked first."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
+        raise ConfigError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1] and "
+                          f"repetition_penalty={repetition_penalty} > 0")
+    options = {"do_sample": temperature > 0}
+    if temperature > 0:
+        options.update(temperature=temperature, top_p=top_p)
+    if repetition_penalty != 1.0:
+        options["repetition_penalty"] = repetition_penalty
+    return options
+
+
+def pad_token_id(tokenizer) -> int | None:
+    """The tokenizer's padding id, else its end-of-sequence id (0 is a valid id)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def generate_text(
@@ -60,10 +81,7 @@ def generate_text(
     from .demo import demo_model_path
     from .loader import load, resolve_model_path
 
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    sampling = sampling_options(max_new_tokens, temperature, top_p)
     folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
     tokenizer = load_tokenizer(folder)
     start = time.perf_counter()
@@ -71,13 +89,12 @@ def generate_text(
     load_seconds = time.perf_counter() - start
     try:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.offload.device)  # [1, S]
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
         streamer = text_streamer(tokenizer, on_text) if on_text is not None else None
         torch.manual_seed(seed)
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=max_new_tokens, streamer=streamer,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+                                 pad_token_id=pad_token_id(tokenizer), **sampling)
         seconds = time.perf_counter() - start
         new = out[0, ids.shape[1]:]
         text = tokenizer.decode(new, skip_special_tokens=True)

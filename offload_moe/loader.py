@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,9 +23,15 @@ from torch import nn
 
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
 from .config import Budget, parse_bytes, parse_device, parse_dtype
-from .errors import BudgetError, CheckpointError, ConfigError, ModelPathError, UnsupportedModelError
-from .hardware import get_profile
+from .errors import (
+    BudgetError,
+    CheckpointError,
+    ConfigError,
+    ModelPathError,
+    UnsupportedModelError,
+)
 from .experts import OffloadedExperts, expert_params, find_experts_modules, layer_number
+from .hardware import get_profile
 from .policies import make_policy
 from .prefetch import PREDICTORS, Prefetcher, make_predictor
 from .runtime import OffloadRuntime
@@ -116,14 +122,15 @@ def swap_experts(model: nn.Module) -> list[OffloadedExperts]:
     return swapped
 
 
-def find_routers(model: nn.Module, modules: list[OffloadedExperts]) -> list[nn.Module | None]:
-    """Each experts module's router: its block's ``gate`` or ``router`` with a [E, H] weight (None if not found)."""
+def find_routers(model: nn.Module, experts: Sequence[tuple[str, int]]) -> list[nn.Module | None]:
+    """The router of each experts module, given as (module name, number of experts): its block's
+    ``gate`` or ``router`` with an [E, H] weight (None if not found)."""
     routers = []
-    for m in modules:
-        block = model.get_submodule(m.spec.prefix.rpartition(".")[0])
+    for prefix, num_experts in experts:
+        block = model.get_submodule(prefix.rpartition(".")[0])
         router = getattr(block, "gate", None) or getattr(block, "router", None)
         weight = getattr(router, "weight", None)
-        ok = isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == m.num_experts
+        ok = isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == num_experts
         routers.append(router if ok else None)
     return routers
 
@@ -203,7 +210,13 @@ def _progress(enabled: bool, what: str, total: int):
     from contextlib import contextmanager
 
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     @contextmanager
     def bar():
@@ -316,7 +329,7 @@ def load(
             {m.layer: m.spec.prefix for m in modules},
         )
         cache.read_timeout = read_timeout
-        predictor = make_predictor(prefetch, routers=find_routers(model, modules), num_experts=modules[0].num_experts,
+        predictor = make_predictor(prefetch, routers=find_routers(model, [(m.spec.prefix, m.num_experts) for m in modules]), num_experts=modules[0].num_experts,
                                    top_k=int(getattr(config, "num_experts_per_tok", 2) or 2),
                                    margin=prefetch_margin, depth=prefetch_depth)
         prefetcher = Prefetcher(predictor, [m.layer for m in modules], cache) if prefetch != "none" else None

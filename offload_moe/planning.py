@@ -39,6 +39,8 @@ class Plan:
     device_memory: int
     expert_slots: int
     slots_bytes: int
+    host_memory: int = 0  # bytes for the warm tier in (pinned) host RAM; 0: none
+    host_slots: int = 0  # experts the warm tier holds
 
     @property
     def fits(self) -> bool:
@@ -49,11 +51,17 @@ class Plan:
         return self.expert_slots / self.total_experts if self.total_experts else 0.0
 
     @property
+    def disk_experts(self) -> int:
+        """Experts that are in neither the device slots nor the host tier: a miss on them reads the disk."""
+        return self.total_experts - max(self.expert_slots, self.host_slots)
+
+    @property
     def disk_bytes(self) -> int:
-        return (self.total_experts - self.expert_slots) * self.expert_bytes
+        return self.disk_experts * self.expert_bytes
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "fits": self.fits, "resident_fraction": self.resident_fraction, "disk_bytes": self.disk_bytes}
+        return {**asdict(self), "fits": self.fits, "resident_fraction": self.resident_fraction,
+                "disk_experts": self.disk_experts, "disk_bytes": self.disk_bytes}
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(part, where, size) rows for a table."""
@@ -62,7 +70,9 @@ class Plan:
             (f"KV-cache reserve ({self.context_length} tokens)", "device", format_bytes(self.kv_reserve_bytes)),
             ("workspace reserve", "device", format_bytes(self.workspace_bytes)),
             (f"expert slots: {self.expert_slots} of {self.total_experts} ({self.resident_fraction:.0%})", "device", format_bytes(self.slots_bytes)),
-            (f"experts not resident: {self.total_experts - self.expert_slots}", "disk (checkpoint files)", format_bytes(self.disk_bytes)),
+        ] + ([(f"host tier: {self.host_slots} of {self.total_experts} experts ({self.host_slots / self.total_experts:.0%})",
+               "host RAM (pinned on CUDA)", format_bytes(self.host_slots * self.expert_bytes))] if self.host_memory else []) + [
+            (f"experts read from disk on a miss: {self.disk_experts}", "disk (checkpoint files)", format_bytes(self.disk_bytes)),
         ]
 
     def __str__(self) -> str:
@@ -95,19 +105,23 @@ def plan(
     dtype: str | torch.dtype | None = None,
     context_length: int = 4096,
     profile: str | Path | None = None,
+    host_memory: str | int | None = None,
 ) -> Plan:
     """What fits where for the model at ``path`` with ``device_memory`` for the compute device.
 
-    ``profile`` supplies ``device_memory`` and ``dtype`` where they are not given.
+    ``host_memory`` sizes the warm tier of host RAM between the device slots and the disk.
+    ``profile`` supplies ``device_memory``, ``host_memory`` and ``dtype`` where they are not given.
     Reads only config.json and the safetensors headers: no weights are loaded.
     """
     if profile is not None:
         hw = get_profile(profile)
         device_memory = device_memory or hw.device_memory
+        host_memory = host_memory if host_memory is not None else hw.host_memory
         dtype = dtype or hw.dtype
     if device_memory is None:
         raise BudgetError("plan needs device_memory (e.g. '12GiB') or a hardware profile")
     budget = parse_bytes(device_memory, "device_memory")
+    host = parse_bytes(host_memory, "host_memory") if host_memory is not None else 0
     folder = resolve_model_path(path)
     config = load_config(folder)
     want = parse_dtype(dtype) or parse_dtype(getattr(config, "dtype", None) or torch.float32)
@@ -142,4 +156,6 @@ def plan(
         device_memory=budget,
         expert_slots=int(slots),
         slots_bytes=int(slots) * expert_bytes,
+        host_memory=host,
+        host_slots=min(total, host // expert_bytes),
     )

@@ -101,8 +101,7 @@ class TransitionPredictor(Predictor):
         for ahead in range(pos + 1, min(pos + 1 + self.depth, self.counts.shape[0] + 1)):
             step = self.counts[ahead - 1]
             if dist is None:
-                rows = step[routing]  # [T, k, E]
-                dist = (rows / np.maximum(rows.sum(-1, keepdims=True), 1)).sum(1)
+                dist = _transition_scores(step[routing])
             else:
                 dist = dist @ (step / np.maximum(step.sum(-1, keepdims=True), 1))
             reach = int((dist > 0).sum(-1).max())
@@ -111,6 +110,46 @@ class TransitionPredictor(Predictor):
             width = min(self.width, reach)
             out[ahead] = torch.from_numpy(np.argsort(-dist, axis=-1, kind="stable")[:, :width].copy())
         return out
+
+
+def _transition_scores(rows: np.ndarray) -> np.ndarray:
+    """Scores [..., E] of the experts one layer ahead from the count rows [..., k, E] of a token's k experts.
+
+    Each row is normalised to a distribution (an unseen expert's row stays zero) and the k are summed.
+    """
+    return (rows / np.maximum(rows.sum(-1, keepdims=True), 1)).sum(-2)
+
+
+def transition_predictions(experts: np.ndarray, num_experts: int, width: int) -> np.ndarray:
+    """What ``TransitionPredictor`` names one layer ahead when a trace is fed to it one token at a time.
+
+    ``experts`` [T, L, k] are each token's experts, layer by layer, in the order they ran. Returns
+    ``[T, L-1, width]``: at token t and layer l, the experts predicted for layer l+1 from the
+    transitions of tokens before t, best first, -1 where fewer experts have any evidence.
+    Computed for all tokens at once: for each expert i at layer l, the counts of what followed
+    it are cumulative sums over the tokens that used i, so no token-by-token loop is needed.
+    """
+    tokens, layers, k = experts.shape
+    out = np.full((tokens, max(layers - 1, 0), width), -1, dtype=np.int64)
+    positions = np.arange(tokens)
+    for layer in range(layers - 1):
+        now, ahead = experts[:, layer].astype(np.int64), experts[:, layer + 1].astype(np.int64)  # [T, k]
+        followed = np.zeros((tokens, num_experts), dtype=np.float32)  # what each token adds to each of its rows
+        np.add.at(followed, (np.repeat(positions, k), ahead.reshape(-1)), 1.0)
+        # one event per distinct (expert at l, token), sorted by expert then token; an expert listed
+        # twice in a token's routing adds its row twice, as the online counts do
+        events, inverse, repeats = np.unique((now * tokens + positions[:, None]).reshape(-1),
+                                             return_inverse=True, return_counts=True)
+        added = followed[events % tokens].astype(np.float64) * repeats[:, None]  # [U, E]
+        before = np.cumsum(added, axis=0) - added  # added by all earlier events (exact: integer counts)
+        owner = events // tokens
+        before -= before[np.searchsorted(owner, owner)]  # minus those before the expert's first event
+        rows = before.astype(np.float32)[inverse].reshape(tokens, k, num_experts)  # counts seen before each token
+        scores = _transition_scores(rows)  # [T, E]
+        best = np.argsort(-scores, axis=-1, kind="stable")[:, :width]
+        best[np.take_along_axis(scores, best, -1) <= 0] = -1
+        out[:, layer, : best.shape[1]] = best
+    return out
 
 
 @dataclass

@@ -1,29 +1,40 @@
 """Cache-policy profiling: replay a routing trace through eviction policies, capacities and predictors.
 
-The replay drives the same ``Residency`` bookkeeping and the same predictors as the runtime,
-without tensors: at each (token, layer) the layer requests its experts (pinned while it
-runs), misses are admitted, and a predictor may then prefetch into unpinned slots. Belady's
-optimum, given the trace's future, is the bound every policy is measured against.
+The replay drives the same ``Residency`` bookkeeping as the runtime, without tensors: at each
+(token, layer) the layer requests its experts (pinned while it runs), misses are admitted, and
+a predictor may then prefetch the next layer's experts into unpinned slots. Predictions are
+worked out once per trace, before the replays: ``transition`` by ``transition_predictions``
+(what the online predictor would name, token by token), ``gate`` read from the trace, which
+keeps what the gate predictor named while it was recorded. Belady's optimum, given the
+trace's future, is the bound every policy is measured against.
 
     trace = load_trace("profiles/traces/demo-heldout.safetensors")
     results = sweep(trace, policies=["lru", "lfu"], capacities=[16, 32], predictors=["none", "transition"])
+    write_results(results, trace, "profile-out")
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import csv
+import io
+import json
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone, UTC
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .cache import Residency
 from .errors import BudgetError, ConfigError
 from .policies import POLICIES, make_policy
-from .prefetch import TransitionPredictor, _ranked
+from .prefetch import transition_predictions
 from .traces import Trace
 
-REPLAY_PREDICTORS = ("none", "transition")
+REPLAY_PREDICTORS = ("none", "gate", "transition")
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,15 @@ class ReplayResult:
         return self.hits / self.requests if self.requests else 0.0
 
     @property
+    def loads(self) -> int:
+        """Experts moved into the cache: misses plus prefetches (each costs one expert's bytes)."""
+        return self.misses + self.prefetch_issued
+
+    @property
+    def prefetch_precision(self) -> float | None:
+        return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else None
+
+    @property
     def misses_over_belady(self) -> float | None:
         """This policy's misses divided by Belady's at the same capacity (1.0 is optimal)."""
         if self.belady_misses is None:
@@ -53,7 +73,8 @@ class ReplayResult:
         return self.misses / self.belady_misses if self.belady_misses else float(self.misses == 0) or float("inf")
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "hit_rate": self.hit_rate, "misses_over_belady": self.misses_over_belady}
+        return {**asdict(self), "hit_rate": self.hit_rate, "loads": self.loads,
+                "prefetch_precision": self.prefetch_precision, "misses_over_belady": self.misses_over_belady}
 
 
 def layer_groups(trace: Trace) -> list[list[tuple[int, int]]]:
@@ -63,23 +84,54 @@ def layer_groups(trace: Trace) -> list[list[tuple[int, int]]]:
     return [[(layers[pos], e) for e in sorted(set(chosen))] for token in rows for pos, chosen in enumerate(token)]
 
 
-def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none", margin: int = 1,
-           depth: int = 1, seed: int = 0, groups: list[list[tuple[int, int]]] | None = None) -> ReplayResult:
-    """Replay ``trace`` through a cache of ``capacity`` expert slots run by ``policy``."""
+def predictions(trace: Trace, predictor: str, margin: int = 1) -> list[list[list[int]]] | None:
+    """What ``predictor`` names one layer ahead at each token and layer: ``[T][L-1][<= k + margin]``, best first.
+
+    ``none`` gives None. ``transition`` learns online from the trace's own routing; ``gate`` needs
+    the predictions stored in the trace (``offload-moe trace record`` keeps them).
+    """
+    predictor = predictor.lower()
+    if predictor not in REPLAY_PREDICTORS:
+        raise ConfigError(f"predictor={predictor!r} cannot be replayed; use one of {', '.join(REPLAY_PREDICTORS)}")
+    if margin < 0:
+        raise ConfigError(f"margin={margin} must be 0 or more")
+    if predictor == "none":
+        return None
+    width = trace.top_k + margin
+    if predictor == "transition":
+        ids = transition_predictions(np.sort(trace.experts.numpy(), axis=-1), trace.num_experts, width)
+    else:
+        if trace.predicted is None or trace.metadata.get("predicted_by") != "gate":
+            raise ConfigError("this trace stores no gate predictions, so 'gate' cannot be replayed; record the trace "
+                              "with `offload-moe trace record` (it keeps them), or profile 'transition' instead")
+        if margin > trace.prediction_margin:
+            raise ConfigError(f"the trace's gate predictions name top_k + {trace.prediction_margin} experts; "
+                              f"margin={margin} needs more: re-record with --margin {margin} or ask for less")
+        ids = trace.predicted[:, :-1, :width].long().numpy()
+    return [[[e for e in row if e >= 0] for row in token] for token in ids.tolist()]
+
+
+def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none", margin: int = 1, seed: int = 0,
+           groups: list[list[tuple[int, int]]] | None = None,
+           predicted: list[list[list[int]]] | None = None) -> ReplayResult:
+    """Replay ``trace`` through a cache of ``capacity`` expert slots run by ``policy``, with ``predictor`` prefetching.
+
+    ``groups`` and ``predicted`` (from ``layer_groups`` and ``predictions``) can be passed in when
+    replaying one trace many times.
+    """
     if capacity < trace.top_k:
         raise BudgetError(f"capacity={capacity} is below the trace's top_k={trace.top_k}: a layer could not hold its experts")
-    if predictor not in REPLAY_PREDICTORS:
-        raise ConfigError(f"predictor={predictor!r} cannot be replayed from a trace; use one of {', '.join(REPLAY_PREDICTORS)}")
+    if policy.lower() == "belady" and predictor != "none":
+        raise ConfigError("Belady's optimum is defined without prefetch; replay it with predictor='none'")
+    if predicted is None:
+        predicted = predictions(trace, predictor, margin)
     groups = groups if groups is not None else layer_groups(trace)
     future = [key for group in groups for key in group] if policy.lower() == "belady" else None
-    if future is not None and predictor != "none":
-        raise ConfigError("Belady's optimum is defined without prefetch; replay it with predictor='none'")
     table = Residency(capacity, make_policy(policy, seed=seed, future=future))
-    learner = TransitionPredictor(len(trace.layers), trace.num_experts, trace.top_k, margin, depth) if predictor != "none" else None
     prefetched: set[tuple[int, int]] = set()
     issued = used = 0
     layers = trace.layers
-    num_layers, top_k = len(layers), trace.top_k
+    num_layers = len(layers)
     for i, group in enumerate(groups):
         hits, misses = table.request(group)
         for key, _ in hits:
@@ -91,45 +143,75 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
             prefetched.discard(evicted)
         for key in group:
             table.release(key)
-        if learner is not None:
-            pos = i % num_layers
-            routing = np.array([[e for _, e in group] + [group[-1][1]] * (top_k - len(group))])  # [1, k]
-            learner.observe(pos, routing)
-            for ahead, ids in learner.predict_host(pos, routing).items():
-                for expert in _ranked(ids):
-                    key = (layers[ahead], expert)
-                    if key in table:
-                        continue
-                    if not table.free and len(table.pins) >= len(table):
-                        break
-                    _, evicted = table.admit(key)
-                    prefetched.discard(evicted)
-                    table.release(key)
-                    prefetched.add(key)
-                    issued += 1
+        token, pos = divmod(i, num_layers)
+        if predicted is None or pos == num_layers - 1:
+            continue
+        ahead = layers[pos + 1]
+        for expert in predicted[token][pos]:
+            key = (ahead, expert)
+            if key in table:
+                continue
+            _, evicted = table.admit(key)  # nothing is pinned between layers, so a slot can always be had
+            prefetched.discard(evicted)
+            table.release(key)
+            prefetched.add(key)
+            issued += 1
     total = table.totals()
     return ReplayResult(policy.lower(), capacity, predictor, total.hits + total.misses, total.hits, total.misses,
                         total.evictions, issued, used)
 
 
-def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int],
-          predictors: Sequence[str] = ("none",), progress=None) -> list[ReplayResult]:
-    """Every policy x capacity x predictor, plus Belady at each capacity; each result knows Belady's misses."""
+def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], predictors: Sequence[str] = ("none",),
+          margin: int = 1, progress: Callable[[int], None] | None = None) -> list[ReplayResult]:
+    """Every policy x capacity x predictor, plus Belady at each capacity; each result knows Belady's misses.
+
+    ``progress(1)`` is called after each replay; there are ``sweep_size(...)`` of them.
+    """
     unknown = [p for p in policies if p.lower() not in POLICIES]
     if unknown:
         raise ConfigError(f"unknown policies {', '.join(unknown)}; known: {', '.join(sorted(POLICIES))}")
+    small = [c for c in capacities if c < trace.top_k]
+    if small:
+        raise BudgetError(f"capacity {small[0]} is below the trace's top_k={trace.top_k}: a layer could not hold its experts")
     groups = layer_groups(trace)
+    named = {p: predictions(trace, p, margin) for p in dict.fromkeys(x.lower() for x in predictors)}
     results = []
     for capacity in capacities:
-        bound = replay(trace, "belady", capacity, groups=groups)
-        results.append(bound)
+        results.append(replay(trace, "belady", capacity, groups=groups))
+        if progress is not None:
+            progress(1)
         for policy in (p for p in policies if p.lower() != "belady"):
-            for predictor in predictors:
-                results.append(replay(trace, policy, capacity, predictor=predictor, groups=groups))
+            for predictor, predicted in named.items():
+                results.append(replay(trace, policy, capacity, predictor=predictor, margin=margin, groups=groups,
+                                      predicted=predicted))
                 if progress is not None:
                     progress(1)
     by_capacity = {r.capacity: r.misses for r in results if r.policy == "belady"}
     return [ReplayResult(**{**asdict(r), "belady_misses": by_capacity[r.capacity]}) for r in results]
+
+
+def sweep_size(policies: Sequence[str], capacities: Sequence[int], predictors: Sequence[str]) -> int:
+    """How many replays ``sweep`` runs."""
+    others = len([p for p in policies if p.lower() != "belady"])
+    return len(capacities) * (1 + others * len(dict.fromkeys(p.lower() for p in predictors)))
+
+
+def parse_capacities(text: str, total_experts: int) -> list[int]:
+    """``"8,16,32"`` (expert slots) or ``"12.5%,25%"`` (of all experts), or a mix, as sorted slot counts."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            value = round(float(part[:-1]) / 100 * total_experts) if part.endswith("%") else int(part)
+        except ValueError:
+            raise ConfigError(f"capacity {part!r} is neither a number of expert slots (e.g. 32) "
+                              "nor a share of all experts (e.g. 25%)") from None
+        if not 1 <= value <= total_experts:
+            raise ConfigError(f"capacity {part!r} is {value} slots; it must be between 1 and the trace's "
+                              f"{total_experts} experts")
+        out.append(value)
+    if not out:
+        raise ConfigError("no capacities given; e.g. --capacities 12.5%,25%,50% or --capacities 16,32")
+    return sorted(set(out))
 
 
 def activation_counts(trace: Trace) -> torch.Tensor:
@@ -137,3 +219,101 @@ def activation_counts(trace: Trace) -> torch.Tensor:
     layers, experts = len(trace.layers), trace.num_experts
     flat = trace.experts.long() + torch.arange(layers).view(1, -1, 1) * experts  # [T, L, k]
     return torch.bincount(flat.reshape(-1), minlength=layers * experts).view(layers, experts)
+
+
+# ---------------------------------------------------------------- results on disk
+
+
+def write_results(results: Sequence[ReplayResult], trace: Trace, out: str | Path, *, seconds: float | None = None,
+                  plots: bool = True) -> dict[str, Path | str]:
+    """Write ``results.json`` and ``results.csv`` (atomically) into ``out``, and the PNG plots when matplotlib is there.
+
+    Returns the paths written by name; ``"plots"`` holds a message instead of paths when matplotlib is missing.
+    """
+    from . import __version__
+
+    out = Path(out)
+    total = len(trace.layers) * trace.num_experts
+    rows = [{**r.as_dict(), "capacity_share": r.capacity / total} for r in results]
+    document = {
+        "trace": {**trace.metadata, "tokens": trace.num_tokens, "accesses": trace.num_tokens * len(trace.layers)},
+        "results": rows,
+        "seconds": seconds,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "offload_moe": __version__, "torch": torch.__version__},
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    written: dict[str, Path | str] = {
+        "json": atomic_write(out / "results.json", json.dumps(document, indent=2).encode()),
+    }
+    columns = [f.name for f in fields(ReplayResult)] + ["hit_rate", "loads", "prefetch_precision",
+                                                        "misses_over_belady", "capacity_share"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    written["csv"] = atomic_write(out / "results.csv", text.getvalue().encode())
+    if plots:
+        try:
+            import matplotlib
+        except ImportError:
+            written["plots"] = "matplotlib is not installed, so no plots were drawn: pip install 'offload_moe[plot]'"
+        else:
+            matplotlib.use("Agg")
+            written["hit_rate_plot"] = atomic_write(out / "hit_rate.png", _hit_rate_png(results, trace))
+            written["heatmap"] = atomic_write(out / "activations.png", _heatmap_png(trace))
+    return written
+
+
+def _png(figure) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _hit_rate_png(results: Sequence[ReplayResult], trace: Trace) -> bytes:
+    """Hit rate against capacity: one line per policy and predictor, Belady's optimum as the bound."""
+    import matplotlib.pyplot as plt
+
+    total = len(trace.layers) * trace.num_experts
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    curves: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in results:
+        curves.setdefault((r.policy, r.predictor), []).append((r.capacity, r.hit_rate))
+    colours = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(p for p, _ in curves if p != "belady"))}
+    dashes = {"none": "-", "transition": ":", "gate": "-."}  # one colour per policy, one line style per predictor
+    for (policy, predictor), points in curves.items():
+        points.sort()
+        if policy == "belady":
+            label, style = "Belady (optimum)", {"color": "black", "linewidth": 2.5, "linestyle": "--"}
+        else:
+            label = policy + ("" if predictor == "none" else f" + {predictor}")
+            style = {"color": colours[policy], "linestyle": dashes.get(predictor, "-"), "marker": "o"}
+        axes.plot([100 * c / total for c, _ in points], [h for _, h in points], label=label, **style)
+    axes.set_xlabel(f"cache capacity (% of {total} experts)")
+    axes.set_ylabel("hit rate")
+    axes.set_ylim(0, 1)
+    axes.grid(alpha=0.3)
+    axes.set_title(f"{trace.metadata['model']}: {trace.num_tokens} tokens x {len(trace.layers)} layers, top-{trace.top_k}")
+    axes.legend(fontsize=8)
+    return _png(figure)
+
+
+def _heatmap_png(trace: Trace) -> bytes:
+    """How often each expert was chosen at each layer."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    counts = activation_counts(trace).numpy()
+    figure, axes = plt.subplots(figsize=(max(5, counts.shape[1] / 6), max(3, counts.shape[0] / 4)))
+    image = axes.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("expert")
+    axes.set_ylabel("layer")
+    axes.set_yticks(range(len(trace.layers)), [str(x) for x in trace.layers])
+    axes.set_title(f"expert activations ({trace.num_tokens} tokens, top-{trace.top_k})")
+    figure.colorbar(image, ax=axes, label="tokens routed")
+    return _png(figure)

@@ -1,8 +1,9 @@
 """Routing traces: which experts each token went to, recorded, written, read and summarised.
 
 A trace uses vLLM's layout for routed experts, ``experts`` int16 ``[tokens, layers, top_k]``,
-so traces stay exchangeable, and optionally keeps the routing weights (``scores``), the token
-ids and the lengths of the sequences the tokens came from. Rows are token positions in the
+so traces stay exchangeable, and optionally keeps the routing weights (``scores``), the
+``gate`` prefetcher's predictions (``predicted``), the token ids and the lengths of the
+sequences the tokens came from. Rows are token positions in the
 order they ran. On disk a trace is one safetensors file; ``metadata`` holds the model, its
 number of experts, top-k, the model layer numbers and where the tokens came from.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ REQUIRED_METADATA = ("model", "num_experts", "top_k", "layers", "source")
 TENSORS = {
     "experts": (torch.int16, 3),          # [T, L, k]
     "scores": (torch.float32, 3),         # [T, L, k]
+    "predicted": (torch.int16, 3),        # [T, L, m]: at layer l, the gate's top-m for layer l+1; -1: none
     "token_ids": (torch.int32, 1),        # [T]
     "sequence_lengths": (torch.int64, 1),  # [S], sums to T
 }
@@ -44,12 +46,14 @@ class Trace:
     """Routed experts of a run of tokens through a model, ``experts[t, l]`` being token t's top-k at layer l.
 
     ``metadata`` maps str to str as stored in the file: ``model``, ``num_experts``, ``top_k``,
-    ``layers`` (a JSON list of the model's layer numbers, one per column), ``source``.
+    ``layers`` (a JSON list of the model's layer numbers, one per column), ``source``; with
+    ``predicted``, also ``predicted_by`` (the predictor, ``gate``).
     """
 
     experts: torch.Tensor                          # int16 [T, L, k]
     metadata: dict[str, str]
     scores: torch.Tensor | None = None             # float32 [T, L, k], routing weights
+    predicted: torch.Tensor | None = None          # int16 [T, L, m], best first, -1 padded
     token_ids: torch.Tensor | None = None          # int32 [T]
     sequence_lengths: torch.Tensor | None = None   # int64 [S]; consecutive rows of one sequence
 
@@ -68,6 +72,11 @@ class Trace:
     @property
     def layers(self) -> list[int]:
         return [int(x) for x in json.loads(self.metadata["layers"])]
+
+    @property
+    def prediction_margin(self) -> int | None:
+        """How many experts beyond top_k the stored predictions name, or None without predictions."""
+        return None if self.predicted is None else self.predicted.shape[2] - self.top_k
 
     def sequences(self) -> list[tuple[int, int]]:
         """``(start, end)`` row ranges of the sequences; the whole trace is one sequence without lengths."""
@@ -115,6 +124,12 @@ def _check_shapes(trace: Trace, where: str | Path) -> None:
             f"{where}: 'experts' has shape {list(trace.experts.shape)} but the metadata says "
             f"{len(trace.layers)} layers and top_k={trace.top_k}"
         )
+    predicted = trace.predicted
+    if predicted is not None and (predicted.shape[:2] != trace.experts.shape[:2] or predicted.shape[2] < k):
+        raise TraceError(f"{where}: 'predicted' has shape {list(predicted.shape)}; it should be "
+                         f"[{tokens}, {layers}, top_k + margin] like 'experts' {list(trace.experts.shape)}")
+    if predicted is not None and "predicted_by" not in trace.metadata:
+        raise TraceError(f"{where}: 'predicted' is stored but the metadata lacks 'predicted_by' (the predictor's name)")
     if trace.scores is not None and trace.scores.shape != trace.experts.shape:
         raise TraceError(f"{where}: 'scores' has shape {list(trace.scores.shape)}, unlike 'experts' {list(trace.experts.shape)}")
     if trace.token_ids is not None and len(trace.token_ids) != tokens:
@@ -125,15 +140,17 @@ def _check_shapes(trace: Trace, where: str | Path) -> None:
 
 
 def _check_expert_ids(trace: Trace, where: str | Path) -> None:
-    if trace.num_tokens == 0:
-        return
-    low, high = int(trace.experts.min()), int(trace.experts.max())
-    if low < 0 or high >= trace.num_experts:
-        bad = low if low < 0 else high
-        raise TraceError(
-            f"{where}: expert id {bad} is outside 0..{trace.num_experts - 1} (metadata num_experts="
-            f"{trace.num_experts}); the trace was recorded for another model or is corrupted"
-        )
+    for name, lowest in (("experts", 0), ("predicted", -1)):
+        ids = getattr(trace, name)
+        if ids is None or ids.numel() == 0:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < lowest or high >= trace.num_experts:
+            bad = low if low < lowest else high
+            raise TraceError(
+                f"{where}: {name!r} holds expert id {bad}, outside {lowest}..{trace.num_experts - 1} (metadata "
+                f"num_experts={trace.num_experts}); the trace was recorded for another model or is corrupted"
+            )
 
 
 # ---------------------------------------------------------------- files
@@ -180,21 +197,35 @@ class TraceRecorder:
     Use as a context manager: the hooks are removed on exit, also after an error. Works on a
     model from ``offload_moe.load`` (its ``model.offload.modules``) and on a plain transformers
     MoE model (its experts modules), which see the same ``(hidden_states, top_k_index, top_k_weights)``.
+    With ``predict_margin``, it also keeps what the ``gate`` predictor names at each layer for the
+    next: that layer's router applied to these hidden states, its top-(k + margin).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, predict_margin: int | None = None):
         self.model = model
         self.modules = _experts_modules(model)
         if not self.modules:
             raise TraceError(f"{type(model).__name__} has no routed-experts module to record")
-        self.layers = [layer for layer, _ in self.modules]
+        self.layers = [layer for layer, _, _ in self.modules]
         self._experts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
         self._scores: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+        self._predicted: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
         self._handles: list = []
+        self.predict_margin = predict_margin
+        self._routers = None
+        if predict_margin is not None:
+            from .loader import find_routers
 
-    def __enter__(self) -> "TraceRecorder":
-        for layer, module in self.modules:
-            self._handles.append(module.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
+            if predict_margin < 0:
+                raise TraceError(f"predict_margin={predict_margin} must be 0 or more")
+            self._routers = find_routers(model, [(name, m.num_experts) for _, name, m in self.modules])
+            if all(r is None for r in self._routers):
+                raise TraceError(f"{type(model).__name__}: no router module found next to its experts, so the gate "
+                                 "predictor's guesses cannot be recorded; record without predictions")
+
+    def __enter__(self) -> TraceRecorder:
+        for pos, (layer, _, module) in enumerate(self.modules):
+            self._handles.append(module.register_forward_pre_hook(self._hook(pos, layer), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -202,14 +233,27 @@ class TraceRecorder:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, layer: int):
+    def _hook(self, pos: int, layer: int):
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
             values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index", "top_k_weights") if k in kwargs]
-            index, weights = values[1], values[2]  # [T, k] each
+            hidden, index, weights = values[0], values[1], values[2]  # [T, H], [T, k], [T, k]
             self._experts[layer].append(index.detach().to("cpu", torch.int16))
             self._scores[layer].append(weights.detach().to("cpu", torch.float32))
+            if self._routers is not None:
+                self._predicted[layer].append(self._predict(pos, hidden.detach(), index.shape[1]))
 
         return record
+
+    def _predict(self, pos: int, hidden: torch.Tensor, top_k: int) -> torch.Tensor:
+        """The gate predictor's experts for the next MoE layer [T, k + margin]; -1 where it has no router."""
+        from .prefetch import GatePredictor
+
+        gate = GatePredictor(self._routers, top_k, self.predict_margin, depth=1)
+        named = gate.predict_device(pos, hidden).get(pos + 1)
+        out = torch.full((hidden.shape[0], gate.width), -1, dtype=torch.int16)
+        if named is not None:
+            out[:, : named.shape[1]] = named.to("cpu", torch.int16)
+        return out
 
     @property
     def num_tokens(self) -> int:
@@ -224,50 +268,81 @@ class TraceRecorder:
             raise TraceError(f"layers saw different numbers of tokens {counts}; record whole forward passes")
         if not self._experts[self.layers[0]]:
             raise TraceError("nothing was recorded: run at least one forward pass inside the recorder")
-        experts = torch.stack([torch.cat(self._experts[layer]) for layer in self.layers], dim=1)  # [T, L, k]
-        scores = torch.stack([torch.cat(self._scores[layer]) for layer in self.layers], dim=1)
+
+        def stacked(parts: dict[int, list[torch.Tensor]]) -> torch.Tensor:  # [T, L, ...]
+            return torch.stack([torch.cat(parts[layer]) for layer in self.layers], dim=1)
+
+        experts = stacked(self._experts)
         metadata = {
             "model": model_name or _model_name(self.model),
-            "num_experts": str(self.modules[0][1].num_experts),
+            "num_experts": str(self.modules[0][2].num_experts),
             "top_k": str(experts.shape[2]),
             "layers": json.dumps(self.layers),
             "source": source,
         }
+        predicted = None
+        if self._routers is not None:
+            predicted = stacked(self._predicted)
+            metadata["predicted_by"] = "gate"
         lengths = torch.tensor(sequence_lengths, dtype=torch.int64) if sequence_lengths is not None else None
         ids = token_ids.to(torch.int32) if token_ids is not None else None
-        trace = Trace(experts=experts, metadata=metadata, scores=scores, token_ids=ids, sequence_lengths=lengths)
+        trace = Trace(experts=experts, metadata=metadata, scores=stacked(self._scores), predicted=predicted,
+                      token_ids=ids, sequence_lengths=lengths)
         trace.validate("recorded trace")
         return trace
 
 
 def record_trace(model: nn.Module, batches_of_input_ids: Iterable[torch.Tensor], *, source: str,
-                 model_name: str | None = None) -> Trace:
-    """Run one forward pass per batch and return the routing of every token, in order.
+                 model_name: str | None = None, predict_margin: int | None = None, max_new_tokens: int = 0,
+                 on_batch: Callable[[], None] | None = None) -> Trace:
+    """Run each batch through the model and return the routing of every token, in order.
 
     Each batch is ``[S]`` or ``[B, S]`` token ids (every position is traced, so use equal-length
-    rows without padding); each row counts as one sequence. ``source`` says where the tokens
-    came from and is stored in the trace's metadata.
+    rows without padding); each row counts as one sequence. With ``max_new_tokens``, each row is
+    instead continued by greedy generation and the trace holds the prompt's tokens and then each
+    generated token's decoding step. With ``predict_margin``, the trace also keeps the gate
+    predictor's guesses (``Trace.predicted``). ``source`` says where the tokens came from and is
+    stored in the metadata. ``on_batch`` is called after each batch (for progress bars).
     """
     device = _input_device(model)
     ids, lengths = [], []
-    with TraceRecorder(model) as recorder:
+    with TraceRecorder(model, predict_margin=predict_margin) as recorder:
         with torch.inference_mode():
             for batch in batches_of_input_ids:
                 batch = torch.as_tensor(batch)
                 batch = batch.unsqueeze(0) if batch.dim() == 1 else batch  # [B, S]
-                model(input_ids=batch.to(device))
-                ids.append(batch.reshape(-1).cpu())
-                lengths.extend([batch.shape[1]] * batch.shape[0])
+                if max_new_tokens > 0:
+                    for row in batch:
+                        before = recorder.num_tokens
+                        out = model.generate(row[None].to(device), max_new_tokens=max_new_tokens, do_sample=False,
+                                             pad_token_id=_pad_id(model))
+                        fed = recorder.num_tokens - before  # the prompt, then one step per new token but the last
+                        ids.append(out[0, :fed].cpu())
+                        lengths.append(fed)
+                else:
+                    model(input_ids=batch.to(device))
+                    ids.append(batch.reshape(-1).cpu())
+                    lengths.extend([batch.shape[1]] * batch.shape[0])
+                if on_batch is not None:
+                    on_batch()
         # built outside inference mode, so that the trace's tensors can be edited like any others
         return recorder.trace(source=source, model_name=model_name, token_ids=torch.cat(ids) if ids else None,
                               sequence_lengths=lengths)
 
 
-def _experts_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
+def _pad_id(model: nn.Module) -> int | None:
+    config = getattr(model, "generation_config", None)
+    pad = getattr(config, "pad_token_id", None)
+    eos = getattr(config, "eos_token_id", None)
+    return pad if pad is not None else (eos[0] if isinstance(eos, list) else eos)
+
+
+def _experts_modules(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
+    """(layer number, module name, module) of each routed-experts module."""
     offload = getattr(model, "offload", None)
     if offload is not None:
-        return [(m.layer, m) for m in offload.modules]
-    return [(layer_number(name, i), m) for i, (name, m) in enumerate(find_experts_modules(model))]
+        return [(m.layer, m.spec.prefix, m) for m in offload.modules]
+    return [(layer_number(name, i), name, m) for i, (name, m) in enumerate(find_experts_modules(model))]
 
 
 def _model_name(model: nn.Module) -> str:
@@ -280,6 +355,62 @@ def _model_name(model: nn.Module) -> str:
 def _input_device(model: nn.Module) -> torch.device:
     offload = getattr(model, "offload", None)
     return offload.device if offload is not None else model.get_input_embeddings().weight.device
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: a ``.jsonl`` file holds one JSON string, or object with a ``prompt`` or
+    ``text`` field, per line (for prompts that span lines); any other file holds one prompt per non-empty line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TraceError(f"cannot read the prompts file {path} ({e}); give a UTF-8 text or .jsonl file") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TraceError(f"{path}, line {number}: not JSON ({e.msg}); each line of a .jsonl prompts file is "
+                             'a JSON string or an object such as {"prompt": "..."}') from None
+        text = item if isinstance(item, str) else item.get("prompt", item.get("text")) if isinstance(item, dict) else None
+        if not isinstance(text, str):
+            raise TraceError(f'{path}, line {number}: expected a JSON string or an object with a "prompt" or "text" string')
+        prompts.append(text)
+    if not prompts:
+        raise TraceError(f"{path} holds no prompts; write one per line (or one JSON string per line in a .jsonl file)")
+    return prompts
+
+
+def record_prompts(model_path: str | Path | None, prompts: list[str], *, source: str, predict_margin: int | None = 1,
+                   max_new_tokens: int = 0, on_prompt: Callable[[], None] | None = None, **load_options) -> Trace:
+    """Load ``model_path`` (default: the bundled model) with ``load_options`` and record the routing of ``prompts``.
+
+    Each prompt is one sequence: its tokens, then ``max_new_tokens`` greedy decoding steps. The gate
+    predictor's guesses are kept with ``predict_margin`` (None: not recorded).
+    """
+    from .demo import demo_model_path
+    from .generation import load_tokenizer
+    from .loader import load, resolve_model_path
+
+    if not prompts:
+        raise TraceError("no prompts to record")
+    folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
+    tokenizer = load_tokenizer(folder)
+    batches = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]  # [1, S] each
+    empty = [i for i, b in enumerate(batches) if b.shape[1] == 0]
+    if empty:
+        raise TraceError(f"prompt {empty[0] + 1} tokenizes to nothing; remove it")
+    model = load(folder, **{"progress": False, **load_options})
+    try:
+        return record_trace(model, batches, source=source, model_name=folder.name, predict_margin=predict_margin,
+                            max_new_tokens=max_new_tokens, on_batch=on_prompt)
+    finally:
+        model.offload.close()
 
 
 # ---------------------------------------------------------------- summaries
@@ -325,3 +456,71 @@ def random_repeat_rate(num_experts: int, top_k: int, *, first_choice: bool = Tru
         return 1 / num_experts
     return 1 - math.comb(num_experts - top_k, top_k) / math.comb(num_experts, top_k)
 
+
+
+# ---------------------------------------------------------------- synthetic traces
+
+
+def synthesize_trace(*, tokens: int, layers: int, num_experts: int, top_k: int, skew: float = 1.0,
+                     locality: float = 0.3, sequences: int = 1, seed: int = 0) -> Trace:
+    """A routing trace with controllable popularity skew and temporal locality, for profiling without a model.
+
+    At each layer the experts get Zipf popularities ``1 / rank ** skew`` in a random order per
+    layer (``skew=0``: uniform). Each of a token's ``top_k`` choices repeats one of the previous
+    token's experts at that layer with probability ``locality``, and is otherwise drawn from
+    the popularities; a token's experts are distinct. ``tokens`` are split into ``sequences``
+    of near-equal length, and locality does not cross a sequence boundary.
+    """
+    if min(tokens, layers, num_experts, top_k, sequences) < 1:
+        raise TraceError(f"tokens={tokens}, layers={layers}, num_experts={num_experts}, top_k={top_k} and "
+                         f"sequences={sequences} must all be at least 1")
+    if top_k > num_experts or sequences > tokens:
+        raise TraceError(f"top_k={top_k} must not exceed num_experts={num_experts}, nor sequences={sequences} tokens={tokens}")
+    if skew < 0 or not 0 <= locality <= 1:
+        raise TraceError(f"skew={skew} must be >= 0 and locality={locality} within [0, 1]")
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, num_experts + 1) ** skew
+    popularity = np.stack([rng.permutation(weights) for _ in range(layers)])  # [L, E]
+    popularity /= popularity.sum(-1, keepdims=True)
+    lengths = [tokens // sequences + (i < tokens % sequences) for i in range(sequences)]
+    starts = set(np.cumsum([0, *lengths[:-1]]).tolist())
+    out = np.empty((tokens, layers, top_k), dtype=np.int16)
+    fresh = _draw_without_replacement(rng, popularity, tokens, top_k)  # [T, L, k], what no repeat would choose
+    repeat = rng.random((tokens, layers, top_k)) < locality
+    pick = rng.integers(0, top_k, (tokens, layers, top_k))
+    for t in range(tokens):
+        if t in starts:
+            out[t] = fresh[t]
+            continue
+        for layer in range(layers):
+            chosen: list[int] = []
+            previous = out[t - 1, layer]
+            for j in range(top_k):
+                expert = int(previous[pick[t, layer, j]]) if repeat[t, layer, j] else int(fresh[t, layer, j])
+                if expert in chosen:  # already taken: the next unused fresh draw, else any unused expert
+                    expert = next((int(e) for e in fresh[t, layer] if int(e) not in chosen),
+                                  next(e for e in range(num_experts) if e not in chosen))
+                chosen.append(expert)
+            out[t, layer] = chosen
+    metadata = {
+        "model": "synthetic",
+        "num_experts": str(num_experts),
+        "top_k": str(top_k),
+        "layers": json.dumps(list(range(layers))),
+        "source": f"offload_moe.traces.synthesize_trace(skew={skew}, locality={locality}, seed={seed})",
+    }
+    trace = Trace(experts=torch.from_numpy(out), metadata=metadata,
+                  sequence_lengths=torch.tensor(lengths, dtype=torch.int64))
+    trace.validate("synthetic trace")
+    return trace
+
+
+def _draw_without_replacement(rng, popularity, tokens: int, top_k: int):
+    """``[T, L, k]`` distinct experts per (token, layer), drawn in order from ``popularity`` [L, E] (Gumbel top-k)."""
+    import numpy as np
+
+    gumbel = -np.log(-np.log(rng.random((tokens, *popularity.shape))))  # [T, L, E]
+    keys = np.log(popularity)[None] + gumbel
+    return np.argsort(-keys, axis=-1)[..., :top_k].astype(np.int16)

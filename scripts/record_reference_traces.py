@@ -3,7 +3,8 @@
 The tokens are the first ``--window`` tokens of ``--files`` held-out standard-library files
 (evenly spaced through the sorted held-out list of ``train_demo_model.py``), which neither the
 tokenizer nor the model saw in training. The model runs through ``offload_moe.load`` with 25%
-of its experts resident; routing does not depend on the budget. Each file is one sequence.
+of its experts resident; routing does not depend on the budget. Each file is one sequence. The
+trace also keeps what the ``gate`` predictor names for the next layer (top-k + ``--margin``).
 
     python scripts/record_reference_traces.py
     python scripts/record_reference_traces.py --files 16 --out /tmp/bigger.safetensors
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--files", type=int, default=8)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--margin", type=int, default=2, help="keep the gate predictor's top-k + margin guesses")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = args.model or offload_moe.demo_model_path()
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         source = (f"held-out Python {platform.python_version()} standard-library files, the first {args.window} "
                   f"tokens of each, one sequence per file: {', '.join(names)}")
-        trace = record_trace(model, windows, source=source, model_name="offload_moe demo_model")
+        trace = record_trace(model, windows, source=source, model_name="offload_moe demo_model",
+                             predict_margin=args.margin)
     finally:
         model.offload.close()
     trace.metadata.update(files=json.dumps(names), recorded_by="scripts/record_reference_traces.py")

@@ -19,13 +19,18 @@ def test_version():
     assert __version__ in result.output
 
 
+COMMANDS = [["demo"], ["plan"], ["generate"], ["chat"], ["verify"], ["profiles"], ["profile"],
+            ["trace", "record"], ["trace", "synth"], ["trace", "show"]]
+
+
 def test_help_lists_commands_with_examples():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    assert "demo" in result.output and "plan" in result.output
-    for command in ("demo", "plan"):
-        sub = runner.invoke(app, [command, "--help"])
-        assert sub.exit_code == 0 and "Example:" in sub.output
+    for command in {c[0] for c in COMMANDS}:
+        assert command in result.output, command
+    for command in COMMANDS:
+        sub = runner.invoke(app, [*command, "--help"])
+        assert sub.exit_code == 0 and "Example: offload-moe " + command[0] in sub.output, command
 
 
 def test_demo_runs_and_prints_stats():
@@ -114,3 +119,142 @@ def test_generate_streams_and_reports(tmp_path):
 def test_generate_needs_a_tokenizer(model_dir):
     result = run_cli("generate", str(model_dir("mixtral")), "--prompt", "hi")
     assert result.returncode == 1 and "tokenizer" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plan_with_host_memory_and_json(model_dir):
+    import json
+
+    result = runner.invoke(app, ["plan", str(model_dir("mixtral")), "--device-memory", "1GiB", "--host-memory", "1GiB"])
+    assert result.exit_code == 0, result.output
+    assert "host tier: 12 of 12 experts" in result.output and "experts read from disk on a miss: 0" in result.output
+    data = json.loads(runner.invoke(app, ["plan", str(model_dir("mixtral")), "--device-memory", "1GiB", "--json"]).output)
+    assert data["expert_slots"] == 12 and data["host_slots"] == 0 and data["fits"] is True
+
+
+def test_profiles_shows_one_profile_in_full():
+    result = runner.invoke(app, ["profiles", "--profile", "gpu-8gb"])
+    assert result.exit_code == 0 and "host_memory" in result.output and "16GiB" in result.output
+    listing = runner.invoke(app, ["profiles"])
+    for name in ("gpu-8gb", "gpu-16gb", "gpu-80gb", "cpu-16gb"):
+        assert name in listing.output
+
+
+def test_profiles_and_version_as_subprocesses():
+    assert __version__ in run_cli("--version").stdout
+    listing = run_cli("profiles")
+    assert listing.returncode == 0 and "cpu-32gb" in listing.stdout
+
+
+def test_demo_takes_a_profile(tmp_path):
+    profile = tmp_path / "box.toml"
+    profile.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\n')
+    result = runner.invoke(app, ["demo", "--tokens", "2", "--profile", str(profile)])
+    assert result.exit_code == 0, result.output
+    assert "24 of 96" in result.output  # the demo keeps its 25% cache whatever the profile's memory
+
+
+# ---------------------------------------------------------------- traces and profiling
+
+
+def hand_trace(path):
+    """One layer, top-1, experts 0 1 0 2 0 1 2 2 1 0. With 2 slots, by hand:
+
+    LRU hits at accesses 3, 5, 8, 9 (4); FIFO at 3, 8, 9 (3); LFU (ties to the least recently used)
+    at 3, 5, 8 (3); Belady at 3, 5, 7, 8, 9 (5).
+    """
+    import json
+
+    import torch
+
+    from offload_moe.traces import Trace, save_trace
+
+    experts = torch.tensor([0, 1, 0, 2, 0, 1, 2, 2, 1, 0], dtype=torch.int16).view(10, 1, 1)
+    meta = {"model": "hand", "num_experts": "3", "top_k": "1", "layers": json.dumps([0]), "source": "by hand"}
+    return save_trace(Trace(experts=experts, metadata=meta), path)
+
+
+def test_profile_replays_a_hand_worked_trace(tmp_path):
+    import csv
+    import json
+
+    trace = hand_trace(tmp_path / "hand.safetensors")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["profile", "--trace", str(trace), "--policies", "lru,fifo,lfu", "--capacities", "2",
+                                 "--predictors", "none", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["results"]
+    hits = {r["policy"]: r["hits"] for r in rows}
+    assert hits == {"belady": 5, "lru": 4, "fifo": 3, "lfu": 3}
+    assert {r["policy"]: r["misses_over_belady"] for r in rows}["lru"] == 6 / 5
+    with open(out / "results.csv") as f:
+        assert {r["policy"]: int(r["hits"]) for r in csv.DictReader(f)} == hits
+    assert (out / "hit_rate.png").exists() and (out / "activations.png").exists()
+    assert "Belady" in result.output and "1.20" in result.output  # the table's ratio to Belady
+
+
+def test_trace_synth_show_and_profile_as_subprocesses(tmp_path):
+    path = tmp_path / "synth.safetensors"
+    made = run_cli("trace", "synth", "--out", str(path), "--tokens", "300", "--layers", "4", "--experts", "8",
+                   "--top-k", "2", "--skew", "1.5", "--locality", "0.5")
+    assert made.returncode == 0, made.stderr
+    assert "300 tokens x 4 layers x top-2 of 8 experts" in made.stdout
+    shown = run_cli("trace", "show", str(path))
+    assert shown.returncode == 0 and "skew=1.5" in shown.stdout and "repeat rate" in shown.stdout
+    out = tmp_path / "results"
+    profiled = run_cli("profile", "--trace", str(path), "--capacities", "25%,50%", "--out", str(out), "--no-plots")
+    assert profiled.returncode == 0, profiled.stderr
+    assert "transition" in profiled.stdout and (out / "results.json").exists() and not (out / "hit_rate.png").exists()
+
+
+def test_profile_without_arguments_profiles_the_bundled_reference_trace(tmp_path):
+    import json
+
+    result = runner.invoke(app, ["profile", "--policies", "lru", "--capacities", "25%", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert {r["predictor"] for r in rows if r["policy"] == "lru"} == {"none", "transition", "gate"}
+    assert all(r["capacity"] == 24 for r in rows)
+
+
+def test_trace_record_as_a_subprocess_and_profile_of_a_model(tmp_path):
+    import json
+
+    from offload_moe import demo_model_path
+    from offload_moe.traces import load_trace
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def read_lines(path):\nimport os\n")
+    out = tmp_path / "t.safetensors"
+    recorded = run_cli("trace", "record", "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "3",
+                       "--margin", "1")
+    assert recorded.returncode == 0, recorded.stderr
+    trace = load_trace(out)
+    assert len(trace.sequences()) == 2 and trace.prediction_margin == 1 and trace.layers == list(range(6))
+    assert "2 prompts from prompts.txt, 3 greedy tokens after each" in trace.metadata["source"]
+    # profile MODEL records first; the hardware profile adds the capacity its device memory would give
+    box = tmp_path / "box.toml"
+    box.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "300MiB"\n')
+    result = runner.invoke(app, ["profile", str(demo_model_path()), "--prompts", str(prompts), "--policies", "lru",
+                                 "--capacities", "24", "--profile", str(box), "--out", str(tmp_path / "p"), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p" / "trace.safetensors").exists()
+    rows = json.loads((tmp_path / "p" / "results.json").read_text())["results"]
+    assert {r["capacity"] for r in rows} == {24, 96}  # 300 MiB holds all 96 experts of the bundled model
+
+
+def test_profile_and_trace_errors_are_one_line(tmp_path):
+    cases = [
+        (["profile", "--trace", str(tmp_path / "missing.safetensors")], "does not exist"),
+        (["profile", "somewhere", "--trace", "x.safetensors"], "not both"),
+        (["profile", "somewhere"], "--prompts"),
+        (["profile", "--capacities", "lots"], "neither a number"),
+        (["profile", "--policies", "mru"], "unknown policies"),
+        (["trace", "record", "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "t.safetensors")],
+         "cannot read the prompts file"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code != 0, args
+        assert message in str(result.exception), (args, result.exception)
+    bad = run_cli("profile", "--capacities", "lots", "--out", str(tmp_path))
+    assert bad.returncode == 1 and "neither a number" in bad.stderr and "Traceback" not in bad.stderr

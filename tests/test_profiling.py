@@ -82,3 +82,92 @@ def test_activation_counts():
     counts = activation_counts(trace)
     assert counts.shape == (4, 8) and int(counts.sum()) == 50 * 4 * 2
     assert torch.equal(counts[2], torch.bincount(trace.experts[:, 2].long().reshape(-1), minlength=8))
+
+
+# ---------------------------------------------------------------- predictions worked out before the replay
+
+
+def test_transition_predictions_equal_the_online_predictor_token_by_token():
+    import numpy as np
+
+    from offload_moe.prefetch import TransitionPredictor, transition_predictions
+
+    rng = np.random.default_rng(0)
+    for tokens, layers, experts, k, margin in [(120, 4, 8, 2, 1), (80, 3, 6, 1, 2), (60, 3, 10, 3, 0)]:
+        ids = np.sort(np.stack([[rng.choice(experts, k, replace=False) for _ in range(layers)] for _ in range(tokens)]), -1)
+        fast = transition_predictions(ids, experts, k + margin)
+        online = TransitionPredictor(layers, experts, k, margin)
+        for t in range(tokens):
+            for layer in range(layers):
+                online.observe(layer, ids[t, layer][None])
+                named = online.predict_host(layer, ids[t, layer][None])
+                if layer < layers - 1:
+                    want = named[layer + 1][0].tolist() if layer + 1 in named else []
+                    assert [e for e in fast[t, layer].tolist() if e >= 0] == want, (t, layer)
+
+
+def test_gate_replay_uses_the_stored_predictions():
+    # two layers of two experts, capacity 2, top-1: layer 0 always takes expert 0, layer 1 alternates,
+    # and the stored gate guess for layer 1 is always right. With prefetch only the first access misses;
+    # without it, layer 1 misses every time (its expert was evicted by the other one).
+    tokens = 20
+    route = torch.tensor([[0, t % 2] for t in range(tokens)]).view(tokens, 2, 1)
+    trace = make_trace(route, 2)
+    trace.predicted = torch.stack([route[:, 1], torch.full((tokens, 1), -1)], 1).to(torch.int16)  # [T, 2, 1]
+    trace.metadata["predicted_by"] = "gate"
+    plain = replay(trace, "lru", 2)
+    ahead = replay(trace, "lru", 2, predictor="gate", margin=0)
+    assert (plain.misses, plain.hits) == (1 + tokens, tokens - 1)
+    assert (ahead.misses, ahead.prefetch_issued, ahead.prefetch_used) == (1, tokens, tokens)
+    assert ahead.loads == 1 + tokens and ahead.prefetch_precision == 1.0
+    with pytest.raises(ConfigError, match="re-record with --margin 1"):
+        replay(trace, "lru", 2, predictor="gate", margin=1)
+    trace.predicted = None
+    with pytest.raises(ConfigError, match="stores no gate predictions"):
+        replay(trace, "lru", 2, predictor="gate")
+
+
+def test_parse_capacities():
+    from offload_moe.profiling import parse_capacities
+
+    assert parse_capacities("12.5%, 25%,50%", 96) == [12, 24, 48]
+    assert parse_capacities("32,8,25%", 96) == [8, 24, 32]
+    for bad, match in [("lots", "neither a number"), ("0", "between 1"), ("200%", "between 1"), ("", "no capacities")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_capacities(bad, 96)
+
+
+def test_write_results_files_and_plots(tmp_path):
+    from offload_moe.profiling import write_results
+
+    trace = skewed_trace(tokens=40)
+    results = sweep(trace, policies=["lru"], capacities=[4, 8], predictors=["none", "transition"])
+    written = write_results(results, trace, tmp_path / "out", seconds=0.5)
+    document = json.loads(written["json"].read_text())
+    assert len(document["results"]) == len(results) == 2 * (1 + 2)
+    assert document["trace"]["accesses"] == 40 * 4 and document["machine"]["torch"]
+    lines = written["csv"].read_text().splitlines()
+    assert lines[0].startswith("policy,capacity,predictor,requests,hits") and len(lines) == 1 + len(results)
+    for name in ("hit_rate_plot", "heatmap"):
+        assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["activations.png", "hit_rate.png",
+                                                                     "results.csv", "results.json"]
+
+
+def test_write_results_without_matplotlib_says_how_to_get_plots(tmp_path, monkeypatch):
+    import builtins
+
+    from offload_moe.profiling import write_results
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    trace = skewed_trace(tokens=20)
+    written = write_results(sweep(trace, policies=["lru"], capacities=[4]), trace, tmp_path)
+    assert "offload_moe[plot]" in written["plots"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json"]

@@ -82,7 +82,7 @@ GOOD_META = {"model": "tiny", "num_experts": "4", "top_k": "2", "layers": "[0, 1
     ({"scores": torch.zeros(2, 3, 2)}, GOOD_META, "no 'experts' tensor"),
     ({"experts": torch.zeros(2, 3, 2, dtype=torch.int32)}, GOOD_META, "'experts' is int32"),
     ({"experts": torch.zeros(2, 3, dtype=torch.int16)}, GOOD_META, "with 2 dimension"),
-    ({"experts": torch.full((2, 3, 2), 4, dtype=torch.int16)}, GOOD_META, "expert id 4 is outside 0..3"),
+    ({"experts": torch.full((2, 3, 2), 4, dtype=torch.int16)}, GOOD_META, "expert id 4, outside 0..3"),
     ({"experts": torch.full((2, 3, 2), -1, dtype=torch.int16)}, GOOD_META, "expert id -1"),
     ({"experts": torch.zeros(2, 3, 2, dtype=torch.int16)}, {**GOOD_META, "layers": "[0, 1]"}, "metadata says 2 layers"),
     ({"experts": torch.zeros(2, 3, 2, dtype=torch.int16)}, {k: v for k, v in GOOD_META.items() if k != "source"},
@@ -205,3 +205,122 @@ def test_random_baselines_match_the_mixtral_paper():
     assert random_repeat_rate(8, 2) == pytest.approx(0.125)
     assert random_repeat_rate(8, 2, first_choice=False) == pytest.approx(0.464, abs=1e-3)  # "46%" in Table 5
     assert random_repeat_rate(16, 2, first_choice=False) == pytest.approx(1 - math.comb(14, 2) / math.comb(16, 2))
+
+
+# ---------------------------------------------------------------- gate predictions and generation
+
+
+def test_recorded_gate_predictions_are_what_the_runtime_prefetcher_names(model_dir):
+    """Decoding one token at a time with prefetch='gate', the prefetcher's guesses equal the trace's ``predicted``."""
+    model = offload_moe.load(model_dir("mixtral"), cache_experts=4, dtype="float32", prefetch="gate",
+                             prefetch_margin=1, progress=False)
+    named = []  # (pos, [1, k + margin]) in call order
+    predictor = model.offload.prefetcher.predictor
+    original = predictor.predict_device
+
+    def spy(pos, hidden):
+        out = original(pos, hidden)
+        named.extend((pos, ids) for ids in out.values())
+        return out
+
+    predictor.predict_device = spy
+    prompt = torch.tensor([[5, 17, 3]])
+    trace = record_trace(model, [prompt], source="test", predict_margin=1, max_new_tokens=4)
+    model.offload.close()
+    assert trace.metadata["predicted_by"] == "gate" and trace.prediction_margin == 1
+    assert trace.predicted.shape == (3 + 3, 3, 3)  # the prompt, then 3 decoding steps; layers; top-2 + 1
+    assert bool((trace.predicted[:, -1] == -1).all())  # nothing lies beyond the last layer
+    decode = [(pos, ids) for pos, ids in named if ids.shape[0] == 1]  # the one-token decoding steps
+    assert len(decode) == 3 * 2
+    for step in range(3):
+        for pos in range(2):
+            got, want = trace.predicted[3 + step, pos], decode[step * 2 + pos][1][0]
+            assert got.tolist() == want.tolist(), (step, pos)
+    prefill = torch.cat([ids for pos, ids in named if ids.shape[0] == 3 and pos == 0])
+    assert trace.predicted[:3, 0].tolist() == prefill.tolist()
+
+
+def test_record_with_generation_traces_the_fed_tokens(model_dir):
+    model = offload_moe.load(model_dir("mixtral"), cache_experts=4, dtype="float32", progress=False)
+    prompts = [torch.tensor([1, 2, 3, 4]), torch.tensor([7, 8])]
+    trace = record_trace(model, prompts, source="test", max_new_tokens=5)
+    model.offload.close()
+    assert trace.sequences() == [(0, 8), (8, 14)]  # prompt + 4 steps (the 5th token is never fed back)
+    assert trace.token_ids[:4].tolist() == [1, 2, 3, 4] and trace.token_ids[8:10].tolist() == [7, 8]
+    assert trace.predicted is None and "predicted_by" not in trace.metadata
+
+
+def test_predictions_survive_a_round_trip_and_are_validated(tmp_path):
+    trace = make_trace()
+    trace.predicted = torch.full((10, 3, 3), 1, dtype=torch.int16)
+    with pytest.raises(TraceError, match="predicted_by"):
+        trace.validate()
+    trace.metadata["predicted_by"] = "gate"
+    back = load_trace(save_trace(trace, tmp_path / "t.safetensors"))
+    assert torch.equal(back.predicted, trace.predicted) and back.prediction_margin == 1
+    trace.predicted[0, 0, 0] = 7
+    with pytest.raises(TraceError, match="'predicted' holds expert id 7"):
+        trace.validate()
+    trace.predicted = torch.ones((10, 2, 3), dtype=torch.int16)
+    with pytest.raises(TraceError, match="'predicted' has shape"):
+        trace.validate()
+
+
+# ---------------------------------------------------------------- prompts files
+
+
+def test_read_prompts_from_text_and_jsonl(tmp_path):
+    from offload_moe.traces import read_prompts
+
+    text = tmp_path / "p.txt"
+    text.write_text("def f(x):\n\n  import os\n")
+    assert read_prompts(text) == ["def f(x):", "  import os"]
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('"one\\ntwo"\n{"prompt": "three"}\n\n{"text": "four"}\n')
+    assert read_prompts(lines) == ["one\ntwo", "three", "four"]
+    lines.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
+    with pytest.raises(TraceError, match="line 2"):
+        read_prompts(lines)
+    lines.write_text("not json\n")
+    with pytest.raises(TraceError, match="line 1: not JSON"):
+        read_prompts(lines)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(TraceError, match="holds no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    with pytest.raises(TraceError, match="cannot read the prompts file"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+# ---------------------------------------------------------------- synthetic traces
+
+
+def test_synthetic_traces_follow_their_skew_and_locality():
+    from offload_moe.traces import synthesize_trace
+
+    def make(**kw):
+        return synthesize_trace(**{"tokens": 2000, "layers": 3, "num_experts": 16, "top_k": 2, **kw})
+
+    uniform, skewed = make(skew=0.0, locality=0.0), make(skew=2.0, locality=0.0)
+    assert min(expert_usage_entropy(uniform)) > 3.95  # log2(16) = 4
+    assert max(expert_usage_entropy(skewed)) < 3.0
+    assert max(repeat_rate(uniform)) < 0.1  # 1/16 by chance
+    sticky = make(skew=0.0, locality=0.9)
+    assert min(repeat_rate(sticky, first_choice=False)) > 0.9
+    for trace in (uniform, skewed, sticky):
+        assert trace.experts.shape == (2000, 3, 2)
+        assert bool((trace.experts[..., 0] != trace.experts[..., 1]).all())  # a token's experts are distinct
+    assert torch.equal(make(seed=4).experts, make(seed=4).experts) and not torch.equal(make(seed=4).experts, make().experts)
+    split = make(sequences=3, locality=1.0, skew=0.0)
+    assert split.sequences() == [(0, 667), (667, 1334), (1334, 2000)]
+    assert repeat_rate(split, first_choice=False) == [1.0, 1.0, 1.0]  # within each sequence every token repeats
+
+
+def test_synthetic_trace_bad_settings():
+    from offload_moe.traces import synthesize_trace
+
+    with pytest.raises(TraceError, match="must not exceed"):
+        synthesize_trace(tokens=10, layers=2, num_experts=4, top_k=5)
+    with pytest.raises(TraceError, match="locality"):
+        synthesize_trace(tokens=10, layers=2, num_experts=4, top_k=2, locality=1.5)
+    with pytest.raises(TraceError, match="at least 1"):
+        synthesize_trace(tokens=0, layers=2, num_experts=4, top_k=2)

@@ -128,6 +128,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling when temperature > 0.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option(min=0.0, help="1 turns it off; small models loop without it.")] = 1.1,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu or cuda; default: the profile's, else cpu.")] = None,
     cache_experts: Annotated[int | None, typer.Option(help="Expert slots on the device.")] = None,
@@ -150,7 +151,7 @@ def generate(
     if stream is not None:
         console.out(prompt, end="", style="bold", highlight=False)
     result = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           seed=seed, on_text=stream, device=device, cache_experts=cache_experts,
+                           repetition_penalty=repetition_penalty, seed=seed, on_text=stream, device=device, cache_experts=cache_experts,
                            cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, profile=profile)
     if json_output:
         print(json.dumps(result.as_dict(), default=str))
@@ -248,8 +249,9 @@ def profiles(
         console.print(table)
         return
     table = Table(title=f"hardware profiles ({profiles_folder()})")
-    for col in ("name", "device", "device memory", "host memory", "policy", "prefetch", "suits"):
-        table.add_column(col)
+    for col in ("name", "device", "device memory", "host memory", "policy", "prefetch"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("suits", min_width=30)
     for p in list_profiles():
         prefetch = p.prefetch or "none"
         if prefetch != "none" and p.prefetch_margin is not None:

@@ -69,19 +69,21 @@ def generate_text(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.1,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
     **load_options,
 ) -> Generation:
     """Load ``model_path`` (default: the bundled model) with ``load_options``, complete ``prompt``, return it all.
 
-    Greedy when ``temperature`` is 0, else sampled with ``top_p`` from ``seed``. ``on_text`` receives the
-    new text piece by piece as it is generated.
+    Greedy when ``temperature`` is 0, else sampled with ``top_p`` from ``seed``; ``repetition_penalty``
+    (1 = off) keeps greedy decoding of small models from looping. ``on_text`` receives the new text
+    piece by piece as it is generated.
     """
     from .demo import demo_model_path
     from .loader import load, resolve_model_path
 
-    sampling = sampling_options(max_new_tokens, temperature, top_p)
+    sampling = sampling_options(max_new_tokens, temperature, top_p, repetition_penalty)
     folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
     tokenizer = load_tokenizer(folder)
     start = time.perf_counter()

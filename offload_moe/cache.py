@@ -103,15 +103,16 @@ class Residency:
         """Record a request for each key; pin and return the hits with their slots, and the misses."""
         hits: list[tuple[Key, int]] = []
         misses: list[Key] = []
+        on_access, slot_of, pins, per_layer = self.policy.on_access, self.slot_of, self.pins, self.per_layer  # hot path
         for key in keys:
-            self.policy.on_access(key)
-            slot = self.slot_of.get(key)
+            on_access(key)
+            slot = slot_of.get(key)
             if slot is None:
-                self.per_layer[key[0]].misses += 1
+                per_layer[key[0]].misses += 1
                 misses.append(key)
             else:
-                self.per_layer[key[0]].hits += 1
-                self.pins[key] += 1
+                per_layer[key[0]].hits += 1
+                pins[key] += 1
                 hits.append((key, slot))
         return hits, misses
 
@@ -128,7 +129,8 @@ class Residency:
                     f"all {self.capacity} expert slots are in use by the layer being computed; "
                     "raise cache_experts / cache_memory"
                 )
-            evicted = self.policy.victim(lambda k: k in self.slot_of and not self.is_pinned(k))
+            slot_of, pins = self.slot_of, self.pins
+            evicted = self.policy.victim(lambda k: k in slot_of and not pins.get(k, 0))
             if evicted not in self.slot_of or self.is_pinned(evicted):
                 raise AssertionError(f"policy {self.policy.name} chose {evicted}, which is not evictable")
             slot = self.slot_of.pop(evicted)

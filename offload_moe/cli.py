@@ -356,6 +356,7 @@ def profile_command(
     out: Annotated[Path, typer.Option(help="Folder for results.json, results.csv and the plots.")] = Path("profile-results"),
     max_new_tokens: Annotated[int, typer.Option(min=0, help="With MODEL: also trace this many decoding steps per prompt.")] = 0,
     plots: Annotated[bool, typer.Option(help="Draw PNG plots (needs matplotlib: pip install 'offload_moe[plot]').")] = True,
+    workers: Annotated[int | None, typer.Option(min=1, help="Processes for the replays; default: one per CPU for large sweeps.")] = None,
     profile: Annotated[str | None, typer.Option(help="Hardware profile: with MODEL, adds the capacity its device memory gives.")] = None,
 ) -> None:
     """Replay a routing trace through eviction policies x capacities x prefetch predictors, against Belady's optimum.
@@ -395,7 +396,7 @@ def profile_command(
     start = time.perf_counter()
     with _bar("replaying", sweep_size(names, slots, chosen)) as advance:
         results = sweep(trace, policies=names, capacities=slots, predictors=chosen, margin=margin,
-                        progress=lambda n: advance())
+                        progress=lambda n: advance(), workers=workers)
     seconds = time.perf_counter() - start
     console.print(_results_table(results, trace, seconds))
     for name, where in write_results(results, trace, out, seconds=seconds, plots=plots).items():

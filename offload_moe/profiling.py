@@ -162,10 +162,11 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
 
 
 def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], predictors: Sequence[str] = ("none",),
-          margin: int = 1, progress: Callable[[int], None] | None = None) -> list[ReplayResult]:
+          margin: int = 1, progress: Callable[[int], None] | None = None, workers: int | None = None) -> list[ReplayResult]:
     """Every policy x capacity x predictor, plus Belady at each capacity; each result knows Belady's misses.
 
-    ``progress(1)`` is called after each replay; there are ``sweep_size(...)`` of them.
+    ``progress(1)`` is called after each replay; there are ``sweep_size(...)`` of them. Replays run
+    in ``workers`` processes (default: one per CPU when the sweep is large enough to gain from it).
     """
     unknown = [p for p in policies if p.lower() not in POLICIES]
     if unknown:
@@ -173,21 +174,66 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
     small = [c for c in capacities if c < trace.top_k]
     if small:
         raise BudgetError(f"capacity {small[0]} is below the trace's top_k={trace.top_k}: a layer could not hold its experts")
-    groups = layer_groups(trace)
     named = {p: predictions(trace, p, margin) for p in dict.fromkeys(x.lower() for x in predictors)}
-    results = []
+    jobs = []  # (policy, capacity, predictor)
     for capacity in capacities:
-        results.append(replay(trace, "belady", capacity, groups=groups))
-        if progress is not None:
-            progress(1)
-        for policy in (p for p in policies if p.lower() != "belady"):
-            for predictor, predicted in named.items():
-                results.append(replay(trace, policy, capacity, predictor=predictor, margin=margin, groups=groups,
-                                      predicted=predicted))
+        jobs.append(("belady", capacity, "none"))
+        jobs += [(policy, capacity, predictor) for policy in policies if policy.lower() != "belady" for predictor in named]
+    if workers is None:
+        workers = _default_workers(trace, len(jobs))
+    if workers > 1:
+        results = _sweep_in_processes(trace, named, jobs, margin, workers, progress)
+    else:
+        _start_worker(trace, named)
+        results = []
+        try:
+            for job in jobs:
+                results.append(_replay_job(*job, margin))
                 if progress is not None:
                     progress(1)
+        finally:
+            _WORKER.clear()
     by_capacity = {r.capacity: r.misses for r in results if r.policy == "belady"}
     return [ReplayResult(**{**asdict(r), "belady_misses": by_capacity[r.capacity]}) for r in results]
+
+
+# A replay is pure Python, so a sweep spreads its replays over processes; each process gets the trace
+# and the predictions once, when it starts, and keeps them here.
+_WORKER: dict = {}
+_PARALLEL_REQUESTS = 4_000_000  # expert requests over all replays above which processes pay for their start
+
+
+def _start_worker(trace: Trace, named: dict) -> None:
+    _WORKER.update(trace=trace, named=named, groups=layer_groups(trace))
+
+
+def _replay_job(policy: str, capacity: int, predictor: str, margin: int) -> ReplayResult:
+    w = _WORKER
+    return replay(w["trace"], policy, capacity, predictor=predictor, margin=margin, groups=w["groups"],
+                  predicted=w["named"].get(predictor))
+
+
+def _default_workers(trace: Trace, replays: int) -> int:
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    requests = trace.num_tokens * len(trace.layers) * trace.top_k * replays
+    return min(cpus, replays) if requests >= _PARALLEL_REQUESTS else 1
+
+
+def _sweep_in_processes(trace: Trace, named: dict, jobs: list, margin: int, workers: int,
+                        progress: Callable[[int], None] | None) -> list[ReplayResult]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: a forked child of a process that has run torch's thread pools can hang
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(trace, named)) as pool:
+        futures = [pool.submit(_replay_job, *job, margin) for job in jobs]
+        for _ in as_completed(futures):
+            if progress is not None:
+                progress(1)
+        return [f.result() for f in futures]
 
 
 def sweep_size(policies: Sequence[str], capacities: Sequence[int], predictors: Sequence[str]) -> int:

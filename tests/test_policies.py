@@ -211,6 +211,31 @@ class TestLFU(PolicyContract):
         assert policy.victim(lambda k: k != A) == B  # B was popped past once and must still be there
         assert policy.victim(lambda k: True) == A
 
+    def test_victims_match_a_brute_force_reference(self):
+        # the heap skips work (requests never touch it); the answer must still be the lowest (count, last request)
+        import random
+
+        rng = random.Random(7)
+        policy, counts, last, resident = LFU(), {}, {}, set()
+        for tick in range(1, 5000):
+            key = (0, rng.randrange(12))
+            policy.on_access(key)
+            counts[key] = counts.get(key, 0) + 1
+            last[key] = tick
+            if key in resident:
+                continue
+            if len(resident) == 6:
+                pinned = {(0, rng.randrange(12)) for _ in range(2)} | {key}
+                evictable = [k for k in resident if k not in pinned]
+                want = min(evictable, key=lambda k: (counts[k], last[k]))
+                got = policy.victim(lambda k: k not in pinned)
+                assert got == want, tick
+                policy.on_evict(got)
+                resident.discard(got)
+            policy.on_insert(key)
+            resident.add(key)
+        assert len(policy._heap) <= 2 * 6 + 33
+
     def test_heap_stays_bounded_under_hits(self):
         policy = inserted(LFU(), [A, B, C])
         for i in range(10_000):

@@ -171,3 +171,12 @@ def test_write_results_without_matplotlib_says_how_to_get_plots(tmp_path, monkey
     written = write_results(sweep(trace, policies=["lru"], capacities=[4]), trace, tmp_path)
     assert "offload_moe[plot]" in written["plots"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json"]
+
+
+def test_sweep_in_processes_gives_the_serial_results():
+    trace = skewed_trace(tokens=200)
+    args = dict(policies=["lru", "lfu", "random"], capacities=[4, 8], predictors=["none", "transition"])
+    done = []
+    parallel = sweep(trace, workers=2, progress=done.append, **args)
+    assert parallel == sweep(trace, workers=1, **args)
+    assert len(done) == len(parallel) == 2 * (1 + 3 * 2)

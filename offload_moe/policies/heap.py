@@ -15,15 +15,18 @@ _Entry = tuple[tuple, int, Key]  # (priority, push order, key)
 class LazyHeap:
     """Resident keys ordered by ``priority(key)``, lowest first.
 
-    A key is pushed again whenever its priority changes; entries whose priority is
-    out of date, or whose key left, are dropped when they reach the top, so
-    ``pop_evictable`` is O(log n) amortised. The push order keeps entries
+    A key is pushed again whenever its priority changes (or, with ``rising``, when an out-of-date
+    entry reaches the top); entries whose priority is out of date, or whose key left, are dropped
+    when they reach the top, so ``lowest_evictable`` is O(log n) amortised. The push order keeps entries
     comparable without comparing keys.
     """
 
-    def __init__(self, priority: Callable[[Key], tuple], owner: str):
+    def __init__(self, priority: Callable[[Key], tuple], owner: str, *, rising: bool = False):
         self.priority = priority
         self.owner = owner
+        # rising: priorities only ever grow (LFU's counts), so the owner need not push on every
+        # change; an entry found out of date at the top is pushed again with its current priority.
+        self.rising = rising
         self.resident: set[Key] = set()
         self._heap: list[_Entry] = []
         self._order = itertools.count()
@@ -49,7 +52,12 @@ class LazyHeap:
             while self._heap:
                 entry = heapq.heappop(self._heap)
                 priority, _, key = entry
-                if key not in self.resident or priority != self.priority(key):
+                if key not in self.resident:
+                    continue
+                current = self.priority(key)
+                if priority != current:
+                    if self.rising:
+                        heapq.heappush(self._heap, (current, next(self._order), key))
                     continue
                 kept.append(entry)
                 if evictable(key):

@@ -18,14 +18,13 @@ class LFU(EvictionPolicy):
         self.counts: Counter[Key] = Counter()
         self._last: dict[Key, int] = {}
         self._tick = 0
-        self._heap = LazyHeap(lambda k: (self.counts[k], self._last[k]), self.name)
+        # (count, last request) only grows, so a request need not touch the heap
+        self._heap = LazyHeap(lambda k: (self.counts[k], self._last[k]), self.name, rising=True)
 
     def on_access(self, key: Key) -> None:
         self.counts[key] += 1
         self._tick += 1
         self._last[key] = self._tick
-        if key in self._heap.resident:
-            self._heap.push(key)
 
     def on_insert(self, key: Key) -> None:
         self._last.setdefault(key, 0)

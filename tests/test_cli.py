@@ -258,3 +258,9 @@ def test_profile_and_trace_errors_are_one_line(tmp_path):
         assert message in str(result.exception), (args, result.exception)
     bad = run_cli("profile", "--capacities", "lots", "--out", str(tmp_path))
     assert bad.returncode == 1 and "neither a number" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_demo_as_a_subprocess():
+    result = run_cli("demo", "--tokens", "2")
+    assert result.returncode == 0, result.stderr
+    assert "24 of 96" in result.stdout and "hit rate" in result.stdout

@@ -74,7 +74,8 @@ def main() -> None:
         raise SystemExit(f"{args.trace} stores no token_ids; record it with them")
     rows = []
     settings = [("none", 1, 0), ("gate", 1, 0), ("gate", 1, 1), ("gate", 1, 2), ("gate", 2, 1),
-                ("transition", 1, 0), ("transition", 1, 1), ("transition", 1, 2), ("transition", 2, 1)]
+                ("transition", 1, 0), ("transition", 1, 1), ("transition", 1, 2), ("transition", 2, 1),
+                ("hybrid", 1, 0), ("hybrid", 1, 1), ("hybrid", 2, 1)]
     for predictor, depth, margin in settings:
         rows.append(decode_run(model_path, trace.token_ids, trace.sequences(), predictor, depth, margin,
                                args.fraction, args.steps))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import ConfigError
 from .generation import load_tokenizer, pad_token_id, sampling_options, text_streamer
@@ -198,7 +199,7 @@ def run_chat(session: ChatSession, lines: Iterable[str], console: Console, *, in
             try:
                 _answer(session, line, console)
             except ConfigError as e:  # a message too long for the model: say so, keep chatting
-                console.print(f"[bold red]error:[/] {e}", highlight=False)
+                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             except KeyboardInterrupt:  # a second Ctrl-C: generation was interrupted mid-token
                 console.print("\n[red]interrupted[/]")
                 return
@@ -233,7 +234,7 @@ def _command(session: ChatSession, command: str, console: Console) -> None:
             highlight=False, soft_wrap=True,
         )
     else:
-        console.print(f"unknown command {command}; " + ", ".join(f"{c} ({h})" for c, h in COMMANDS.items()),
+        console.print(f"unknown command {command}; " + ", ".join(f"{c} ({h})" for c, h in COMMANDS.items()), markup=False,
                       highlight=False, soft_wrap=True)
 
 

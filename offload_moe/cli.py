@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -134,7 +135,7 @@ def generate(
     cache_experts: Annotated[int | None, typer.Option(help="Expert slots on the device.")] = None,
     cache_memory: Annotated[str | None, typer.Option(help="Memory for expert slots, e.g. 6GiB.")] = None,
     policy: Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random.")] = None,
-    prefetch: Annotated[str | None, typer.Option(help="Predictor: none, gate, transition; default: the profile's, else none.")] = None,
+    prefetch: Annotated[str | None, typer.Option(help="Predictor: none, gate, transition, hybrid; default: the profile's, else none.")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print text, timings and cache statistics as JSON.")] = False,
@@ -174,7 +175,7 @@ def chat(
     cache_experts: Annotated[int | None, typer.Option(help="Expert slots on the device.")] = None,
     cache_memory: Annotated[str | None, typer.Option(help="Memory for expert slots, e.g. 6GiB.")] = None,
     policy: Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random.")] = None,
-    prefetch: Annotated[str | None, typer.Option(help="Predictor: none, gate, transition; default: the profile's, else none.")] = None,
+    prefetch: Annotated[str | None, typer.Option(help="Predictor: none, gate, transition, hybrid; default: the profile's, else none.")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")] = None,
 ) -> None:
@@ -193,7 +194,7 @@ def chat(
     interactive = sys.stdin.isatty()
     try:
         if interactive:
-            err.print(f"[dim]chatting with {session.model.offload.folder.name}; /reset, /stats, /quit[/]", highlight=False)
+            err.print(f"[dim]chatting with {escape(session.model.offload.folder.name)}; /reset, /stats, /quit[/]", highlight=False)
         run_chat(session, prompt_lines(console) if interactive else sys.stdin, console, interactive=interactive)
     finally:
         session.close()
@@ -217,13 +218,13 @@ def verify(
         task = bar.add_task("hash", total=None)
         result = check(model, manifest_dir=manifest_dir, progress=lambda n: bar.advance(task, n))
     if result.created:
-        console.print(f"wrote checksums of {result.experts} experts to {result.manifest}")
+        console.print(f"wrote checksums of {result.experts} experts to {result.manifest}", markup=False)
         return
     if result.ok:
-        console.print(f"all {result.experts} experts match {result.manifest}")
+        console.print(f"all {result.experts} experts match {result.manifest}", markup=False)
         return
     for layer, expert, files in result.bad:
-        err.print(f"expert {expert} of layer {layer} differs from the manifest ({files})", highlight=False, soft_wrap=True)
+        err.print(f"expert {expert} of layer {layer} differs from the manifest ({files})", highlight=False, soft_wrap=True, markup=False)
     raise OffloadMoEError(f"{len(result.bad)} of {result.experts} experts differ from {result.manifest}; "
                           "re-download the files named above")
 
@@ -328,7 +329,7 @@ def trace_show(trace_file: Annotated[Path, typer.Argument(help="A trace file (.s
     trace = load_trace(trace_file)
     _print_trace_summary(trace, trace_file)
     for key, value in sorted(trace.metadata.items()):
-        console.print(f"  {key}: {value}", highlight=False, soft_wrap=True)
+        console.print(f"  {key}: {value}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _print_trace_summary(trace, path: Path) -> None:
@@ -336,7 +337,8 @@ def _print_trace_summary(trace, path: Path) -> None:
 
     stored = [name for name in ("scores", "predicted", "token_ids") if getattr(trace, name) is not None]
     console.print(f"{path}: {trace.num_tokens} tokens x {len(trace.layers)} layers x top-{trace.top_k} of "
-                  f"{trace.num_experts} experts" + (f"; also {', '.join(stored)}" if stored else ""), highlight=False)
+                  f"{trace.num_experts} experts" + (f"; also {', '.join(stored)}" if stored else ""), highlight=False,
+                  markup=False)
     entropy, repeats = expert_usage_entropy(trace), repeat_rate(trace)
     console.print(f"  usage entropy per layer, bits (uniform {math.log2(trace.num_experts):.2f}): "
                   f"mean {sum(entropy) / len(entropy):.2f}, min {min(entropy):.2f}", highlight=False)
@@ -351,7 +353,7 @@ def profile_command(
     prompts: Annotated[Path | None, typer.Option(help="Prompts to record with MODEL (see `trace record`).")] = None,
     policies: Annotated[str, typer.Option(help="Comma-separated eviction policies: lru, lfu, fifo, random.")] = "lru,lfu,fifo,random",
     capacities: Annotated[str, typer.Option(help="Comma-separated capacities: expert slots (32) or shares of all experts (25%).")] = "12.5%,25%,50%",
-    predictors: Annotated[str | None, typer.Option(help="Comma-separated predictors: none, transition, gate; default: all the trace allows.")] = None,
+    predictors: Annotated[str | None, typer.Option(help="Comma-separated predictors: none, transition, gate, hybrid; default: all the trace allows.")] = None,
     margin: Annotated[int, typer.Option(min=0, help="Predictors name top-k + MARGIN experts.")] = 1,
     out: Annotated[Path, typer.Option(help="Folder for results.json, results.csv and the plots.")] = Path("profile-results"),
     max_new_tokens: Annotated[int, typer.Option(min=0, help="With MODEL: also trace this many decoding steps per prompt.")] = 0,
@@ -379,14 +381,14 @@ def profile_command(
         with _bar("recording", len(texts)) as advance:
             trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}", predict_margin=margin,
                                    max_new_tokens=max_new_tokens, on_prompt=advance, profile=profile)
-        console.print(f"recorded {save_trace(trace, out / 'trace.safetensors')}", highlight=False, soft_wrap=True)
+        console.print(f"recorded {save_trace(trace, out / 'trace.safetensors')}", highlight=False, soft_wrap=True, markup=False)
     else:
         if prompts is not None:
             raise OffloadMoEError("--prompts needs MODEL; to profile the bundled model, pass its folder "
                                   "(python -c 'import offload_moe; print(offload_moe.demo_model_path())')")
         trace = load_trace(trace_file if trace_file is not None else _reference_trace())
     chosen = [p.strip().lower() for p in (predictors or "").split(",") if p.strip()] or (
-        ["none", "transition"] + (["gate"] if trace.predicted is not None else []))
+        ["none", "transition"] + (["gate", "hybrid"] if trace.predicted is not None else []))
     slots = parse_capacities(capacities, len(trace.layers) * trace.num_experts)
     if model is not None and profile is not None:
         from .planning import plan
@@ -400,7 +402,7 @@ def profile_command(
     seconds = time.perf_counter() - start
     console.print(_results_table(results, trace, seconds))
     for name, where in write_results(results, trace, out, seconds=seconds, plots=plots).items():
-        console.print(f"{name}: {where}", highlight=False, soft_wrap=True)
+        console.print(f"{name}: {where}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _reference_trace() -> Path:
@@ -451,5 +453,5 @@ def main() -> None:
     except OffloadMoEError as e:
         if "--debug" in sys.argv:
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)

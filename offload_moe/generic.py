@@ -585,7 +585,7 @@ def offload_experts(
     written with ``save_experts`` to ``offload_folder`` or to a temporary folder deleted on ``close()``.
     Budget: ``cache_experts`` slots or ``cache_memory`` bytes on ``device``, shared by all layers (one
     expert size for the model); ``policy``, ``dtype``, ``readers`` and ``io`` as in ``offload_moe.load``.
-    ``read_timeout`` as in ``offload_moe.load``. ``prefetch``: ``none``, ``gate``, ``transition`` or a ``Predictor``; it needs the routing before the
+    ``read_timeout`` as in ``offload_moe.load``. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the
     experts run, so ``replace_forward=True`` or fused containers. A predictor with ``bind(prefetcher)``
     (``routing.HashPredictor``) is bound to the model's inputs.
 

@@ -5,7 +5,7 @@ The replay drives the same ``Residency`` bookkeeping as the runtime, without ten
 a predictor may then prefetch the next layer's experts into unpinned slots. Predictions are
 worked out once per trace, before the replays: ``transition`` by ``transition_predictions``
 (what the online predictor would name, token by token), ``gate`` read from the trace, which
-keeps what the gate predictor named while it was recorded. Belady's optimum, given the
+keeps what the gate predictor named while it was recorded, and ``hybrid`` the two pooled. Belady's optimum, given the
 trace's future, is the bound every policy is measured against.
 
     trace = load_trace("profiles/traces/demo-heldout.safetensors")
@@ -21,7 +21,7 @@ import json
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone, UTC
+from datetime import datetime, UTC
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,10 @@ from .atomic import atomic_write
 from .cache import Residency
 from .errors import BudgetError, ConfigError
 from .policies import POLICIES, make_policy
-from .prefetch import transition_predictions
+from .prefetch import pooled_row, transition_predictions
 from .traces import Trace
 
-REPLAY_PREDICTORS = ("none", "gate", "transition")
+REPLAY_PREDICTORS = ("none", "gate", "transition", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -98,17 +98,21 @@ def predictions(trace: Trace, predictor: str, margin: int = 1) -> list[list[list
     if predictor == "none":
         return None
     width = trace.top_k + margin
-    if predictor == "transition":
-        ids = transition_predictions(np.sort(trace.experts.numpy(), axis=-1), trace.num_experts, width)
-    else:
+    named = []  # one [T][L-1][<= width] per predictor pooled
+    if predictor in ("gate", "hybrid"):
         if trace.predicted is None or trace.metadata.get("predicted_by") != "gate":
-            raise ConfigError("this trace stores no gate predictions, so 'gate' cannot be replayed; record the trace "
-                              "with `offload-moe trace record` (it keeps them), or profile 'transition' instead")
+            raise ConfigError(f"this trace stores no gate predictions, so {predictor!r} cannot be replayed; record the "
+                              "trace with `offload-moe trace record` (it keeps them), or profile 'transition' instead")
         if margin > trace.prediction_margin:
             raise ConfigError(f"the trace's gate predictions name top_k + {trace.prediction_margin} experts; "
                               f"margin={margin} needs more: re-record with --margin {margin} or ask for less")
-        ids = trace.predicted[:, :-1, :width].long().numpy()
-    return [[[e for e in row if e >= 0] for row in token] for token in ids.tolist()]
+        named.append(trace.predicted[:, :-1, :width].long().tolist())
+    if predictor in ("transition", "hybrid"):
+        named.append(transition_predictions(np.sort(trace.experts.numpy(), axis=-1), trace.num_experts, width).tolist())
+    if len(named) == 1:
+        return [[[e for e in row if e >= 0] for row in token] for token in named[0]]
+    return [[pooled_row([[e for e in row if e >= 0] for row in rows]) for rows in zip(*token_rows)]
+            for token_rows in zip(*named)]
 
 
 def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none", margin: int = 1, seed: int = 0,

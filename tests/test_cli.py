@@ -212,7 +212,7 @@ def test_profile_without_arguments_profiles_the_bundled_reference_trace(tmp_path
     result = runner.invoke(app, ["profile", "--policies", "lru", "--capacities", "25%", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert {r["predictor"] for r in rows if r["policy"] == "lru"} == {"none", "transition", "gate"}
+    assert {r["predictor"] for r in rows if r["policy"] == "lru"} == {"none", "transition", "gate", "hybrid"}
     assert all(r["capacity"] == 24 for r in rows)
 
 
@@ -264,3 +264,33 @@ def test_demo_as_a_subprocess():
     result = run_cli("demo", "--tokens", "2")
     assert result.returncode == 0, result.stderr
     assert "24 of 96" in result.stdout and "hit rate" in result.stdout
+
+
+def test_brackets_in_messages_survive_the_terminal(tmp_path):
+    """Rich markup must not eat text such as "offload_moe[plot]" or "[tokens, layers, top_k]"."""
+    import json
+
+    from safetensors.torch import save_file
+    import torch
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"other": torch.zeros(1)}, bad, metadata={"model": "m"})
+    result = run_cli("profile", "--trace", str(bad))
+    assert result.returncode == 1 and "int16 [tokens, layers, top_k]" in result.stderr
+    trace = hand_trace(tmp_path / "hand.safetensors")
+    out = runner.invoke(app, ["profile", "--trace", str(trace), "--capacities", "2", "--policies", "lru",
+                              "--out", str(tmp_path / "o")])
+    assert out.exit_code == 0
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["results"]
+
+
+def test_missing_matplotlib_message_keeps_the_extra_name(tmp_path, monkeypatch):
+    import offload_moe.profiling as profiling
+
+    real = profiling.write_results
+    monkeypatch.setattr(profiling, "write_results", lambda *a, **k: {**real(*a, **{**k, "plots": False}),
+                                                                     "plots": "pip install 'offload_moe[plot]'"})
+    trace = hand_trace(tmp_path / "hand.safetensors")
+    result = runner.invoke(app, ["profile", "--trace", str(trace), "--capacities", "2", "--policies", "lru",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0 and "offload_moe[plot]" in result.output

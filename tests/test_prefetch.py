@@ -191,3 +191,42 @@ def test_buffers_are_freed_when_the_model_is_deleted(model_dir, prompt):
     del model, cache
     gc.collect()
     assert all(ref() is None for ref in buffers)
+
+
+def test_pooled_row_is_the_runtime_ranking():
+    import numpy as np
+
+    from offload_moe.prefetch import _pooled, pooled_row
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        gate, transition = rng.permutation(8)[:3], rng.permutation(8)[: rng.integers(1, 4)]
+        assert pooled_row([gate.tolist(), transition.tolist()]) == _pooled([gate[None], transition[None]])
+
+
+def test_hybrid_prefetch_names_what_the_replay_of_its_trace_names(model_dir):
+    """Decoding with prefetch='hybrid', the runtime's guesses equal ``profiling.predictions(trace, 'hybrid')``."""
+    from offload_moe.profiling import predictions
+    from offload_moe.traces import record_trace
+
+    model = offload_moe.load(model_dir("mixtral"), cache_experts=4, dtype="float32", prefetch="hybrid",
+                             prefetch_margin=1, progress=False)
+    prefetcher = model.offload.prefetcher
+    named = []  # what the prefetcher queued at each layer call, best first
+    original = prefetcher.after_routing
+
+    def spy(pos, routing, device_predictions, issue=True):
+        original(pos, routing, device_predictions, issue)
+        if pos + 1 < 3:
+            named.append(prefetcher._pending[0][1])
+
+    prefetcher.after_routing = spy
+    trace = record_trace(model, [torch.tensor([5, 17, 3, 40])], source="test", predict_margin=1, max_new_tokens=6)
+    model.offload.close()
+    replayed = predictions(trace, "hybrid", margin=1)
+    decode = named[2:]  # after the prefill's two predicting layers, one entry per decoding step and layer
+    assert len(decode) == 5 * 2
+    for step in range(5):
+        for pos in range(2):
+            assert decode[step * 2 + pos] == replayed[4 + step][pos], (step, pos)
+    assert model.offload.stats()["prefetch"] == "hybrid"

@@ -332,8 +332,10 @@ class ExpertCache:
         self.reap()
         hits, misses = self.residency.request((layer, e) for e in experts)
         for key, _ in hits:
-            if key in self._inflight:
+            ticket = self._inflight.get(key)
+            if ticket is not None:
                 self.flow.inflight_hits += 1
+                self.mover.hurry(ticket)  # a prefetch still queued goes before the other prefetches
             if key in self._prefetched:
                 self._prefetched.discard(key)
                 self.flow.prefetch_used += 1
@@ -349,7 +351,7 @@ class ExpertCache:
             self._prefetched.discard(evicted)
             self.flow.prefetch_wasted += 1
         try:
-            self._inflight[key] = self._begin(key, slot)
+            self._inflight[key] = self._begin(key, slot, urgent=not prefetch)
         except BaseException:
             self._fail(key)
             raise
@@ -411,10 +413,10 @@ class ExpertCache:
         return started
 
     # -- internals -------------------------------------------------------------
-    def _begin(self, key: Key, slot: int):
+    def _begin(self, key: Key, slot: int, urgent: bool = True):
         layer, expert = key
         if self.host is None:
-            return self.mover.from_disk(layer, expert, self.pool.views(slot))
+            return self.mover.from_disk(layer, expert, self.pool.views(slot), urgent=urgent)
         hits, _ = self.host.residency.request([key])
         if hits:
             ticket = self.mover.from_host(self.host.pool.flat(hits[0][1]), self.pool.flat(slot))
@@ -423,8 +425,8 @@ class ExpertCache:
             while not host.free and len(host.pins) >= len(host) and self._host_pending:
                 self._settle_oldest_host_copy()  # every host slot is still feeding a device copy
             host_slot, _ = host.admit(key)
-            ticket = self.mover.from_disk(layer, expert, self.host.pool.views(host_slot),
-                                          device_flat=self.pool.flat(slot), host_flat=self.host.pool.flat(host_slot))
+            ticket = self.mover.from_disk(layer, expert, self.host.pool.views(host_slot), device_flat=self.pool.flat(slot),
+                                          host_flat=self.host.pool.flat(host_slot), urgent=urgent)
         self._host_pending.append((key, ticket))
         return ticket
 

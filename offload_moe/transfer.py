@@ -17,9 +17,12 @@ thread, and tell the mover where to put bytes.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +74,96 @@ class Ticket:
         return self.future.result(timeout)
 
 
+class _Job:
+    __slots__ = ("future", "fn", "args", "taken")
+
+    def __init__(self, fn: Callable, args: tuple):
+        self.future: Future = Future()
+        self.fn, self.args, self.taken = fn, args, False
+
+
+class ReaderPool:
+    """Reader threads that take the most urgent read first: a load a layer waits for goes before prefetches.
+
+    ``submit(..., urgent=False)`` queues a prefetch behind every urgent read; ``hurry(future)`` moves a
+    queued prefetch to the front when a layer turns out to need it. Threads start on demand, up to
+    ``workers``. ``shutdown`` cancels what has not started and, with ``wait``, joins the threads.
+    """
+
+    def __init__(self, workers: int, name: str = "offload-moe-reader"):
+        self.workers, self.name = max(1, workers), name
+        self._queue: list[tuple[int, int, _Job]] = []  # (0 urgent | 1 later, order, job)
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._closed = False
+
+    def submit(self, fn: Callable, *args, urgent: bool = True) -> Future:
+        job = _Job(fn, args)
+        job.future._offload_job = job  # for hurry()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the expert reader threads are closed; the model was closed")
+            heapq.heappush(self._queue, (0 if urgent else 1, next(self._order), job))
+            if self._idle == 0 and len(self._threads) < self.workers:
+                thread = threading.Thread(target=self._work, name=f"{self.name}_{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            self._cond.notify()
+        return job.future
+
+    def hurry(self, future: Future) -> None:
+        """Make a queued read urgent (its older queue entry is then skipped). Nothing if it already started."""
+        job = getattr(future, "_offload_job", None)
+        with self._cond:
+            if job is None or job.taken or self._closed:
+                return
+            heapq.heappush(self._queue, (0, next(self._order), job))
+            self._cond.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._idle += 1
+                    self._cond.wait()
+                    self._idle -= 1
+                if not self._queue:
+                    return
+                job = heapq.heappop(self._queue)[2]
+                if job.taken:
+                    continue
+                job.taken = True
+            future, fn, args = job.future, job.fn, job.args
+            job.fn = job.args = future._offload_job = None  # nothing here may keep a slot's tensors alive
+            del job
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as e:  # handed to whoever waits on the load
+                    future.set_exception(e)
+                else:
+                    future.set_result(result)
+            del future, fn, args
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = True) -> None:
+        with self._cond:
+            self._closed = True
+            if cancel_futures:
+                for _, _, job in self._queue:
+                    if not job.taken:
+                        job.taken = True
+                        job.future.cancel()
+                        job.fn = job.args = job.future._offload_job = None
+                self._queue.clear()
+            self._cond.notify_all()
+        if wait:
+            for thread in self._threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+
 def _done(value: Transfer) -> Future:
     f: Future = Future()
     f.set_result(value)
@@ -82,15 +175,23 @@ class Mover:
 
     def __init__(self, store: ExpertStore, readers: int = 2):
         self.store = store
-        self.pool = ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix="offload-moe-reader")
+        self.pool = ReaderPool(readers)
         self._staging_size = staging_bytes(store)
         self._local = threading.local()
 
     # -- the API the caches use ------------------------------------------------
     def from_disk(self, layer: int, expert: int, views: dict[str, torch.Tensor],
-                  device_flat: torch.Tensor | None = None, host_flat: torch.Tensor | None = None) -> Ticket:
-        """Read an expert into ``views`` (a host slot when ``device_flat`` is given, then copied there)."""
-        return Ticket(self.pool.submit(self._read_then_copy, layer, expert, views, host_flat, device_flat, self._compute()))
+                  device_flat: torch.Tensor | None = None, host_flat: torch.Tensor | None = None,
+                  urgent: bool = True) -> Ticket:
+        """Read an expert into ``views`` (a host slot when ``device_flat`` is given, then copied there).
+
+        A read that is not ``urgent`` (a prefetch) waits behind every urgent one."""
+        return Ticket(self.pool.submit(self._read_then_copy, layer, expert, views, host_flat, device_flat,
+                                       self._compute(), urgent=urgent))
+
+    def hurry(self, ticket: Ticket) -> None:
+        """A layer needs this load now: if its read has not started, it goes next."""
+        self.pool.hurry(ticket.future)
 
     def from_host(self, host_flat: torch.Tensor, device_flat: torch.Tensor) -> Ticket:
         """Copy a whole host slot into a device slot."""
@@ -175,10 +276,10 @@ class CudaMover(Mover):
         self.copy_events: list[tuple] = []  # (begin, end) of copies on the copy stream
         self._copy_folded = 0.0
 
-    def from_disk(self, layer, expert, views, device_flat=None, host_flat=None) -> Ticket:
+    def from_disk(self, layer, expert, views, device_flat=None, host_flat=None, urgent=True) -> Ticket:
         if device_flat is None and next(iter(views.values())).is_cuda:  # no warm tier: disk -> pinned staging -> slot
-            return Ticket(self.pool.submit(self._read_staged, layer, expert, views, self._compute()))
-        return super().from_disk(layer, expert, views, device_flat, host_flat)
+            return Ticket(self.pool.submit(self._read_staged, layer, expert, views, self._compute(), urgent=urgent))
+        return super().from_disk(layer, expert, views, device_flat, host_flat, urgent)
 
     def _compute(self):
         return torch.cuda.current_stream(self.device)

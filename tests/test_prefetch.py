@@ -230,3 +230,58 @@ def test_hybrid_prefetch_names_what_the_replay_of_its_trace_names(model_dir):
         for pos in range(2):
             assert decode[step * 2 + pos] == replayed[4 + step][pos], (step, pos)
     assert model.offload.stats()["prefetch"] == "hybrid"
+
+
+# ---------------------------------------------------------------- reader priorities
+
+
+def test_urgent_reads_go_before_queued_prefetches_and_hurry_moves_one_up():
+    from offload_moe.transfer import ReaderPool
+
+    pool = ReaderPool(1)
+    gate, order = threading.Event(), []
+    blocker = pool.submit(gate.wait)  # the one reader is busy until the gate opens
+    later = [pool.submit(order.append, name, urgent=False) for name in ("prefetch a", "prefetch b", "prefetch c")]
+    pool.submit(order.append, "needed now")
+    pool.hurry(later[2])
+    gate.set()
+    for f in [blocker, *later]:
+        f.result(timeout=5)
+    assert order == ["needed now", "prefetch c", "prefetch a", "prefetch b"]
+    pool.shutdown()
+    assert not any(t.is_alive() for t in pool._threads)
+
+
+def test_reader_pool_shutdown_cancels_what_has_not_started_and_reports_errors():
+    from offload_moe.transfer import ReaderPool
+
+    pool = ReaderPool(1)
+    gate = threading.Event()
+    running = pool.submit(gate.wait)
+    queued = pool.submit(lambda: 1, urgent=False)
+    failing = ReaderPool(1).submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=5)
+    gate.set()
+    pool.shutdown(wait=True)
+    assert running.result() is True and (queued.cancelled() or queued.result() == 1)
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit(lambda: 1)
+
+
+def test_a_layer_that_needs_a_queued_prefetch_hurries_it(model_dir, prompt):
+    model = offload_moe.load(model_dir("mixtral"), cache_experts=6, dtype="float32", prefetch="transition",
+                             prefetch_margin=2, progress=False)
+    import time
+
+    mover, store = model.offload.cache.mover, model.offload.cache.store
+    read = store.read_piece
+    store.read_piece = lambda *a, **k: (time.sleep(0.005), read(*a, **k))[1]  # slow reads: prefetches are still queued
+    hurried = []
+    original = mover.hurry
+    mover.hurry = lambda ticket: (hurried.append(ticket), original(ticket))
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=12, do_sample=False)
+    s = model.offload.stats()
+    model.offload.close()
+    assert s["inflight_hits"] == len(hurried) > 0  # every in-flight hit asked for its read to go next

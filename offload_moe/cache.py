@@ -284,6 +284,7 @@ class FlowCounters:
     prefetch_issued: int = 0
     prefetch_used: int = 0  # prefetched experts requested before they were evicted
     prefetch_wasted: int = 0  # prefetched experts evicted unused
+    prefetch_cancelled: int = 0  # prefetches whose read had not started when their layer ran without them
     prefetch_failures: int = 0
     disk_bytes: int = 0
     disk_seconds: float = 0.0
@@ -330,6 +331,7 @@ class ExpertCache:
     def acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[tuple[int, int]], list[int]]:
         """Pin the resident (or in-flight) experts among ``experts``; return [(expert, slot)] for them and the rest."""
         self.reap()
+        self._cancel_stale_prefetches(layer, experts)
         hits, misses = self.residency.request((layer, e) for e in experts)
         for key, _ in hits:
             ticket = self._inflight.get(key)
@@ -413,6 +415,28 @@ class ExpertCache:
         return started
 
     # -- internals -------------------------------------------------------------
+    def _cancel_stale_prefetches(self, layer: int, experts: Sequence[int]) -> None:
+        """``layer`` runs now without these prefetched experts: drop those whose read has not started,
+        so the disk serves the loads that are needed (a started read is left to land)."""
+        wanted = set(experts)
+        for key in [k for k in self._prefetched if k[0] == layer and k[1] not in wanted and k in self._inflight]:
+            if self._inflight[key].future.cancel():
+                self._drop(key)
+                self.flow.prefetch_cancelled += 1
+
+    def _drop(self, key: Key, quarantine: bool = False) -> tuple[int | None, int | None]:
+        """Forget a load that will not land: the key leaves its device slot, and its host slot if it was
+        headed there. ``quarantine`` withholds both slots from reuse. Returns (slot, host slot)."""
+        self._inflight.pop(key, None)
+        self._prefetched.discard(key)
+        self._flying.discard(key)
+        slot = self.residency.discard(key, quarantine=quarantine)
+        host_slot = None
+        if self.host is not None:
+            self._host_pending = [(k, t) for k, t in self._host_pending if k != key]
+            host_slot = self.host.residency.discard(key, quarantine=quarantine)
+        return slot, host_slot
+
     def _begin(self, key: Key, slot: int, urgent: bool = True):
         layer, expert = key
         if self.host is None:
@@ -450,15 +474,8 @@ class ExpertCache:
         ``hung`` is the ticket of a read that timed out and may still write: its slots are
         quarantined until it ends, so no later expert can be overwritten by it.
         """
-        self._inflight.pop(key, None)
-        self._prefetched.discard(key)
-        self._flying.discard(key)
-        slot = self.residency.discard(key, quarantine=hung is not None)
+        slot, host_slot = self._drop(key, quarantine=hung is not None)
         self.residency.per_layer[key[0]].load_failures += 1
-        host_slot = None
-        if self.host is not None:
-            self._host_pending = [(k, t) for k, t in self._host_pending if k != key]
-            host_slot = self.host.residency.discard(key, quarantine=hung is not None)
         if hung is not None and slot is not None:
             self._quarantine.append((slot, host_slot, hung))
 
@@ -574,6 +591,7 @@ class ExpertCache:
             "prefetch_issued": f.prefetch_issued,
             "prefetch_used": f.prefetch_used,
             "prefetch_wasted": f.prefetch_wasted,
+            "prefetch_cancelled": f.prefetch_cancelled,
             "prefetch_failures": f.prefetch_failures,
             "prefetch_precision": f.prefetch_used / f.prefetch_issued if f.prefetch_issued else 0.0,
             "prefetch_recall": total.hits / requests if requests else 0.0,

@@ -59,8 +59,8 @@ def test_stats_add_up(model_dir, prompt):
     assert s["hits"] + s["misses"] == requests > 0
     assert 0 <= s["inflight_hits"] <= s["hits"]
     assert s["prefetch_issued"] > 0
-    assert s["prefetch_used"] + s["prefetch_wasted"] <= s["prefetch_issued"]
-    loads = s["misses"] + s["prefetch_issued"]
+    assert s["prefetch_used"] + s["prefetch_wasted"] + s["prefetch_cancelled"] <= s["prefetch_issued"]
+    loads = s["misses"] + s["prefetch_issued"] - s["prefetch_cancelled"]  # a cancelled prefetch never read
     assert s["bytes_loaded"] == loads * s["expert_bytes"]
     assert s["bytes_moved"]["disk"] == loads * s["expert_bytes"]  # fp32 checkpoint, fp32 slots
     assert s["bytes_moved"]["host_to_device"] == 0  # no warm tier
@@ -285,3 +285,28 @@ def test_a_layer_that_needs_a_queued_prefetch_hurries_it(model_dir, prompt):
     s = model.offload.stats()
     model.offload.close()
     assert s["inflight_hits"] == len(hurried) > 0  # every in-flight hit asked for its read to go next
+
+
+def test_prefetches_a_layer_ran_without_are_cancelled_before_their_read(model_dir, prompt):
+    """With slow reads, prefetches queue behind needed loads; those their layer did not need are dropped unread,
+    and the output still matches the model with every expert resident."""
+    import time
+
+    folder = model_dir("mixtral")
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = reference.generate(prompt, max_new_tokens=10, do_sample=False)
+    model = offload_moe.load(folder, cache_experts=6, dtype="float32", prefetch="transition", prefetch_margin=2,
+                             readers=1, progress=False)
+    cache = model.offload.cache
+    read = cache.store.read_piece
+    cache.store.read_piece = lambda *a, **k: (time.sleep(0.003), read(*a, **k))[1]
+    with torch.inference_mode():
+        got = model.generate(prompt, max_new_tokens=10, do_sample=False)
+    cache.drain()
+    s = model.offload.stats()
+    cache.residency.check()
+    model.offload.close()
+    assert torch.equal(got, want)
+    assert s["prefetch_cancelled"] > 0 and s["load_failures"] == 0 and s["prefetch_failures"] == 0
+    assert s["bytes_loaded"] == s["expert_bytes"] * (s["misses"] + s["prefetch_issued"] - s["prefetch_cancelled"])

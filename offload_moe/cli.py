@@ -18,7 +18,7 @@ from .errors import OffloadMoEError
 
 app = typer.Typer(
     name="offload-moe",
-    help="Run Mixture-of-Experts models whose experts do not fit on your GPU (or in RAM).",
+    help="Run Mixture-of-Experts models whose experts do not fit on your GPU (or in RAM).\n\nExample: offload-moe demo",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -261,7 +261,9 @@ def profiles(
     console.print(table)
 
 
-trace_app = typer.Typer(help="Record, synthesise and summarise routing traces.", no_args_is_help=True)
+trace_app = typer.Typer(help="Record, synthesise and summarise routing traces.\n\n"
+                             "Example: offload-moe trace record --prompts prompts.txt --out trace.safetensors",
+                        no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
 
 

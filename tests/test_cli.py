@@ -19,13 +19,13 @@ def test_version():
     assert __version__ in result.output
 
 
-COMMANDS = [["demo"], ["plan"], ["generate"], ["chat"], ["verify"], ["profiles"], ["profile"],
+COMMANDS = [["demo"], ["plan"], ["generate"], ["chat"], ["verify"], ["profiles"], ["profile"], ["trace"],
             ["trace", "record"], ["trace", "synth"], ["trace", "show"]]
 
 
 def test_help_lists_commands_with_examples():
     result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
+    assert result.exit_code == 0 and "Example: offload-moe demo" in result.output
     for command in {c[0] for c in COMMANDS}:
         assert command in result.output, command
     for command in COMMANDS:

@@ -7,6 +7,9 @@ followed by the text the model continued it with, messages separated by a newlin
 ``run_chat`` is the read-answer loop with the /commands and Ctrl-C, free of any terminal so
 tests can drive it with a list of lines.
 
+The KV cache of the conversation is kept between turns, so each answer runs only the new
+tokens through the model, and so loads only the experts they need.
+
 Ctrl-C during an answer sets ``ChatSession.stop``; a stopping criterion ends generation after
 the current token, so no forward pass is cut in half. The partial answer stays in the history,
 as the user saw it. A second Ctrl-C before the answer ends interrupts generation outright and
@@ -57,10 +60,16 @@ class ChatSession:
     """
 
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, repetition_penalty: float = 1.1):
+                 seed: int = 0, repetition_penalty: float = 1.1, keep_cache: bool = True):
         self.sampling = sampling_options(max_new_tokens, temperature, top_p, repetition_penalty)
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.seed = max_new_tokens, seed
+        # The KV cache of the conversation so far and the token ids it holds: the next turn's prompt
+        # starts with them, so only the new tokens run through the model (and need its experts).
+        self.keep_cache = keep_cache
+        self._kv = None
+        self._kv_ids: torch.Tensor | None = None  # [n]
+        self.reused_tokens = 0  # prompt tokens served from the kept cache, over all turns
         self.history: list[dict[str, str]] = []  # {"role": "user" | "assistant", "content": ...}
         self.stop = threading.Event()
         self.last: Reply | None = None
@@ -109,16 +118,24 @@ class ChatSession:
         budget = self.max_new_tokens if self.context is None else min(self.max_new_tokens, self.context - ids.shape[1])
         pad = pad_token_id(self.tokenizer)
         streamer = text_streamer(self.tokenizer, on_text) if on_text is not None else None
+        past = self._reusable_cache(ids[0])
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
-                                          streamer=streamer, pad_token_id=pad,
-                                          stopping_criteria=stop_when_set(self.stop), **self.sampling)
+                result = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
+                                             streamer=streamer, pad_token_id=pad, past_key_values=past,
+                                             return_dict_in_generate=True,
+                                             stopping_criteria=stop_when_set(self.stop), **self.sampling)
             stopped = self.stop.is_set()
+        except BaseException:
+            self._kv = self._kv_ids = None  # an interrupted forward may have left the cache half-written
+            raise
         finally:
             self.stop.clear()
         seconds = time.perf_counter() - start
+        out = result.sequences
+        if self.keep_cache:  # it holds every token but the last generated one, which was never fed back
+            self._kv, self._kv_ids = result.past_key_values, out[0, :-1]
         new = out[0, ids.shape[1]:]
         reply = Reply(self.tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds, stopped, forgotten)
         self.history = messages[forgotten:] + [{"role": "assistant", "content": reply.text}]
@@ -127,6 +144,25 @@ class ChatSession:
         self.total_tokens += reply.new_tokens
         self.total_seconds += seconds
         return reply
+
+    def _reusable_cache(self, ids: torch.Tensor):
+        """The kept KV cache, cut back to the longest prefix it shares with ``ids`` [S] (None if nothing is shared).
+
+        The new prompt usually starts with the old conversation token for token; where the tokenizer
+        splits the model's answer differently, or old turns were dropped, only the shared part is kept.
+        """
+        kept, self._kv, cached = self._kv, None, self._kv_ids
+        if kept is None or cached is None:
+            return None
+        n = min(len(cached), len(ids) - 1)  # at least one token of the prompt must run
+        same = (cached[:n] == ids[:n].to(cached.device)).long()
+        shared = int(same.cumprod(0).sum()) if n > 0 else 0
+        if shared == 0:
+            return None
+        if shared < kept.get_seq_length():
+            kept.crop(shared - kept.get_seq_length())  # negative: remove that many (every transformers 5 accepts it)
+        self.reused_tokens += shared
+        return kept
 
     def _fit(self, messages: list[dict[str, str]]) -> tuple[torch.Tensor, int]:
         """Token ids of the prompt, dropping the oldest user-assistant pairs until a full answer fits the context;
@@ -144,6 +180,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation and re-seed sampling; the cache statistics carry on."""
         self.history = []
+        self._kv = self._kv_ids = None
         torch.manual_seed(self.seed)
 
     def stats(self) -> dict:
@@ -154,7 +191,7 @@ class ChatSession:
             "capacity_experts": s["capacity_experts"], "total_experts": s["total_experts"],
             "prefetch": s["prefetch"], "prediction_recall": s["prediction_recall"],
             "prefetch_issued": s["prefetch_issued"], "prefetch_used": s["prefetch_used"],
-            "turns": self.turns, "new_tokens": self.total_tokens,
+            "turns": self.turns, "new_tokens": self.total_tokens, "reused_prompt_tokens": self.reused_tokens,
             "last_tokens_per_s": self.last.tokens_per_s if self.last else 0.0,
             "tokens_per_s": self.total_tokens / self.total_seconds if self.total_seconds else 0.0,
         }
@@ -230,7 +267,8 @@ def _command(session: ChatSession, command: str, console: Console) -> None:
             f"{s['misses']} misses, hit rate {s['hit_rate']:.1%}\n"
             f"prefetch: {prefetch}\n"
             f"tokens/s: {s['last_tokens_per_s']:.1f} last answer, {s['tokens_per_s']:.1f} overall "
-            f"({s['new_tokens']} tokens in {s['turns']} answer{'' if s['turns'] == 1 else 's'})",
+            f"({s['new_tokens']} tokens in {s['turns']} answer{'' if s['turns'] == 1 else 's'}); "
+            f"{s['reused_prompt_tokens']} prompt tokens served from the kept KV cache",
             highlight=False, soft_wrap=True,
         )
     else:

@@ -220,3 +220,31 @@ def test_model_without_tokenizer_is_an_error(model_dir, monkeypatch, capsys):
 def test_help_has_an_example():
     result = runner.invoke(app, ["chat", "--help"])
     assert result.exit_code == 0 and "Example: offload-moe chat" in result.output
+
+
+def test_each_turn_runs_only_its_new_tokens_and_answers_as_without_the_kept_cache(session):
+    """The KV cache of the conversation is kept between turns: the answers are those of a full re-read, and
+    the model (with its experts) sees only the new tokens."""
+    turns = ["Write a Python function `add(a, b)`. Add two numbers.", "def read_lines(path):", "import os"]
+
+    def converse(keep_cache: bool) -> tuple[list[str], int, int]:
+        chat = ChatSession(session.model, session.tokenizer, max_new_tokens=8, keep_cache=keep_cache)
+        session.model.offload.reset_stats()
+        replies = [chat.send(text).text for text in turns]
+        return replies, session.model.offload.stats()["tokens"], chat.reused_tokens
+
+    kept, kept_tokens, reused = converse(True)
+    fresh_replies, all_tokens, none_reused = converse(False)
+    assert kept == fresh_replies
+    assert none_reused == 0 and reused > 0
+    assert kept_tokens == all_tokens - reused  # the reused prompt tokens never ran again
+
+
+def test_reset_and_a_stopped_answer_keep_the_cache_consistent(fresh):
+    fresh.send("def add(a, b):")
+    assert fresh._kv is not None
+    fresh.reset()
+    assert fresh._kv is None and fresh.history == []
+    fresh.send("import os", on_text=lambda text: fresh.stop.set())  # stopped after its first piece
+    again = fresh.send("x = 1")
+    assert again.new_tokens > 0 and fresh._kv.get_seq_length() == len(fresh._kv_ids)

@@ -213,6 +213,7 @@ class TraceRecorder:
         self._handles: list = []
         self.predict_margin = predict_margin
         self._routers = None
+        self._gate = None  # made at the first call, once top_k is known
         if predict_margin is not None:
             from .loader import find_routers
 
@@ -248,7 +249,9 @@ class TraceRecorder:
         """The gate predictor's experts for the next MoE layer [T, k + margin]; -1 where it has no router."""
         from .prefetch import GatePredictor
 
-        gate = GatePredictor(self._routers, top_k, self.predict_margin, depth=1)
+        gate = self._gate
+        if gate is None or gate.width != top_k + self.predict_margin:
+            gate = self._gate = GatePredictor(self._routers, top_k, self.predict_margin, depth=1)
         named = gate.predict_device(pos, hidden).get(pos + 1)
         out = torch.full((hidden.shape[0], gate.width), -1, dtype=torch.int16)
         if named is not None:

@@ -184,7 +184,9 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
         jobs.append(("belady", capacity, "none"))
         jobs += [(policy, capacity, predictor) for policy in policies if policy.lower() != "belady" for predictor in named]
     if workers is None:
-        workers = _default_workers(trace, len(jobs))
+        # a policy added to POLICIES at run time does not exist in a freshly spawned process
+        custom = any(p.lower() not in _BUILT_IN_POLICIES for p in policies)
+        workers = 1 if custom else _default_workers(trace, len(jobs))
     if workers > 1:
         results = _sweep_in_processes(trace, named, jobs, margin, workers, progress)
     else:
@@ -204,6 +206,7 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
 # A replay is pure Python, so a sweep spreads its replays over processes; each process gets the trace
 # and the predictions once, when it starts, and keeps them here.
 _WORKER: dict = {}
+_BUILT_IN_POLICIES = frozenset(POLICIES)
 _PARALLEL_REQUESTS = 4_000_000  # expert requests over all replays above which processes pay for their start
 
 

@@ -180,3 +180,34 @@ def test_sweep_in_processes_gives_the_serial_results():
     parallel = sweep(trace, workers=2, progress=done.append, **args)
     assert parallel == sweep(trace, workers=1, **args)
     assert len(done) == len(parallel) == 2 * (1 + 3 * 2)
+
+
+def test_a_policy_added_at_run_time_is_replayed(monkeypatch):
+    from offload_moe.policies import POLICIES, EvictionPolicy
+
+    class MostRecentlyUsed(EvictionPolicy):
+        name = "mru"
+
+        def __init__(self):
+            self.order: list = []
+
+        def on_access(self, key):
+            if key in self.order:
+                self.order.remove(key)
+                self.order.append(key)
+
+        def on_insert(self, key):
+            self.order.append(key)
+
+        def on_evict(self, key):
+            if key in self.order:
+                self.order.remove(key)
+
+        def victim(self, evictable):
+            return next(k for k in reversed(self.order) if evictable(k))
+
+    monkeypatch.setitem(POLICIES, "mru", MostRecentlyUsed)
+    # one layer, top-1, 2 slots, 0 1 2 0 1: MRU evicts 1 for 2 and hits 0 (as Belady does); LRU hits nothing
+    trace = make_trace(torch.tensor([0, 1, 2, 0, 1]).view(5, 1, 1), 3)
+    results = {r.policy: r.hits for r in sweep(trace, policies=["lru", "mru"], capacities=[2])}
+    assert results == {"belady": 1, "lru": 0, "mru": 1}

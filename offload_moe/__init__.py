@@ -19,6 +19,7 @@ from .errors import (
     ExpertLoadError,
     ModelPathError,
     OffloadMoEError,
+    OutputError,
     PolicyError,
     TraceError,
     UnsupportedModelError,
@@ -53,5 +54,6 @@ __all__ = [
     "PolicyError",
     "ExpertLoadError",
     "TraceError",
+    "OutputError",
     "__version__",
 ]

@@ -12,12 +12,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import OutputError
+
 
 def atomic_write(path: str | Path, content: bytes | Callable[[BinaryIO], None], mode: int = 0o644) -> Path:
-    """Write ``content`` (bytes, or a function writing into the open file) to ``path`` atomically."""
+    """Write ``content`` (bytes, or a function writing into the open file) to ``path`` atomically.
+
+    Raises ``OutputError`` naming the path when the folder cannot be made or written.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e} ({path.parent}); "
+                          "choose a folder you can write to") from e
     try:
         with os.fdopen(fd, "wb") as f:
             content(f) if callable(content) else f.write(content)
@@ -25,7 +34,20 @@ def atomic_write(path: str | Path, content: bytes | Callable[[BinaryIO], None], 
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise OutputError(f"cannot write {path}: {e.strerror or e}; choose a folder you can write to") from e
         raise
+    return path
+
+
+def writable_folder(path: str | Path) -> Path:
+    """Make the folder ``path`` if needed and check that files can be made in it, before long work is done."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise OutputError(f"cannot write into {path}: {e.strerror or e}; choose a folder you can write to") from e
     return path

@@ -284,9 +284,11 @@ def trace_record(
 
     Example: offload-moe trace record --prompts prompts.txt --out trace.safetensors --max-new-tokens 32
     """
+    from .atomic import writable_folder
     from .traces import read_prompts, record_prompts, save_trace
 
     texts = read_prompts(prompts)
+    writable_folder(out.parent)
     with _bar("recording", len(texts)) as advance:
         trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}"
                                + (f", {max_new_tokens} greedy tokens after each" if max_new_tokens else ""),
@@ -371,11 +373,13 @@ def profile_command(
     """
     import time
 
+    from .atomic import writable_folder
     from .profiling import parse_capacities, sweep, sweep_size, write_results
     from .traces import load_trace, read_prompts, record_prompts, save_trace
 
     if model is not None and trace_file is not None:
         raise OffloadMoEError("give MODEL (with --prompts) or --trace FILE, not both")
+    writable_folder(out)  # before any long work
     if model is not None:
         if prompts is None:
             raise OffloadMoEError("profiling MODEL records a trace first: give --prompts FILE (one prompt per line)")

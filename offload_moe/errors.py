@@ -44,3 +44,7 @@ class ExpertLoadError(OffloadMoEError):
 
 class TraceError(OffloadMoEError, ValueError):
     """A routing trace is missing, malformed, or disagrees with its own metadata."""
+
+
+class OutputError(OffloadMoEError, OSError):
+    """A file offload_moe was asked to write (results, traces, manifests) cannot be written there."""

@@ -294,3 +294,13 @@ def test_missing_matplotlib_message_keeps_the_extra_name(tmp_path, monkeypatch):
     result = runner.invoke(app, ["profile", "--trace", str(trace), "--capacities", "2", "--policies", "lru",
                                  "--out", str(tmp_path / "o")])
     assert result.exit_code == 0 and "offload_moe[plot]" in result.output
+
+
+def test_an_output_that_cannot_be_written_is_a_one_line_error_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("profile", "--out", str(blocker / "results"))
+    assert result.returncode == 1 and "cannot write into" in result.stderr and "Traceback" not in result.stderr
+    assert "replays" not in result.stdout  # it stopped before replaying
+    result = run_cli("trace", "synth", "--out", str(blocker / "t.safetensors"), "--tokens", "4", "--layers", "2")
+    assert result.returncode == 1 and "cannot write" in result.stderr

@@ -37,6 +37,7 @@ def check_parity(model, prompt, want_logits, want_tokens):
     dict(prefetch="gate"),
     dict(prefetch="gate", prefetch_depth=2, prefetch_margin=2),
     dict(prefetch="transition"),
+    dict(prefetch="hybrid", prefetch_margin=1, readers=1),
     dict(prefetch="gate", host_memory=10**9),  # warm tier holds every expert: filled at load
     dict(prefetch="transition", host_memory="0.0001GiB", io="dontneed"),  # a few host slots
 ])

@@ -164,6 +164,16 @@ class Residency:
         self.quarantined.discard(slot)
         self.free.append(slot)
 
+    def release_all(self, keys: Iterable[Key]) -> None:
+        """``release`` each of ``keys`` (the replay's hot path: one call per layer)."""
+        pins = self.pins
+        for key in keys:
+            n = pins.get(key, 0)
+            if n <= 1:
+                pins.pop(key, None)
+            else:
+                pins[key] = n - 1
+
     def release(self, key: Key) -> None:
         """Unpin ``key``: the layer no longer needs it."""
         n = self.pins.get(key, 0)

@@ -136,19 +136,23 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
     issued = used = 0
     layers = trace.layers
     num_layers = len(layers)
+    request, admit, release_all = table.request, table.admit, table.release_all
     for i, group in enumerate(groups):
-        hits, misses = table.request(group)
-        for key, _ in hits:
-            if key in prefetched:
-                prefetched.discard(key)
-                used += 1
+        hits, misses = request(group)
+        if prefetched:
+            for key, _ in hits:
+                if key in prefetched:
+                    prefetched.discard(key)
+                    used += 1
         for key in misses:
-            _, evicted = table.admit(key)
-            prefetched.discard(evicted)
-        for key in group:
-            table.release(key)
+            evicted = admit(key)[1]
+            if prefetched:
+                prefetched.discard(evicted)
+        release_all(group)
+        if predicted is None:
+            continue
         token, pos = divmod(i, num_layers)
-        if predicted is None or pos == num_layers - 1:
+        if pos == num_layers - 1:
             continue
         ahead = layers[pos + 1]
         for expert in predicted[token][pos]:

@@ -34,10 +34,11 @@ def test_slots_on_device_and_staging_pinned_and_reused(model_dir, prompt):
     assert cache.pool.buffer.is_cuda
     mover = cache.mover
     assert isinstance(mover, CudaMover)
-    buffers = [b.data_ptr() for b in mover.buffers]
-    assert all(b.is_pinned() for b in mover.buffers)
+    model.generate(prompt.to("cuda"), max_new_tokens=8, do_sample=False)  # each reader thread makes its buffer
+    buffers = [b.data_ptr() for b in mover._stagings]
+    assert buffers and all(b.is_pinned() for b in mover._stagings)
     model.generate(prompt.to("cuda"), max_new_tokens=8, do_sample=False)
-    assert [b.data_ptr() for b in mover.buffers] == buffers  # reused, never reallocated
+    assert [b.data_ptr() for b in mover._stagings] == buffers  # reused, never reallocated
     assert model.offload.stats()["misses"] > len(buffers)
     model.offload.close()
 
@@ -68,7 +69,9 @@ def test_pinned_host_tier_and_freed_on_delete(model_dir, prompt):
 
 
 @pytest.mark.parametrize("settings", [dict(prefetch="gate"), dict(prefetch="transition", host_memory="1GiB"),
-                                      dict(prefetch="gate", host_memory=3 * 18432, io="dontneed")])
+                                      dict(prefetch="gate", host_memory=3 * 18432, io="dontneed"),
+                                      dict(prefetch="hybrid", prefetch_margin=2, readers=1),  # queued prefetches cancelled
+                                      dict(prefetch="hybrid", host_memory=3 * 18432, readers=1)])
 def test_prefetch_and_tiers_keep_parity_on_cuda(settings, model_dir, prompt):
     folder = model_dir("qwen3_moe")
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to("cuda")

@@ -160,7 +160,10 @@ class ChatSession:
         if shared == 0:
             return None
         if shared < kept.get_seq_length():
-            kept.crop(shared - kept.get_seq_length())  # negative: remove that many (every transformers 5 accepts it)
+            try:  # negative: remove that many (every transformers 5 accepts it)
+                kept.crop(shared - kept.get_seq_length())
+            except (RuntimeError, ValueError, AttributeError, NotImplementedError):
+                return None  # a sliding-window or linear-attention layer cannot go back: read it all again
         self.reused_tokens += shared
         return kept
 

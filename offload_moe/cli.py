@@ -242,14 +242,14 @@ def profiles(
     from .hardware import get_profile, list_profiles, profiles_folder
 
     if profile is not None:
-        table = Table(title=f"hardware profile {profile}")
+        table = Table(title=f"hardware profile {escape(profile)}")
         table.add_column("setting")
         table.add_column("value")
         for key, value in asdict(get_profile(profile)).items():
-            table.add_row(key, "-" if value is None else str(value))
+            table.add_row(key, "-" if value is None else escape(str(value)))
         console.print(table)
         return
-    table = Table(title=f"hardware profiles ({profiles_folder()})")
+    table = Table(title=f"hardware profiles ({escape(str(profiles_folder()))})")
     for col in ("name", "device", "device memory", "host memory", "policy", "prefetch"):
         table.add_column(col, no_wrap=True)
     table.add_column("suits", min_width=30)
@@ -257,7 +257,8 @@ def profiles(
         prefetch = p.prefetch or "none"
         if prefetch != "none" and p.prefetch_margin is not None:
             prefetch += f" (margin {p.prefetch_margin})"
-        table.add_row(p.name, p.device, p.device_memory, p.host_memory or "-", p.policy or "lru", prefetch, p.description)
+        table.add_row(*(escape(str(x)) for x in (p.name, p.device, p.device_memory, p.host_memory or "-",
+                                                  p.policy or "lru", prefetch, p.description)))
     console.print(table)
 
 
@@ -374,7 +375,7 @@ def profile_command(
     import time
 
     from .atomic import writable_folder
-    from .profiling import parse_capacities, sweep, sweep_size, write_results
+    from .profiling import default_workers, parse_capacities, sweep, sweep_size, write_results
     from .traces import load_trace, read_prompts, record_prompts, save_trace
 
     if model is not None and trace_file is not None:
@@ -393,18 +394,20 @@ def profile_command(
             raise OffloadMoEError("--prompts needs MODEL; to profile the bundled model, pass its folder "
                                   "(python -c 'import offload_moe; print(offload_moe.demo_model_path())')")
         trace = load_trace(trace_file if trace_file is not None else _reference_trace())
+    stored_gate = trace.predicted is not None and trace.prediction_margin >= margin
     chosen = [p.strip().lower() for p in (predictors or "").split(",") if p.strip()] or (
-        ["none", "transition"] + (["gate", "hybrid"] if trace.predicted is not None else []))
+        ["none", "transition"] + (["gate", "hybrid"] if stored_gate else []))
     slots = parse_capacities(capacities, len(trace.layers) * trace.num_experts)
     if model is not None and profile is not None:
         from .planning import plan
 
         slots = sorted(set(slots) | {min(plan(model, profile=profile).expert_slots, len(trace.layers) * trace.num_experts)})
     names = [p.strip() for p in policies.split(",") if p.strip()]
+    replays = sweep_size(names, slots, chosen)
     start = time.perf_counter()
-    with _bar("replaying", sweep_size(names, slots, chosen)) as advance:
+    with _bar("replaying", replays) as advance:
         results = sweep(trace, policies=names, capacities=slots, predictors=chosen, margin=margin,
-                        progress=lambda n: advance(), workers=workers)
+                        progress=lambda n: advance(), workers=workers or default_workers(trace, replays))
     seconds = time.perf_counter() - start
     console.print(_results_table(results, trace, seconds))
     for name, where in write_results(results, trace, out, seconds=seconds, plots=plots).items():
@@ -419,7 +422,7 @@ def _reference_trace() -> Path:
 
 def _results_table(results, trace, seconds: float) -> Table:
     total = len(trace.layers) * trace.num_experts
-    table = Table(title=f"{trace.metadata['model']}: {trace.num_tokens} tokens x {len(trace.layers)} layers "
+    table = Table(title=f"{escape(trace.metadata['model'])}: {trace.num_tokens} tokens x {len(trace.layers)} layers "
                         f"({trace.num_tokens * len(trace.layers)} accesses), {len(results)} replays in {seconds:.1f} s",
                   caption="Belady: the fewest misses any eviction policy reaches without prefetch. "
                           "loads: misses + prefetches, each moving one expert.")

@@ -75,4 +75,10 @@ def read_profile(path: Path) -> Profile:
         want = int if key in ("prefetch_margin", "prefetch_depth") else str
         if not isinstance(value, want) or isinstance(value, bool):
             raise ConfigError(f"profile {path}: {key} = {value!r} should be {'an integer' if want is int else 'a string'}")
+    from .prefetch import PREDICTORS
+
+    if data.get("prefetch", "none").lower() not in PREDICTORS:
+        raise ConfigError(f"profile {path}: prefetch = {data['prefetch']!r} is not a predictor; use one of {', '.join(PREDICTORS)}")
+    if data.get("prefetch_margin", 0) < 0 or data.get("prefetch_depth", 1) < 1:
+        raise ConfigError(f"profile {path}: prefetch_margin must be 0 or more and prefetch_depth at least 1")
     return Profile(name=path.stem, **data)

@@ -287,6 +287,7 @@ def load(
     want_dtype = parse_dtype(dtype or (hw.dtype if hw else None))
     policy = policy or (hw.policy if hw and hw.policy else "lru")
     host_memory = host_memory if host_memory is not None else (hw.host_memory if hw else None)
+    from_profile = prefetch is None and hw is not None and hw.prefetch is not None
     prefetch = (prefetch or (hw.prefetch if hw else None) or "none").lower()
     prefetch_margin = _first(prefetch_margin, hw.prefetch_margin if hw else None, 1)
     prefetch_depth = _first(prefetch_depth, hw.prefetch_depth if hw else None, 1)
@@ -329,9 +330,16 @@ def load(
             {m.layer: m.spec.prefix for m in modules},
         )
         cache.read_timeout = read_timeout
-        predictor = make_predictor(prefetch, routers=find_routers(model, [(m.spec.prefix, m.num_experts) for m in modules]), num_experts=modules[0].num_experts,
-                                   top_k=int(getattr(config, "num_experts_per_tok", 2) or 2),
-                                   margin=prefetch_margin, depth=prefetch_depth)
+        try:
+            predictor = make_predictor(prefetch, routers=find_routers(model, [(m.spec.prefix, m.num_experts) for m in modules]),
+                                       num_experts=modules[0].num_experts,
+                                       top_k=int(getattr(config, "num_experts_per_tok", 2) or 2),
+                                       margin=prefetch_margin, depth=prefetch_depth)
+        except ConfigError as e:
+            if not from_profile:
+                raise
+            raise ConfigError(f"{e} (prefetch={prefetch!r} comes from hardware profile {hw.name!r}; "
+                              "pass prefetch='none' to override it)") from None
         prefetcher = Prefetcher(predictor, [m.layer for m in modules], cache) if prefetch != "none" else None
         for pos, m in enumerate(modules):
             m.cache, m.prefetcher, m.pos = cache, prefetcher, pos

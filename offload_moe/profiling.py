@@ -24,13 +24,12 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, UTC
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .atomic import atomic_write
 from .cache import Residency
-from .errors import BudgetError, ConfigError
-from .policies import POLICIES, make_policy
+from .errors import BudgetError, ConfigError, OffloadMoEError
+from .policies import BUILT_IN, POLICIES, make_policy
 from .prefetch import pooled_row, transition_predictions
 from .traces import Trace
 
@@ -84,7 +83,8 @@ def layer_groups(trace: Trace) -> list[list[tuple[int, int]]]:
     return [[(layers[pos], e) for e in sorted(set(chosen))] for token in rows for pos, chosen in enumerate(token)]
 
 
-def predictions(trace: Trace, predictor: str, margin: int = 1) -> list[list[list[int]]] | None:
+def predictions(trace: Trace, predictor: str, margin: int = 1, *,
+                _transition: list | None = None) -> list[list[list[int]]] | None:
     """What ``predictor`` names one layer ahead at each token and layer: ``[T][L-1][<= k + margin]``, best first.
 
     ``none`` gives None. ``transition`` learns online from the trace's own routing; ``gate`` needs
@@ -108,7 +108,9 @@ def predictions(trace: Trace, predictor: str, margin: int = 1) -> list[list[list
                               f"margin={margin} needs more: re-record with --margin {margin} or ask for less")
         named.append(trace.predicted[:, :-1, :width].long().tolist())
     if predictor in ("transition", "hybrid"):
-        named.append(transition_predictions(np.sort(trace.experts.numpy(), axis=-1), trace.num_experts, width).tolist())
+        if _transition is None:  # the experts in the router's order, as the runtime's predictor sees them
+            _transition = transition_predictions(trace.experts.numpy(), trace.num_experts, width).tolist()
+        named.append(_transition)
     if len(named) == 1:
         return [[[e for e in row if e >= 0] for row in token] for token in named[0]]
     return [[pooled_row([[e for e in row if e >= 0] for row in rows]) for rows in zip(*token_rows)]
@@ -170,11 +172,12 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
 
 
 def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], predictors: Sequence[str] = ("none",),
-          margin: int = 1, progress: Callable[[int], None] | None = None, workers: int | None = None) -> list[ReplayResult]:
+          margin: int = 1, progress: Callable[[int], None] | None = None, workers: int = 1) -> list[ReplayResult]:
     """Every policy x capacity x predictor, plus Belady at each capacity; each result knows Belady's misses.
 
-    ``progress(1)`` is called after each replay; there are ``sweep_size(...)`` of them. Replays run
-    in ``workers`` processes (default: one per CPU when the sweep is large enough to gain from it).
+    ``progress(1)`` is called after each replay; there are ``sweep_size(...)`` of them. With ``workers``
+    above 1 the replays run in that many processes (``default_workers`` suggests a number); they are
+    started with spawn, so a script that calls this needs an ``if __name__ == "__main__":`` guard.
     """
     unknown = [p for p in policies if p.lower() not in POLICIES]
     if unknown:
@@ -182,16 +185,18 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
     small = [c for c in capacities if c < trace.top_k]
     if small:
         raise BudgetError(f"capacity {small[0]} is below the trace's top_k={trace.top_k}: a layer could not hold its experts")
-    named = {p: predictions(trace, p, margin) for p in dict.fromkeys(x.lower() for x in predictors)}
+    named: dict[str, list | None] = {}
+    transition = None
+    for predictor in dict.fromkeys(x.lower() for x in predictors):
+        named[predictor] = predictions(trace, predictor, margin, _transition=transition)
+        if predictor == "transition":
+            transition = named[predictor]
     jobs = []  # (policy, capacity, predictor)
     for capacity in capacities:
         jobs.append(("belady", capacity, "none"))
         jobs += [(policy, capacity, predictor) for policy in policies if policy.lower() != "belady" for predictor in named]
-    if workers is None:
-        # a policy added to POLICIES at run time does not exist in a freshly spawned process
-        custom = any(p.lower() not in _BUILT_IN_POLICIES for p in policies)
-        workers = 1 if custom else _default_workers(trace, len(jobs))
-    if workers > 1:
+    custom = [p for p in policies if POLICIES[p.lower()] is not BUILT_IN.get(p.lower())]
+    if workers > 1 and not custom:  # a policy added at run time does not exist in a freshly spawned process
         results = _sweep_in_processes(trace, named, jobs, margin, workers, progress)
     else:
         _start_worker(trace, named)
@@ -207,10 +212,9 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
     return [ReplayResult(**{**asdict(r), "belady_misses": by_capacity[r.capacity]}) for r in results]
 
 
-# A replay is pure Python, so a sweep spreads its replays over processes; each process gets the trace
+# A replay is pure Python, so a sweep can spread its replays over processes; each process gets the trace
 # and the predictions once, when it starts, and keeps them here.
 _WORKER: dict = {}
-_BUILT_IN_POLICIES = frozenset(POLICIES)
 _PARALLEL_REQUESTS = 4_000_000  # expert requests over all replays above which processes pay for their start
 
 
@@ -224,7 +228,8 @@ def _replay_job(policy: str, capacity: int, predictor: str, margin: int) -> Repl
                   predicted=w["named"].get(predictor))
 
 
-def _default_workers(trace: Trace, replays: int) -> int:
+def default_workers(trace: Trace, replays: int) -> int:
+    """One process per CPU when ``replays`` replays of ``trace`` are enough work to pay for starting them, else 1."""
     import os
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -236,15 +241,23 @@ def _sweep_in_processes(trace: Trace, named: dict, jobs: list, margin: int, work
                         progress: Callable[[int], None] | None) -> list[ReplayResult]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn, not fork: a forked child of a process that has run torch's thread pools can hang
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(trace, named)) as pool:
-        futures = [pool.submit(_replay_job, *job, margin) for job in jobs]
-        for _ in as_completed(futures):
-            if progress is not None:
-                progress(1)
-        return [f.result() for f in futures]
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                 initargs=(trace, named)) as pool:
+            futures = [pool.submit(_replay_job, *job, margin) for job in jobs]
+            for _ in as_completed(futures):
+                if progress is not None:
+                    progress(1)
+            return [f.result() for f in futures]
+    except BrokenProcessPool:
+        raise OffloadMoEError(
+            f"the {workers} replay processes stopped before finishing; a script that runs sweep(workers>1) needs "
+            "an `if __name__ == \"__main__\":` guard (processes are spawned), or use workers=1"
+        ) from None
 
 
 def sweep_size(policies: Sequence[str], capacities: Sequence[int], predictors: Sequence[str]) -> int:
@@ -312,36 +325,38 @@ def write_results(results: Sequence[ReplayResult], trace: Trace, out: str | Path
     written["csv"] = atomic_write(out / "results.csv", text.getvalue().encode())
     if plots:
         try:
-            import matplotlib
+            import matplotlib  # noqa: F401
         except ImportError:
             written["plots"] = "matplotlib is not installed, so no plots were drawn: pip install 'offload_moe[plot]'"
         else:
-            matplotlib.use("Agg")
             written["hit_rate_plot"] = atomic_write(out / "hit_rate.png", _hit_rate_png(results, trace))
             written["heatmap"] = atomic_write(out / "activations.png", _heatmap_png(trace))
     return written
 
 
 def _png(figure) -> bytes:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
     return buffer.getvalue()
+
+
+def _figure(size: tuple[float, float]):
+    """A matplotlib figure and its axes, made without pyplot: no global backend or state is touched."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size)
+    return figure, figure.subplots()
 
 
 def _hit_rate_png(results: Sequence[ReplayResult], trace: Trace) -> bytes:
     """Hit rate against capacity: one line per policy and predictor, Belady's optimum as the bound."""
-    import matplotlib.pyplot as plt
-
     total = len(trace.layers) * trace.num_experts
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, axes = _figure((7, 4.5))
     curves: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for r in results:
         curves.setdefault((r.policy, r.predictor), []).append((r.capacity, r.hit_rate))
     colours = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(p for p, _ in curves if p != "belady"))}
-    dashes = {"none": "-", "transition": ":", "gate": "-."}  # one colour per policy, one line style per predictor
+    dashes = {"none": "-", "transition": ":", "gate": "-.", "hybrid": "--"}  # a colour per policy, a style per predictor
     for (policy, predictor), points in curves.items():
         points.sort()
         if policy == "belady":
@@ -361,11 +376,10 @@ def _hit_rate_png(results: Sequence[ReplayResult], trace: Trace) -> bytes:
 
 def _heatmap_png(trace: Trace) -> bytes:
     """How often each expert was chosen at each layer."""
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
     counts = activation_counts(trace).numpy()
-    figure, axes = plt.subplots(figsize=(max(5, counts.shape[1] / 6), max(3, counts.shape[0] / 4)))
+    figure, axes = _figure((max(5, counts.shape[1] / 6), max(3, counts.shape[0] / 4)))
     image = axes.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("expert")

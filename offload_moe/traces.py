@@ -524,6 +524,11 @@ def _draw_without_replacement(rng, popularity, tokens: int, top_k: int):
     """``[T, L, k]`` distinct experts per (token, layer), drawn in order from ``popularity`` [L, E] (Gumbel top-k)."""
     import numpy as np
 
-    gumbel = -np.log(-np.log(rng.random((tokens, *popularity.shape))))  # [T, L, E]
-    keys = np.log(popularity)[None] + gumbel
-    return np.argsort(-keys, axis=-1)[..., :top_k].astype(np.int16)
+    out = np.empty((tokens, popularity.shape[0], top_k), dtype=np.int16)
+    chunk = max(1, 2**22 // popularity.size)  # tokens at a time: a few tens of MB of noise, whatever the trace size
+    log_popularity = np.log(popularity)[None]
+    for start in range(0, tokens, chunk):
+        n = min(chunk, tokens - start)
+        keys = log_popularity - np.log(-np.log(rng.random((n, *popularity.shape))))  # [n, L, E], Gumbel-perturbed
+        out[start:start + n] = np.argsort(-keys, axis=-1)[..., :top_k]
+    return out

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ExpertLoadError
 from .store import ExpertStore, Piece
 
 ALIGN = 64  # bytes; keeps each piece's view in a shared staging buffer aligned for any dtype
@@ -104,12 +105,13 @@ class ReaderPool:
         job.future._offload_job = job  # for hurry()
         with self._cond:
             if self._closed:
-                raise RuntimeError("the expert reader threads are closed; the model was closed")
-            heapq.heappush(self._queue, (0 if urgent else 1, next(self._order), job))
+                raise ExpertLoadError("the model's expert reader threads are closed (model.offload.close() was "
+                                      "called); load the model again to use it")
             if self._idle == 0 and len(self._threads) < self.workers:
                 thread = threading.Thread(target=self._work, name=f"{self.name}_{len(self._threads)}", daemon=True)
+                thread.start()  # before the job is queued: if no thread can start, nothing is left behind
                 self._threads.append(thread)
-                thread.start()
+            heapq.heappush(self._queue, (0 if urgent else 1, next(self._order), job))
             self._cond.notify()
         return job.future
 
@@ -132,7 +134,8 @@ class ReaderPool:
                 if not self._queue:
                     return
                 job = heapq.heappop(self._queue)[2]
-                if job.taken:
+                if job.taken:  # the older entry of a hurried read, or a cancelled one
+                    del job  # an idle thread must not keep a finished read's tensors alive
                     continue
                 job.taken = True
             future, fn, args = job.future, job.fn, job.args

@@ -248,3 +248,27 @@ def test_reset_and_a_stopped_answer_keep_the_cache_consistent(fresh):
     fresh.send("import os", on_text=lambda text: fresh.stop.set())  # stopped after its first piece
     again = fresh.send("x = 1")
     assert again.new_tokens > 0 and fresh._kv.get_seq_length() == len(fresh._kv_ids)
+
+
+def test_a_sliding_window_cache_that_cannot_be_cut_back_is_read_again(tmp_path):
+    """GPT-OSS's sliding-window layers cannot crop a full window: the turn falls back to reading everything."""
+    import shutil
+
+    from tiny_models import make_model
+
+    from offload_moe.generation import load_tokenizer
+
+    folder = tmp_path / "gpt_oss"
+    make_model("gpt_oss", folder, vocab_size=len(load_tokenizer(demo_model_path())))
+    for f in demo_model_path().iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copy(f, folder / f.name)
+    chat = ChatSession.load(folder, max_new_tokens=12, dtype="float32", progress=False, repetition_penalty=1.0)
+    try:
+        chat.send("def read_lines(path): return open(path).read().splitlines()  # long enough to fill the window")
+        assert chat._kv.get_seq_length() > 16  # the tiny model's window
+        chat.history[-1]["content"] = "a different answer"  # the next prompt shares only part of the kept cache
+        reply = chat.send("import os")
+        assert reply.new_tokens > 0
+    finally:
+        chat.close()

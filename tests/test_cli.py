@@ -277,6 +277,15 @@ def test_brackets_in_messages_survive_the_terminal(tmp_path):
     save_file({"other": torch.zeros(1)}, bad, metadata={"model": "m"})
     result = run_cli("profile", "--trace", str(bad))
     assert result.returncode == 1 and "int16 [tokens, layers, top_k]" in result.stderr
+    from offload_moe.traces import load_trace, save_trace
+
+    odd = load_trace(hand_trace(tmp_path / "h.safetensors"))
+    odd.metadata["model"] = "run[/]b [draft]"  # a folder name that looks like markup
+    save_trace(odd, tmp_path / "odd.safetensors")
+    shown = runner.invoke(app, ["profile", "--trace", str(tmp_path / "odd.safetensors"), "--capacities", "2",
+                                "--out", str(tmp_path / "odd"), "--no-plots"])
+    assert shown.exit_code == 0, shown.output
+    assert "run[/]b [draft]" in shown.output.replace("\n", "")
     trace = hand_trace(tmp_path / "hand.safetensors")
     out = runner.invoke(app, ["profile", "--trace", str(trace), "--capacities", "2", "--policies", "lru",
                               "--out", str(tmp_path / "o")])

@@ -73,3 +73,13 @@ def test_profile_with_a_wrongly_typed_setting_names_it(tmp_path):
     f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\nprefetch_margin = "two"\n')
     with pytest.raises(ConfigError, match="prefetch_margin"):
         get_profile(f)
+
+
+def test_profile_with_an_unknown_predictor_names_the_file(tmp_path):
+    f = tmp_path / "box.toml"
+    f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\nprefetch = "oracle"\n')
+    with pytest.raises(ConfigError, match=r"box.toml: prefetch = 'oracle'"):
+        get_profile(f)
+    f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\nprefetch_depth = 0\n')
+    with pytest.raises(ConfigError, match="prefetch_depth"):
+        get_profile(f)

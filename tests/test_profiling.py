@@ -93,8 +93,9 @@ def test_transition_predictions_equal_the_online_predictor_token_by_token():
     from offload_moe.prefetch import TransitionPredictor, transition_predictions
 
     rng = np.random.default_rng(0)
-    for tokens, layers, experts, k, margin in [(120, 4, 8, 2, 1), (80, 3, 6, 1, 2), (60, 3, 10, 3, 0)]:
-        ids = np.sort(np.stack([[rng.choice(experts, k, replace=False) for _ in range(layers)] for _ in range(tokens)]), -1)
+    for tokens, layers, experts, k, margin in [(120, 4, 8, 2, 1), (80, 3, 6, 1, 2), (60, 3, 10, 3, 0), (60, 3, 32, 8, 2)]:
+        # in the router's order, unsorted: float sums over k depend on it
+        ids = np.stack([[rng.choice(experts, k, replace=False) for _ in range(layers)] for _ in range(tokens)])
         fast = transition_predictions(ids, experts, k + margin)
         online = TransitionPredictor(layers, experts, k, margin)
         for t in range(tokens):
@@ -209,5 +210,6 @@ def test_a_policy_added_at_run_time_is_replayed(monkeypatch):
     monkeypatch.setitem(POLICIES, "mru", MostRecentlyUsed)
     # one layer, top-1, 2 slots, 0 1 2 0 1: MRU evicts 1 for 2 and hits 0 (as Belady does); LRU hits nothing
     trace = make_trace(torch.tensor([0, 1, 2, 0, 1]).view(5, 1, 1), 3)
-    results = {r.policy: r.hits for r in sweep(trace, policies=["lru", "mru"], capacities=[2])}
+    # workers=2 would spawn processes that do not know "mru": the sweep stays in this one
+    results = {r.policy: r.hits for r in sweep(trace, policies=["lru", "mru"], capacities=[2], workers=2)}
     assert results == {"belady": 1, "lru": 0, "mru": 1}

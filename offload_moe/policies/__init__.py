@@ -16,8 +16,9 @@ from .lru import LRU
 from .rand import Random
 
 POLICIES: dict[str, type[EvictionPolicy]] = {cls.name: cls for cls in (LRU, LFU, FIFO, Random, Belady)}
+BUILT_IN: dict[str, type[EvictionPolicy]] = dict(POLICIES)  # what a freshly started process knows
 
-__all__ = ["POLICIES", "Belady", "EvictionPolicy", "FIFO", "Key", "LFU", "LRU", "Random", "make_policy"]
+__all__ = ["BUILT_IN", "POLICIES", "Belady", "EvictionPolicy", "FIFO", "Key", "LFU", "LRU", "Random", "make_policy"]
 
 
 def make_policy(name: str, *, seed: int = 0, future: Sequence[Key] | None = None) -> EvictionPolicy:

@@ -330,6 +330,7 @@ def write_results(results: Sequence[ReplayResult], trace: Trace, out: str | Path
             written["plots"] = "matplotlib is not installed, so no plots were drawn: pip install 'offload_moe[plot]'"
         else:
             written["hit_rate_plot"] = atomic_write(out / "hit_rate.png", _hit_rate_png(results, trace))
+            written["tradeoff_plot"] = atomic_write(out / "tradeoff.png", _tradeoff_png(results, trace))
             written["heatmap"] = atomic_write(out / "activations.png", _heatmap_png(trace))
     return written
 
@@ -340,12 +341,14 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _figure(size: tuple[float, float]):
-    """A matplotlib figure and its axes, made without pyplot: no global backend or state is touched."""
+def _figure(size: tuple[float, float], panels: int = 1):
+    """A matplotlib figure and its axes (a list of ``panels`` when more than one), made without pyplot:
+    no global backend or state is touched."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=size)
-    return figure, figure.subplots()
+    axes = figure.subplots(1, panels)
+    return figure, (list(axes) if panels > 1 else axes)
 
 
 def _hit_rate_png(results: Sequence[ReplayResult], trace: Trace) -> bytes:
@@ -371,6 +374,37 @@ def _hit_rate_png(results: Sequence[ReplayResult], trace: Trace) -> bytes:
     axes.grid(alpha=0.3)
     axes.set_title(f"{trace.metadata['model']}: {trace.num_tokens} tokens x {len(trace.layers)} layers, top-{trace.top_k}")
     axes.legend(fontsize=8)
+    return _png(figure)
+
+
+def _tradeoff_png(results: Sequence[ReplayResult], trace: Trace) -> bytes:
+    """Hit rate against experts moved per token, a panel per capacity: what prefetch buys and what it costs."""
+    capacities = sorted({r.capacity for r in results})
+    figure, axes = _figure((4 * len(capacities), 4), panels=len(capacities))
+    axes = axes if len(capacities) > 1 else [axes]
+    policies = list(dict.fromkeys(r.policy for r in results if r.policy != "belady"))
+    markers = {"none": "o", "transition": "s", "gate": "^", "hybrid": "D"}
+    total = len(trace.layers) * trace.num_experts
+    for ax, capacity in zip(axes, capacities, strict=True):
+        for r in (r for r in results if r.capacity == capacity):
+            x = r.loads / max(trace.num_tokens, 1)
+            if r.policy == "belady":
+                ax.axhline(r.hit_rate, color="black", linestyle="--", linewidth=1)
+                ax.plot([x], [r.hit_rate], marker="*", color="black", markersize=12)
+                continue
+            ax.plot([x], [r.hit_rate], marker=markers.get(r.predictor, "o"), linestyle="none",
+                    color=f"C{policies.index(r.policy)}", markersize=7)
+        ax.set_title(f"{capacity} slots ({capacity / total:.0%})")
+        ax.set_xlabel("experts moved per token")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("hit rate")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=f"C{i}", marker="o", linestyle="none", label=p) for i, p in enumerate(policies)]
+    handles += [Line2D([], [], color="grey", marker=m, linestyle="none", label=f"prefetch: {name}")
+                for name, m in markers.items() if any(r.predictor == name for r in results)]
+    handles.append(Line2D([], [], color="black", marker="*", linestyle="--", label="Belady (no prefetch)"))
+    axes[-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panels
     return _png(figure)
 
 

@@ -149,10 +149,12 @@ def test_write_results_files_and_plots(tmp_path):
     assert document["trace"]["accesses"] == 40 * 4 and document["machine"]["torch"]
     lines = written["csv"].read_text().splitlines()
     assert lines[0].startswith("policy,capacity,predictor,requests,hits") and len(lines) == 1 + len(results)
-    for name in ("hit_rate_plot", "heatmap"):
+    for name in ("hit_rate_plot", "tradeoff_plot", "heatmap"):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["activations.png", "hit_rate.png",
-                                                                     "results.csv", "results.json"]
+                                                                     "results.csv", "results.json", "tradeoff.png"]
+    one = write_results([r for r in results if r.capacity == 4], trace, tmp_path / "one")  # a single panel
+    assert one["tradeoff_plot"].stat().st_size > 0
 
 
 def test_write_results_without_matplotlib_says_how_to_get_plots(tmp_path, monkeypatch):

@@ -38,12 +38,25 @@ def _version(value: bool) -> None:
 def root(
     version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    profile: Annotated[str | None, typer.Option(
+        help="Hardware profile (name or TOML path) for every command that loads or sizes a model; "
+             "a command's own --profile wins.")] = None,
 ) -> None:
     """Run Mixture-of-Experts models whose experts do not fit on your GPU (or in RAM).
 
-    Example: offload-moe demo
+    Example: offload-moe --profile gpu-12gb chat
     """
     state["debug"] = debug
+    if profile is not None:
+        from .hardware import get_profile
+
+        get_profile(profile)  # a typo fails here, before any work
+    state["profile"] = profile
+
+
+def _profile(option: str | None) -> str | None:
+    """A command's --profile, else the one given before the command."""
+    return option if option is not None else state.get("profile")
 
 
 @app.command()
@@ -56,6 +69,7 @@ def demo(
 
     Example: offload-moe demo --tokens 64
     """
+    profile = _profile(profile)
     from .demo import run_demo
 
     result = run_demo(device=device, new_tokens=tokens, console=console, profile=profile)
@@ -100,6 +114,7 @@ def plan(
 
     Example: offload-moe plan ./Mixtral-8x7B --device-memory 12GiB --host-memory 32GiB
     """
+    profile = _profile(profile)
     from .planning import plan as make_plan
 
     p = make_plan(model, device_memory=device_memory, dtype=dtype, context_length=context, profile=profile,
@@ -144,6 +159,7 @@ def generate(
 
     Example: offload-moe generate --prompt "def fib(n):" --max-new-tokens 48 --json
     """
+    profile = _profile(profile)
     import json
 
     from .generation import generate_text
@@ -186,6 +202,7 @@ def chat(
 
     Example: offload-moe chat --cache-experts 24 --temperature 0.7
     """
+    profile = _profile(profile)
     from .chat import ChatSession, prompt_lines, run_chat
 
     session = ChatSession.load(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
@@ -237,6 +254,7 @@ def profiles(
 
     Example: offload-moe profiles --profile gpu-12gb
     """
+    profile = _profile(profile)
     from dataclasses import asdict
 
     from .hardware import get_profile, list_profiles, profiles_folder
@@ -285,6 +303,7 @@ def trace_record(
 
     Example: offload-moe trace record --prompts prompts.txt --out trace.safetensors --max-new-tokens 32
     """
+    profile = _profile(profile)
     from .atomic import writable_folder
     from .traces import read_prompts, record_prompts, save_trace
 
@@ -372,6 +391,7 @@ def profile_command(
 
     Example: offload-moe profile --trace trace.safetensors --policies lru,lfu --capacities 16,32,64 --out results
     """
+    profile = _profile(profile)
     import time
 
     from .atomic import writable_folder

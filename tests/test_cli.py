@@ -313,3 +313,20 @@ def test_an_output_that_cannot_be_written_is_a_one_line_error_before_any_work(tm
     assert "replays" not in result.stdout  # it stopped before replaying
     result = run_cli("trace", "synth", "--out", str(blocker / "t.safetensors"), "--tokens", "4", "--layers", "2")
     assert result.returncode == 1 and "cannot write" in result.stderr
+
+
+def test_a_profile_given_before_the_command_applies_to_it(model_dir, tmp_path):
+    import json
+
+    box = tmp_path / "box.toml"
+    box.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "300MiB"\nhost_memory = "1GiB"\n')
+    result = runner.invoke(app, ["--profile", str(box), "plan", str(model_dir("mixtral")), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["device_memory"] == 300 * 2**20 and data["host_slots"] == 12  # both from the profile
+    own = runner.invoke(app, ["--profile", str(box), "plan", str(model_dir("mixtral")), "--profile", "gpu-12gb", "--json"])
+    assert json.loads(own.output)["device_memory"] == int(10.5 * 2**30)  # the command's own --profile wins
+    later = runner.invoke(app, ["plan", str(model_dir("mixtral")), "--device-memory", "1GiB", "--json"])
+    assert json.loads(later.output)["host_slots"] == 0  # a profile from an earlier invocation does not linger
+    bad = run_cli("--profile", "no-such-profile", "profiles")
+    assert bad.returncode == 1 and "no hardware profile named 'no-such-profile'" in bad.stderr

@@ -395,7 +395,7 @@ def profile_command(
     import time
 
     from .atomic import writable_folder
-    from .profiling import default_workers, parse_capacities, sweep, sweep_size, write_results
+    from .profiling import default_predictors, default_workers, parse_capacities, sweep, sweep_size, write_results
     from .traces import load_trace, read_prompts, record_prompts, save_trace
 
     if model is not None and trace_file is not None:
@@ -414,9 +414,7 @@ def profile_command(
             raise OffloadMoEError("--prompts needs MODEL; to profile the bundled model, pass its folder "
                                   "(python -c 'import offload_moe; print(offload_moe.demo_model_path())')")
         trace = load_trace(trace_file if trace_file is not None else _reference_trace())
-    stored_gate = trace.predicted is not None and trace.prediction_margin >= margin
-    chosen = [p.strip().lower() for p in (predictors or "").split(",") if p.strip()] or (
-        ["none", "transition"] + (["gate", "hybrid"] if stored_gate else []))
+    chosen = [p.strip().lower() for p in (predictors or "").split(",") if p.strip()] or default_predictors(trace, margin)
     slots = parse_capacities(capacities, len(trace.layers) * trace.num_experts)
     if model is not None and profile is not None:
         from .planning import plan

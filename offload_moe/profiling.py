@@ -50,6 +50,7 @@ class ReplayResult:
     prefetch_issued: int = 0
     prefetch_used: int = 0
     belady_misses: int | None = None
+    per_layer: dict[int, tuple[int, int]] | None = None  # model layer -> (hits, misses); in the JSON, not the CSV
 
     @property
     def hit_rate(self) -> float:
@@ -167,8 +168,9 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
             prefetched.add(key)
             issued += 1
     total = table.totals()
+    per_layer = {layer: (c.hits, c.misses) for layer, c in sorted(table.per_layer.items())}
     return ReplayResult(policy.lower(), capacity, predictor, total.hits + total.misses, total.hits, total.misses,
-                        total.evictions, issued, used)
+                        total.evictions, issued, used, per_layer=per_layer)
 
 
 def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], predictors: Sequence[str] = ("none",),
@@ -260,6 +262,13 @@ def _sweep_in_processes(trace: Trace, named: dict, jobs: list, margin: int, work
         ) from None
 
 
+def default_predictors(trace: Trace, margin: int = 1) -> list[str]:
+    """``none`` and ``transition``, plus ``gate`` and ``hybrid`` when the trace keeps the gate's guesses
+    with at least ``margin`` beyond top_k."""
+    stored = trace.predicted is not None and trace.prediction_margin >= margin
+    return ["none", "transition"] + (["gate", "hybrid"] if stored else [])
+
+
 def sweep_size(policies: Sequence[str], capacities: Sequence[int], predictors: Sequence[str]) -> int:
     """How many replays ``sweep`` runs."""
     others = len([p for p in policies if p.lower() != "belady"])
@@ -316,10 +325,10 @@ def write_results(results: Sequence[ReplayResult], trace: Trace, out: str | Path
     written: dict[str, Path | str] = {
         "json": atomic_write(out / "results.json", json.dumps(document, indent=2).encode()),
     }
-    columns = [f.name for f in fields(ReplayResult)] + ["hit_rate", "loads", "prefetch_precision",
-                                                        "misses_over_belady", "capacity_share"]
+    columns = [f.name for f in fields(ReplayResult) if f.name != "per_layer"] + [
+        "hit_rate", "loads", "prefetch_precision", "misses_over_belady", "capacity_share"]
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     written["csv"] = atomic_write(out / "results.csv", text.getvalue().encode())

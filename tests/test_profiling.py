@@ -32,6 +32,7 @@ def test_replay_counts_a_hand_worked_trace():
     trace = make_trace(torch.tensor([0, 1, 0, 2, 1]).view(5, 1, 1), 3)
     lru = replay(trace, "lru", 2)
     assert (lru.requests, lru.hits, lru.misses, lru.evictions) == (5, 1, 4, 2)
+    assert lru.per_layer == {0: (1, 4)}
     best = replay(trace, "belady", 2)
     assert best.misses == 3  # keeps 1, evicts 0 when 2 arrives
 
@@ -146,6 +147,8 @@ def test_write_results_files_and_plots(tmp_path):
     written = write_results(results, trace, tmp_path / "out", seconds=0.5)
     document = json.loads(written["json"].read_text())
     assert len(document["results"]) == len(results) == 2 * (1 + 2)
+    first = document["results"][0]
+    assert sum(h + m for h, m in first["per_layer"].values()) == first["requests"]  # per layer, in the JSON
     assert document["trace"]["accesses"] == 40 * 4 and document["machine"]["torch"]
     lines = written["csv"].read_text().splitlines()
     assert lines[0].startswith("policy,capacity,predictor,requests,hits") and len(lines) == 1 + len(results)

@@ -13,6 +13,7 @@ Target (issue 3): prediction recall >= 0.9 one layer ahead.
 
     python benchmarks/prefetch_recall.py
     python benchmarks/prefetch_recall.py --model path/to/model --trace trace.safetensors --json out.json
+    python benchmarks/prefetch_recall.py --policies     # LRU against LFU, with and without prefetch
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 
 def decode_run(model_path: Path, token_ids: torch.Tensor, sequences: list[tuple[int, int]], predictor: str, depth: int, margin: int, fraction: float,
-               steps: int) -> dict:
+               steps: int, policy: str = "lru") -> dict:
     """Token-by-token decoding of held-out text (teacher forced): the setting prefetch is for.
 
     Prefill is left out on purpose: a long prompt needs nearly every expert of every layer, so any
@@ -38,7 +39,7 @@ def decode_run(model_path: Path, token_ids: torch.Tensor, sequences: list[tuple[
     plan = offload_moe.plan(model_path, device_memory="1TiB")
     capacity = max(2, round(fraction * plan.total_experts))
     model = offload_moe.load(model_path, cache_experts=capacity, prefetch=predictor, prefetch_depth=depth,
-                             prefetch_margin=margin, dtype="float32", progress=False)
+                             prefetch_margin=margin, policy=policy, dtype="float32", progress=False)
     with torch.inference_mode():
         for start, end in sequences:
             out = model(token_ids[start : start + 1].long().unsqueeze(0), use_cache=True)
@@ -49,7 +50,7 @@ def decode_run(model_path: Path, token_ids: torch.Tensor, sequences: list[tuple[
     model.offload.cache.drain()
     s = model.offload.stats()
     model.offload.close()
-    return {"predictor": predictor, "depth": depth, "margin": margin, "capacity_experts": capacity,
+    return {"policy": policy, "predictor": predictor, "depth": depth, "margin": margin, "capacity_experts": capacity,
             "prediction_recall": s["prediction_recall"], "prediction_precision": s["prediction_precision"],
             "prefetch_recall": s["prefetch_recall"], "hit_rate": s["hit_rate"],
             "loads_per_token": s["bytes_loaded"] / s["expert_bytes"] / max(s["tokens"], 1), "tokens": s["tokens"]}
@@ -62,6 +63,8 @@ def main() -> None:
                         help="trace whose token_ids are the held-out text")
     parser.add_argument("--fraction", type=float, default=0.25, help="share of experts resident")
     parser.add_argument("--steps", type=int, default=128, help="decode steps per held-out sequence")
+    parser.add_argument("--policies", action="store_true",
+                        help="instead compare eviction policies: lru and lfu, without prefetch and with transition or hybrid")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -73,16 +76,20 @@ def main() -> None:
     if trace.token_ids is None:
         raise SystemExit(f"{args.trace} stores no token_ids; record it with them")
     rows = []
-    settings = [("none", 1, 0), ("gate", 1, 0), ("gate", 1, 1), ("gate", 1, 2), ("gate", 2, 1),
-                ("transition", 1, 0), ("transition", 1, 1), ("transition", 1, 2), ("transition", 2, 1),
-                ("hybrid", 1, 0), ("hybrid", 1, 1), ("hybrid", 2, 1)]
-    for predictor, depth, margin in settings:
+    settings = [("lru", "none", 1, 0), ("lru", "gate", 1, 0), ("lru", "gate", 1, 1), ("lru", "gate", 1, 2),
+                ("lru", "gate", 2, 1), ("lru", "transition", 1, 0), ("lru", "transition", 1, 1),
+                ("lru", "transition", 1, 2), ("lru", "transition", 2, 1), ("lru", "hybrid", 1, 0),
+                ("lru", "hybrid", 1, 1), ("lru", "hybrid", 2, 1)]
+    if args.policies:
+        settings = [("lru", "none", 1, 0), ("lfu", "none", 1, 0), ("lru", "transition", 1, 1),
+                    ("lfu", "transition", 1, 1), ("lfu", "hybrid", 1, 1)]
+    for policy, predictor, depth, margin in settings:
         rows.append(decode_run(model_path, trace.token_ids, trace.sequences(), predictor, depth, margin,
-                               args.fraction, args.steps))
-    print("| predictor | depth | margin | prediction recall | prediction precision | prefetch recall | hit rate | loads/token |")
-    print("|---|---|---|---|---|---|---|---|")
+                               args.fraction, args.steps, policy))
+    print("| policy | predictor | depth | margin | prediction recall | prediction precision | prefetch recall | hit rate | loads/token |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['predictor']} | {r['depth']} | {r['margin']} | {r['prediction_recall']:.3f} | "
+        print(f"| {r['policy']} | {r['predictor']} | {r['depth']} | {r['margin']} | {r['prediction_recall']:.3f} | "
               f"{r['prediction_precision']:.3f} | {r['prefetch_recall']:.3f} | {r['hit_rate']:.3f} | {r['loads_per_token']:.2f} |")
     if args.json:
         report = {"model": str(model_path), "trace": args.trace, "rows": rows,

@@ -343,6 +343,9 @@ def _pad_id(model: nn.Module) -> int | None:
 def _experts_modules(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     """(layer number, module name, module) of each routed-experts module."""
     offload = getattr(model, "offload", None)
+    if offload is not None and not hasattr(offload, "modules"):
+        raise TraceError("recording a trace needs a model from offload_moe.load or a transformers MoE model; a model "
+                         "offloaded with offload_experts routes through its own layers, which the recorder cannot see yet")
     if offload is not None:
         return [(m.layer, m.spec.prefix, m) for m in offload.modules]
     return [(layer_number(name, i), name, m) for i, (name, m) in enumerate(find_experts_modules(model))]

@@ -398,3 +398,14 @@ def test_find_moe_layers_needs_a_gate_unless_told():
     model = nn.Sequential(NoGate(), make_model())
     assert [n for n, _ in find_moe_layers(model)] == ["1.blocks.0.moe", "1.blocks.1.moe", "1.blocks.2.moe"]
     assert [n for n, _ in find_moe_layers(model, need_gate=False)][0] == "0"
+
+
+def test_recording_a_trace_of_an_offload_experts_model_is_a_clear_error():
+    from offload_moe.errors import TraceError
+    from offload_moe.traces import record_trace
+
+    model = make_model()
+    handle = offload_experts(model, cache_experts=4)
+    with pytest.raises(TraceError, match="offload_experts"):
+        record_trace(model, [torch.zeros(3, dtype=torch.long)], source="test")
+    handle.close()

@@ -218,3 +218,10 @@ def test_a_policy_added_at_run_time_is_replayed(monkeypatch):
     # workers=2 would spawn processes that do not know "mru": the sweep stays in this one
     results = {r.policy: r.hits for r in sweep(trace, policies=["lru", "mru"], capacities=[2], workers=2)}
     assert results == {"belady": 1, "lru": 0, "mru": 1}
+
+
+def test_random_replay_on_a_trace_where_every_choice_scores_the_same():
+    # 0 1 2 2 2 with 2 slots: 2 evicts 0 or 1, whichever the draw picks, then hits twice; and 0 1 0 1 never evicts
+    for seed in range(5):
+        assert replay(make_trace(torch.tensor([0, 1, 2, 2, 2]).view(5, 1, 1), 3), "random", 2, seed=seed).hits == 2
+        assert replay(make_trace(torch.tensor([0, 1, 0, 1]).view(4, 1, 1), 2), "random", 2, seed=seed).hits == 2

@@ -165,7 +165,7 @@ class Residency:
         self.free.append(slot)
 
     def release_all(self, keys: Iterable[Key]) -> None:
-        """``release`` each of ``keys`` (the replay's hot path: one call per layer)."""
+        """Unpin each of ``keys`` once (the replay releases a layer's keys in one call)."""
         pins = self.pins
         for key in keys:
             n = pins.get(key, 0)
@@ -176,11 +176,7 @@ class Residency:
 
     def release(self, key: Key) -> None:
         """Unpin ``key``: the layer no longer needs it."""
-        n = self.pins.get(key, 0)
-        if n <= 1:
-            self.pins.pop(key, None)
-        else:
-            self.pins[key] = n - 1
+        self.release_all((key,))
 
     def check(self) -> None:
         """Raise AssertionError if an invariant does not hold."""
@@ -428,6 +424,8 @@ class ExpertCache:
     def _cancel_stale_prefetches(self, layer: int, experts: Sequence[int]) -> None:
         """``layer`` runs now without these prefetched experts: drop those whose read has not started,
         so the disk serves the loads that are needed (a started read is left to land)."""
+        if not self._prefetched:
+            return
         wanted = set(experts)
         for key in [k for k in self._prefetched if k[0] == layer and k[1] not in wanted and k in self._inflight]:
             if self._inflight[key].future.cancel():

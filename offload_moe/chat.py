@@ -33,7 +33,9 @@ from rich.markup import escape
 from .errors import ConfigError
 from .generation import load_tokenizer, pad_token_id, sampling_options, text_streamer
 
-COMMANDS = {"/reset": "forget the conversation", "/stats": "expert cache and speed", "/quit": "leave"}
+COMMANDS = {"/reset": "forget the conversation", "/stats": "expert cache and speed",
+            "/paste": "the lines up to /end are one message", "/quit": "leave"}
+
 
 
 @dataclass
@@ -218,22 +220,27 @@ def stop_when_set(event: threading.Event):
 def run_chat(session: ChatSession, lines: Iterable[str], console: Console, *, interactive: bool = True) -> None:
     """Answer each line of ``lines`` with ``session``, streaming to ``console``, until /quit, the end of the lines or Ctrl-C.
 
-    Lines starting with "/" are commands (/reset, /stats, /quit). Each answer ends with a blank line, so a
-    script reading the output can tell answers apart; ``interactive`` (someone typing at a prompt) only adds
-    the newline that leaves the prompt line at the end.
+    Lines starting with "/" are commands (/reset, /stats, /quit, /paste). After /paste, every line up to a
+    line /end is one message, so code with blank lines and docstrings can be pasted. Each answer ends with a
+    blank line, so a script reading the output can tell answers apart; ``interactive`` (someone typing at a
+    prompt) only adds the newline that leaves the prompt line at the end.
     """
     lines = iter(lines)
     while True:
         try:
-            line = next(lines)
+            line = next(lines).rstrip("\r\n")
+            pasted = line.strip() == "/paste"
+            if pasted:
+                if interactive:
+                    console.print("[dim](one message: every line up to a line /end)[/]", highlight=False)
+                line = _pasted(lines)
         except (StopIteration, KeyboardInterrupt):  # the end of the input, or Ctrl-C at the prompt
             if interactive:
                 console.out("")
             return
-        line = line.rstrip("\r\n")
-        if line.strip() == "/quit":
+        if not pasted and line.strip() == "/quit":
             return
-        if line.startswith("/"):
+        if not pasted and line.startswith("/"):
             _command(session, line.strip(), console)
         elif line.strip():
             try:
@@ -243,6 +250,17 @@ def run_chat(session: ChatSession, lines: Iterable[str], console: Console, *, in
             except KeyboardInterrupt:  # a second Ctrl-C: generation was interrupted mid-token
                 console.print("\n[red]interrupted[/]")
                 return
+
+
+def _pasted(lines: Iterator[str]) -> str:
+    """The lines after /paste, up to a line /end (or the end of the input), as one message."""
+    parts = []
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if line.strip() == "/end":
+            break
+        parts.append(line)
+    return "\n".join(parts).rstrip()
 
 
 def _answer(session: ChatSession, line: str, console: Console) -> None:

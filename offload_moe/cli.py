@@ -195,7 +195,7 @@ def chat(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
     profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")] = None,
 ) -> None:
-    """Chat with MODEL, streaming answers; /reset, /stats, /quit. Reads lines from stdin when it is not a terminal.
+    """Chat with MODEL, streaming answers; /reset, /stats, /paste, /quit. Reads lines from stdin when it is not a terminal.
 
     Uses the tokenizer's chat template, or continues the conversation as plain text without one.
     Ctrl-C stops an answer (it stays in the history); Ctrl-C or Ctrl-D at the prompt leaves.
@@ -211,7 +211,7 @@ def chat(
     interactive = sys.stdin.isatty()
     try:
         if interactive:
-            err.print(f"[dim]chatting with {escape(session.model.offload.folder.name)}; /reset, /stats, /quit[/]", highlight=False)
+            err.print(f"[dim]chatting with {escape(session.model.offload.folder.name)}; /reset, /stats, /paste, /quit[/]", highlight=False)
         run_chat(session, prompt_lines(console) if interactive else sys.stdin, console, interactive=interactive)
     finally:
         session.close()

@@ -272,3 +272,19 @@ def test_a_sliding_window_cache_that_cannot_be_cut_back_is_read_again(tmp_path):
         assert reply.new_tokens > 0
     finally:
         chat.close()
+
+
+def test_paste_sends_the_lines_up_to_end_as_one_message(fresh, monkeypatch):
+    from offload_moe.chat import Reply
+
+    sent = []
+
+    def send(text, on_text=None):
+        sent.append(text)
+        return Reply("", 0, 0.0)
+
+    monkeypatch.setattr(fresh, "send", send)
+    code = ["def f(path):\n", '    """Read it.\n', "\n", '    """\n', "    /usr/bin stays text\n"]
+    run_chat(fresh, ["/paste\n", *code, "/end\n", "x = 1\n", "/paste\n", "tail without end\n"],
+             Console(file=io.StringIO(), width=100), interactive=False)
+    assert sent == ["".join(code).rstrip(), "x = 1", "tail without end"]

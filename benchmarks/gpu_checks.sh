@@ -19,7 +19,7 @@ mkdir -p "$out"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-  python -c "import accelerate, psutil, typer, rich, safetensors, numpy" || echo "a dependency is missing (above)"
+  python -c "import accelerate, psutil, typer, rich, safetensors, numpy, pytest" || echo "a dependency is missing (above)"
   date -u +%Y-%m-%dT%H:%M:%SZ
 } > "$out/machine.txt" 2>&1
 

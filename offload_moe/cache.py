@@ -623,6 +623,8 @@ class ExpertCache:
 
     def reset_stats(self) -> None:
         self.residency.per_layer.clear()
+        if self.host is not None:
+            self.host.residency.per_layer.clear()
         self.flow = FlowCounters(gpu_stall_base=self.mover.gpu_stall_seconds(), gpu_copy_base=self.mover.gpu_copy_seconds())
         if self.host is not None:
             self.host.residency.per_layer.clear()

@@ -383,6 +383,7 @@ def profile_command(
     max_new_tokens: Annotated[int, typer.Option(min=0, help="With MODEL: also trace this many decoding steps per prompt.")] = 0,
     plots: Annotated[bool, typer.Option(help="Draw PNG plots (needs matplotlib: pip install 'offload_moe[plot]').")] = True,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes for the replays; default: one per CPU for large sweeps.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Replay only the trace's first N tokens (a quick look at a long trace).")] = None,
     profile: Annotated[str | None, typer.Option(help="Hardware profile: with MODEL, adds the capacity its device memory gives.")] = None,
 ) -> None:
     """Replay a routing trace through eviction policies x capacities x prefetch predictors, against Belady's optimum.
@@ -414,6 +415,8 @@ def profile_command(
             raise OffloadMoEError("--prompts needs MODEL; to profile the bundled model, pass its folder "
                                   "(python -c 'import offload_moe; print(offload_moe.demo_model_path())')")
         trace = load_trace(trace_file if trace_file is not None else _reference_trace())
+    if max_tokens is not None:
+        trace = trace.first(max_tokens)
     chosen = [p.strip().lower() for p in (predictors or "").split(",") if p.strip()] or default_predictors(trace, margin)
     slots = parse_capacities(capacities, len(trace.layers) * trace.num_experts)
     if model is not None and profile is not None:

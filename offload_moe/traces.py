@@ -78,6 +78,23 @@ class Trace:
         """How many experts beyond top_k the stored predictions name, or None without predictions."""
         return None if self.predicted is None else self.predicted.shape[2] - self.top_k
 
+    def first(self, tokens: int) -> Trace:
+        """The trace's first ``tokens`` rows (all of it if it is shorter); the sequence they end in is cut there."""
+        if tokens < 1:
+            raise TraceError(f"tokens={tokens}: keep at least one token of the trace")
+        if tokens >= self.num_tokens:
+            return self
+        lengths = None
+        if self.sequence_lengths is not None:
+            kept = [min(end, tokens) - start for start, end in self.sequences() if start < tokens]
+            lengths = torch.tensor(kept, dtype=torch.int64)
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:tokens].clone()
+
+        return Trace(experts=cut(self.experts), metadata=dict(self.metadata), scores=cut(self.scores),
+                     predicted=cut(self.predicted), token_ids=cut(self.token_ids), sequence_lengths=lengths)
+
     def sequences(self) -> list[tuple[int, int]]:
         """``(start, end)`` row ranges of the sequences; the whole trace is one sequence without lengths."""
         if self.sequence_lengths is None:

@@ -330,3 +330,15 @@ def test_a_profile_given_before_the_command_applies_to_it(model_dir, tmp_path):
     assert json.loads(later.output)["host_slots"] == 0  # a profile from an earlier invocation does not linger
     bad = run_cli("--profile", "no-such-profile", "profiles")
     assert bad.returncode == 1 and "no hardware profile named 'no-such-profile'" in bad.stderr
+
+
+def test_profile_max_tokens_replays_the_start_of_the_trace(tmp_path):
+    import json
+
+    trace = hand_trace(tmp_path / "hand.safetensors")  # 0 1 0 2 0 1 2 2 1 0
+    result = runner.invoke(app, ["profile", "--trace", str(trace), "--max-tokens", "5", "--capacities", "2",
+                                 "--policies", "lru", "--out", str(tmp_path / "o"), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert document["trace"]["tokens"] == 5
+    assert {r["policy"]: r["hits"] for r in document["results"]} == {"belady": 2, "lru": 2}  # 0 1 0 2 0

@@ -324,3 +324,16 @@ def test_synthetic_trace_bad_settings():
         synthesize_trace(tokens=10, layers=2, num_experts=4, top_k=2, locality=1.5)
     with pytest.raises(TraceError, match="at least 1"):
         synthesize_trace(tokens=0, layers=2, num_experts=4, top_k=2)
+
+
+def test_first_tokens_of_a_trace_cut_the_sequence_they_end_in():
+    trace = make_trace()  # 10 tokens in sequences of 7 and 3
+    trace.predicted = torch.zeros((10, 3, 3), dtype=torch.int16)
+    trace.metadata["predicted_by"] = "gate"
+    head = trace.first(8)
+    head.validate()
+    assert head.num_tokens == 8 and head.sequences() == [(0, 7), (7, 8)]
+    assert torch.equal(head.experts, trace.experts[:8]) and head.predicted.shape == (8, 3, 3)
+    assert trace.first(5).sequences() == [(0, 5)] and trace.first(50) is trace
+    with pytest.raises(TraceError, match="at least one"):
+        trace.first(0)

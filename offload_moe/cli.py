@@ -28,6 +28,20 @@ err = Console(stderr=True)
 state = {"debug": False}
 
 
+# Options several commands share: the model and how it is loaded, and how text is sampled.
+ModelArgument = Annotated[str | None, typer.Argument(help="Model folder; default: the bundled model.")]
+Temperature = Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")]
+TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling when temperature > 0.")]
+RepetitionPenalty = Annotated[float, typer.Option(min=0.0, help="1 turns it off; small models loop without it.")]
+Device = Annotated[str | None, typer.Option(help="cpu or cuda; default: the profile's, else cpu.")]
+CacheExperts = Annotated[int | None, typer.Option(help="Expert slots on the device.")]
+CacheMemory = Annotated[str | None, typer.Option(help="Memory for expert slots, e.g. 6GiB.")]
+Policy = Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random.")]
+Prefetch = Annotated[str | None, typer.Option(help="Predictor: none, gate, transition, hybrid; default: the profile's, else none.")]
+Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")]
+HardwareProfile = Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")]
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"offload-moe {__version__}")
@@ -139,20 +153,20 @@ def plan(
 
 @app.command()
 def generate(
-    model: Annotated[str | None, typer.Argument(help="Model folder; default: the bundled model.")] = None,
+    model: ModelArgument = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to complete.")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling when temperature > 0.")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option(min=0.0, help="1 turns it off; small models loop without it.")] = 1.1,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    repetition_penalty: RepetitionPenalty = 1.1,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda; default: the profile's, else cpu.")] = None,
-    cache_experts: Annotated[int | None, typer.Option(help="Expert slots on the device.")] = None,
-    cache_memory: Annotated[str | None, typer.Option(help="Memory for expert slots, e.g. 6GiB.")] = None,
-    policy: Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random.")] = None,
-    prefetch: Annotated[str | None, typer.Option(help="Predictor: none, gate, transition, hybrid; default: the profile's, else none.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
-    profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")] = None,
+    device: Device = None,
+    cache_experts: CacheExperts = None,
+    cache_memory: CacheMemory = None,
+    policy: Policy = None,
+    prefetch: Prefetch = None,
+    dtype: Dtype = None,
+    profile: HardwareProfile = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print text, timings and cache statistics as JSON.")] = False,
 ) -> None:
     """Complete one prompt, streaming the text; --json prints text, timings and statistics for scripts.
@@ -181,19 +195,19 @@ def generate(
 
 @app.command()
 def chat(
-    model: Annotated[str | None, typer.Argument(help="Model folder; default: the bundled model.")] = None,
+    model: ModelArgument = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per answer.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling when temperature > 0.")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option(min=0.0, help="1 turns it off; small models loop without it.")] = 1.1,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    repetition_penalty: RepetitionPenalty = 1.1,
     seed: Annotated[int, typer.Option(help="Sampling seed; /reset re-seeds.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda; default: the profile's, else cpu.")] = None,
-    cache_experts: Annotated[int | None, typer.Option(help="Expert slots on the device.")] = None,
-    cache_memory: Annotated[str | None, typer.Option(help="Memory for expert slots, e.g. 6GiB.")] = None,
-    policy: Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random.")] = None,
-    prefetch: Annotated[str | None, typer.Option(help="Predictor: none, gate, transition, hybrid; default: the profile's, else none.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
-    profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")] = None,
+    device: Device = None,
+    cache_experts: CacheExperts = None,
+    cache_memory: CacheMemory = None,
+    policy: Policy = None,
+    prefetch: Prefetch = None,
+    dtype: Dtype = None,
+    profile: HardwareProfile = None,
 ) -> None:
     """Chat with MODEL, streaming answers; /reset, /stats, /paste, /quit. Reads lines from stdin when it is not a terminal.
 
@@ -288,16 +302,16 @@ app.add_typer(trace_app, name="trace")
 
 @trace_app.command("record")
 def trace_record(
-    model: Annotated[str | None, typer.Argument(help="Model folder; default: the bundled model.")] = None,
+    model: ModelArgument = None,
     prompts: Annotated[Path, typer.Option(help="Text file, one prompt per line; or .jsonl, one JSON string or {\"prompt\": ...} per line.")] = ...,
     out: Annotated[Path, typer.Option(help="The trace file to write (.safetensors).")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=0, help="Also trace this many greedy decoding steps after each prompt.")] = 0,
     margin: Annotated[int, typer.Option(min=0, help="Store the gate predictor's top-k + MARGIN guesses for the next layer.")] = 2,
     predictions: Annotated[bool, typer.Option(help="Store the gate predictor's guesses (--no-predictions: routing only).")] = True,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda; default: the profile's, else cpu.")] = None,
+    device: Device = None,
     cache_experts: Annotated[int | None, typer.Option(help="Expert slots while recording (routing does not depend on it).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
-    profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")] = None,
+    dtype: Dtype = None,
+    profile: HardwareProfile = None,
 ) -> None:
     """Record which experts each token of each prompt is routed to, with router scores and gate predictions.
 

@@ -9,6 +9,9 @@ and fewer layers is decoded greedily by:
 - offload_moe with LRU and no prefetch;
 - offload_moe in full (LRU, gate prefetch; on CUDA a pinned host tier too), and the same with
   ``io="buffered"``, which lets the page cache serve re-reads as accelerate's disk offload does;
+- on CPU, LRU and the full runtime with ``io="mmap"``: a miss is computed in place from the mapped
+  checkpoint, as accelerate's disk offload computes from its mapped files, and prefetch asks the
+  kernel to read ahead;
 - everything resident (plain transformers), the upper bound;
 - the transfer bound: misses per token x expert bytes / the bandwidth this script measures
   (direct disk reads on CPU, pinned host-to-device copies on CUDA).
@@ -37,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from offload_moe.generation import kv_cache_kwargs, kv_cache_of
+
 SHAPES = {
     "mixtral": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_local_experts=8,
                     num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
@@ -49,7 +54,7 @@ SHAPES = {
 }
 
 
-VARIANTS = ("no reuse", "lru", "full", "full buffered", "lru buffered")
+VARIANTS = ("no reuse", "lru", "full", "full buffered", "lru buffered", "lru mmap", "full mmap")
 
 
 def write_checkpoint(shape: str, layers: int, folder: Path, dtype: torch.dtype) -> Path:
@@ -105,10 +110,10 @@ def decode(model, device: str, tokens: int, trace: torch.Tensor | None, warmup: 
     try:
         with torch.inference_mode():
             out = model(ids, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            past, nxt = kv_cache_of(out), out.logits[:, -1:].argmax(-1)
             for _ in range(warmup):
-                out = model(nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(nxt, **kv_cache_kwargs(model, past), use_cache=True)
+                past, nxt = kv_cache_of(out), out.logits[:, -1:].argmax(-1)
             offload = getattr(model, "offload", None)
             if offload is not None:
                 offload.cache.drain()
@@ -116,8 +121,8 @@ def decode(model, device: str, tokens: int, trace: torch.Tensor | None, warmup: 
             _sync(device)
             start = time.perf_counter()
             for _ in range(tokens):
-                out = model(nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(nxt, **kv_cache_kwargs(model, past), use_cache=True)
+                past, nxt = kv_cache_of(out), out.logits[:, -1:].argmax(-1)
             _sync(device)
             seconds = time.perf_counter() - start
     finally:
@@ -131,7 +136,8 @@ def decode(model, device: str, tokens: int, trace: torch.Tensor | None, warmup: 
                       hit_rate=s["hit_rate"], prefetch_recall=s["prefetch_recall"],
                       prediction_recall=s["prediction_recall"], expert_bytes=s["expert_bytes"],
                       capacity_experts=s["capacity_experts"], disk_bandwidth=s["bandwidth"]["disk"],
-                      h2d_bandwidth=s["bandwidth"]["host_to_device"])
+                      h2d_bandwidth=s["bandwidth"]["host_to_device"],
+                      mapped_per_token=s["mapped_experts"] / tokens)
     return result
 
 
@@ -179,7 +185,11 @@ def run_offload(folder: Path, device: str, capacity: int, variant: str, tokens: 
         # The page cache as an unbudgeted warm tier, as accelerate's disk offload gets it.
         "full buffered": dict(prefetch="gate" if trace is None else "transition", io="buffered"),
         "lru buffered": dict(prefetch="none", io="buffered"),
+        # CPU only: a miss is computed in place from the mapped checkpoint (no copy into a slot).
+        "lru mmap": dict(prefetch="none", io="mmap"),
+        "full mmap": dict(prefetch="gate" if trace is None else "transition", io="mmap"),
     }[variant]
+
     model = offload_moe.load(folder, device=device, cache_experts=capacity, progress=False, **settings)
     if variant == "no reuse":
         model.offload.cache.reuse = False
@@ -263,7 +273,7 @@ def main() -> None:
             capacity = max(2, round(share * total))
             row = {"budget": share, "capacity_experts": capacity}
             for variant in VARIANTS:
-                if variant not in skip:
+                if variant not in skip and not (args.device.startswith("cuda") and variant.endswith("mmap")):  # CPU only
                     row[variant] = run_offload(folder, args.device, capacity, variant, args.tokens, trace, args.host_memory)
             if "accelerate" not in skip:
                 dense = offload_moe.plan(folder, device_memory="1TiB").dense_bytes

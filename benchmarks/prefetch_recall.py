@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from offload_moe.generation import kv_cache_kwargs, kv_cache_of
+
 
 def decode_run(model_path: Path, token_ids: torch.Tensor, sequences: list[tuple[int, int]], predictor: str, depth: int, margin: int, fraction: float,
                steps: int, policy: str = "lru") -> dict:
@@ -43,10 +45,10 @@ def decode_run(model_path: Path, token_ids: torch.Tensor, sequences: list[tuple[
     with torch.inference_mode():
         for start, end in sequences:
             out = model(token_ids[start : start + 1].long().unsqueeze(0), use_cache=True)
-            past = out.past_key_values
+            past = kv_cache_of(out)
             for t in range(start + 1, min(end, start + steps)):
-                out = model(token_ids[t : t + 1].long().unsqueeze(0), past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(token_ids[t : t + 1].long().unsqueeze(0), **kv_cache_kwargs(model, past), use_cache=True)
+                past = kv_cache_of(out)
     model.offload.cache.drain()
     s = model.offload.stats()
     model.offload.close()

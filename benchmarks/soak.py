@@ -24,6 +24,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from offload_moe.generation import kv_cache_kwargs, kv_cache_of
+
 CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
               tie_word_embeddings=False)
@@ -63,8 +65,8 @@ def soak(folder: Path, device: str, steps: int, every: int, prefetch: str, host_
                     samples.append(sample(model, device, step))
                 out = model(prompt, use_cache=True)  # restart the KV cache: memory is comparable between samples
             else:
-                out = model(nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(nxt, **kv_cache_kwargs(model, past), use_cache=True)
+            past, nxt = kv_cache_of(out), out.logits[:, -1:].argmax(-1)
     stats = model.offload.stats()
     model.offload.close()
     samples[-1]["misses"] = stats["misses"]

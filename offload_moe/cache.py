@@ -292,6 +292,9 @@ class FlowCounters:
     prefetch_wasted: int = 0  # prefetched experts evicted unused
     prefetch_cancelled: int = 0  # prefetches whose read had not started when their layer ran without them
     prefetch_failures: int = 0
+    mapped: int = 0  # missing experts computed in place from the mapped checkpoint (io="mmap")
+    mapped_bytes: int = 0
+    mapped_ahead: int = 0  # of those, ones a prefetch had asked the kernel to read ahead
     disk_bytes: int = 0
     disk_seconds: float = 0.0
     copy_bytes: int = 0  # host slot -> device slot
@@ -328,6 +331,9 @@ class ExpertCache:
         self._flying: set[Key] = set()  # loads whose flight pin is still held: until landed, nothing evicts them
         self._host_pending: list[tuple[Key, object]] = []  # host slots pinned until their copy lands
         self._quarantine: list[tuple[int, int | None, object]] = []  # (slot, host slot, ticket) of timed-out reads
+        # io="mmap" on CPU: a miss is computed from the mapped checkpoint instead of waiting for a slot
+        self.maps_misses = getattr(store, "maps", None) is not None and pool.device.type == "cpu"
+        self._advised: set[Key] = set()  # prefetched in that mode: the kernel was asked to read them ahead
 
     @property
     def capacity(self) -> int:
@@ -338,6 +344,8 @@ class ExpertCache:
         """Pin the resident (or in-flight) experts among ``experts``; return [(expert, slot)] for them and the rest."""
         self.reap()
         self._cancel_stale_prefetches(layer, experts)
+        if self._advised:
+            self._settle_advice(layer, experts)
         hits, misses = self.residency.request((layer, e) for e in experts)
         for key, _ in hits:
             ticket = self._inflight.get(key)
@@ -348,6 +356,27 @@ class ExpertCache:
                 self._prefetched.discard(key)
                 self.flow.prefetch_used += 1
         return [(k[1], slot) for k, slot in hits], [k[1] for k in misses]
+
+    def map_misses(self, layer: int, experts: Sequence[int]) -> dict[int, dict]:
+        """With ``io="mmap"`` on CPU: the weights, viewed in the mapped checkpoint, of those of the missing
+        ``experts`` that can be computed in place. The kernel is asked to start reading them all now, so
+        they arrive while the layer computes its resident experts. Empty in the other modes.
+
+        They are not copied into slots: on CPU the page cache already keeps what was read, in all
+        the memory the kernel can spare, and a copy would only cost time. The slots serve when they
+        hold every expert (filled at load); with a smaller budget they stay empty.
+        """
+        if not self.maps_misses:
+            return {}
+        out = {}
+        for expert in experts:
+            weights = self.store.mapped(layer, expert, self.pool.layout.dtype)
+            if weights is not None:
+                self.store.willneed(layer, expert)
+                out[expert] = weights
+        self.flow.mapped += len(out)
+        self.flow.mapped_bytes += len(out) * self.pool.layout.nbytes
+        return out
 
     def start(self, layer: int, expert: int, prefetch: bool = False) -> bool:
         """Begin loading a missing expert into a slot; False when every slot is pinned (try again later)."""
@@ -415,12 +444,39 @@ class ExpertCache:
         for expert in experts:
             if (layer, expert) in self.residency:
                 continue
+            if self.maps_misses and self._advise(layer, expert):
+                started += 1
+                continue
             if not self.start(layer, expert, prefetch=True):
                 break
             started += 1
         return started
 
     # -- internals -------------------------------------------------------------
+    def _advise(self, layer: int, expert: int) -> bool:
+        """io="mmap": prefetch a mappable expert by asking the kernel to read it ahead (no slot is taken)."""
+        key = (layer, expert)
+        if key in self._advised:
+            return True
+        if self.store.mapped(layer, expert, self.pool.layout.dtype) is None:
+            return False
+        self.store.willneed(layer, expert)
+        self._advised.add(key)
+        self.flow.prefetch_issued += 1
+        return True
+
+    def _settle_advice(self, layer: int, experts: Sequence[int]) -> None:
+        """Score the read-ahead advice given for ``layer``, which runs now with ``experts``."""
+        wanted = set(experts)
+        for key in [k for k in self._advised if k[0] == layer]:
+            self._advised.discard(key)
+            if key[1] not in wanted:
+                self.flow.prefetch_wasted += 1
+                continue
+            self.flow.prefetch_used += 1
+            if key not in self.residency:
+                self.flow.mapped_ahead += 1
+
     def _cancel_stale_prefetches(self, layer: int, experts: Sequence[int]) -> None:
         """``layer`` runs now without these prefetched experts: drop those whose read has not started,
         so the disk serves the loads that are needed (a started read is left to land)."""
@@ -602,11 +658,12 @@ class ExpertCache:
             "prefetch_cancelled": f.prefetch_cancelled,
             "prefetch_failures": f.prefetch_failures,
             "prefetch_precision": f.prefetch_used / f.prefetch_issued if f.prefetch_issued else 0.0,
-            "prefetch_recall": total.hits / requests if requests else 0.0,
+            "prefetch_recall": (total.hits + f.mapped_ahead) / requests if requests else 0.0,
             "tokens": f.tokens,
             "stall_seconds": stall,
             "stall_per_token": stall / f.tokens if f.tokens else 0.0,
-            "bytes_moved": {"disk": f.disk_bytes, "host_to_device": f.copy_bytes},
+            "bytes_moved": {"disk": f.disk_bytes, "host_to_device": f.copy_bytes, "mapped": f.mapped_bytes},
+            "mapped_experts": f.mapped,
             "bandwidth": {
                 "disk": f.disk_bytes / f.disk_seconds if f.disk_seconds else 0.0,
                 "host_to_device": f.copy_bytes / copy_seconds if copy_seconds else 0.0,

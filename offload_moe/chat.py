@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import ConfigError
-from .generation import load_tokenizer, pad_token_id, sampling_options, text_streamer
+from .generation import kv_cache_kwargs, kv_cache_of, load_tokenizer, pad_token_id, sampling_options, text_streamer
 
 COMMANDS = {"/reset": "forget the conversation", "/stats": "expert cache and speed",
             "/paste": "the lines up to /end are one message", "/quit": "leave"}
@@ -125,7 +125,7 @@ class ChatSession:
         try:
             with torch.inference_mode():
                 result = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
-                                             streamer=streamer, pad_token_id=pad, past_key_values=past,
+                                             streamer=streamer, pad_token_id=pad, **kv_cache_kwargs(self.model, past),
                                              return_dict_in_generate=True,
                                              stopping_criteria=stop_when_set(self.stop), **self.sampling)
             stopped = self.stop.is_set()
@@ -137,7 +137,7 @@ class ChatSession:
         seconds = time.perf_counter() - start
         out = result.sequences
         if self.keep_cache:  # it holds every token but the last generated one, which was never fed back
-            self._kv, self._kv_ids = result.past_key_values, out[0, :-1]
+            self._kv, self._kv_ids = kv_cache_of(result), out[0, :-1]
         new = out[0, ids.shape[1]:]
         reply = Reply(self.tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds, stopped, forgotten)
         self.history = messages[forgotten:] + [{"role": "assistant", "content": reply.text}]

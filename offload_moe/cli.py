@@ -39,6 +39,9 @@ CacheMemory = Annotated[str | None, typer.Option(help="Memory for expert slots, 
 Policy = Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random.")]
 Prefetch = Annotated[str | None, typer.Option(help="Predictor: none, gate, transition, hybrid; default: the profile's, else none.")]
 Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")]
+IoMode = Annotated[str | None, typer.Option(
+    "--io", help="How experts are read: direct, dontneed, buffered, or mmap (CPU: compute from the mapped checkpoint); "
+                 "default: the profile's, else direct.")]
 HardwareProfile = Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")]
 
 
@@ -166,6 +169,7 @@ def generate(
     policy: Policy = None,
     prefetch: Prefetch = None,
     dtype: Dtype = None,
+    io: IoMode = None,
     profile: HardwareProfile = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print text, timings and cache statistics as JSON.")] = False,
 ) -> None:
@@ -183,7 +187,7 @@ def generate(
         console.out(prompt, end="", style="bold", highlight=False)
     result = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            repetition_penalty=repetition_penalty, seed=seed, on_text=stream, device=device, cache_experts=cache_experts,
-                           cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, profile=profile)
+                           cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, io=io, profile=profile)
     if json_output:
         print(json.dumps(result.as_dict(), default=str))
         return
@@ -207,6 +211,7 @@ def chat(
     policy: Policy = None,
     prefetch: Prefetch = None,
     dtype: Dtype = None,
+    io: IoMode = None,
     profile: HardwareProfile = None,
 ) -> None:
     """Chat with MODEL, streaming answers; /reset, /stats, /paste, /quit. Reads lines from stdin when it is not a terminal.
@@ -221,7 +226,7 @@ def chat(
 
     session = ChatSession.load(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                repetition_penalty=repetition_penalty, device=device, cache_experts=cache_experts,
-                               cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, profile=profile)
+                               cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, io=io, profile=profile)
     interactive = sys.stdin.isatty()
     try:
         if interactive:
@@ -284,13 +289,14 @@ def profiles(
     table = Table(title=f"hardware profiles ({escape(str(profiles_folder()))})")
     for col in ("name", "device", "device memory", "host memory", "policy", "prefetch"):
         table.add_column(col, no_wrap=True)
-    table.add_column("suits", min_width=30)
+    table.add_column("suits", min_width=24)
     for p in list_profiles():
         prefetch = p.prefetch or "none"
         if prefetch != "none" and p.prefetch_margin is not None:
             prefetch += f" (margin {p.prefetch_margin})"
-        table.add_row(*(escape(str(x)) for x in (p.name, p.device, p.device_memory, p.host_memory or "-",
-                                                  p.policy or "lru", prefetch, p.description)))
+        device = p.device if p.io in (None, "direct") else f"{p.device} ({p.io})"
+        table.add_row(*(escape(str(x)) for x in (p.name, device, p.device_memory,
+                                                  p.host_memory or "-", p.policy or "lru", prefetch, p.description)))
     console.print(table)
 
 

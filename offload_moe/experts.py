@@ -13,12 +13,11 @@ import re
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cache import ExpertCache
 from .prefetch import Prefetcher
-from .store import ExpertsSpec
+from .store import ExpertsSpec, RowBlocks, linear
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -99,11 +98,12 @@ class OffloadedExperts(nn.Module):
             y = self.post_expert_norm(y)
         return y
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.is_transposed:  # weight [in, out]
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor | RowBlocks,
+                bias: torch.Tensor | RowBlocks | None) -> torch.Tensor:
+        if self.is_transposed:  # weight [in, out]; mapped weights in this layout are never split
             y = x @ weight
             return y + bias if bias is not None else y
-        return F.linear(x, weight, bias)  # weight [out, in]
+        return linear(x, weight, bias)  # weight [out, in], maybe as row blocks of the mapped checkpoint
 
 
 def routing_to_host(flat: torch.Tensor, predicted: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -127,7 +127,8 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
     """One MoE layer's routed experts with weights from ``cache``: ``hidden`` [T, H], ``index`` and ``weights`` [T, k].
 
     Token-expert pairs are grouped by expert; resident experts run first while the missing ones
-    are already loading, and each needed expert is loaded once. An index of -1 is a dropped pair
+    are already loading, and each needed expert is loaded once. With ``io="mmap"`` on CPU a missing
+    expert is computed in place from the mapped checkpoint instead (the kernel reads it meanwhile). An index of -1 is a dropped pair
     (it contributes nothing). ``kernel(x, slot_tensors)`` computes one expert. ``check`` sees the
     routing once it is on the host. The k contributions of a token are summed in k order, as
     transformers' grouped implementation does.
@@ -141,6 +142,8 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
         check(routing)
     spans = _spans(routing, num_experts)
     hits, misses = cache.acquire(layer, list(spans))
+    mapped = cache.map_misses(layer, misses)
+    misses = [e for e in misses if e not in mapped]
     waiting = [e for e in misses if not cache.start(layer, e)]  # no free slot yet: started once one frees
     if prefetcher is not None:
         prefetcher.after_routing(pos, _kept(routing, num_tokens, top_k), predicted, issue=not waiting)
@@ -149,19 +152,24 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
     pair_weights = weights.reshape(-1)  # [T*k]
     pinned = {e for e, _ in hits} | (set(misses) - set(waiting))
     try:
-        for expert in [e for e, _ in hits] + misses:  # resident first, then in the order their loads started
-            if expert in waiting:
-                cache.start_blocking(layer, expert)
-                pinned.add(expert)
-            slot = cache.ready(layer, expert)
+        for expert in [e for e, _ in hits] + list(mapped) + misses:  # resident first, then in the order loads started
+            if expert in mapped:
+                tensors = mapped[expert]
+            else:
+                if expert in waiting:
+                    cache.start_blocking(layer, expert)
+                    pinned.add(expert)
+                tensors = cache.pool.views(cache.ready(layer, expert))
             lo, hi = spans[expert]
             pairs = order[lo:hi]
-            out[pairs] = kernel(hidden[pairs // top_k], cache.pool.views(slot)) * pair_weights[pairs, None]
-            cache.release(layer, expert)
-            pinned.discard(expert)
+            out[pairs] = kernel(hidden[pairs // top_k], tensors) * pair_weights[pairs, None]
+            if expert not in mapped:
+                cache.release(layer, expert)
+                pinned.discard(expert)
     finally:
         for expert in pinned:
             cache.release(layer, expert)
+
     if prefetcher is not None:
         prefetcher.retry()  # slots this layer held are free now
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)

@@ -31,6 +31,21 @@ class Generation:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s}
 
 
+def kv_cache_kwargs(model, cache) -> dict:
+    """The keyword that hands a KV cache to ``model``'s forward and generate: ``cache`` from transformers
+    5.24, ``past_key_values`` before (5.24 still takes the old name, with a warning)."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def kv_cache_of(output):
+    """The KV cache a forward or ``generate(return_dict_in_generate=True)`` returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 

@@ -1,7 +1,7 @@
 """Hardware profiles: TOML files in ``profiles/`` giving a machine's budgets and settings.
 
 A profile fills in what a user did not say: ``device``, ``device_memory``, ``host_memory``,
-``dtype``, ``policy`` and the prefetch settings. Explicit arguments always win over the profile.
+``dtype``, ``policy``, the prefetch settings and ``io``, how experts are read. Explicit arguments always win over the profile.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 FIELDS = ("description", "device", "device_memory", "host_memory", "dtype", "policy", "prefetch",
-          "prefetch_margin", "prefetch_depth")
+          "prefetch_margin", "prefetch_depth", "io")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Profile:
     prefetch: str | None = None
     prefetch_margin: int | None = None
     prefetch_depth: int | None = None
+    io: str | None = None  # how experts are read: direct, dontneed, buffered or (CPU) mmap
 
 
 def profiles_folder() -> Path:
@@ -79,6 +80,13 @@ def read_profile(path: Path) -> Profile:
 
     if data.get("prefetch", "none").lower() not in PREDICTORS:
         raise ConfigError(f"profile {path}: prefetch = {data['prefetch']!r} is not a predictor; use one of {', '.join(PREDICTORS)}")
+    from .safetensors_io import IO_MODES
+
+    if data.get("io", "direct") not in IO_MODES:
+        raise ConfigError(f"profile {path}: io = {data['io']!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
+    if data.get("io") == "mmap" and data["device"] != "cpu":
+        raise ConfigError(f"profile {path}: io = 'mmap' needs device = 'cpu' (it computes experts from the mapped "
+                          "checkpoint); use 'direct' for a GPU")
     if data.get("prefetch_margin", 0) < 0 or data.get("prefetch_depth", 1) < 1:
         raise ConfigError(f"profile {path}: prefetch_margin must be 0 or more and prefetch_depth at least 1")
     return Profile(name=path.stem, **data)

@@ -35,6 +35,7 @@ from .hardware import get_profile
 from .policies import make_policy
 from .prefetch import PREDICTORS, Prefetcher, make_predictor
 from .runtime import OffloadRuntime
+from .safetensors_io import IO_MODES
 from .store import ExpertsSpec, ExpertStore
 from .transfer import make_mover
 
@@ -256,7 +257,7 @@ def load(
     prefetch_margin: int | None = None,
     prefetch_depth: int | None = None,
     readers: int = 2,
-    io: str = "direct",
+    io: str | None = None,
     read_timeout: float | None = 120.0,
     profile: str | Path | None = None,
     seed: int = 0,
@@ -275,10 +276,13 @@ def load(
     ``prefetch_depth`` layers (default 1; ``gate``, ``transition``, ``hybrid`` or ``none``, the default), naming
     top-k plus ``prefetch_margin`` (default 1) experts. Prefetch raises the hit rate but moves more bytes (wrong guesses
     are loaded too); measure it on your model with ``benchmarks/prefetch_recall.py``. ``readers`` threads read the disk; ``io`` is ``direct``
-    (O_DIRECT, else dropping read pages), ``dontneed`` or ``buffered`` (page cache).
+    (O_DIRECT, else dropping read pages; the default), ``dontneed``, ``buffered`` (page cache) or, on CPU only, ``mmap``: an
+    expert missing from the slots is computed in place from the mapped checkpoint, with no copy, and the
+    kernel's page cache (memory it can reclaim, beyond the budget) keeps what it read; prefetch then asks
+    the kernel to read ahead rather than filling slots.
     A layer waits at most ``read_timeout`` seconds for one expert, then raises ExpertLoadError.
     ``profile`` (a name from ``profiles/`` or a TOML path) fills in the device, dtype, policy,
-    host memory, prefetch settings and, through ``plan``, the number of slots, where they are
+    host memory, prefetch settings, ``io`` and, through ``plan``, the number of slots, where they are
     not given.
     Returns the transformers model; ``model.offload`` holds the runtime and its stats.
     """
@@ -291,12 +295,20 @@ def load(
     prefetch = (prefetch or (hw.prefetch if hw else None) or "none").lower()
     prefetch_margin = _first(prefetch_margin, hw.prefetch_margin if hw else None, 1)
     prefetch_depth = _first(prefetch_depth, hw.prefetch_depth if hw else None, 1)
+    io = _first(io, hw.io if hw else None, "direct")
     make_policy(policy, seed=seed)  # fail on a bad name before reading anything
     make_policy(host_policy, seed=seed)
     if prefetch not in PREDICTORS:
         raise ConfigError(f"prefetch={prefetch!r} is not a predictor; use one of {', '.join(PREDICTORS)}")
     if readers < 1:
         raise ConfigError(f"readers={readers} must be at least 1")
+    if io not in IO_MODES:
+        raise ConfigError(f"io={io!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
+    if io == "mmap" and dev.type != "cpu":
+        raise ConfigError(
+            f"io='mmap' computes missing experts in place from the mapped checkpoint, which needs device='cpu' "
+            f"(got {dev}); on {dev.type} use io='direct' (the default), 'dontneed' or 'buffered'"
+        )
     if read_timeout is not None and not read_timeout > 0:
         raise ConfigError(f"read_timeout={read_timeout} must be a positive number of seconds, or None to wait forever")
     folder = resolve_model_path(path)

@@ -1,14 +1,19 @@
-"""Read safetensors headers and byte ranges ourselves: validated, read-only, no mmap.
+"""Read safetensors headers and byte ranges ourselves: validated and read-only.
 
 Reading with ``os.preadv`` into a caller's buffer lets an expert land directly in
 its slot (or a reused staging buffer) with one copy, keeps the process's resident
 memory at what it asked for, and releases the GIL while the disk works.
+
+``MappedFiles`` is the other way in, for ``io="mmap"`` on CPU: tensors that view a
+private (copy-on-write) mapping of the file, so compute reads the page cache in place
+and nothing written to them can reach the file.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import struct
 import threading
@@ -132,7 +137,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-IO_MODES = ("buffered", "dontneed", "direct")
+IO_MODES = ("buffered", "dontneed", "direct", "mmap")
 PAGE = 4096
 
 
@@ -146,7 +151,9 @@ class FileReader:
       so a RAM budget is really kept and a re-read really goes to the disk;
     - ``direct``: ``O_DIRECT`` reads of page-aligned spans into an aligned scratch buffer,
       bypassing the page cache. Where the file system refuses ``O_DIRECT`` (tmpfs, some
-      overlays), it falls back to ``dontneed`` and ``io`` says so.
+      overlays), it falls back to ``dontneed`` and ``io`` says so;
+    - ``mmap``: reads as ``buffered``; the expert cache also computes missing experts in
+      place from a mapping of the file (``MappedFiles``), on CPU.
 
     Reads are safe from several threads at once.
     """
@@ -243,3 +250,58 @@ class FileReader:
                 except OSError:
                     pass
             self._fds.clear()
+
+
+class MappedFiles:
+    """Private, read-only-in-effect mappings of checkpoint files, opened once each.
+
+    ``tensor`` views bytes of a file without copying them: the kernel reads the pages on
+    first touch and keeps them in its page cache, which it may reclaim. The mapping is
+    copy-on-write (``MAP_PRIVATE``), so even a stray in-place write stays in this process.
+    ``willneed`` asks the kernel to start reading a range now, without waiting for it.
+    """
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._bytes: dict[Path, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def _map(self, path: Path) -> torch.Tensor:
+        data = self._bytes.get(path)
+        if data is None:
+            with self._lock:
+                data = self._bytes.get(path)
+                if data is None:
+                    with open(path, "rb") as f:
+                        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    self._maps[path] = mapped
+                    data = self._bytes[path] = torch.frombuffer(mapped, dtype=torch.uint8)
+        return data
+
+    def tensor(self, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A ``shape`` tensor of ``dtype`` viewing the bytes at ``offset`` of ``path`` (no copy)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offset % itemsize:
+            raise CheckpointError(
+                f"{path}: the tensor at byte {offset} is not aligned to its {itemsize}-byte dtype, so it cannot be "
+                "mapped; use io='direct' or 'buffered' for this checkpoint"
+            )
+        return self._map(path)[offset : offset + numel * itemsize].view(dtype).view(shape)
+
+    def willneed(self, path: Path, offset: int, nbytes: int) -> None:
+        """Start reading ``nbytes`` at ``offset`` of ``path`` into the page cache in the background."""
+        self._map(path)
+        mapped = self._maps[path]
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+            mapped.madvise(mmap.MADV_WILLNEED, start, min(offset + nbytes, len(mapped)) - start)
+
+    def close(self) -> None:
+        """Drop the mappings. Each is unmapped once no tensor views it any more (closing it while a
+        view lives would leave that view pointing at unmapped memory)."""
+        with self._lock:
+            self._bytes.clear()
+            self._maps.clear()

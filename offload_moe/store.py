@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .safetensors_io import FileReader, TensorInfo, checkpoint_files, read_header
+from .safetensors_io import FileReader, MappedFiles, TensorInfo, checkpoint_files, read_header
 
 GATE_NAMES = ("w1", "gate_proj")
 UP_NAMES = ("w3", "up_proj")
@@ -44,6 +44,31 @@ class ExpertsSpec:
     shapes: dict[str, tuple[int, ...]]
     is_transposed: bool = False
     is_concatenated: bool = True
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """A weight [out, in] (or a bias [out]) held as consecutive blocks of rows in different places.
+
+    The mapped form of ``gate_up_proj`` in checkpoints that store the gate and up projections
+    as separate tensors: ``linear`` computes each block and joins the outputs, so the
+    weight is never assembled in memory.
+    """
+
+    blocks: tuple[torch.Tensor, ...]
+
+    def joined(self) -> torch.Tensor:
+        return torch.cat(self.blocks)
+
+
+def linear(x: torch.Tensor, weight: "torch.Tensor | RowBlocks", bias: "torch.Tensor | RowBlocks | None") -> torch.Tensor:
+    """``F.linear`` for a weight that may be split into row blocks."""
+    if isinstance(bias, RowBlocks):
+        bias = bias.joined()
+    if isinstance(weight, RowBlocks):
+        y = torch.cat([torch.nn.functional.linear(x, w) for w in weight.blocks], dim=-1)
+        return y + bias if bias is not None else y
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 @dataclass(frozen=True)
@@ -83,6 +108,8 @@ class ExpertStore:
         self.specs = {s.layer: s for s in specs}
         self.files = checkpoint_files(self.folder)
         self.reader = FileReader(io)
+        self.maps = MappedFiles() if io == "mmap" else None
+        self._mapped: dict[tuple[int, int], dict | None] = {}
         self.dense: dict[str, TensorInfo] = {}
         self.pieces: dict[tuple[int, int], list[Piece]] = defaultdict(list)
         by_prefix = {s.prefix: s for s in self.specs.values()}
@@ -184,6 +211,44 @@ class ExpertStore:
         """Read ``piece``'s bytes into the contiguous CPU tensor ``out`` (of ``piece.nbytes`` bytes)."""
         return self.reader.read_into(piece.file, piece.offset, out)
 
+    def mapped(self, layer: int, expert: int, dtype: torch.dtype) -> "dict[str, torch.Tensor | RowBlocks] | None":
+        """The expert's tensors as views of the mapped checkpoint (``io="mmap"``), or None where that needs a copy.
+
+        A tensor maps when the checkpoint holds it in ``dtype`` and the module's layout, whole
+        (fused checkpoints) or as blocks of rows (a gate and an up projection stored apart).
+        Anything else (another dtype, a transposed or interleaved layout) is loaded into a slot
+        as in the other modes.
+        """
+        key = (layer, expert)
+        if key not in self._mapped:
+            self._mapped[key] = self._map_expert(key, dtype) if self.maps is not None else None
+        return self._mapped[key]
+
+    def _map_expert(self, key: tuple[int, int], dtype: torch.dtype) -> "dict[str, torch.Tensor | RowBlocks] | None":
+        spec = self.specs[key[0]]
+        by_param: dict[str, list[Piece]] = defaultdict(list)
+        for piece in self.pieces[key]:
+            if piece.dtype != dtype or piece.transpose:
+                return None
+            by_param[piece.param].append(piece)
+        out: dict[str, torch.Tensor | RowBlocks] = {}
+        for param, pieces in by_param.items():
+            if len(pieces) == 1 and pieces[0].whole:
+                p = pieces[0]
+                out[param] = self.maps.tensor(p.file, p.offset, p.dtype, p.shape)
+                continue
+            blocks = _row_blocks(pieces, spec.shapes[param][0])
+            if blocks is None:
+                return None
+            out[param] = RowBlocks(tuple(self.maps.tensor(p.file, p.offset, p.dtype, p.shape) for p in blocks))
+        return out
+
+    def willneed(self, layer: int, expert: int) -> None:
+        """Ask the kernel to start reading an expert's mapped bytes now (``io="mmap"``)."""
+        if self.maps is not None:
+            for p in self.pieces[(layer, expert)]:
+                self.maps.willneed(p.file, p.offset, p.nbytes)
+
     def read_dense(self, info: TensorInfo) -> torch.Tensor:
         return self.reader.read_tensor(info)
 
@@ -193,6 +258,9 @@ class ExpertStore:
 
     def close(self) -> None:
         self.reader.close()
+        self._mapped.clear()
+        if self.maps is not None:
+            self.maps.close()
 
 
 def _owner(key: str, by_prefix: dict[str, ExpertsSpec]) -> tuple[ExpertsSpec | None, str]:
@@ -203,6 +271,23 @@ def _owner(key: str, by_prefix: dict[str, ExpertsSpec]) -> tuple[ExpertsSpec | N
             return spec, key[len(head) + 1 :]
         head, _, _ = head.rpartition(".")
     return None, ""
+
+
+def _row_blocks(pieces: list[Piece], rows: int) -> list[Piece] | None:
+    """``pieces`` in row order if they tile rows 0..``rows`` of a tensor as consecutive blocks, else None."""
+    spans = []
+    for p in pieces:
+        if len(p.index) != 1 or p.index[0].step not in (None, 1):
+            return None
+        start, stop, _ = p.index[0].indices(rows)
+        spans.append((start, stop, p))
+    spans.sort(key=lambda s: s[0])
+    end = 0
+    for start, stop, _ in spans:
+        if start != end:
+            return None
+        end = stop
+    return [p for _, _, p in spans] if end == rows else None
 
 
 def _indexed_shape(shape: tuple[int, ...], index: tuple[slice, ...]) -> tuple[int, ...]:

@@ -109,6 +109,14 @@ def test_generate_json_is_stable_and_has_stats():
     assert data["stats"]["capacity_experts"] == 24 and data["stats"]["misses"] > 0
     again = json.loads(runner.invoke(app, args).output)
     assert again["text"] == data["text"]  # greedy: the same text every time
+    mapped = json.loads(runner.invoke(app, [*args, "--io", "mmap"]).output)
+    assert mapped["text"] == data["text"] and mapped["stats"]["io"] == "mmap"
+    assert mapped["stats"]["mapped_experts"] == mapped["stats"]["misses"] > 0
+
+
+def test_a_bad_io_mode_is_named():
+    result = run_cli("generate", "--prompt", "x", "--io", "aio")
+    assert result.returncode == 1 and "io='aio' is not an I/O mode" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_generate_streams_and_reports(tmp_path):

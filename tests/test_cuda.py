@@ -125,3 +125,10 @@ def test_slot_pool_too_large_for_the_device_is_a_budget_error():
     layout = SlotLayout({"gate_up_proj": (1024, 1024)}, torch.float32)  # 4 MiB a slot
     with pytest.raises(offload_moe.BudgetError, match="expert slots"):
         SlotPool(2 * free // layout.nbytes, layout, torch.device("cuda"))
+
+
+def test_mmap_is_refused_on_cuda_with_a_clear_error(model_dir):
+    from offload_moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="io='mmap'.*device='cpu'"):
+        offload_moe.load(model_dir("mixtral"), device="cuda", cache_experts=2, io="mmap", progress=False)

@@ -174,7 +174,7 @@ def test_bad_prefetch_settings(model_dir):
     with pytest.raises(ConfigError, match="prefetch_depth"):
         make_predictor("gate", routers=[None], num_experts=4, top_k=2, depth=0)
     with pytest.raises(ConfigError, match="io="):
-        offload_moe.load(folder, cache_experts=2, io="mmap", progress=False)
+        offload_moe.load(folder, cache_experts=2, io="aio", progress=False)
     with pytest.raises(BudgetError, match="host_memory"):
         offload_moe.load(folder, cache_experts=2, host_memory="1KiB", progress=False)
     with pytest.raises(ConfigError, match="readers"):

@@ -1,0 +1,163 @@
+"""io="mmap" on CPU: missing experts computed in place from the mapped checkpoint."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import offload_moe
+from offload_moe.errors import CheckpointError
+from offload_moe.safetensors_io import MappedFiles
+from offload_moe.store import RowBlocks, linear
+from offload_moe.synthetic import write_synthetic_checkpoint
+from test_prefetch import NEW, check_parity, reference_tokens
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "olmoe"])
+@pytest.mark.parametrize("settings", [
+    dict(prefetch="none"),
+    dict(prefetch="gate", prefetch_margin=2),
+    dict(prefetch="hybrid", prefetch_depth=2),
+])
+def test_output_unchanged_when_misses_are_computed_from_the_mapping(family, settings, model_dir, prompt):
+    folder = model_dir(family)
+    logits, tokens = reference_tokens(folder, prompt)
+    for capacity in (2, 5):
+        model = offload_moe.load(folder, cache_experts=capacity, dtype="float32", io="mmap", progress=False, **settings)
+        check_parity(model, prompt, logits, tokens)
+        assert model.offload.stats()["mapped_experts"] > 0  # the per-expert checkpoint maps as row blocks
+        model.offload.close()
+
+
+def fused_checkpoint(folder, model_type="qwen3_moe", dtype=torch.float32, **extra):
+    return write_synthetic_checkpoint(folder, model_type, dtype=dtype, layout="fused", vocab_size=96, hidden_size=32,
+                                      intermediate_size=48, moe_intermediate_size=24, num_experts=4,
+                                      num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=8, **extra)
+
+
+def generate(folder, prompt, **settings):
+    model = offload_moe.load(folder, cache_experts=2, progress=False, **settings)
+    with torch.no_grad():
+        logits = model(prompt).logits
+    tokens = model.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    stats = model.offload.stats()
+    model.offload.close()
+    return logits, tokens, stats
+
+
+def test_fused_checkpoint_maps_whole_experts_and_matches_slot_loads(tmp_path, prompt):
+    folder = fused_checkpoint(tmp_path / "fused")
+    want_logits, want_tokens, _ = generate(folder, prompt, io="direct")
+    logits, tokens, stats = generate(folder, prompt, io="mmap")
+    assert torch.equal(want_logits, logits) and torch.equal(want_tokens, tokens)
+    assert stats["mapped_experts"] == stats["misses"] > 0
+    assert stats["bytes_moved"]["mapped"] == stats["mapped_experts"] * stats["expert_bytes"]
+
+
+def test_gpt_oss_in_its_own_dtype_maps_its_transposed_experts(model_dir, prompt):
+    folder = model_dir("gpt_oss")  # bf16, fused, transposed, with biases
+    want_logits, want_tokens, _ = generate(folder, prompt, io="direct", dtype="bfloat16")
+    logits, tokens, stats = generate(folder, prompt, io="mmap", dtype="bfloat16")
+    assert torch.equal(want_logits, logits) and torch.equal(want_tokens, tokens)
+    assert stats["mapped_experts"] > 0
+
+
+def test_a_checkpoint_in_another_dtype_is_loaded_into_slots_instead(model_dir, prompt):
+    folder = model_dir("gpt_oss")  # bf16 on disk, float32 wanted: a conversion, so no mapping
+    logits, tokens = reference_tokens(folder, prompt)
+    model = offload_moe.load(folder, cache_experts=2, dtype="float32", io="mmap", progress=False)
+    check_parity(model, prompt, logits, tokens)
+    stats = model.offload.stats()
+    assert stats["mapped_experts"] == 0 and stats["bytes_moved"]["disk"] > 0
+    model.offload.close()
+
+
+def test_stats_add_up_and_misses_take_no_slot(model_dir, prompt):
+    model = offload_moe.load(model_dir("mixtral"), cache_experts=3, dtype="float32", io="mmap", prefetch="gate",
+                             progress=False)
+    model.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    model.offload.cache.drain()
+    s = model.offload.stats()
+    requests = sum(c["hits"] + c["misses"] for c in s["per_layer"].values())
+    assert s["hits"] + s["misses"] == requests > 0
+    # Every miss is computed in place: nothing is read into a slot, so nothing is evicted either.
+    assert s["mapped_experts"] == s["misses"] == requests
+    assert s["evictions"] == s["resident_experts"] == s["bytes_moved"]["disk"] == 0
+    assert s["bytes_moved"]["mapped"] == s["misses"] * s["expert_bytes"]
+    # Prefetch is read-ahead advice: each piece of advice is used or wasted once its layer runs.
+    assert s["prefetch_issued"] > 0
+    assert 0 < s["prefetch_used"] and s["prefetch_used"] + s["prefetch_wasted"] <= s["prefetch_issued"]
+    assert s["prefetch_recall"] == pytest.approx(s["prefetch_used"] / requests)
+    model.offload.close()
+
+
+def test_a_budget_for_every_expert_is_filled_at_load_and_never_misses(model_dir, prompt):
+    model = offload_moe.load(model_dir("mixtral"), cache_memory="1GiB", dtype="float32", io="mmap", progress=False)
+    model.generate(prompt, max_new_tokens=4, do_sample=False)
+    s = model.offload.stats()
+    assert s["misses"] == s["mapped_experts"] == 0 and s["hits"] > 0
+    model.offload.close()
+
+
+def test_mmap_needs_the_cpu(model_dir):
+    from offload_moe.errors import ConfigError
+    from offload_moe.hardware import read_profile
+
+    bad = model_dir("mixtral").parent / "gpu-mmap.toml"
+    bad.write_text('description = "x"\ndevice = "cuda"\ndevice_memory = "8GiB"\nio = "mmap"\n')
+    with pytest.raises(ConfigError, match="io = 'mmap' needs device = 'cpu'"):
+        read_profile(bad)
+    bad.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "8GiB"\nio = "aio"\n')
+    with pytest.raises(ConfigError, match="not an I/O mode"):
+        read_profile(bad)
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_the_model_files_are_never_written(tmp_path, prompt):
+    folder = fused_checkpoint(tmp_path / "fused")
+    before = digest(folder)
+    model = offload_moe.load(folder, cache_experts=2, io="mmap", progress=False)
+    model.generate(prompt, max_new_tokens=4, do_sample=False)
+    expert = model.offload.cache.store.mapped(model.offload.modules[0].layer, 0, torch.float32)
+    for t in expert.values():
+        t.fill_(7.0)  # a stray in-place write stays in this process: the mapping is copy-on-write
+    model.offload.close()
+    del model, expert, t
+    gc.collect()
+    assert digest(folder) == before
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # every mapping of the checkpoint went with the model
+        assert str(folder) not in maps.read_text()
+
+
+def test_mapped_files_view_bytes_without_copying_and_reject_misaligned_tensors(tmp_path):
+    path = tmp_path / "data.bin"
+    data = torch.arange(64, dtype=torch.float32)
+    path.write_bytes(data.numpy().tobytes())
+    maps = MappedFiles()
+    view = maps.tensor(path, 16, torch.float32, (4, 2))
+    assert torch.equal(view, data[4:12].view(4, 2))
+    assert maps.tensor(path, 16, torch.float32, (4,)).data_ptr() == view.data_ptr()  # one mapping, shared
+    maps.willneed(path, 0, 256)
+    with pytest.raises(CheckpointError, match="not aligned"):
+        maps.tensor(path, 2, torch.float32, (1,))
+    maps.close()
+    assert torch.equal(view, data[4:12].view(4, 2))  # a live view keeps its mapping until it goes
+
+
+def test_row_blocks_compute_the_joined_weight():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 5, generator=g), torch.randn(8, 5, generator=g), torch.randn(8, generator=g)
+    split = RowBlocks((w[:3], w[3:]))
+    want = torch.nn.functional.linear(x, w, b)
+    assert torch.allclose(linear(x, split, RowBlocks((b[:3], b[3:]))), want, atol=1e-6)
+    assert torch.allclose(linear(x, split, b), want, atol=1e-6)
+    assert torch.allclose(linear(x, w, None), torch.nn.functional.linear(x, w), atol=1e-6)

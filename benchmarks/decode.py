@@ -248,6 +248,8 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated columns to skip: accelerate, resident, "
                         + ", ".join(VARIANTS))
     parser.add_argument("--folder", help="keep the checkpoint here (reused if present)")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="empty the page cache before each configuration, so each starts cold (Linux, root)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -268,15 +270,19 @@ def main() -> None:
         expert_bytes = offload_moe.plan(folder, device_memory="1TiB").expert_bytes
         bandwidth = measure_bandwidth(folder, args.device)
         rows = []
+        cold = drop_caches if args.drop_caches else (lambda: None)
+        cold()
         resident = None if "resident" in skip else run_resident(folder, args.device, args.tokens, trace)
         for share in [float(b) for b in args.budgets.split(",")]:
             capacity = max(2, round(share * total))
             row = {"budget": share, "capacity_experts": capacity}
             for variant in VARIANTS:
                 if variant not in skip and not (args.device.startswith("cuda") and variant.endswith("mmap")):  # CPU only
+                    cold()
                     row[variant] = run_offload(folder, args.device, capacity, variant, args.tokens, trace, args.host_memory)
             if "accelerate" not in skip:
                 dense = offload_moe.plan(folder, device_memory="1TiB").dense_bytes
+                cold()
                 row["accelerate"] = run_accelerate(folder, args.device, dense + capacity * expert_bytes, args.tokens, trace)
             if resident is not None:
                 row["resident"] = resident
@@ -293,7 +299,7 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     report = {
         "shape": args.shape, "layers": args.layers, "tokens": args.tokens, "device": args.device, "dtype": args.dtype,
-        "trace": args.trace, "expert_bytes": expert_bytes, "total_experts": total, "bandwidth": bandwidth, "rows": rows,
+        "trace": args.trace, "drop_caches": args.drop_caches, "expert_bytes": expert_bytes, "total_experts": total, "bandwidth": bandwidth, "rows": rows,
         "machine": machine(args.device),
     }
     print_table(report)
@@ -301,6 +307,16 @@ def main() -> None:
         from offload_moe.atomic import atomic_write
 
         atomic_write(args.json, json.dumps(report, indent=2).encode())
+
+
+def drop_caches() -> None:
+    """Write back dirty pages and empty the page cache, so that the next configuration starts cold."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as e:
+        sys.exit(f"--drop-caches: cannot write /proc/sys/vm/drop_caches ({e.strerror}); run as root on Linux, "
+                 "or leave the option out")
 
 
 def machine(device: str) -> dict:

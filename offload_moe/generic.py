@@ -584,7 +584,8 @@ def offload_experts(
     Bytes: from ``store`` (a folder or file written by ``save_experts``), else the experts are first
     written with ``save_experts`` to ``offload_folder`` or to a temporary folder deleted on ``close()``.
     Budget: ``cache_experts`` slots or ``cache_memory`` bytes on ``device``, shared by all layers (one
-    expert size for the model); ``policy``, ``dtype``, ``readers`` and ``io`` as in ``offload_moe.load``.
+    expert size for the model); ``policy``, ``dtype``, ``readers`` and ``io`` as in ``offload_moe.load``,
+    except that ``io="mmap"`` reads into slots as ``buffered`` does (only ``load`` computes from the mapping).
     ``read_timeout`` as in ``offload_moe.load``. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the
     experts run, so ``replace_forward=True`` or fused containers. A predictor with ``bind(prefetcher)``
     (``routing.HashPredictor``) is bound to the model's inputs.

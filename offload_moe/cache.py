@@ -448,6 +448,8 @@ class ExpertCache:
                 started += 1
                 continue
             if not self.start(layer, expert, prefetch=True):
+                if self.maps_misses:
+                    continue  # an expert that cannot be mapped found no slot; the others may still be advised
                 break
             started += 1
         return started

@@ -142,16 +142,21 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
         check(routing)
     spans = _spans(routing, num_experts)
     hits, misses = cache.acquire(layer, list(spans))
-    mapped = cache.map_misses(layer, misses)
-    misses = [e for e in misses if e not in mapped]
-    waiting = [e for e in misses if not cache.start(layer, e)]  # no free slot yet: started once one frees
-    if prefetcher is not None:
-        prefetcher.after_routing(pos, _kept(routing, num_tokens, top_k), predicted, issue=not waiting)
-
-    out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1], dtype=torch.promote_types(hidden.dtype, weights.dtype))
-    pair_weights = weights.reshape(-1)  # [T*k]
-    pinned = {e for e, _ in hits} | (set(misses) - set(waiting))
+    pinned = {e for e, _ in hits}  # released however the layer ends
     try:
+        mapped = cache.map_misses(layer, misses)
+        misses = [e for e in misses if e not in mapped]
+        waiting = []  # no free slot yet: started once one frees
+        for expert in misses:
+            if cache.start(layer, expert):
+                pinned.add(expert)
+            else:
+                waiting.append(expert)
+        if prefetcher is not None:
+            prefetcher.after_routing(pos, _kept(routing, num_tokens, top_k), predicted, issue=not waiting)
+
+        out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1], dtype=torch.promote_types(hidden.dtype, weights.dtype))
+        pair_weights = weights.reshape(-1)  # [T*k]
         for expert in [e for e, _ in hits] + list(mapped) + misses:  # resident first, then in the order loads started
             if expert in mapped:
                 tensors = mapped[expert]
@@ -169,7 +174,6 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
     finally:
         for expert in pinned:
             cache.release(layer, expert)
-
     if prefetcher is not None:
         prefetcher.retry()  # slots this layer held are free now
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)

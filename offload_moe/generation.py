@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,10 +36,12 @@ class Generation:
 def kv_cache_kwargs(model, cache) -> dict:
     """The keyword that hands a KV cache to ``model``'s forward and generate: ``cache`` from transformers
     5.24, ``past_key_values`` before (5.24 still takes the old name, with a warning)."""
-    import inspect
+    return {_kv_cache_name(type(model)): cache}
 
-    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-    return {name: cache}
+
+@functools.lru_cache(maxsize=None)
+def _kv_cache_name(model_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
 def kv_cache_of(output):

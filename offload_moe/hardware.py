@@ -84,7 +84,10 @@ def read_profile(path: Path) -> Profile:
 
     if data.get("io", "direct") not in IO_MODES:
         raise ConfigError(f"profile {path}: io = {data['io']!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
-    if data.get("io") == "mmap" and data["device"] != "cpu":
+    if data.get("io") == "mmap" and data.get("host_memory") is not None:
+        raise ConfigError(f"profile {path}: host_memory adds nothing with io = 'mmap' (the page cache is the spare-RAM "
+                          "tier); remove one of them")
+    if data.get("io") == "mmap" and not str(data["device"]).lower().startswith("cpu"):
         raise ConfigError(f"profile {path}: io = 'mmap' needs device = 'cpu' (it computes experts from the mapped "
                           "checkpoint); use 'direct' for a GPU")
     if data.get("prefetch_margin", 0) < 0 or data.get("prefetch_depth", 1) < 1:

@@ -305,9 +305,15 @@ def load(
     if io not in IO_MODES:
         raise ConfigError(f"io={io!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
     if io == "mmap" and dev.type != "cpu":
+        origin = f" (io='mmap' comes from hardware profile {hw.name!r})" if hw is not None and hw.io == "mmap" else ""
         raise ConfigError(
             f"io='mmap' computes missing experts in place from the mapped checkpoint, which needs device='cpu' "
-            f"(got {dev}); on {dev.type} use io='direct' (the default), 'dontneed' or 'buffered'"
+            f"(got {dev}){origin}; on {dev.type} use io='direct' (the default), 'dontneed' or 'buffered'"
+        )
+    if io == "mmap" and host_memory is not None:
+        raise ConfigError(
+            "host_memory adds nothing with io='mmap': missing experts are computed from the mapped checkpoint, "
+            "and the page cache already keeps them in spare RAM; leave host_memory out, or use io='direct'"
         )
     if read_timeout is not None and not read_timeout > 0:
         raise ConfigError(f"read_timeout={read_timeout} must be a positive number of seconds, or None to wait forever")

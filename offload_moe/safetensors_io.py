@@ -266,17 +266,15 @@ class MappedFiles:
         self._bytes: dict[Path, torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def _map(self, path: Path) -> torch.Tensor:
-        data = self._bytes.get(path)
-        if data is None:
-            with self._lock:
-                data = self._bytes.get(path)
-                if data is None:
-                    with open(path, "rb") as f:
-                        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                    self._maps[path] = mapped
-                    data = self._bytes[path] = torch.frombuffer(mapped, dtype=torch.uint8)
-        return data
+    def _map(self, path: Path) -> tuple[mmap.mmap, torch.Tensor]:
+        with self._lock:
+            data = self._bytes.get(path)
+            if data is None:
+                with open(path, "rb") as f:
+                    mapped = _private_map(f.fileno())
+                self._maps[path] = mapped
+                data = self._bytes[path] = torch.frombuffer(mapped, dtype=torch.uint8)
+            return self._maps[path], data
 
     def tensor(self, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A ``shape`` tensor of ``dtype`` viewing the bytes at ``offset`` of ``path`` (no copy)."""
@@ -289,15 +287,17 @@ class MappedFiles:
                 f"{path}: the tensor at byte {offset} is not aligned to its {itemsize}-byte dtype, so it cannot be "
                 "mapped; use io='direct' or 'buffered' for this checkpoint"
             )
-        return self._map(path)[offset : offset + numel * itemsize].view(dtype).view(shape)
+        return self._map(path)[1][offset : offset + numel * itemsize].view(dtype).view(shape)
 
     def willneed(self, path: Path, offset: int, nbytes: int) -> None:
         """Start reading ``nbytes`` at ``offset`` of ``path`` into the page cache in the background."""
-        self._map(path)
-        mapped = self._maps[path]
+        mapped, _ = self._map(path)
         start = offset // mmap.PAGESIZE * mmap.PAGESIZE
         if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
-            mapped.madvise(mmap.MADV_WILLNEED, start, min(offset + nbytes, len(mapped)) - start)
+            try:
+                mapped.madvise(mmap.MADV_WILLNEED, start, min(offset + nbytes, len(mapped)) - start)
+            except OSError:
+                pass  # advice only: the pages are read on first touch anyway
 
     def close(self) -> None:
         """Drop the mappings. Each is unmapped once no tensor views it any more (closing it while a
@@ -305,3 +305,15 @@ class MappedFiles:
         with self._lock:
             self._bytes.clear()
             self._maps.clear()
+
+
+# Linux's MAP_NORESERVE, which Python's mmap module does not name: a private mapping is otherwise
+# charged in full against the commit limit, and one shard larger than RAM + swap fails to map.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if os.uname().sysname == "Linux" else 0) if os.name == "posix" else 0
+
+
+def _private_map(fd: int) -> mmap.mmap:
+    """A copy-on-write mapping of the whole file: writes to it never reach the file."""
+    if os.name != "posix":
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    return mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)

@@ -14,6 +14,7 @@ one slot tensor it fills. Nothing is read until ``read_piece`` is asked.
 from __future__ import annotations
 
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -221,15 +222,22 @@ class ExpertStore:
         """
         key = (layer, expert)
         if key not in self._mapped:
-            self._mapped[key] = self._map_expert(key, dtype) if self.maps is not None else None
+            self._mapped[key] = None
+            if self.maps is not None:
+                try:
+                    self._mapped[key] = self._map_expert(key, dtype)
+                except OSError as e:  # the file cannot be mapped: every expert is read into slots instead
+                    self.maps = None
+                    warnings.warn(f"io='mmap': cannot map {self.describe(layer, expert)} ({e.strerror or e}); "
+                                  "experts are read into slots instead, as with io='buffered'", stacklevel=2)
         return self._mapped[key]
 
     def _map_expert(self, key: tuple[int, int], dtype: torch.dtype) -> "dict[str, torch.Tensor | RowBlocks] | None":
         spec = self.specs[key[0]]
         by_param: dict[str, list[Piece]] = defaultdict(list)
         for piece in self.pieces[key]:
-            if piece.dtype != dtype or piece.transpose:
-                return None
+            if piece.dtype != dtype or piece.transpose or piece.offset % piece.dtype.itemsize:
+                return None  # a conversion, a transpose, or bytes too misaligned to view as the dtype
             by_param[piece.param].append(piece)
         out: dict[str, torch.Tensor | RowBlocks] = {}
         for param, pieces in by_param.items():

@@ -161,3 +161,66 @@ def test_row_blocks_compute_the_joined_weight():
     assert torch.allclose(linear(x, split, RowBlocks((b[:3], b[3:]))), want, atol=1e-6)
     assert torch.allclose(linear(x, split, b), want, atol=1e-6)
     assert torch.allclose(linear(x, w, None), torch.nn.functional.linear(x, w), atol=1e-6)
+
+
+def misaligned(folder):
+    """Pad the header of ``folder``'s single shard so that every float32 tensor starts at 2 (mod 4)."""
+    import struct
+
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8 : 8 + n].rstrip(b" ")
+    header += b" " * ((2 - len(header)) % 4)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + n :])
+    return folder
+
+
+def test_a_misaligned_checkpoint_is_read_into_slots_instead(tmp_path, prompt):
+    folder = misaligned(fused_checkpoint(tmp_path / "fused"))
+    want_logits, want_tokens, _ = generate(folder, prompt, io="direct")
+    logits, tokens, stats = generate(folder, prompt, io="mmap", prefetch="gate")
+    assert torch.equal(want_logits, logits) and torch.equal(want_tokens, tokens)
+    assert stats["mapped_experts"] == 0 and stats["bytes_moved"]["disk"] > 0
+
+
+def test_a_file_that_cannot_be_mapped_falls_back_with_a_warning(tmp_path, prompt, monkeypatch):
+    import offload_moe.safetensors_io as sio
+
+    def refuse(fd):
+        raise OSError(12, "Cannot allocate memory")
+
+    folder = fused_checkpoint(tmp_path / "fused")
+    want_logits, want_tokens, _ = generate(folder, prompt, io="direct")
+    monkeypatch.setattr(sio, "_private_map", refuse)
+    with pytest.warns(UserWarning, match="cannot map .*Cannot allocate memory.*read into slots"):
+        logits, tokens, stats = generate(folder, prompt, io="mmap", prefetch="gate")
+    assert torch.equal(want_logits, logits) and torch.equal(want_tokens, tokens)
+    assert stats["mapped_experts"] == 0
+
+
+def test_a_failure_while_mapping_releases_the_layers_pins(tmp_path, prompt, monkeypatch):
+    folder = fused_checkpoint(tmp_path / "fused")
+    model = offload_moe.load(folder, cache_experts=7, io="mmap", progress=False)  # of 8 experts
+    cache = model.offload.cache
+    cache.store.maps = None  # misses now go through the slots, so experts become resident
+    model.generate(prompt, max_new_tokens=2, do_sample=False)
+    assert len(cache.residency) == 7
+
+    def broken(layer, experts):  # the layer has pinned its resident experts by now
+        assert cache.residency.pins
+        raise RuntimeError("mapping failed")
+
+    monkeypatch.setattr(cache, "map_misses", broken)
+    with pytest.raises(RuntimeError, match="mapping failed"):
+        model.generate(prompt, max_new_tokens=2, do_sample=False)
+    assert not any(cache.residency.pins.values())  # the hits acquired before the failure were released
+    cache.residency.check()
+    model.offload.close()
+
+
+def test_host_memory_with_mmap_is_refused(model_dir):
+    from offload_moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="host_memory adds nothing with io='mmap'"):
+        offload_moe.load(model_dir("mixtral"), cache_experts=2, io="mmap", host_memory="1GiB", progress=False)

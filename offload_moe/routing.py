@@ -404,10 +404,18 @@ def _by_votes(ids: torch.Tensor) -> list[int]:
 def switch_router(layer: nn.Module, hidden: torch.Tensor, *_, **__) -> tuple[torch.Tensor, torch.Tensor]:
     """Switch Transformers (``SwitchTransformersSparseMLP``): the layer's own top-1 router with its
     per-sequence expert capacity; a token past capacity gets -1 and a zero output, as in transformers."""
-    dispatch, probs, _ = layer.router(hidden)  # [B, S, E] one-hot with dropped tokens zeroed, [B, S, 1]
+    dispatch, probs = switch_dispatch(layer.router(hidden))
     dispatch = dispatch.reshape(-1, dispatch.shape[-1])
     index = torch.where(dispatch.any(dim=-1), dispatch.argmax(dim=-1), -1)
     return index[:, None], probs.reshape(-1, 1)
+
+
+def switch_dispatch(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dispatch mask [B, S, E] (one-hot, dropped tokens zeroed) and the chosen expert's probability [B, S, 1]
+    from a Switch router's outputs, whose order changed in transformers 5.24 (from probs, mask, max prob)."""
+    dispatch = next(t for t in outputs if not t.is_floating_point())
+    probs = next(t for t in outputs if t.is_floating_point() and t.shape[-1] == 1)
+    return dispatch, probs
 
 
 def nllb_router(layer: nn.Module, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None, *_, **__

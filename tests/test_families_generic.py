@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from offload_moe.generic import OffloadedFusedExperts, OffloadedModuleDict, offload_experts
+from offload_moe.routing import switch_dispatch
 from tiny_models import make_config
 
 RTOL = 1e-5
@@ -128,9 +129,10 @@ def test_switch_transformers_parity_and_generation(replace_forward, checkpoint, 
     folder = checkpoint("switch_transformers")
     ref = load("switch_transformers", folder)
     dispatch = []
-    ref.encoder.block[0].layer[1].mlp.router.register_forward_hook(lambda m, i, out: dispatch.append(out[0]))
+    ref.encoder.block[0].layer[1].mlp.router.register_forward_hook(lambda m, i, out: dispatch.append(switch_dispatch(out)[0]))
     want = outputs(ref, prompt, seq2seq=True)
-    assert (dispatch[0].sum(-1) == 0).any()  # expert capacity dropped tokens: that path is covered too
+    if dispatch[0].shape[-2] > 1:  # 5.17's mask is [..., 1, E]: its capacity count never exceeds 1, so nothing drops
+        assert (dispatch[0].sum(-1) == 0).any()  # expert capacity dropped tokens: that path is covered too
     options = dict(replace_forward=True, prefetch="gate") if replace_forward else {}
     check_parity("switch_transformers", folder, prompt, want, total_experts=16, **options)
 

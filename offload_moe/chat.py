@@ -192,7 +192,7 @@ class ChatSession:
         """Expert-cache counters (hits, misses, hit rate, prefetch) and tokens/s of the last answer and of all."""
         s = self.model.offload.stats()
         return {
-            "hits": s["hits"], "misses": s["misses"], "hit_rate": s["hit_rate"],
+            "hits": s["hits"], "misses": s["misses"], "hit_rate": s["hit_rate"], "mapped_experts": s["mapped_experts"],
             "capacity_experts": s["capacity_experts"], "total_experts": s["total_experts"],
             "prefetch": s["prefetch"], "prediction_recall": s["prediction_recall"],
             "prefetch_issued": s["prefetch_issued"], "prefetch_used": s["prefetch_used"],
@@ -285,7 +285,9 @@ def _command(session: ChatSession, command: str, console: Console) -> None:
                     f"{s['prefetch_used']} of {s['prefetch_issued']} prefetches used") if s["prefetch"] != "none" else "off"
         console.print(
             f"expert cache: {s['capacity_experts']} of {s['total_experts']} experts, {s['hits']} hits, "
-            f"{s['misses']} misses, hit rate {s['hit_rate']:.1%}\n"
+            f"{s['misses']} misses, hit rate {s['hit_rate']:.1%}"
+            + (f" ({s['mapped_experts']} computed in place from the mapped checkpoint)" if s["mapped_experts"] else "")
+            + "\n"
             f"prefetch: {prefetch}\n"
             f"tokens/s: {s['last_tokens_per_s']:.1f} last answer, {s['tokens_per_s']:.1f} overall "
             f"({s['new_tokens']} tokens in {s['turns']} answer{'' if s['turns'] == 1 else 's'}); "

@@ -191,6 +191,13 @@ def test_piped_stdin_in_a_real_process():
     assert "Traceback" not in result.stderr
 
 
+def test_stats_say_when_misses_are_computed_from_the_mapping():
+    result = subprocess.run([*CHAT, "--max-new-tokens", "4", "--cache-experts", "24", "--io", "mmap"],
+                            input="def add(a, b):\n/stats\n", capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "computed in place from the mapped checkpoint" in result.stdout and "0 hits" in result.stdout
+
+
 def run_main(args, monkeypatch, capsys) -> str:
     """stderr of ``offload-moe ARGS`` run in this process, which must exit with code 1."""
     from offload_moe.cli import main

@@ -122,6 +122,7 @@ def plan(
     model: Annotated[str, typer.Argument(help="Model folder (config.json + *.safetensors).")],
     device_memory: Annotated[str | None, typer.Option(help="Memory for the compute device, e.g. 12GiB.")] = None,
     host_memory: Annotated[str | None, typer.Option(help="Host RAM for the warm expert tier, e.g. 32GiB.")] = None,
+    io: IoMode = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
     context: Annotated[int, typer.Option(help="Tokens of KV cache to reserve.")] = 4096,
     profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path (see `offload-moe profiles`).")] = None,
@@ -135,7 +136,7 @@ def plan(
     from .planning import plan as make_plan
 
     p = make_plan(model, device_memory=device_memory, dtype=dtype, context_length=context, profile=profile,
-                  host_memory=host_memory)
+                  host_memory=host_memory, io=io)
     if json_output:
         import json
 

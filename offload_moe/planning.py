@@ -41,6 +41,7 @@ class Plan:
     slots_bytes: int
     host_memory: int = 0  # bytes for the warm tier in (pinned) host RAM; 0: none
     host_slots: int = 0  # experts the warm tier holds
+    io: str = "direct"  # with "mmap" (CPU) a slot pool smaller than every expert stays empty
 
     @property
     def fits(self) -> bool:
@@ -72,8 +73,14 @@ class Plan:
             (f"expert slots: {self.expert_slots} of {self.total_experts} ({self.resident_fraction:.0%})", "device", format_bytes(self.slots_bytes)),
         ] + ([(f"host tier: {self.host_slots} of {self.total_experts} experts ({self.host_slots / self.total_experts:.0%})",
                "host RAM (pinned on CUDA)", format_bytes(self.host_slots * self.expert_bytes))] if self.host_memory else []) + [
-            (f"experts read from disk on a miss: {self.disk_experts}", "disk (checkpoint files)", format_bytes(self.disk_bytes)),
+            self._miss_row(),
         ]
+
+    def _miss_row(self) -> tuple[str, str, str]:
+        if self.io == "mmap" and self.disk_experts:  # the slots stay empty: every expert is computed from the mapping
+            return (f"experts computed in place from the mapped checkpoint (io=mmap; the slots stay empty): "
+                    f"{self.total_experts}", "page cache, else disk", format_bytes(self.experts_bytes))
+        return (f"experts read from disk on a miss: {self.disk_experts}", "disk (checkpoint files)", format_bytes(self.disk_bytes))
 
     def __str__(self) -> str:
         width = max(len(r[0]) for r in self.rows())
@@ -106,11 +113,13 @@ def plan(
     context_length: int = 4096,
     profile: str | Path | None = None,
     host_memory: str | int | None = None,
+    io: str | None = None,
 ) -> Plan:
     """What fits where for the model at ``path`` with ``device_memory`` for the compute device.
 
     ``host_memory`` sizes the warm tier of host RAM between the device slots and the disk.
-    ``profile`` supplies ``device_memory``, ``host_memory`` and ``dtype`` where they are not given.
+    ``io`` is the I/O mode ``load`` will use (``mmap`` leaves a partial slot pool empty).
+    ``profile`` supplies ``device_memory``, ``host_memory``, ``dtype`` and ``io`` where they are not given.
     Reads only config.json and the safetensors headers: no weights are loaded.
     """
     if profile is not None:
@@ -118,6 +127,7 @@ def plan(
         device_memory = device_memory or hw.device_memory
         host_memory = host_memory if host_memory is not None else hw.host_memory
         dtype = dtype or hw.dtype
+        io = io or hw.io
     if device_memory is None:
         raise BudgetError("plan needs device_memory (e.g. '12GiB') or a hardware profile")
     budget = parse_bytes(device_memory, "device_memory")
@@ -158,4 +168,5 @@ def plan(
         slots_bytes=int(slots) * expert_bytes,
         host_memory=host,
         host_slots=min(total, host // expert_bytes),
+        io=io or "direct",
     )

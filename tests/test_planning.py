@@ -49,3 +49,15 @@ def test_mla_kv_estimate(model_dir):
 def test_plan_bad_budget(model_dir):
     with pytest.raises(offload_moe.BudgetError, match="device_memory"):
         offload_moe.plan(model_dir("mixtral"), device_memory="twelve")
+
+
+def test_plan_with_mmap_says_a_partial_slot_pool_stays_empty():
+    from offload_moe import demo_model_path, plan
+
+    partial = plan(demo_model_path(), device_memory="280MiB", io="mmap")
+    assert partial.as_dict()["io"] == "mmap" and 0 < partial.expert_slots < partial.total_experts
+    part, where, _ = partial.rows()[-1]
+    assert "mapped checkpoint" in part and "slots stay empty" in part and where == "page cache, else disk"
+    whole = plan(demo_model_path(), device_memory="1GiB", io="mmap")  # every expert fits: filled at load
+    assert whole.rows()[-1][0] == "experts read from disk on a miss: 0"
+    assert plan(demo_model_path(), profile="cpu-16gb").io == "mmap"

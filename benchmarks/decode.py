@@ -23,6 +23,7 @@ writes JSON (``--json``).
     python benchmarks/decode.py --layers 2 --tokens 8                 # CPU, Mixtral shape
     python benchmarks/decode.py --shape qwen3 --layers 4 --device cuda
     python benchmarks/decode.py --trace profiles/traces/demo-heldout.safetensors
+    python benchmarks/decode.py --layers 11 --budgets 0.25 --drop-caches   # larger than RAM; each column starts cold
 """
 
 from __future__ import annotations

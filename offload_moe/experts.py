@@ -128,7 +128,8 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
 
     Token-expert pairs are grouped by expert; resident experts run first while the missing ones
     are already loading, and each needed expert is loaded once. With ``io="mmap"`` on CPU a missing
-    expert is computed in place from the mapped checkpoint instead (the kernel reads it meanwhile). An index of -1 is a dropped pair
+    expert is computed in place from the mapped checkpoint instead (the kernel reads it meanwhile).
+    An index of -1 is a dropped pair
     (it contributes nothing). ``kernel(x, slot_tensors)`` computes one expert. ``check`` sees the
     routing once it is on the host. The k contributions of a token are summed in k order, as
     transformers' grouped implementation does.

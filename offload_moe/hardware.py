@@ -1,7 +1,8 @@
 """Hardware profiles: TOML files in ``profiles/`` giving a machine's budgets and settings.
 
 A profile fills in what a user did not say: ``device``, ``device_memory``, ``host_memory``,
-``dtype``, ``policy``, the prefetch settings and ``io``, how experts are read. Explicit arguments always win over the profile.
+``dtype``, ``policy``, the prefetch settings and ``io``, how experts are read. Explicit arguments
+always win over the profile.
 """
 
 from __future__ import annotations

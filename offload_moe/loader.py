@@ -276,10 +276,10 @@ def load(
     ``prefetch_depth`` layers (default 1; ``gate``, ``transition``, ``hybrid`` or ``none``, the default), naming
     top-k plus ``prefetch_margin`` (default 1) experts. Prefetch raises the hit rate but moves more bytes (wrong guesses
     are loaded too); measure it on your model with ``benchmarks/prefetch_recall.py``. ``readers`` threads read the disk; ``io`` is ``direct``
-    (O_DIRECT, else dropping read pages; the default), ``dontneed``, ``buffered`` (page cache) or, on CPU only, ``mmap``: an
-    expert missing from the slots is computed in place from the mapped checkpoint, with no copy, and the
-    kernel's page cache (memory it can reclaim, beyond the budget) keeps what it read; prefetch then asks
-    the kernel to read ahead rather than filling slots.
+    (O_DIRECT, else dropping read pages; the default), ``dontneed``, ``buffered`` (page cache) or,
+    on CPU only, ``mmap``: an expert missing from the slots is computed in place from the mapped
+    checkpoint, with no copy, and the kernel's page cache (memory it can reclaim, beyond the budget)
+    keeps what it read; prefetch then asks the kernel to read ahead rather than filling slots.
     A layer waits at most ``read_timeout`` seconds for one expert, then raises ExpertLoadError.
     ``profile`` (a name from ``profiles/`` or a TOML path) fills in the device, dtype, policy,
     host memory, prefetch settings, ``io`` and, through ``plan``, the number of slots, where they are

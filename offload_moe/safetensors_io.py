@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,7 +310,7 @@ class MappedFiles:
 
 # Linux's MAP_NORESERVE, which Python's mmap module does not name: a private mapping is otherwise
 # charged in full against the commit limit, and one shard larger than RAM + swap fails to map.
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if os.uname().sysname == "Linux" else 0) if os.name == "posix" else 0
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
 def _private_map(fd: int) -> mmap.mmap:

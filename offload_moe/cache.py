@@ -685,5 +685,3 @@ class ExpertCache:
         if self.host is not None:
             self.host.residency.per_layer.clear()
         self.flow = FlowCounters(gpu_stall_base=self.mover.gpu_stall_seconds(), gpu_copy_base=self.mover.gpu_copy_seconds())
-        if self.host is not None:
-            self.host.residency.per_layer.clear()

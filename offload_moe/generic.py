@@ -314,6 +314,9 @@ class LayerRuntime:
         self.follow(training)
         _, misses = cache.acquire(self.layer, [expert])
         try:
+            mapped = cache.map_misses(self.layer, misses)  # io="mmap" on CPU: computed in place, no slot
+            if expert in mapped:
+                return self.kernel(mapped[expert], *args, **kwargs)
             if misses:
                 cache.start_blocking(self.layer, expert)
             slot = cache.ready(self.layer, expert)
@@ -584,9 +587,9 @@ def offload_experts(
     Bytes: from ``store`` (a folder or file written by ``save_experts``), else the experts are first
     written with ``save_experts`` to ``offload_folder`` or to a temporary folder deleted on ``close()``.
     Budget: ``cache_experts`` slots or ``cache_memory`` bytes on ``device``, shared by all layers (one
-    expert size for the model); ``policy``, ``dtype``, ``readers`` and ``io`` as in ``offload_moe.load``,
-    except that ``io="mmap"`` reads into slots as ``buffered`` does (only ``load`` computes from the mapping).
-    ``read_timeout`` as in ``offload_moe.load``. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the
+    expert size for the model); ``policy``, ``dtype``, ``readers``, ``io`` and ``read_timeout`` as in
+    ``offload_moe.load``: with ``io="mmap"`` (CPU only) an expert missing from the slots is computed in place
+    from the mapped store files. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the
     experts run, so ``replace_forward=True`` or fused containers. A predictor with ``bind(prefetcher)``
     (``routing.HashPredictor``) is bound to the model's inputs.
 
@@ -594,7 +597,7 @@ def offload_experts(
     ``model.offload`` if the model has no such attribute. Put the rest of the model on ``device`` yourself.
     """
     dev, slot_dtype = parse_device(device), parse_dtype(dtype)
-    _check_options(policy, prefetch, readers, dropped_tokens, seed)
+    _check_options(policy, prefetch, readers, dropped_tokens, seed, io, dev)
     plans = plan_layers(model, layers, experts_attr=experts_attr, need_gate=router is None, expert_fn=expert_fn)
     routers = _routers(plans, router) if replace_forward else [None] * len(plans)
     _check_modes(plans, replace_forward, prefetch)
@@ -619,8 +622,13 @@ def offload_experts(
     return handle
 
 
-def _check_options(policy: str, prefetch, readers: int, dropped: str, seed: int) -> None:
+def _check_options(policy: str, prefetch, readers: int, dropped: str, seed: int, io: str, dev: torch.device) -> None:
     make_policy(policy, seed=seed)  # fails on an unknown name
+    if io == "mmap" and dev.type != "cpu":
+        raise ConfigError(
+            f"io='mmap' computes missing experts in place from the mapped files, which needs device='cpu' (got {dev}); "
+            f"on {dev.type} use io='direct' (the default), 'dontneed' or 'buffered'"
+        )
     if not isinstance(prefetch, Predictor) and prefetch not in PREDICTORS:
         raise ConfigError(f"prefetch={prefetch!r} is not a predictor; use one of {', '.join(PREDICTORS)} or a Predictor")
     if readers < 1:

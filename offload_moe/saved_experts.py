@@ -21,8 +21,8 @@ from torch import nn
 
 from .atomic import atomic_write
 from .errors import CheckpointError, ConfigError
-from .safetensors_io import DTYPES, FileReader, read_header
-from .store import Piece
+from .safetensors_io import DTYPES, read_header
+from .store import Piece, PieceStore
 
 if TYPE_CHECKING:
     from .generic import LayerPlan
@@ -48,7 +48,7 @@ class SavedLayer:
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
 
-class SavedExperts:
+class SavedExperts(PieceStore):
     """Index of experts written by ``save_experts`` (a folder with its manifest, or one of its safetensors
     files), and positional reads of one expert at a time: the store the movers read from.
 
@@ -59,8 +59,7 @@ class SavedExperts:
 
     def __init__(self, path: str | Path, io: str = "direct"):
         path = Path(path).expanduser()
-        self.reader = FileReader(io)
-        self.pieces: dict[tuple[int, int], list[Piece]] = {}
+        super().__init__(io)
         if path.is_dir():
             self.folder = path
             self.layers, files = _read_manifest(path)
@@ -123,20 +122,13 @@ class SavedExperts:
                 )
             plan.layer = entry.layer
 
-    # -- what the movers call ----------------------------------------------------------------------------
-    def expert_pieces(self, layer: int, expert: int) -> list[Piece]:
-        return self.pieces[(layer, expert)]
-
-    def read_piece(self, piece: Piece, out: torch.Tensor) -> int:
-        """Read ``piece``'s bytes into the contiguous CPU tensor ``out`` (of ``piece.nbytes`` bytes)."""
-        return self.reader.read_into(piece.file, piece.offset, out)
-
+    # -- what the movers call (reads and mappings are PieceStore's) ------------------------------------
     def describe(self, layer: int, expert: int) -> str:
         files = sorted({str(p.file) for p in self.pieces.get((layer, expert), [])})
         return ", ".join(files) or str(self.folder)
 
-    def close(self) -> None:
-        self.reader.close()
+    def _rows(self, layer: int, param: str) -> int:
+        return self.layers[layer].shapes[param][0]
 
 
 def _read_manifest(folder: Path) -> tuple[dict[int, SavedLayer], list[Path]]:

@@ -95,7 +95,85 @@ class Piece:
         return all(s == slice(None) for s in self.index) and not self.transpose
 
 
-class ExpertStore:
+class PieceStore:
+    """What the movers and the expert cache ask of a store: the ``Piece``s of each (layer, expert), positional
+    reads of them, and with ``io="mmap"`` views of them in the mapped files. ``ExpertStore`` (a transformers
+    checkpoint) and ``SavedExperts`` (the files ``save_experts`` writes) fill ``pieces``.
+    """
+
+    def __init__(self, io: str):
+        self.reader = FileReader(io)
+        self.maps = MappedFiles() if io == "mmap" else None
+        self._mapped: dict[tuple[int, int], dict | None] = {}
+        self.pieces: dict[tuple[int, int], list[Piece]] = defaultdict(list)
+
+    def _rows(self, layer: int, param: str) -> int:
+        """Rows of the slot tensor ``param`` of ``layer``'s experts (for row blocks)."""
+        raise NotImplementedError
+
+    def describe(self, layer: int, expert: int) -> str:
+        raise NotImplementedError
+
+    # -- reads ---------------------------------------------------------------
+    def expert_pieces(self, layer: int, expert: int) -> list[Piece]:
+        return self.pieces[(layer, expert)]
+
+    def read_piece(self, piece: Piece, out: torch.Tensor) -> int:
+        """Read ``piece``'s bytes into the contiguous CPU tensor ``out`` (of ``piece.nbytes`` bytes)."""
+        return self.reader.read_into(piece.file, piece.offset, out)
+
+    def mapped(self, layer: int, expert: int, dtype: torch.dtype) -> "dict[str, torch.Tensor | RowBlocks] | None":
+        """The expert's tensors as views of the mapped checkpoint (``io="mmap"``), or None where that needs a copy.
+
+        A tensor maps when the checkpoint holds it in ``dtype`` and the module's layout, whole
+        (fused checkpoints) or as blocks of rows (a gate and an up projection stored apart).
+        Anything else (another dtype, a transposed or interleaved layout) is loaded into a slot
+        as in the other modes.
+        """
+        key = (layer, expert)
+        if key not in self._mapped:
+            self._mapped[key] = None
+            if self.maps is not None:
+                try:
+                    self._mapped[key] = self._map_expert(key, dtype)
+                except OSError as e:  # the file cannot be mapped: every expert is read into slots instead
+                    self.maps = None
+                    warnings.warn(f"io='mmap': cannot map {self.describe(layer, expert)} ({e.strerror or e}); "
+                                  "experts are read into slots instead, as with io='buffered'", stacklevel=2)
+        return self._mapped[key]
+
+    def _map_expert(self, key: tuple[int, int], dtype: torch.dtype) -> "dict[str, torch.Tensor | RowBlocks] | None":
+        by_param: dict[str, list[Piece]] = defaultdict(list)
+        for piece in self.pieces[key]:
+            if piece.dtype != dtype or piece.transpose or piece.offset % piece.dtype.itemsize:
+                return None  # a conversion, a transpose, or bytes too misaligned to view as the dtype
+            by_param[piece.param].append(piece)
+        out: dict[str, torch.Tensor | RowBlocks] = {}
+        for param, pieces in by_param.items():
+            if len(pieces) == 1 and pieces[0].whole:
+                p = pieces[0]
+                out[param] = self.maps.tensor(p.file, p.offset, p.dtype, p.shape)
+                continue
+            blocks = _row_blocks(pieces, self._rows(key[0], param))
+            if blocks is None:
+                return None
+            out[param] = RowBlocks(tuple(self.maps.tensor(p.file, p.offset, p.dtype, p.shape) for p in blocks))
+        return out
+
+    def willneed(self, layer: int, expert: int) -> None:
+        """Ask the kernel to start reading an expert's mapped bytes now (``io="mmap"``)."""
+        if self.maps is not None:
+            for p in self.pieces[(layer, expert)]:
+                self.maps.willneed(p.file, p.offset, p.nbytes)
+
+    def close(self) -> None:
+        self.reader.close()
+        self._mapped.clear()
+        if self.maps is not None:
+            self.maps.close()
+
+
+class ExpertStore(PieceStore):
     """Index of a checkpoint's routed experts, and positional reads of their bytes.
 
     ``rename`` maps a checkpoint tensor name to the model's parameter name (the
@@ -108,11 +186,8 @@ class ExpertStore:
         self.folder = Path(folder)
         self.specs = {s.layer: s for s in specs}
         self.files = checkpoint_files(self.folder)
-        self.reader = FileReader(io)
-        self.maps = MappedFiles() if io == "mmap" else None
-        self._mapped: dict[tuple[int, int], dict | None] = {}
+        super().__init__(io)
         self.dense: dict[str, TensorInfo] = {}
-        self.pieces: dict[tuple[int, int], list[Piece]] = defaultdict(list)
         by_prefix = {s.prefix: s for s in self.specs.values()}
         for path in self.files:
             for name, info in read_header(path).items():
@@ -204,59 +279,6 @@ class ExpertStore:
                             "a shard may be missing or the checkpoint may not match config.json"
                         )
 
-    # -- reads ---------------------------------------------------------------
-    def expert_pieces(self, layer: int, expert: int) -> list[Piece]:
-        return self.pieces[(layer, expert)]
-
-    def read_piece(self, piece: Piece, out: torch.Tensor) -> int:
-        """Read ``piece``'s bytes into the contiguous CPU tensor ``out`` (of ``piece.nbytes`` bytes)."""
-        return self.reader.read_into(piece.file, piece.offset, out)
-
-    def mapped(self, layer: int, expert: int, dtype: torch.dtype) -> "dict[str, torch.Tensor | RowBlocks] | None":
-        """The expert's tensors as views of the mapped checkpoint (``io="mmap"``), or None where that needs a copy.
-
-        A tensor maps when the checkpoint holds it in ``dtype`` and the module's layout, whole
-        (fused checkpoints) or as blocks of rows (a gate and an up projection stored apart).
-        Anything else (another dtype, a transposed or interleaved layout) is loaded into a slot
-        as in the other modes.
-        """
-        key = (layer, expert)
-        if key not in self._mapped:
-            self._mapped[key] = None
-            if self.maps is not None:
-                try:
-                    self._mapped[key] = self._map_expert(key, dtype)
-                except OSError as e:  # the file cannot be mapped: every expert is read into slots instead
-                    self.maps = None
-                    warnings.warn(f"io='mmap': cannot map {self.describe(layer, expert)} ({e.strerror or e}); "
-                                  "experts are read into slots instead, as with io='buffered'", stacklevel=2)
-        return self._mapped[key]
-
-    def _map_expert(self, key: tuple[int, int], dtype: torch.dtype) -> "dict[str, torch.Tensor | RowBlocks] | None":
-        spec = self.specs[key[0]]
-        by_param: dict[str, list[Piece]] = defaultdict(list)
-        for piece in self.pieces[key]:
-            if piece.dtype != dtype or piece.transpose or piece.offset % piece.dtype.itemsize:
-                return None  # a conversion, a transpose, or bytes too misaligned to view as the dtype
-            by_param[piece.param].append(piece)
-        out: dict[str, torch.Tensor | RowBlocks] = {}
-        for param, pieces in by_param.items():
-            if len(pieces) == 1 and pieces[0].whole:
-                p = pieces[0]
-                out[param] = self.maps.tensor(p.file, p.offset, p.dtype, p.shape)
-                continue
-            blocks = _row_blocks(pieces, spec.shapes[param][0])
-            if blocks is None:
-                return None
-            out[param] = RowBlocks(tuple(self.maps.tensor(p.file, p.offset, p.dtype, p.shape) for p in blocks))
-        return out
-
-    def willneed(self, layer: int, expert: int) -> None:
-        """Ask the kernel to start reading an expert's mapped bytes now (``io="mmap"``)."""
-        if self.maps is not None:
-            for p in self.pieces[(layer, expert)]:
-                self.maps.willneed(p.file, p.offset, p.nbytes)
-
     def read_dense(self, info: TensorInfo) -> torch.Tensor:
         return self.reader.read_tensor(info)
 
@@ -264,11 +286,8 @@ class ExpertStore:
         files = sorted({p.file.name for p in self.pieces.get((layer, expert), [])})
         return ", ".join(str(self.folder / f) for f in files) or str(self.folder)
 
-    def close(self) -> None:
-        self.reader.close()
-        self._mapped.clear()
-        if self.maps is not None:
-            self.maps.close()
+    def _rows(self, layer: int, param: str) -> int:
+        return self.specs[layer].shapes[param][0]
 
 
 def _owner(key: str, by_prefix: dict[str, ExpertsSpec]) -> tuple[ExpertsSpec | None, str]:

@@ -132,3 +132,9 @@ def test_mmap_is_refused_on_cuda_with_a_clear_error(model_dir):
 
     with pytest.raises(ConfigError, match="io='mmap'.*device='cpu'"):
         offload_moe.load(model_dir("mixtral"), device="cuda", cache_experts=2, io="mmap", progress=False)
+    model = torch.nn.Sequential(torch.nn.Module())
+    model[0].gate = torch.nn.Linear(4, 3)
+    model[0].experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+    with pytest.raises(ConfigError, match="io='mmap'.*device='cpu'"):
+        offload_moe.offload_experts(model, device="cuda", cache_experts=2, io="mmap")
+    assert isinstance(model[0].experts, torch.nn.ModuleList)  # refused before the model changed

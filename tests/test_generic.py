@@ -337,6 +337,51 @@ def test_interrupted_or_foreign_stores_are_refused(tmp_path):
         offload_experts(make_model(), store=other, cache_experts=2)
 
 
+# -- io="mmap": missing experts computed from the mapped store files -------------------------------------------
+@pytest.mark.parametrize("replace_forward", [False, True], ids=["own_forward", "replace_forward"])
+def test_mmap_computes_missing_experts_in_place(tmp_path, replace_forward):
+    ref, x = make_model(), inputs()
+    with torch.no_grad():
+        want = ref(x)
+    model = copy.deepcopy(ref)
+    handle = offload_experts(model, cache_experts=2, replace_forward=replace_forward, io="mmap",
+                             offload_folder=tmp_path)
+    with torch.no_grad():
+        assert relative_error(want, model(x)) <= 1e-6
+    s = handle.stats()
+    assert s["io"] == "mmap" and s["misses"] >= needed_experts(ref, x)
+    assert s["mapped_experts"] == s["misses"] and s["bytes_moved"]["mapped"] == s["misses"] * s["expert_bytes"]
+    assert s["bytes_loaded"] == 0 and s["bytes_moved"]["disk"] == 0  # nothing was copied into a slot
+    assert s["resident_experts"] == 0 and not handle.cache.residency.pins
+    handle.close()
+
+
+def test_mmap_on_fused_experts_with_prefetch_advice():
+    torch.manual_seed(0)
+    ref, x = nn.Sequential(FusedMoE(), FusedMoE()).eval(), inputs()
+    want = ref(x)
+    model = copy.deepcopy(ref)
+    handle = offload_experts(model, cache_experts=2, expert_fn=fused_expert, prefetch="gate", io="mmap")
+    with torch.no_grad():
+        assert relative_error(want, model(x)) <= 1e-6
+    s = handle.stats()
+    assert s["mapped_experts"] == s["misses"] > 0 and s["bytes_loaded"] == 0
+    assert s["prefetch_issued"] > 0  # layer 1's predicted experts: read-ahead advice, no slot taken
+    handle.close()
+
+
+def test_mmap_reads_into_slots_what_needs_a_dtype_conversion(tmp_path):
+    ref, x = make_model(), inputs()
+    folder = save_experts(ref, tmp_path, dtype="bfloat16")
+    model = copy.deepcopy(ref)
+    handle = offload_experts(model, store=folder, cache_experts=3, dtype="float32", io="mmap")
+    with torch.no_grad():
+        assert relative_error(ref(x), model(x)) <= 2e-2  # the experts went through bfloat16
+    s = handle.stats()
+    assert s["mapped_experts"] == 0 and s["bytes_loaded"] == s["misses"] * s["expert_bytes"] > 0
+    handle.close()
+
+
 # -- errors -----------------------------------------------------------------------------------------------------
 def test_no_moe_layer_says_what_it_looked_for():
     with pytest.raises(UnsupportedModelError, match=r"`experts` attribute.*layers=\["):

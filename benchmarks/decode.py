@@ -33,6 +33,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -215,6 +216,28 @@ def run_resident(folder: Path, device: str, tokens: int, trace) -> dict:
         gc.collect()
 
 
+def largest_layer_bytes(folder: Path) -> int:
+    """Bytes of the checkpoint's largest decoder layer (tensors named ``...layers.N....``)."""
+    from offload_moe.safetensors_io import checkpoint_files, read_header
+
+    sizes: dict[str, int] = {}
+    for file in checkpoint_files(folder):
+        for name, info in read_header(file).items():
+            m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+            if m:
+                sizes[m[1]] = sizes.get(m[1], 0) + info.nbytes
+    return max(sizes.values(), default=0)
+
+
+def accelerate_max_memory(device: str, budget_bytes: int, layer_bytes: int) -> dict:
+    """``max_memory`` for accelerate. On CUDA, GPU 0 gets the budget plus one decoder layer: accelerate keeps
+    the largest layer's size free there to onload offloaded layers, and without it a budget smaller than a
+    layer puts the whole model on disk (then it runs on the CPU, or not at all)."""
+    if device.startswith("cuda"):
+        return {0: budget_bytes + layer_bytes, "cpu": budget_bytes}
+    return {"cpu": budget_bytes}
+
+
 def run_accelerate(folder: Path, device: str, budget_bytes: int, tokens: int, trace) -> dict:
     """transformers + accelerate offload: experts that do not fit in ``budget_bytes`` go to an offload folder."""
     from transformers import AutoModelForCausalLM
@@ -223,7 +246,8 @@ def run_accelerate(folder: Path, device: str, budget_bytes: int, tokens: int, tr
     try:
         key = 0 if device.startswith("cuda") else "cpu"
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype="auto", device_map="auto", max_memory={key: budget_bytes, **({"cpu": budget_bytes} if key == 0 else {})},
+            folder, dtype="auto", device_map="auto",
+            max_memory=accelerate_max_memory(device, budget_bytes, largest_layer_bytes(folder)),
             offload_folder=str(offload),
         ).eval()
         placed = getattr(model, "hf_device_map", {})

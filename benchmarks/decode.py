@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -295,6 +296,11 @@ def main() -> None:
         expert_bytes = offload_moe.plan(folder, device_memory="1TiB").expert_bytes
         bandwidth = measure_bandwidth(folder, args.device)
         rows = []
+        report = {
+            "shape": args.shape, "layers": args.layers, "tokens": args.tokens, "device": args.device, "dtype": args.dtype,
+            "trace": args.trace, "drop_caches": args.drop_caches, "expert_bytes": expert_bytes, "total_experts": total, "bandwidth": bandwidth, "rows": rows,
+            "machine": machine(args.device),
+        }
         cold = drop_caches if args.drop_caches else (lambda: None)
         cold()
         resident = None if "resident" in skip else run_resident(folder, args.device, args.tokens, trace)
@@ -308,7 +314,11 @@ def main() -> None:
             if "accelerate" not in skip:
                 dense = offload_moe.plan(folder, device_memory="1TiB").dense_bytes
                 cold()
-                row["accelerate"] = run_accelerate(folder, args.device, dense + capacity * expert_bytes, args.tokens, trace)
+                try:
+                    row["accelerate"] = run_accelerate(folder, args.device, dense + capacity * expert_bytes, args.tokens, trace)
+                except Exception as e:  # the baseline failing must not lose offload_moe's figures
+                    traceback.print_exc()
+                    row["accelerate_error"] = f"{type(e).__name__}: {e}"
             if resident is not None:
                 row["resident"] = resident
             best = row.get("full") or row.get("lru")
@@ -319,19 +329,14 @@ def main() -> None:
                 row["transfer_s_per_token"] = transfer
             rows.append(row)
             print_row(row)
+            if args.json:  # after every budget: a run stopped at a time limit keeps the rows it finished
+                from offload_moe.atomic import atomic_write
+
+                atomic_write(args.json, json.dumps(report, indent=2).encode())
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    report = {
-        "shape": args.shape, "layers": args.layers, "tokens": args.tokens, "device": args.device, "dtype": args.dtype,
-        "trace": args.trace, "drop_caches": args.drop_caches, "expert_bytes": expert_bytes, "total_experts": total, "bandwidth": bandwidth, "rows": rows,
-        "machine": machine(args.device),
-    }
     print_table(report)
-    if args.json:
-        from offload_moe.atomic import atomic_write
-
-        atomic_write(args.json, json.dumps(report, indent=2).encode())
 
 
 def drop_caches() -> None:

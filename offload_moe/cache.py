@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import BudgetError, ExpertLoadError
+from .pinned import PinnedMemory
 from .policies.base import EvictionPolicy
 
 if TYPE_CHECKING:
@@ -242,8 +243,13 @@ class SlotPool:
         self.layout = layout
         self.device = device
         what = "pinned host" if pin else str(device)
+        self._pinned = None
         try:
-            self.buffer = torch.empty(capacity * layout.numel, dtype=layout.dtype, device=device, pin_memory=pin)
+            if pin:  # exactly the budget: torch's pin_memory=True would round it up to a power of two
+                self._pinned = PinnedMemory(capacity * layout.numel * _itemsize(layout.dtype), f"{capacity} host expert slots")
+                self.buffer = self._pinned.tensor.view(layout.dtype)
+            else:
+                self.buffer = torch.empty(capacity * layout.numel, dtype=layout.dtype, device=device)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             raise BudgetError(
                 f"could not allocate {capacity} expert slots ({capacity * layout.nbytes / 2**30:.2f} GiB) "
@@ -270,6 +276,11 @@ class SlotPool:
     @property
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
+
+    def release(self) -> None:
+        """Unlock pinned slots (the model is closing and no copy reads them any more)."""
+        if self._pinned is not None:
+            self._pinned.release()
 
 
 

@@ -108,5 +108,7 @@ def _close(cache: ExpertCache) -> None:
     cache.drain()
     stuck = cache.stuck_reads()
     cache.mover.close(wait=not stuck)
-    if not stuck:  # a stuck read still needs its file open
+    if not stuck:  # a stuck read still needs its file open, and may yet copy out of a host slot
         cache.store.close()
+        if cache.host is not None:
+            cache.host.pool.release()

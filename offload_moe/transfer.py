@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ExpertLoadError
+from .pinned import PinnedMemory
 from .store import ExpertStore, Piece
 
 ALIGN = 64  # bytes; keeps each piece's view in a shared staging buffer aligned for any dtype
@@ -273,6 +274,7 @@ class CudaMover(Mover):
         self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self._stagings: list[torch.Tensor] = []  # every pinned buffer, freed on close
+        self._pinned: list[PinnedMemory] = []  # their page locks, released on close
         self._lock = threading.Lock()
         self.stall_events: list[tuple] = []  # (before, after) wait events on the compute stream
         self._stall_folded = 0.0
@@ -371,9 +373,11 @@ class CudaMover(Mover):
     def _pinned_staging(self):
         buf = getattr(self._local, "pinned", None)
         if buf is None:
-            buf = self._local.pinned = torch.empty(max(self._staging_size, 1), dtype=torch.uint8, pin_memory=True)
+            memory = PinnedMemory(max(self._staging_size, 1), "a reader thread's staging buffer")
+            buf = self._local.pinned = memory.tensor
             with self._lock:
                 self._stagings.append(buf)
+                self._pinned.append(memory)
         return buf, getattr(self._local, "event", None)
 
     def close(self, wait: bool = True) -> None:
@@ -381,6 +385,10 @@ class CudaMover(Mover):
         self.stream.synchronize()
         with self._lock:
             self._stagings.clear()
+            if wait:  # else a reader stuck in the kernel may yet copy from its buffer: the locks go with the mover
+                for memory in self._pinned:
+                    memory.release()
+                self._pinned.clear()
 
 
 def _elapsed(pairs: list[tuple], block: bool) -> tuple[list[tuple], float]:

@@ -57,15 +57,29 @@ def test_pinned_host_tier_and_freed_on_delete(model_dir, prompt):
     model = offload_moe.load(model_dir("mixtral"), device="cuda", cache_experts=2, dtype="float32",
                              host_memory=4 * 18432, progress=False)
     cache = model.offload.cache
-    assert cache.host.pool.buffer.is_pinned()
+    assert cache.host.pool.buffer.is_pinned() and cache.host.pool._pinned.registered  # to the page, no rounding
     model.generate(prompt.to("cuda"), max_new_tokens=8, do_sample=False)
     s = model.offload.stats()
     assert s["bytes_moved"]["host_to_device"] > 0 and s["bandwidth"]["host_to_device"] > 0
     refs = [weakref.ref(cache.host.pool.buffer), weakref.ref(cache.pool.buffer)]
     refs += [weakref.ref(b) for b in cache.mover._stagings]
+    staging = cache.mover._stagings[0]
+    assert staging.is_pinned()
     del model, cache, s
     gc.collect()
+    assert not staging.is_pinned()  # the model's finalizer unlocked it
+    del staging
     assert all(r() is None for r in refs)
+
+
+def test_close_unlocks_the_host_tier_and_staging(model_dir, prompt):
+    model = offload_moe.load(model_dir("mixtral"), device="cuda", cache_experts=2, dtype="float32",
+                             host_memory=4 * 18432, progress=False)
+    model.generate(prompt.to("cuda"), max_new_tokens=4, do_sample=False)
+    host, staging = model.offload.cache.host.pool.buffer, model.offload.cache.mover._stagings[0]
+    assert host.is_pinned() and staging.is_pinned()
+    model.offload.close()
+    assert not host.is_pinned() and not staging.is_pinned()
 
 
 @pytest.mark.parametrize("settings", [dict(prefetch="gate"), dict(prefetch="transition", host_memory="1GiB"),

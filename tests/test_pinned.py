@@ -1,0 +1,95 @@
+"""PinnedMemory: host memory locked to the page (not to the next power of two), unlocked on close or collection.
+
+CUDA's registration calls are replaced by a recorder, so this runs without a GPU; tests/test_cuda.py checks
+the real thing.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import offload_moe
+from offload_moe import pinned
+from offload_moe.cache import SlotLayout, SlotPool
+from offload_moe.pinned import PAGE, PinnedMemory
+
+
+class FakeCudart:
+    def __init__(self, error: int = 0):
+        self.error = error
+        self.registered: dict[int, int] = {}
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, ptr: int, nbytes: int, flags: int):
+        if not self.error:
+            assert ptr not in self.registered, "registered twice"
+            self.registered[ptr] = nbytes
+        return self.error
+
+    def cudaHostUnregister(self, ptr: int):
+        assert ptr in self.registered, "unregistered memory that was never registered"
+        self.unregistered.append(ptr)
+        return 0
+
+
+@pytest.fixture
+def cudart(monkeypatch):
+    fake = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    return fake
+
+
+def test_the_size_asked_for_is_locked_to_the_page_and_unlocked_once(cudart):
+    nbytes = 24 * 2**20 + 10  # torch's pinned allocator would lock 32 MiB
+    memory = PinnedMemory(nbytes)
+    assert memory.registered and memory.tensor.numel() == nbytes and memory.tensor.dtype == torch.uint8
+    (ptr, size), = cudart.registered.items()
+    assert ptr == memory.tensor.data_ptr() and ptr % PAGE == 0 and size == 24 * 2**20 + PAGE
+    memory.tensor[-1] = 7  # ordinary writable memory
+    assert memory.tensor[-1] == 7
+    memory.release()
+    memory.release()
+    assert cudart.unregistered == [ptr]
+
+
+def test_a_collected_buffer_is_unlocked(cudart):
+    memory = PinnedMemory(3 * PAGE)
+    ptr = memory.tensor.data_ptr()
+    del memory
+    gc.collect()
+    assert cudart.unregistered == [ptr]
+
+
+def test_a_refused_registration_falls_back_to_torchs_allocator_with_a_warning(monkeypatch, cudart):
+    cudart.error = 2  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(pinned, "_torch_pinned", lambda nbytes, what: torch.empty(nbytes, dtype=torch.uint8))
+    with pytest.warns(UserWarning, match="cudaHostRegister refused .* power of two"):
+        memory = PinnedMemory(5 * PAGE, "test slots")
+    assert not memory.registered and memory.tensor.numel() == 5 * PAGE
+    memory.release()
+    assert cudart.unregistered == []
+
+
+def test_pinned_slot_pool_holds_exactly_its_slots(cudart):
+    layout = SlotLayout({"gate_up_proj": (6, 4), "down_proj": (4, 3)}, torch.float32)
+    pool = SlotPool(5, layout, torch.device("cpu"), pin=True)
+    (ptr, size), = cudart.registered.items()
+    assert pool.buffer.data_ptr() == ptr and pool.nbytes == 5 * layout.numel * 4 and size == PAGE
+    pool.views(4)["down_proj"].fill_(1.5)
+    assert pool.flat(4).sum() == 12 * 1.5
+    pool.release()
+    assert cudart.unregistered == [ptr]
+    SlotPool(5, layout, torch.device("cpu"))  # unpinned pools register nothing
+    assert len(cudart.registered) == 1
+
+
+def test_close_unlocks_the_host_tier(model_dir):
+    model = offload_moe.load(model_dir("mixtral"), device="cpu", cache_experts=2, host_memory=3 * 18432,
+                             progress=False)
+    released = []
+    model.offload.cache.host.pool.release = lambda: released.append(True)
+    model.offload.close()
+    assert released == [True]

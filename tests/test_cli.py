@@ -350,3 +350,12 @@ def test_profile_max_tokens_replays_the_start_of_the_trace(tmp_path):
     document = json.loads((tmp_path / "o" / "results.json").read_text())
     assert document["trace"]["tokens"] == 5
     assert {r["policy"]: r["hits"] for r in document["results"]} == {"belady": 2, "lru": 2}  # 0 1 0 2 0
+
+
+def test_a_bad_sampling_option_is_named_alone():
+    result = run_cli("generate", "--prompt", "hi", "--top-p", "0")
+    assert result.returncode == 1 and "top_p=0.0 must be in (0, 1]" in result.stderr
+    assert "temperature" not in result.stderr and "repetition_penalty" not in result.stderr
+    result = run_cli("generate", "--prompt", "hi", "--repetition-penalty", "0")
+    assert result.returncode == 1 and "repetition_penalty=0.0 must be > 0" in result.stderr
+    assert "top_p" not in result.stderr

@@ -53,6 +53,9 @@ def kv_cache_of(output):
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    from .loader import load_config
+
+    load_config(folder)  # a broken config.json is reported as such, not as a missing tokenizer
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:

@@ -359,3 +359,14 @@ def test_a_bad_sampling_option_is_named_alone():
     result = run_cli("generate", "--prompt", "hi", "--repetition-penalty", "0")
     assert result.returncode == 1 and "repetition_penalty=0.0 must be > 0" in result.stderr
     assert "top_p" not in result.stderr
+
+
+def test_a_broken_config_json_is_named_not_blamed_on_the_tokenizer(model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(model_dir("mixtral"), folder)
+    (folder / "config.json").write_text('{"model_type": ')
+    result = run_cli("generate", str(folder), "--prompt", "hi")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "config.json cannot be read" in result.stderr and "tokenizer" not in result.stderr

@@ -183,9 +183,15 @@ def generate(
 
     from .generation import generate_text
 
-    stream = None if json_output else (lambda text: console.out(text, end="", highlight=False))
-    if stream is not None:
-        console.out(prompt, end="", style="bold", highlight=False)
+    shown = []
+
+    def stream(text: str) -> None:
+        if not shown:  # the prompt goes out with the first text, so a load that fails prints nothing on stdout
+            console.out(prompt, end="", style="bold", highlight=False)
+            shown.append(True)
+        console.out(text, end="", highlight=False)
+
+    stream = None if json_output else stream
     result = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            repetition_penalty=repetition_penalty, seed=seed, on_text=stream, device=device, cache_experts=cache_experts,
                            cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, io=io, profile=profile)

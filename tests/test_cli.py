@@ -370,3 +370,9 @@ def test_a_broken_config_json_is_named_not_blamed_on_the_tokenizer(model_dir, tm
     result = run_cli("generate", str(folder), "--prompt", "hi")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "config.json cannot be read" in result.stderr and "tokenizer" not in result.stderr
+
+
+def test_generate_that_fails_to_load_prints_nothing_on_stdout(tmp_path):
+    result = run_cli("generate", str(tmp_path / "missing"), "--prompt", "def f():")
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    assert result.stdout == ""  # not the prompt, echoed before the load failed

@@ -376,3 +376,8 @@ def test_generate_that_fails_to_load_prints_nothing_on_stdout(tmp_path):
     result = run_cli("generate", str(tmp_path / "missing"), "--prompt", "def f():")
     assert result.returncode == 1 and "does not exist" in result.stderr
     assert result.stdout == ""  # not the prompt, echoed before the load failed
+
+
+def test_help_keeps_the_plot_extra_name():
+    result = runner.invoke(app, ["profile", "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "offload_moe[plot]" in result.output  # not eaten as rich markup

@@ -183,9 +183,15 @@ def generate(
 
     from .generation import generate_text
 
-    stream = None if json_output else (lambda text: console.out(text, end="", highlight=False))
-    if stream is not None:
-        console.out(prompt, end="", style="bold", highlight=False)
+    shown = []
+
+    def stream(text: str) -> None:
+        if not shown:  # the prompt goes out with the first text, so a load that fails prints nothing on stdout
+            console.out(prompt, end="", style="bold", highlight=False)
+            shown.append(True)
+        console.out(text, end="", highlight=False)
+
+    stream = None if json_output else stream
     result = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            repetition_penalty=repetition_penalty, seed=seed, on_text=stream, device=device, cache_experts=cache_experts,
                            cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, io=io, profile=profile)
@@ -402,7 +408,7 @@ def profile_command(
     margin: Annotated[int, typer.Option(min=0, help="Predictors name top-k + MARGIN experts.")] = 1,
     out: Annotated[Path, typer.Option(help="Folder for results.json, results.csv and the plots.")] = Path("profile-results"),
     max_new_tokens: Annotated[int, typer.Option(min=0, help="With MODEL: also trace this many decoding steps per prompt.")] = 0,
-    plots: Annotated[bool, typer.Option(help="Draw PNG plots (needs matplotlib: pip install 'offload_moe[plot]').")] = True,
+    plots: Annotated[bool, typer.Option(help="Draw PNG plots (needs matplotlib: pip install 'offload_moe\\[plot]').")] = True,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes for the replays; default: one per CPU for large sweeps.")] = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Replay only the trace's first N tokens (a quick look at a long trace).")] = None,
     profile: Annotated[str | None, typer.Option(help="Hardware profile: with MODEL, adds the capacity its device memory gives.")] = None,

@@ -53,6 +53,9 @@ def kv_cache_of(output):
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    from .loader import load_config
+
+    load_config(folder)  # a broken config.json is reported as such, not as a missing tokenizer
     try:
         return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as e:
@@ -65,9 +68,12 @@ def sampling_options(max_new_tokens: int, temperature: float, top_p: float, repe
     """``generate`` keyword arguments: greedy when ``temperature`` is 0, else sampled with ``top_p``; checked first."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if temperature < 0 or not 0 < top_p <= 1 or repetition_penalty <= 0:
-        raise ConfigError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1] and "
-                          f"repetition_penalty={repetition_penalty} > 0")
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy decoding)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1]; 1 turns nucleus sampling off")
+    if repetition_penalty <= 0:
+        raise ConfigError(f"repetition_penalty={repetition_penalty} must be > 0; 1 turns it off")
     options = {"do_sample": temperature > 0}
     if temperature > 0:
         options.update(temperature=temperature, top_p=top_p)

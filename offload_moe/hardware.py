@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import BudgetError, ConfigError
 
 FIELDS = ("description", "device", "device_memory", "host_memory", "dtype", "policy", "prefetch",
           "prefetch_margin", "prefetch_depth", "io")
@@ -67,6 +67,8 @@ def read_profile(path: Path) -> Profile:
         raise ConfigError(f"profile file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"profile {path} is not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, an unreadable or a binary file
+        raise ConfigError(f"profile {path} cannot be read ({e}); pass a UTF-8 .toml file or a profile name") from None
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise ConfigError(f"profile {path} has unknown setting(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
@@ -91,6 +93,19 @@ def read_profile(path: Path) -> Profile:
     if data.get("io") == "mmap" and not str(data["device"]).lower().startswith("cpu"):
         raise ConfigError(f"profile {path}: io = 'mmap' needs device = 'cpu' (it computes experts from the mapped "
                           "checkpoint); use 'direct' for a GPU")
+    from .config import parse_bytes, parse_dtype
+    from .policies import POLICIES
+
+    if data.get("policy", "lru").lower() not in set(POLICIES) - {"belady"}:
+        raise ConfigError(f"profile {path}: policy = {data['policy']!r} is not an eviction policy for a running model; "
+                          f"use one of {', '.join(sorted(set(POLICIES) - {'belady'}))}")
+    try:
+        parse_dtype(data.get("dtype"))
+        for key in ("device_memory", "host_memory"):
+            if key in data:
+                parse_bytes(data[key], key)
+    except (BudgetError, ConfigError) as e:
+        raise ConfigError(f"profile {path}: {e}") from None
     if data.get("prefetch_margin", 0) < 0 or data.get("prefetch_depth", 1) < 1:
         raise ConfigError(f"profile {path}: prefetch_margin must be 0 or more and prefetch_depth at least 1")
     return Profile(name=path.stem, **data)

@@ -77,7 +77,8 @@ def load_config(folder: Path):
     try:
         return AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError, OSError) as e:
-        raise UnsupportedModelError(f"{folder / 'config.json'} cannot be read by transformers: {e}") from None
+        reason = " ".join(str(e).split())  # transformers' message spans lines; an error here is one line
+        raise UnsupportedModelError(f"{folder / 'config.json'} cannot be read by transformers: {reason}") from None
 
 
 def build_skeleton(config) -> nn.Module:

@@ -189,6 +189,8 @@ def load_trace(path: str | Path) -> Trace:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise TraceError(f"{path} is a folder; pass a trace file (.safetensors), such as one `offload-moe trace record` wrote")
     if not path.is_file():
         raise TraceError(f"{path} does not exist; record one with offload_moe.traces.record_trace "
                          "or scripts/record_reference_traces.py")
@@ -497,6 +499,9 @@ def synthesize_trace(*, tokens: int, layers: int, num_experts: int, top_k: int, 
     if min(tokens, layers, num_experts, top_k, sequences) < 1:
         raise TraceError(f"tokens={tokens}, layers={layers}, num_experts={num_experts}, top_k={top_k} and "
                          f"sequences={sequences} must all be at least 1")
+    if num_experts > 32767:
+        raise TraceError(f"num_experts={num_experts} is too many: a trace stores expert ids as int16, "
+                         "so at most 32767 experts per layer")
     if top_k > num_experts or sequences > tokens:
         raise TraceError(f"top_k={top_k} must not exceed num_experts={num_experts}, nor sequences={sequences} tokens={tokens}")
     if skew < 0 or not 0 <= locality <= 1:

@@ -350,3 +350,34 @@ def test_profile_max_tokens_replays_the_start_of_the_trace(tmp_path):
     document = json.loads((tmp_path / "o" / "results.json").read_text())
     assert document["trace"]["tokens"] == 5
     assert {r["policy"]: r["hits"] for r in document["results"]} == {"belady": 2, "lru": 2}  # 0 1 0 2 0
+
+
+def test_a_bad_sampling_option_is_named_alone():
+    result = run_cli("generate", "--prompt", "hi", "--top-p", "0")
+    assert result.returncode == 1 and "top_p=0.0 must be in (0, 1]" in result.stderr
+    assert "temperature" not in result.stderr and "repetition_penalty" not in result.stderr
+    result = run_cli("generate", "--prompt", "hi", "--repetition-penalty", "0")
+    assert result.returncode == 1 and "repetition_penalty=0.0 must be > 0" in result.stderr
+    assert "top_p" not in result.stderr
+
+
+def test_a_broken_config_json_is_named_not_blamed_on_the_tokenizer(model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(model_dir("mixtral"), folder)
+    (folder / "config.json").write_text('{"model_type": ')
+    result = run_cli("generate", str(folder), "--prompt", "hi")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "config.json cannot be read" in result.stderr and "tokenizer" not in result.stderr
+
+
+def test_generate_that_fails_to_load_prints_nothing_on_stdout(tmp_path):
+    result = run_cli("generate", str(tmp_path / "missing"), "--prompt", "def f():")
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    assert result.stdout == ""  # not the prompt, echoed before the load failed
+
+
+def test_help_keeps_the_plot_extra_name():
+    result = runner.invoke(app, ["profile", "--help"], terminal_width=200)
+    assert result.exit_code == 0 and "offload_moe[plot]" in result.output  # not eaten as rich markup

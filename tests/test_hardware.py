@@ -83,3 +83,28 @@ def test_profile_with_an_unknown_predictor_names_the_file(tmp_path):
     f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\nprefetch_depth = 0\n')
     with pytest.raises(ConfigError, match="prefetch_depth"):
         get_profile(f)
+
+
+@pytest.mark.parametrize("body, message", [
+    ('policy = "mru"\n', r"box.toml: policy = 'mru'"),
+    ('policy = "belady"\n', r"box.toml: policy = 'belady'"),
+    ('dtype = "int8"\n', r"box.toml: dtype='int8'"),
+    ('host_memory = "12XB"\n', r"box.toml: host_memory='12XB'"),
+])
+def test_profile_with_a_bad_policy_dtype_or_size_names_the_file(tmp_path, body, message):
+    f = tmp_path / "box.toml"
+    f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\n' + body)
+    with pytest.raises(ConfigError, match=message):
+        get_profile(f)
+    f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "0"\n')
+    with pytest.raises(ConfigError, match=r"box.toml: device_memory='0'"):
+        get_profile(f)
+
+
+def test_a_profile_that_is_not_a_text_file_is_a_config_error(tmp_path):
+    binary = tmp_path / "box.toml"
+    binary.write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(ConfigError, match="box.toml cannot be read"):
+        get_profile(binary)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        get_profile(tmp_path)  # a folder

@@ -61,3 +61,11 @@ def test_plan_with_mmap_says_a_partial_slot_pool_stays_empty():
     whole = plan(demo_model_path(), device_memory="1GiB", io="mmap")  # every expert fits: filled at load
     assert whole.rows()[-1][0] == "experts read from disk on a miss: 0"
     assert plan(demo_model_path(), profile="cpu-16gb").io == "mmap"
+
+
+def test_plan_refuses_an_unknown_io_mode_and_a_negative_context(model_dir):
+    with pytest.raises(offload_moe.ConfigError, match="io='fast'"):
+        offload_moe.plan(model_dir("mixtral"), device_memory="1GiB", io="fast")
+    with pytest.raises(offload_moe.BudgetError, match="context_length=-5"):
+        offload_moe.plan(model_dir("mixtral"), device_memory="1GiB", context_length=-5)
+    assert offload_moe.plan(model_dir("mixtral"), device_memory="1GiB", context_length=0).kv_reserve_bytes == 0

@@ -103,6 +103,8 @@ def test_load_rejects_malformed_files(tmp_path, tensors, metadata, message):
 def test_load_rejects_missing_and_garbage_files(tmp_path):
     with pytest.raises(TraceError, match="does not exist; record one"):
         load_trace(tmp_path / "missing.safetensors")
+    with pytest.raises(TraceError, match="is a folder"):
+        load_trace(tmp_path)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(TraceError, match="not a readable safetensors file"):
@@ -324,6 +326,8 @@ def test_synthetic_trace_bad_settings():
         synthesize_trace(tokens=10, layers=2, num_experts=4, top_k=2, locality=1.5)
     with pytest.raises(TraceError, match="at least 1"):
         synthesize_trace(tokens=0, layers=2, num_experts=4, top_k=2)
+    with pytest.raises(TraceError, match="num_experts=40000 is too many"):
+        synthesize_trace(tokens=10, layers=2, num_experts=40000, top_k=2)
 
 
 def test_first_tokens_of_a_trace_cut_the_sequence_they_end_in():

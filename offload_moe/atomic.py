@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,12 +43,28 @@ def atomic_write(path: str | Path, content: bytes | Callable[[BinaryIO], None], 
     return path
 
 
-def writable_folder(path: str | Path) -> Path:
-    """Make the folder ``path`` if needed and check that files can be made in it, before long work is done."""
+@contextmanager
+def output_folder(path: str | Path) -> Iterator[Path]:
+    """Make the folder ``path`` if needed and check that files can be made in it, before long work is done
+    in the ``with`` block. If the block fails, the folders made here are removed again while still empty."""
     path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
+        _remove_empty(made)
         raise OutputError(f"cannot write into {path}: {e.strerror or e}; choose a folder you can write to") from e
-    return path
+    try:
+        yield path
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something was written), or already gone
+            return

@@ -331,18 +331,17 @@ def trace_record(
     Example: offload-moe trace record --prompts prompts.txt --out trace.safetensors --max-new-tokens 32
     """
     profile = _profile(profile)
-    from .atomic import writable_folder
+    from .atomic import output_folder
     from .traces import read_prompts, record_prompts, save_trace
 
     texts = read_prompts(prompts)
-    writable_folder(out.parent)
-    with _bar("recording", len(texts)) as advance:
+    with output_folder(out.parent), _bar("recording", len(texts)) as advance:
         trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}"
                                + (f", {max_new_tokens} greedy tokens after each" if max_new_tokens else ""),
                                predict_margin=margin if predictions else None, max_new_tokens=max_new_tokens,
                                on_prompt=advance, device=device, cache_experts=cache_experts, dtype=dtype,
                                profile=profile)
-    path = save_trace(trace, out)
+        path = save_trace(trace, out)
     _print_trace_summary(trace, path)
 
 
@@ -422,44 +421,59 @@ def profile_command(
     profile = _profile(profile)
     import time
 
-    from .atomic import writable_folder
+    from .atomic import output_folder
     from .profiling import default_predictors, default_workers, parse_capacities, sweep, sweep_size, write_results
     from .traces import load_trace, read_prompts, record_prompts, save_trace
 
     if model is not None and trace_file is not None:
         raise OffloadMoEError("give MODEL (with --prompts) or --trace FILE, not both")
-    writable_folder(out)  # before any long work
-    if model is not None:
-        if prompts is None:
-            raise OffloadMoEError("profiling MODEL records a trace first: give --prompts FILE (one prompt per line)")
-        texts = read_prompts(prompts)
-        with _bar("recording", len(texts)) as advance:
-            trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}", predict_margin=margin,
-                                   max_new_tokens=max_new_tokens, on_prompt=advance, profile=profile)
-        console.print(f"recorded {save_trace(trace, out / 'trace.safetensors')}", highlight=False, soft_wrap=True, markup=False)
-    else:
-        if prompts is not None:
-            raise OffloadMoEError("--prompts needs MODEL; to profile the bundled model, pass its folder "
-                                  "(python -c 'import offload_moe; print(offload_moe.demo_model_path())')")
-        trace = load_trace(trace_file if trace_file is not None else _reference_trace())
-    if max_tokens is not None:
-        trace = trace.first(max_tokens)
-    chosen = [p.strip().lower() for p in (predictors or "").split(",") if p.strip()] or default_predictors(trace, margin)
-    slots = parse_capacities(capacities, len(trace.layers) * trace.num_experts)
-    if model is not None and profile is not None:
-        from .planning import plan
+    with output_folder(out):  # made before any long work, removed again if it fails while empty
+        if model is not None:
+            if prompts is None:
+                raise OffloadMoEError("profiling MODEL records a trace first: give --prompts FILE (one prompt per line)")
+            texts = read_prompts(prompts)
+            with _bar("recording", len(texts)) as advance:
+                trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}",
+                                       predict_margin=margin, max_new_tokens=max_new_tokens, on_prompt=advance,
+                                       device=_recording_device(profile))
+            console.print(f"recorded {save_trace(trace, out / 'trace.safetensors')}", highlight=False, soft_wrap=True,
+                          markup=False)
+        else:
+            if prompts is not None:
+                raise OffloadMoEError("--prompts needs MODEL; to profile the bundled model, pass its folder "
+                                      "(python -c 'import offload_moe; print(offload_moe.demo_model_path())')")
+            trace = load_trace(trace_file if trace_file is not None else _reference_trace())
+        if max_tokens is not None:
+            trace = trace.first(max_tokens)
+        chosen = ([p.strip().lower() for p in (predictors or "").split(",") if p.strip()]
+                  or default_predictors(trace, margin))
+        slots = parse_capacities(capacities, len(trace.layers) * trace.num_experts)
+        if model is not None and profile is not None:
+            from .planning import plan
 
-        slots = sorted(set(slots) | {min(plan(model, profile=profile).expert_slots, len(trace.layers) * trace.num_experts)})
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    replays = sweep_size(names, slots, chosen)
-    start = time.perf_counter()
-    with _bar("replaying", replays) as advance:
-        results = sweep(trace, policies=names, capacities=slots, predictors=chosen, margin=margin,
-                        progress=lambda n: advance(), workers=workers or default_workers(trace, replays))
-    seconds = time.perf_counter() - start
-    console.print(_results_table(results, trace, seconds))
-    for name, where in write_results(results, trace, out, seconds=seconds, plots=plots).items():
-        console.print(f"{name}: {where}", highlight=False, soft_wrap=True, markup=False)
+            total = len(trace.layers) * trace.num_experts
+            slots = sorted(set(slots) | {min(plan(model, profile=profile).expert_slots, total)})
+        names = [p.strip() for p in policies.split(",") if p.strip()]
+        replays = sweep_size(names, slots, chosen)
+        start = time.perf_counter()
+        with _bar("replaying", replays) as advance:
+            results = sweep(trace, policies=names, capacities=slots, predictors=chosen, margin=margin,
+                            progress=lambda n: advance(), workers=workers or default_workers(trace, replays))
+        seconds = time.perf_counter() - start
+        console.print(_results_table(results, trace, seconds))
+        for name, where in write_results(results, trace, out, seconds=seconds, plots=plots).items():
+            console.print(f"{name}: {where}", highlight=False, soft_wrap=True, markup=False)
+
+
+def _recording_device(profile: str | None) -> str:
+    """Where ``profile MODEL`` records: the profile's GPU if this machine has one, else the CPU. The profile
+    itself only adds a capacity: routing does not depend on budgets, and its host memory is not needed."""
+    import torch
+
+    from .hardware import get_profile
+
+    device = get_profile(profile).device if profile is not None else "cpu"
+    return device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
 
 
 def _reference_trace() -> Path:

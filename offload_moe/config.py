@@ -109,3 +109,22 @@ class Budget:
                 f"least {MIN_CACHE_EXPERTS} (one computing while the next loads). Raise the budget."
             )
         return min(n, total_experts)
+
+
+def check_io(io: str, *, host_memory: bool = False, device: torch.device | None = None, origin: str = "") -> None:
+    """Refuse an unknown I/O mode, and ``io="mmap"`` off the CPU or beside a warm tier (the page cache plays
+    that part). ``origin`` says where the setting came from (a hardware profile)."""
+    from .safetensors_io import IO_MODES
+
+    if io not in IO_MODES:
+        raise ConfigError(f"io={io!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
+    if io == "mmap" and device is not None and device.type != "cpu":
+        raise ConfigError(
+            f"io='mmap' computes missing experts in place from the mapped files, which needs device='cpu' "
+            f"(got {device}){origin}; on {device.type} use io='direct' (the default), 'dontneed' or 'buffered'"
+        )
+    if io == "mmap" and host_memory:
+        raise ConfigError(
+            "host_memory adds nothing with io='mmap': missing experts are computed from the mapped checkpoint, "
+            "and the page cache already keeps them in spare RAM; leave host_memory out, or use io='direct'"
+        )

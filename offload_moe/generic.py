@@ -42,7 +42,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .cache import ExpertCache, Residency, SlotLayout, SlotPool
-from .config import Budget, parse_device, parse_dtype
+from .config import Budget, check_io, parse_device, parse_dtype
 from .errors import ConfigError, DeviceError, ExpertLoadError, UnsupportedModelError
 from .experts import OffloadedExperts, compute_grouped, expert_params, is_experts_module
 from .loader import default_cache_bytes
@@ -624,11 +624,7 @@ def offload_experts(
 
 def _check_options(policy: str, prefetch, readers: int, dropped: str, seed: int, io: str, dev: torch.device) -> None:
     make_policy(policy, seed=seed)  # fails on an unknown name
-    if io == "mmap" and dev.type != "cpu":
-        raise ConfigError(
-            f"io='mmap' computes missing experts in place from the mapped files, which needs device='cpu' (got {dev}); "
-            f"on {dev.type} use io='direct' (the default), 'dontneed' or 'buffered'"
-        )
+    check_io(io, device=dev)
     if not isinstance(prefetch, Predictor) and prefetch not in PREDICTORS:
         raise ConfigError(f"prefetch={prefetch!r} is not a predictor; use one of {', '.join(PREDICTORS)} or a Predictor")
     if readers < 1:

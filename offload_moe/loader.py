@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
-from .config import Budget, parse_bytes, parse_device, parse_dtype
+from .config import Budget, check_io, parse_bytes, parse_device, parse_dtype
 from .errors import (
     BudgetError,
     CheckpointError,
@@ -35,7 +35,6 @@ from .hardware import get_profile
 from .policies import make_policy
 from .prefetch import PREDICTORS, Prefetcher, make_predictor
 from .runtime import OffloadRuntime
-from .safetensors_io import IO_MODES
 from .store import ExpertsSpec, ExpertStore
 from .transfer import make_mover
 
@@ -303,19 +302,8 @@ def load(
         raise ConfigError(f"prefetch={prefetch!r} is not a predictor; use one of {', '.join(PREDICTORS)}")
     if readers < 1:
         raise ConfigError(f"readers={readers} must be at least 1")
-    if io not in IO_MODES:
-        raise ConfigError(f"io={io!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
-    if io == "mmap" and dev.type != "cpu":
-        origin = f" (io='mmap' comes from hardware profile {hw.name!r})" if hw is not None and hw.io == "mmap" else ""
-        raise ConfigError(
-            f"io='mmap' computes missing experts in place from the mapped checkpoint, which needs device='cpu' "
-            f"(got {dev}){origin}; on {dev.type} use io='direct' (the default), 'dontneed' or 'buffered'"
-        )
-    if io == "mmap" and host_memory is not None:
-        raise ConfigError(
-            "host_memory adds nothing with io='mmap': missing experts are computed from the mapped checkpoint, "
-            "and the page cache already keeps them in spare RAM; leave host_memory out, or use io='direct'"
-        )
+    origin = f" (io='mmap' comes from hardware profile {hw.name!r})" if hw is not None and hw.io == "mmap" else ""
+    check_io(io, host_memory=host_memory is not None, device=dev, origin=origin)
     if read_timeout is not None and not read_timeout > 0:
         raise ConfigError(f"read_timeout={read_timeout} must be a positive number of seconds, or None to wait forever")
     folder = resolve_model_path(path)

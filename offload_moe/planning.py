@@ -8,11 +8,10 @@ from pathlib import Path
 import torch
 
 from .cache import SlotLayout
-from .errors import BudgetError, ConfigError
+from .errors import BudgetError
 from .hardware import get_profile
-from .config import MIN_CACHE_EXPERTS, format_bytes, parse_bytes, parse_dtype
+from .config import MIN_CACHE_EXPERTS, check_io, format_bytes, parse_bytes, parse_dtype
 from .loader import build_skeleton, checkpoint_renamer, load_config, resolve_model_path, swap_experts
-from .safetensors_io import IO_MODES
 from .store import ExpertStore
 
 WORKSPACE_MIN = 256 * 2**20  # activations, allocator slack, CUDA context share
@@ -133,8 +132,8 @@ def plan(
         raise BudgetError("plan needs device_memory (e.g. '12GiB') or a hardware profile")
     budget = parse_bytes(device_memory, "device_memory")
     host = parse_bytes(host_memory, "host_memory") if host_memory is not None else 0
-    if io is not None and io not in IO_MODES:
-        raise ConfigError(f"io={io!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
+    if io is not None:
+        check_io(io, host_memory=bool(host))
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 0:
         raise BudgetError(f"context_length={context_length!r} must be a whole number of tokens, 0 or more")
     folder = resolve_model_path(path)

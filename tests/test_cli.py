@@ -248,6 +248,11 @@ def test_trace_record_as_a_subprocess_and_profile_of_a_model(tmp_path):
     assert (tmp_path / "p" / "trace.safetensors").exists()
     rows = json.loads((tmp_path / "p" / "results.json").read_text())["results"]
     assert {r["capacity"] for r in rows} == {24, 96}  # 300 MiB holds all 96 experts of the bundled model
+    # a GPU profile on a machine without one still records (on the CPU) and adds the GPU's capacity
+    result = runner.invoke(app, ["profile", str(demo_model_path()), "--prompts", str(prompts), "--policies", "lru",
+                                 "--capacities", "24", "--profile", "gpu-8gb", "--out", str(tmp_path / "g"), "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert {r["capacity"] for r in json.loads((tmp_path / "g" / "results.json").read_text())["results"]} == {24, 96}
 
 
 def test_profile_and_trace_errors_are_one_line(tmp_path):
@@ -266,6 +271,15 @@ def test_profile_and_trace_errors_are_one_line(tmp_path):
         assert message in str(result.exception), (args, result.exception)
     bad = run_cli("profile", "--capacities", "lots", "--out", str(tmp_path))
     assert bad.returncode == 1 and "neither a number" in bad.stderr and "Traceback" not in bad.stderr
+    # a run that fails leaves no empty output folder behind (it made it only to check it is writable)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f():\n")
+    for args in (["profile", str(tmp_path / "no-model"), "--prompts", str(prompts), "--out", str(tmp_path / "new" / "p")],
+                 ["trace", "record", str(tmp_path / "no-model"), "--prompts", str(prompts),
+                  "--out", str(tmp_path / "new2" / "t.safetensors")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code != 0 and "does not exist" in str(result.exception), (args, result.output)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists()
 
 
 def test_demo_as_a_subprocess():

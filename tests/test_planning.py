@@ -69,3 +69,5 @@ def test_plan_refuses_an_unknown_io_mode_and_a_negative_context(model_dir):
     with pytest.raises(offload_moe.BudgetError, match="context_length=-5"):
         offload_moe.plan(model_dir("mixtral"), device_memory="1GiB", context_length=-5)
     assert offload_moe.plan(model_dir("mixtral"), device_memory="1GiB", context_length=0).kv_reserve_bytes == 0
+    with pytest.raises(offload_moe.ConfigError, match="host_memory adds nothing with io='mmap'"):
+        offload_moe.plan(model_dir("mixtral"), device_memory="1GiB", host_memory="1GiB", io="mmap")  # as load refuses

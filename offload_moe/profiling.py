@@ -136,11 +136,15 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
     future = [key for group in groups for key in group] if policy.lower() == "belady" else None
     table = Residency(capacity, make_policy(policy, seed=seed, future=future))
     prefetched: set[tuple[int, int]] = set()
+    flying: list[tuple[int, int]] = []  # prefetched keys still pinned as in flight, until the next layer starts
     issued = used = 0
     layers = trace.layers
     num_layers = len(layers)
     request, admit, release_all = table.request, table.admit, table.release_all
     for i, group in enumerate(groups):
+        if flying:  # as the runtime: a prefetch landed by the time the next layer runs is evictable again
+            release_all(flying)
+            flying = []
         hits, misses = request(group)
         if prefetched:
             for key, _ in hits:
@@ -151,22 +155,24 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
             evicted = admit(key)[1]
             if prefetched:
                 prefetched.discard(evicted)
-        release_all(group)
-        if predicted is None:
-            continue
         token, pos = divmod(i, num_layers)
-        if pos == num_layers - 1:
-            continue
-        ahead = layers[pos + 1]
-        for expert in predicted[token][pos]:
-            key = (ahead, expert)
-            if key in table:
-                continue
-            _, evicted = table.admit(key)  # nothing is pinned between layers, so a slot can always be had
-            prefetched.discard(evicted)
-            table.release(key)
-            prefetched.add(key)
-            issued += 1
+        ahead = predicted is not None and pos < num_layers - 1
+        for attempt in range(2 if ahead else 0):  # as the runtime: once while the layer runs, again once it is done
+            if attempt:
+                release_all(group)
+            for expert in predicted[token][pos]:
+                key = (layers[pos + 1], expert)
+                if key in table:
+                    continue
+                if not table.free and len(table.pins) >= len(table.slot_of):
+                    break  # every slot is pinned: the rest wait for the retry
+                _, evicted = admit(key)
+                prefetched.discard(evicted)
+                prefetched.add(key)
+                flying.append(key)
+                issued += 1
+        if not ahead:
+            release_all(group)
     total = table.totals()
     per_layer = {layer: (c.hits, c.misses) for layer, c in sorted(table.per_layer.items())}
     return ReplayResult(policy.lower(), capacity, predictor, total.hits + total.misses, total.hits, total.misses,

@@ -225,3 +225,42 @@ def test_random_replay_on_a_trace_where_every_choice_scores_the_same():
     for seed in range(5):
         assert replay(make_trace(torch.tensor([0, 1, 2, 2, 2]).view(5, 1, 1), 3), "random", 2, seed=seed).hits == 2
         assert replay(make_trace(torch.tensor([0, 1, 0, 1]).view(4, 1, 1), 2), "random", 2, seed=seed).hits == 2
+
+
+@pytest.mark.parametrize("policy,predictor", [("lru", "none"), ("lfu", "none"), ("fifo", "none"), ("random", "none"),
+                                              ("lru", "gate"), ("lfu", "transition"), ("lru", "hybrid")])
+def test_a_replay_counts_what_the_live_runtime_counted(policy, predictor):
+    """What `offload-moe profile` reports is what the runtime does. A trace recorded one token per forward
+    pass (a one-token prompt, then greedy decoding) and replayed through the same policy, capacity and
+    predictor gives exactly the hits, misses, evictions and prefetches the live cache counted while recording
+    it, layer by layer."""
+    import offload_moe
+    from offload_moe.traces import record_trace
+
+    model = offload_moe.load(offload_moe.demo_model_path(), cache_experts=24, policy=policy, prefetch=predictor,
+                             progress=False)
+    # Reads run inline, so that each prefetch has landed when the next layer starts: the case the replay models.
+    # With reader threads, one still in flight then stays pinned a little longer (or a queued one is dropped),
+    # and the live counts can move by an expert or two from run to run.
+    model.offload.cache.mover.pool.submit = _inline
+    # from <|bos|> the bundled model writes a task prompt: 55 distinct experts in 48 steps, so slots are evicted
+    trace = record_trace(model, [torch.tensor([0])], source="test", max_new_tokens=48, predict_margin=1)
+    live = model.offload.stats()
+    model.offload.close()
+    replayed = replay(trace, policy, 24, predictor=predictor, margin=1)
+    assert replayed.requests == live["hits"] + live["misses"] == 48 * 6 * 2
+    assert live["evictions"] > 0
+    assert (replayed.hits, replayed.misses, replayed.evictions) == (live["hits"], live["misses"], live["evictions"])
+    assert (replayed.prefetch_issued, replayed.prefetch_used) == (live["prefetch_issued"], live["prefetch_used"])
+    assert replayed.per_layer == {layer: (c["hits"], c["misses"]) for layer, c in live["per_layer"].items()}
+
+
+def _inline(fn, *args, urgent=True):
+    from concurrent.futures import Future
+
+    future = Future()
+    try:
+        future.set_result(fn(*args))
+    except BaseException as e:
+        future.set_exception(e)
+    return future

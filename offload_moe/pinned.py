@@ -12,6 +12,7 @@ Where registration is refused, it falls back to ``pin_memory=True`` (with its ro
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import warnings
 import weakref
@@ -63,9 +64,27 @@ def _register(ptr: int, nbytes: int) -> int | str:
     code = int(getattr(error, "value", error))
     if code:  # reset CUDA's last error, so that it does not surface in a later, unrelated kernel check
         clear = getattr(torch.cuda.cudart(), "cudaGetLastError", None)
+        if clear is None:  # torch's cudart binding may lack it: call the runtime torch loaded
+            clear = getattr(_loaded_cudart(), "cudaGetLastError", None)
         if clear is not None:
             clear()
     return code
+
+
+def _loaded_cudart():
+    """The CUDA runtime library this process has loaded (torch's, shared), or None (linked statically, no /proc)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split(None, 5)[5].strip() for line in maps
+                            if "/libcudart" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            return ctypes.CDLL(path)  # already loaded: the same library, so the same per-thread last error
+        except OSError:
+            continue
+    return None
 
 
 def _unregister(ptr: int) -> None:

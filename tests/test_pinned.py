@@ -93,3 +93,34 @@ def test_close_unlocks_the_host_tier(model_dir):
     model.offload.cache.host.pool.release = lambda: released.append(True)
     model.offload.close()
     assert released == [True]
+
+
+class FakeRuntime:
+    """The libcudart torch loaded: its per-thread last error, which cudaGetLastError returns and resets."""
+
+    def __init__(self):
+        self.last_error = 0
+
+    def cudaGetLastError(self):
+        error, self.last_error = self.last_error, 0
+        return error
+
+
+def test_a_refused_registration_leaves_no_cuda_error_behind(monkeypatch, cudart):
+    """A failed cudaHostRegister stays the thread's last CUDA error, and torch's next kernel-launch check
+    (cudaGetLastError) would raise it as its own. torch's cudart binding has cudaHostRegister but (like
+    FakeCudart) no cudaGetLastError, so the error must be reset through the loaded runtime."""
+    runtime = FakeRuntime()
+    refuse = cudart.cudaHostRegister
+
+    def register(ptr, nbytes, flags):
+        runtime.last_error = refuse(ptr, nbytes, flags)
+        return runtime.last_error
+
+    cudart.error = 2  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(cudart, "cudaHostRegister", register)
+    monkeypatch.setattr(pinned, "_loaded_cudart", lambda: runtime, raising=False)
+    monkeypatch.setattr(pinned, "_torch_pinned", lambda nbytes, what: torch.empty(nbytes, dtype=torch.uint8))
+    with pytest.warns(UserWarning, match="cudaHostRegister refused"):
+        memory = PinnedMemory(PAGE)
+    assert not memory.registered and runtime.last_error == 0

@@ -41,6 +41,10 @@ class PinnedMemory:
             self.registered = True
             self.tensor = whole[:nbytes]
             self._finalizer = weakref.finalize(self, _unregister, whole.data_ptr())
+            # not at interpreter exit: finalizers then run newest first, so a reader's staging buffer would be
+            # unlocked before the model's own finalizer drains the copies reading it; the owner's close() (or
+            # the process ending) unlocks it instead
+            self._finalizer.atexit = False
             return
         del whole, pages
         warnings.warn(f"cudaHostRegister refused {size} bytes of {what} (error {error}); using torch's pinned allocator, "

@@ -7,6 +7,7 @@ the real thing.
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,51 @@ def test_a_refused_registration_leaves_no_cuda_error_behind(monkeypatch, cudart)
     with pytest.warns(UserWarning, match="cudaHostRegister refused"):
         memory = PinnedMemory(PAGE)
     assert not memory.registered and runtime.last_error == 0
+
+
+EXIT_ORDER = """
+import weakref
+
+import torch
+
+from offload_moe import pinned
+
+
+class Cudart:
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        print("unregister", flush=True)
+        return 0
+
+
+cudart = Cudart()
+torch.cuda.cudart = lambda: cudart
+
+
+class Model:
+    pass
+
+
+def close():  # runtime._close: drain the copies in flight, then unlock
+    print("drain", flush=True)
+    staging.release()
+
+
+model = Model()
+weakref.finalize(model, close)  # made at load
+staging = pinned.PinnedMemory(pinned.PAGE)  # made later, by a reader thread's first read
+"""
+
+
+def test_at_exit_the_pages_are_unlocked_only_after_the_models_finalizer_drained_the_copies():
+    """weakref.finalize runs the finalizers left at exit newest first: a staging buffer (made by a reader after
+    the model's finalizer) was unlocked before that finalizer had waited for the copies reading it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", EXIT_ORDER], capture_output=True, text=True, timeout=120,
+                         cwd=Path(pinned.__file__).parent.parent)  # this checkout's offload_moe
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["drain", "unregister"]

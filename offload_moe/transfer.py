@@ -238,6 +238,13 @@ class Mover:
         if device_flat is not None:
             copy = self._copy(host_flat, device_flat, compute)
             t.copy_bytes, t.copy_seconds, t.events, t.done = copy.copy_bytes, copy.copy_seconds, copy.events, copy.done
+        return self._settled_if_closed(t)
+
+    def _settled_if_closed(self, t: Transfer) -> Transfer:
+        """A read that ends after ``close(wait=False)`` (it was stuck) waits for its own copy: nothing else
+        will, and the pinned pages the copy reads are unlocked and unmapped once this thread lets go of them."""
+        if t.done is not None and self.pool._closed:
+            t.done.synchronize()
         return t
 
     def _read(self, layer: int, expert: int, views: dict[str, torch.Tensor]) -> int:
@@ -356,7 +363,7 @@ class CudaMover(Mover):
             end.record(self.stream)
         self._local.event = end
         t.copy_bytes, t.events, t.done = t.disk_bytes, (begin, end), end
-        return t
+        return self._settled_if_closed(t)
 
     def _copy(self, host_flat: torch.Tensor, device_flat: torch.Tensor, compute=None) -> Transfer:
         begin, end = self._events()

@@ -173,3 +173,50 @@ def test_at_exit_the_pages_are_unlocked_only_after_the_models_finalizer_drained_
                          cwd=Path(pinned.__file__).parent.parent)  # this checkout's offload_moe
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["drain", "unregister"]
+
+
+class FakeEvent:
+    def __init__(self):
+        self.synchronized = False
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        self.synchronized = True
+
+
+class NoPieces:
+    pieces: dict = {}
+
+    def expert_pieces(self, layer, expert):
+        return []
+
+
+def test_a_stuck_read_that_ends_after_close_waits_for_its_own_copy(monkeypatch, cudart):
+    """close(wait=False) leaves a stuck read running. When it ends, its thread lets go of the mover (whose staging
+    buffers are then unlocked and unmapped) and of the host slot's views: the copy it has just issued from them
+    must have finished by then, since nothing else waits for it any more."""
+    import contextlib
+    import threading
+    import types
+
+    from offload_moe.transfer import CudaMover, Mover, Transfer
+
+    mover = Mover.__new__(CudaMover)  # a CudaMover without CUDA: its stream and events faked
+    Mover.__init__(mover, NoPieces(), readers=1)
+    mover.stream = types.SimpleNamespace(wait_stream=lambda compute: None, synchronize=lambda: None)
+    mover._stagings, mover._pinned, mover._lock = [], [], threading.Lock()
+    staged, copied = [], []
+    mover._events = lambda: (FakeEvent(), staged.append(FakeEvent()) or staged[-1])
+    mover._copy = lambda host, device, compute=None: copied.append(FakeEvent()) or Transfer(done=copied[-1])
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    slot = torch.empty(4)
+
+    mover._read_staged(0, 0, {}, None)  # disk -> pinned staging -> device slot
+    mover._read_then_copy(0, 1, {}, slot, slot, None)  # disk -> pinned host slot -> device slot
+    assert not staged[0].synchronized and not copied[0].synchronized  # open: the layer waits on the event
+    mover.close(wait=False)
+    mover._read_staged(0, 2, {}, None)
+    mover._read_then_copy(0, 3, {}, slot, slot, None)
+    assert staged[1].synchronized and copied[1].synchronized

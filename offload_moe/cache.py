@@ -236,9 +236,12 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 class SlotPool:
-    """``capacity`` expert slots in one buffer on ``device``; ``views(slot)`` gives a slot's tensors."""
+    """``capacity`` expert slots in one buffer on ``device``; ``views(slot)`` gives a slot's tensors.
 
-    def __init__(self, capacity: int, layout: SlotLayout, device: torch.device, pin: bool = False):
+    ``pin`` (host pools): lock the buffer for copies to a GPU, the one named if it is a ``torch.device``.
+    """
+
+    def __init__(self, capacity: int, layout: SlotLayout, device: torch.device, pin: bool | torch.device = False):
         self.capacity = capacity
         self.layout = layout
         self.device = device
@@ -246,7 +249,8 @@ class SlotPool:
         self._pinned = None
         try:
             if pin:  # exactly the budget: torch's pin_memory=True would round it up to a power of two
-                self._pinned = PinnedMemory(capacity * layout.numel * _itemsize(layout.dtype), f"{capacity} host expert slots")
+                self._pinned = PinnedMemory(capacity * layout.numel * _itemsize(layout.dtype), f"{capacity} host expert slots",
+                                            device=pin if isinstance(pin, torch.device) else None)
                 self.buffer = self._pinned.tensor.view(layout.dtype)
             else:
                 self.buffer = torch.empty(capacity * layout.numel, dtype=layout.dtype, device=device)

@@ -378,7 +378,7 @@ def _host_tier(host_memory, host_policy: str, seed: int, layout: SlotLayout, tot
     slots = min(total_experts, parse_bytes(host_memory, "host_memory") // layout.nbytes)
     if slots < 1:
         raise BudgetError(f"host_memory={host_memory!r} holds no expert of {layout.nbytes} bytes; raise it or leave it out")
-    pin = device.type == "cuda"
+    pin = device if device.type == "cuda" else False
     return HostTier(Residency(slots, make_policy(host_policy, seed=seed)), SlotPool(slots, layout, torch.device("cpu"), pin=pin))
 
 

@@ -12,6 +12,7 @@ Where registration is refused, it falls back to ``pin_memory=True`` (with its ro
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import warnings
@@ -22,21 +23,24 @@ import torch
 from .errors import BudgetError
 
 PAGE = mmap.PAGESIZE
+PORTABLE = 1  # cudaHostRegisterPortable
+_PRIVATE = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
 
 
 class PinnedMemory:
     """``nbytes`` of page-locked host memory as a uint8 tensor (``tensor``), unlocked by ``release()``."""
 
-    def __init__(self, nbytes: int, what: str = "pinned host memory"):
+    def __init__(self, nbytes: int, what: str = "pinned host memory", device: torch.device | None = None):
         self.nbytes = nbytes
         size = max(-(-nbytes // PAGE) * PAGE, PAGE)
-        try:
-            pages = mmap.mmap(-1, size)  # anonymous: page-aligned, zero-filled, no page shared with anything else
+        try:  # anonymous and private: page-aligned, zero-filled, ordinary process memory shared with nothing
+            pages = mmap.mmap(-1, size, **_PRIVATE)
         except (OSError, ValueError, OverflowError) as e:
             raise BudgetError(f"could not map {size / 2**30:.2f} GiB for {what}: {e}. Lower the budget "
                               "(host_memory / cache_memory).") from None
         whole = torch.frombuffer(pages, dtype=torch.uint8)  # holds the mapping until the last view is gone
-        error = _register(whole.data_ptr(), size)
+        with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+            error = _register(whole.data_ptr(), size)  # on the GPU it serves: no context made on another one
         if error == 0:
             self.registered = True
             self.tensor = whole[:nbytes]
@@ -62,7 +66,7 @@ class PinnedMemory:
 def _register(ptr: int, nbytes: int) -> int | str:
     """0 once registered; else cudaHostRegister's error code, or why it could not be called."""
     try:
-        error = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+        error = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, PORTABLE)  # pinned for every GPU's context
     except (AttributeError, RuntimeError, TypeError) as e:  # a torch build without the binding, or no CUDA
         return f"{type(e).__name__}: {e}"
     code = int(getattr(error, "value", error))

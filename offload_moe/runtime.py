@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import weakref
 from pathlib import Path
@@ -95,16 +96,24 @@ def _serialise(model: nn.Module, lock: threading.RLock) -> None:
         method = getattr(model, name, None)
         if method is None:
             continue
+        # a weak reference to a bound method: the model holding a strong one to itself would be a cycle, freed
+        # only by the cycle collector, on whichever thread it runs (a reader's, in the middle of a read)
+        target = weakref.WeakMethod(method) if inspect.ismethod(method) else (lambda m=method: m)
 
-        @functools.wraps(method)
-        def locked(*args, __method=method, **kwargs):
+        @functools.wraps(getattr(method, "__func__", method))  # __wrapped__ too must not be the bound method
+        def locked(*args, __target=target, **kwargs):
             with lock:
-                return __method(*args, **kwargs)
+                return __target()(*args, **kwargs)
 
+        locked.__signature__ = inspect.signature(method)  # the bound signature, without self, as before
         setattr(model, name, locked)
 
 
 def _close(cache: ExpertCache) -> None:
+    if threading.current_thread() in cache.mover.pool.threads():
+        # collected on one of its own reader threads, mid-read: draining there would wait for that very read
+        threading.Thread(target=_close, args=(cache,), name="offload-moe-close", daemon=True).start()
+        return
     cache.drain()
     stuck = cache.stuck_reads()
     cache.mover.close(wait=not stuck)

@@ -116,6 +116,11 @@ class ReaderPool:
             self._cond.notify()
         return job.future
 
+    def threads(self) -> list[threading.Thread]:
+        """The reader threads started so far."""
+        with self._cond:
+            return list(self._threads)
+
     def hurry(self, future: Future) -> None:
         """Make a queued read urgent (its older queue entry is then skipped). Nothing if it already started."""
         job = getattr(future, "_offload_job", None)
@@ -380,7 +385,7 @@ class CudaMover(Mover):
     def _pinned_staging(self):
         buf = getattr(self._local, "pinned", None)
         if buf is None:
-            memory = PinnedMemory(max(self._staging_size, 1), "a reader thread's staging buffer")
+            memory = PinnedMemory(max(self._staging_size, 1), "a reader thread's staging buffer", device=self.device)
             buf = self._local.pinned = memory.tensor
             with self._lock:
                 self._stagings.append(buf)

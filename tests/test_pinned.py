@@ -23,8 +23,10 @@ class FakeCudart:
         self.error = error
         self.registered: dict[int, int] = {}
         self.unregistered: list[int] = []
+        self.flags: list[int] = []
 
     def cudaHostRegister(self, ptr: int, nbytes: int, flags: int):
+        self.flags.append(flags)
         if not self.error:
             assert ptr not in self.registered, "registered twice"
             self.registered[ptr] = nbytes
@@ -54,6 +56,26 @@ def test_the_size_asked_for_is_locked_to_the_page_and_unlocked_once(cudart):
     memory.release()
     memory.release()
     assert cudart.unregistered == [ptr]
+    assert cudart.flags == [1]  # cudaHostRegisterPortable: pinned for every GPU, not only the current one
+
+
+def test_registered_on_the_gpu_it_serves(cudart, monkeypatch):
+    """A reader thread's current device is GPU 0: registering there would make a context on GPU 0 for a model
+    on another GPU. The device the memory serves is made current for the call."""
+    import contextlib
+
+    current = []
+
+    @contextlib.contextmanager
+    def device(d):
+        current.append(d)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    memory = PinnedMemory(PAGE, device=torch.device("cuda", 1))
+    pool = SlotPool(2, SlotLayout({"w": (4, 4)}, torch.float32), torch.device("cpu"), pin=torch.device("cuda", 1))
+    assert memory.registered and pool.buffer.numel() == 2 * 64  # slots are 64-element aligned
+    assert current == [torch.device("cuda", 1)] * 2 and len(cudart.registered) == 2
 
 
 def test_a_collected_buffer_is_unlocked(cudart):
@@ -206,7 +228,7 @@ def test_a_stuck_read_that_ends_after_close_waits_for_its_own_copy(monkeypatch, 
     mover = Mover.__new__(CudaMover)  # a CudaMover without CUDA: its stream and events faked
     Mover.__init__(mover, NoPieces(), readers=1)
     mover.stream = types.SimpleNamespace(wait_stream=lambda compute: None, synchronize=lambda: None)
-    mover._stagings, mover._pinned, mover._lock = [], [], threading.Lock()
+    mover._stagings, mover._pinned, mover._lock, mover.device = [], [], threading.Lock(), None
     staged, copied = [], []
     mover._events = lambda: (FakeEvent(), staged.append(FakeEvent()) or staged[-1])
     mover._copy = lambda host, device, compute=None: copied.append(FakeEvent()) or Transfer(done=copied[-1])

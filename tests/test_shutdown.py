@@ -86,3 +86,34 @@ def test_no_temporary_files_left(model_dir, tmp_path, monkeypatch, prompt):
     model.generate(prompt, max_new_tokens=4, do_sample=False)
     model.offload.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_deleting_the_model_closes_it_at_once_without_the_cycle_collector(model_dir, prompt):
+    """forward and generate take the model's lock through weak references, so the model holds no cycle
+    through itself: its last reference going closes it there and then, not later on some other thread."""
+    model = offload_moe.load(model_dir("mixtral"), cache_experts=2, dtype="float32", progress=False)
+    model.generate(prompt, max_new_tokens=3, do_sample=False)
+    finalizer = model.offload._finalizer
+    gc.disable()
+    try:
+        del model
+        assert not finalizer.alive
+    finally:
+        gc.enable()
+
+
+def test_collected_on_a_reader_thread_the_close_moves_off_it(model_dir):
+    """Closing on one of the model's own reader threads (the cycle collector can run anywhere) must not wait
+    for the read that thread is in the middle of."""
+    from offload_moe.runtime import _close
+
+    model = offload_moe.load(model_dir("mixtral"), cache_experts=2, dtype="float32", progress=False)
+    cache = model.offload.cache
+    closing = cache.mover.pool.submit(_close, cache)  # as if the collector ran inside a read
+    closing.result(timeout=10)
+    for thread in threading.enumerate():
+        if thread.name == "offload-moe-close":
+            thread.join(timeout=10)
+    assert not any(t.is_alive() for t in cache.mover.pool.threads())
+    with pytest.raises(offload_moe.ExpertLoadError, match="closed"):
+        cache.mover.pool.submit(print)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import BudgetError, ConfigError, DeviceError
+from .safetensors_io import IO_MODES
 
 MIN_CACHE_EXPERTS = 2  # one expert computing while the next one loads
 
@@ -114,8 +115,6 @@ class Budget:
 def check_io(io: str, *, host_memory: bool = False, device: torch.device | None = None, origin: str = "") -> None:
     """Refuse an unknown I/O mode, and ``io="mmap"`` off the CPU or beside a warm tier (the page cache plays
     that part). ``origin`` says where the setting came from (a hardware profile)."""
-    from .safetensors_io import IO_MODES
-
     if io not in IO_MODES:
         raise ConfigError(f"io={io!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
     if io == "mmap" and device is not None and device.type != "cpu":

@@ -31,7 +31,6 @@ class PinnedMemory:
     """``nbytes`` of page-locked host memory as a uint8 tensor (``tensor``), unlocked by ``release()``."""
 
     def __init__(self, nbytes: int, what: str = "pinned host memory", device: torch.device | None = None):
-        self.nbytes = nbytes
         size = max(-(-nbytes // PAGE) * PAGE, PAGE)
         try:  # anonymous and private: page-aligned, zero-filled, ordinary process memory shared with nothing
             pages = mmap.mmap(-1, size, **_PRIVATE)

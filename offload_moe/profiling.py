@@ -156,11 +156,12 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
             if prefetched:
                 prefetched.discard(evicted)
         token, pos = divmod(i, num_layers)
-        ahead = predicted is not None and pos < num_layers - 1
-        for attempt in range(2 if ahead else 0):  # as the runtime: once while the layer runs, again once it is done
-            if attempt:
+        guesses = predicted[token][pos] if predicted is not None and pos < num_layers - 1 else ()
+        # as the runtime: the guesses are started while the layer runs, and retried once it is done
+        for layer_done in (False, True) if guesses else (True,):
+            if layer_done:
                 release_all(group)
-            for expert in predicted[token][pos]:
+            for expert in guesses:
                 key = (layers[pos + 1], expert)
                 if key in table:
                     continue
@@ -171,8 +172,6 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
                 prefetched.add(key)
                 flying.append(key)
                 issued += 1
-        if not ahead:
-            release_all(group)
     total = table.totals()
     per_layer = {layer: (c.hits, c.misses) for layer, c in sorted(table.per_layer.items())}
     return ReplayResult(policy.lower(), capacity, predictor, total.hits + total.misses, total.hits, total.misses,

@@ -1,0 +1,5 @@
+"""``python -m offload_moe``: the ``offload-moe`` command."""
+
+from .cli import main
+
+main()

@@ -518,11 +518,19 @@ def _bar(label: str, total: int):
 
 
 def main() -> None:
-    """Entry point: run the app; turn offload_moe errors into one line and exit code 1 (unless --debug)."""
+    """Entry point: run the app; any error becomes one line on stderr and exit code 1 (the traceback only
+    with --debug). An offload_moe error says what to do; anything else is a gap in our checks, said so."""
     try:
         app()
     except OffloadMoEError as e:
-        if "--debug" in sys.argv:
-            raise
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - the last line of defence; the tests assert the specific classes
+        _fail(f"unexpected {type(e).__name__}: {e}. This is a bug in offload_moe's input checks: please report it "
+              "with the output of the same command run with --debug")
+
+
+def _fail(message: str) -> None:
+    if "--debug" in sys.argv:
+        raise
+    err.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    sys.exit(1)

@@ -395,3 +395,18 @@ def test_generate_that_fails_to_load_prints_nothing_on_stdout(tmp_path):
 def test_help_keeps_the_plot_extra_name():
     result = runner.invoke(app, ["profile", "--help"], terminal_width=200)
     assert result.exit_code == 0 and "offload_moe[plot]" in result.output  # not eaten as rich markup
+
+
+def test_an_unexpected_exception_is_one_line_too():
+    # A gap in the input checks must be ugly but never a traceback wall: patch one in and run the command.
+    code = ("import offload_moe.hardware as h\n"
+            "def boom(*a, **k): raise KeyError('patched in')\n"
+            "h.list_profiles = boom\n"
+            "from offload_moe.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", code, "profiles"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "unexpected KeyError" in result.stderr and "--debug" in result.stderr
+    debug = subprocess.run([sys.executable, "-c", code, "--debug", "profiles"], capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "patched in" in debug.stderr

@@ -490,6 +490,8 @@ def repeat_rate(trace: Trace, *, first_choice: bool = True) -> list[float]:
 def random_repeat_rate(num_experts: int, top_k: int, *, first_choice: bool = True) -> float:
     """``repeat_rate`` of a router choosing uniformly at random: 1/E for the first choice,
     else the chance two random top-k sets overlap."""
+    if not 1 <= top_k <= num_experts:
+        raise TraceError(f"num_experts={num_experts}, top_k={top_k}: a router chooses 1 to num_experts experts")
     if first_choice:
         return 1 / num_experts
     return 1 - math.comb(num_experts - top_k, top_k) / math.comb(num_experts, top_k)

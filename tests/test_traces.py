@@ -272,6 +272,12 @@ def test_usage_entropy_in_bits():
     assert expert_usage_entropy(single) == pytest.approx([0.0])
 
 
+def test_random_baselines_refuse_impossible_routers():
+    for num_experts, top_k in ((0, 1), (4, 0), (4, 5)):
+        with pytest.raises(TraceError, match=f"num_experts={num_experts}, top_k={top_k}"):
+            random_repeat_rate(num_experts, top_k, first_choice=False)
+
+
 def test_random_baselines_match_the_mixtral_paper():
     assert random_repeat_rate(8, 2) == pytest.approx(0.125)
     assert random_repeat_rate(8, 2, first_choice=False) == pytest.approx(0.464, abs=1e-3)  # "46%" in Table 5

@@ -36,7 +36,8 @@ def atomic_write(path: str | Path, content: Content, mode: int = 0o644) -> Path:
 def atomic_write_all(files: Mapping[str | Path, Content], mode: int = 0o644) -> list[Path]:
     """Write several files as one set: every file is written to a temporary file first, and only when all
     of them are on disk are they renamed into place. If any write fails (a full disk), none of the targets
-    changes and no temporary file stays. Returns the paths, in order.
+    changes, no temporary file stays and no folder made here is left; the renames that follow need no
+    space. Returns the paths, in order.
     """
     staged: list[tuple[Path, Path]] = []  # (temporary file, target)
     made: list[Path] = []  # folders made here, deepest first

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write_all
 from .cache import Residency
 from .errors import BudgetError, ConfigError, OffloadMoEError
 from .policies import BUILT_IN, POLICIES, make_policy
@@ -34,6 +34,7 @@ from .prefetch import pooled_row, transition_predictions
 from .traces import Trace
 
 REPLAY_PREDICTORS = ("none", "gate", "transition", "hybrid")
+HEATMAP_MAX_EXPERTS, HEATMAP_MAX_LAYERS = 1024, 512  # beyond, the image is larger than matplotlib draws
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,10 @@ def predictions(trace: Trace, predictor: str, margin: int = 1, *,
         named.append(trace.predicted[:, :-1, :width].long().tolist())
     if predictor in ("transition", "hybrid"):
         if _transition is None:  # the experts in the router's order, as the runtime's predictor sees them
-            _transition = transition_predictions(trace.experts.numpy(), trace.num_experts, width).tolist()
+            # sized by the largest expert id routed, not the metadata's num_experts: an expert never
+            # routed to has no evidence, so it is never named, and the arrays stay as large as the data
+            seen = int(trace.experts.max()) + 1
+            _transition = transition_predictions(trace.experts.numpy(), seen, width).tolist()
         named.append(_transition)
     if len(named) == 1:
         return [[[e for e in row if e >= 0] for row in token] for token in named[0]]
@@ -134,7 +138,10 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
         predicted = predictions(trace, predictor, margin)
     groups = groups if groups is not None else layer_groups(trace)
     future = [key for group in groups for key in group] if policy.lower() == "belady" else None
-    table = Residency(capacity, make_policy(policy, seed=seed, future=future))
+    # slots beyond the keys the trace can ever admit stay empty and change no count, so none are made:
+    # a capacity of 50% of a huge num_experts costs no memory
+    admissible = trace.experts.numel() + (trace.predicted.numel() if trace.predicted is not None else 0)
+    table = Residency(min(capacity, admissible), make_policy(policy, seed=seed, future=future))
     prefetched: set[tuple[int, int]] = set()
     flying: list[tuple[int, int]] = []  # prefetched keys still pinned as in flight, until the next layer starts
     issued = used = 0
@@ -310,9 +317,11 @@ def activation_counts(trace: Trace) -> torch.Tensor:
 
 def write_results(results: Sequence[ReplayResult], trace: Trace, out: str | Path, *, seconds: float | None = None,
                   plots: bool = True) -> dict[str, Path | str]:
-    """Write ``results.json`` and ``results.csv`` (atomically) into ``out``, and the PNG plots when matplotlib is there.
+    """Write ``results.json`` and ``results.csv`` into ``out``, and the PNG plots when matplotlib is there, as one
+    set: if any file cannot be written, none of them changes.
 
-    Returns the paths written by name; ``"plots"`` holds a message instead of paths when matplotlib is missing.
+    Returns the paths written by name; ``"plots"`` (matplotlib missing) or ``"heatmap"`` (too many experts
+    or layers to draw) holds a message instead.
     """
     from . import __version__
 
@@ -327,26 +336,31 @@ def write_results(results: Sequence[ReplayResult], trace: Trace, out: str | Path
                     "offload_moe": __version__, "torch": torch.__version__},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    written: dict[str, Path | str] = {
-        "json": atomic_write(out / "results.json", json.dumps(document, indent=2).encode()),
-    }
     columns = [f.name for f in fields(ReplayResult) if f.name != "per_layer"] + [
         "hit_rate", "loads", "prefetch_precision", "misses_over_belady", "capacity_share"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    written["csv"] = atomic_write(out / "results.csv", text.getvalue().encode())
+    files = {"json": ("results.json", json.dumps(document, indent=2).encode()),
+             "csv": ("results.csv", text.getvalue().encode())}
+    notes: dict[str, str] = {}
     if plots:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            written["plots"] = "matplotlib is not installed, so no plots were drawn: pip install 'offload_moe[plot]'"
+            notes["plots"] = "matplotlib is not installed, so no plots were drawn: pip install 'offload_moe[plot]'"
         else:
-            written["hit_rate_plot"] = atomic_write(out / "hit_rate.png", _hit_rate_png(results, trace))
-            written["tradeoff_plot"] = atomic_write(out / "tradeoff.png", _tradeoff_png(results, trace))
-            written["heatmap"] = atomic_write(out / "activations.png", _heatmap_png(trace))
-    return written
+            files["hit_rate_plot"] = ("hit_rate.png", _hit_rate_png(results, trace))
+            files["tradeoff_plot"] = ("tradeoff.png", _tradeoff_png(results, trace))
+            if trace.num_experts <= HEATMAP_MAX_EXPERTS and len(trace.layers) <= HEATMAP_MAX_LAYERS:
+                files["heatmap"] = ("activations.png", _heatmap_png(trace))
+            else:
+                notes["heatmap"] = (f"not drawn: {len(trace.layers)} layers x {trace.num_experts} experts is more than a "
+                                    f"heatmap shows (at most {HEATMAP_MAX_LAYERS} x {HEATMAP_MAX_EXPERTS})")
+    # one set: a failure (a full disk) leaves the previous results, never results.json without results.csv
+    paths = atomic_write_all({out / name: content for name, content in files.values()})
+    return {**dict(zip(files, paths, strict=True)), **notes}
 
 
 def _png(figure) -> bytes:

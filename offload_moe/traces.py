@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,14 @@ from torch import nn
 from .atomic import atomic_write
 from .errors import TraceError
 from .experts import find_experts_modules, layer_number
+from .files import open_regular, parse_json, read_text
 
 FORMAT = "offload_moe.trace"
 VERSION = "1"
 REQUIRED_METADATA = ("model", "num_experts", "top_k", "layers", "source")
+MAX_EXPERTS = 32767  # expert ids are int16
+MAX_LAYER = 2**31 - 1
+PROMPTS_LIMIT = 64 * 2**20  # bytes of a prompts file
 # name: (dtype, rank); "experts" is the only tensor a trace must have.
 TENSORS = {
     "experts": (torch.int16, 3),          # [T, L, k]
@@ -120,18 +125,29 @@ def _check_metadata(metadata: dict[str, str], where: str | Path) -> None:
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise TraceError(f"{where}: metadata lacks {', '.join(missing)}; a trace records {', '.join(REQUIRED_METADATA)}")
-    try:
-        numbers = int(metadata["num_experts"]), int(metadata["top_k"])
-        layers = json.loads(metadata["layers"])
-        if not isinstance(layers, list) or not all(isinstance(x, int) for x in layers):
-            raise ValueError
-    except ValueError:
-        raise TraceError(
-            f"{where}: metadata num_experts={metadata['num_experts']!r}, top_k={metadata['top_k']!r}, "
-            f"layers={metadata['layers']!r}; they must be integers and a JSON list of integers"
-        ) from None
-    if min(numbers) < 1:
-        raise TraceError(f"{where}: metadata num_experts and top_k must be at least 1, got {numbers}")
+    odd = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if odd:
+        raise TraceError(f"{where}: metadata {odd[0]!r} is {type(metadata[odd[0]]).__name__}; trace metadata maps text to text")
+    num_experts = _metadata_int(metadata, "num_experts", MAX_EXPERTS, where,
+                                "a trace stores expert ids as int16, so at most 32767 experts per layer")
+    _metadata_int(metadata, "top_k", num_experts, where, f"a token cannot choose more than num_experts={num_experts}")
+    layers = parse_json(metadata["layers"], f"{where}: metadata 'layers'", TraceError)
+    if (not isinstance(layers, list) or not layers
+            or not all(type(x) is int and 0 <= x <= MAX_LAYER for x in layers) or len(set(layers)) != len(layers)):
+        raise TraceError(f"{where}: metadata layers={_clip(metadata['layers'])}; it must be a non-empty JSON list of "
+                         f"distinct layer numbers 0..{MAX_LAYER}, one per column of 'experts'")
+
+
+def _metadata_int(metadata: dict[str, str], field: str, most: int, where: str | Path, why: str) -> int:
+    """The metadata ``field`` as a count 1..``most``: plain decimal digits, nothing int() would also accept."""
+    text = metadata[field]
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not 1 <= int(text) <= most:
+        raise TraceError(f"{where}: metadata {field}={_clip(text)} must be a whole number from 1 to {most} ({why})")
+    return int(text)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def _check_shapes(trace: Trace, where: str | Path) -> None:
@@ -141,6 +157,8 @@ def _check_shapes(trace: Trace, where: str | Path) -> None:
             f"{where}: 'experts' has shape {list(trace.experts.shape)} but the metadata says "
             f"{len(trace.layers)} layers and top_k={trace.top_k}"
         )
+    if tokens < 1:
+        raise TraceError(f"{where}: 'experts' holds no tokens (shape {list(trace.experts.shape)}); a trace holds at least one")
     predicted = trace.predicted
     if predicted is not None and (predicted.shape[:2] != trace.experts.shape[:2] or predicted.shape[2] < k):
         raise TraceError(f"{where}: 'predicted' has shape {list(predicted.shape)}; it should be "
@@ -152,7 +170,9 @@ def _check_shapes(trace: Trace, where: str | Path) -> None:
     if trace.token_ids is not None and len(trace.token_ids) != tokens:
         raise TraceError(f"{where}: 'token_ids' has {len(trace.token_ids)} entries for {tokens} traced tokens")
     lengths = trace.sequence_lengths
-    if lengths is not None and (int(lengths.sum()) != tokens or bool((lengths < 1).any())):
+    # each length in 1..tokens before summing, so the int64 sum cannot wrap around to the right total
+    if lengths is not None and (len(lengths) > tokens or bool((lengths < 1).any()) or bool((lengths > tokens).any())
+                                or int(lengths.sum()) != tokens):
         raise TraceError(f"{where}: 'sequence_lengths' must be positive and sum to the {tokens} traced tokens")
 
 
@@ -189,17 +209,17 @@ def load_trace(path: str | Path) -> Trace:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if path.is_dir():
-        raise TraceError(f"{path} is a folder; pass a trace file (.safetensors), such as one `offload-moe trace record` wrote")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise TraceError(f"{path} does not exist; record one with offload_moe.traces.record_trace "
                          "or scripts/record_reference_traces.py")
-    try:
-        with safe_open(path, "pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {name: f.get_tensor(name) for name in f.keys() if name in TENSORS}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise TraceError(f"{path} is not a readable safetensors file ({e}); re-record the trace") from None
+    # a FIFO or a device is refused here, before safe_open could block on it or read it without end
+    with open_regular(path, "trace file", TraceError):
+        try:
+            with safe_open(path, "pt") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {name: f.get_tensor(name) for name in f.keys() if name in TENSORS}
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise TraceError(f"{path} is not a readable safetensors file ({e}); re-record the trace") from None
     if "experts" not in tensors:
         raise TraceError(f"{path} has no 'experts' tensor; a trace stores the routed experts as int16 [tokens, layers, top_k]")
     trace = Trace(metadata={k: v for k, v in metadata.items() if k not in ("format", "version")}, **tensors)
@@ -386,10 +406,7 @@ def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: a ``.jsonl`` file holds one JSON string, or object with a ``prompt`` or
     ``text`` field, per line (for prompts that span lines); any other file holds one prompt per non-empty line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TraceError(f"cannot read the prompts file {path} ({e}); give a UTF-8 text or .jsonl file") from None
+    lines = read_text(path, "prompts file", TraceError, limit=PROMPTS_LIMIT).splitlines()
     prompts = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -397,11 +414,7 @@ def read_prompts(path: str | Path) -> list[str]:
         if path.suffix != ".jsonl":
             prompts.append(line)
             continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TraceError(f"{path}, line {number}: not JSON ({e.msg}); each line of a .jsonl prompts file is "
-                             'a JSON string or an object such as {"prompt": "..."}') from None
+        item = parse_json(line, f"{path}, line {number}", TraceError)
         text = item if isinstance(item, str) else item.get("prompt", item.get("text")) if isinstance(item, dict) else None
         if not isinstance(text, str):
             raise TraceError(f'{path}, line {number}: expected a JSON string or an object with a "prompt" or "text" string')
@@ -477,6 +490,8 @@ def repeat_rate(trace: Trace, *, first_choice: bool = True) -> list[float]:
 def random_repeat_rate(num_experts: int, top_k: int, *, first_choice: bool = True) -> float:
     """``repeat_rate`` of a router choosing uniformly at random: 1/E for the first choice,
     else the chance two random top-k sets overlap."""
+    if not 1 <= top_k <= num_experts:
+        raise TraceError(f"num_experts={num_experts}, top_k={top_k}: a router chooses 1 to num_experts experts")
     if first_choice:
         return 1 / num_experts
     return 1 - math.comb(num_experts - top_k, top_k) / math.comb(num_experts, top_k)
@@ -499,9 +514,9 @@ def synthesize_trace(*, tokens: int, layers: int, num_experts: int, top_k: int, 
     if min(tokens, layers, num_experts, top_k, sequences) < 1:
         raise TraceError(f"tokens={tokens}, layers={layers}, num_experts={num_experts}, top_k={top_k} and "
                          f"sequences={sequences} must all be at least 1")
-    if num_experts > 32767:
+    if num_experts > MAX_EXPERTS:
         raise TraceError(f"num_experts={num_experts} is too many: a trace stores expert ids as int16, "
-                         "so at most 32767 experts per layer")
+                         f"so at most {MAX_EXPERTS} experts per layer")
     if top_k > num_experts or sequences > tokens:
         raise TraceError(f"top_k={top_k} must not exceed num_experts={num_experts}, nor sequences={sequences} tokens={tokens}")
     if skew < 0 or not 0 <= locality <= 1:

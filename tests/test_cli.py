@@ -263,7 +263,7 @@ def test_profile_and_trace_errors_are_one_line(tmp_path):
         (["profile", "--capacities", "lots"], "neither a number"),
         (["profile", "--policies", "mru"], "unknown policies"),
         (["trace", "record", "--prompts", str(tmp_path / "none.txt"), "--out", str(tmp_path / "t.safetensors")],
-         "cannot read the prompts file"),
+         "none.txt does not exist"),
     ]
     for args, message in cases:
         result = runner.invoke(app, args)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 import torch
 
-from offload_moe.errors import BudgetError, ConfigError
+from offload_moe.errors import BudgetError, ConfigError, OutputError
 from offload_moe.profiling import activation_counts, layer_groups, replay, sweep
 from offload_moe.traces import Trace
 
@@ -264,3 +266,102 @@ def _inline(fn, *args, urgent=True):
     except BaseException as e:
         future.set_exception(e)
     return future
+
+
+# ---------------------------------------------------------------- bounded by the data; results as one set
+
+
+def fail_second_fsync(monkeypatch) -> None:
+    """The disk fills up while the second file of a set (results.csv) is written."""
+    calls = []
+    real = os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr("offload_moe.atomic.os.fsync", fsync)
+
+
+def test_a_full_disk_leaves_no_results_json_without_results_csv(tmp_path, monkeypatch):
+    from offload_moe.profiling import write_results
+
+    trace = skewed_trace(tokens=20)
+    results = sweep(trace, policies=["lru"], capacities=[4])
+    fail_second_fsync(monkeypatch)
+    with pytest.raises(OutputError, match=r"results\.csv: No space left on device"):
+        write_results(results, trace, tmp_path, plots=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_keeps_the_previous_complete_results(tmp_path, monkeypatch):
+    from offload_moe.profiling import write_results
+
+    trace = skewed_trace(tokens=20)
+    before = write_results(sweep(trace, policies=["lru"], capacities=[4]), trace, tmp_path, plots=False)
+    saved = {name: path.read_bytes() for name, path in before.items()}
+    fail_second_fsync(monkeypatch)
+    with pytest.raises(OutputError):
+        write_results(sweep(trace, policies=["lru", "fifo"], capacities=[4, 8]), trace, tmp_path, plots=False)
+    assert {name: path.read_bytes() for name, path in before.items()} == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json"]
+
+
+def test_profile_on_a_full_disk_leaves_no_output_folder(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from offload_moe.cli import app
+    from offload_moe.traces import save_trace
+
+    trace_file = save_trace(skewed_trace(tokens=20), tmp_path / "t.safetensors")
+    fail_second_fsync(monkeypatch)
+    out = tmp_path / "new" / "results"
+    result = CliRunner().invoke(app, ["profile", "--trace", str(trace_file), "--policies", "lru", "--capacities", "4",
+                                      "--no-plots", "--out", str(out)])
+    assert isinstance(result.exception, OutputError) and "No space left" in str(result.exception)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+
+
+def test_trace_synth_on_a_full_disk_leaves_no_output_folder(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from offload_moe.cli import app
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("offload_moe.atomic.os.fsync", full)
+    result = CliRunner().invoke(app, ["trace", "synth", "--tokens", "8", "--layers", "2", "--experts", "4", "--top-k", "2",
+                                      "--out", str(tmp_path / "new" / "t.safetensors")])
+    assert isinstance(result.exception, OutputError) and "No space left" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_huge_num_experts_in_the_metadata_allocates_nothing_in_proportion():
+    import tracemalloc
+
+    from offload_moe.profiling import predictions
+
+    small = skewed_trace(tokens=200, layers=3, experts=8)
+    huge = make_trace(small.experts, 32767)  # the same routing, claimed to come from a model of 32767 experts
+    tracemalloc.start()
+    try:
+        named = predictions(huge, "transition")
+        counted = replay(huge, "lru", 10**6)  # e.g. 50% of 3 x 32767 slots is asked for
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
+    assert named == predictions(small, "transition")
+    assert counted.misses == replay(small, "lru", 24).misses  # every key fits in both
+
+
+def test_no_heatmap_is_drawn_for_more_experts_than_it_can_show(tmp_path):
+    from offload_moe.profiling import write_results
+
+    trace = make_trace(skewed_trace(tokens=20).experts, 4000)
+    written = write_results(sweep(trace, policies=["lru"], capacities=[4]), trace, tmp_path)
+    assert "4 layers x 4000 experts is more than a heatmap shows" in written["heatmap"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hit_rate.png", "results.csv", "results.json", "tradeoff.png"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -87,7 +88,7 @@ GOOD_META = {"model": "tiny", "num_experts": "4", "top_k": "2", "layers": "[0, 1
     ({"experts": torch.zeros(2, 3, 2, dtype=torch.int16)}, {**GOOD_META, "layers": "[0, 1]"}, "metadata says 2 layers"),
     ({"experts": torch.zeros(2, 3, 2, dtype=torch.int16)}, {k: v for k, v in GOOD_META.items() if k != "source"},
      "metadata lacks source"),
-    ({"experts": torch.zeros(2, 3, 2, dtype=torch.int16)}, {**GOOD_META, "num_experts": "four"}, "must be integers"),
+    ({"experts": torch.zeros(2, 3, 2, dtype=torch.int16)}, {**GOOD_META, "num_experts": "four"}, "num_experts='four' must be a whole number"),
     ({"experts": torch.zeros(2, 3, 2, dtype=torch.int16), "scores": torch.zeros(2, 3, 1)}, GOOD_META, "'scores' has shape"),
     ({"experts": torch.zeros(2, 3, 2, dtype=torch.int16), "sequence_lengths": torch.tensor([3])}, GOOD_META,
      "sum to the 2 traced tokens"),
@@ -98,6 +99,74 @@ def test_load_rejects_malformed_files(tmp_path, tensors, metadata, message):
         load_trace(path)
     assert str(path) in str(info.value)
     assert isinstance(info.value, offload_moe.OffloadMoEError)
+
+
+EXPERTS = torch.zeros(2, 3, 2, dtype=torch.int16)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_experts", "1000000000", "num_experts='1000000000' must be a whole number from 1 to 32767"),
+    ("num_experts", "40000", "num_experts='40000' must be a whole number from 1 to 32767"),
+    ("num_experts", "1e30", "num_experts='1e30' must be a whole number"),
+    ("num_experts", "-4", "num_experts='-4' must be a whole number"),
+    ("num_experts", "0", "num_experts='0' must be a whole number"),
+    ("num_experts", "True", "num_experts='True' must be a whole number"),
+    ("num_experts", "\u0664", "num_experts=.* must be a whole number"),  # an Arabic-Indic 4, which int() accepts
+    ("num_experts", "9" * 5000, r"num_experts='9999.*\(5000 characters\) must be a whole number"),
+    ("top_k", "5", "top_k='5' must be a whole number from 1 to 4"),
+    ("layers", "[]", "layers='\\[\\]'; it must be a non-empty JSON list"),
+    ("layers", "[0, 0, 1]", "distinct layer numbers"),
+    ("layers", "[-1, 0, 1]", "distinct layer numbers"),
+    ("layers", "[true, 1, 2]", "distinct layer numbers"),
+    ("layers", "[0, 1, 2.0]", "distinct layer numbers"),
+    ("layers", "[0, 1, 1e400]", "distinct layer numbers"),
+    ("layers", "[0, 1, 99999999999]", "distinct layer numbers 0..2147483647"),
+    ("layers", '{"0": 1}', "non-empty JSON list"),
+    ("layers", "[" * 100_000, "metadata 'layers' nests JSON too deeply"),
+    ("layers", "[0, 1, " + "9" * 5000 + "]", "metadata 'layers' cannot be parsed"),
+])
+def test_load_rejects_metadata_out_of_bounds(tmp_path, field, value, message):
+    path = write_raw(tmp_path / "bad.safetensors", {"experts": EXPERTS}, {**GOOD_META, field: value})
+    with pytest.raises(TraceError, match=message) as info:
+        load_trace(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"experts": torch.zeros(0, 3, 2, dtype=torch.int16)}, "holds no tokens"),
+    # each length is far too long, and their int64 sum wraps around to exactly the 4 traced tokens
+    ({"experts": torch.zeros(4, 3, 2, dtype=torch.int16), "sequence_lengths": torch.tensor([2**62, 2**62, 2**62, 2**62 + 4])},
+     "'sequence_lengths' must be positive and sum to the 4 traced tokens"),
+    ({"experts": EXPERTS, "sequence_lengths": torch.tensor([5, -3])}, "'sequence_lengths' must be positive"),
+    ({"experts": EXPERTS, "sequence_lengths": torch.tensor([1, 1, 0])}, "'sequence_lengths' must be positive"),
+])
+def test_load_rejects_counts_the_data_cannot_hold(tmp_path, tensors, message):
+    path = write_raw(tmp_path / "bad.safetensors", tensors, GOOD_META)
+    with pytest.raises(TraceError, match=message):
+        load_trace(path)
+
+
+def test_a_trace_without_layers_is_refused_before_any_summary():
+    trace = Trace(experts=torch.zeros(3, 0, 2, dtype=torch.int16),
+                  metadata={**GOOD_META, "layers": "[]"})
+    with pytest.raises(TraceError, match="non-empty JSON list"):
+        trace.validate()
+
+
+def test_metadata_values_must_be_text():
+    trace = make_trace()
+    trace.metadata["num_experts"] = True
+    with pytest.raises(TraceError, match="metadata 'num_experts' is bool"):
+        trace.validate()
+
+
+def test_load_refuses_fifos_and_devices_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(TraceError, match="not a regular file"):
+        load_trace(fifo)
+    with pytest.raises(TraceError, match="not a regular file"):
+        load_trace("/dev/zero")
 
 
 def test_load_rejects_missing_and_garbage_files(tmp_path):
@@ -203,6 +272,12 @@ def test_usage_entropy_in_bits():
     assert expert_usage_entropy(single) == pytest.approx([0.0])
 
 
+def test_random_baselines_refuse_impossible_routers():
+    for num_experts, top_k in ((0, 1), (4, 0), (4, 5)):
+        with pytest.raises(TraceError, match=f"num_experts={num_experts}, top_k={top_k}"):
+            random_repeat_rate(num_experts, top_k, first_choice=False)
+
+
 def test_random_baselines_match_the_mixtral_paper():
     assert random_repeat_rate(8, 2) == pytest.approx(0.125)
     assert random_repeat_rate(8, 2, first_choice=False) == pytest.approx(0.464, abs=1e-3)  # "46%" in Table 5
@@ -284,13 +359,42 @@ def test_read_prompts_from_text_and_jsonl(tmp_path):
     with pytest.raises(TraceError, match="line 2"):
         read_prompts(lines)
     lines.write_text("not json\n")
-    with pytest.raises(TraceError, match="line 1: not JSON"):
+    with pytest.raises(TraceError, match="line 1 is not valid JSON"):
         read_prompts(lines)
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(TraceError, match="holds no prompts"):
         read_prompts(tmp_path / "empty.txt")
-    with pytest.raises(TraceError, match="cannot read the prompts file"):
+    with pytest.raises(TraceError, match="prompts file .*missing.txt does not exist"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_read_prompts_refuses_what_is_not_a_small_utf8_file(tmp_path, monkeypatch):
+    from offload_moe import traces
+    from offload_moe.traces import read_prompts
+
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(TraceError, match="latin.txt is not UTF-8 text"):
+        read_prompts(latin)
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(TraceError, match="pipe.txt is not a regular file"):
+        read_prompts(fifo)
+    with pytest.raises(TraceError, match="not a regular file"):
+        read_prompts("/dev/zero")
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "\n")
+    with pytest.raises(TraceError, match="deep.jsonl, line 1 nests JSON too deeply"):
+        read_prompts(deep)
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"prompt": "a", "prompt": "b"}\n')
+    with pytest.raises(TraceError, match="dup.jsonl, line 1 has the key 'prompt' twice"):
+        read_prompts(dup)
+    monkeypatch.setattr(traces, "PROMPTS_LIMIT", 10)
+    big = tmp_path / "big.txt"
+    big.write_text("x" * 11)
+    with pytest.raises(TraceError, match="big.txt is larger than 10 bytes"):
+        read_prompts(big)
 
 
 # ---------------------------------------------------------------- synthetic traces

@@ -36,7 +36,7 @@ class OffloadHandle:
         return self.cache.store
 
     def stats(self) -> dict:
-        """Counters since load (or the last ``reset_stats``): see the README's Statistics. Among them hits,
+        """Counters since load (or the last ``reset_stats``): see docs/statistics.md. Among them hits,
         misses, evictions, bytes_loaded, capacity_experts, resident_bytes, and the same per layer under ``per_layer``."""
         out = self.cache.stats()
         requests = out["hits"] + out["misses"]

@@ -79,7 +79,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         header = parse_json(raw, "the header", parse_int=_header_int)
     except CheckpointError as e:
-        raise _corrupt(path, str(e)) from None
+        raise _corrupt(path, str(e).removesuffix("; it is corrupted")) from None
     if not isinstance(header, dict):
         raise _corrupt(path, f"it is a JSON {type(header).__name__}, not an object")
     _check_metadata(path, header.pop("__metadata__", None))

@@ -47,8 +47,13 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
 _U64 = 2**64  # the library reads shapes and offsets as 64-bit unsigned integers
 _TORCH_DIM = 2**63  # torch sizes are signed 64-bit
 _FIELDS = {"dtype", "shape", "data_offsets"}
-_short = reprlib.Repr()
-_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict = 200, 200, 8, 4
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 200, 200, 8, 4
+
+
+def short_repr(value: object) -> str:
+    """``repr`` cut to a few hundred characters: a value read from a file may be megabytes long."""
+    return _repr.repr(value)
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ def _check_metadata(path: Path, meta: object) -> None:
     if meta is None:
         return
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise _corrupt(path, f"__metadata__ is {_short.repr(meta)}, not a map of strings to strings")
+        raise _corrupt(path, f"__metadata__ is {short_repr(meta)}, not a map of strings to strings")
     for text in (*meta, *meta.values()):
         _check_utf8(path, text, "__metadata__")
 
@@ -131,7 +136,7 @@ def _check_utf8(path: Path, text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate written as a \u escape
-        raise _corrupt(path, f"{where} holds {_short.repr(text)}, which is not valid unicode") from None
+        raise _corrupt(path, f"{where} holds {short_repr(text)}, which is not valid unicode") from None
 
 
 def _is_u64(value: object) -> bool:
@@ -139,27 +144,27 @@ def _is_u64(value: object) -> bool:
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
-    where = f"{path}: tensor {_short.repr(name)}"
+    where = f"{path}: tensor {short_repr(name)}"
     _check_utf8(path, name, "a tensor name")
     if not isinstance(entry, dict) or set(entry) != _FIELDS:
-        raise CheckpointError(f"{where} has a malformed header entry {_short.repr(entry)}; an entry holds exactly "
+        raise CheckpointError(f"{where} has a malformed header entry {short_repr(entry)}; an entry holds exactly "
                               "dtype, shape and data_offsets. The file is corrupted, re-download or re-save it")
     dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise CheckpointError(f"{where} has dtype {_short.repr(dtype_name)}, which offload_moe cannot read "
+        raise CheckpointError(f"{where} has dtype {short_repr(dtype_name)}, which offload_moe cannot read "
                               f"(it reads {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
-        raise CheckpointError(f"{where} has shape {_short.repr(shape)}; a shape is a list of non-negative integers. "
+        raise CheckpointError(f"{where} has shape {short_repr(shape)}; a shape is a list of non-negative integers. "
                               "The file is corrupted")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
-        raise CheckpointError(f"{where} has data_offsets {_short.repr(offsets)}; they are two non-negative integers. "
+        raise CheckpointError(f"{where} has data_offsets {short_repr(offsets)}; they are two non-negative integers. "
                               "The file is corrupted")
     begin, end = offsets
     dtype = DTYPES[dtype_name]
     expected = _nbytes(where, shape, dtype)
     if end - begin != expected:
         raise CheckpointError(
-            f"{where} spans bytes {begin}..{end} but its shape {_short.repr(shape)} and dtype {dtype_name} "
+            f"{where} spans bytes {begin}..{end} but its shape {short_repr(shape)} and dtype {dtype_name} "
             f"need {expected}; the file is corrupted"
         )
     return TensorInfo(name, path, data_start + begin, expected, dtype, tuple(shape))
@@ -171,11 +176,11 @@ def _nbytes(where: str, shape: list[int], dtype: torch.dtype) -> int:
     for d in shape:  # in order, as the library multiplies: an overflow before a 0 is still an overflow
         numel *= d
         if numel >= _U64 or d >= _TORCH_DIM:
-            raise CheckpointError(f"{where} has shape {_short.repr(shape)}, larger than any tensor can be; "
+            raise CheckpointError(f"{where} has shape {short_repr(shape)}, larger than any tensor can be; "
                                   "the file is corrupted")
     nbytes = numel * dtype.itemsize
     if nbytes >= _U64:
-        raise CheckpointError(f"{where} has shape {_short.repr(shape)}, larger than any tensor can be; "
+        raise CheckpointError(f"{where} has shape {short_repr(shape)}, larger than any tensor can be; "
                               "the file is corrupted")
     return nbytes
 
@@ -186,9 +191,9 @@ def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, data_s
     for t in sorted(tensors, key=lambda t: (t.offset, t.nbytes)):
         start = t.offset - data_start
         if start != end:
-            before = "the data's start" if previous is None else f"the end of {_short.repr(previous)} at byte {end}"
+            before = "the data's start" if previous is None else f"the end of {short_repr(previous)} at byte {end}"
             raise CheckpointError(
-                f"{path}: tensor {_short.repr(t.name)} starts at byte {start} of the data, "
+                f"{path}: tensor {short_repr(t.name)} starts at byte {start} of the data, "
                 f"{'before' if start < end else 'after'} {before}: tensors {'overlap' if start < end else 'leave a gap'}. "
                 "A safetensors file holds each tensor's bytes once, in order; the file is corrupted, re-download or "
                 "re-save it"
@@ -196,7 +201,7 @@ def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, data_s
         end, previous = start + t.nbytes, t.name
     if end > data_size:
         raise CheckpointError(
-            f"{path} is truncated: tensor {_short.repr(previous)} ends at byte {data_start + end} but the file has "
+            f"{path} is truncated: tensor {short_repr(previous)} ends at byte {data_start + end} but the file has "
             f"{data_start + data_size} bytes; re-download this shard"
         )
     if end < data_size:
@@ -242,7 +247,7 @@ def _shard_names(index: Path) -> list[str]:
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(
             f"safetensors index {index} has no weight_map of tensor names to file names "
-            f"(found {_short.repr(weight_map)}); re-download it"
+            f"(found {short_repr(weight_map)}); re-download it"
         )
     return sorted(set(weight_map.values()))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .safetensors_io import FileReader, MappedFiles, TensorInfo, checkpoint_files, read_header
+from .safetensors_io import FileReader, MappedFiles, TensorInfo, checkpoint_files, read_header, short_repr
 
 GATE_NAMES = ("w1", "gate_proj")
 UP_NAMES = ("w3", "up_proj")
@@ -202,7 +202,7 @@ class ExpertStore(PieceStore):
     def _add_expert_tensor(self, spec: ExpertsSpec, rest: str, info: TensorInfo) -> bool:
         if not info.dtype.is_floating_point:
             raise CheckpointError(
-                f"{info.file}: expert tensor {_name(info.name)} has dtype {str(info.dtype).removeprefix('torch.')}, "
+                f"{info.file}: expert tensor {short_repr(info.name)} has dtype {str(info.dtype).removeprefix('torch.')}, "
                 "but expert weights are floating point; the checkpoint is corrupted or quantized in a format "
                 "offload_moe does not read"
             )
@@ -216,7 +216,7 @@ class ExpertStore(PieceStore):
         if len(digits) > MAX_INDEX_DIGITS or int(digits) >= spec.num_experts:
             shown = digits if len(digits) <= 12 else f"{digits[:12]}... ({len(digits)} digits)"
             raise CheckpointError(
-                f"{info.file}: tensor {_name(info.name)} is for expert {shown}, but the config gives "
+                f"{info.file}: tensor {short_repr(info.name)} is for expert {shown}, but the config gives "
                 f"{spec.num_experts} experts per layer; the checkpoint and config.json disagree"
             )
         expert = int(digits)
@@ -226,7 +226,7 @@ class ExpertStore(PieceStore):
         got = info.shape[::-1] if transpose else info.shape
         if tuple(got) != want:
             raise CheckpointError(
-                f"{info.file}: expert tensor {_name(info.name)} has shape {list(info.shape)}, expected "
+                f"{info.file}: expert tensor {short_repr(info.name)} has shape {list(info.shape)}, expected "
                 f"{list(want[::-1] if transpose else want)} from config.json; the checkpoint does not match its config"
             )
         self.pieces[(spec.layer, expert)].append(
@@ -250,7 +250,7 @@ class ExpertStore(PieceStore):
             rows = slice(part * half, (part + 1) * half) if spec.is_concatenated else slice(part, None, 2)
             return "gate_up_proj" + suffix, ((slice(None), rows) if along_columns else (rows,))
         raise CheckpointError(
-            f"{info.file}: tensor {_name(info.name)} looks like an expert's {proj!r} projection, which offload_moe "
+            f"{info.file}: tensor {short_repr(info.name)} looks like an expert's {proj!r} projection, which offload_moe "
             f"does not know how to place into {sorted(spec.shapes)}; please report this model"
         )
 
@@ -258,7 +258,7 @@ class ExpertStore(PieceStore):
         want = (spec.num_experts, *spec.shapes[param])
         if info.shape != want:
             raise CheckpointError(
-                f"{info.file}: fused expert tensor {_name(info.name)} has shape {list(info.shape)}, expected {list(want)} "
+                f"{info.file}: fused expert tensor {short_repr(info.name)} has shape {list(info.shape)}, expected {list(want)} "
                 "from config.json; the checkpoint does not match its config"
             )
         per_expert = info.nbytes // spec.num_experts
@@ -291,11 +291,6 @@ class ExpertStore(PieceStore):
 
     def _rows(self, layer: int, param: str) -> int:
         return self.specs[layer].shapes[param][0]
-
-
-def _name(name: str) -> str:
-    """A tensor name for a message: whole unless it is absurdly long."""
-    return repr(name) if len(name) <= 300 else repr(f"{name[:150]}...{name[-100:]}")
 
 
 def _owner(key: str, by_prefix: dict[str, ExpertsSpec]) -> tuple[ExpertsSpec | None, str]:

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from offload_moe.errors import CheckpointError, ModelPathError
-from offload_moe.safetensors_io import FileReader, checkpoint_files, read_header
+from offload_moe.safetensors_io import FileReader, MappedFiles, checkpoint_files, read_header
 
 A = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 B = {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}
@@ -151,6 +151,8 @@ def test_fifo_is_refused_not_hung(tmp_path):
     assert isinstance(error, CheckpointError) and "not a regular file" in str(error) and str(fifo) in str(error)
     error = finishes(lambda: FileReader()._fd(fifo))
     assert isinstance(error, CheckpointError) and str(fifo) in str(error)
+    error = finishes(lambda: MappedFiles().tensor(fifo, 0, torch.float32, (2,)))
+    assert isinstance(error, CheckpointError) and "not a regular file" in str(error)
 
 
 def test_folder_named_like_a_shard(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,9 @@ import torch
 
 from .atomic import atomic_write
 from .errors import CheckpointError, ConfigError
+from .files import read_json
 from .loader import build_skeleton, checkpoint_renamer, load_config, resolve_model_path, swap_experts
+from .safetensors_io import short_repr
 from .store import ExpertStore
 
 MANIFEST = "offload_moe.manifest.json"
@@ -65,6 +68,7 @@ def verify(path: str | Path, *, manifest_dir: str | Path | None = None, progress
     """Check every expert's bytes against the manifest, creating the manifest on the first run."""
     folder = resolve_model_path(path)
     target = manifest_path(folder, manifest_dir)
+    expected = read_manifest(target) if os.path.lexists(target) else None  # a bad manifest fails before the reads
     model = build_skeleton(load_config(folder))
     modules = swap_experts(model)
     store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model))
@@ -72,7 +76,7 @@ def verify(path: str | Path, *, manifest_dir: str | Path | None = None, progress
         digests = expert_digests(store, progress)
     finally:
         store.close()
-    if not target.exists():
+    if expected is None:
         if manifest_dir is None and not os.access(folder, os.W_OK):
             raise ConfigError(
                 f"{folder} is read-only, so the checksum manifest cannot go beside the model; "
@@ -81,14 +85,39 @@ def verify(path: str | Path, *, manifest_dir: str | Path | None = None, progress
         manifest = {"format": FORMAT, "model": str(folder), "experts": digests}
         atomic_write(target, json.dumps(manifest, indent=1, sort_keys=True).encode())
         return VerifyResult(target, True, len(digests))
-    try:
-        manifest = json.loads(target.read_text())
-        expected = manifest["experts"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checksum manifest {target} is unreadable ({e!r}); delete it to make a new one") from None
     bad = []
-    for key in sorted(set(expected) | set(digests), key=lambda k: tuple(int(x) for x in k.split(":"))):
+    for key in sorted(set(expected) | set(digests), key=_expert_key):
         if expected.get(key) != digests.get(key):
-            layer, expert = (int(x) for x in key.split(":"))
+            layer, expert = _expert_key(key)
             bad.append((layer, expert, store.describe(layer, expert)))
     return VerifyResult(target, False, len(digests), bad)
+
+
+def read_manifest(path: Path) -> dict[str, str]:
+    """The ``"layer:expert" -> SHA-256`` map of a checksum manifest, every key and digest checked."""
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"checksum manifest {path} {why}; delete it to make a new one")
+
+    try:
+        manifest = read_json(path, "checksum manifest")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; delete it to make a new one") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise refuse(f"is not a checksum manifest of format {FORMAT} (found {short_repr(manifest)})")
+    experts = manifest.get("experts")
+    if not isinstance(experts, dict):
+        raise refuse(f"has experts {short_repr(experts)}, where an object of \"layer:expert\" to SHA-256 belongs")
+    for key, digest in experts.items():
+        if _KEY.fullmatch(key) is None or not isinstance(digest, str) or _DIGEST.fullmatch(digest) is None:
+            raise refuse(f"has the entry {short_repr(key)}: {short_repr(digest)}, where \"layer:expert\": "
+                         "\"<64 hex digits>\" belongs")
+    return experts
+
+
+_KEY = re.compile(r"[0-9]{1,9}:[0-9]{1,9}", re.ASCII)
+_DIGEST = re.compile(r"[0-9a-f]{64}", re.ASCII)
+
+
+def _expert_key(key: str) -> tuple[int, int]:
+    layer, expert = key.split(":")
+    return int(layer), int(expert)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -79,9 +80,11 @@ def read_text(path: Path, what: str = "file", error: type[OffloadMoEError] = Che
         raise error(f"{what} {path} is not UTF-8 text (byte {e.start}); it is corrupted or not the file expected") from None
 
 
-def parse_json(text: str | bytes, where: str, error: type[OffloadMoEError] = CheckpointError) -> object:
+def parse_json(text: str | bytes, where: str, error: type[OffloadMoEError] = CheckpointError, *,
+               parse_int: Callable[[str], object] | None = None) -> object:
     """Parse JSON as strictly as the safetensors library does: no duplicate keys, no NaN or
-    Infinity; nesting deeper than Python recurses is an error too. ``where`` names the file in errors."""
+    Infinity; nesting deeper than Python recurses is an error too. ``where`` names the file in errors.
+    ``parse_int`` (as ``json.loads`` takes it) sees each integer's text, for a reader stricter still."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -99,7 +102,7 @@ def parse_json(text: str | bytes, where: str, error: type[OffloadMoEError] = Che
         raise error(f"{where} holds {name}, which is not JSON; it is corrupted")
 
     try:
-        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+        return json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant, parse_int=parse_int)
     except json.JSONDecodeError as e:
         raise error(f"{where} is not valid JSON ({e}); it is corrupted") from None
     except RecursionError:

@@ -12,9 +12,10 @@ and nothing written to them can reach the file.
 from __future__ import annotations
 
 import errno
-import json
 import mmap
 import os
+import reprlib
+import stat
 import struct
 import sys
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, ModelPathError
+from .files import inside, open_regular, parse_json, read_json
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -41,7 +43,17 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 
-MAX_HEADER_BYTES = 100 * 2**20
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
+_U64 = 2**64  # the library reads shapes and offsets as 64-bit unsigned integers
+_TORCH_DIM = 2**63  # torch sizes are signed 64-bit
+_FIELDS = {"dtype", "shape", "data_offsets"}
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 200, 200, 8, 4
+
+
+def short_repr(value: object) -> str:
+    """``repr`` cut to a few hundred characters: a value read from a file may be megabytes long."""
+    return _repr.repr(value)
 
 
 @dataclass(frozen=True)
@@ -57,85 +69,198 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors file's header; every offset is checked against the file size."""
+    """Parse and validate a safetensors file's header as strictly as the safetensors library does.
+
+    Only a regular file is opened. The header is strict JSON (no duplicate keys, no negative or
+    fractional numbers); each entry is exactly ``dtype``, ``shape`` and ``data_offsets`` with sizes
+    that agree; sorted by offset, the tensors cover the data region once, in order, with no
+    overlap and no gap, up to the end of the file. Anything else is a ``CheckpointError``
+    naming the file (and the tensor, where one is at fault).
+    """
+    with open_regular(path, "checkpoint file") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = _header_length(path, _read(f, path, 8, size), size)
+        raw = _read(f, path, n, size)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path} is not a safetensors file: it is only {size} bytes long")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(
-                    f"{path} has a corrupted safetensors header (length field says {n} bytes, file has {size}); "
-                    "re-download or re-save this file"
-                )
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing; re-download the model") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} has a corrupted safetensors header ({e}); re-download or re-save this file") from None
+        header = parse_json(raw, "the header", parse_int=_header_int)
+    except CheckpointError as e:
+        raise _corrupt(path, str(e).removesuffix("; it is corrupted")) from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path} has a corrupted safetensors header (not a JSON object)")
-    data_start = 8 + n
-    tensors = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        tensors[name] = _tensor_info(path, name, meta, data_start, size)
-    return tensors
+        raise _corrupt(path, f"it is a JSON {type(header).__name__}, not an object")
+    _check_metadata(path, header.pop("__metadata__", None))
+    tensors = [_tensor_info(path, name, entry, 8 + n) for name, entry in header.items()]
+    _check_layout(path, tensors, 8 + n, size - 8 - n)
+    return {t.name: t for t in tensors}
 
 
-def _tensor_info(path: Path, name: str, meta: object, data_start: int, size: int) -> TensorInfo:
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} has a corrupted safetensors header: {why}; re-download or re-save this file")
+
+
+def _read(f, path: Path, n: int, size: int) -> bytes:
     try:
-        dtype_name, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]  # type: ignore[index]
-    except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}") from None
-    dtype = DTYPES.get(dtype_name)
-    if dtype is None:
-        raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name}, which offload_moe cannot read")
-    numel = 1
-    for d in shape:
-        numel *= d
-    expected = numel * torch.empty((), dtype=dtype).element_size()
-    if end - begin != expected or begin < 0:
+        data = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {e.strerror or e}") from None
+    if len(data) < n:
+        raise CheckpointError(f"{path} is not a safetensors file: it is only {size} bytes long")
+    return data
+
+
+def _header_length(path: Path, head: bytes, size: int) -> int:
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise _corrupt(path, f"the length field says {n} bytes, the file has {size}")
+    return n
+
+
+def _header_int(text: str) -> int:
+    """Integers as the library reads them: never negative (not even -0), at most 64 bits."""
+    if text.startswith("-"):
+        raise CheckpointError(f"the header holds the negative number {text[:24]}; sizes and offsets never are")
+    if len(text) > 20:
+        raise CheckpointError(f"the header holds a number of {len(text)} digits, more than 64 bits hold")
+    return int(text)
+
+
+def _check_metadata(path: Path, meta: object) -> None:
+    if meta is None:
+        return
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _corrupt(path, f"__metadata__ is {short_repr(meta)}, not a map of strings to strings")
+    for text in (*meta, *meta.values()):
+        _check_utf8(path, text, "__metadata__")
+
+
+def _check_utf8(path: Path, text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate written as a \u escape
+        raise _corrupt(path, f"{where} holds {short_repr(text)}, which is not valid unicode") from None
+
+
+def _is_u64(value: object) -> bool:
+    return type(value) is int and 0 <= value < _U64  # bool and float are not sizes
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    where = f"{path}: tensor {short_repr(name)}"
+    _check_utf8(path, name, "a tensor name")
+    if not isinstance(entry, dict) or set(entry) != _FIELDS:
+        raise CheckpointError(f"{where} has a malformed header entry {short_repr(entry)}; an entry holds exactly "
+                              "dtype, shape and data_offsets. The file is corrupted, re-download or re-save it")
+    dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise CheckpointError(f"{where} has dtype {short_repr(dtype_name)}, which offload_moe cannot read "
+                              f"(it reads {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+        raise CheckpointError(f"{where} has shape {short_repr(shape)}; a shape is a list of non-negative integers. "
+                              "The file is corrupted")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
+        raise CheckpointError(f"{where} has data_offsets {short_repr(offsets)}; they are two non-negative integers. "
+                              "The file is corrupted")
+    begin, end = offsets
+    dtype = DTYPES[dtype_name]
+    expected = _nbytes(where, shape, dtype)
+    if end - begin != expected:
         raise CheckpointError(
-            f"{path}: tensor {name!r} spans bytes {begin}..{end} but its shape {list(shape)} and dtype {dtype_name} "
+            f"{where} spans bytes {begin}..{end} but its shape {short_repr(shape)} and dtype {dtype_name} "
             f"need {expected}; the file is corrupted"
         )
-    if data_start + end > size:
+    return TensorInfo(name, path, data_start + begin, expected, dtype, tuple(shape))
+
+
+def _nbytes(where: str, shape: list[int], dtype: torch.dtype) -> int:
+    """Bytes of ``shape`` x ``dtype``, refused where the library's 64-bit product overflows or torch cannot size it."""
+    numel = 1
+    for d in shape:  # in order, as the library multiplies: an overflow before a 0 is still an overflow
+        numel *= d
+        if numel >= _U64 or d >= _TORCH_DIM:
+            raise CheckpointError(f"{where} has shape {short_repr(shape)}, larger than any tensor can be; "
+                                  "the file is corrupted")
+    nbytes = numel * dtype.itemsize
+    if nbytes >= _U64:
+        raise CheckpointError(f"{where} has shape {short_repr(shape)}, larger than any tensor can be; "
+                              "the file is corrupted")
+    return nbytes
+
+
+def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, data_size: int) -> None:
+    """Sorted by offset, the tensors must tile the data region: each starts where the one before ends."""
+    end, previous = 0, None
+    for t in sorted(tensors, key=lambda t: (t.offset, t.nbytes)):
+        start = t.offset - data_start
+        if start != end:
+            before = "the data's start" if previous is None else f"the end of {short_repr(previous)} at byte {end}"
+            raise CheckpointError(
+                f"{path}: tensor {short_repr(t.name)} starts at byte {start} of the data, "
+                f"{'before' if start < end else 'after'} {before}: tensors {'overlap' if start < end else 'leave a gap'}. "
+                "A safetensors file holds each tensor's bytes once, in order; the file is corrupted, re-download or "
+                "re-save it"
+            )
+        end, previous = start + t.nbytes, t.name
+    if end > data_size:
         raise CheckpointError(
-            f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes; "
-            "re-download this shard"
+            f"{path} is truncated: tensor {short_repr(previous)} ends at byte {data_start + end} but the file has "
+            f"{data_start + data_size} bytes; re-download this shard"
         )
-    return TensorInfo(name, path, data_start + begin, end - begin, dtype, shape)
+    if end < data_size:
+        raise CheckpointError(
+            f"{path} has {data_size - end} bytes after its last tensor, which a safetensors file never has; "
+            "the file is corrupted or was appended to, re-download or re-save it"
+        )
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of a model folder: from ``model.safetensors.index.json`` if present, else ``*.safetensors``."""
+    """The safetensors files of a model folder: from ``model.safetensors.index.json`` if present, else ``*.safetensors``.
+
+    Shard names in the index are untrusted: each must name a file inside ``folder`` (a symlinked
+    shard, as the Hugging Face cache keeps them, is fine; ``/etc/passwd`` or ``../x`` is not).
+    """
     index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e!r}); re-download it") from None
-        names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (folder / n).exists()]
+    if _present(index):
+        names = _shard_names(index)
+        paths = [inside(folder, n, f"safetensors index {index}") for n in names]
+        missing = [n for n, p in zip(names, paths) if not _present(p, follow=True)]
         if missing:
             raise CheckpointError(
                 f"{folder}: shard(s) {', '.join(missing)} named in {index.name} are missing; "
                 "download the complete checkpoint"
             )
-        return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
+        return paths
+    try:
+        files = sorted(folder / e.name for e in os.scandir(folder) if e.name.endswith(".safetensors"))
+    except OSError as e:
+        raise ModelPathError(f"{folder} cannot be listed: {e.strerror or e}; make it readable (chmod +rx)") from None
     if not files:
         raise ModelPathError(
             f"{folder} has no .safetensors files; offload_moe reads safetensors checkpoints "
             "(convert .bin weights with transformers' save_pretrained)"
         )
     return files
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The distinct file names of an index's ``weight_map``, checked to be a map of tensor names to file names."""
+    data = read_json(index, "safetensors index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"safetensors index {index} has no weight_map of tensor names to file names "
+            f"(found {short_repr(weight_map)}); re-download it"
+        )
+    return sorted(set(weight_map.values()))
+
+
+def _present(path: Path, follow: bool = False) -> bool:
+    """Whether ``path`` exists; an error other than "not there" (permission denied on a folder) is raised, named."""
+    try:
+        os.stat(path) if follow else os.lstat(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be reached: {e.strerror or e}; make its folder readable (chmod +rx)") from None
 
 
 IO_MODES = ("buffered", "dontneed", "direct", "mmap")
@@ -175,9 +300,7 @@ class FileReader:
             with self._lock:
                 fd = self._fds.get((path, direct))
                 if fd is None:
-                    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (getattr(os, "O_DIRECT", 0) if direct else 0)
-                    fd = os.open(path, flags)
-                    self._fds[(path, direct)] = fd
+                    fd = self._fds[(path, direct)] = _open_fd(path, direct)
         return fd
 
     def read_into(self, path: Path, offset: int, out: torch.Tensor) -> int:
@@ -187,8 +310,8 @@ class FileReader:
             try:
                 return self._read_direct(path, offset, view)
             except OSError as e:
-                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1)):
-                    raise
+                if e.errno not in _NO_DIRECT:
+                    raise CheckpointError(f"checkpoint file {path} cannot be read: {e.strerror or e}") from None
                 self.io = "dontneed"  # this file system refuses O_DIRECT
         n = self._read_exact(self._fd(path), path, offset, view)
         if self.io == "dontneed" and n:
@@ -198,7 +321,11 @@ class FileReader:
     def _read_exact(self, fd: int, path: Path, offset: int, view: memoryview) -> int:
         want, done = len(view), 0
         while done < want:
-            n = os.preadv(fd, [view[done:]], offset + done)
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise CheckpointError(f"checkpoint file {path} cannot be read at byte {offset + done}: "
+                                      f"{e.strerror or e}") from None
             if n == 0:
                 raise CheckpointError(
                     f"{path} ended after {offset + done} bytes while reading {want} bytes at offset {offset}; "
@@ -253,6 +380,29 @@ class FileReader:
             self._fds.clear()
 
 
+def _open_fd(path: Path, direct: bool) -> int:
+    """A read-only descriptor of the regular file ``path``; a failure is a CheckpointError naming it.
+
+    ``O_DIRECT`` refused by the file system stays an ``OSError`` (EINVAL), for ``read_into`` to fall back.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | (getattr(os, "O_DIRECT", 0) if direct else 0))
+    except OSError as e:
+        if direct and e.errno in _NO_DIRECT:
+            raise
+        reason = "permission denied; make it readable (chmod +r)" if isinstance(e, PermissionError) else e.strerror or e
+        raise CheckpointError(f"checkpoint file {path} cannot be opened: {reason}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"checkpoint file {path} is no longer a regular file; offload_moe reads only regular files")
+    os.set_blocking(fd, True)
+    return fd
+
+
+_NO_DIRECT = (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1))
+
+
 class MappedFiles:
     """Private, read-only-in-effect mappings of checkpoint files, opened once each.
 
@@ -271,7 +421,7 @@ class MappedFiles:
         with self._lock:
             data = self._bytes.get(path)
             if data is None:
-                with open(path, "rb") as f:
+                with open_regular(path, "checkpoint file") as f:
                     mapped = _private_map(f.fileno())
                 self._maps[path] = mapped
                 data = self._bytes[path] = torch.frombuffer(mapped, dtype=torch.uint8)

@@ -9,7 +9,9 @@ an interrupted save never looks complete. ``SavedExperts`` offers the movers the
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +23,8 @@ from torch import nn
 
 from .atomic import atomic_write
 from .errors import CheckpointError, ConfigError
-from .safetensors_io import DTYPES, read_header
+from .files import inside, read_json
+from .safetensors_io import DTYPES, read_header, short_repr
 from .store import Piece, PieceStore
 
 if TYPE_CHECKING:
@@ -29,7 +32,8 @@ if TYPE_CHECKING:
 
 MANIFEST = "experts.json"
 FORMAT = "offload_moe.experts"
-_TENSOR = re.compile(r"^layers\.(\d+)\.experts\.(\d+)\.(.+)$")
+_TENSOR = re.compile(r"^layers\.([0-9]{1,9})\.experts\.([0-9]{1,9})\.(.+)$", re.ASCII)
+MAX_COUNT = 2**31  # bound of every id, count and size in a manifest
 
 
 def expert_item(container: nn.Module, key: str) -> nn.Module:
@@ -59,27 +63,35 @@ class SavedExperts(PieceStore):
 
     def __init__(self, path: str | Path, io: str = "direct"):
         path = Path(path).expanduser()
+        try:
+            is_folder = stat.S_ISDIR(os.stat(path).st_mode)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} does not exist; write the experts first with save_experts(model, folder)") from None
+        except OSError as e:
+            raise CheckpointError(f"{path} cannot be reached: {e.strerror or e}; make it readable") from None
         super().__init__(io)
-        if path.is_dir():
+        if is_folder:
             self.folder = path
             self.layers, files = _read_manifest(path)
-        elif path.is_file():
+        else:  # one file: read_header refuses anything but a regular safetensors file
             self.folder, self.layers, files = path.parent, {}, [path]
-        else:
-            raise CheckpointError(f"{path} does not exist; write the experts first with save_experts(model, folder)")
         for file in files:
             self._index(file)
         self._check_complete()
 
     def _index(self, file: Path) -> None:
-        for name, info in read_header(file).items():
+        header = read_header(file)
+        for name, info in header.items():
             m = _TENSOR.match(name)
             if m is None:
                 raise CheckpointError(
-                    f"{file}: tensor {name!r} is not named layers.L.experts.E.<param>; this file was not written by "
-                    "save_experts"
+                    f"{file}: tensor {short_repr(name)} is not named layers.L.experts.E.<param> (numbers of at most "
+                    "9 digits); this file was not written by save_experts"
                 )
             layer, expert, param = int(m.group(1)), int(m.group(2)), m.group(3)
+            if expert >= len(header):  # each expert has a tensor of its own, so no number is beyond the count
+                raise CheckpointError(f"{file}: tensor {name!r} is for expert {expert}, but the file holds only "
+                                      f"{len(header)} tensors; it was not written by save_experts, save the experts again")
             entry = self.layers.setdefault(layer, SavedLayer(layer, None, 0, {}))
             entry.num_experts = max(entry.num_experts, expert + 1)
             if entry.shapes.setdefault(param, info.shape) != info.shape:
@@ -132,25 +144,60 @@ class SavedExperts(PieceStore):
 
 
 def _read_manifest(folder: Path) -> tuple[dict[int, SavedLayer], list[Path]]:
+    """The layers and files of ``experts.json``, every field checked: the manifest is untrusted data too."""
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not a save_experts manifest (no \"format\": \"{FORMAT}\"); "
-                                  "run save_experts again")
-        layers, files = {}, []
-        for entry in manifest["layers"]:
-            shapes = {n: tuple(t["shape"]) for n, t in entry["params"].items()}
-            layers[entry["id"]] = SavedLayer(entry["id"], entry["module"], entry["num_experts"], shapes)
-            files.append(folder / entry["file"])
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise CheckpointError(
             f"{folder} has no {MANIFEST}: it was not written by save_experts, or the save was interrupted "
             "(the manifest is written last); run save_experts again"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a save_experts manifest ({e!r}); run save_experts again") from None
+        )
+    manifest = read_json(path, "save_experts manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a save_experts manifest (no \"format\": \"{FORMAT}\"); "
+                              "run save_experts again")
+    entries = manifest.get("layers")
+    if not isinstance(entries, list):
+        raise _bad(path, "layers", entries, "a list of layer entries")
+    layers, files = {}, []
+    for i, entry in enumerate(entries):
+        layer, file = _manifest_layer(folder, path, f"layers[{i}]", entry)
+        if layer.layer in layers or file in files:
+            raise _bad(path, f"layers[{i}]", entry, "a layer whose id and file no other entry has")
+        layers[layer.layer] = layer
+        files.append(file)
     return layers, files
+
+
+def _manifest_layer(folder: Path, path: Path, where: str, entry: object) -> tuple[SavedLayer, Path]:
+    if not isinstance(entry, dict):
+        raise _bad(path, where, entry, "an object")
+    ident = _count(path, f"{where}.id", entry.get("id"))
+    num_experts = _count(path, f"{where}.num_experts", entry.get("num_experts"))
+    module = entry.get("module")
+    if module is not None and not isinstance(module, str):
+        raise _bad(path, f"{where}.module", module, "the layer's module name, a string")
+    params = entry.get("params")
+    if not isinstance(params, dict) or not all(isinstance(p, dict) for p in params.values()):
+        raise _bad(path, f"{where}.params", params, "an object of parameter names to {\"shape\": [...]}")
+    shapes = {}
+    for name, param in params.items():
+        shape = param.get("shape")
+        if not isinstance(shape, list):
+            raise _bad(path, f"{where}.params.{name}.shape", shape, "a list of sizes")
+        shapes[name] = tuple(_count(path, f"{where}.params.{name}.shape", d) for d in shape)
+    file = inside(folder, entry.get("file"), f"save_experts manifest {path} ({where}.file)")
+    return SavedLayer(ident, module, num_experts, shapes), file
+
+
+def _count(path: Path, field: str, value: object) -> int:
+    if type(value) is not int or not 0 <= value < MAX_COUNT:  # bool is not a count
+        raise _bad(path, field, value, f"a non-negative integer below {MAX_COUNT}")
+    return value
+
+
+def _bad(path: Path, field: str, value: object, want: str) -> CheckpointError:
+    return CheckpointError(f"save_experts manifest {path}: {field} is {short_repr(value)}, where {want} belongs; "
+                           "the manifest is corrupted, run save_experts again")
 
 
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -180,13 +227,10 @@ def write_plans(plans: Sequence[LayerPlan], folder: Path, dtype: torch.dtype | N
 def _uncommit(folder: Path) -> None:
     """Remove a previous save's manifest before its files are rewritten; refuse a manifest that is not ours."""
     path = folder / MANIFEST
-    if not path.exists():
+    if not os.path.lexists(path):
         return
-    try:
-        ours = json.loads(path.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-        ours = False
-    if not ours:
+    manifest = read_json(path, "save_experts manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ConfigError(f"{path} exists and was not written by save_experts; pick another folder")
     path.unlink()
 

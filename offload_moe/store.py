@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .safetensors_io import FileReader, MappedFiles, TensorInfo, checkpoint_files, read_header
+from .safetensors_io import FileReader, MappedFiles, TensorInfo, checkpoint_files, read_header, short_repr
 
 GATE_NAMES = ("w1", "gate_proj")
 UP_NAMES = ("w3", "up_proj")
 DOWN_NAMES = ("w2", "down_proj")
-_PER_EXPERT = re.compile(r"^(\d+)\.(\w+)\.(weight|bias)$")
+_PER_EXPERT = re.compile(r"^([0-9]+)\.(\w+)\.(weight|bias)$", re.ASCII)
+MAX_INDEX_DIGITS = 9  # an expert or layer number; more digits than any model has experts
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ class ExpertStore(PieceStore):
     def _add_expert_tensor(self, spec: ExpertsSpec, rest: str, info: TensorInfo) -> bool:
         if not info.dtype.is_floating_point:
             raise CheckpointError(
-                f"{info.file}: expert tensor {info.name!r} has dtype {str(info.dtype).removeprefix('torch.')}, "
+                f"{info.file}: expert tensor {short_repr(info.name)} has dtype {str(info.dtype).removeprefix('torch.')}, "
                 "but expert weights are floating point; the checkpoint is corrupted or quantized in a format "
                 "offload_moe does not read"
             )
@@ -211,19 +212,21 @@ class ExpertStore(PieceStore):
         m = _PER_EXPERT.match(rest)
         if m is None:
             return False
-        expert, proj, kind = int(m.group(1)), m.group(2), m.group(3)
-        if expert >= spec.num_experts:
+        digits, proj, kind = m.group(1), m.group(2), m.group(3)
+        if len(digits) > MAX_INDEX_DIGITS or int(digits) >= spec.num_experts:
+            shown = digits if len(digits) <= 12 else f"{digits[:12]}... ({len(digits)} digits)"
             raise CheckpointError(
-                f"{info.file}: tensor {info.name!r} is for expert {expert}, but the config gives "
+                f"{info.file}: tensor {short_repr(info.name)} is for expert {shown}, but the config gives "
                 f"{spec.num_experts} experts per layer; the checkpoint and config.json disagree"
             )
+        expert = int(digits)
         param, index = self._destination(spec, proj, kind, info)
         want = _indexed_shape(spec.shapes[param], index)
         transpose = spec.is_transposed and len(info.shape) == 2
         got = info.shape[::-1] if transpose else info.shape
         if tuple(got) != want:
             raise CheckpointError(
-                f"{info.file}: expert tensor {info.name!r} has shape {list(info.shape)}, expected "
+                f"{info.file}: expert tensor {short_repr(info.name)} has shape {list(info.shape)}, expected "
                 f"{list(want[::-1] if transpose else want)} from config.json; the checkpoint does not match its config"
             )
         self.pieces[(spec.layer, expert)].append(
@@ -247,7 +250,7 @@ class ExpertStore(PieceStore):
             rows = slice(part * half, (part + 1) * half) if spec.is_concatenated else slice(part, None, 2)
             return "gate_up_proj" + suffix, ((slice(None), rows) if along_columns else (rows,))
         raise CheckpointError(
-            f"{info.file}: tensor {info.name!r} looks like an expert's {proj!r} projection, which offload_moe "
+            f"{info.file}: tensor {short_repr(info.name)} looks like an expert's {proj!r} projection, which offload_moe "
             f"does not know how to place into {sorted(spec.shapes)}; please report this model"
         )
 
@@ -255,7 +258,7 @@ class ExpertStore(PieceStore):
         want = (spec.num_experts, *spec.shapes[param])
         if info.shape != want:
             raise CheckpointError(
-                f"{info.file}: fused expert tensor {info.name!r} has shape {list(info.shape)}, expected {list(want)} "
+                f"{info.file}: fused expert tensor {short_repr(info.name)} has shape {list(info.shape)}, expected {list(want)} "
                 "from config.json; the checkpoint does not match its config"
             )
         per_expert = info.nbytes // spec.num_experts

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from offload_moe.errors import ConfigError
+from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.checksums import MANIFEST, verify
 
 
@@ -61,3 +61,33 @@ def test_manifest_in_another_folder(model, tmp_path):
     result = verify(model, manifest_dir=elsewhere)
     assert result.created and (elsewhere / MANIFEST).exists() and not (model / MANIFEST).exists()
     assert verify(model, manifest_dir=elsewhere).ok
+
+
+@pytest.mark.parametrize("content,match", [
+    (b'{"format": 1, "experts": ["0:0"]}', "experts"),
+    (b'{"format": 1, "experts": "0:0"}', "experts"),
+    (b'{"format": 1}', "experts"),
+    (b"[1]", "not a checksum manifest"),
+    (b'{"format": 1, "experts": {"0:0": 5}}', "'0:0'"),
+    (b'{"format": 1, "experts": {"0:0": "xyz"}}', "'0:0'"),
+    (b'{"format": 1, "experts": {"a:b": "' + b"0" * 64 + b'"}}', "'a:b'"),
+    (b'{"format": 1, "experts": {"' + b"9" * 5000 + b':0": "' + b"0" * 64 + b'"}}', "999"),
+    (b'{"format": 1, "experts": {"\xd9\xa3:0": "' + b"0" * 64 + b'"}}', "entry"),
+    (b'{"format": 1, "experts": {"\xff": 1}}', "not UTF-8"),
+    (b'{"format": 1, "format": 1, "experts": {}}', "twice"),
+])
+def test_unreadable_manifest_says_delete_it(model, content, match):
+    (model / MANIFEST).write_bytes(content)
+    with pytest.raises(CheckpointError, match=match) as info:
+        verify(model)
+    assert str(model / MANIFEST) in str(info.value) and "delete it to make a new one" in str(info.value)
+
+
+def test_manifest_that_is_a_fifo_or_a_folder(model):
+    os.mkfifo(model / MANIFEST)
+    with pytest.raises(CheckpointError, match="not a regular file.*delete it"):
+        verify(model)
+    (model / MANIFEST).unlink()
+    (model / MANIFEST).mkdir()
+    with pytest.raises(CheckpointError, match="is a folder.*delete it"):
+        verify(model)

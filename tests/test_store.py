@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -85,4 +86,37 @@ def test_dtype_conversion_on_read(model_dir):
     with safe_open(folder / "model.safetensors", "pt") as f:
         w2 = f.get_tensor("model.layers.0.block_sparse_moe.experts.0.w2.weight")
     assert torch.equal(views["down_proj"], w2.to(torch.bfloat16))
+    store.close()
+
+
+def test_expert_number_of_5000_digits_is_refused(model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from offload_moe.errors import CheckpointError
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir("mixtral"), folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.block_sparse_moe.experts." + "7" * 5000 + ".w1.weight"] = torch.zeros(48, 32)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"for expert 777777777777\.\.\. \(5000 digits\), but the config gives 4"):
+        open_store(folder)
+
+
+def test_non_ascii_digits_are_not_an_expert_number(model_dir, tmp_path):
+    """int() reads '٣' as 3; a checkpoint name with it is not expert 3 of the layer (it stays a dense tensor)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir("mixtral"), folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.block_sparse_moe.experts.\u0663.w1.weight"
+    tensors[name] = torch.zeros(48, 32)
+    save_file(tensors, folder / "model.safetensors")
+    store, _ = open_store(folder)
+    assert name.replace("block_sparse_moe", "mlp") in store.dense
     store.close()

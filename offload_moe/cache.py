@@ -15,6 +15,7 @@ slot through ``Residency`` and asks the store to fill the slot's views.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections import defaultdict
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import BudgetError, ExpertLoadError
+from .errors import BudgetError, CheckpointError, ExpertLoadError, ModelClosedError
 from .pinned import PinnedMemory
 from .policies.base import EvictionPolicy
 
@@ -324,6 +325,9 @@ class ExpertCache:
     """The hot tier: device slots filled from the warm tier (if any) or the disk, loads in flight tracked.
 
     Every bookkeeping step runs on the calling (compute) thread; reader threads only move bytes.
+    ``lock`` (reentrant) is held by whoever uses the cache, for a whole layer's use (``compute_grouped``,
+    one expert's call, a prefetch, ``close``): several threads may run a model, one layer at a time.
+    After ``close`` every use raises ``ModelClosedError``.
     A key in flight holds a slot and counts as resident, so a layer that needs it waits for it
     rather than loading it twice. A prefetch holds a pin until it lands, so it cannot be evicted
     half-written, and it never evicts a pinned key, so it never takes an expert the current
@@ -349,14 +353,25 @@ class ExpertCache:
         # io="mmap" on CPU: a miss is computed from the mapped checkpoint instead of waiting for a slot
         self.maps_misses = getattr(store, "maps", None) is not None and pool.device.type == "cpu"
         self._advised: set[Key] = set()  # prefetched in that mode: the kernel was asked to read them ahead
+        self.lock = threading.RLock()
+        self.closed = False
 
     @property
     def capacity(self) -> int:
         return self.residency.capacity
 
     # -- the layer's side ------------------------------------------------------
+    def check_open(self) -> None:
+        """Raise ``ModelClosedError`` once the model was closed: nothing reopens its files or threads."""
+        if self.closed:
+            raise ModelClosedError(
+                "this model was closed (model.offload.close()): its expert files, mappings and reader threads are "
+                "released, so it cannot run any more; load it again (offload_moe.load or offload_experts)"
+            )
+
     def acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[tuple[int, int]], list[int]]:
         """Pin the resident (or in-flight) experts among ``experts``; return [(expert, slot)] for them and the rest."""
+        self.check_open()
         self.reap()
         self._cancel_stale_prefetches(layer, experts)
         if self._advised:
@@ -385,7 +400,11 @@ class ExpertCache:
             return {}
         out = {}
         for expert in experts:
-            weights = self.store.mapped(layer, expert, self.pool.layout.dtype)
+            try:
+                weights = self.store.mapped(layer, expert, self.pool.layout.dtype)
+            except CheckpointError as e:  # the file changed on disk since load: truncated, replaced, removed
+                self.residency.per_layer[layer].load_failures += 1
+                raise self._load_error((layer, expert), e) from None
             if weights is not None:
                 self.store.willneed(layer, expert)
                 out[expert] = weights
@@ -456,17 +475,19 @@ class ExpertCache:
     def prefetch(self, layer: int, experts: Sequence[int]) -> int:
         """Start loading those of ``experts`` that are neither resident nor in flight, while a slot is evictable."""
         started = 0
-        for expert in experts:
-            if (layer, expert) in self.residency:
-                continue
-            if self.maps_misses and self._advise(layer, expert):
+        with self.lock:
+            self.check_open()
+            for expert in experts:
+                if (layer, expert) in self.residency:
+                    continue
+                if self.maps_misses and self._advise(layer, expert):
+                    started += 1
+                    continue
+                if not self.start(layer, expert, prefetch=True):
+                    if self.maps_misses:
+                        continue  # an expert that cannot be mapped found no slot; the others may still be advised
+                    break
                 started += 1
-                continue
-            if not self.start(layer, expert, prefetch=True):
-                if self.maps_misses:
-                    continue  # an expert that cannot be mapped found no slot; the others may still be advised
-                break
-            started += 1
         return started
 
     # -- internals -------------------------------------------------------------
@@ -475,8 +496,11 @@ class ExpertCache:
         key = (layer, expert)
         if key in self._advised:
             return True
-        if self.store.mapped(layer, expert, self.pool.layout.dtype) is None:
-            return False
+        try:
+            if self.store.mapped(layer, expert, self.pool.layout.dtype) is None:
+                return False
+        except CheckpointError:
+            return True  # its file changed on disk: nothing to read ahead; the layer that needs it reports why
         self.store.willneed(layer, expert)
         self._advised.add(key)
         self.flow.prefetch_issued += 1
@@ -654,6 +678,27 @@ class ExpertCache:
                     self.mover.settle(ticket.transfer())
                     self.host.residency.release(key)
             self._host_pending = [(k, t) for k, t in self._host_pending if not t.finished()]
+
+    def close(self) -> None:
+        """Wait for the loads in flight, stop the reader threads, close the files and mappings, unlock pinned
+        host slots; every later use raises ``ModelClosedError``. A second call does nothing.
+
+        Waits for the layer another thread is computing (the lock). A read stuck in the kernel keeps
+        its file and buffers: it cannot be interrupted, and it may still write into them.
+        """
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                self.drain()
+            finally:
+                stuck = self.stuck_reads()
+                self.mover.close(wait=not stuck)
+                if not stuck:  # a stuck read still needs its file open, and may yet copy out of a host slot
+                    self.store.close()
+                    if self.host is not None:
+                        self.host.pool.release()
 
     def stats(self) -> dict:
         total = self.residency.totals()

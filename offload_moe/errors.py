@@ -42,6 +42,10 @@ class ExpertLoadError(OffloadMoEError):
     """Reading or moving one expert failed; names the layer, the expert and the file."""
 
 
+class ModelClosedError(ExpertLoadError):
+    """The model was closed (``model.offload.close()``): nothing of it runs until it is loaded again."""
+
+
 class TraceError(OffloadMoEError, ValueError):
     """A routing trace is missing, malformed, or disagrees with its own metadata."""
 

@@ -85,10 +85,11 @@ class OffloadedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
             raise RuntimeError("OffloadedExperts used before offload_moe attached an expert cache")
-        if self.pos == 0:
-            self.cache.flow.tokens += top_k_index.shape[0]
-        return compute_grouped(self.cache, self.prefetcher, self.layer, self.pos, hidden_states, top_k_index,
-                               top_k_weights, self._expert, self.num_experts)
+        with self.cache.lock:
+            if self.pos == 0:
+                self.cache.flow.tokens += top_k_index.shape[0]
+            return compute_grouped(self.cache, self.prefetcher, self.layer, self.pos, hidden_states, top_k_index,
+                                   top_k_weights, self._expert, self.num_experts)
 
     def _expert(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self._linear(x, w[self.first], w.get(self.first + "_bias"))
@@ -134,50 +135,53 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
     routing once it is on the host. The k contributions of a token are summed in k order, as
     transformers' grouped implementation does.
     """
-    num_tokens, top_k = index.shape
-    flat = index.reshape(-1)  # [T*k]
-    order = torch.argsort(flat, stable=True)  # pair ids grouped by expert, dropped (-1) pairs first
-    predicted = prefetcher.predict_device(pos, hidden) if prefetcher else {}
-    routing, predicted = routing_to_host(flat, predicted)  # the layer's one host-device sync
-    if check is not None:
-        check(routing)
-    spans = _spans(routing, num_experts)
-    hits, misses = cache.acquire(layer, list(spans))
-    pinned = {e for e, _ in hits}  # released however the layer ends
-    try:
-        mapped = cache.map_misses(layer, misses)
-        misses = [e for e in misses if e not in mapped]
-        waiting = []  # no free slot yet: started once one frees
-        for expert in misses:
-            if cache.start(layer, expert):
-                pinned.add(expert)
-            else:
-                waiting.append(expert)
-        if prefetcher is not None:
-            prefetcher.after_routing(pos, _kept(routing, num_tokens, top_k), predicted, issue=not waiting)
-
-        out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1], dtype=torch.promote_types(hidden.dtype, weights.dtype))
-        pair_weights = weights.reshape(-1)  # [T*k]
-        for expert in [e for e, _ in hits] + list(mapped) + misses:  # resident first, then in the order loads started
-            if expert in mapped:
-                tensors = mapped[expert]
-            else:
-                if expert in waiting:
-                    cache.start_blocking(layer, expert)
+    with cache.lock:  # the cache's books stay consistent across the whole layer, whichever thread calls
+        num_tokens, top_k = index.shape
+        flat = index.reshape(-1)  # [T*k]
+        order = torch.argsort(flat, stable=True)  # pair ids grouped by expert, dropped (-1) pairs first
+        predicted = prefetcher.predict_device(pos, hidden) if prefetcher else {}
+        routing, predicted = routing_to_host(flat, predicted)  # the layer's one host-device sync
+        if check is not None:
+            check(routing)
+        spans = _spans(routing, num_experts)
+        hits, misses = cache.acquire(layer, list(spans))
+        pinned = {e for e, _ in hits}  # released however the layer ends
+        try:
+            mapped = cache.map_misses(layer, misses)
+            misses = [e for e in misses if e not in mapped]
+            waiting = []  # no free slot yet: started once one frees
+            for expert in misses:
+                if cache.start(layer, expert):
                     pinned.add(expert)
-                tensors = cache.pool.views(cache.ready(layer, expert))
-            lo, hi = spans[expert]
-            pairs = order[lo:hi]
-            out[pairs] = kernel(hidden[pairs // top_k], tensors) * pair_weights[pairs, None]
-            if expert not in mapped:
+                else:
+                    waiting.append(expert)
+            if prefetcher is not None:
+                prefetcher.after_routing(pos, _kept(routing, num_tokens, top_k), predicted, issue=not waiting)
+
+            out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1],
+                                   dtype=torch.promote_types(hidden.dtype, weights.dtype))
+            pair_weights = weights.reshape(-1)  # [T*k]
+            # resident first, then in the order loads started
+            for expert in [e for e, _ in hits] + list(mapped) + misses:
+                if expert in mapped:
+                    tensors = mapped[expert]
+                else:
+                    if expert in waiting:
+                        cache.start_blocking(layer, expert)
+                        pinned.add(expert)
+                    tensors = cache.pool.views(cache.ready(layer, expert))
+                lo, hi = spans[expert]
+                pairs = order[lo:hi]
+                out[pairs] = kernel(hidden[pairs // top_k], tensors) * pair_weights[pairs, None]
+                if expert not in mapped:
+                    cache.release(layer, expert)
+                    pinned.discard(expert)
+        finally:
+            for expert in pinned:
                 cache.release(layer, expert)
-                pinned.discard(expert)
-    finally:
-        for expert in pinned:
-            cache.release(layer, expert)
-    if prefetcher is not None:
-        prefetcher.retry()  # slots this layer held are free now
-    return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+        if prefetcher is not None:
+            prefetcher.retry()  # slots this layer held are free now
+        return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
 
 
 def _spans(routing: torch.Tensor, num_experts: int) -> dict[int, tuple[int, int]]:

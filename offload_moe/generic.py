@@ -284,12 +284,11 @@ class LayerRuntime:
     cache: ExpertCache | None = None
     prefetcher: Prefetcher | None = None
     pos: int = 0  # position among the offloaded layers, for the prefetcher
-    closed: bool = False
 
     def attached(self) -> ExpertCache:
         if self.cache is None:
-            state = "was closed (model.offload.close())" if self.closed else "is not attached yet"
-            raise ExpertLoadError(f"the expert cache of {self.name or 'the model'} {state}; offload the model again")
+            raise ExpertLoadError(f"the expert cache of {self.name or 'the model'} is not attached yet; "
+                                  "offload the model with offload_experts first")
         return self.cache
 
     def check_device(self, x: torch.Tensor) -> None:
@@ -307,22 +306,24 @@ class LayerRuntime:
             template.train(training)
 
     def run_one(self, expert: int, args: tuple, kwargs: dict, training: bool) -> torch.Tensor:
-        """Compute one expert on ``args``: load it if it is not resident, keep it pinned while it runs."""
+        """Compute one expert on ``args``: load it if it is not resident, keep it pinned while it runs
+        (holding the cache's lock, so that threads calling the model never interleave inside one expert's use)."""
         cache = self.attached()
-        if args and isinstance(args[0], torch.Tensor):
-            self.check_device(args[0])
-        self.follow(training)
-        _, misses = cache.acquire(self.layer, [expert])
-        try:
-            mapped = cache.map_misses(self.layer, misses)  # io="mmap" on CPU: computed in place, no slot
-            if expert in mapped:
-                return self.kernel(mapped[expert], *args, **kwargs)
-            if misses:
-                cache.start_blocking(self.layer, expert)
-            slot = cache.ready(self.layer, expert)
-            return self.kernel(cache.pool.views(slot), *args, **kwargs)
-        finally:
-            cache.release(self.layer, expert)
+        with cache.lock:
+            if args and isinstance(args[0], torch.Tensor):
+                self.check_device(args[0])
+            self.follow(training)
+            _, misses = cache.acquire(self.layer, [expert])
+            try:
+                mapped = cache.map_misses(self.layer, misses)  # io="mmap" on CPU: computed in place, no slot
+                if expert in mapped:
+                    return self.kernel(mapped[expert], *args, **kwargs)
+                if misses:
+                    cache.start_blocking(self.layer, expert)
+                slot = cache.ready(self.layer, expert)
+                return self.kernel(cache.pool.views(slot), *args, **kwargs)
+            finally:
+                cache.release(self.layer, expert)
 
 
 class OffloadedExpert(nn.Module):
@@ -422,11 +423,13 @@ def grouped(rt: LayerRuntime, hidden: torch.Tensor, index: torch.Tensor, weights
     checks the router's output first. ``training`` is the caller's mode, which the expert template follows.
     """
     cache = rt.attached()
-    rt.check_device(hidden)
-    rt.follow(training)
-    _check_routing(rt, hidden, index, weights)
-    return compute_grouped(cache, rt.prefetcher, rt.layer, rt.pos, hidden, index, weights,
-                           lambda x, views: rt.kernel(views, x), rt.num_experts, check=lambda r: _check_range(rt, r))
+    with cache.lock:  # the template's mode and the cache's books are shared by the threads calling the model
+        rt.check_device(hidden)
+        rt.follow(training)
+        _check_routing(rt, hidden, index, weights)
+        return compute_grouped(cache, rt.prefetcher, rt.layer, rt.pos, hidden, index, weights,
+                               lambda x, views: rt.kernel(views, x), rt.num_experts,
+                               check=lambda r: _check_range(rt, r))
 
 
 def _check_routing(rt: LayerRuntime, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
@@ -505,7 +508,7 @@ def save_experts(model_or_layers: nn.Module | Sequence[nn.Module], folder: str |
 class ExpertOffload(OffloadHandle):
     """``model.offload`` for a model whose experts ``offload_experts`` moved into the expert cache."""
 
-    def __init__(self, model: nn.Module, cache: ExpertCache, plans: Sequence[LayerPlan], runtimes: list,
+    def __init__(self, model: nn.Module, cache: ExpertCache, plans: Sequence[LayerPlan],
                  device: torch.device, dtype: torch.dtype, prefetcher: Prefetcher | None,
                  owned_folder: Path | None, cleanups: list[Callable[[], None]]):
         self.cache = cache
@@ -514,7 +517,7 @@ class ExpertOffload(OffloadHandle):
         self.device, self.dtype, self.prefetcher = device, dtype, prefetcher
         self.folder = cache.store.folder
         self.owned_folder = owned_folder
-        self._finalizer = weakref.finalize(model, _shutdown, cache, runtimes, cleanups, owned_folder)
+        self._finalizer = weakref.finalize(model, _shutdown, cache, cleanups, owned_folder)
 
     @property
     def num_layers(self) -> int:
@@ -522,7 +525,7 @@ class ExpertOffload(OffloadHandle):
 
     def close(self) -> None:
         """Stop the readers, close the files, remove hooks, and delete the experts folder if offload_experts made it.
-        The offloaded layers cannot run afterwards."""
+        Afterwards the offloaded layers raise ``ModelClosedError``; a second ``close`` does nothing."""
         self._finalizer()
 
     def __enter__(self) -> "ExpertOffload":
@@ -532,16 +535,12 @@ class ExpertOffload(OffloadHandle):
         self.close()
 
 
-def _shutdown(cache: ExpertCache, runtimes: list, cleanups: list, owned_folder: Path | None) -> None:
+def _shutdown(cache: ExpertCache, cleanups: list, owned_folder: Path | None) -> None:
     for cleanup in cleanups:
         cleanup()
-    for rt in runtimes:
-        rt.cache, rt.closed = None, True
     try:
-        cache.drain()
+        cache.close()
     finally:
-        cache.mover.close()
-        cache.store.close()
         if owned_folder is not None:
             shutil.rmtree(owned_folder, ignore_errors=True)
 
@@ -616,7 +615,7 @@ def offload_experts(
     cache.read_timeout = read_timeout
     runtimes = [_swap(plan, routers[i], dropped_tokens) for i, plan in enumerate(plans)]
     prefetcher, cleanups = _attach(plans, runtimes, cache, predictor)
-    handle = ExpertOffload(model, cache, plans, runtimes, dev, layout.dtype, prefetcher, owned, cleanups)
+    handle = ExpertOffload(model, cache, plans, dev, layout.dtype, prefetcher, owned, cleanups)
     if getattr(model, "offload", None) is None:
         model.offload = handle
     return handle
@@ -782,7 +781,8 @@ def _count_tokens(plans, runtimes, cache) -> Callable[[], None]:
     def count(module, args, kwargs):
         hidden = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1:
-            cache.flow.tokens += hidden.numel() // hidden.shape[-1]
+            with cache.lock:
+                cache.flow.tokens += hidden.numel() // hidden.shape[-1]
 
     handles, stacks = [], set()
     for plan, rt in zip(plans, runtimes):

@@ -59,7 +59,9 @@ class OffloadHandle:
             self.prefetcher.reset()
 
     def close(self) -> None:
-        """Release reader threads, file handles and pinned buffers now rather than when the model is collected."""
+        """Release reader threads, file handles, mappings and pinned buffers now rather than when the model is
+        collected. Afterwards the model raises ``ModelClosedError`` wherever it would use its experts; a second
+        ``close`` does nothing."""
         self._finalizer()
 
 
@@ -85,13 +87,16 @@ class OffloadRuntime(OffloadHandle):
         self.num_layers = len(modules)
         self.total_experts = sum(m.num_experts for m in modules)
         self._finalizer = weakref.finalize(model, _close, cache)
-        self.lock = threading.RLock()
-        _serialise(model, self.lock)
+        self.lock = cache.lock
+        _serialise(model, cache)
 
 
-def _serialise(model: nn.Module, lock: threading.RLock) -> None:
-    """Make ``forward`` and ``generate`` take ``lock``: calls from several threads run one after the other,
-    so the expert cache never sees two forwards interleave."""
+def _serialise(model: nn.Module, cache: ExpertCache) -> None:
+    """Make ``forward`` and ``generate`` take the cache's lock: calls from several threads run one after the
+    other, so a generation's layers (and the prefetcher's predictions across them) never interleave with
+    another's. The experts modules take the same lock for each layer, so calls into the inner model are safe
+    too. After ``close`` both raise ``ModelClosedError`` before running anything."""
+    lock = cache.lock
     for name in ("forward", "generate"):
         method = getattr(model, name, None)
         if method is None:
@@ -103,6 +108,7 @@ def _serialise(model: nn.Module, lock: threading.RLock) -> None:
         @functools.wraps(getattr(method, "__func__", method))  # __wrapped__ too must not be the bound method
         def locked(*args, __target=target, **kwargs):
             with lock:
+                cache.check_open()
                 return __target()(*args, **kwargs)
 
         locked.__signature__ = inspect.signature(method)  # the bound signature, without self, as before
@@ -112,12 +118,6 @@ def _serialise(model: nn.Module, lock: threading.RLock) -> None:
 def _close(cache: ExpertCache) -> None:
     if threading.current_thread() in cache.mover.pool.threads():
         # collected on one of its own reader threads, mid-read: draining there would wait for that very read
-        threading.Thread(target=_close, args=(cache,), name="offload-moe-close", daemon=True).start()
+        threading.Thread(target=cache.close, name="offload-moe-close", daemon=True).start()
         return
-    cache.drain()
-    stuck = cache.stuck_reads()
-    cache.mover.close(wait=not stuck)
-    if not stuck:  # a stuck read still needs its file open, and may yet copy out of a host slot
-        cache.store.close()
-        if cache.host is not None:
-            cache.host.pool.release()
+    cache.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, ModelPathError
+from .errors import CheckpointError, ModelClosedError, ModelPathError
 from .files import inside, open_regular, parse_json, read_json
 
 DTYPES: dict[str, torch.dtype] = {
@@ -404,58 +404,122 @@ _NO_DIRECT = (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1))
 
 
 class MappedFiles:
-    """Private, read-only-in-effect mappings of checkpoint files, opened once each.
+    """Private, read-only-in-effect mappings of checkpoint files, each kept while the file stays the same.
 
     ``tensor`` views bytes of a file without copying them: the kernel reads the pages on
     first touch and keeps them in its page cache, which it may reclaim. The mapping is
     copy-on-write (``MAP_PRIVATE``), so even a stray in-place write stays in this process.
     ``willneed`` asks the kernel to start reading a range now, without waiting for it.
+
+    A file that changes on disk (another size, inode, device or modification time: truncated,
+    rewritten, replaced) is mapped afresh on its next use, and a range past its end is refused
+    with a ``CheckpointError`` rather than touched: a page of a mapping past the end of its file
+    kills the process with SIGBUS. ``current(path)`` is that check (one ``stat``); callers that
+    keep views check it before each use. A file shortened between that check and the compute that
+    follows can still fault: the check narrows the window, it cannot close it.
     """
 
     def __init__(self) -> None:
-        self._maps: dict[Path, mmap.mmap] = {}
-        self._bytes: dict[Path, torch.Tensor] = {}
+        self._maps: dict[Path, _Mapping] = {}
         self._lock = threading.Lock()
+        self._closed = False
 
-    def _map(self, path: Path) -> tuple[mmap.mmap, torch.Tensor]:
+    def current(self, path: Path) -> "_Mapping":
+        """The mapping of ``path`` as the file is now: the one made before if the file is unchanged, else a new one."""
+        stamp = _stamp(path)
         with self._lock:
-            data = self._bytes.get(path)
-            if data is None:
-                with open_regular(path, "checkpoint file") as f:
-                    mapped = _private_map(f.fileno())
-                self._maps[path] = mapped
-                data = self._bytes[path] = torch.frombuffer(mapped, dtype=torch.uint8)
-            return self._maps[path], data
+            if self._closed:
+                raise ModelClosedError(f"the mappings of {path} were closed (model.offload.close()); load the model again")
+            mapping = self._maps.get(path)
+            if mapping is None or mapping.stamp != stamp:
+                # the old mapping is only dropped here: tensors that still view it keep it mapped until they go
+                mapping = self._maps[path] = _map_file(path)
+            return mapping
 
     def tensor(self, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """A ``shape`` tensor of ``dtype`` viewing the bytes at ``offset`` of ``path`` (no copy)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        numel = 1
-        for d in shape:
-            numel *= d
-        if offset % itemsize:
-            raise CheckpointError(
-                f"{path}: the tensor at byte {offset} is not aligned to its {itemsize}-byte dtype, so it cannot be "
-                "mapped; use io='direct' or 'buffered' for this checkpoint"
-            )
-        return self._map(path)[1][offset : offset + numel * itemsize].view(dtype).view(shape)
+        """A ``shape`` tensor of ``dtype`` viewing the bytes at ``offset`` of ``path`` as it is now (no copy)."""
+        return self.current(path).tensor(offset, dtype, shape)
 
     def willneed(self, path: Path, offset: int, nbytes: int) -> None:
-        """Start reading ``nbytes`` at ``offset`` of ``path`` into the page cache in the background."""
-        mapped, _ = self._map(path)
+        """Start reading ``nbytes`` at ``offset`` of ``path`` into the page cache in the background.
+
+        Advice only: a file not mapped yet, or shorter than the range, is left alone."""
+        with self._lock:
+            mapping = self._maps.get(path)
+        if mapping is None or offset + nbytes > len(mapping.mmap):
+            return
         start = offset // mmap.PAGESIZE * mmap.PAGESIZE
-        if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+        if hasattr(mapping.mmap, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
             try:
-                mapped.madvise(mmap.MADV_WILLNEED, start, min(offset + nbytes, len(mapped)) - start)
-            except OSError:
+                mapping.mmap.madvise(mmap.MADV_WILLNEED, start, offset + nbytes - start)
+            except (OSError, ValueError):
                 pass  # advice only: the pages are read on first touch anyway
 
     def close(self) -> None:
-        """Drop the mappings. Each is unmapped once no tensor views it any more (closing it while a
-        view lives would leave that view pointing at unmapped memory)."""
+        """Drop the mappings, for good: a later use raises ``ModelClosedError``. Each is unmapped once no
+        tensor views it any more (closing it while a view lives would leave that view pointing at unmapped memory)."""
         with self._lock:
-            self._bytes.clear()
+            self._closed = True
             self._maps.clear()
+
+
+@dataclass(frozen=True, eq=False)
+class _Mapping:
+    """One mapping of a file, with the ``stat`` stamp of the file it was made from."""
+
+    path: Path
+    stamp: tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns)
+    mmap: mmap.mmap
+    data: torch.Tensor  # the whole mapping as uint8
+
+    def tensor(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A ``shape`` tensor of ``dtype`` viewing the bytes at ``offset`` (no copy), once they are known to be
+        inside both the mapping and the file; else a ``CheckpointError`` that names the file."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = itemsize
+        for d in shape:
+            nbytes *= d
+        if offset % itemsize:
+            raise CheckpointError(
+                f"{self.path}: the tensor at byte {offset} is not aligned to its {itemsize}-byte dtype, so it cannot "
+                "be mapped; use io='direct' or 'buffered' for this checkpoint"
+            )
+        size = min(self.stamp[2], len(self.mmap))
+        if offset + nbytes > size:
+            raise CheckpointError(
+                f"{self.path} is {size} bytes long, but the tensor at byte {offset} needs {nbytes} bytes from there: "
+                "the file was truncated or replaced since the model was loaded; restore it (or re-download it)"
+            )
+        return self.data[offset : offset + nbytes].view(dtype).view(shape)
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise _gone(path, e) from None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _gone(path: Path, e: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"{path} cannot be opened any more ({e.strerror or e}): it was removed, replaced or made unreadable since the "
+        "model was loaded; restore it"
+    )
+
+
+def _map_file(path: Path) -> _Mapping:
+    """Map ``path`` whole; the stamp is the one of the file descriptor that was mapped. Only a refused
+    mapping raises ``OSError`` (the caller then reads into slots instead)."""
+    if not os.path.exists(path):
+        raise _gone(path, FileNotFoundError(errno.ENOENT, "no such file"))
+    with open_regular(path, "checkpoint file") as f:  # a FIFO put in its place must not hang the open
+        st = os.fstat(f.fileno())
+        if not st.st_size:
+            raise CheckpointError(f"{path} is empty: it was truncated since the model was loaded; restore it")
+        mapped = _private_map(f.fileno())
+    stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return _Mapping(path, stamp, mapped, torch.frombuffer(mapped, dtype=torch.uint8))
 
 
 # Linux's MAP_NORESERVE, which Python's mmap module does not name: a private mapping is otherwise

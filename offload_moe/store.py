@@ -132,34 +132,42 @@ class PieceStore:
         as in the other modes.
         """
         key = (layer, expert)
-        if key not in self._mapped:
-            self._mapped[key] = None
-            if self.maps is not None:
-                try:
-                    self._mapped[key] = self._map_expert(key, dtype)
-                except OSError as e:  # the file cannot be mapped: every expert is read into slots instead
-                    self.maps = None
-                    warnings.warn(f"io='mmap': cannot map {self.describe(layer, expert)} ({e.strerror or e}); "
-                                  "experts are read into slots instead, as with io='buffered'", stacklevel=2)
-        return self._mapped[key]
+        cached = self._mapped.get(key, False)
+        if self.maps is None or cached is None:
+            return None
+        try:
+            # one stat per file: views of a file that changed since they were made are not used again
+            if cached and all(self.maps.current(m.path) is m for m in cached[0]):
+                return cached[1]
+            self._mapped.pop(key, None)  # stale views go now, whether or not new ones can be made
+            made = self._map_expert(key, dtype)
+        except OSError as e:  # the file cannot be mapped: every expert is read into slots instead
+            self.maps = None
+            warnings.warn(f"io='mmap': cannot map {self.describe(layer, expert)} ({e.strerror or e}); "
+                          "experts are read into slots instead, as with io='buffered'", stacklevel=2)
+            return None
+        self._mapped[key] = made
+        return None if made is None else made[1]
 
-    def _map_expert(self, key: tuple[int, int], dtype: torch.dtype) -> "dict[str, torch.Tensor | RowBlocks] | None":
+    def _map_expert(self, key: tuple[int, int], dtype: torch.dtype):
+        """(the mappings used, the expert's views in them), or None if the expert cannot be computed in place."""
         by_param: dict[str, list[Piece]] = defaultdict(list)
         for piece in self.pieces[key]:
             if piece.dtype != dtype or piece.transpose or piece.offset % piece.dtype.itemsize:
                 return None  # a conversion, a transpose, or bytes too misaligned to view as the dtype
             by_param[piece.param].append(piece)
+        maps = {f: self.maps.current(f) for f in sorted({p.file for p in self.pieces[key]})}
         out: dict[str, torch.Tensor | RowBlocks] = {}
         for param, pieces in by_param.items():
             if len(pieces) == 1 and pieces[0].whole:
                 p = pieces[0]
-                out[param] = self.maps.tensor(p.file, p.offset, p.dtype, p.shape)
+                out[param] = maps[p.file].tensor(p.offset, p.dtype, p.shape)
                 continue
             blocks = _row_blocks(pieces, self._rows(key[0], param))
             if blocks is None:
                 return None
-            out[param] = RowBlocks(tuple(self.maps.tensor(p.file, p.offset, p.dtype, p.shape) for p in blocks))
-        return out
+            out[param] = RowBlocks(tuple(maps[p.file].tensor(p.offset, p.dtype, p.shape) for p in blocks))
+        return tuple(maps.values()), out
 
     def willneed(self, layer: int, expert: int) -> None:
         """Ask the kernel to start reading an expert's mapped bytes now (``io="mmap"``)."""

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import offload_moe
-from offload_moe.errors import CheckpointError
+from offload_moe.errors import CheckpointError, ExpertLoadError
 from offload_moe.safetensors_io import MappedFiles
 from offload_moe.store import RowBlocks, linear
 from offload_moe.synthetic import write_synthetic_checkpoint
@@ -224,3 +228,146 @@ def test_host_memory_with_mmap_is_refused(model_dir):
 
     with pytest.raises(ConfigError, match="host_memory adds nothing with io='mmap'"):
         offload_moe.load(model_dir("mixtral"), cache_experts=2, io="mmap", host_memory="1GiB", progress=False)
+
+
+# -- a checkpoint file that changes on disk after load ------------------------------------------------------------
+def test_a_mapping_follows_its_file_and_refuses_bytes_past_its_end(tmp_path):
+    """Truncated after mapping: refused (never touched, which would be SIGBUS). Restored in place or replaced:
+    mapped afresh. Removed: refused, naming the file."""
+    path = tmp_path / "data.bin"
+    data = torch.arange(4096, dtype=torch.float32)  # 16 KiB: four pages
+    path.write_bytes(data.numpy().tobytes())
+    maps = MappedFiles()
+    assert torch.equal(maps.tensor(path, 12288, torch.float32, (16,)), data[3072:3088])
+    with open(path, "r+b") as f:
+        f.truncate(4096)
+    with pytest.raises(CheckpointError, match=rf"{path} is 4096 bytes long.*truncated or replaced.*restore it"):
+        maps.tensor(path, 12288, torch.float32, (16,))
+    assert torch.equal(maps.tensor(path, 0, torch.float32, (4,)), data[:4])  # what is still there maps
+    path.write_bytes(data.numpy().tobytes())  # restored in place (same inode)
+    assert torch.equal(maps.tensor(path, 12288, torch.float32, (16,)), data[3072:3088])
+    replaced = tmp_path / "new.bin"
+    replaced.write_bytes((data * 2).numpy().tobytes())
+    os.replace(replaced, path)  # another file under the same name
+    assert torch.equal(maps.tensor(path, 12288, torch.float32, (16,)), 2 * data[3072:3088])
+    path.unlink()
+    with pytest.raises(CheckpointError, match=rf"{path} cannot be opened any more"):
+        maps.tensor(path, 0, torch.float32, (4,))
+    maps.close()
+
+
+def test_a_mapping_made_while_the_file_was_short_is_not_kept(tmp_path):
+    path = tmp_path / "data.bin"
+    data = torch.arange(4096, dtype=torch.float32)
+    path.write_bytes(data[:1024].numpy().tobytes())  # mapped while truncated...
+    maps = MappedFiles()
+    assert torch.equal(maps.tensor(path, 0, torch.float32, (4,)), data[:4])
+    with pytest.raises(CheckpointError, match="truncated or replaced"):
+        maps.tensor(path, 12288, torch.float32, (16,))
+    path.write_bytes(data.numpy().tobytes())  # ...then restored
+    assert torch.equal(maps.tensor(path, 12288, torch.float32, (16,)), data[3072:3088])
+    maps.close()
+    with pytest.raises(offload_moe.OffloadMoEError, match="closed"):  # closed for good: nothing is mapped again
+        maps.tensor(path, 0, torch.float32, (4,))
+
+
+def truncate(shard, keep):
+    with open(shard, "r+b") as f:
+        f.truncate(keep)
+
+
+def restore(shard, original):
+    with open(shard, "r+b") as f:  # in place: the same inode, a new size and modification time
+        f.write(original)
+
+
+def header_end(raw):
+    import struct
+
+    return 8 + struct.unpack("<Q", raw[:8])[0]
+
+
+def test_a_shard_truncated_before_its_first_mapping_works_again_once_restored(tmp_path, prompt):
+    folder = fused_checkpoint(tmp_path / "fused")
+    _, want, _ = generate(folder, prompt, io="direct")
+    shard = folder / "model.safetensors"
+    original = shard.read_bytes()
+    model = offload_moe.load(folder, cache_experts=2, io="mmap", prefetch="gate", progress=False)
+    truncate(shard, header_end(original) + 64)  # every expert is past the new end; the dense weights are loaded
+    with pytest.raises(ExpertLoadError, match=rf"expert \d+ of layer \d+ .* from {shard} failed: {shard} is "
+                                              rf"\d+ bytes long.*truncated or replaced.*restore it"):
+        model.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    cache = model.offload.cache
+    assert not cache.residency.pins and cache.stats()["load_failures"] >= 1
+    restore(shard, original)
+    assert torch.equal(model.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False), want)
+    model.offload.close()
+
+
+# Runs in its own process: without the checks, touching a page past the end of a truncated file is SIGBUS.
+TRUNCATE_SCRIPT = r"""
+import os, struct, sys
+from pathlib import Path
+import torch
+import offload_moe
+from offload_moe.errors import ExpertLoadError
+
+folder = Path(sys.argv[1])
+shard = folder / "model.safetensors"
+original = shard.read_bytes()
+short = original[: 8 + struct.unpack("<Q", original[:8])[0] + 64]  # every expert is past its end
+prompt = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+model = offload_moe.load(folder, cache_experts=2, io="mmap", prefetch="gate", progress=False)
+
+
+def run():
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+
+
+def fails(what):
+    try:
+        run()
+    except ExpertLoadError as e:
+        print(what, "->", e, flush=True)
+        assert not model.offload.cache.residency.pins
+        return
+    sys.exit(f"{what}: no error")
+
+
+def replace(data):
+    (folder / "new.tmp").write_bytes(data)
+    os.replace(folder / "new.tmp", shard)
+
+
+want = run()  # the file is mapped at its full size
+with open(shard, "r+b") as f:
+    f.truncate(len(short))
+fails("truncated after mapping")
+with open(shard, "r+b") as f:
+    f.write(original)
+assert torch.equal(run(), want), "restored in place"
+replace(short)
+fails("replaced by a short file")
+replace(original)
+assert torch.equal(run(), want), "replaced by the whole file"
+model.offload.close()
+print("OK")
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter: a few seconds
+def test_a_shard_truncated_after_mapping_gives_a_clear_error_and_works_again_once_restored(tmp_path):
+    folder = fused_checkpoint(tmp_path / "fused")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(offload_moe.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", TRUNCATE_SCRIPT, str(folder)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, f"exit {done.returncode} (-7 is SIGBUS)\n{done.stdout}\n{done.stderr[-3000:]}"
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "OK"
+    errors = [line for line in lines if "->" in line]
+    assert len(errors) == 2
+    for line in errors:  # names the layer, the expert and the file, and says what to do
+        assert re.search(rf"loading expert \d+ of layer \d+ \(.*experts\) from {folder / 'model.safetensors'} failed: "
+                         rf".* is \d+ bytes long.*truncated or replaced.*restore it", line), line

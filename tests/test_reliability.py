@@ -140,3 +140,100 @@ def test_invariants_hold_at_every_layer_under_heavy_prefetch(model_dir):
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
     assert len(checks) >= 3 * 20
     assert model.offload.stats()["prefetch_issued"] > 0
+
+
+def run_in_threads(call, xs, iterations: int) -> tuple[list, list]:
+    """``call(x)`` for each of ``xs`` in its own thread, ``iterations`` times; returns (results, errors)."""
+    results, errors = [[] for _ in xs], []
+    start = threading.Barrier(len(xs))
+
+    def work(i):
+        try:
+            start.wait()
+            with torch.no_grad():  # grad mode is per thread
+                for _ in range(iterations):
+                    results[i].append(call(xs[i]))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
+    return results, errors
+
+
+@pytest.mark.parametrize("settings", [dict(io="buffered", prefetch="gate"), dict(io="mmap", prefetch="none")],
+                         ids=["buffered-gate", "mmap"])
+def test_threads_calling_the_inner_model_share_the_cache_safely(settings, reference):
+    """model.model(x) bypasses the top-level forward: the experts modules take the cache's lock themselves."""
+    folder, _, _ = reference
+    model = offload_moe.load(folder, cache_experts=2, dtype="float32", progress=False, **settings)
+    xs = [torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
+    with torch.no_grad():
+        want = [model.model(x).last_hidden_state for x in xs]
+    results, errors = run_in_threads(lambda x: model.model(x).last_hidden_state, xs, iterations=12)
+    assert not errors, errors[0]
+    for i, outs in enumerate(results):
+        assert len(outs) == 12 and all(torch.equal(out, want[i]) for out in outs)
+    cache = model.offload.cache
+    cache.drain()
+    cache.residency.check()
+    assert not cache.residency.pins
+    model.offload.close()
+
+
+@pytest.mark.parametrize("replace_forward", [False, True], ids=["own_forward", "replace_forward"])
+def test_threads_calling_an_offload_experts_model_share_the_cache_safely(replace_forward):
+    from test_generic import inputs, make_model
+
+    model = make_model()
+    handle = offload_moe.offload_experts(model, cache_experts=2, replace_forward=replace_forward)
+    xs = [inputs(seed) for seed in range(4)]
+    with torch.no_grad():
+        want = [model(x) for x in xs]
+    results, errors = run_in_threads(model, xs, iterations=15)
+    assert not errors, errors[0]
+    for i, outs in enumerate(results):
+        assert len(outs) == 15 and all(torch.equal(out, want[i]) for out in outs)
+    handle.cache.drain()
+    handle.cache.residency.check()
+    assert not handle.cache.residency.pins
+    handle.close()
+
+
+def test_close_while_threads_use_the_model_waits_for_their_layer_then_stops_them(reference):
+    """close() takes the cache's lock: it waits for the layer being computed, never deadlocks with the
+    reader threads, and every later layer raises ModelClosedError."""
+    from offload_moe.errors import ModelClosedError
+
+    folder, _, _ = reference
+    model = offload_moe.load(folder, cache_experts=2, dtype="float32", prefetch="gate", read_timeout=5,
+                             progress=False)
+    xs = [torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
+    running = threading.Barrier(len(xs) + 1)
+    errors = []
+
+    def work(x):
+        running.wait()
+        try:
+            with torch.no_grad():
+                while True:
+                    model.model(x)
+        except ModelClosedError:
+            pass
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(x,)) for x in xs]
+    for t in threads:
+        t.start()
+    running.wait()
+    time.sleep(0.2)
+    model.offload.close()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    assert not any(t.is_alive() for t in model.offload.cache.mover.pool.threads())

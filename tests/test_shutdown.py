@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import gc
+import os
+import re
+import shutil
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 import offload_moe
+from offload_moe.errors import ModelClosedError
+from offload_moe.safetensors_io import IO_MODES
 
 
 def readers() -> int:
@@ -117,3 +124,90 @@ def test_collected_on_a_reader_thread_the_close_moves_off_it(model_dir):
     assert not any(t.is_alive() for t in cache.mover.pool.threads())
     with pytest.raises(offload_moe.ExpertLoadError, match="closed"):
         cache.mover.pool.submit(print)
+
+
+# -- after close(): one clear error everywhere, nothing reopened, nothing left open ---------------------------------
+def still_open(folder: Path) -> list[str]:
+    """Descriptors and mappings of this process that point into ``folder``."""
+    gc.collect()
+    inside = str(folder.resolve())
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+        if target.startswith(inside):
+            found.append(f"fd {fd} -> {target}")
+    return found + [line for line in Path("/proc/self/maps").read_text().splitlines() if inside in line]
+
+
+def closed_errors(*calls) -> set[str]:
+    """The messages of the ModelClosedError each call raises (each must raise one)."""
+    messages = set()
+    for call in calls:
+        with pytest.raises(ModelClosedError) as e:
+            with torch.no_grad():
+                call()
+        messages.add(str(e.value))
+        del e  # its traceback would keep the frames (and any tensor they hold) alive
+    return messages
+
+
+@pytest.fixture
+def own_mixtral(model_dir, tmp_path):
+    """A private copy of the tiny Mixtral: other tests' models may still hold the shared one open."""
+    return Path(shutil.copytree(model_dir("mixtral"), tmp_path / "mixtral"))
+
+
+@pytest.mark.parametrize("io", IO_MODES)
+def test_after_close_every_path_of_a_loaded_model_raises_and_nothing_stays_open(io, own_mixtral, prompt):
+    before = readers()
+    model = offload_moe.load(own_mixtral, cache_experts=2, dtype="float32", io=io, prefetch="gate", progress=False)
+    model.generate(prompt, max_new_tokens=3, do_sample=False)
+    assert still_open(own_mixtral)  # the check sees the checkpoint while the model is open
+    model.offload.close()
+    assert still_open(own_mixtral) == [] and readers() == before
+    cache = model.offload.cache
+    messages = closed_errors(
+        lambda: model.generate(prompt, max_new_tokens=3, do_sample=False),
+        lambda: model(prompt),
+        lambda: model.model(prompt),  # the inner model, past the top-level forward
+        lambda: cache.prefetch(model.offload.modules[0].layer, [0, 1]),
+    )
+    assert len(messages) == 1 and re.search(r"closed \(model\.offload\.close\(\)\).*load it again", messages.pop())
+    model.offload.close()  # a second close does nothing
+    assert model.offload.stats()["capacity_experts"] == 2  # the statistics stay readable
+    assert still_open(own_mixtral) == [] and readers() == before  # and nothing was reopened on the way
+
+
+@pytest.mark.parametrize("io", IO_MODES)
+def test_after_close_an_offload_experts_model_raises_and_nothing_stays_open(io, tmp_path):
+    from test_generic import inputs, make_model
+
+    folder = tmp_path / "experts"
+    offload_moe.save_experts(make_model(), folder)
+    model, x = make_model(), inputs()
+    handle = offload_moe.offload_experts(model, store=folder, cache_experts=2, io=io)
+    with torch.no_grad():
+        model(x)
+    assert still_open(folder)
+    handle.close()
+    assert still_open(folder) == []
+    messages = closed_errors(lambda: model(x), lambda: model.blocks[1]["moe"](x),
+                             lambda: handle.cache.prefetch(0, [0]))
+    assert len(messages) == 1 and "load it again" in messages.pop()
+    handle.close()
+    assert still_open(folder) == []
+
+
+def test_after_close_offloaded_transformers_experts_raise_the_same_error(model_dir, prompt):
+    """offload_experts on a transformers model: its experts modules are the core ``OffloadedExperts``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir("mixtral"), dtype=torch.float32).eval()
+    handle = offload_moe.offload_experts(model, cache_experts=2)
+    with torch.no_grad():
+        model(prompt)
+    handle.close()
+    assert len(closed_errors(lambda: model(prompt), lambda: model.model(prompt))) == 1

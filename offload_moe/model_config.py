@@ -10,6 +10,7 @@ so a config whose tensors need more than 8 weights per checkpoint byte does not 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -95,19 +96,20 @@ def _check_dtype(value: object, key: str, path: Path) -> None:
 def _check_fits(data: dict, path: Path, checkpoint_bytes: int) -> None:
     """Each tensor the config implies must fit in the checkpoint at one bit per weight, and each layer's
     tensors must fit in its header."""
-    hidden = data.get("hidden_size") or 1
-    expert_size = data.get("moe_intermediate_size") or data.get("intermediate_size") or 1
+    expert_size = "moe_intermediate_size" if data.get("moe_intermediate_size") else "intermediate_size"
     most = checkpoint_bytes * WEIGHTS_PER_BYTE
-    needs = [("vocab_size", hidden, "vocab_size x hidden_size embedding weights")]
-    needs += [(key, 2 * hidden * expert_size, f"{key} x 2 x hidden_size x intermediate size weights (one layer's experts)")
-              for key in EXPERT_COUNTS]
-    needs.append(("num_hidden_layers", 2 * hidden, "num_hidden_layers x 2 x hidden_size norm weights"))
-    for key, weights_each, what in needs:
-        weights = (data.get(key) or 0) * weights_each
+    rules = [(("vocab_size", "hidden_size"), 1, "the embedding"),
+             (("num_hidden_layers", "hidden_size"), 2, "two norms a layer")]
+    rules += [((key, "hidden_size", expert_size), 2, "one layer's experts, two matrices each") for key in EXPERT_COUNTS]
+    for keys, factor, what in rules:
+        if data.get(keys[0]) is None:
+            continue
+        weights = factor * math.prod(data.get(k) or 1 for k in keys)
         if weights > most:
+            sizes = " x ".join(f"{k} = {_short(data.get(k) or 1)}" for k in keys)
             raise ConfigError(
-                f"config file {path}: {key} = {_short(data[key])} needs {_short(weights)} {what}, but the checkpoint "
-                f"files hold {checkpoint_bytes:,} bytes, at most {most:,} weights even at one bit each; "
+                f"config file {path}: {sizes} need {_short(weights)} weights ({what}), but the checkpoint files "
+                f"hold {checkpoint_bytes:,} bytes, at most {most:,} weights even at one bit each; "
                 "the config does not describe this checkpoint"
             )
     layers = data.get("num_hidden_layers") or 0

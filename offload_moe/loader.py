@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
-from .config import Budget, check_io, parse_bytes, parse_device, parse_dtype
+from .config import Budget, check_io, check_read_timeout, check_within, parse_bytes, parse_device, parse_dtype, shown
 from .errors import (
     BudgetError,
     CheckpointError,
@@ -347,8 +347,10 @@ def load(
         raise ConfigError(f"readers={readers} must be at least 1")
     origin = f" (io='mmap' comes from hardware profile {hw.name!r})" if hw is not None and hw.io == "mmap" else ""
     check_io(io, host_memory=host_memory is not None, device=dev, origin=origin)
-    if read_timeout is not None and not read_timeout > 0:
-        raise ConfigError(f"read_timeout={read_timeout} must be a positive number of seconds, or None to wait forever")
+    check_read_timeout(read_timeout)
+    for setting, value in (("cache_memory", cache_memory), ("host_memory", host_memory)):
+        if value is not None:
+            parse_bytes(value, setting)  # a malformed size fails before anything is read
     folder = resolve_model_path(path)
     if hw is not None and cache_experts is None and cache_memory is None:
         from .planning import plan
@@ -368,7 +370,7 @@ def load(
         layout = SlotLayout(_shared_shapes(modules), want_dtype)
         total_experts = sum(m.num_experts for m in modules)
         dense_bytes = sum(info.nbytes for info in store.dense.values())
-        capacity = budget.slots(layout.nbytes, total_experts, default_cache_bytes(dev, dense_bytes))
+        capacity = budget.slots(layout.nbytes, total_experts, default_cache_bytes(dev, dense_bytes), dev)
         host = _host_tier(host_memory, host_policy, seed, layout, total_experts, dev)
         load_dense(model, store, dev, want_dtype, progress)
         mover = make_mover(dev, store, readers)
@@ -419,9 +421,11 @@ def _host_tier(host_memory, host_policy: str, seed: int, layout: SlotLayout, tot
                device: torch.device) -> HostTier | None:
     if host_memory is None:
         return None
-    slots = min(total_experts, parse_bytes(host_memory, "host_memory") // layout.nbytes)
+    nbytes = parse_bytes(host_memory, "host_memory")
+    check_within(nbytes, f"host_memory={shown(host_memory)}", torch.device("cpu"))
+    slots = min(total_experts, nbytes // layout.nbytes)
     if slots < 1:
-        raise BudgetError(f"host_memory={host_memory!r} holds no expert of {layout.nbytes} bytes; raise it or leave it out")
+        raise BudgetError(f"host_memory={shown(host_memory)} holds no expert of {layout.nbytes} bytes; raise it or leave it out")
     pin = device if device.type == "cuda" else False
     return HostTier(Residency(slots, make_policy(host_policy, seed=seed)), SlotPool(slots, layout, torch.device("cpu"), pin=pin))
 

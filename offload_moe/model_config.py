@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .config import shown
 from .errors import ConfigError, UnsupportedModelError
 from .files import read_json
 from .safetensors_io import checkpoint_files
@@ -61,7 +62,7 @@ def check_config(data: dict, path: Path, checkpoint_bytes: int) -> None:
     for key in POSITIVE:
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"config file {path}: {key} = {_short(value)} must be a whole number, 1 or more; "
+            raise ConfigError(f"config file {path}: {key} = {shown(value)} must be a whole number, 1 or more; "
                               "the config is corrupted")
     for key in DTYPE_KEYS:
         if data.get(key) is not None:
@@ -89,7 +90,7 @@ def checkpoint_size(folder: Path) -> int:
 def _check_dtype(value: object, key: str, path: Path) -> None:
     dtype = getattr(torch, value, None) if isinstance(value, str) else None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"config file {path}: {key} = {_short(value)} is not a torch floating dtype; "
+        raise ConfigError(f"config file {path}: {key} = {shown(value)} is not a torch floating dtype; "
                           "use e.g. 'bfloat16', 'float16' or 'float32'")
 
 
@@ -106,24 +107,16 @@ def _check_fits(data: dict, path: Path, checkpoint_bytes: int) -> None:
             continue
         weights = factor * math.prod(data.get(k) or 1 for k in keys)
         if weights > most:
-            sizes = " x ".join(f"{k} = {_short(data.get(k) or 1)}" for k in keys)
+            sizes = " x ".join(f"{k} = {shown(data.get(k) or 1)}" for k in keys)
             raise ConfigError(
-                f"config file {path}: {sizes} need {_short(weights)} weights ({what}), but the checkpoint files "
+                f"config file {path}: {sizes} need {shown(weights)} weights ({what}), but the checkpoint files "
                 f"hold {checkpoint_bytes:,} bytes, at most {most:,} weights even at one bit each; "
                 "the config does not describe this checkpoint"
             )
     layers = data.get("num_hidden_layers") or 0
     if layers * 2 * HEADER_ENTRY_BYTES > checkpoint_bytes:
         raise ConfigError(
-            f"config file {path}: num_hidden_layers = {_short(layers)} needs at least two tensors a layer (its norms), "
+            f"config file {path}: num_hidden_layers = {shown(layers)} needs at least two tensors a layer (its norms), "
             f"more than {checkpoint_bytes:,} bytes of checkpoint files can even list; "
             "the config does not describe this checkpoint"
         )
-
-
-def _short(value: object) -> str:
-    """A value for a message, cut short: a 4,000-digit number is not worth printing in full."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"a number of {int(value.bit_length() * 0.30103) + 1} digits"
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe.errors import ConfigError
+from offload_moe import loader
+from offload_moe.errors import ConfigError, UnsupportedModelError
 from offload_moe.loader import build_skeleton, load_config
 from tiny_models import make_config
 
@@ -137,3 +138,17 @@ def test_rotary_tables_are_computed_as_transformers_computes_them(family):
     assert any("rotary" in name for name in built)
     for name, buffer in built.items():
         torch.testing.assert_close(buffer, reference[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_buffer_transformers_does_not_compute_is_refused_not_left_arbitrary(monkeypatch):
+    from transformers import MixtralForCausalLM
+
+    monkeypatch.setattr(MixtralForCausalLM, "_init_weights", lambda self, module: None)
+    with pytest.raises(UnsupportedModelError, match="does not compute the buffer.*inv_freq"):
+        build_skeleton(make_config("mixtral"))
+
+
+def test_computed_buffers_are_bounded(monkeypatch):
+    monkeypatch.setattr(loader, "BUFFER_LIMIT", 16)
+    with pytest.raises(UnsupportedModelError, match="bytes of computed buffers"):
+        build_skeleton(make_config("mixtral"))

@@ -88,7 +88,7 @@ class ChatSession:
         from .loader import load, resolve_model_path
 
         folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
-        tokenizer = load_tokenizer(folder)
+        tokenizer = load_tokenizer(folder, trust_remote_code=load_options.get("trust_remote_code", False))
         model = load(folder, progress=progress, **load_options)
         try:
             return cls(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

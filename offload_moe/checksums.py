@@ -64,12 +64,14 @@ def manifest_path(folder: Path, manifest_dir: str | Path | None) -> Path:
     return Path(manifest_dir) / MANIFEST if manifest_dir is not None else folder / MANIFEST
 
 
-def verify(path: str | Path, *, manifest_dir: str | Path | None = None, progress=None) -> VerifyResult:
-    """Check every expert's bytes against the manifest, creating the manifest on the first run."""
+def verify(path: str | Path, *, manifest_dir: str | Path | None = None, progress=None,
+           trust_remote_code: bool = False) -> VerifyResult:
+    """Check every expert's bytes against the manifest, creating the manifest on the first run.
+    ``trust_remote_code`` as in ``offload_moe.load``: without it no code from the model folder runs."""
     folder = resolve_model_path(path)
     target = manifest_path(folder, manifest_dir)
     expected = read_manifest(target) if os.path.lexists(target) else None  # a bad manifest fails before the reads
-    model = build_skeleton(load_config(folder))
+    model = build_skeleton(load_config(folder, trust_remote_code=trust_remote_code), trust_remote_code=trust_remote_code)
     modules = swap_experts(model)
     store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model))
     try:

@@ -43,6 +43,10 @@ IoMode = Annotated[str | None, typer.Option(
     "--io", help="How experts are read: direct, dontneed, buffered, or mmap (CPU: compute from the mapped checkpoint); "
                  "default: the profile's, else direct.")]
 HardwareProfile = Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")]
+TrustRemoteCode = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Run Python code from the model folder (the .py files its config.json names in "
+                                "auto_map) to build an architecture transformers lacks. That code runs with your "
+                                "permissions: use it only for a folder whose code you have read and trust.")]
 
 
 def _version(value: bool) -> None:
@@ -127,6 +131,7 @@ def plan(
     context: Annotated[int, typer.Option(help="Tokens of KV cache to reserve.")] = 4096,
     profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path (see `offload-moe profiles`).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Show what goes where for MODEL: device, host RAM and disk, without loading any weights.
 
@@ -136,7 +141,7 @@ def plan(
     from .planning import plan as make_plan
 
     p = make_plan(model, device_memory=device_memory, dtype=dtype, context_length=context, profile=profile,
-                  host_memory=host_memory, io=io)
+                  host_memory=host_memory, io=io, trust_remote_code=trust_remote_code)
     if json_output:
         import json
 
@@ -173,6 +178,7 @@ def generate(
     io: IoMode = None,
     profile: HardwareProfile = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print text, timings and cache statistics as JSON.")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Complete one prompt, streaming the text; --json prints text, timings and statistics for scripts.
 
@@ -194,7 +200,8 @@ def generate(
     stream = None if json_output else stream
     result = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            repetition_penalty=repetition_penalty, seed=seed, on_text=stream, device=device, cache_experts=cache_experts,
-                           cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, io=io, profile=profile)
+                           cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, io=io, profile=profile,
+                           trust_remote_code=trust_remote_code)
     if json_output:
         print(json.dumps(result.as_dict(), default=str))
         return
@@ -220,6 +227,7 @@ def chat(
     dtype: Dtype = None,
     io: IoMode = None,
     profile: HardwareProfile = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Chat with MODEL, streaming answers; /reset, /stats, /paste, /quit. Reads lines from stdin when it is not a terminal.
 
@@ -233,7 +241,8 @@ def chat(
 
     session = ChatSession.load(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                repetition_penalty=repetition_penalty, device=device, cache_experts=cache_experts,
-                               cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, io=io, profile=profile)
+                               cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, io=io, profile=profile,
+                               trust_remote_code=trust_remote_code)
     interactive = sys.stdin.isatty()
     try:
         if interactive:
@@ -247,6 +256,7 @@ def chat(
 def verify(
     model: Annotated[str, typer.Argument(help="Model folder (config.json + *.safetensors).")],
     manifest_dir: Annotated[str | None, typer.Option(help="Where the checksum manifest lives when the model folder is read-only.")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Check every expert's bytes against a SHA-256 manifest; the first run writes the manifest.
 
@@ -259,7 +269,8 @@ def verify(
     with Progress(TextColumn("[bold]hashing experts"), BarColumn(), DownloadColumn(binary_units=True),
                   console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("hash", total=None)
-        result = check(model, manifest_dir=manifest_dir, progress=lambda n: bar.advance(task, n))
+        result = check(model, manifest_dir=manifest_dir, progress=lambda n: bar.advance(task, n),
+                       trust_remote_code=trust_remote_code)
     if result.created:
         console.print(f"wrote checksums of {result.experts} experts to {result.manifest}", markup=False)
         return
@@ -325,6 +336,7 @@ def trace_record(
     cache_experts: Annotated[int | None, typer.Option(help="Expert slots while recording (routing does not depend on it).")] = None,
     dtype: Dtype = None,
     profile: HardwareProfile = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Record which experts each token of each prompt is routed to, with router scores and gate predictions.
 
@@ -340,7 +352,7 @@ def trace_record(
                                + (f", {max_new_tokens} greedy tokens after each" if max_new_tokens else ""),
                                predict_margin=margin if predictions else None, max_new_tokens=max_new_tokens,
                                on_prompt=advance, device=device, cache_experts=cache_experts, dtype=dtype,
-                               profile=profile)
+                               profile=profile, trust_remote_code=trust_remote_code)
         path = save_trace(trace, out)
     _print_trace_summary(trace, path)
 
@@ -411,6 +423,7 @@ def profile_command(
     workers: Annotated[int | None, typer.Option(min=1, help="Processes for the replays; default: one per CPU for large sweeps.")] = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Replay only the trace's first N tokens (a quick look at a long trace).")] = None,
     profile: Annotated[str | None, typer.Option(help="Hardware profile: with MODEL, adds the capacity its device memory gives.")] = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Replay a routing trace through eviction policies x capacities x prefetch predictors, against Belady's optimum.
 
@@ -435,7 +448,7 @@ def profile_command(
             with _bar("recording", len(texts)) as advance:
                 trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}",
                                        predict_margin=margin, max_new_tokens=max_new_tokens, on_prompt=advance,
-                                       device=_recording_device(profile))
+                                       device=_recording_device(profile), trust_remote_code=trust_remote_code)
             console.print(f"recorded {save_trace(trace, out / 'trace.safetensors')}", highlight=False, soft_wrap=True,
                           markup=False)
         else:
@@ -452,7 +465,8 @@ def profile_command(
             from .planning import plan
 
             total = len(trace.layers) * trace.num_experts
-            slots = sorted(set(slots) | {min(plan(model, profile=profile).expert_slots, total)})
+            slots = sorted(set(slots) | {min(plan(model, profile=profile, trust_remote_code=trust_remote_code).expert_slots,
+                                             total)})
         names = [p.strip() for p in policies.split(",") if p.strip()]
         replays = sweep_size(names, slots, chosen)
         start = time.perf_counter()

@@ -16,8 +16,8 @@ import torch
 from rich.console import Console
 
 from .errors import ModelPathError
-from .generation import text_streamer
-from .loader import load
+from .generation import load_tokenizer, text_streamer
+from .loader import load, load_config
 
 # Each prompt stops inside a line: the tokenizer learned a newline together with the next line's
 # indentation, so a prompt ending in a bare newline reads to the model like the end of a block.
@@ -76,17 +76,15 @@ def run_demo(
     experts whatever the profile, since that is what the demo shows. On CPU the bf16 checkpoint
     is computed in float32 (faster there); elsewhere in its own dtype.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     from .hardware import get_profile
 
     device = device or (get_profile(profile).device if profile is not None else "cpu")
     console = console or Console()
     folder = demo_model_path()
-    config = AutoConfig.from_pretrained(folder)
+    config = load_config(folder)
     total = config.num_hidden_layers * config.num_local_experts
     capacity = max(2, int(total * CACHE_SHARE))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     model = load(folder, device=device, cache_experts=capacity, dtype="float32" if device == "cpu" else None,
                  prefetch="gate", prefetch_margin=0, progress=False)
     try:

@@ -43,6 +43,8 @@ def open_regular(path: Path, what: str = "file", error: type[OffloadMoEError] = 
         raise error(f"{what} {path} is a folder, not a file") from None
     except OSError as e:
         raise error(f"{what} {path} cannot be opened: {e.strerror or e}") from None
+    except ValueError:  # a NUL byte in the name
+        raise error(f"{what} {str(path)!r} is not a file name (it holds a NUL byte)") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):

@@ -50,14 +50,15 @@ def kv_cache_of(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):
+    """The tokenizer of ``folder``; code from the folder (a custom tokenizer class) runs only with ``trust_remote_code``."""
     from transformers import AutoTokenizer
 
     from .loader import load_config
 
-    load_config(folder)  # a broken config.json is reported as such, not as a missing tokenizer
+    load_config(folder, trust_remote_code=trust_remote_code)  # a broken config.json is reported as such
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         reason = " ".join(str(e).split())  # transformers' message spans lines; an error here is one line
         raise ModelPathError(f"{folder} has no tokenizer transformers can load ({reason}); "
@@ -110,7 +111,7 @@ def generate_text(
 
     sampling = sampling_options(max_new_tokens, temperature, top_p, repetition_penalty)
     folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code=load_options.get("trust_remote_code", False))
     start = time.perf_counter()
     model = load(folder, **{"progress": on_text is not None, **load_options})
     load_seconds = time.perf_counter() - start

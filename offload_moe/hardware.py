@@ -7,14 +7,23 @@ always win over the profile.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import parse_bytes, parse_dtype, shown
 from .errors import BudgetError, ConfigError
+from .files import read_text
+from .policies import POLICIES
+from .prefetch import PREDICTORS
+from .safetensors_io import IO_MODES
 
 FIELDS = ("description", "device", "device_memory", "host_memory", "dtype", "policy", "prefetch",
           "prefetch_margin", "prefetch_depth", "io")
+INT_FIELDS = {"prefetch_margin": (0, 4096), "prefetch_depth": (1, 1024)}  # beyond any model's experts and layers
+PROFILE_LIMIT = 2**20  # a profile is a dozen short lines
+DEVICE = re.compile(r"(cpu|cuda(:[0-9]{1,4})?)\Z")
 
 
 @dataclass(frozen=True)
@@ -61,44 +70,21 @@ def get_profile(name_or_path: str | Path) -> Profile:
 
 
 def read_profile(path: Path) -> Profile:
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"profile file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"profile {path} is not valid TOML: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:  # a folder, an unreadable or a binary file
-        raise ConfigError(f"profile {path} cannot be read ({e}); pass a UTF-8 .toml file or a profile name") from None
+    """The profile in the TOML file ``path``, every setting checked; any fault is a ConfigError naming the
+    file and the setting. The file is read as untrusted data: a regular file of at most ``PROFILE_LIMIT`` bytes."""
+    data = _parse_toml(path)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"profile {path} has unknown setting(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+        raise ConfigError(f"profile {path} has unknown setting(s) {', '.join(shown(k) for k in unknown[:5])}; "
+                          f"known: {', '.join(FIELDS)}")
     missing = [k for k in ("description", "device", "device_memory") if k not in data]
     if missing:
         raise ConfigError(f"profile {path} lacks {', '.join(missing)}")
     for key, value in data.items():
-        want = int if key in ("prefetch_margin", "prefetch_depth") else str
+        want = int if key in INT_FIELDS else str
         if not isinstance(value, want) or isinstance(value, bool):
-            raise ConfigError(f"profile {path}: {key} = {value!r} should be {'an integer' if want is int else 'a string'}")
-    from .prefetch import PREDICTORS
-
-    if data.get("prefetch", "none").lower() not in PREDICTORS:
-        raise ConfigError(f"profile {path}: prefetch = {data['prefetch']!r} is not a predictor; use one of {', '.join(PREDICTORS)}")
-    from .safetensors_io import IO_MODES
-
-    if data.get("io", "direct") not in IO_MODES:
-        raise ConfigError(f"profile {path}: io = {data['io']!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
-    if data.get("io") == "mmap" and data.get("host_memory") is not None:
-        raise ConfigError(f"profile {path}: host_memory adds nothing with io = 'mmap' (the page cache is the spare-RAM "
-                          "tier); remove one of them")
-    if data.get("io") == "mmap" and not str(data["device"]).lower().startswith("cpu"):
-        raise ConfigError(f"profile {path}: io = 'mmap' needs device = 'cpu' (it computes experts from the mapped "
-                          "checkpoint); use 'direct' for a GPU")
-    from .config import parse_bytes, parse_dtype
-    from .policies import POLICIES
-
-    if data.get("policy", "lru").lower() not in set(POLICIES) - {"belady"}:
-        raise ConfigError(f"profile {path}: policy = {data['policy']!r} is not an eviction policy for a running model; "
-                          f"use one of {', '.join(sorted(set(POLICIES) - {'belady'}))}")
+            raise ConfigError(f"profile {path}: {key} = {shown(value)} should be {'an integer' if want is int else 'a string'}")
+    _check_choices(data, path)
     try:
         parse_dtype(data.get("dtype"))
         for key in ("device_memory", "host_memory"):
@@ -106,6 +92,38 @@ def read_profile(path: Path) -> Profile:
                 parse_bytes(data[key], key)
     except (BudgetError, ConfigError) as e:
         raise ConfigError(f"profile {path}: {e}") from None
-    if data.get("prefetch_margin", 0) < 0 or data.get("prefetch_depth", 1) < 1:
-        raise ConfigError(f"profile {path}: prefetch_margin must be 0 or more and prefetch_depth at least 1")
+    for key, (low, high) in INT_FIELDS.items():
+        if key in data and not low <= data[key] <= high:
+            raise ConfigError(f"profile {path}: {key} = {shown(data[key])} must be {low}..{high}")
     return Profile(name=path.stem, **data)
+
+
+def _parse_toml(path: Path) -> dict:
+    text = read_text(path, "profile", ConfigError, PROFILE_LIMIT)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"profile {path} is not valid TOML: {e}") from None
+    except (ValueError, RecursionError):  # an integer of thousands of digits; arrays nested thousands deep
+        raise ConfigError(f"profile {path} cannot be parsed: it holds a number thousands of digits long or values "
+                          "nested thousands deep, where a profile holds a few short settings") from None
+
+
+def _check_choices(data: dict, path: Path) -> None:
+    """Settings that name one of a few choices: device, prefetch, io, policy."""
+    if not DEVICE.match(data["device"]):
+        raise ConfigError(f"profile {path}: device = {shown(data['device'])} is not a device; use 'cpu', 'cuda' or 'cuda:N'")
+    if data.get("prefetch", "none").lower() not in PREDICTORS:
+        raise ConfigError(f"profile {path}: prefetch = {shown(data['prefetch'])} is not a predictor; use one of {', '.join(PREDICTORS)}")
+    if data.get("io", "direct") not in IO_MODES:
+        raise ConfigError(f"profile {path}: io = {shown(data['io'])} is not an I/O mode; use one of {', '.join(IO_MODES)}")
+    if data.get("io") == "mmap" and data.get("host_memory") is not None:
+        raise ConfigError(f"profile {path}: host_memory adds nothing with io = 'mmap' (the page cache is the spare-RAM "
+                          "tier); remove one of them")
+    if data.get("io") == "mmap" and not data["device"].startswith("cpu"):
+        raise ConfigError(f"profile {path}: io = 'mmap' needs device = 'cpu' (it computes experts from the mapped "
+                          "checkpoint); use 'direct' for a GPU")
+    running = sorted(set(POLICIES) - {"belady"})
+    if data.get("policy", "lru").lower() not in running:
+        raise ConfigError(f"profile {path}: policy = {shown(data['policy'])} is not an eviction policy for a running "
+                          f"model; use one of {', '.join(running)}")

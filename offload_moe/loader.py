@@ -14,6 +14,7 @@ Nothing is written to the model folder, and on any error everything built so far
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
-from .config import Budget, check_io, parse_bytes, parse_device, parse_dtype
+from .config import Budget, check_io, check_read_timeout, check_within, parse_bytes, parse_device, parse_dtype, shown
 from .errors import (
     BudgetError,
     CheckpointError,
@@ -32,6 +33,7 @@ from .errors import (
 )
 from .experts import OffloadedExperts, expert_params, find_experts_modules, layer_number
 from .hardware import get_profile
+from .model_config import REMOTE_CODE_HINT, check_config, checkpoint_size, read_config
 from .policies import make_policy
 from .prefetch import PREDICTORS, Prefetcher, make_predictor
 from .runtime import OffloadRuntime
@@ -39,6 +41,8 @@ from .store import ExpertsSpec, ExpertStore
 from .transfer import make_mover
 
 log = logging.getLogger("offload_moe")
+
+BUFFER_LIMIT = 2**30  # rotary tables are kilobytes; more is a config out of range
 
 # Families with a parity test against transformers (tests/test_families.py).
 SUPPORTED_FAMILIES = (
@@ -70,30 +74,66 @@ def resolve_model_path(path: str | Path) -> Path:
     raise ModelPathError(f"{folder} does not exist; pass the folder of a model saved with save_pretrained")
 
 
-def load_config(folder: Path):
+def load_config(folder: Path, *, trust_remote_code: bool = False):
+    """The transformers config of ``folder``: ``config.json`` read strictly and its values checked against the
+    checkpoint first (see ``model_config``); code from the folder runs only with ``trust_remote_code``."""
     from transformers import AutoConfig
 
+    data = read_config(folder, trust_remote_code)
+    check_config(data, folder / "config.json", checkpoint_size(folder))
     try:
-        return AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, OSError) as e:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises ValueError, TypeError, AttributeError... for a config it cannot take
         reason = " ".join(str(e).split())  # transformers' message spans lines; an error here is one line
-        raise UnsupportedModelError(f"{folder / 'config.json'} cannot be read by transformers: {reason}") from None
+        hint = f" {REMOTE_CODE_HINT}" if "trust_remote_code" in reason else ""
+        raise UnsupportedModelError(f"{folder / 'config.json'} cannot be read by transformers: {reason}{hint}") from None
 
 
-def build_skeleton(config) -> nn.Module:
-    """The model with every parameter on the meta device (buffers such as rotary tables are real)."""
-    from accelerate import init_empty_weights
+def build_skeleton(config, *, trust_remote_code: bool = False) -> nn.Module:
+    """The model with every parameter and persistent buffer on the meta device: built there from the first
+    tensor, so no size in the config allocates memory. Non-persistent buffers (rotary tables), which no
+    checkpoint holds, are then computed on the CPU by transformers' own weight init, as its from_pretrained does."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import meta_device_safe_creation_ops
 
     try:
-        with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        with torch.device("meta"), meta_device_safe_creation_ops(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoModelForCausalLM.from_config(config)
-    except ValueError as e:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:  # no class for the model_type; with trust_remote_code, whatever the folder's code raises
+        reason = " ".join(str(e).split())
         raise UnsupportedModelError(
-            f"transformers has no causal-LM class for model_type {config.model_type!r} ({e}). "
+            f"transformers cannot build a causal LM for model_type {config.model_type!r} ({reason}). "
             f"Supported families: {', '.join(SUPPORTED_FAMILIES)}"
         ) from None
+    _compute_buffers(model)
+    return model
+
+
+def _compute_buffers(model: nn.Module) -> None:
+    """Give each non-persistent buffer real memory and let the model's ``_init_weights`` compute it; one it
+    leaves unset (still NaN) is refused rather than used with arbitrary values."""
+    owners: dict[nn.Module, list[str]] = {}
+    for module in model.modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(name)
+            if buffer is not None and buffer.is_meta:
+                owners.setdefault(module, []).append(name)
+    total = sum(module._buffers[n].nbytes for module, names in owners.items() for n in names)
+    if total > BUFFER_LIMIT:
+        raise UnsupportedModelError(f"{type(model).__name__} asks for {total:,} bytes of computed buffers (rotary "
+                                    "tables...), more than such tables take; check the sizes in config.json")
+    for module, names in owners.items():
+        for name in names:
+            buffer = module._buffers[name]
+            module._buffers[name] = torch.full_like(buffer, math.nan, device="cpu") if buffer.is_floating_point() \
+                else torch.zeros_like(buffer, device="cpu")
+        model._init_weights(module)
+        unset = [n for n in names if module._buffers[n].is_floating_point() and module._buffers[n].isnan().any()]
+        if unset:
+            raise UnsupportedModelError(f"{type(model).__name__}: transformers does not compute the buffer(s) "
+                                        f"{', '.join(unset)} of {type(module).__name__} when building on the meta "
+                                        "device, so offload_moe cannot build this model")
 
 
 def swap_experts(model: nn.Module) -> list[OffloadedExperts]:
@@ -262,6 +302,7 @@ def load(
     profile: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> nn.Module:
     """Load a Hugging Face MoE checkpoint with its routed experts offloaded to a device expert cache.
 
@@ -284,6 +325,8 @@ def load(
     ``profile`` (a name from ``profiles/`` or a TOML path) fills in the device, dtype, policy,
     host memory, prefetch settings, ``io`` and, through ``plan``, the number of slots, where they are
     not given.
+    ``trust_remote_code=True`` lets transformers run Python code from the model folder (an ``auto_map``
+    in config.json) to build an architecture it lacks; without it no code from the folder runs.
     Returns the transformers model; ``model.offload`` holds the runtime and its stats.
     """
     hw = get_profile(profile) if profile is not None else None
@@ -304,27 +347,30 @@ def load(
         raise ConfigError(f"readers={readers} must be at least 1")
     origin = f" (io='mmap' comes from hardware profile {hw.name!r})" if hw is not None and hw.io == "mmap" else ""
     check_io(io, host_memory=host_memory is not None, device=dev, origin=origin)
-    if read_timeout is not None and not read_timeout > 0:
-        raise ConfigError(f"read_timeout={read_timeout} must be a positive number of seconds, or None to wait forever")
+    check_read_timeout(read_timeout)
+    for setting, value in (("cache_memory", cache_memory), ("host_memory", host_memory)):
+        if value is not None:
+            parse_bytes(value, setting)  # a malformed size fails before anything is read
     folder = resolve_model_path(path)
     if hw is not None and cache_experts is None and cache_memory is None:
         from .planning import plan
 
-        cache_experts = plan(folder, device_memory=hw.device_memory, dtype=want_dtype).expert_slots
+        cache_experts = plan(folder, device_memory=hw.device_memory, dtype=want_dtype,
+                             trust_remote_code=trust_remote_code).expert_slots
     budget = Budget(cache_experts, cache_memory)
-    config = load_config(folder)
+    config = load_config(folder, trust_remote_code=trust_remote_code)
     if want_dtype is None:
         want_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         want_dtype = parse_dtype(want_dtype)
     store = mover = model = None
     try:
-        model = build_skeleton(config)
+        model = build_skeleton(config, trust_remote_code=trust_remote_code)
         modules = swap_experts(model)
         store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model), io=io)
         layout = SlotLayout(_shared_shapes(modules), want_dtype)
         total_experts = sum(m.num_experts for m in modules)
         dense_bytes = sum(info.nbytes for info in store.dense.values())
-        capacity = budget.slots(layout.nbytes, total_experts, default_cache_bytes(dev, dense_bytes))
+        capacity = budget.slots(layout.nbytes, total_experts, default_cache_bytes(dev, dense_bytes), dev)
         host = _host_tier(host_memory, host_policy, seed, layout, total_experts, dev)
         load_dense(model, store, dev, want_dtype, progress)
         mover = make_mover(dev, store, readers)
@@ -375,9 +421,11 @@ def _host_tier(host_memory, host_policy: str, seed: int, layout: SlotLayout, tot
                device: torch.device) -> HostTier | None:
     if host_memory is None:
         return None
-    slots = min(total_experts, parse_bytes(host_memory, "host_memory") // layout.nbytes)
+    nbytes = parse_bytes(host_memory, "host_memory")
+    check_within(nbytes, f"host_memory={shown(host_memory)}", torch.device("cpu"))
+    slots = min(total_experts, nbytes // layout.nbytes)
     if slots < 1:
-        raise BudgetError(f"host_memory={host_memory!r} holds no expert of {layout.nbytes} bytes; raise it or leave it out")
+        raise BudgetError(f"host_memory={shown(host_memory)} holds no expert of {layout.nbytes} bytes; raise it or leave it out")
     pin = device if device.type == "cuda" else False
     return HostTier(Residency(slots, make_policy(host_policy, seed=seed)), SlotPool(slots, layout, torch.device("cpu"), pin=pin))
 

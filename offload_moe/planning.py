@@ -114,13 +114,15 @@ def plan(
     profile: str | Path | None = None,
     host_memory: str | int | None = None,
     io: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Plan:
     """What fits where for the model at ``path`` with ``device_memory`` for the compute device.
 
     ``host_memory`` sizes the warm tier of host RAM between the device slots and the disk.
     ``io`` is the I/O mode ``load`` will use (``mmap`` leaves a partial slot pool empty).
     ``profile`` supplies ``device_memory``, ``host_memory``, ``dtype`` and ``io`` where they are not given.
-    Reads only config.json and the safetensors headers: no weights are loaded.
+    Reads only config.json and the safetensors headers: no weights are loaded. ``trust_remote_code`` as in
+    ``offload_moe.load``: without it no code from the model folder runs.
     """
     if profile is not None:
         hw = get_profile(profile)
@@ -137,10 +139,10 @@ def plan(
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 0:
         raise BudgetError(f"context_length={context_length!r} must be a whole number of tokens, 0 or more")
     folder = resolve_model_path(path)
-    config = load_config(folder)
+    config = load_config(folder, trust_remote_code=trust_remote_code)
     want = parse_dtype(dtype) or parse_dtype(getattr(config, "dtype", None) or torch.float32)
     itemsize = torch.empty((), dtype=want).element_size()
-    model = build_skeleton(config)
+    model = build_skeleton(config, trust_remote_code=trust_remote_code)
     modules = swap_experts(model)
     store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model))
     store.close()

@@ -438,7 +438,7 @@ def record_prompts(model_path: str | Path | None, prompts: list[str], *, source:
     if not prompts:
         raise TraceError("no prompts to record")
     folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, trust_remote_code=load_options.get("trust_remote_code", False))
     batches = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]  # [1, S] each
     empty = [i for i, b in enumerate(batches) if b.shape[1] == 0]
     if empty:

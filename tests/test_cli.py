@@ -383,7 +383,7 @@ def test_a_broken_config_json_is_named_not_blamed_on_the_tokenizer(model_dir, tm
     (folder / "config.json").write_text('{"model_type": ')
     result = run_cli("generate", str(folder), "--prompt", "hi")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "config.json cannot be read" in result.stderr and "tokenizer" not in result.stderr
+    assert "config.json is not valid JSON" in result.stderr and "tokenizer" not in result.stderr
 
 
 def test_generate_that_fails_to_load_prints_nothing_on_stdout(tmp_path):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
 import offload_moe
 from offload_moe.errors import ConfigError
 from offload_moe.hardware import get_profile, list_profiles
+
+PROFILE = 'description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\n'
 
 
 def test_bundled_profiles_are_valid():
@@ -104,7 +109,45 @@ def test_profile_with_a_bad_policy_dtype_or_size_names_the_file(tmp_path, body, 
 def test_a_profile_that_is_not_a_text_file_is_a_config_error(tmp_path):
     binary = tmp_path / "box.toml"
     binary.write_bytes(b"\xff\xfe garbage")
-    with pytest.raises(ConfigError, match="box.toml cannot be read"):
+    with pytest.raises(ConfigError, match="box.toml is not UTF-8"):
         get_profile(binary)
-    with pytest.raises(ConfigError, match="cannot be read"):
-        get_profile(tmp_path)  # a folder
+    with pytest.raises(ConfigError, match="is a folder"):
+        get_profile(tmp_path)
+
+
+def test_a_device_or_a_fifo_is_refused_at_once(tmp_path):
+    """`--profile /dev/zero` read without end, and a FIFO hung in open(); both are refused before reading."""
+    fifo = tmp_path / "box.toml"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", fifo):
+        with pytest.raises(ConfigError, match="not a regular file"):
+            get_profile(path)
+
+
+def test_a_profile_larger_than_a_profile_is_refused(tmp_path):
+    f = tmp_path / "box.toml"
+    f.write_text(PROFILE + "# " + "x" * 2**20 + "\n")
+    with pytest.raises(ConfigError, match="box.toml is larger than"):
+        get_profile(f)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('device_memory = "' + "9" * 5000 + '"', "device_memory='99999.*beyond any machine"),
+    ("device_memory = " + "9" * 5000, "cannot be parsed"),
+    ('device_memory = "inf"', "device_memory='inf' is not a size"),
+    ("device_memory = inf", "device_memory = inf should be a string"),
+    ('device_memory = "1e400"', "device_memory='1e400' is not a size"),
+    ('host_memory = "' + "9" * 400 + 'GiB"', "host_memory='99999.*beyond any machine"),
+    ("prefetch_margin = " + "9" * 30, "prefetch_margin = 9999.* must be 0..4096"),
+    ("prefetch_depth = 0", "prefetch_depth = 0 must be 1..1024"),
+    ('device = "tpu"', "device = 'tpu' is not a device"),
+    ("device_memory = " + "[" * 5000 + "]" * 5000, "cannot be parsed"),
+])
+def test_a_profile_value_out_of_range_names_the_file_and_the_field(tmp_path, line, message):
+    f = tmp_path / "box.toml"
+    lines = [x for x in PROFILE.splitlines() if x.split(" = ")[0] != line.split(" = ")[0]]
+    f.write_text("\n".join([*lines, line]) + "\n")
+    with pytest.raises(ConfigError, match="box.toml") as info:
+        get_profile(f)
+    assert re.search(message, str(info.value)), str(info.value)
+    assert len(str(info.value)) < 400

@@ -42,7 +42,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .cache import ExpertCache, Residency, SlotLayout, SlotPool
-from .config import Budget, check_io, parse_device, parse_dtype
+from .config import Budget, check_io, check_read_timeout, parse_device, parse_dtype
 from .errors import ConfigError, DeviceError, ExpertLoadError, UnsupportedModelError
 from .experts import OffloadedExperts, compute_grouped, expert_params, is_experts_module
 from .loader import default_cache_bytes
@@ -597,6 +597,7 @@ def offload_experts(
     """
     dev, slot_dtype = parse_device(device), parse_dtype(dtype)
     _check_options(policy, prefetch, readers, dropped_tokens, seed, io, dev)
+    check_read_timeout(read_timeout)
     plans = plan_layers(model, layers, experts_attr=experts_attr, need_gate=router is None, expert_fn=expert_fn)
     routers = _routers(plans, router) if replace_forward else [None] * len(plans)
     _check_modes(plans, replace_forward, prefetch)
@@ -710,7 +711,7 @@ def _capacity(model, plans, layout: SlotLayout, dev, cache_experts, cache_memory
     total = sum(p.num_experts for p in plans)
     expert_ids = {id(t) for p in plans for t in p.container.parameters()}
     dense = sum(t.numel() * t.element_size() for t in model.parameters() if id(t) not in expert_ids)
-    return Budget(cache_experts, cache_memory).slots(layout.nbytes, total, default_cache_bytes(dev, dense))
+    return Budget(cache_experts, cache_memory).slots(layout.nbytes, total, default_cache_bytes(dev, dense), dev)
 
 
 def _swap(plan: LayerPlan, router: Router | None, dropped: str):

@@ -454,3 +454,16 @@ def test_recording_a_trace_of_an_offload_experts_model_is_a_clear_error():
     with pytest.raises(TraceError, match="offload_experts"):
         record_trace(model, [torch.zeros(3, dtype=torch.long)], source="test")
     handle.close()
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 0, -1])
+def test_offload_experts_checks_read_timeout_as_load_does(timeout):
+    with pytest.raises(ConfigError, match="^read_timeout="):
+        offload_experts(make_model(), cache_experts=4, read_timeout=timeout)
+
+
+def test_offload_experts_refuses_slots_larger_than_the_machine():
+    import psutil
+
+    with pytest.raises(BudgetError, match="cache_memory="):
+        offload_experts(make_model(), cache_memory=psutil.virtual_memory().total * 4)

@@ -293,18 +293,26 @@ def profiles(
             table.add_row(key, "-" if value is None else escape(str(value)))
         console.print(table)
         return
-    table = Table(title=f"hardware profiles ({escape(str(profiles_folder()))})")
-    for col in ("name", "device", "device memory", "host memory", "policy", "prefetch"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("suits", min_width=24)
+    console.out(f"hardware profiles in {profiles_folder()}", highlight=False)
+    console.out("(offload-moe profiles --profile NAME shows one in full)", highlight=False)
     for p in list_profiles():
-        prefetch = p.prefetch or "none"
-        if prefetch != "none" and p.prefetch_margin is not None:
-            prefetch += f" (margin {p.prefetch_margin})"
-        device = p.device if p.io in (None, "direct") else f"{p.device} ({p.io})"
-        table.add_row(*(escape(str(x)) for x in (p.name, device, p.device_memory,
-                                                  p.host_memory or "-", p.policy or "lru", prefetch, p.description)))
-    console.print(table)
+        console.out("", highlight=False)
+        for line in _profile_block(p, console.width):
+            console.out(line, highlight=False)
+
+
+def _profile_block(p, width: int) -> list[str]:
+    """One profile as a few lines no wider than ``width`` (wrapped between words, never inside a value)."""
+    import textwrap
+
+    prefetch = p.prefetch or "none"
+    if prefetch != "none" and p.prefetch_margin is not None:
+        prefetch += f" (margin {p.prefetch_margin})"
+    lines = [f"{p.name}: {p.device}, {p.device_memory} device memory, {p.host_memory or 'no'} host tier",
+             f"  io {p.io or 'direct'}, policy {p.policy or 'lru'}, prefetch {prefetch}"]
+    lines += textwrap.wrap(p.description, width=max(40, width - 1), initial_indent="  suits: ",
+                           subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+    return lines
 
 
 trace_app = typer.Typer(help="Record, synthesise and summarise routing traces.\n\n"

@@ -395,3 +395,37 @@ def test_generate_that_fails_to_load_prints_nothing_on_stdout(tmp_path):
 def test_help_keeps_the_plot_extra_name():
     result = runner.invoke(app, ["profile", "--help"], terminal_width=200)
     assert result.exit_code == 0 and "offload_moe[plot]" in result.output  # not eaten as rich markup
+
+
+# ---------------------------------------------------------------- rough edges of a first hour (issue 14)
+
+
+def run_cli_env(*args, **env):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "offload_moe", *args], capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+def test_profiles_listing_cuts_no_value_at_80_columns_or_piped():
+    import os
+
+    from offload_moe.hardware import list_profiles
+
+    piped = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    for env in ({"COLUMNS": "80"}, piped):
+        result = subprocess.run([sys.executable, "-m", "offload_moe", "profiles"], capture_output=True, text=True,
+                                env={**piped, **env})
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert max(len(line) for line in lines[2:]) <= 80  # the first line is the (machine-dependent) folder
+        flat = " ".join(result.stdout.split())
+        for p in list_profiles():
+            prefetch = p.prefetch or "none"
+            if prefetch != "none" and p.prefetch_margin is not None:
+                prefetch += f" (margin {p.prefetch_margin})"
+            assert any(line.startswith(f"{p.name}: {p.device}, {p.device_memory} device memory") for line in lines)
+            assert any(f"io {p.io or 'direct'}, policy {p.policy or 'lru'}, prefetch {prefetch}" in line
+                       for line in lines), p.name
+            assert " ".join(p.description.split()) in flat, p.name
+        assert "…" not in result.stdout

@@ -19,7 +19,8 @@ import csv
 import io
 import json
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, UTC
 from pathlib import Path
@@ -246,25 +247,75 @@ def default_workers(trace: Trace, replays: int) -> int:
 
 def _sweep_in_processes(trace: Trace, named: dict, jobs: list, margin: int, workers: int,
                         progress: Callable[[int], None] | None) -> list[ReplayResult]:
+    """The replays in ``workers`` spawned processes.
+
+    Ctrl-C reaches the whole process group. The workers ignore it from their first instruction (they are
+    spawned while the parent ignores it, and SIG_IGN survives exec); the parent stops them and raises
+    KeyboardInterrupt at once (the CLI exits 130). The trace goes to the workers through a temporary file,
+    so spawning them is quick and the parent ignores Ctrl-C only for those milliseconds.
+    """
     import multiprocessing
+    import pickle
+    import tempfile
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    # spawn, not fork: a forked child of a process that has run torch's thread pools can hang
-    context = multiprocessing.get_context("spawn")
-    try:
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                 initargs=(trace, named)) as pool:
-            futures = [pool.submit(_replay_job, *job, margin) for job in jobs]
+    with tempfile.TemporaryDirectory(prefix="offload-moe-sweep-") as folder:
+        shared = Path(folder) / "trace.pickle"
+        shared.write_bytes(pickle.dumps((trace, named), protocol=pickle.HIGHEST_PROTOCOL))
+        # spawn, not fork: a forked child of a process that has run torch's thread pools can hang
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_worker_process, initargs=(str(shared),))
+        try:
+            with _ctrl_c_ignored():  # the processes are spawned by submit
+                futures = [pool.submit(_replay_job, *job, margin) for job in jobs]
             for _ in as_completed(futures):
                 if progress is not None:
                     progress(1)
             return [f.result() for f in futures]
-    except BrokenProcessPool:
-        raise OffloadMoEError(
-            f"the {workers} replay processes stopped before finishing; a script that runs sweep(workers>1) needs "
-            "an `if __name__ == \"__main__\":` guard (processes are spawned), or use workers=1"
-        ) from None
+        except BrokenProcessPool:
+            raise OffloadMoEError(
+                f"the {workers} replay processes stopped before finishing; a script that runs sweep(workers>1) "
+                "needs an `if __name__ == \"__main__\":` guard (processes are spawned), or use workers=1"
+            ) from None
+        except BaseException:  # Ctrl-C, or an error in a replay: the other replays are not waited for
+            _stop_pool(pool)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker_process(shared: str) -> None:
+    import pickle
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _start_worker(*pickle.loads(Path(shared).read_bytes()))  # our own file, written by _sweep_in_processes
+
+
+@contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored inside (in the main thread; elsewhere nothing changes), so processes spawned here
+    start with it ignored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_pool(pool) -> None:
+    """Cancel the queued replays and end the running ones now, rather than wait for them."""
+    processes = list((pool._processes or {}).values())  # no public call ends a ProcessPoolExecutor's workers
+    for process in processes:
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def default_predictors(trace: Trace, margin: int = 1) -> list[str]:

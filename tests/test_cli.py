@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from offload_moe import __version__
@@ -429,3 +430,40 @@ def test_profiles_listing_cuts_no_value_at_80_columns_or_piped():
                        for line in lines), p.name
             assert " ".join(p.description.split()) in flat, p.name
         assert "…" not in result.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_multi_process_profile_exits_130_at_once(tmp_path):
+    """Ctrl-C goes to the whole process group: the workers ignore it, the parent stops them and exits 130."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from offload_moe.traces import save_trace, synthesize_trace
+
+    trace = save_trace(synthesize_trace(tokens=20000, layers=16, num_experts=16, top_k=2, seed=0),
+                       tmp_path / "big.safetensors")
+    proc = subprocess.Popen([sys.executable, "-m", "offload_moe", "profile", "--trace", str(trace), "--workers", "2",
+                             "--policies", "lru,lfu,fifo,random", "--out", str(tmp_path / "out"), "--no-plots"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:  # until both workers are replaying
+            children = psutil.Process(proc.pid).children(recursive=True)
+            if sum(c.cpu_times().user > 0.5 for c in children) >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        start = time.monotonic()
+        _, stderr = proc.communicate(timeout=20)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert took < 5, took
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr

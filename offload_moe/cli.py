@@ -238,7 +238,8 @@ def chat(
     try:
         if interactive:
             err.print(f"[dim]chatting with {escape(session.model.offload.folder.name)}; /reset, /stats, /paste, /quit[/]", highlight=False)
-        run_chat(session, prompt_lines(console) if interactive else sys.stdin, console, interactive=interactive)
+        run_chat(session, prompt_lines(console) if interactive else sys.stdin, console, interactive=interactive,
+                 errors=err)
     finally:
         session.close()
 

@@ -295,3 +295,21 @@ def test_paste_sends_the_lines_up_to_end_as_one_message(fresh, monkeypatch):
     run_chat(fresh, ["/paste\n", *code, "/end\n", "x = 1\n", "/paste\n", "tail without end\n"],
              Console(file=io.StringIO(), width=100), interactive=False)
     assert sent == ["".join(code).rstrip(), "x = 1", "tail without end"]
+
+
+def test_trimming_a_long_history_leaks_no_tokenizer_warning(fresh, capfd):
+    fresh.tokenizer.deprecation_warnings.pop("sequence-length-is-longer-than-the-specified-maximum", None)
+    fresh.history = [{"role": "user", "content": "x = 1\n" * 400}, {"role": "assistant", "content": "y = 2"}]
+    assert len(fresh.tokenizer(fresh.prompt(fresh.history), verbose=False).input_ids) > fresh.context
+    reply = fresh.send("import os")
+    assert reply.forgotten == 2
+    captured = capfd.readouterr()
+    assert "Token indices sequence length" not in captured.err + captured.out
+
+
+def test_a_message_too_long_for_the_context_is_refused_on_stderr(fresh):
+    out, errors = io.StringIO(), io.StringIO()
+    run_chat(fresh, ["def " + "very_long_name_" * 400 + "\n"], Console(file=out, width=200), interactive=False,
+             errors=Console(file=errors, width=200))
+    assert "error:" not in out.getvalue()
+    assert "reads at most 1024" in errors.getvalue() and "the prompt is" in errors.getvalue()

@@ -467,3 +467,26 @@ def test_ctrl_c_during_a_multi_process_profile_exits_130_at_once(tmp_path):
     assert proc.returncode == 130, stderr
     assert took < 5, took
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context():
+    result = run_cli("generate", "--prompt", "def " + "very_long_name_" * 400)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "the prompt is" in result.stderr and "reads at most 1024" in result.stderr
+    assert "Token indices sequence length" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_generate_stops_at_the_end_of_the_context():
+    import json
+
+    from offload_moe import demo_model_path
+    from offload_moe.generation import load_tokenizer
+
+    prompt = "x = 1\n" * 250
+    room = 1024 - len(load_tokenizer(demo_model_path())(prompt, verbose=False).input_ids)
+    assert 0 < room < 200
+    result = runner.invoke(app, ["generate", "--prompt", prompt, "--max-new-tokens", "200", "--json",
+                                 "--repetition-penalty", "1", "--cache-experts", "96"])
+    assert result.exit_code == 0, result.output
+    assert 0 < json.loads(result.output)["new_tokens"] <= room

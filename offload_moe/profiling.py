@@ -394,7 +394,7 @@ def write_results(results: Sequence[ReplayResult], trace: Trace, out: str | Path
         except ImportError:
             written["plots"] = "matplotlib is not installed, so no plots were drawn: pip install 'offload_moe[plot]'"
         else:
-            written["hit_rate_plot"] = atomic_write(out / "hit_rate.png", _hit_rate_png(results, trace))
+            written["hit_rate_plot"] = atomic_write(out / "hit_rate.png", _png(_hit_rate_figure(results, trace)))
             written["tradeoff_plot"] = atomic_write(out / "tradeoff.png", _tradeoff_png(results, trace))
             written["heatmap"] = atomic_write(out / "activations.png", _heatmap_png(trace))
     return written
@@ -416,30 +416,41 @@ def _figure(size: tuple[float, float], panels: int = 1):
     return figure, (list(axes) if panels > 1 else axes)
 
 
-def _hit_rate_png(results: Sequence[ReplayResult], trace: Trace) -> bytes:
-    """Hit rate against capacity: one line per policy and predictor, Belady's optimum as the bound."""
+def _hit_rate_figure(results: Sequence[ReplayResult], trace: Trace):
+    """Hit rate against capacity: a panel per predictor, a line per policy, Belady's optimum in each as the bound;
+    one legend beside the panels, so no entry covers a line."""
+    from matplotlib.figure import Figure
+
     total = len(trace.layers) * trace.num_experts
-    figure, axes = _figure((7, 4.5))
-    curves: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for r in results:
-        curves.setdefault((r.policy, r.predictor), []).append((r.capacity, r.hit_rate))
-    colours = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(p for p, _ in curves if p != "belady"))}
-    dashes = {"none": "-", "transition": ":", "gate": "-.", "hybrid": "--"}  # a colour per policy, a style per predictor
-    for (policy, predictor), points in curves.items():
-        points.sort()
-        if policy == "belady":
-            label, style = "Belady (optimum)", {"color": "black", "linewidth": 2.5, "linestyle": "--"}
-        else:
-            label = policy + ("" if predictor == "none" else f" + {predictor}")
-            style = {"color": colours[policy], "linestyle": dashes.get(predictor, "-"), "marker": "o"}
-        axes.plot([100 * c / total for c, _ in points], [h for _, h in points], label=label, **style)
-    axes.set_xlabel(f"cache capacity (% of {total} experts)")
-    axes.set_ylabel("hit rate")
-    axes.set_ylim(0, 1)
-    axes.grid(alpha=0.3)
-    axes.set_title(f"{trace.metadata['model']}: {trace.num_tokens} tokens x {len(trace.layers)} layers, top-{trace.top_k}")
-    axes.legend(fontsize=8)
-    return _png(figure)
+    predictors = list(dict.fromkeys(r.predictor for r in results if r.policy != "belady")) or ["none"]
+    policies = list(dict.fromkeys(r.policy for r in results if r.policy != "belady"))
+    columns = min(2, len(predictors))
+    rows = -(-len(predictors) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.4 * rows), layout="constrained")
+    grid = figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
+    belady = sorted((r.capacity, r.hit_rate) for r in results if r.policy == "belady")
+    for ax, predictor in zip(grid.flat, predictors):
+        if belady:
+            ax.plot([100 * c / total for c, _ in belady], [h for _, h in belady], color="black", linewidth=2,
+                    linestyle="--", label="Belady (optimum, no prefetch)")
+        for i, policy in enumerate(policies):
+            points = sorted((r.capacity, r.hit_rate) for r in results if (r.policy, r.predictor) == (policy, predictor))
+            ax.plot([100 * c / total for c, _ in points], [h for _, h in points], color=f"C{i}", marker="o",
+                    label=policy)
+        ax.set_title("no prefetch" if predictor == "none" else f"prefetch: {predictor}", fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in grid.flat[len(predictors):]:
+        ax.set_visible(False)
+    for ax in grid[-1]:
+        ax.set_xlabel(f"capacity (% of {total} experts)")
+    for ax in grid[:, 0]:
+        ax.set_ylabel("hit rate")
+    figure.suptitle(f"{trace.metadata['model']}: {trace.num_tokens} tokens x {len(trace.layers)} layers, "
+                    f"top-{trace.top_k}")
+    handles, labels = grid.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right center", fontsize=8)
+    return figure
 
 
 def _tradeoff_png(results: Sequence[ReplayResult], trace: Trace) -> bytes:

@@ -490,3 +490,24 @@ def test_generate_stops_at_the_end_of_the_context():
                                  "--repetition-penalty", "1", "--cache-experts", "96"])
     assert result.exit_code == 0, result.output
     assert 0 < json.loads(result.output)["new_tokens"] <= room
+
+
+def test_hit_rate_plot_has_a_panel_per_predictor_and_its_legend_outside_them():
+    from offload_moe.cli import _reference_trace
+    from offload_moe.profiling import _hit_rate_figure, default_predictors, sweep
+    from offload_moe.traces import load_trace
+
+    trace = load_trace(_reference_trace()).first(200)
+    predictors = default_predictors(trace)
+    assert len(predictors) == 4
+    results = sweep(trace, policies=["lru", "lfu", "fifo", "random"], capacities=[12, 24, 48], predictors=predictors)
+    figure = _hit_rate_figure(results, trace)
+    figure.draw_without_rendering()  # lays the figure out
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["no prefetch", "prefetch: transition", "prefetch: gate",
+                                                 "prefetch: hybrid"]
+    assert all(len(ax.get_lines()) == 5 for ax in panels)  # four policies and Belady, one style each
+    (legend,) = figure.legends
+    assert len(legend.get_texts()) == 5
+    box = legend.get_window_extent()
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in panels)

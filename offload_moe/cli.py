@@ -28,6 +28,8 @@ err = Console(stderr=True)
 state = {"debug": False}
 
 
+FLAG = ""  # the metavar of an on/off option: typer would show "<bool>", as if it took a value
+
 # Options several commands share: the model and how it is loaded, and how text is sampled.
 ModelArgument = Annotated[str | None, typer.Argument(help="Model folder; default: the bundled model.")]
 Temperature = Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")]
@@ -53,8 +55,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True, metavar=FLAG, help="Print the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", metavar=FLAG, help="Show full tracebacks on errors.")] = False,
     profile: Annotated[str | None, typer.Option(
         help="Hardware profile (name or TOML path) for every command that loads or sizes a model; "
              "a command's own --profile wins.")] = None,
@@ -126,7 +128,7 @@ def plan(
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
     context: Annotated[int, typer.Option(help="Tokens of KV cache to reserve.")] = 4096,
     profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path (see `offload-moe profiles`).")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print the plan as JSON.")] = False,
 ) -> None:
     """Show what goes where for MODEL: device, host RAM and disk, without loading any weights.
 
@@ -172,7 +174,7 @@ def generate(
     dtype: Dtype = None,
     io: IoMode = None,
     profile: HardwareProfile = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print text, timings and cache statistics as JSON.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print text, timings and cache statistics as JSON.")] = False,
 ) -> None:
     """Complete one prompt, streaming the text; --json prints text, timings and statistics for scripts.
 
@@ -329,7 +331,7 @@ def trace_record(
     out: Annotated[Path, typer.Option(help="The trace file to write (.safetensors).")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=0, help="Also trace this many greedy decoding steps after each prompt.")] = 0,
     margin: Annotated[int, typer.Option(min=0, help="Store the gate predictor's top-k + MARGIN guesses for the next layer.")] = 2,
-    predictions: Annotated[bool, typer.Option(help="Store the gate predictor's guesses (--no-predictions: routing only).")] = True,
+    predictions: Annotated[bool, typer.Option(metavar=FLAG, help="Store the gate predictor's guesses (--no-predictions: routing only).")] = True,
     device: Device = None,
     cache_experts: Annotated[int | None, typer.Option(help="Expert slots while recording (routing does not depend on it).")] = None,
     dtype: Dtype = None,
@@ -416,7 +418,7 @@ def profile_command(
     margin: Annotated[int, typer.Option(min=0, help="Predictors name top-k + MARGIN experts.")] = 1,
     out: Annotated[Path, typer.Option(help="Folder for results.json, results.csv and the plots.")] = Path("profile-results"),
     max_new_tokens: Annotated[int, typer.Option(min=0, help="With MODEL: also trace this many decoding steps per prompt.")] = 0,
-    plots: Annotated[bool, typer.Option(help="Draw PNG plots (needs matplotlib: pip install 'offload_moe\\[plot]').")] = True,
+    plots: Annotated[bool, typer.Option(metavar=FLAG, help="Draw PNG plots (needs matplotlib: pip install 'offload_moe\\[plot]').")] = True,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes for the replays; default: one per CPU for large sweeps.")] = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Replay only the trace's first N tokens (a quick look at a long trace).")] = None,
     profile: Annotated[str | None, typer.Option(help="Hardware profile: with MODEL, adds the capacity its device memory gives.")] = None,

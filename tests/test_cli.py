@@ -511,3 +511,15 @@ def test_hit_rate_plot_has_a_panel_per_predictor_and_its_legend_outside_them():
     assert len(legend.get_texts()) == 5
     box = legend.get_window_extent()
     assert not any(box.overlaps(ax.get_window_extent()) for ax in panels)
+
+
+def test_help_shows_on_off_options_as_plain_flags(model_dir):
+    import json
+
+    for command in [[], *COMMANDS]:
+        result = runner.invoke(app, [*command, "--help"], terminal_width=120)
+        assert result.exit_code == 0, command
+        valued = [line for line in result.output.splitlines() if "<bool>" in line and "--help" not in line]
+        assert not valued, (command, valued)  # typer's own --help is the one left
+    plan = runner.invoke(app, ["plan", str(model_dir("mixtral")), "--device-memory", "1GiB", "--json"])
+    assert plan.exit_code == 0 and json.loads(plan.output)["expert_slots"] == 12

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .config import MIN_CACHE_EXPERTS
 from .errors import OffloadMoEError
 
 app = typer.Typer(
@@ -28,15 +29,22 @@ err = Console(stderr=True)
 state = {"debug": False}
 
 
+def _above_zero(value: float) -> float:
+    """Range errors are usage errors (exit 2): typer's min/max cannot leave out the 0 itself."""
+    if value <= 0:
+        raise typer.BadParameter(f"{value} must be above 0")
+    return value
+
+
 FLAG = ""  # the metavar of an on/off option: typer would show "<bool>", as if it took a value
 
 # Options several commands share: the model and how it is loaded, and how text is sampled.
 ModelArgument = Annotated[str | None, typer.Argument(help="Model folder; default: the bundled model.")]
 Temperature = Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")]
-TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling when temperature > 0.")]
-RepetitionPenalty = Annotated[float, typer.Option(min=0.0, help="1 turns it off; small models loop without it.")]
+TopP = Annotated[float, typer.Option(min=0.0, max=1.0, callback=_above_zero, help="Nucleus sampling when temperature > 0.")]
+RepetitionPenalty = Annotated[float, typer.Option(min=0.0, callback=_above_zero, help="1 turns it off; small models loop without it.")]
 Device = Annotated[str | None, typer.Option(help="cpu or cuda; default: the profile's, else cpu.")]
-CacheExperts = Annotated[int | None, typer.Option(help="Expert slots on the device.")]
+CacheExperts = Annotated[int | None, typer.Option(min=MIN_CACHE_EXPERTS, help="Expert slots on the device.")]
 CacheMemory = Annotated[str | None, typer.Option(help="Memory for expert slots, e.g. 6GiB.")]
 Policy = Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random.")]
 Prefetch = Annotated[str | None, typer.Option(help="Predictor: none, gate, transition, hybrid; default: the profile's, else none.")]
@@ -126,7 +134,7 @@ def plan(
     host_memory: Annotated[str | None, typer.Option(help="Host RAM for the warm expert tier, e.g. 32GiB.")] = None,
     io: IoMode = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
-    context: Annotated[int, typer.Option(help="Tokens of KV cache to reserve.")] = 4096,
+    context: Annotated[int, typer.Option(min=0, help="Tokens of KV cache to reserve.")] = 4096,
     profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path (see `offload-moe profiles`).")] = None,
     json_output: Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print the plan as JSON.")] = False,
 ) -> None:
@@ -333,7 +341,7 @@ def trace_record(
     margin: Annotated[int, typer.Option(min=0, help="Store the gate predictor's top-k + MARGIN guesses for the next layer.")] = 2,
     predictions: Annotated[bool, typer.Option(metavar=FLAG, help="Store the gate predictor's guesses (--no-predictions: routing only).")] = True,
     device: Device = None,
-    cache_experts: Annotated[int | None, typer.Option(help="Expert slots while recording (routing does not depend on it).")] = None,
+    cache_experts: Annotated[int | None, typer.Option(min=MIN_CACHE_EXPERTS, help="Expert slots while recording (routing does not depend on it).")] = None,
     dtype: Dtype = None,
     profile: HardwareProfile = None,
 ) -> None:

@@ -369,11 +369,35 @@ def test_profile_max_tokens_replays_the_start_of_the_trace(tmp_path):
 
 def test_a_bad_sampling_option_is_named_alone():
     result = run_cli("generate", "--prompt", "hi", "--top-p", "0")
-    assert result.returncode == 1 and "top_p=0.0 must be in (0, 1]" in result.stderr
-    assert "temperature" not in result.stderr and "repetition_penalty" not in result.stderr
+    assert result.returncode == 2 and "'--top-p': 0.0 must be above 0" in result.stderr
+    assert "temperature" not in result.stderr and "repetition" not in result.stderr
     result = run_cli("generate", "--prompt", "hi", "--repetition-penalty", "0")
-    assert result.returncode == 1 and "repetition_penalty=0.0 must be > 0" in result.stderr
-    assert "top_p" not in result.stderr
+    assert result.returncode == 2 and "'--repetition-penalty': 0.0 must be above 0" in result.stderr
+    assert "top-p" not in result.stderr
+
+
+# every numeric option of every command, with a value out of its range: a usage error, exit code 2
+OUT_OF_RANGE = [
+    (["demo"], "--tokens", "0"),
+    (["plan", "m"], "--context", "-1"),
+    *[(command, option, value) for command in (["generate", "-p", "x"], ["chat"])
+      for option, value in (("--max-new-tokens", "0"), ("--temperature", "-1"), ("--top-p", "0"), ("--top-p", "1.5"),
+                            ("--repetition-penalty", "0"), ("--cache-experts", "-5"), ("--cache-experts", "1"))],
+    *[(["trace", "record", "--prompts", "p", "--out", "t"], option, value)
+      for option, value in (("--max-new-tokens", "-1"), ("--margin", "-1"), ("--cache-experts", "-5"))],
+    *[(["trace", "synth", "--out", "t"], option, value)
+      for option, value in (("--tokens", "0"), ("--layers", "0"), ("--experts", "0"), ("--top-k", "0"), ("--skew", "-1"),
+                            ("--locality", "1.5"), ("--sequences", "0"))],
+    *[(["profile"], option, value)
+      for option, value in (("--margin", "-1"), ("--max-new-tokens", "-1"), ("--workers", "0"), ("--max-tokens", "0"))],
+]
+
+
+@pytest.mark.parametrize("command, option, value", OUT_OF_RANGE)
+def test_an_out_of_range_option_is_a_usage_error(command, option, value):
+    result = runner.invoke(app, [*command, option, value])
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert f"Invalid value for '{option}'" in result.output
 
 
 def test_a_broken_config_json_is_named_not_blamed_on_the_tokenizer(model_dir, tmp_path):

@@ -122,6 +122,10 @@ class ChatSession:
     def send(self, user_text: str, on_text: Callable[[str], None] | None = None) -> Reply:
         """Answer ``user_text`` given the history, handing the text to ``on_text`` piece by piece; both join the history.
 
+        The pieces carry their own newlines, so print them as they are:
+        ``session.send(text, on_text=lambda s: print(s, end="", flush=True))``
+        (plain ``on_text=print`` would end every piece with a newline of its own).
+
         Setting ``self.stop`` (Ctrl-C does) ends the answer after the current token: ``Reply.stopped``.
         """
         messages = self.history + [{"role": "user", "content": user_text}]

@@ -121,10 +121,8 @@ def demo(
         table.add_row(name, value)
     console.print()
     console.print(table)
-    console.print(
-        f"Load it yourself: offload_moe.load(offload_moe.demo_model_path(), cache_experts={result.cache_experts})",
-        highlight=False,
-    )
+    console.out("Load it yourself, with the demo's settings:", highlight=False)
+    console.out(result.load_call(width=console.width), highlight=False)
 
 
 @app.command()

@@ -313,3 +313,11 @@ def test_a_message_too_long_for_the_context_is_refused_on_stderr(fresh):
              errors=Console(file=errors, width=200))
     assert "error:" not in out.getvalue()
     assert "reads at most 1024" in errors.getvalue() and "the prompt is" in errors.getvalue()
+
+
+def test_the_documented_on_text_prints_the_answer_as_it_is(fresh, capsys):
+    capsys.readouterr()
+    fresh.max_new_tokens = 12
+    reply = fresh.send("def add(a, b):", on_text=lambda s: print(s, end="", flush=True))
+    assert capsys.readouterr().out == reply.text
+    assert 'on_text=lambda s: print(s, end="", flush=True)' in ChatSession.send.__doc__

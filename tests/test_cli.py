@@ -547,3 +547,27 @@ def test_help_shows_on_off_options_as_plain_flags(model_dir):
         assert not valued, (command, valued)  # typer's own --help is the one left
     plan = runner.invoke(app, ["plan", str(model_dir("mixtral")), "--device-memory", "1GiB", "--json"])
     assert plan.exit_code == 0 and json.loads(plan.output)["expert_slots"] == 12
+
+
+def test_demo_prints_the_exact_load_call_it_made_at_80_columns(monkeypatch):
+    import ast
+
+    import offload_moe.demo as demo
+
+    made = {}
+    real = demo.load
+
+    def spy(folder, **options):
+        made.update(options)
+        return real(folder, **options)
+
+    monkeypatch.setattr(demo, "load", spy)
+    result = CliRunner().invoke(app, ["demo", "--tokens", "2"], terminal_width=80, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    tail = result.output.split("Load it yourself, with the demo's settings:\n", 1)[1].rstrip("\n")
+    assert all(len(line) <= 80 for line in tail.splitlines()), tail
+    call = ast.parse(tail, mode="eval").body
+    assert ast.unparse(call.func) == "offload_moe.load" and ast.unparse(call.args[0]) == "offload_moe.demo_model_path()"
+    shown = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    made.pop("progress")
+    assert shown == made and shown["prefetch"] == "gate" and shown["prefetch_margin"] == 0

@@ -340,6 +340,7 @@ def trace_record(
     predictions: Annotated[bool, typer.Option(metavar=FLAG, help="Store the gate predictor's guesses (--no-predictions: routing only).")] = True,
     device: Device = None,
     cache_experts: Annotated[int | None, typer.Option(min=MIN_CACHE_EXPERTS, help="Expert slots while recording (routing does not depend on it).")] = None,
+    cache_memory: Annotated[str | None, typer.Option(help="Memory for expert slots while recording, e.g. 2GiB.")] = None,
     dtype: Dtype = None,
     profile: HardwareProfile = None,
 ) -> None:
@@ -356,7 +357,8 @@ def trace_record(
         trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}"
                                + (f", {max_new_tokens} greedy tokens after each" if max_new_tokens else ""),
                                predict_margin=margin if predictions else None, max_new_tokens=max_new_tokens,
-                               on_prompt=advance, device=device, cache_experts=cache_experts, dtype=dtype,
+                               on_prompt=advance, device=device, cache_experts=cache_experts,
+                               cache_memory=cache_memory, dtype=dtype,
                                profile=profile)
         path = save_trace(trace, out)
     _print_trace_summary(trace, path)

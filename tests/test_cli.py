@@ -571,3 +571,25 @@ def test_demo_prints_the_exact_load_call_it_made_at_80_columns(monkeypatch):
     shown = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     made.pop("progress")
     assert shown == made and shown["prefetch"] == "gate" and shown["prefetch_margin"] == 0
+
+
+def test_trace_record_takes_cache_memory(tmp_path, monkeypatch):
+    import offload_moe.loader as loader
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\n")
+    seen = {}
+    real = loader.load
+
+    def spy(folder, **options):  # record_prompts imports load when it runs
+        seen.update(options)
+        return real(folder, **options)
+
+    monkeypatch.setattr(loader, "load", spy)
+    result = runner.invoke(app, ["trace", "record", "--prompts", str(prompts), "--out", str(tmp_path / "t.safetensors"),
+                                 "--cache-memory", "40MiB"])
+    assert result.exit_code == 0, result.output
+    assert seen["cache_memory"] == "40MiB"
+    both = runner.invoke(app, ["trace", "record", "--prompts", str(prompts), "--out", str(tmp_path / "u.safetensors"),
+                               "--cache-memory", "40MiB", "--cache-experts", "24"])
+    assert both.exit_code != 0 and "not both" in str(both.exception)

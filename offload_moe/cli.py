@@ -530,8 +530,13 @@ def _bar(label: str, total: int):
         TimeElapsedColumn,
     )
 
+    if not err.is_terminal:  # piped: a line when it starts and one when it is done
+        from .loader import start_and_done_lines
+
+        yield from start_and_done_lines(err, label, f"{total} to go")
+        return
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not err.is_terminal) as bar:
+                  console=err, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda: bar.advance(task)
 

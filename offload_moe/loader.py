@@ -14,6 +14,7 @@ Nothing is written to the model folder, and on any error everything built so far
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
-from .config import Budget, check_io, parse_bytes, parse_device, parse_dtype
+from .config import Budget, check_io, format_bytes, parse_bytes, parse_device, parse_dtype
 from .errors import (
     BudgetError,
     CheckpointError,
@@ -222,6 +223,9 @@ def _progress(enabled: bool, what: str, total: int):
     @contextmanager
     def bar():
         console = Console(stderr=True)
+        if enabled and not console.is_terminal:  # piped: a line when it starts and one when it is done
+            yield from start_and_done_lines(console, f"loading {what}", format_bytes(total))
+            return
         with Progress(
             TextColumn(f"[bold]loading {what}"), BarColumn(), DownloadColumn(binary_units=True), TimeRemainingColumn(),
             console=console, transient=True, disable=not (enabled and console.is_terminal),
@@ -230,6 +234,15 @@ def _progress(enabled: bool, what: str, total: int):
             yield lambda n: p.advance(task, n)
 
     return bar()
+
+
+def start_and_done_lines(console, label: str, size: str):
+    """What a progress bar shows, as two lines for a log (output that is not a terminal): the start, with
+    ``size``, and the end, with the time taken. A generator for a contextmanager; yields a no-op advance."""
+    console.print(f"{label} ({size})...", highlight=False, markup=False)
+    start = time.perf_counter()
+    yield lambda *n: None
+    console.print(f"{label}: done in {time.perf_counter() - start:.1f} s", highlight=False, markup=False)
 
 
 def default_cache_bytes(device: torch.device, dense_bytes: int) -> int:

@@ -178,7 +178,7 @@ def test_cli_reads_piped_stdin():
     result = runner.invoke(app, ["chat", "--max-new-tokens", "4", "--cache-experts", "24"],
                            input="def add(a, b):\n/stats\n/reset\n/quit\n")
     assert result.exit_code == 0, result.output
-    out = result.output
+    out = result.stdout  # stderr has the load's start and done lines
     assert out.startswith("def") and "expert cache: 24 of 96 experts" in out
     assert "4 tokens in 1 answer" in out and "history cleared" in out and ">>>" not in out
 

@@ -122,7 +122,7 @@ def test_a_bad_io_mode_is_named():
 
 def test_generate_streams_and_reports(tmp_path):
     result = runner.invoke(app, ["generate", "--prompt", "import os", "--max-new-tokens", "6", "--cache-experts", "24"])
-    assert result.exit_code == 0 and result.output.startswith("import os")
+    assert result.exit_code == 0 and result.stdout.startswith("import os")  # the load lines go to stderr
 
 
 def test_generate_needs_a_tokenizer(model_dir):
@@ -593,3 +593,13 @@ def test_trace_record_takes_cache_memory(tmp_path, monkeypatch):
     both = runner.invoke(app, ["trace", "record", "--prompts", str(prompts), "--out", str(tmp_path / "u.safetensors"),
                                "--cache-memory", "40MiB", "--cache-experts", "24"])
     assert both.exit_code != 0 and "not both" in str(both.exception)
+
+
+def test_a_piped_load_prints_a_start_and_a_done_line_on_stderr():
+    result = run_cli("generate", "--prompt", "import os", "--max-new-tokens", "2", "--cache-experts", "24")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    for what in ("dense weights",):  # with 24 of 96 experts in the cache, none is loaded up front
+        assert any(line.startswith(f"loading {what} (") and line.endswith("...") for line in lines), lines
+        assert any(line.startswith(f"loading {what}: done in ") for line in lines), lines
+    assert result.stdout.startswith("import os")

@@ -159,6 +159,8 @@ def plan(
     for row in p.rows():
         table.add_row(*row)
     console.print(table)
+    for warning in p.warnings:
+        err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if not p.fits:
         raise OffloadMoEError("the model does not fit: fewer than 2 expert slots remain after the dense weights")
 

@@ -338,6 +338,8 @@ def load(
         total_experts = sum(m.num_experts for m in modules)
         dense_bytes = sum(info.nbytes for info in store.dense.values())
         capacity = budget.slots(layout.nbytes, total_experts, default_cache_bytes(dev, dense_bytes))
+        if capacity >= total_experts:  # every expert has a device slot: a host tier would only copy them twice
+            host_memory = None
         host = _host_tier(host_memory, host_policy, seed, layout, total_experts, dev)
         load_dense(model, store, dev, want_dtype, progress)
         mover = make_mover(dev, store, readers)

@@ -135,7 +135,8 @@ def test_plan_with_host_memory_and_json(model_dir):
 
     result = runner.invoke(app, ["plan", str(model_dir("mixtral")), "--device-memory", "1GiB", "--host-memory", "1GiB"])
     assert result.exit_code == 0, result.output
-    assert "host tier: 12 of 12 experts" in result.output and "experts read from disk on a miss: 0" in result.output
+    # every expert fits in the device slots: no host tier is reserved
+    assert "host tier: none" in result.output and "experts read from disk on a miss: 0" in result.output
     data = json.loads(runner.invoke(app, ["plan", str(model_dir("mixtral")), "--device-memory", "1GiB", "--json"]).output)
     assert data["expert_slots"] == 12 and data["host_slots"] == 0 and data["fits"] is True
 
@@ -346,11 +347,11 @@ def test_a_profile_given_before_the_command_applies_to_it(model_dir, tmp_path):
     result = runner.invoke(app, ["--profile", str(box), "plan", str(model_dir("mixtral")), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert data["device_memory"] == 300 * 2**20 and data["host_slots"] == 12  # both from the profile
+    assert data["device_memory"] == 300 * 2**20 and data["host_memory"] == 2**30  # both from the profile
     own = runner.invoke(app, ["--profile", str(box), "plan", str(model_dir("mixtral")), "--profile", "gpu-12gb", "--json"])
     assert json.loads(own.output)["device_memory"] == int(10.5 * 2**30)  # the command's own --profile wins
     later = runner.invoke(app, ["plan", str(model_dir("mixtral")), "--device-memory", "1GiB", "--json"])
-    assert json.loads(later.output)["host_slots"] == 0  # a profile from an earlier invocation does not linger
+    assert json.loads(later.output)["host_memory"] == 0  # a profile from an earlier invocation does not linger
     bad = run_cli("--profile", "no-such-profile", "profiles")
     assert bad.returncode == 1 and "no hardware profile named 'no-such-profile'" in bad.stderr
 
@@ -603,3 +604,38 @@ def test_a_piped_load_prints_a_start_and_a_done_line_on_stderr():
         assert any(line.startswith(f"loading {what} (") and line.endswith("...") for line in lines), lines
         assert any(line.startswith(f"loading {what}: done in ") for line in lines), lines
     assert result.stdout.startswith("import os")
+
+
+def test_plan_warns_of_a_host_tier_no_larger_than_the_device_slots():
+    import json
+
+    from offload_moe import demo_model_path, plan
+
+    p = plan(demo_model_path(), device_memory="280MiB", host_memory="2MiB", dtype="float32")
+    assert 0 < p.host_slots <= p.expert_slots < p.total_experts
+    assert p.warnings and "adds nothing" in p.warnings[0] and "adds nothing" in str(p)
+    result = run_cli("plan", str(demo_model_path()), "--device-memory", "280MiB", "--host-memory", "2MiB",
+                     "--dtype", "float32")
+    assert result.returncode == 0 and "warning:" in result.stderr and "adds nothing" in result.stderr
+    useful = plan(demo_model_path(), device_memory="270MiB", host_memory="5MiB", dtype="float32")
+    assert useful.host_slots > useful.expert_slots and useful.warnings == []
+    data = json.loads(runner.invoke(app, ["plan", str(demo_model_path()), "--device-memory", "280MiB",
+                                          "--host-memory", "2MiB", "--dtype", "float32", "--json"]).stdout)
+    assert data["warnings"] == p.warnings
+
+
+def test_plan_reserves_no_host_tier_when_every_expert_fits_and_kv_for_the_models_context_only():
+    from offload_moe import demo_model_path, load, plan
+
+    p = plan(demo_model_path(), profile="gpu-8gb")
+    assert p.expert_slots == p.total_experts == 96
+    assert p.host_slots == 0 and "host tier: none" in str(p)
+    assert p.context_length == 1024 == p.model_context  # not the 4096 asked for by default
+    assert p.kv_reserve_bytes == 1024 * p.kv_bytes_per_token
+    assert plan(demo_model_path(), device_memory="1GiB", context_length=100).context_length == 100
+    model = load(demo_model_path(), cache_experts=96, host_memory="1GiB", progress=False)
+    try:
+        assert model.offload.stats()["capacity_experts"] == 96
+        assert model.offload.cache.host is None  # no pinned copy of experts the device already holds
+    finally:
+        model.offload.close()

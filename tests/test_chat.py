@@ -183,6 +183,7 @@ def test_cli_reads_piped_stdin():
     assert "4 tokens in 1 answer" in out and "history cleared" in out and ">>>" not in out
 
 
+@pytest.mark.slow
 def test_piped_stdin_in_a_real_process():
     result = subprocess.run([*CHAT, "--max-new-tokens", "4", "--cache-experts", "24"], input="def add(a, b):\n/stats\n",
                             capture_output=True, text=True, timeout=120, check=False)
@@ -191,6 +192,7 @@ def test_piped_stdin_in_a_real_process():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_stats_say_when_misses_are_computed_from_the_mapping():
     result = subprocess.run([*CHAT, "--max-new-tokens", "4", "--cache-experts", "24", "--io", "mmap"],
                             input="def add(a, b):\n/stats\n", capture_output=True, text=True, timeout=120, check=False)

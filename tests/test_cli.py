@@ -57,6 +57,7 @@ def run_cli(*args):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_errors_are_one_line_without_traceback(tmp_path):
     result = run_cli("plan", str(tmp_path / "missing"), "--device-memory", "1GiB")
     assert result.returncode == 1
@@ -67,6 +68,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+@pytest.mark.slow
 def test_model_that_does_not_fit_exits_nonzero(model_dir):
     result = run_cli("plan", str(model_dir("mixtral")), "--device-memory", "1MiB")
     assert result.returncode == 1 and "does not fit" in result.stderr
@@ -80,6 +82,7 @@ def test_profiles_command_and_plan_with_profile(model_dir):
     assert "bfloat16" in result.output
 
 
+@pytest.mark.slow
 def test_verify_command(model_dir, tmp_path):
     import shutil
 
@@ -115,6 +118,7 @@ def test_generate_json_is_stable_and_has_stats():
     assert mapped["stats"]["mapped_experts"] == mapped["stats"]["misses"] > 0
 
 
+@pytest.mark.slow
 def test_a_bad_io_mode_is_named():
     result = run_cli("generate", "--prompt", "x", "--io", "aio")
     assert result.returncode == 1 and "io='aio' is not an I/O mode" in result.stderr and "Traceback" not in result.stderr
@@ -125,6 +129,7 @@ def test_generate_streams_and_reports(tmp_path):
     assert result.exit_code == 0 and result.stdout.startswith("import os")  # the load lines go to stderr
 
 
+@pytest.mark.slow
 def test_generate_needs_a_tokenizer(model_dir):
     result = run_cli("generate", str(model_dir("mixtral")), "--prompt", "hi")
     assert result.returncode == 1 and "tokenizer" in result.stderr and "Traceback" not in result.stderr
@@ -149,6 +154,7 @@ def test_profiles_shows_one_profile_in_full():
         assert name in listing.output
 
 
+@pytest.mark.slow
 def test_profiles_and_version_as_subprocesses():
     assert __version__ in run_cli("--version").stdout
     listing = run_cli("profiles")
@@ -202,6 +208,7 @@ def test_profile_replays_a_hand_worked_trace(tmp_path):
     assert "Belady" in result.output and "1.20" in result.output  # the table's ratio to Belady
 
 
+@pytest.mark.slow
 def test_trace_synth_show_and_profile_as_subprocesses(tmp_path):
     path = tmp_path / "synth.safetensors"
     made = run_cli("trace", "synth", "--out", str(path), "--tokens", "300", "--layers", "4", "--experts", "8",
@@ -226,6 +233,7 @@ def test_profile_without_arguments_profiles_the_bundled_reference_trace(tmp_path
     assert all(r["capacity"] == 24 for r in rows)
 
 
+@pytest.mark.slow
 def test_trace_record_as_a_subprocess_and_profile_of_a_model(tmp_path):
     import json
 
@@ -284,12 +292,14 @@ def test_profile_and_trace_errors_are_one_line(tmp_path):
     assert not (tmp_path / "new").exists() and not (tmp_path / "new2").exists()
 
 
+@pytest.mark.slow
 def test_demo_as_a_subprocess():
     result = run_cli("demo", "--tokens", "2")
     assert result.returncode == 0, result.stderr
     assert "24 of 96" in result.stdout and "hit rate" in result.stdout
 
 
+@pytest.mark.slow
 def test_brackets_in_messages_survive_the_terminal(tmp_path):
     """Rich markup must not eat text such as "offload_moe[plot]" or "[tokens, layers, top_k]"."""
     import json
@@ -329,6 +339,7 @@ def test_missing_matplotlib_message_keeps_the_extra_name(tmp_path, monkeypatch):
     assert result.exit_code == 0 and "offload_moe[plot]" in result.output
 
 
+@pytest.mark.slow
 def test_an_output_that_cannot_be_written_is_a_one_line_error_before_any_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -339,6 +350,7 @@ def test_an_output_that_cannot_be_written_is_a_one_line_error_before_any_work(tm
     assert result.returncode == 1 and "cannot write" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_profile_given_before_the_command_applies_to_it(model_dir, tmp_path):
     import json
 
@@ -368,6 +380,7 @@ def test_profile_max_tokens_replays_the_start_of_the_trace(tmp_path):
     assert {r["policy"]: r["hits"] for r in document["results"]} == {"belady": 2, "lru": 2}  # 0 1 0 2 0
 
 
+@pytest.mark.slow
 def test_a_bad_sampling_option_is_named_alone():
     result = run_cli("generate", "--prompt", "hi", "--top-p", "0")
     assert result.returncode == 2 and "'--top-p': 0.0 must be above 0" in result.stderr
@@ -401,6 +414,7 @@ def test_an_out_of_range_option_is_a_usage_error(command, option, value):
     assert f"Invalid value for '{option}'" in result.output
 
 
+@pytest.mark.slow
 def test_a_broken_config_json_is_named_not_blamed_on_the_tokenizer(model_dir, tmp_path):
     import shutil
 
@@ -412,6 +426,7 @@ def test_a_broken_config_json_is_named_not_blamed_on_the_tokenizer(model_dir, tm
     assert "config.json cannot be read" in result.stderr and "tokenizer" not in result.stderr
 
 
+@pytest.mark.slow
 def test_generate_that_fails_to_load_prints_nothing_on_stdout(tmp_path):
     result = run_cli("generate", str(tmp_path / "missing"), "--prompt", "def f():")
     assert result.returncode == 1 and "does not exist" in result.stderr
@@ -433,6 +448,7 @@ def run_cli_env(*args, **env):
                           env={**os.environ, **env})
 
 
+@pytest.mark.slow
 def test_profiles_listing_cuts_no_value_at_80_columns_or_piped():
     import os
 
@@ -494,6 +510,7 @@ def test_ctrl_c_during_a_multi_process_profile_exits_130_at_once(tmp_path):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_prompt_longer_than_the_context():
     result = run_cli("generate", "--prompt", "def " + "very_long_name_" * 400)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
@@ -596,6 +613,7 @@ def test_trace_record_takes_cache_memory(tmp_path, monkeypatch):
     assert both.exit_code != 0 and "not both" in str(both.exception)
 
 
+@pytest.mark.slow
 def test_a_piped_load_prints_a_start_and_a_done_line_on_stderr():
     result = run_cli("generate", "--prompt", "import os", "--max-new-tokens", "2", "--cache-experts", "24")
     assert result.returncode == 0, result.stderr
@@ -606,6 +624,7 @@ def test_a_piped_load_prints_a_start_and_a_done_line_on_stderr():
     assert result.stdout.startswith("import os")
 
 
+@pytest.mark.slow
 def test_plan_warns_of_a_host_tier_no_larger_than_the_device_slots():
     import json
 

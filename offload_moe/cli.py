@@ -342,7 +342,7 @@ def trace_record(
     predictions: Annotated[bool, typer.Option(metavar=FLAG, help="Store the gate predictor's guesses (--no-predictions: routing only).")] = True,
     device: Device = None,
     cache_experts: Annotated[int | None, typer.Option(min=MIN_CACHE_EXPERTS, help="Expert slots while recording (routing does not depend on it).")] = None,
-    cache_memory: Annotated[str | None, typer.Option(help="Memory for expert slots while recording, e.g. 2GiB.")] = None,
+    cache_memory: CacheMemory = None,
     dtype: Dtype = None,
     profile: HardwareProfile = None,
 ) -> None:

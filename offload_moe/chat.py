@@ -31,7 +31,16 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import ConfigError
-from .generation import kv_cache_kwargs, kv_cache_of, load_tokenizer, pad_token_id, sampling_options, text_streamer
+from .generation import (
+    check_prompt_length,
+    kv_cache_kwargs,
+    kv_cache_of,
+    load_tokenizer,
+    model_context,
+    pad_token_id,
+    sampling_options,
+    text_streamer,
+)
 
 COMMANDS = {"/reset": "forget the conversation", "/stats": "expert cache and speed",
             "/paste": "the lines up to /end are one message", "/quit": "leave"}
@@ -76,7 +85,7 @@ class ChatSession:
         self.stop = threading.Event()
         self.last: Reply | None = None
         self.turns, self.total_tokens, self.total_seconds = 0, 0, 0.0
-        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.context = model_context(model.config)
         torch.manual_seed(seed)
 
     @classmethod
@@ -112,6 +121,10 @@ class ChatSession:
 
     def send(self, user_text: str, on_text: Callable[[str], None] | None = None) -> Reply:
         """Answer ``user_text`` given the history, handing the text to ``on_text`` piece by piece; both join the history.
+
+        The pieces carry their own newlines, so print them as they are:
+        ``session.send(text, on_text=lambda s: print(s, end="", flush=True))``
+        (plain ``on_text=print`` would end every piece with a newline of its own).
 
         Setting ``self.stop`` (Ctrl-C does) ends the answer after the current token: ``Reply.stopped``.
         """
@@ -174,13 +187,13 @@ class ChatSession:
         the last message alone gets what room is left."""
         for forgotten in range(0, len(messages), 2):
             text = self.prompt(messages[forgotten:])
-            ids = self.tokenizer(text, add_special_tokens=not self.uses_template, return_tensors="pt").input_ids
+            # verbose=False: the length is checked here, so transformers' "longer than the maximum" warning is noise
+            ids = self.tokenizer(text, add_special_tokens=not self.uses_template, return_tensors="pt",
+                                 verbose=False).input_ids
             if self.context is None or ids.shape[1] + self.max_new_tokens <= self.context:
                 return ids.to(self.model.offload.device), forgotten
-        if ids.shape[1] < self.context:
-            return ids.to(self.model.offload.device), forgotten
-        raise ConfigError(f"the message is {ids.shape[1]} tokens but the model reads at most {self.context} "
-                          "(max_position_embeddings in its config.json); send a shorter one")
+        check_prompt_length(ids.shape[1], self.context)
+        return ids.to(self.model.offload.device), forgotten
 
     def reset(self) -> None:
         """Forget the conversation and re-seed sampling; the cache statistics carry on."""
@@ -217,8 +230,12 @@ def stop_when_set(event: threading.Event):
     return StoppingCriteriaList([EventSet()])
 
 
-def run_chat(session: ChatSession, lines: Iterable[str], console: Console, *, interactive: bool = True) -> None:
+def run_chat(session: ChatSession, lines: Iterable[str], console: Console, *, interactive: bool = True,
+             errors: Console | None = None) -> None:
     """Answer each line of ``lines`` with ``session``, streaming to ``console``, until /quit, the end of the lines or Ctrl-C.
+
+    A message the model cannot read (too long for its context) is reported on ``errors`` (default: stderr)
+    and the chat goes on.
 
     Lines starting with "/" are commands (/reset, /stats, /quit, /paste). After /paste, every line up to a
     line /end is one message, so code with blank lines and docstrings can be pasted. Each answer ends with a
@@ -226,6 +243,7 @@ def run_chat(session: ChatSession, lines: Iterable[str], console: Console, *, in
     prompt) only adds the newline that leaves the prompt line at the end.
     """
     lines = iter(lines)
+    errors = errors or Console(stderr=True)
     while True:
         try:
             line = next(lines).rstrip("\r\n")
@@ -246,7 +264,7 @@ def run_chat(session: ChatSession, lines: Iterable[str], console: Console, *, in
             try:
                 _answer(session, line, console)
             except ConfigError as e:  # a message too long for the model: say so, keep chatting
-                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+                errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             except KeyboardInterrupt:  # a second Ctrl-C: generation was interrupted mid-token
                 console.print("\n[red]interrupted[/]")
                 return

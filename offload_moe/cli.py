@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .config import MIN_CACHE_EXPERTS
 from .errors import OffloadMoEError
 
 app = typer.Typer(
@@ -28,13 +29,22 @@ err = Console(stderr=True)
 state = {"debug": False}
 
 
+def _above_zero(value: float) -> float:
+    """Range errors are usage errors (exit 2): typer's min/max cannot leave out the 0 itself."""
+    if value <= 0:
+        raise typer.BadParameter(f"{value} must be above 0")
+    return value
+
+
+FLAG = ""  # the metavar of an on/off option: typer would show "<bool>", as if it took a value
+
 # Options several commands share: the model and how it is loaded, and how text is sampled.
 ModelArgument = Annotated[str | None, typer.Argument(help="Model folder; default: the bundled model.")]
 Temperature = Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")]
-TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling when temperature > 0.")]
-RepetitionPenalty = Annotated[float, typer.Option(min=0.0, help="1 turns it off; small models loop without it.")]
+TopP = Annotated[float, typer.Option(min=0.0, max=1.0, callback=_above_zero, help="Nucleus sampling when temperature > 0.")]
+RepetitionPenalty = Annotated[float, typer.Option(min=0.0, callback=_above_zero, help="1 turns it off; small models loop without it.")]
 Device = Annotated[str | None, typer.Option(help="cpu or cuda; default: the profile's, else cpu.")]
-CacheExperts = Annotated[int | None, typer.Option(help="Expert slots on the device.")]
+CacheExperts = Annotated[int | None, typer.Option(min=MIN_CACHE_EXPERTS, help="Expert slots on the device.")]
 CacheMemory = Annotated[str | None, typer.Option(help="Memory for expert slots, e.g. 6GiB.")]
 Policy = Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random.")]
 Prefetch = Annotated[str | None, typer.Option(help="Predictor: none, gate, transition, hybrid; default: the profile's, else none.")]
@@ -57,8 +67,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True, metavar=FLAG, help="Print the version and exit.")] = None,
+    debug: Annotated[bool, typer.Option("--debug", metavar=FLAG, help="Show full tracebacks on errors.")] = False,
     profile: Annotated[str | None, typer.Option(
         help="Hardware profile (name or TOML path) for every command that loads or sizes a model; "
              "a command's own --profile wins.")] = None,
@@ -115,10 +125,8 @@ def demo(
         table.add_row(name, value)
     console.print()
     console.print(table)
-    console.print(
-        f"Load it yourself: offload_moe.load(offload_moe.demo_model_path(), cache_experts={result.cache_experts})",
-        highlight=False,
-    )
+    console.out("Load it yourself, with the demo's settings:", highlight=False)
+    console.out(result.load_call(width=console.width), highlight=False)
 
 
 @app.command()
@@ -128,9 +136,9 @@ def plan(
     host_memory: Annotated[str | None, typer.Option(help="Host RAM for the warm expert tier, e.g. 32GiB.")] = None,
     io: IoMode = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16; default: the checkpoint's.")] = None,
-    context: Annotated[int, typer.Option(help="Tokens of KV cache to reserve.")] = 4096,
+    context: Annotated[int, typer.Option(min=0, help="Tokens of KV cache to reserve.")] = 4096,
     profile: Annotated[str | None, typer.Option(help="Hardware profile name or TOML path (see `offload-moe profiles`).")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print the plan as JSON.")] = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Show what goes where for MODEL: device, host RAM and disk, without loading any weights.
@@ -156,6 +164,8 @@ def plan(
     for row in p.rows():
         table.add_row(*row)
     console.print(table)
+    for warning in p.warnings:
+        err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if not p.fits:
         raise OffloadMoEError("the model does not fit: fewer than 2 expert slots remain after the dense weights")
 
@@ -177,7 +187,7 @@ def generate(
     dtype: Dtype = None,
     io: IoMode = None,
     profile: HardwareProfile = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print text, timings and cache statistics as JSON.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", metavar=FLAG, help="Print text, timings and cache statistics as JSON.")] = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Complete one prompt, streaming the text; --json prints text, timings and statistics for scripts.
@@ -247,7 +257,8 @@ def chat(
     try:
         if interactive:
             err.print(f"[dim]chatting with {escape(session.model.offload.folder.name)}; /reset, /stats, /paste, /quit[/]", highlight=False)
-        run_chat(session, prompt_lines(console) if interactive else sys.stdin, console, interactive=interactive)
+        run_chat(session, prompt_lines(console) if interactive else sys.stdin, console, interactive=interactive,
+                 errors=err)
     finally:
         session.close()
 
@@ -304,18 +315,26 @@ def profiles(
             table.add_row(key, "-" if value is None else escape(str(value)))
         console.print(table)
         return
-    table = Table(title=f"hardware profiles ({escape(str(profiles_folder()))})")
-    for col in ("name", "device", "device memory", "host memory", "policy", "prefetch"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("suits", min_width=24)
+    console.out(f"hardware profiles in {profiles_folder()}", highlight=False)
+    console.out("(offload-moe profiles --profile NAME shows one in full)", highlight=False)
     for p in list_profiles():
-        prefetch = p.prefetch or "none"
-        if prefetch != "none" and p.prefetch_margin is not None:
-            prefetch += f" (margin {p.prefetch_margin})"
-        device = p.device if p.io in (None, "direct") else f"{p.device} ({p.io})"
-        table.add_row(*(escape(str(x)) for x in (p.name, device, p.device_memory,
-                                                  p.host_memory or "-", p.policy or "lru", prefetch, p.description)))
-    console.print(table)
+        console.out("", highlight=False)
+        for line in _profile_block(p, console.width):
+            console.out(line, highlight=False)
+
+
+def _profile_block(p, width: int) -> list[str]:
+    """One profile as a few lines no wider than ``width`` (wrapped between words, never inside a value)."""
+    import textwrap
+
+    prefetch = p.prefetch or "none"
+    if prefetch != "none" and p.prefetch_margin is not None:
+        prefetch += f" (margin {p.prefetch_margin})"
+    lines = [f"{p.name}: {p.device}, {p.device_memory} device memory, {p.host_memory or 'no'} host tier",
+             f"  io {p.io or 'direct'}, policy {p.policy or 'lru'}, prefetch {prefetch}"]
+    lines += textwrap.wrap(p.description, width=max(40, width - 1), initial_indent="  suits: ",
+                           subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+    return lines
 
 
 trace_app = typer.Typer(help="Record, synthesise and summarise routing traces.\n\n"
@@ -331,9 +350,10 @@ def trace_record(
     out: Annotated[Path, typer.Option(help="The trace file to write (.safetensors).")] = ...,
     max_new_tokens: Annotated[int, typer.Option(min=0, help="Also trace this many greedy decoding steps after each prompt.")] = 0,
     margin: Annotated[int, typer.Option(min=0, help="Store the gate predictor's top-k + MARGIN guesses for the next layer.")] = 2,
-    predictions: Annotated[bool, typer.Option(help="Store the gate predictor's guesses (--no-predictions: routing only).")] = True,
+    predictions: Annotated[bool, typer.Option(metavar=FLAG, help="Store the gate predictor's guesses (--no-predictions: routing only).")] = True,
     device: Device = None,
-    cache_experts: Annotated[int | None, typer.Option(help="Expert slots while recording (routing does not depend on it).")] = None,
+    cache_experts: Annotated[int | None, typer.Option(min=MIN_CACHE_EXPERTS, help="Expert slots while recording (routing does not depend on it).")] = None,
+    cache_memory: CacheMemory = None,
     dtype: Dtype = None,
     profile: HardwareProfile = None,
     trust_remote_code: TrustRemoteCode = False,
@@ -351,8 +371,9 @@ def trace_record(
         trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}"
                                + (f", {max_new_tokens} greedy tokens after each" if max_new_tokens else ""),
                                predict_margin=margin if predictions else None, max_new_tokens=max_new_tokens,
-                               on_prompt=advance, device=device, cache_experts=cache_experts, dtype=dtype,
-                               profile=profile, trust_remote_code=trust_remote_code)
+                               on_prompt=advance, device=device, cache_experts=cache_experts,
+                               cache_memory=cache_memory, dtype=dtype, profile=profile,
+                               trust_remote_code=trust_remote_code)
         path = save_trace(trace, out)
     _print_trace_summary(trace, path)
 
@@ -419,7 +440,7 @@ def profile_command(
     margin: Annotated[int, typer.Option(min=0, help="Predictors name top-k + MARGIN experts.")] = 1,
     out: Annotated[Path, typer.Option(help="Folder for results.json, results.csv and the plots.")] = Path("profile-results"),
     max_new_tokens: Annotated[int, typer.Option(min=0, help="With MODEL: also trace this many decoding steps per prompt.")] = 0,
-    plots: Annotated[bool, typer.Option(help="Draw PNG plots (needs matplotlib: pip install 'offload_moe\\[plot]').")] = True,
+    plots: Annotated[bool, typer.Option(metavar=FLAG, help="Draw PNG plots (needs matplotlib: pip install 'offload_moe\\[plot]').")] = True,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes for the replays; default: one per CPU for large sweeps.")] = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Replay only the trace's first N tokens (a quick look at a long trace).")] = None,
     profile: Annotated[str | None, typer.Option(help="Hardware profile: with MODEL, adds the capacity its device memory gives.")] = None,
@@ -525,8 +546,13 @@ def _bar(label: str, total: int):
         TimeElapsedColumn,
     )
 
+    if not err.is_terminal:  # piped: a line when it starts and one when it is done
+        from .loader import start_and_done_lines
+
+        yield from start_and_done_lines(err, label, f"{total} to go")
+        return
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not err.is_terminal) as bar:
+                  console=err, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda: bar.advance(task)
 

@@ -57,6 +57,21 @@ class DemoResult:
     seconds: float
     cache_experts: int
     total_experts: int
+    load_options: dict  # what run_demo passed to offload_moe.load besides the folder
+
+    def load_call(self, width: int = 80) -> str:
+        """The ``offload_moe.load(...)`` call the demo made, broken between arguments to fit ``width`` columns."""
+        head = "offload_moe.load("
+        parts = ["offload_moe.demo_model_path()"] + [f"{k}={v!r}" for k, v in self.load_options.items()]
+        lines, line = [], head
+        for i, part in enumerate(parts):
+            part += ")" if i == len(parts) - 1 else ","
+            if line.strip() and len(line) + 1 + len(part) > width and line != head:
+                lines.append(line)
+                line = " " * len(head) + part
+            else:
+                line += ("" if line == head else " ") + part
+        return "\n".join(lines + [line])
 
     @property
     def tokens_per_s(self) -> float:
@@ -85,8 +100,9 @@ def run_demo(
     total = config.num_hidden_layers * config.num_local_experts
     capacity = max(2, int(total * CACHE_SHARE))
     tokenizer = load_tokenizer(folder)
-    model = load(folder, device=device, cache_experts=capacity, dtype="float32" if device == "cpu" else None,
-                 prefetch="gate", prefetch_margin=0, progress=False)
+    options = {"device": device, "cache_experts": capacity, "dtype": "float32" if device == "cpu" else None,
+               "prefetch": "gate", "prefetch_margin": 0}
+    model = load(folder, **options, progress=False)
     try:
         _print_header(console, config, capacity, total, model.offload.device)
         completions, generated, seconds = [], 0, 0.0
@@ -98,7 +114,7 @@ def run_demo(
         stats = model.offload.stats()
     finally:
         model.offload.close()
-    return DemoResult(completions, stats, generated, seconds, capacity, total)
+    return DemoResult(completions, stats, generated, seconds, capacity, total, options)
 
 
 def _print_header(console: Console, config, capacity: int, total: int, device: torch.device) -> None:

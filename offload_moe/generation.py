@@ -83,6 +83,18 @@ def sampling_options(max_new_tokens: int, temperature: float, top_p: float, repe
     return options
 
 
+def model_context(config) -> int | None:
+    """The most tokens (prompt and answer) the model reads: ``max_position_embeddings`` of its config."""
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_prompt_length(tokens: int, context: int) -> None:
+    """Refuse a prompt that leaves the model no room for one new token."""
+    if tokens >= context:
+        raise ConfigError(f"the prompt is {tokens} tokens but the model reads at most {context} "
+                          "(max_position_embeddings in its config.json); send a shorter one")
+
+
 def pad_token_id(tokenizer) -> int | None:
     """The tokenizer's padding id, else its end-of-sequence id (0 is a valid id)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -104,19 +116,26 @@ def generate_text(
 
     Greedy when ``temperature`` is 0, else sampled with ``top_p`` from ``seed``; ``repetition_penalty``
     (1 = off) keeps greedy decoding of small models from looping. ``on_text`` receives the new text
-    piece by piece as it is generated.
+    piece by piece as it is generated. A prompt as long as the model's context (``max_position_embeddings``)
+    is refused with a ConfigError before the model loads; a shorter one gets at most the rest of the context.
     """
     from .demo import demo_model_path
-    from .loader import load, resolve_model_path
+    from .loader import load, load_config, resolve_model_path
 
     sampling = sampling_options(max_new_tokens, temperature, top_p, repetition_penalty)
     folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
-    tokenizer = load_tokenizer(folder, trust_remote_code=load_options.get("trust_remote_code", False))
+    trust_remote_code = load_options.get("trust_remote_code", False)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    ids = tokenizer(prompt, return_tensors="pt", verbose=False).input_ids  # [1, S]; its length is checked here
+    context = model_context(load_config(folder, trust_remote_code=trust_remote_code))
+    if context is not None:
+        check_prompt_length(ids.shape[1], context)
+        max_new_tokens = min(max_new_tokens, context - ids.shape[1])
     start = time.perf_counter()
     model = load(folder, **{"progress": on_text is not None, **load_options})
     load_seconds = time.perf_counter() - start
     try:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.offload.device)  # [1, S]
+        ids = ids.to(model.offload.device)
         streamer = text_streamer(tokenizer, on_text) if on_text is not None else None
         torch.manual_seed(seed)
         start = time.perf_counter()

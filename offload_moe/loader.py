@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
-from .config import Budget, check_io, check_read_timeout, check_within, parse_bytes, parse_device, parse_dtype, shown
+from .config import Budget, check_io, check_read_timeout, check_within, format_bytes, parse_bytes, parse_device, parse_dtype, shown
 from .errors import (
     BudgetError,
     CheckpointError,
@@ -262,6 +263,9 @@ def _progress(enabled: bool, what: str, total: int):
     @contextmanager
     def bar():
         console = Console(stderr=True)
+        if enabled and not console.is_terminal:  # piped: a line when it starts and one when it is done
+            yield from start_and_done_lines(console, f"loading {what}", format_bytes(total))
+            return
         with Progress(
             TextColumn(f"[bold]loading {what}"), BarColumn(), DownloadColumn(binary_units=True), TimeRemainingColumn(),
             console=console, transient=True, disable=not (enabled and console.is_terminal),
@@ -270,6 +274,15 @@ def _progress(enabled: bool, what: str, total: int):
             yield lambda n: p.advance(task, n)
 
     return bar()
+
+
+def start_and_done_lines(console, label: str, size: str):
+    """What a progress bar shows, as two lines for a log (output that is not a terminal): the start, with
+    ``size``, and the end, with the time taken. A generator for a contextmanager; yields a no-op advance."""
+    console.print(f"{label} ({size})...", highlight=False, markup=False)
+    start = time.perf_counter()
+    yield lambda *n: None
+    console.print(f"{label}: done in {time.perf_counter() - start:.1f} s", highlight=False, markup=False)
 
 
 def default_cache_bytes(device: torch.device, dense_bytes: int) -> int:
@@ -371,6 +384,8 @@ def load(
         total_experts = sum(m.num_experts for m in modules)
         dense_bytes = sum(info.nbytes for info in store.dense.values())
         capacity = budget.slots(layout.nbytes, total_experts, default_cache_bytes(dev, dense_bytes), dev)
+        if capacity >= total_experts:  # every expert has a device slot: a host tier would only copy them twice
+            host_memory = None
         host = _host_tier(host_memory, host_policy, seed, layout, total_experts, dev)
         load_dense(model, store, dev, want_dtype, progress)
         mover = make_mover(dev, store, readers)

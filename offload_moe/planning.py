@@ -42,6 +42,7 @@ class Plan:
     host_memory: int = 0  # bytes for the warm tier in (pinned) host RAM; 0: none
     host_slots: int = 0  # experts the warm tier holds
     io: str = "direct"  # with "mmap" (CPU) a slot pool smaller than every expert stays empty
+    model_context: int | None = None  # max_position_embeddings: the KV reserve never exceeds it
 
     @property
     def fits(self) -> bool:
@@ -60,21 +61,37 @@ class Plan:
     def disk_bytes(self) -> int:
         return self.disk_experts * self.expert_bytes
 
+    @property
+    def warnings(self) -> list[str]:
+        """What in this plan buys nothing (said in its text, and by ``offload-moe plan`` on stderr)."""
+        if self.host_slots and self.host_slots <= self.expert_slots < self.total_experts:
+            more = format_bytes((self.expert_slots + 1) * self.expert_bytes)
+            return [f"the host tier holds {self.host_slots} experts, no more than the {self.expert_slots} device slots, "
+                    f"so it adds nothing: give host memory of {more} or more, or none"]
+        return []
+
     def as_dict(self) -> dict:
         return {**asdict(self), "fits": self.fits, "resident_fraction": self.resident_fraction,
-                "disk_experts": self.disk_experts, "disk_bytes": self.disk_bytes}
+                "disk_experts": self.disk_experts, "disk_bytes": self.disk_bytes, "warnings": self.warnings}
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(part, where, size) rows for a table."""
         return [
             ("dense weights (attention, norms, embeddings, routers, shared experts)", "device", format_bytes(self.dense_bytes)),
-            (f"KV-cache reserve ({self.context_length} tokens)", "device", format_bytes(self.kv_reserve_bytes)),
+            (f"KV-cache reserve ({self.context_length} tokens"
+             + (", the model's context)" if self.context_length == self.model_context else ")"),
+             "device", format_bytes(self.kv_reserve_bytes)),
             ("workspace reserve", "device", format_bytes(self.workspace_bytes)),
             (f"expert slots: {self.expert_slots} of {self.total_experts} ({self.resident_fraction:.0%})", "device", format_bytes(self.slots_bytes)),
-        ] + ([(f"host tier: {self.host_slots} of {self.total_experts} experts ({self.host_slots / self.total_experts:.0%})",
-               "host RAM (pinned on CUDA)", format_bytes(self.host_slots * self.expert_bytes))] if self.host_memory else []) + [
+        ] + ([self._host_row()] if self.host_memory else []) + [
             self._miss_row(),
         ]
+
+    def _host_row(self) -> tuple[str, str, str]:
+        if not self.host_slots and self.expert_slots >= self.total_experts:
+            return ("host tier: none (every expert fits in the device slots)", "host RAM", format_bytes(0))
+        return (f"host tier: {self.host_slots} of {self.total_experts} experts ({self.host_slots / self.total_experts:.0%})",
+                "host RAM (pinned on CUDA)", format_bytes(self.host_slots * self.expert_bytes))
 
     def _miss_row(self) -> tuple[str, str, str]:
         if self.io == "mmap" and self.disk_experts:  # the slots stay empty: every expert is computed from the mapping
@@ -89,6 +106,7 @@ class Plan:
         lines += [f"  {part:<{width}}  {where:<24} {size:>12}" for part, where, size in self.rows()]
         if not self.fits:
             lines.append(f"  does not fit: fewer than {MIN_CACHE_EXPERTS} expert slots remain after the dense weights")
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -121,6 +139,8 @@ def plan(
     ``host_memory`` sizes the warm tier of host RAM between the device slots and the disk.
     ``io`` is the I/O mode ``load`` will use (``mmap`` leaves a partial slot pool empty).
     ``profile`` supplies ``device_memory``, ``host_memory``, ``dtype`` and ``io`` where they are not given.
+    The KV cache is reserved for ``context_length`` tokens, at most the model's own context; no host tier
+    is reserved when every expert fits in the device slots (``load`` builds none then).
     Reads only config.json and the safetensors headers: no weights are loaded. ``trust_remote_code`` as in
     ``offload_moe.load``: without it no code from the model folder runs.
     """
@@ -151,6 +171,9 @@ def plan(
     expert_bytes = SlotLayout(modules[0].spec.shapes, want).nbytes
     total = sum(m.num_experts for m in modules)
     kv_token = kv_bytes_per_token(config, itemsize)
+    model_context = getattr(config, "max_position_embeddings", None)
+    if model_context:
+        context_length = min(context_length, model_context)
     kv = kv_token * context_length
     workspace = max(WORKSPACE_MIN, int(WORKSPACE_FRACTION * budget))
     slots = max(0, min(total, (budget - dense - kv - workspace) // expert_bytes))
@@ -173,6 +196,7 @@ def plan(
         expert_slots=int(slots),
         slots_bytes=int(slots) * expert_bytes,
         host_memory=host,
-        host_slots=min(total, host // expert_bytes),
+        host_slots=0 if slots >= total else min(total, host // expert_bytes),
         io=io or "direct",
+        model_context=model_context,
     )

@@ -19,7 +19,8 @@ import csv
 import io
 import json
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, UTC
 from pathlib import Path
@@ -253,25 +254,75 @@ def default_workers(trace: Trace, replays: int) -> int:
 
 def _sweep_in_processes(trace: Trace, named: dict, jobs: list, margin: int, workers: int,
                         progress: Callable[[int], None] | None) -> list[ReplayResult]:
+    """The replays in ``workers`` spawned processes.
+
+    Ctrl-C reaches the whole process group. The workers ignore it from their first instruction (they are
+    spawned while the parent ignores it, and SIG_IGN survives exec); the parent stops them and raises
+    KeyboardInterrupt at once (the CLI exits 130). The trace goes to the workers through a temporary file,
+    so spawning them is quick and the parent ignores Ctrl-C only for those milliseconds.
+    """
     import multiprocessing
+    import pickle
+    import tempfile
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    # spawn, not fork: a forked child of a process that has run torch's thread pools can hang
-    context = multiprocessing.get_context("spawn")
-    try:
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                 initargs=(trace, named)) as pool:
-            futures = [pool.submit(_replay_job, *job, margin) for job in jobs]
+    with tempfile.TemporaryDirectory(prefix="offload-moe-sweep-") as folder:
+        shared = Path(folder) / "trace.pickle"
+        shared.write_bytes(pickle.dumps((trace, named), protocol=pickle.HIGHEST_PROTOCOL))
+        # spawn, not fork: a forked child of a process that has run torch's thread pools can hang
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_worker_process, initargs=(str(shared),))
+        try:
+            with _ctrl_c_ignored():  # the processes are spawned by submit
+                futures = [pool.submit(_replay_job, *job, margin) for job in jobs]
             for _ in as_completed(futures):
                 if progress is not None:
                     progress(1)
             return [f.result() for f in futures]
-    except BrokenProcessPool:
-        raise OffloadMoEError(
-            f"the {workers} replay processes stopped before finishing; a script that runs sweep(workers>1) needs "
-            "an `if __name__ == \"__main__\":` guard (processes are spawned), or use workers=1"
-        ) from None
+        except BrokenProcessPool:
+            raise OffloadMoEError(
+                f"the {workers} replay processes stopped before finishing; a script that runs sweep(workers>1) "
+                "needs an `if __name__ == \"__main__\":` guard (processes are spawned), or use workers=1"
+            ) from None
+        except BaseException:  # Ctrl-C, or an error in a replay: the other replays are not waited for
+            _stop_pool(pool)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker_process(shared: str) -> None:
+    import pickle
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _start_worker(*pickle.loads(Path(shared).read_bytes()))  # our own file, written by _sweep_in_processes
+
+
+@contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored inside (in the main thread; elsewhere nothing changes), so processes spawned here
+    start with it ignored."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_pool(pool) -> None:
+    """Cancel the queued replays and end the running ones now, rather than wait for them."""
+    processes = list((pool._processes or {}).values())  # no public call ends a ProcessPoolExecutor's workers
+    for process in processes:
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def default_predictors(trace: Trace, margin: int = 1) -> list[str]:
@@ -351,7 +402,7 @@ def write_results(results: Sequence[ReplayResult], trace: Trace, out: str | Path
         except ImportError:
             notes["plots"] = "matplotlib is not installed, so no plots were drawn: pip install 'offload_moe[plot]'"
         else:
-            files["hit_rate_plot"] = ("hit_rate.png", _hit_rate_png(results, trace))
+            files["hit_rate_plot"] = ("hit_rate.png", _png(_hit_rate_figure(results, trace)))
             files["tradeoff_plot"] = ("tradeoff.png", _tradeoff_png(results, trace))
             if trace.num_experts <= HEATMAP_MAX_EXPERTS and len(trace.layers) <= HEATMAP_MAX_LAYERS:
                 files["heatmap"] = ("activations.png", _heatmap_png(trace))
@@ -379,30 +430,41 @@ def _figure(size: tuple[float, float], panels: int = 1):
     return figure, (list(axes) if panels > 1 else axes)
 
 
-def _hit_rate_png(results: Sequence[ReplayResult], trace: Trace) -> bytes:
-    """Hit rate against capacity: one line per policy and predictor, Belady's optimum as the bound."""
+def _hit_rate_figure(results: Sequence[ReplayResult], trace: Trace):
+    """Hit rate against capacity: a panel per predictor, a line per policy, Belady's optimum in each as the bound;
+    one legend beside the panels, so no entry covers a line."""
+    from matplotlib.figure import Figure
+
     total = len(trace.layers) * trace.num_experts
-    figure, axes = _figure((7, 4.5))
-    curves: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for r in results:
-        curves.setdefault((r.policy, r.predictor), []).append((r.capacity, r.hit_rate))
-    colours = {p: f"C{i}" for i, p in enumerate(dict.fromkeys(p for p, _ in curves if p != "belady"))}
-    dashes = {"none": "-", "transition": ":", "gate": "-.", "hybrid": "--"}  # a colour per policy, a style per predictor
-    for (policy, predictor), points in curves.items():
-        points.sort()
-        if policy == "belady":
-            label, style = "Belady (optimum)", {"color": "black", "linewidth": 2.5, "linestyle": "--"}
-        else:
-            label = policy + ("" if predictor == "none" else f" + {predictor}")
-            style = {"color": colours[policy], "linestyle": dashes.get(predictor, "-"), "marker": "o"}
-        axes.plot([100 * c / total for c, _ in points], [h for _, h in points], label=label, **style)
-    axes.set_xlabel(f"cache capacity (% of {total} experts)")
-    axes.set_ylabel("hit rate")
-    axes.set_ylim(0, 1)
-    axes.grid(alpha=0.3)
-    axes.set_title(f"{trace.metadata['model']}: {trace.num_tokens} tokens x {len(trace.layers)} layers, top-{trace.top_k}")
-    axes.legend(fontsize=8)
-    return _png(figure)
+    predictors = list(dict.fromkeys(r.predictor for r in results if r.policy != "belady")) or ["none"]
+    policies = list(dict.fromkeys(r.policy for r in results if r.policy != "belady"))
+    columns = min(2, len(predictors))
+    rows = -(-len(predictors) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.4 * rows), layout="constrained")
+    grid = figure.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
+    belady = sorted((r.capacity, r.hit_rate) for r in results if r.policy == "belady")
+    for ax, predictor in zip(grid.flat, predictors):
+        if belady:
+            ax.plot([100 * c / total for c, _ in belady], [h for _, h in belady], color="black", linewidth=2,
+                    linestyle="--", label="Belady (optimum, no prefetch)")
+        for i, policy in enumerate(policies):
+            points = sorted((r.capacity, r.hit_rate) for r in results if (r.policy, r.predictor) == (policy, predictor))
+            ax.plot([100 * c / total for c, _ in points], [h for _, h in points], color=f"C{i}", marker="o",
+                    label=policy)
+        ax.set_title("no prefetch" if predictor == "none" else f"prefetch: {predictor}", fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    for ax in grid.flat[len(predictors):]:
+        ax.set_visible(False)
+    for ax in grid[-1]:
+        ax.set_xlabel(f"capacity (% of {total} experts)")
+    for ax in grid[:, 0]:
+        ax.set_ylabel("hit rate")
+    figure.suptitle(f"{trace.metadata['model']}: {trace.num_tokens} tokens x {len(trace.layers)} layers, "
+                    f"top-{trace.top_k}")
+    handles, labels = grid.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right center", fontsize=8)
+    return figure
 
 
 def _tradeoff_png(results: Sequence[ReplayResult], trace: Trace) -> bytes:

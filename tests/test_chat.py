@@ -178,11 +178,12 @@ def test_cli_reads_piped_stdin():
     result = runner.invoke(app, ["chat", "--max-new-tokens", "4", "--cache-experts", "24"],
                            input="def add(a, b):\n/stats\n/reset\n/quit\n")
     assert result.exit_code == 0, result.output
-    out = result.output
+    out = result.stdout  # stderr has the load's start and done lines
     assert out.startswith("def") and "expert cache: 24 of 96 experts" in out
     assert "4 tokens in 1 answer" in out and "history cleared" in out and ">>>" not in out
 
 
+@pytest.mark.slow
 def test_piped_stdin_in_a_real_process():
     result = subprocess.run([*CHAT, "--max-new-tokens", "4", "--cache-experts", "24"], input="def add(a, b):\n/stats\n",
                             capture_output=True, text=True, timeout=120, check=False)
@@ -191,6 +192,7 @@ def test_piped_stdin_in_a_real_process():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_stats_say_when_misses_are_computed_from_the_mapping():
     result = subprocess.run([*CHAT, "--max-new-tokens", "4", "--cache-experts", "24", "--io", "mmap"],
                             input="def add(a, b):\n/stats\n", capture_output=True, text=True, timeout=120, check=False)
@@ -295,3 +297,29 @@ def test_paste_sends_the_lines_up_to_end_as_one_message(fresh, monkeypatch):
     run_chat(fresh, ["/paste\n", *code, "/end\n", "x = 1\n", "/paste\n", "tail without end\n"],
              Console(file=io.StringIO(), width=100), interactive=False)
     assert sent == ["".join(code).rstrip(), "x = 1", "tail without end"]
+
+
+def test_trimming_a_long_history_leaks_no_tokenizer_warning(fresh, capfd):
+    fresh.tokenizer.deprecation_warnings.pop("sequence-length-is-longer-than-the-specified-maximum", None)
+    fresh.history = [{"role": "user", "content": "x = 1\n" * 400}, {"role": "assistant", "content": "y = 2"}]
+    assert len(fresh.tokenizer(fresh.prompt(fresh.history), verbose=False).input_ids) > fresh.context
+    reply = fresh.send("import os")
+    assert reply.forgotten == 2
+    captured = capfd.readouterr()
+    assert "Token indices sequence length" not in captured.err + captured.out
+
+
+def test_a_message_too_long_for_the_context_is_refused_on_stderr(fresh):
+    out, errors = io.StringIO(), io.StringIO()
+    run_chat(fresh, ["def " + "very_long_name_" * 400 + "\n"], Console(file=out, width=200), interactive=False,
+             errors=Console(file=errors, width=200))
+    assert "error:" not in out.getvalue()
+    assert "reads at most 1024" in errors.getvalue() and "the prompt is" in errors.getvalue()
+
+
+def test_the_documented_on_text_prints_the_answer_as_it_is(fresh, capsys):
+    capsys.readouterr()
+    fresh.max_new_tokens = 12
+    reply = fresh.send("def add(a, b):", on_text=lambda s: print(s, end="", flush=True))
+    assert capsys.readouterr().out == reply.text
+    assert 'on_text=lambda s: print(s, end="", flush=True)' in ChatSession.send.__doc__

@@ -12,6 +12,7 @@ import pytest
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "load_memory.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc")
 def test_load_memory_small(tmp_path):
     out = tmp_path / "result.json"

@@ -60,6 +60,7 @@ def expect(error, match, fn, *args, **kw):
     return info.value
 
 
+@pytest.mark.slow
 def test_path_that_is_not_a_model(tmp_path):
     expect(ModelPathError, "does not exist", load, tmp_path / "nope")
     expect(ModelPathError, "no config.json", load, tmp_path)
@@ -74,6 +75,7 @@ def test_folder_without_safetensors(tmp_path, mixtral_copy):
     expect(ModelPathError, "no .safetensors", load, mixtral_copy)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_loads_and_missing_shard_is_named(sharded, prompt):
     model = load(sharded)
     assert model.offload.stats()["capacity_experts"] == 2
@@ -86,6 +88,7 @@ def test_sharded_checkpoint_loads_and_missing_shard_is_named(sharded, prompt):
     expect(CheckpointError, shards[1].name, load, sharded)
 
 
+@pytest.mark.slow
 def test_truncated_file(mixtral_copy):
     f = mixtral_copy / "model.safetensors"
     data = f.read_bytes()
@@ -93,6 +96,7 @@ def test_truncated_file(mixtral_copy):
     expect(CheckpointError, "truncated", load, mixtral_copy)
 
 
+@pytest.mark.slow
 def test_corrupted_header(mixtral_copy):
     f = mixtral_copy / "model.safetensors"
     data = bytearray(f.read_bytes())
@@ -105,6 +109,7 @@ def test_corrupted_header(mixtral_copy):
     expect(CheckpointError, "corrupted safetensors header", load, mixtral_copy)
 
 
+@pytest.mark.slow
 def test_expert_tensor_with_wrong_shape(mixtral_copy):
     f = mixtral_copy / "model.safetensors"
     tensors = load_file(f)
@@ -115,6 +120,7 @@ def test_expert_tensor_with_wrong_shape(mixtral_copy):
     assert name in str(err)
 
 
+@pytest.mark.slow
 def test_expert_missing_from_checkpoint(mixtral_copy):
     f = mixtral_copy / "model.safetensors"
     tensors = load_file(f)
@@ -124,6 +130,7 @@ def test_expert_missing_from_checkpoint(mixtral_copy):
     expect(CheckpointError, "expert 2", load, mixtral_copy)
 
 
+@pytest.mark.slow
 def test_dense_tensor_missing(mixtral_copy):
     f = mixtral_copy / "model.safetensors"
     tensors = load_file(f)
@@ -132,6 +139,7 @@ def test_dense_tensor_missing(mixtral_copy):
     expect(CheckpointError, "model.norm.weight", load, mixtral_copy)
 
 
+@pytest.mark.slow
 def test_budget_below_two_experts(model_dir):
     expect(BudgetError, "at least 2", load, model_dir("mixtral"), cache_experts=1)
     expect(BudgetError, "at least 2", load, model_dir("mixtral"), cache_experts=None, cache_memory="1KiB")
@@ -139,10 +147,12 @@ def test_budget_below_two_experts(model_dir):
     expect(BudgetError, "not both", load, model_dir("mixtral"), cache_experts=4, cache_memory="1GiB")
 
 
+@pytest.mark.slow
 def test_unknown_policy(model_dir):
     expect(ConfigError, "lru", load, model_dir("mixtral"), policy="clairvoyant")
 
 
+@pytest.mark.slow
 def test_device_that_does_not_exist(model_dir):
     expect(DeviceError, "not a device name", load, model_dir("mixtral"), device="gpu0")
     expect(DeviceError, "cpu", load, model_dir("mixtral"), device="mps")
@@ -152,6 +162,7 @@ def test_device_that_does_not_exist(model_dir):
         expect(DeviceError, "does not exist", load, model_dir("mixtral"), device=f"cuda:{torch.cuda.device_count()}")
 
 
+@pytest.mark.slow
 def test_unsupported_model(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -178,6 +189,7 @@ def test_model_files_are_never_written(mixtral_copy, prompt):
     assert sorted(p.name for p in mixtral_copy.iterdir()) == sorted(before)
 
 
+@pytest.mark.slow
 def test_close_releases_files(model_dir, prompt):
     before = open_fds()
     model = load(model_dir("mixtral"))
@@ -215,6 +227,7 @@ def test_tied_embeddings_are_tied_again(tmp_path):
         assert torch.allclose(ref(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dtype_that_disagrees_with_the_config(mixtral_copy):
     f = mixtral_copy / "model.safetensors"
     tensors = load_file(f)

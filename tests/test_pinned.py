@@ -185,6 +185,7 @@ staging = pinned.PinnedMemory(pinned.PAGE)  # made later, by a reader thread's f
 """
 
 
+@pytest.mark.slow
 def test_at_exit_the_pages_are_unlocked_only_after_the_models_finalizer_drained_the_copies():
     """weakref.finalize runs the finalizers left at exit newest first: a staging buffer (made by a reader after
     the model's finalizer) was unlocked before that finalizer had waited for the copies reading it."""

@@ -181,6 +181,7 @@ def test_write_results_without_matplotlib_says_how_to_get_plots(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json"]
 
 
+@pytest.mark.slow
 def test_sweep_in_processes_gives_the_serial_results():
     trace = skewed_trace(tokens=200)
     args = dict(policies=["lru", "lfu", "random"], capacities=[4, 8], predictors=["none", "transition"])

@@ -28,6 +28,7 @@ def fds() -> int:
     return psutil.Process().num_fds()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_generation_then_delete(model_dir, prompt):
     before_threads, before_fds = readers(), fds()
     model = offload_moe.load(model_dir("mixtral"), cache_experts=2, dtype="float32", progress=False)
@@ -52,6 +53,7 @@ def test_ctrl_c_during_generation_then_delete(model_dir, prompt):
     assert readers() == before_threads and fds() == before_fds
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_loading_leaves_nothing(model_dir, monkeypatch):
     import accelerate.utils
 
@@ -71,6 +73,7 @@ def test_ctrl_c_during_loading_leaves_nothing(model_dir, monkeypatch):
     assert readers() == before_threads and fds() == before_fds
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_filling_the_host_tier(model_dir, monkeypatch):
     from offload_moe import loader
 

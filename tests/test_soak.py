@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "soak.py"
 
 
+@pytest.mark.slow
 def test_soak_300_steps_is_flat(tmp_path):
     out = tmp_path / "soak.json"
     run = subprocess.run([sys.executable, str(SCRIPT), "--steps", "300", "--every", "100", "--warmup", "1",

@@ -54,7 +54,7 @@ IoMode = Annotated[str | None, typer.Option(
                  "default: the profile's, else direct.")]
 HardwareProfile = Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")]
 TrustRemoteCode = Annotated[bool, typer.Option(
-    "--trust-remote-code", help="Run Python code from the model folder (the .py files its config.json names in "
+    "--trust-remote-code", metavar=FLAG, help="Run Python code from the model folder (the .py files its config.json names in "
                                 "auto_map) to build an architecture transformers lacks. That code runs with your "
                                 "permissions: use it only for a folder whose code you have read and trust.")]
 

@@ -25,7 +25,7 @@ from .errors import (
     TraceError,
     UnsupportedModelError,
 )
-from .demo import demo_model_path
+from .checkpoint import demo_model_path
 from .generic import offload_experts, save_experts
 from .loader import SUPPORTED_FAMILIES, load
 from .planning import Plan, plan

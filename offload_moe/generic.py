@@ -60,6 +60,7 @@ from .prefetch import PREDICTORS, Predictor, Prefetcher, make_predictor
 from .routing import Router, default_router, gate_of, top_k_of
 from .runtime import OffloadHandle
 from .saved_experts import SavedExperts, write_plans
+from .store import ExpertsSpec
 from .transfer import make_mover
 
 DROPPED = ("zero", "identity")
@@ -550,8 +551,6 @@ def _kernel(plan: LayerPlan) -> Kernel:
 
 
 def _transformers_spec(plan: LayerPlan):
-    from .store import ExpertsSpec
-
     c = plan.container
     return ExpertsSpec(layer=plan.layer, prefix=plan.where, num_experts=plan.num_experts, shapes=plan.shapes,
                        is_transposed=bool(c.is_transposed), is_concatenated=bool(getattr(c, "is_concatenated", True)))

@@ -328,10 +328,11 @@ def test_brackets_in_messages_survive_the_terminal(tmp_path):
 
 
 def test_missing_matplotlib_message_keeps_the_extra_name(tmp_path, monkeypatch):
+    import offload_moe.cli as cli
     import offload_moe.profiling as profiling
 
     real = profiling.write_results
-    monkeypatch.setattr(profiling, "write_results", lambda *a, **k: {**real(*a, **{**k, "plots": False}),
+    monkeypatch.setattr(cli, "write_results", lambda *a, **k: {**real(*a, **{**k, "plots": False}),
                                                                      "plots": "pip install 'offload_moe[plot]'"})
     trace = hand_trace(tmp_path / "hand.safetensors")
     result = runner.invoke(app, ["profile", "--trace", str(trace), "--capacities", "2", "--policies", "lru",

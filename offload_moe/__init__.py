@@ -9,8 +9,7 @@ pool of expert slots on the compute device; everything else is loaded as usual.
     model.offload.stats()
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
+from ._version import __version__
 from .errors import (
     BudgetError,
     CheckpointError,
@@ -25,16 +24,11 @@ from .errors import (
     TraceError,
     UnsupportedModelError,
 )
-from .demo import demo_model_path
+from .checkpoint import demo_model_path
 from .generic import offload_experts, save_experts
 from .loader import SUPPORTED_FAMILIES, load
 from .planning import Plan, plan
 from .checksums import verify
-
-try:
-    __version__ = version("offload_moe")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+source"
 
 __all__ = [
     "load",

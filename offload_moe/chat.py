@@ -35,7 +35,7 @@ from .generation import (
     check_prompt_length,
     kv_cache_kwargs,
     kv_cache_of,
-    load_tokenizer,
+    load_with_tokenizer,
     model_context,
     pad_token_id,
     sampling_options,
@@ -93,12 +93,7 @@ class ChatSession:
              top_p: float = 1.0, seed: int = 0, repetition_penalty: float = 1.1, progress: bool = True,
              **load_options) -> ChatSession:
         """Load ``model_path`` (default: the bundled model) and its tokenizer with ``offload_moe.load(**load_options)``."""
-        from .demo import demo_model_path
-        from .loader import load, resolve_model_path
-
-        folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
-        tokenizer = load_tokenizer(folder, trust_remote_code=load_options.get("trust_remote_code", False))
-        model = load(folder, progress=progress, **load_options)
+        model, tokenizer = load_with_tokenizer(model_path, progress=progress, **load_options)
         try:
             return cls(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        seed=seed, repetition_penalty=repetition_penalty)

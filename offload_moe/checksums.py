@@ -20,7 +20,7 @@ import torch
 from .atomic import atomic_write
 from .errors import CheckpointError, ConfigError
 from .files import read_json
-from .loader import build_skeleton, checkpoint_renamer, load_config, resolve_model_path, swap_experts
+from .checkpoint import open_checkpoint, resolve_model_path
 from .safetensors_io import short_repr
 from .store import ExpertStore
 
@@ -71,13 +71,9 @@ def verify(path: str | Path, *, manifest_dir: str | Path | None = None, progress
     folder = resolve_model_path(path)
     target = manifest_path(folder, manifest_dir)
     expected = read_manifest(target) if os.path.lexists(target) else None  # a bad manifest fails before the reads
-    model = build_skeleton(load_config(folder, trust_remote_code=trust_remote_code), trust_remote_code=trust_remote_code)
-    modules = swap_experts(model)
-    store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model))
-    try:
-        digests = expert_digests(store, progress)
-    finally:
-        store.close()
+    with open_checkpoint(folder, trust_remote_code=trust_remote_code) as checkpoint:
+        digests = expert_digests(checkpoint.store, progress)
+    store = checkpoint.store  # closed: its index still names each expert's files
     if expected is None:
         if manifest_dir is None and not os.access(folder, os.W_OK):
             raise ConfigError(

@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+import textwrap
+import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__
+from ._version import __version__
+from .atomic import output_folder
+from .chat import ChatSession, prompt_lines, run_chat
+from .checksums import verify as check
 from .config import MIN_CACHE_EXPERTS
+from .demo import run_demo
 from .errors import OffloadMoEError
+from .generation import generate_text
+from .hardware import get_profile, list_profiles, profiles_folder
+from .planning import plan as make_plan
+from .profiling import default_predictors, default_workers, parse_capacities, sweep, sweep_size, write_results
+from .progress import start_and_done_lines
+from .traces import (
+    expert_usage_entropy,
+    load_trace,
+    random_repeat_rate,
+    read_prompts,
+    record_prompts,
+    repeat_rate,
+    save_trace,
+    synthesize_trace,
+)
 
 app = typer.Typer(
     name="offload-moe",
@@ -79,8 +104,6 @@ def root(
     """
     state["debug"] = debug
     if profile is not None:
-        from .hardware import get_profile
-
         get_profile(profile)  # a typo fails here, before any work
     state["profile"] = profile
 
@@ -101,8 +124,6 @@ def demo(
     Example: offload-moe demo --tokens 64
     """
     profile = _profile(profile)
-    from .demo import run_demo
-
     result = run_demo(device=device, new_tokens=tokens, console=console, profile=profile)
     s = result.stats
     requests = s["hits"] + s["misses"]
@@ -146,13 +167,9 @@ def plan(
     Example: offload-moe plan ./Mixtral-8x7B --device-memory 12GiB --host-memory 32GiB
     """
     profile = _profile(profile)
-    from .planning import plan as make_plan
-
     p = make_plan(model, device_memory=device_memory, dtype=dtype, context_length=context, profile=profile,
                   host_memory=host_memory, io=io, trust_remote_code=trust_remote_code)
     if json_output:
-        import json
-
         print(json.dumps(p.as_dict()))
         if not p.fits:
             raise typer.Exit(1)
@@ -195,10 +212,6 @@ def generate(
     Example: offload-moe generate --prompt "def fib(n):" --max-new-tokens 48 --json
     """
     profile = _profile(profile)
-    import json
-
-    from .generation import generate_text
-
     shown = []
 
     def stream(text: str) -> None:
@@ -247,8 +260,6 @@ def chat(
     Example: offload-moe chat --cache-experts 24 --temperature 0.7
     """
     profile = _profile(profile)
-    from .chat import ChatSession, prompt_lines, run_chat
-
     session = ChatSession.load(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                repetition_penalty=repetition_penalty, device=device, cache_experts=cache_experts,
                                cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, io=io, profile=profile,
@@ -273,10 +284,6 @@ def verify(
 
     Example: offload-moe verify ./Mixtral-8x7B --manifest-dir ~/.cache/offload-moe
     """
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
-
-    from .checksums import verify as check
-
     with Progress(TextColumn("[bold]hashing experts"), BarColumn(), DownloadColumn(binary_units=True),
                   console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("hash", total=None)
@@ -303,10 +310,6 @@ def profiles(
     Example: offload-moe profiles --profile gpu-12gb
     """
     profile = _profile(profile)
-    from dataclasses import asdict
-
-    from .hardware import get_profile, list_profiles, profiles_folder
-
     if profile is not None:
         table = Table(title=f"hardware profile {escape(profile)}")
         table.add_column("setting")
@@ -325,8 +328,6 @@ def profiles(
 
 def _profile_block(p, width: int) -> list[str]:
     """One profile as a few lines no wider than ``width`` (wrapped between words, never inside a value)."""
-    import textwrap
-
     prefetch = p.prefetch or "none"
     if prefetch != "none" and p.prefetch_margin is not None:
         prefetch += f" (margin {p.prefetch_margin})"
@@ -363,9 +364,6 @@ def trace_record(
     Example: offload-moe trace record --prompts prompts.txt --out trace.safetensors --max-new-tokens 32
     """
     profile = _profile(profile)
-    from .atomic import output_folder
-    from .traces import read_prompts, record_prompts, save_trace
-
     texts = read_prompts(prompts)
     with output_folder(out.parent), _bar("recording", len(texts)) as advance:
         trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}"
@@ -394,8 +392,6 @@ def trace_synth(
 
     Example: offload-moe trace synth --out qwen-like.safetensors --layers 48 --experts 128 --top-k 8 --skew 1.2
     """
-    from .traces import save_trace, synthesize_trace
-
     trace = synthesize_trace(tokens=tokens, layers=layers, num_experts=experts, top_k=top_k, skew=skew,
                              locality=locality, sequences=sequences, seed=seed)
     _print_trace_summary(trace, save_trace(trace, out))
@@ -407,8 +403,6 @@ def trace_show(trace_file: Annotated[Path, typer.Argument(help="A trace file (.s
 
     Example: offload-moe trace show trace.safetensors
     """
-    from .traces import load_trace
-
     trace = load_trace(trace_file)
     _print_trace_summary(trace, trace_file)
     for key, value in sorted(trace.metadata.items()):
@@ -416,8 +410,6 @@ def trace_show(trace_file: Annotated[Path, typer.Argument(help="A trace file (.s
 
 
 def _print_trace_summary(trace, path: Path) -> None:
-    from .traces import expert_usage_entropy, random_repeat_rate, repeat_rate
-
     stored = [name for name in ("scores", "predicted", "token_ids") if getattr(trace, name) is not None]
     console.print(f"{path}: {trace.num_tokens} tokens x {len(trace.layers)} layers x top-{trace.top_k} of "
                   f"{trace.num_experts} experts" + (f"; also {', '.join(stored)}" if stored else ""), highlight=False,
@@ -453,12 +445,6 @@ def profile_command(
     Example: offload-moe profile --trace trace.safetensors --policies lru,lfu --capacities 16,32,64 --out results
     """
     profile = _profile(profile)
-    import time
-
-    from .atomic import output_folder
-    from .profiling import default_predictors, default_workers, parse_capacities, sweep, sweep_size, write_results
-    from .traces import load_trace, read_prompts, record_prompts, save_trace
-
     if model is not None and trace_file is not None:
         raise OffloadMoEError("give MODEL (with --prompts) or --trace FILE, not both")
     with output_folder(out):  # made before any long work, removed again if it fails while empty
@@ -483,10 +469,8 @@ def profile_command(
                   or default_predictors(trace, margin))
         slots = parse_capacities(capacities, len(trace.layers) * trace.num_experts)
         if model is not None and profile is not None:
-            from .planning import plan
-
             total = len(trace.layers) * trace.num_experts
-            slots = sorted(set(slots) | {min(plan(model, profile=profile, trust_remote_code=trust_remote_code).expert_slots,
+            slots = sorted(set(slots) | {min(make_plan(model, profile=profile, trust_remote_code=trust_remote_code).expert_slots,
                                              total)})
         names = [p.strip() for p in policies.split(",") if p.strip()]
         replays = sweep_size(names, slots, chosen)
@@ -503,17 +487,11 @@ def profile_command(
 def _recording_device(profile: str | None) -> str:
     """Where ``profile MODEL`` records: the profile's GPU if this machine has one, else the CPU. The profile
     itself only adds a capacity: routing does not depend on budgets, and its host memory is not needed."""
-    import torch
-
-    from .hardware import get_profile
-
     device = get_profile(profile).device if profile is not None else "cpu"
     return device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
 
 
 def _reference_trace() -> Path:
-    from .hardware import profiles_folder
-
     return profiles_folder() / "traces" / "demo-heldout.safetensors"
 
 
@@ -538,17 +516,7 @@ def _results_table(results, trace, seconds: float) -> Table:
 @contextmanager
 def _bar(label: str, total: int):
     """A progress bar on stderr (when it is a terminal); yields the function that advances it by one."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     if not err.is_terminal:  # piped: a line when it starts and one when it is done
-        from .loader import start_and_done_lines
-
         yield from start_and_done_lines(err, label, f"{total} to go")
         return
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from .errors import ModelPathError
+from .checkpoint import demo_model_path, load_config
 from .generation import load_tokenizer, text_streamer
-from .loader import load, load_config
+from .hardware import get_profile
+from .loader import load
 
 # Each prompt stops inside a line: the tokenizer learned a newline together with the next line's
 # indentation, so a prompt ending in a bare newline reads to the model like the end of a block.
@@ -29,22 +30,6 @@ DEMO_PROMPTS = (
 )
 REPETITION_PENALTY = 1.1  # greedy decoding of a model this small loops without it
 CACHE_SHARE = 0.25  # of all experts
-
-
-def demo_model_path() -> Path:
-    """The folder of the small MoE model bundled with offload_moe: config, bf16 weights, tokenizer, model card.
-
-    It loads with ``offload_moe.load(demo_model_path(), ...)`` or with transformers'
-    ``from_pretrained``; no download is needed.
-    """
-    folder = Path(__file__).resolve().parent / "demo_model"
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise ModelPathError(
-            f"{folder} lacks config.json or model.safetensors, so the bundled model is incomplete; reinstall "
-            "offload_moe (`pip install --force-reinstall .` from the repository) or train it again with "
-            "scripts/train_demo_model.py"
-        )
-    return folder
 
 
 @dataclass
@@ -91,8 +76,6 @@ def run_demo(
     experts whatever the profile, since that is what the demo shows. On CPU the bf16 checkpoint
     is computed in float32 (faster there); elsewhere in its own dtype.
     """
-    from .hardware import get_profile
-
     device = device or (get_profile(profile).device if profile is not None else "cpu")
     console = console or Console()
     folder = demo_model_path()

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import demo_model_path, load_config, resolve_model_path
 from .errors import ConfigError, ModelPathError
+from .loader import load
 
 
 @dataclass
@@ -52,9 +54,7 @@ def kv_cache_of(output):
 
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):
     """The tokenizer of ``folder``; code from the folder (a custom tokenizer class) runs only with ``trust_remote_code``."""
-    from transformers import AutoTokenizer
-
-    from .loader import load_config
+    from transformers import AutoTokenizer  # transformers takes ~1 s to import: lazy for the CLI's startup
 
     load_config(folder, trust_remote_code=trust_remote_code)  # a broken config.json is reported as such
     try:
@@ -63,6 +63,21 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):
         reason = " ".join(str(e).split())  # transformers' message spans lines; an error here is one line
         raise ModelPathError(f"{folder} has no tokenizer transformers can load ({reason}); "
                              "generation needs tokenizer.json or the model's tokenizer files") from None
+
+
+def load_with_tokenizer(model_path: str | Path | None, *, before_load: Callable[[object, object], None] | None = None,
+                        **load_options) -> tuple[torch.nn.Module, object]:
+    """``offload_moe.load(model_path, **load_options)`` (default: the bundled model) and its tokenizer.
+
+    The tokenizer comes first: ``before_load(tokenizer, config)`` may check the input against it and the
+    model's config, so a prompt that cannot run is refused before any weight is read.
+    """
+    folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
+    trust_remote_code = load_options.get("trust_remote_code", False)
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    if before_load is not None:
+        before_load(tokenizer, load_config(folder, trust_remote_code=trust_remote_code))
+    return load(folder, **load_options), tokenizer
 
 
 def sampling_options(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float = 1.0) -> dict:
@@ -119,20 +134,21 @@ def generate_text(
     piece by piece as it is generated. A prompt as long as the model's context (``max_position_embeddings``)
     is refused with a ConfigError before the model loads; a shorter one gets at most the rest of the context.
     """
-    from .demo import demo_model_path
-    from .loader import load, load_config, resolve_model_path
-
     sampling = sampling_options(max_new_tokens, temperature, top_p, repetition_penalty)
-    folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
-    trust_remote_code = load_options.get("trust_remote_code", False)
-    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
-    ids = tokenizer(prompt, return_tensors="pt", verbose=False).input_ids  # [1, S]; its length is checked here
-    context = model_context(load_config(folder, trust_remote_code=trust_remote_code))
-    if context is not None:
-        check_prompt_length(ids.shape[1], context)
-        max_new_tokens = min(max_new_tokens, context - ids.shape[1])
+
+    ids = None
+
+    def fit_prompt(tokenizer, config) -> None:  # a prompt too long is refused before the model loads
+        nonlocal ids, max_new_tokens
+        ids = tokenizer(prompt, return_tensors="pt", verbose=False).input_ids  # [1, S]; its length is checked here
+        context = model_context(config)
+        if context is not None:
+            check_prompt_length(ids.shape[1], context)
+            max_new_tokens = min(max_new_tokens, context - ids.shape[1])
+
     start = time.perf_counter()
-    model = load(folder, **{"progress": on_text is not None, **load_options})
+    model, tokenizer = load_with_tokenizer(model_path, before_load=fit_prompt,
+                                           **{"progress": on_text is not None, **load_options})
     load_seconds = time.perf_counter() - start
     try:
         ids = ids.to(model.offload.device)
@@ -153,7 +169,7 @@ def generate_text(
 
 def text_streamer(tokenizer, on_text: Callable[[str], None]):
     """transformers' TextStreamer, handing the decoded text to ``on_text`` instead of printing it."""
-    from transformers import TextStreamer
+    from transformers import TextStreamer  # lazy for the CLI's startup, as above
 
     class Streamer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:

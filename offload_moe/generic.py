@@ -32,7 +32,6 @@ import re
 import shutil
 import tempfile
 import weakref
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,222 +43,28 @@ from torch.func import functional_call
 from .cache import ExpertCache, Residency, SlotLayout, SlotPool
 from .config import Budget, check_io, check_read_timeout, parse_device, parse_dtype
 from .errors import ConfigError, DeviceError, ExpertLoadError, UnsupportedModelError
-from .experts import OffloadedExperts, compute_grouped, expert_params, is_experts_module
+from .experts import OffloadedExperts, compute_grouped
+from .layers import (  # noqa: F401  (find_moe_layers... stay importable from offload_moe.generic)
+    FUSED_KERNELS,
+    ExpertFn,
+    Kernel,
+    LayerPlan,
+    Offloaded,
+    expert_item,
+    find_moe_layers,
+    plan_layers,
+)
 from .loader import default_cache_bytes
 from .policies import make_policy
 from .prefetch import PREDICTORS, Predictor, Prefetcher, make_predictor
 from .routing import Router, default_router, gate_of, top_k_of
 from .runtime import OffloadHandle
-from .saved_experts import SavedExperts, expert_item, write_plans
+from .saved_experts import SavedExperts, write_plans
+from .store import ExpertsSpec
 from .transfer import make_mover
 
-COUNT_NAMES = ("num_experts", "moe_num_experts", "num_local_experts", "n_routed_experts")
 DROPPED = ("zero", "identity")
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
-
-Kernel = Callable[..., torch.Tensor]  # kernel(slot_tensors, x, *args, **kwargs) -> y
-ExpertFn = Callable[[nn.Module, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
-
-
-# == finding MoE layers ======================================================================================
-@dataclass
-class LayerPlan:
-    """One MoE layer as offload_moe sees it: its experts container, their layout, and its cache layer id."""
-
-    layer: int  # the cache's layer id (the store's)
-    name: str  # dotted name in the model ("" for the model itself)
-    module: nn.Module
-    attr: str  # the container is getattr(module, attr)
-    container: nn.Module
-    kind: str  # "ModuleList", "ModuleDict", "fused" or "transformers"
-    keys: list[str]  # expert e is container item keys[e]
-    shapes: dict[str, tuple[int, ...]]  # per-expert tensors, as the slot holds them
-    dtypes: dict[str, torch.dtype]
-    expert_fn: ExpertFn | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.keys)
-
-    @property
-    def where(self) -> str:
-        return f"{self.name + '.' if self.name else ''}{self.attr}"
-
-    def expert_tensors(self, expert: int) -> dict[str, torch.Tensor]:
-        """Expert ``expert``'s tensors under their slot names (views of the model's parameters)."""
-        if self.kind in ("ModuleList", "ModuleDict"):
-            return _module_tensors(expert_item(self.container, self.keys[expert]))
-        params = _fused_params(self.container, self.kind)
-        return {n: p.reshape(self.num_experts, *self.shapes[n])[expert] for n, p in params.items()}
-
-
-def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
-
-
-def _fused_params(container: nn.Module, kind: str) -> dict[str, torch.Tensor]:
-    return expert_params(container) if kind == "transformers" else dict(container.named_parameters())
-
-
-def _expert_count(module: nn.Module) -> int | None:
-    for name in COUNT_NAMES:
-        value = getattr(module, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
-            return value
-    return None
-
-
-def _is_container(module: object) -> bool:
-    """A ModuleList/ModuleDict of 2 or more modules, or a module with an expert count and [E * n, ...] parameters."""
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-        return len(module) >= 2
-    count = _expert_count(module) if isinstance(module, nn.Module) else None
-    return count is not None and any(p.dim() >= 2 and p.shape[0] % count == 0 for p in module.parameters())
-
-
-def find_moe_layers(model: nn.Module, *, experts_attr: str = "experts",
-                    need_gate: bool = True) -> list[tuple[str, nn.Module]]:
-    """The MoE layers of ``model``, outermost first: modules whose ``experts_attr`` is an expert container
-    (a ModuleList/ModuleDict of 2 or more modules, or fused expert parameters) next to a ``gate`` or
-    ``router`` module (unless ``need_gate`` is False). Layers inside a found layer are not searched."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(f + ".") or (f == "" and name) for f, _ in found):
-            continue
-        if not _is_container(getattr(module, experts_attr, None)):
-            continue
-        if need_gate and not any(isinstance(getattr(module, g, None), nn.Module) for g in ("gate", "router")):
-            continue
-        found.append((name, module))
-    return found
-
-
-def plan_layers(model: nn.Module, layers: Sequence[nn.Module | str] | nn.Module | str | None = None, *,
-                experts_attr: str = "experts", need_gate: bool = True,
-                expert_fn: ExpertFn | None = None) -> list[LayerPlan]:
-    """Find (or look up) the MoE layers of ``model`` and describe their experts; raises if there are none."""
-    found = _named_layers(model, layers) if layers is not None else find_moe_layers(
-        model, experts_attr=experts_attr, need_gate=need_gate)
-    if not found:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no MoE layer offload_moe can find. It looks for a module with an "
-            f"`{experts_attr}` attribute holding an nn.ModuleList or nn.ModuleDict of 2 or more identical expert "
-            f"modules (or fused expert parameters with a {'/'.join(COUNT_NAMES)} attribute), next to a `gate` or "
-            "`router` module. Name the MoE layers with layers=[module or dotted name, ...], the container with "
-            "experts_attr='...' if it is not called `experts`, and give router=... for layers without a gate"
-        )
-    return [_plan(i, name, module, experts_attr, expert_fn) for i, (name, module) in enumerate(found)]
-
-
-def _named_layers(model: nn.Module, layers) -> list[tuple[str, nn.Module]]:
-    names = {id(m): n for n, m in model.named_modules()}
-    out = []
-    for item in [layers] if isinstance(layers, (str, nn.Module)) else list(layers):
-        if isinstance(item, str):
-            try:
-                out.append((item, model.get_submodule(item)))
-            except AttributeError:
-                raise ConfigError(f"layers=[{item!r}]: {type(model).__name__} has no submodule named {item!r}") from None
-        elif isinstance(item, nn.Module) and id(item) in names:
-            out.append((names[id(item)], item))
-        else:
-            raise ConfigError(
-                f"layers=[...] holds a {type(item).__name__} that is not a submodule of the model; "
-                "pass the MoE layer modules themselves or their dotted names"
-            )
-    return out
-
-
-def _plan(layer: int, name: str, module: nn.Module, attr: str, expert_fn: ExpertFn | None) -> LayerPlan:
-    container = getattr(module, attr, None)
-    where = f"{name + '.' if name else ''}{attr}"
-    if isinstance(container, OFFLOADED_TYPES):
-        raise ConfigError(f"{where} is already offloaded; call offload_experts once per model")
-    if isinstance(container, (nn.ModuleList, nn.ModuleDict)):
-        return _items_plan(layer, name, module, attr, container, where)
-    if isinstance(container, nn.Module) and _expert_count(container) is not None:
-        return _fused_plan(layer, name, module, attr, container, where, expert_fn)
-    raise UnsupportedModelError(
-        f"{where} is a {type(container).__name__}, not an expert container: offload_moe offloads an nn.ModuleList "
-        "or nn.ModuleDict of identical experts, or a module of fused [E, ...] expert parameters with a num_experts "
-        "attribute"
-    )
-
-
-def _items_plan(layer, name, module, attr, container, where) -> LayerPlan:
-    items = list(container.items()) if isinstance(container, nn.ModuleDict) else \
-        [(str(i), m) for i, m in enumerate(container)]
-    common = Counter(type(m) for _, m in items).most_common(1)[0][0] if items else None
-    experts = [(k, m) for k, m in items if type(m) is common]  # other children (a dropout...) stay as they are
-    if len(experts) < 2:
-        raise UnsupportedModelError(f"{where} holds {len(experts)} expert module(s); an MoE layer needs at least 2")
-    key0, first = experts[0]
-    for key, expert in experts[1:]:
-        difference = _difference(first, expert)
-        if difference:
-            raise UnsupportedModelError(
-                f"{where}: expert {key!r} differs from expert {key0!r} ({difference}). offload_moe computes every "
-                "expert of a layer with one template and one slot size, so the experts must be identical modules "
-                "(same class, parameter names, shapes and dtypes)"
-            )
-    tensors = _module_tensors(first)
-    _check_floating(where, key0, tensors)
-    kind = "ModuleDict" if isinstance(container, nn.ModuleDict) else "ModuleList"
-    return LayerPlan(layer, name, module, attr, container, kind, [k for k, _ in experts],
-                     {n: tuple(t.shape) for n, t in tensors.items()}, {n: t.dtype for n, t in tensors.items()})
-
-
-def _difference(a: nn.Module, b: nn.Module) -> str:
-    if repr(a) != repr(b):
-        return f"{repr(a)!r} vs {repr(b)!r}"
-    ta, tb = _module_tensors(a), _module_tensors(b)
-    for n in sorted(set(ta) | set(tb)):
-        if n not in ta or n not in tb:
-            return f"only one of them has {n!r}"
-        if ta[n].shape != tb[n].shape or ta[n].dtype != tb[n].dtype:
-            return f"{n!r} is {list(ta[n].shape)} {ta[n].dtype} vs {list(tb[n].shape)} {tb[n].dtype}"
-    return ""
-
-
-def _check_floating(where: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
-    for n, t in tensors.items():
-        if not t.is_floating_point():
-            raise UnsupportedModelError(
-                f"{where}: expert {key!r} has the {t.dtype} tensor {n!r}; expert slots hold one floating dtype, so "
-                "integer buffers cannot be offloaded"
-            )
-    if not tensors:
-        raise UnsupportedModelError(f"{where}: expert {key!r} has no parameters, so there is nothing to offload")
-
-
-def _fused_plan(layer, name, module, attr, container, where, expert_fn) -> LayerPlan:
-    count = _expert_count(container)
-    kind = "transformers" if is_experts_module(container) else "fused"
-    if kind == "fused" and expert_fn is None and type(container).__name__ not in FUSED_KERNELS:
-        raise UnsupportedModelError(
-            f"{where} is a {type(container).__name__} with fused expert parameters, and offload_moe does not know how "
-            "one of its experts computes; pass expert_fn=lambda container, x, weights: ... (weights: that expert's "
-            f"slices by parameter name). Known fused containers: {', '.join(FUSED_KERNELS)}"
-        )
-    shapes = {}
-    for n, p in _fused_params(container, kind).items():
-        if p.dim() < 2 or p.shape[0] % count:
-            raise UnsupportedModelError(
-                f"{where}: parameter {n!r} of shape {list(p.shape)} has no leading expert dimension of {count} "
-                "(num_experts); every parameter of a fused expert container must be [E, ...] or [E * n, ...]"
-            )
-        shapes[n] = tuple(p.shape[1:]) if p.shape[0] == count else (p.shape[0] // count, *p.shape[1:])
-    dtypes = {n: p.dtype for n, p in _fused_params(container, kind).items()}
-    return LayerPlan(layer, name, module, attr, container, kind, [str(e) for e in range(count)], shapes, dtypes,
-                     expert_fn)
-
-
-def _dbrx_kernel(container: nn.Module) -> Kernel:
-    mlp = container.mlp  # DbrxExpertGLU: forward(x, w1, v1, w2) with one expert's slices
-    return lambda w, x: mlp(x, w["mlp.w1"], w["mlp.v1"], w["mlp.w2"])
-
-
-FUSED_KERNELS: dict[str, Callable[[nn.Module], Kernel]] = {"DbrxExperts": _dbrx_kernel}
 
 
 # == the modules that stand in for expert containers ==========================================================
@@ -342,7 +147,7 @@ class OffloadedExpert(nn.Module):
         return self.runtime.run_one(self.expert, args, kwargs, self.training)
 
 
-class _OffloadedItems:
+class _OffloadedItems(Offloaded):
     """What offloaded ModuleList and ModuleDict share: the original's attributes and its own forward."""
 
     def _adopt(self, original: nn.Module, plan: LayerPlan, runtime: LayerRuntime) -> list[tuple[str, nn.Module]]:
@@ -384,7 +189,7 @@ class OffloadedModuleDict(_OffloadedItems, nn.ModuleDict):
             self[key] = module
 
 
-class OffloadedFusedExperts(nn.Module):
+class OffloadedFusedExperts(Offloaded, nn.Module):
     """Stands in for fused experts called as ``experts(hidden [..., H], top_k_index [T, k], top_k_weights [T, k])``.
 
     Returns ``[..., H]``, the weighted sum of each token's experts. Keeps the original's other children
@@ -410,8 +215,6 @@ class OffloadedFusedExperts(nn.Module):
                       top_k_weights.reshape(flat.shape[0], -1), training=self.training)
         return out.view(hidden_states.shape)
 
-
-OFFLOADED_TYPES = (OffloadedModuleList, OffloadedModuleDict, OffloadedFusedExperts, OffloadedExperts)
 
 
 # == grouped computation: resident experts first, each missing one loaded once ================================
@@ -748,8 +551,6 @@ def _kernel(plan: LayerPlan) -> Kernel:
 
 
 def _transformers_spec(plan: LayerPlan):
-    from .store import ExpertsSpec
-
     c = plan.container
     return ExpertsSpec(layer=plan.layer, prefix=plan.where, num_experts=plan.num_experts, shapes=plan.shapes,
                        is_transposed=bool(c.is_transposed), is_concatenated=bool(getattr(c, "is_concatenated", True)))

@@ -8,11 +8,10 @@ from pathlib import Path
 import torch
 
 from .cache import SlotLayout
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import MIN_CACHE_EXPERTS, check_io, format_bytes, parse_bytes, parse_dtype
 from .errors import BudgetError
 from .hardware import get_profile
-from .config import MIN_CACHE_EXPERTS, check_io, format_bytes, parse_bytes, parse_dtype
-from .loader import build_skeleton, checkpoint_renamer, load_config, resolve_model_path, swap_experts
-from .store import ExpertStore
 
 WORKSPACE_MIN = 256 * 2**20  # activations, allocator slack, CUDA context share
 WORKSPACE_FRACTION = 0.05
@@ -150,26 +149,23 @@ def plan(
         host_memory = host_memory if host_memory is not None else hw.host_memory
         dtype = dtype or hw.dtype
         io = io or hw.io
-    if device_memory is None:
-        raise BudgetError("plan needs device_memory (e.g. '12GiB') or a hardware profile")
-    budget = parse_bytes(device_memory, "device_memory")
-    host = parse_bytes(host_memory, "host_memory") if host_memory is not None else 0
-    if io is not None:
-        check_io(io, host_memory=bool(host))
-    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 0:
-        raise BudgetError(f"context_length={context_length!r} must be a whole number of tokens, 0 or more")
-    folder = resolve_model_path(path)
-    config = load_config(folder, trust_remote_code=trust_remote_code)
+    _check_options(device_memory, host_memory, io, context_length)  # a bad option fails before anything is read
+    with open_checkpoint(path, trust_remote_code=trust_remote_code) as checkpoint:
+        return plan_checkpoint(checkpoint, device_memory=device_memory, dtype=dtype, context_length=context_length,
+                               host_memory=host_memory, io=io)
+
+
+def plan_checkpoint(checkpoint: Checkpoint, *, device_memory: str | int | None, dtype: str | torch.dtype | None = None,
+                    context_length: int = 4096, host_memory: str | int | None = None, io: str | None = None) -> Plan:
+    """``plan`` for a checkpoint already open (what ``load`` does with a hardware profile); only its config and
+    its index are read."""
+    budget, host = _check_options(device_memory, host_memory, io, context_length)
+    config, modules = checkpoint.config, checkpoint.modules
     want = parse_dtype(dtype) or parse_dtype(getattr(config, "dtype", None) or torch.float32)
     itemsize = torch.empty((), dtype=want).element_size()
-    model = build_skeleton(config, trust_remote_code=trust_remote_code)
-    modules = swap_experts(model)
-    store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model))
-    store.close()
-    dense = sum(info.nbytes // info.dtype.itemsize * (itemsize if info.dtype.is_floating_point else info.dtype.itemsize)
-                for info in store.dense.values())
+    dense = checkpoint.dense_bytes(want)
     expert_bytes = SlotLayout(modules[0].spec.shapes, want).nbytes
-    total = sum(m.num_experts for m in modules)
+    total = checkpoint.total_experts
     kv_token = kv_bytes_per_token(config, itemsize)
     model_context = getattr(config, "max_position_embeddings", None)
     if model_context:
@@ -178,7 +174,7 @@ def plan(
     workspace = max(WORKSPACE_MIN, int(WORKSPACE_FRACTION * budget))
     slots = max(0, min(total, (budget - dense - kv - workspace) // expert_bytes))
     return Plan(
-        model=str(folder),
+        model=str(checkpoint.folder),
         model_type=config.model_type,
         dtype=str(want).removeprefix("torch."),
         moe_layers=len(modules),
@@ -200,3 +196,16 @@ def plan(
         io=io or "direct",
         model_context=model_context,
     )
+
+
+def _check_options(device_memory, host_memory, io, context_length) -> tuple[int, int]:
+    """The device budget and the host tier's bytes (0: none), every option checked."""
+    if device_memory is None:
+        raise BudgetError("plan needs device_memory (e.g. '12GiB') or a hardware profile")
+    budget = parse_bytes(device_memory, "device_memory")
+    host = parse_bytes(host_memory, "host_memory") if host_memory is not None else 0
+    if io is not None:
+        check_io(io, host_memory=bool(host))
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 0:
+        raise BudgetError(f"context_length={context_length!r} must be a whole number of tokens, 0 or more")
+    return budget, host

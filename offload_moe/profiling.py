@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ._version import __version__
 from .atomic import atomic_write_all
 from .cache import Residency
 from .errors import BudgetError, ConfigError, OffloadMoEError
@@ -374,8 +375,6 @@ def write_results(results: Sequence[ReplayResult], trace: Trace, out: str | Path
     Returns the paths written by name; ``"plots"`` (matplotlib missing) or ``"heatmap"`` (too many experts
     or layers to draw) holds a message instead.
     """
-    from . import __version__
-
     out = Path(out)
     total = len(trace.layers) * trace.num_experts
     rows = [{**r.as_dict(), "capacity_share": r.capacity / total} for r in results]

@@ -55,6 +55,19 @@ def gate_of(layer: nn.Module, num_experts: int | None = None, names: Sequence[st
     return None
 
 
+def find_routers(model: nn.Module, experts: Sequence[tuple[str, int]]) -> list[nn.Module | None]:
+    """The router of each experts module, given as (module name, number of experts): its block's
+    ``gate`` or ``router`` with an [E, H] weight (None if not found)."""
+    routers = []
+    for prefix, num_experts in experts:
+        block = model.get_submodule(prefix.rpartition(".")[0])
+        router = getattr(block, "gate", None) or getattr(block, "router", None)
+        weight = getattr(router, "weight", None)
+        ok = isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == num_experts
+        routers.append(router if ok else None)
+    return routers
+
+
 def top_k_of(layer: nn.Module) -> int | None:
     """The layer's number of experts per token, from ``top_k``, ``k``, ``num_experts_per_tok``... (None if absent)."""
     for name in TOP_K_NAMES:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, ModelClosedError, ModelPathError
+from .errors import CheckpointError, ConfigError, ModelClosedError, ModelPathError
 from .files import inside, open_regular, parse_json, read_json
 
 DTYPES: dict[str, torch.dtype] = {
@@ -286,8 +286,6 @@ class FileReader:
 
     def __init__(self, io: str = "buffered") -> None:
         if io not in IO_MODES:
-            from .errors import ConfigError
-
             raise ConfigError(f"io={io!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
         self.io = io
         self._fds: dict[tuple[Path, bool], int] = {}

@@ -16,29 +16,20 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from .atomic import atomic_write
 from .errors import CheckpointError, ConfigError
 from .files import inside, read_json
+from .layers import LayerPlan, expert_item
 from .safetensors_io import DTYPES, read_header, short_repr
 from .store import Piece, PieceStore
-
-if TYPE_CHECKING:
-    from .generic import LayerPlan
 
 MANIFEST = "experts.json"
 FORMAT = "offload_moe.experts"
 _TENSOR = re.compile(r"^layers\.([0-9]{1,9})\.experts\.([0-9]{1,9})\.(.+)$", re.ASCII)
 MAX_COUNT = 2**31  # bound of every id, count and size in a manifest
-
-
-def expert_item(container: nn.Module, key: str) -> nn.Module:
-    """Expert ``key`` of a ModuleList (by position) or ModuleDict (by name)."""
-    return container[int(key)] if isinstance(container, nn.ModuleList) else container[key]
 
 
 @dataclass

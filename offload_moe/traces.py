@@ -29,6 +29,9 @@ from .atomic import atomic_write
 from .errors import TraceError
 from .experts import find_experts_modules, layer_number
 from .files import open_regular, parse_json, read_text
+from .generation import load_with_tokenizer
+from .prefetch import GatePredictor
+from .routing import find_routers
 
 FORMAT = "offload_moe.trace"
 VERSION = "1"
@@ -254,8 +257,6 @@ class TraceRecorder:
         self._routers = None
         self._gate = None  # made at the first call, once top_k is known
         if predict_margin is not None:
-            from .loader import find_routers
-
             if predict_margin < 0:
                 raise TraceError(f"predict_margin={predict_margin} must be 0 or more")
             self._routers = find_routers(model, [(name, m.num_experts) for _, name, m in self.modules])
@@ -286,8 +287,6 @@ class TraceRecorder:
 
     def _predict(self, pos: int, hidden: torch.Tensor, top_k: int) -> torch.Tensor:
         """The gate predictor's experts for the next MoE layer [T, k + margin]; -1 where it has no router."""
-        from .prefetch import GatePredictor
-
         gate = self._gate
         if gate is None or gate.width != top_k + self.predict_margin:
             gate = self._gate = GatePredictor(self._routers, top_k, self.predict_margin, depth=1)
@@ -431,21 +430,19 @@ def record_prompts(model_path: str | Path | None, prompts: list[str], *, source:
     Each prompt is one sequence: its tokens, then ``max_new_tokens`` greedy decoding steps. The gate
     predictor's guesses are kept with ``predict_margin`` (None: not recorded).
     """
-    from .demo import demo_model_path
-    from .generation import load_tokenizer
-    from .loader import load, resolve_model_path
-
     if not prompts:
         raise TraceError("no prompts to record")
-    folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
-    tokenizer = load_tokenizer(folder, trust_remote_code=load_options.get("trust_remote_code", False))
-    batches = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]  # [1, S] each
-    empty = [i for i, b in enumerate(batches) if b.shape[1] == 0]
-    if empty:
-        raise TraceError(f"prompt {empty[0] + 1} tokenizes to nothing; remove it")
-    model = load(folder, **{"progress": False, **load_options})
+    batches = []
+
+    def tokenize(tokenizer, config) -> None:  # a prompt that cannot be recorded is refused before the model loads
+        batches.extend(tokenizer(p, return_tensors="pt").input_ids for p in prompts)  # [1, S] each
+        empty = [i for i, b in enumerate(batches) if b.shape[1] == 0]
+        if empty:
+            raise TraceError(f"prompt {empty[0] + 1} tokenizes to nothing; remove it")
+
+    model, _ = load_with_tokenizer(model_path, before_load=tokenize, **{"progress": False, **load_options})
     try:
-        return record_trace(model, batches, source=source, model_name=folder.name, predict_margin=predict_margin,
+        return record_trace(model, batches, source=source, predict_margin=predict_margin,
                             max_new_tokens=max_new_tokens, on_batch=on_prompt)
     finally:
         model.offload.close()

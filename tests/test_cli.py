@@ -328,10 +328,11 @@ def test_brackets_in_messages_survive_the_terminal(tmp_path):
 
 
 def test_missing_matplotlib_message_keeps_the_extra_name(tmp_path, monkeypatch):
+    import offload_moe.cli as cli
     import offload_moe.profiling as profiling
 
     real = profiling.write_results
-    monkeypatch.setattr(profiling, "write_results", lambda *a, **k: {**real(*a, **{**k, "plots": False}),
+    monkeypatch.setattr(cli, "write_results", lambda *a, **k: {**real(*a, **{**k, "plots": False}),
                                                                      "plots": "pip install 'offload_moe[plot]'"})
     trace = hand_trace(tmp_path / "hand.safetensors")
     result = runner.invoke(app, ["profile", "--trace", str(trace), "--capacities", "2", "--policies", "lru",
@@ -607,18 +608,18 @@ def test_demo_prints_the_exact_load_call_it_made_at_80_columns(monkeypatch):
 
 
 def test_trace_record_takes_cache_memory(tmp_path, monkeypatch):
-    import offload_moe.loader as loader
+    import offload_moe.generation as generation
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("import os\n")
     seen = {}
-    real = loader.load
+    real = generation.load
 
-    def spy(folder, **options):  # record_prompts imports load when it runs
+    def spy(folder, **options):  # record_prompts loads through generation.load_with_tokenizer
         seen.update(options)
         return real(folder, **options)
 
-    monkeypatch.setattr(loader, "load", spy)
+    monkeypatch.setattr(generation, "load", spy)
     result = runner.invoke(app, ["trace", "record", "--prompts", str(prompts), "--out", str(tmp_path / "t.safetensors"),
                                  "--cache-memory", "40MiB"])
     assert result.exit_code == 0, result.output

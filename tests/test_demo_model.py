@@ -55,7 +55,7 @@ def test_bundled_files_config_and_size(folder, card):
 
 
 def test_demo_model_path_names_a_missing_model(monkeypatch, tmp_path):
-    monkeypatch.setattr(offload_moe.demo, "__file__", str(tmp_path / "demo.py"))
+    monkeypatch.setattr(offload_moe.checkpoint, "__file__", str(tmp_path / "checkpoint.py"))
     with pytest.raises(offload_moe.ModelPathError, match="bundled model is incomplete"):
         offload_moe.demo_model_path()
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe import loader
+from offload_moe import checkpoint
 from offload_moe.errors import ConfigError, UnsupportedModelError
-from offload_moe.loader import build_skeleton, load_config
+from offload_moe.checkpoint import build_skeleton, load_config
 from tiny_models import make_config
 
 
@@ -149,6 +149,6 @@ def test_a_buffer_transformers_does_not_compute_is_refused_not_left_arbitrary(mo
 
 
 def test_computed_buffers_are_bounded(monkeypatch):
-    monkeypatch.setattr(loader, "BUFFER_LIMIT", 16)
+    monkeypatch.setattr(checkpoint, "BUFFER_LIMIT", 16)
     with pytest.raises(UnsupportedModelError, match="bytes of computed buffers"):
         build_skeleton(make_config("mixtral"))

@@ -131,7 +131,7 @@ class OffloadConfig:
     ``io``: ``direct``, ``dontneed``, ``buffered`` or (CPU) ``mmap``; ``readers`` threads read the disk; a
     layer waits at most ``read_timeout`` seconds for one expert (None: forever).
     ``profile``: the hardware profile the settings came from (``from_profile`` sets it), for messages only.
-    None for a setting with a default means that default.
+    None for ``device``, the policies, the prefetch settings or ``io`` means their default.
     """
 
     device: str | torch.device | None = "cpu"
@@ -200,7 +200,8 @@ class OffloadConfig:
         return chosen is not None and self.prefetch == chosen.lower()
 
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OffloadConfig) if f.default is not None}
+_NONE_IS_DEFAULT = ("device", "host_policy", "policy", "prefetch", "prefetch_margin", "prefetch_depth", "io")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OffloadConfig) if f.name in _NONE_IS_DEFAULT}
 SETTINGS = tuple(f.name for f in dataclasses.fields(OffloadConfig))  # "profile" takes a name or path in load
 
 

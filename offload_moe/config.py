@@ -10,6 +10,7 @@ file is read, with an error that names the setting.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,11 +206,13 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(OffloadConfig) if f.n
 SETTINGS = tuple(f.name for f in dataclasses.fields(OffloadConfig))  # "profile" takes a name or path in load
 
 
-def configure(config: OffloadConfig | None, overrides: dict[str, object], where: str) -> OffloadConfig:
+def configure(config: OffloadConfig | None, overrides: dict[str, object], where: str,
+              own: tuple[str, ...] = ()) -> OffloadConfig:
     """The configuration ``where`` (``load``, ``offload_experts``) runs with: ``config`` (default: the
     defaults) with ``overrides`` on top; ``profile=`` (a name or path) in place of ``config`` fills in
-    what the overrides leave out, as ``OffloadConfig.from_profile`` does."""
-    check_names(overrides, where)
+    what the overrides leave out, as ``OffloadConfig.from_profile`` does. ``own``: the caller's other
+    options, listed when an option is unknown."""
+    check_names(overrides, where, own)
     overrides = dict(overrides)
     profile = overrides.pop("profile", None)
     if config is None:
@@ -223,12 +226,17 @@ def configure(config: OffloadConfig | None, overrides: dict[str, object], where:
     return dataclasses.replace(config, **overrides) if overrides else config
 
 
-def check_names(options: dict[str, object], where: str) -> None:
-    """Refuse an option that is no setting, naming it and listing the ones there are."""
+def check_names(options: dict[str, object], where: str, own: tuple[str, ...] = ()) -> None:
+    """Refuse an option that is no setting, naming it (and the setting it may be a typo of) and listing
+    the ones there are."""
     unknown = sorted(set(options) - set(SETTINGS))
-    if unknown:
-        raise ConfigError(f"{where}() got unknown option(s) {', '.join(shown(k) for k in unknown[:5])}; "
-                          f"the settings are {', '.join(SETTINGS)}")
+    if not unknown:
+        return
+    close = difflib.get_close_matches(unknown[0], SETTINGS + own, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    also = f"; {where} also takes {', '.join(own)}" if own else ""
+    raise ConfigError(f"{where}() got unknown option(s) {', '.join(shown(k) for k in unknown[:5])}{hint}; "
+                      f"the settings are {', '.join(SETTINGS)}{also}")
 
 
 def _check_policy(setting: str, name: object, seed: int) -> None:

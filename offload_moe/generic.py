@@ -55,6 +55,8 @@ from .transfer import make_mover
 
 COUNT_NAMES = ("num_experts", "moe_num_experts", "num_local_experts", "n_routed_experts")
 DROPPED = ("zero", "identity")
+OWN_OPTIONS = ("layers", "router", "replace_forward", "store", "offload_folder", "experts_attr", "expert_fn",
+               "dropped_tokens")  # offload_experts' options that are no OffloadConfig setting
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 Kernel = Callable[..., torch.Tensor]  # kernel(slot_tensors, x, *args, **kwargs) -> y
@@ -618,7 +620,7 @@ def offload_experts(
 def _settings(config: OffloadConfig | None, overrides: dict, dropped: str) -> OffloadConfig:
     """The checked settings; what ``offload_experts`` cannot do yet (a host tier, a budget planned from a
     profile's device memory) is refused by name."""
-    settings = configure(config, overrides, "offload_experts")
+    settings = configure(config, overrides, "offload_experts", OWN_OPTIONS)
     if dropped not in DROPPED:
         raise ConfigError(f"dropped_tokens={dropped!r}: use one of {', '.join(DROPPED)}")
     if settings.host_memory is not None:

@@ -331,7 +331,7 @@ def load(
     in config.json) to build an architecture it lacks; without it no code from the folder runs.
     Returns the transformers model; ``model.offload`` holds the runtime and its stats.
     """
-    settings = configure(config, overrides, "load")
+    settings = configure(config, overrides, "load", ("progress", "trust_remote_code"))
     if isinstance(settings.prefetch, Predictor):
         raise ConfigError("load takes prefetch as a predictor name (none, gate, transition, hybrid); a Predictor "
                           "object works with offload_experts")

@@ -113,7 +113,8 @@ def test_from_profile_fills_in_and_explicit_overrides_win(tmp_path):
 
 
 def test_from_profile_checks_names_and_the_profile():
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) 'cache_size'; the settings are device, dtype"):
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) 'cache_size' \(did you mean cache_memory\?\); the settings "
+                                          "are device, dtype"):
         OffloadConfig.from_profile("cpu-16gb", cache_size=4)
     with pytest.raises(ConfigError, match="no hardware profile named 'no-such'"):
         OffloadConfig.from_profile("no-such")
@@ -123,8 +124,10 @@ def test_from_profile_checks_names_and_the_profile():
 
 
 def test_load_refuses_an_unknown_option_naming_it_before_reading_anything(tmp_path):
-    with pytest.raises(ConfigError, match=r"^load\(\) got unknown option\(s\) 'cache_size'; the settings are .*readers"):
+    with pytest.raises(ConfigError, match=r"^load\(\) got unknown option\(s\) 'cache_size' .*; the settings are .*readers"):
         offload_moe.load(tmp_path / "no-such-model", cache_size=4)
+    with pytest.raises(ConfigError, match=r"'progres' \(did you mean progress\?\).*load also takes progress, trust_remote"):
+        offload_moe.load(tmp_path / "no-such-model", progres=False)
     with pytest.raises(ConfigError, match="config takes an offload_moe.OffloadConfig"):
         offload_moe.load(tmp_path / "no-such-model", {"cache_experts": 4})
     with pytest.raises(ConfigError, match="both config= and profile="):
@@ -212,6 +215,8 @@ def test_offload_experts_refuses_what_it_cannot_do_yet_before_the_model_changes(
     model = two_layers()
     with pytest.raises(ConfigError, match=r"^offload_experts\(\) got unknown option\(s\) 'cache_size'"):
         offload_experts(model, cache_size=4)
+    with pytest.raises(ConfigError, match=r"'expert_attr' \(did you mean experts_attr\?\).*also takes layers, router"):
+        offload_experts(model, expert_attr="experts")
     with pytest.raises(ConfigError, match="offload_experts has no host tier yet, so host_memory='1GiB'"):
         offload_experts(model, cache_experts=4, host_memory="1GiB")
     with pytest.raises(ConfigError, match="cannot plan slots from device_memory='1GiB'; give cache_experts"):

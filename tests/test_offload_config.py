@@ -66,6 +66,13 @@ def test_a_gpu_on_a_machine_without_one_is_refused():
         OffloadConfig(device="cuda")
 
 
+@pytest.mark.cuda
+def test_mmap_from_a_profile_on_a_gpu_says_where_it_came_from():
+    with pytest.raises(ConfigError, match="needs device='cpu' .* comes from hardware profile 'cpu-16gb'"):
+        OffloadConfig.from_profile("cpu-16gb", device="cuda")
+    assert OffloadConfig.from_profile("cpu-16gb", device="cuda", io="direct").device.type == "cuda"
+
+
 def test_values_are_normalised_and_none_means_the_default():
     c = OffloadConfig(device="cpu", dtype="bf16", policy="LRU", prefetch="Gate")
     assert c.device == torch.device("cpu") and c.dtype is torch.bfloat16

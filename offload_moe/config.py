@@ -190,11 +190,6 @@ class OffloadConfig:
         given = {k: v for k, v in overrides.items() if v is not None or k not in settings}
         return cls(**{**settings, **given, "profile": hw})
 
-    @property
-    def budget(self) -> Budget:
-        """The device slots' budget: ``cache_experts`` or ``cache_memory`` (None of both: the default)."""
-        return Budget(self.cache_experts, self.cache_memory)
-
     def prefetch_from_profile(self) -> bool:
         """Whether ``prefetch`` is the hardware profile's choice (so a message can say how to override it)."""
         chosen = self.profile.prefetch if self.profile is not None else None

@@ -5,6 +5,7 @@ pool of expert slots on the compute device; everything else is loaded as usual.
 
     import offload_moe
     model = offload_moe.load("path/to/model", device="cuda", cache_memory="6GiB")
+    # or: offload_moe.load("path/to/model", offload_moe.OffloadConfig.from_profile("gpu-24gb"))
     model.generate(input_ids, max_new_tokens=32)
     model.offload.stats()
 """
@@ -25,6 +26,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .checkpoint import demo_model_path
+from .config import OffloadConfig
 from .generic import offload_experts, save_experts
 from .loader import SUPPORTED_FAMILIES, load
 from .planning import Plan, plan
@@ -32,6 +34,7 @@ from .checksums import verify
 
 __all__ = [
     "load",
+    "OffloadConfig",
     "plan",
     "Plan",
     "demo_model_path",

@@ -23,7 +23,7 @@ from ._version import __version__
 from .atomic import output_folder
 from .chat import ChatSession, prompt_lines, run_chat
 from .checksums import verify as check
-from .config import MIN_CACHE_EXPERTS
+from .config import MIN_CACHE_EXPERTS, OffloadConfig
 from .demo import run_demo
 from .errors import OffloadMoEError
 from .generation import generate_text
@@ -111,6 +111,13 @@ def root(
 def _profile(option: str | None) -> str | None:
     """A command's --profile, else the one given before the command."""
     return option if option is not None else state.get("profile")
+
+
+def _settings(profile: str | None, **flags) -> OffloadConfig:
+    """What a command loads the model with: the hardware profile (its own --profile, else the one given before
+    the command) with the command's flags on top; a flag left out keeps the profile's value."""
+    profile = _profile(profile)
+    return OffloadConfig.from_profile(profile, **flags) if profile is not None else OffloadConfig(**flags)
 
 
 @app.command()
@@ -211,7 +218,8 @@ def generate(
 
     Example: offload-moe generate --prompt "def fib(n):" --max-new-tokens 48 --json
     """
-    profile = _profile(profile)
+    settings = _settings(profile, device=device, cache_experts=cache_experts, cache_memory=cache_memory,
+                         policy=policy, prefetch=prefetch, dtype=dtype, io=io)
     shown = []
 
     def stream(text: str) -> None:
@@ -222,8 +230,7 @@ def generate(
 
     stream = None if json_output else stream
     result = generate_text(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           repetition_penalty=repetition_penalty, seed=seed, on_text=stream, device=device, cache_experts=cache_experts,
-                           cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, io=io, profile=profile,
+                           repetition_penalty=repetition_penalty, seed=seed, on_text=stream, config=settings,
                            trust_remote_code=trust_remote_code)
     if json_output:
         print(json.dumps(result.as_dict(), default=str))
@@ -259,10 +266,10 @@ def chat(
 
     Example: offload-moe chat --cache-experts 24 --temperature 0.7
     """
-    profile = _profile(profile)
+    settings = _settings(profile, device=device, cache_experts=cache_experts, cache_memory=cache_memory,
+                         policy=policy, prefetch=prefetch, dtype=dtype, io=io)
     session = ChatSession.load(model, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                               repetition_penalty=repetition_penalty, device=device, cache_experts=cache_experts,
-                               cache_memory=cache_memory, policy=policy, prefetch=prefetch, dtype=dtype, io=io, profile=profile,
+                               repetition_penalty=repetition_penalty, config=settings,
                                trust_remote_code=trust_remote_code)
     interactive = sys.stdin.isatty()
     try:
@@ -363,15 +370,13 @@ def trace_record(
 
     Example: offload-moe trace record --prompts prompts.txt --out trace.safetensors --max-new-tokens 32
     """
-    profile = _profile(profile)
+    settings = _settings(profile, device=device, cache_experts=cache_experts, cache_memory=cache_memory, dtype=dtype)
     texts = read_prompts(prompts)
     with output_folder(out.parent), _bar("recording", len(texts)) as advance:
         trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}"
                                + (f", {max_new_tokens} greedy tokens after each" if max_new_tokens else ""),
                                predict_margin=margin if predictions else None, max_new_tokens=max_new_tokens,
-                               on_prompt=advance, device=device, cache_experts=cache_experts,
-                               cache_memory=cache_memory, dtype=dtype, profile=profile,
-                               trust_remote_code=trust_remote_code)
+                               on_prompt=advance, config=settings, trust_remote_code=trust_remote_code)
         path = save_trace(trace, out)
     _print_trace_summary(trace, path)
 

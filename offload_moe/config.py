@@ -1,59 +1,38 @@
-"""Budgets, devices and dtypes as a user gives them, parsed once and checked early."""
+"""Every runtime setting of ``load`` and ``offload_experts`` in one frozen ``OffloadConfig``, checked once.
+
+An ``OffloadConfig`` holds where experts compute (device, dtype), how much memory they get (the budgets), how
+they are chosen to stay (policy), predicted (prefetch) and read (io, readers, read_timeout). It is built
+directly, from a hardware profile plus overrides (``OffloadConfig.from_profile``), or by ``load`` and
+``offload_experts`` from their keyword arguments; every value is checked when it is built, before any
+file is read, with an error that names the setting.
+"""
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from .errors import BudgetError, ConfigError, DeviceError
-from .safetensors_io import IO_MODES
+from .errors import BudgetError, ConfigError
+from .hardware import Profile, get_profile
+from .policies import make_policy
+from .prefetch import Predictor
+from .values import (  # noqa: F401 - parse_device, MAX_BYTES: imported from here by the rest of the package
+    IO_MODES,
+    MAX_BYTES,
+    PREDICTORS,
+    format_bytes,
+    parse_bytes,
+    parse_device,
+    parse_dtype,
+    shown,
+)
 
 MIN_CACHE_EXPERTS = 2  # one expert computing while the next one loads
-MAX_BYTES = 2**60  # 1 EiB: a budget above this is a typo, not a machine
 MAX_READ_TIMEOUT = 86_400  # seconds; a read that takes a day has failed
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_bytes(value: str | int | float, setting: str = "memory") -> int:
-    """``"6GiB"``, ``"512MB"``, ``"1.5g"`` or a number of bytes -> bytes; a positive, finite size of at
-    most ``MAX_BYTES``, else a BudgetError naming ``setting``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BudgetError(f"{setting}={shown(value)} is not a size; give bytes or a string like '6GiB'")
-    if isinstance(value, str):
-        m = _SIZE.match(value)
-        unit = m.group(2).lower() if m else None
-        if m is None or unit not in _UNITS:
-            raise BudgetError(f"{setting}={shown(value)} is not a size; write it like '6GiB', '512MiB' or '12GB'")
-        number = m.group(1)
-        n = float(number) * _UNITS[unit] if len(number) <= 30 else math.inf  # more digits: beyond MAX_BYTES anyway
-    else:
-        n = value
-    if isinstance(n, float) and math.isnan(n):
-        raise BudgetError(f"{setting}={shown(value)} is not a number; give a size like '6GiB'")
-    if n <= 0:
-        raise BudgetError(f"{setting}={shown(value)} must be a positive size")
-    if n > MAX_BYTES:
-        raise BudgetError(f"{setting}={shown(value)} is more than {format_bytes(MAX_BYTES)}, beyond any machine; "
-                          "give a size like '6GiB'")
-    return int(n)
-
-
-def shown(value: object) -> str:
-    """``value`` for a message, cut short: a number of 4,000 digits is not worth printing in full (nor can
-    Python print one of more than 4,300)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"a number of {int(value.bit_length() * 0.30103) + 1} digits"
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def memory_total(device: torch.device) -> int:
@@ -85,54 +64,6 @@ def check_read_timeout(value: float | None) -> None:
                           f"{MAX_READ_TIMEOUT:,} (a day), or None to wait forever")
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} EiB"
-
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
-
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    dtype = _DTYPES.get(str(value).lower().removeprefix("torch."))
-    if dtype is None:
-        raise ConfigError(f"dtype={value!r} is not supported; use one of float32, bfloat16, float16")
-    return dtype
-
-
-def parse_device(value: str | torch.device) -> torch.device:
-    """Check that ``value`` names a device this machine has."""
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"device={value!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise DeviceError(f"device={value!r}: offload_moe runs on 'cpu' or 'cuda' devices")
-    if not torch.cuda.is_available():
-        raise DeviceError(
-            f"device={value!r} was asked for, but torch sees no CUDA GPU here "
-            f"(torch {torch.__version__}); use device='cpu' or install a CUDA build of torch"
-        )
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index >= torch.cuda.device_count():
-        raise DeviceError(
-            f"device={value!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s), "
-            f"numbered 0 to {torch.cuda.device_count() - 1}"
-        )
-    return torch.device("cuda", index)
-
-
 @dataclass(frozen=True)
 class Budget:
     """How many expert slots the hot tier gets, from ``cache_experts`` or ``cache_memory``."""
@@ -140,13 +71,17 @@ class Budget:
     cache_experts: int | None = None
     cache_memory: str | int | None = None
 
-    def slots(self, expert_bytes: int, total_experts: int, default_bytes: int, device: torch.device | None = None) -> int:
-        """Expert slots for experts of ``expert_bytes``; with ``device``, a budget that machine cannot hold is refused."""
+    def __post_init__(self) -> None:
         if self.cache_experts is not None and self.cache_memory is not None:
             raise BudgetError("give either cache_experts or cache_memory, not both")
+        if self.cache_experts is not None and (isinstance(self.cache_experts, bool) or not isinstance(self.cache_experts, int)):
+            raise BudgetError(f"cache_experts={shown(self.cache_experts)} must be a whole number of experts")
+        if self.cache_memory is not None:
+            parse_bytes(self.cache_memory, "cache_memory")
+
+    def slots(self, expert_bytes: int, total_experts: int, default_bytes: int, device: torch.device | None = None) -> int:
+        """Expert slots for experts of ``expert_bytes``; with ``device``, a budget that machine cannot hold is refused."""
         if self.cache_experts is not None:
-            if isinstance(self.cache_experts, bool) or not isinstance(self.cache_experts, int):
-                raise BudgetError(f"cache_experts={shown(self.cache_experts)} must be a whole number of experts")
             n = self.cache_experts
             source = f"cache_experts={shown(n)}"
             asked = min(max(n, 0), total_experts) * expert_bytes
@@ -180,3 +115,143 @@ def check_io(io: str, *, host_memory: bool = False, device: torch.device | None 
             "host_memory adds nothing with io='mmap': missing experts are computed from the mapped checkpoint, "
             "and the page cache already keeps them in spare RAM; leave host_memory out, or use io='direct'"
         )
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """The runtime settings of an offloaded model, checked when built (a bad one raises the error naming it).
+
+    ``device``: where the dense weights and the expert slots live (``cpu``, ``cuda``, ``cuda:N``).
+    ``dtype``: the compute dtype; None: the checkpoint's (``load``) or the experts' (``offload_experts``).
+    Budgets: ``cache_experts`` slots or ``cache_memory`` bytes (``"6GiB"``) for the device slots, or neither:
+    then ``device_memory`` (a profile's budget for the whole model) is planned into slots by ``load``, and
+    without it half the free memory is used. ``host_memory``: a warm tier of host RAM, with ``host_policy``.
+    ``policy``: the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``), seeded by ``seed``.
+    ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` (or a ``Predictor``, for ``offload_experts``),
+    naming top-k plus ``prefetch_margin`` experts for the next ``prefetch_depth`` layers.
+    ``io``: ``direct``, ``dontneed``, ``buffered`` or (CPU) ``mmap``; ``readers`` threads read the disk; a
+    layer waits at most ``read_timeout`` seconds for one expert (None: forever).
+    ``profile``: the hardware profile the settings came from (``from_profile`` sets it), for messages only.
+    None for ``device``, the policies, the prefetch settings or ``io`` means their default.
+    """
+
+    device: str | torch.device | None = "cpu"
+    dtype: str | torch.dtype | None = None
+    cache_experts: int | None = None
+    cache_memory: str | int | None = None
+    device_memory: str | int | None = None
+    host_memory: str | int | None = None
+    host_policy: str | None = "lru"
+    policy: str | None = "lru"
+    prefetch: str | Predictor | None = "none"
+    prefetch_margin: int | None = 1
+    prefetch_depth: int | None = 1
+    io: str | None = "direct"
+    readers: int = 2
+    read_timeout: float | None = 120.0
+    seed: int = 0
+    profile: Profile | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, default in _DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if self.profile is not None and not isinstance(self.profile, Profile):
+            raise ConfigError(f"profile={shown(self.profile)} is not a hardware profile; build the config with "
+                              "OffloadConfig.from_profile(name or path, ...)")
+        object.__setattr__(self, "device", parse_device(self.device))
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed={shown(self.seed)} must be a whole number")
+        for name in ("policy", "host_policy"):
+            _check_policy(name, getattr(self, name), self.seed)
+            object.__setattr__(self, name, getattr(self, name).lower())
+        object.__setattr__(self, "prefetch", _checked_prefetch(self.prefetch))
+        _check_count("prefetch_margin", self.prefetch_margin, 0, "0 or more")
+        _check_count("prefetch_depth", self.prefetch_depth, 1, "at least 1 layer")
+        _check_count("readers", self.readers, 1, "at least 1")
+        origin = (f" (io='mmap' comes from hardware profile {self.profile.name!r})"
+                  if self.profile is not None and self.profile.io == "mmap" else "")
+        check_io(self.io, host_memory=self.host_memory is not None, device=self.device, origin=origin)
+        check_read_timeout(self.read_timeout)
+        Budget(self.cache_experts, self.cache_memory)
+        for name in ("host_memory", "device_memory"):
+            if getattr(self, name) is not None:
+                parse_bytes(getattr(self, name), name)
+
+    @classmethod
+    def from_profile(cls, profile: str | Path | Profile, **overrides: object) -> OffloadConfig:
+        """The settings of hardware ``profile`` (a bundled name such as ``gpu-24gb``, a TOML path, or a
+        ``Profile``), with ``overrides`` on top. An override of None leaves the profile's value, as an option
+        not given on the command line does."""
+        check_names(overrides, "OffloadConfig.from_profile")
+        hw = profile if isinstance(profile, Profile) else get_profile(profile)
+        settings = hw.settings()
+        given = {k: v for k, v in overrides.items() if v is not None or k not in settings}
+        return cls(**{**settings, **given, "profile": hw})
+
+    def prefetch_from_profile(self) -> bool:
+        """Whether ``prefetch`` is the hardware profile's choice (so a message can say how to override it)."""
+        chosen = self.profile.prefetch if self.profile is not None else None
+        return chosen is not None and self.prefetch == chosen.lower()
+
+
+_NONE_IS_DEFAULT = ("device", "host_policy", "policy", "prefetch", "prefetch_margin", "prefetch_depth", "io")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OffloadConfig) if f.name in _NONE_IS_DEFAULT}
+SETTINGS = tuple(f.name for f in dataclasses.fields(OffloadConfig))  # "profile" takes a name or path in load
+
+
+def configure(config: OffloadConfig | None, overrides: dict[str, object], where: str,
+              own: tuple[str, ...] = ()) -> OffloadConfig:
+    """The configuration ``where`` (``load``, ``offload_experts``) runs with: ``config`` (default: the
+    defaults) with ``overrides`` on top; ``profile=`` (a name or path) in place of ``config`` fills in
+    what the overrides leave out, as ``OffloadConfig.from_profile`` does. ``own``: the caller's other
+    options, listed when an option is unknown."""
+    check_names(overrides, where, own)
+    overrides = dict(overrides)
+    profile = overrides.pop("profile", None)
+    if config is None:
+        return OffloadConfig.from_profile(profile, **overrides) if profile is not None else OffloadConfig(**overrides)
+    if not isinstance(config, OffloadConfig):
+        raise ConfigError(f"{where}(config={shown(config)}): config takes an offload_moe.OffloadConfig; give the "
+                          "settings as keyword arguments, or build one with OffloadConfig(...)")
+    if profile is not None:
+        raise ConfigError(f"{where}() got both config= and profile=; give one, or build the config from the "
+                          "profile with OffloadConfig.from_profile(profile, ...)")
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def check_names(options: dict[str, object], where: str, own: tuple[str, ...] = ()) -> None:
+    """Refuse an option that is no setting, naming it (and the setting it may be a typo of) and listing
+    the ones there are."""
+    unknown = sorted(set(options) - set(SETTINGS))
+    if not unknown:
+        return
+    close = difflib.get_close_matches(unknown[0], SETTINGS + own, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    also = f"; {where} also takes {', '.join(own)}" if own else ""
+    raise ConfigError(f"{where}() got unknown option(s) {', '.join(shown(k) for k in unknown[:5])}{hint}; "
+                      f"the settings are {', '.join(SETTINGS)}{also}")
+
+
+def _check_policy(setting: str, name: object, seed: int) -> None:
+    if not isinstance(name, str):
+        raise ConfigError(f"{setting}={shown(name)} is not an eviction policy name; use lru, lfu, fifo or random")
+    make_policy(name, seed=seed)  # fails on an unknown name
+
+
+def _checked_prefetch(prefetch: object) -> str | Predictor:
+    if isinstance(prefetch, Predictor):
+        return prefetch
+    name = prefetch.lower() if isinstance(prefetch, str) else prefetch
+    if name not in PREDICTORS:
+        raise ConfigError(f"prefetch={shown(prefetch)} is not a predictor; use one of {', '.join(PREDICTORS)} "
+                          "(or, with offload_experts, a Predictor)")
+    return name
+
+
+def _check_count(setting: str, value: object, low: int, bound: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{setting}={shown(value)} must be a whole number, {bound}")
+    if value < low:
+        raise ConfigError(f"{setting}={value} must be {bound}")

@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .cache import ExpertCache, Residency, SlotLayout, SlotPool
-from .config import Budget, check_io, check_read_timeout, parse_device, parse_dtype
+from .config import Budget, OffloadConfig, configure, parse_dtype
 from .errors import ConfigError, DeviceError, ExpertLoadError, UnsupportedModelError
 from .experts import OffloadedExperts, compute_grouped
 from .layers import (  # noqa: F401  (find_moe_layers... stay importable from offload_moe.generic)
@@ -56,7 +56,7 @@ from .layers import (  # noqa: F401  (find_moe_layers... stay importable from of
 )
 from .loader import default_cache_bytes
 from .policies import make_policy
-from .prefetch import PREDICTORS, Predictor, Prefetcher, make_predictor
+from .prefetch import Predictor, Prefetcher, make_predictor
 from .routing import Router, default_router, gate_of, top_k_of
 from .runtime import OffloadHandle
 from .saved_experts import SavedExperts, write_plans
@@ -64,6 +64,8 @@ from .store import ExpertsSpec
 from .transfer import make_mover
 
 DROPPED = ("zero", "identity")
+OWN_OPTIONS = ("layers", "router", "replace_forward", "store", "offload_folder", "experts_attr", "expert_fn",
+               "dropped_tokens")  # offload_experts' options that are no OffloadConfig setting
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
@@ -351,27 +353,17 @@ def _shutdown(cache: ExpertCache, cleanups: list, owned_folder: Path | None) -> 
 # == offload_experts ============================================================================================
 def offload_experts(
     model: nn.Module,
+    config: OffloadConfig | None = None,
     *,
     layers: Sequence[nn.Module | str] | nn.Module | str | None = None,
     router: Router | Sequence[Router] | Mapping[str, Router] | None = None,
     replace_forward: bool = False,
     store: str | Path | SavedExperts | None = None,
     offload_folder: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    cache_experts: int | None = None,
-    cache_memory: str | int | None = None,
-    policy: str = "lru",
-    dtype: str | torch.dtype | None = None,
-    prefetch: str | Predictor = "none",
-    prefetch_margin: int = 1,
-    prefetch_depth: int = 1,
-    readers: int = 2,
-    io: str = "direct",
-    read_timeout: float | None = 120.0,
     experts_attr: str = "experts",
     expert_fn: ExpertFn | None = None,
     dropped_tokens: str = "zero",
-    seed: int = 0,
+    **overrides,
 ) -> ExpertOffload:
     """Move the experts of ``model``'s MoE layers into an expert cache; the model keeps running as before.
 
@@ -388,9 +380,10 @@ def offload_experts(
 
     Bytes: from ``store`` (a folder or file written by ``save_experts``), else the experts are first
     written with ``save_experts`` to ``offload_folder`` or to a temporary folder deleted on ``close()``.
-    Budget: ``cache_experts`` slots or ``cache_memory`` bytes on ``device``, shared by all layers (one
-    expert size for the model); ``policy``, ``dtype``, ``readers``, ``io`` and ``read_timeout`` as in
-    ``offload_moe.load``: with ``io="mmap"`` (CPU only) an expert missing from the slots is computed in place
+    Settings: an ``OffloadConfig`` (``config``) and/or its fields as keyword arguments, which win, as in
+    ``offload_moe.load``. Budget: ``cache_experts`` slots or ``cache_memory`` bytes on ``device``, shared by all
+    layers (one expert size for the model); no host tier yet. ``policy``, ``dtype``, ``readers``, ``io`` and
+    ``read_timeout`` as in ``offload_moe.load``: with ``io="mmap"`` (CPU only) an expert missing from the slots is computed in place
     from the mapped store files. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the
     experts run, so ``replace_forward=True`` or fused containers. A predictor with ``bind(prefetcher)``
     (``routing.HashPredictor``) is bound to the model's inputs.
@@ -398,9 +391,11 @@ def offload_experts(
     Returns an ``ExpertOffload`` handle (``stats()``, ``reset_stats()``, ``close()``), also set as
     ``model.offload`` if the model has no such attribute. Put the rest of the model on ``device`` yourself.
     """
-    dev, slot_dtype = parse_device(device), parse_dtype(dtype)
-    _check_options(policy, prefetch, readers, dropped_tokens, seed, io, dev)
-    check_read_timeout(read_timeout)
+    settings = _settings(config, overrides, dropped_tokens)
+    dev, slot_dtype, policy, seed = settings.device, settings.dtype, settings.policy, settings.seed
+    cache_experts, cache_memory = settings.cache_experts, settings.cache_memory
+    prefetch, prefetch_margin, prefetch_depth = settings.prefetch, settings.prefetch_margin, settings.prefetch_depth
+    io, readers, read_timeout = settings.io, settings.readers, settings.read_timeout
     plans = plan_layers(model, layers, experts_attr=experts_attr, need_gate=router is None, expert_fn=expert_fn)
     routers = _routers(plans, router) if replace_forward else [None] * len(plans)
     _check_modes(plans, replace_forward, prefetch)
@@ -425,15 +420,19 @@ def offload_experts(
     return handle
 
 
-def _check_options(policy: str, prefetch, readers: int, dropped: str, seed: int, io: str, dev: torch.device) -> None:
-    make_policy(policy, seed=seed)  # fails on an unknown name
-    check_io(io, device=dev)
-    if not isinstance(prefetch, Predictor) and prefetch not in PREDICTORS:
-        raise ConfigError(f"prefetch={prefetch!r} is not a predictor; use one of {', '.join(PREDICTORS)} or a Predictor")
-    if readers < 1:
-        raise ConfigError(f"readers={readers} must be at least 1")
+def _settings(config: OffloadConfig | None, overrides: dict, dropped: str) -> OffloadConfig:
+    """The checked settings; what ``offload_experts`` cannot do yet (a host tier, a budget planned from a
+    profile's device memory) is refused by name."""
+    settings = configure(config, overrides, "offload_experts", OWN_OPTIONS)
     if dropped not in DROPPED:
         raise ConfigError(f"dropped_tokens={dropped!r}: use one of {', '.join(DROPPED)}")
+    if settings.host_memory is not None:
+        raise ConfigError(f"offload_experts has no host tier yet, so host_memory={settings.host_memory!r} cannot be "
+                          "used; leave it out (from a config: dataclasses.replace(config, host_memory=None))")
+    if settings.device_memory is not None and settings.cache_experts is None and settings.cache_memory is None:
+        raise ConfigError(f"offload_experts cannot plan slots from device_memory={settings.device_memory!r}; give "
+                          "cache_experts or cache_memory")
+    return settings
 
 
 def _routers(plans: Sequence[LayerPlan], router) -> list[Router]:

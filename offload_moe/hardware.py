@@ -2,22 +2,21 @@
 
 A profile fills in what a user did not say: ``device``, ``device_memory``, ``host_memory``,
 ``dtype``, ``policy``, the prefetch settings and ``io``, how experts are read. Explicit arguments
-always win over the profile.
+always win over the profile: ``OffloadConfig.from_profile(profile, **overrides)`` builds the settings
+``load`` runs with from ``Profile.settings()``.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import parse_bytes, parse_dtype, shown
 from .errors import BudgetError, ConfigError
 from .files import read_text
 from .policies import POLICIES
-from .prefetch import PREDICTORS
-from .safetensors_io import IO_MODES
+from .values import IO_MODES, PREDICTORS, parse_bytes, parse_dtype, shown
 
 FIELDS = ("description", "device", "device_memory", "host_memory", "dtype", "policy", "prefetch",
           "prefetch_margin", "prefetch_depth", "io")
@@ -39,6 +38,10 @@ class Profile:
     prefetch_margin: int | None = None
     prefetch_depth: int | None = None
     io: str | None = None  # how experts are read: direct, dontneed, buffered or (CPU) mmap
+
+    def settings(self) -> dict[str, str | int]:
+        """The ``OffloadConfig`` settings this profile gives (those it leaves out keep their defaults)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "description") and v is not None}
 
 
 def profiles_folder() -> Path:

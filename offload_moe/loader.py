@@ -30,13 +30,12 @@ from .checkpoint import (  # noqa: F401  (build_skeleton... stay importable from
     resolve_model_path,
     swap_experts,
 )
-from .config import Budget, check_io, check_read_timeout, check_within, parse_bytes, parse_device, parse_dtype, shown
+from .config import Budget, OffloadConfig, check_within, configure, parse_bytes, parse_dtype, shown
 from .errors import BudgetError, ConfigError, UnsupportedModelError
 from .experts import OffloadedExperts
-from .hardware import get_profile
 from .planning import plan_checkpoint
 from .policies import make_policy
-from .prefetch import PREDICTORS, Prefetcher, make_predictor
+from .prefetch import Predictor, Prefetcher, make_predictor
 from .progress import progress_bar as _progress
 from .progress import start_and_done_lines  # noqa: F401  (the CLI's piped progress lines import it from here)
 from .routing import find_routers
@@ -59,29 +58,19 @@ def default_cache_bytes(device: torch.device, dense_bytes: int) -> int:
 
 def load(
     path: str | Path,
+    config: OffloadConfig | None = None,
     *,
-    device: str | torch.device | None = None,
-    cache_experts: int | None = None,
-    cache_memory: str | int | None = None,
-    policy: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    host_memory: str | int | None = None,
-    host_policy: str = "lru",
-    prefetch: str | None = None,
-    prefetch_margin: int | None = None,
-    prefetch_depth: int | None = None,
-    readers: int = 2,
-    io: str | None = None,
-    read_timeout: float | None = 120.0,
-    profile: str | Path | None = None,
-    seed: int = 0,
     progress: bool = True,
     trust_remote_code: bool = False,
+    **overrides,
 ) -> nn.Module:
     """Load a Hugging Face MoE checkpoint with its routed experts offloaded to a device expert cache.
 
     Everything but the routed experts goes to ``device``; the experts stay in the
-    checkpoint files and move into a fixed pool of slots on demand. The budget is
+    checkpoint files and move into a fixed pool of slots on demand. The settings are an
+    ``OffloadConfig`` (``config``), keyword arguments (``device="cuda", cache_memory="6GiB"``),
+    or both: keyword arguments override the config's fields. An unknown keyword is a ConfigError.
+    The budget is
     ``cache_experts`` (a number of experts, across all layers) or ``cache_memory``
     (bytes or a string such as ``"6GiB"``); without either, half the free memory.
     ``policy`` is the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``).
@@ -96,41 +85,29 @@ def load(
     checkpoint, with no copy, and the kernel's page cache (memory it can reclaim, beyond the budget)
     keeps what it read; prefetch then asks the kernel to read ahead rather than filling slots.
     A layer waits at most ``read_timeout`` seconds for one expert, then raises ExpertLoadError.
-    ``profile`` (a name from ``profiles/`` or a TOML path) fills in the device, dtype, policy,
-    host memory, prefetch settings, ``io`` and, through ``plan``, the number of slots, where they are
-    not given.
+    ``profile=`` (a name from ``profiles/`` or a TOML path; instead of ``config``) fills in the device, dtype,
+    policy, host memory, prefetch settings, ``io`` and, through ``plan``, the number of slots, where they are
+    not given (``OffloadConfig.from_profile``).
     ``trust_remote_code=True`` lets transformers run Python code from the model folder (an ``auto_map``
     in config.json) to build an architecture it lacks; without it no code from the folder runs.
     Returns the transformers model; ``model.offload`` holds the runtime and its stats.
     """
-    hw = get_profile(profile) if profile is not None else None
-    dev = parse_device(device or (hw.device if hw else "cpu"))
-    want_dtype = parse_dtype(dtype or (hw.dtype if hw else None))
-    policy = policy or (hw.policy if hw and hw.policy else "lru")
-    host_memory = host_memory if host_memory is not None else (hw.host_memory if hw else None)
-    from_profile = prefetch is None and hw is not None and hw.prefetch is not None
-    prefetch = (prefetch or (hw.prefetch if hw else None) or "none").lower()
-    prefetch_margin = _first(prefetch_margin, hw.prefetch_margin if hw else None, 1)
-    prefetch_depth = _first(prefetch_depth, hw.prefetch_depth if hw else None, 1)
-    io = _first(io, hw.io if hw else None, "direct")
-    make_policy(policy, seed=seed)  # fail on a bad name before reading anything
-    make_policy(host_policy, seed=seed)
-    if prefetch not in PREDICTORS:
-        raise ConfigError(f"prefetch={prefetch!r} is not a predictor; use one of {', '.join(PREDICTORS)}")
-    if readers < 1:
-        raise ConfigError(f"readers={readers} must be at least 1")
-    origin = f" (io='mmap' comes from hardware profile {hw.name!r})" if hw is not None and hw.io == "mmap" else ""
-    check_io(io, host_memory=host_memory is not None, device=dev, origin=origin)
-    check_read_timeout(read_timeout)
-    for setting, value in (("cache_memory", cache_memory), ("host_memory", host_memory)):
-        if value is not None:
-            parse_bytes(value, setting)  # a malformed size fails before anything is read
+    settings = configure(config, overrides, "load", ("progress", "trust_remote_code"))
+    if isinstance(settings.prefetch, Predictor):
+        raise ConfigError("load takes prefetch as a predictor name (none, gate, transition, hybrid); a Predictor "
+                          "object works with offload_experts")
+    hw, dev, want_dtype = settings.profile, settings.device, settings.dtype
+    policy, host_policy, seed = settings.policy, settings.host_policy, settings.seed
+    cache_experts, cache_memory, host_memory = settings.cache_experts, settings.cache_memory, settings.host_memory
+    prefetch, prefetch_margin, prefetch_depth = settings.prefetch, settings.prefetch_margin, settings.prefetch_depth
+    from_profile = settings.prefetch_from_profile()
+    io, readers, read_timeout = settings.io, settings.readers, settings.read_timeout
     ckpt = mover = None
     try:
         ckpt = open_checkpoint(path, trust_remote_code=trust_remote_code, io=io)
         folder, config, model, modules, store = ckpt.folder, ckpt.config, ckpt.model, ckpt.modules, ckpt.store
-        if hw is not None and cache_experts is None and cache_memory is None:
-            cache_experts = plan_checkpoint(ckpt, device_memory=hw.device_memory, dtype=want_dtype).expert_slots
+        if settings.device_memory is not None and cache_experts is None and cache_memory is None:
+            cache_experts = plan_checkpoint(ckpt, device_memory=settings.device_memory, dtype=want_dtype).expert_slots
         budget = Budget(cache_experts, cache_memory)
         if want_dtype is None:
             want_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
@@ -180,11 +157,6 @@ def load(
     model.eval()
     model.offload = OffloadRuntime(model, cache, modules, dev, want_dtype, folder, prefetcher)
     return model
-
-
-def _first(*values):
-    """The first value that is not None."""
-    return next(v for v in values if v is not None)
 
 
 def _host_tier(host_memory, host_policy: str, seed: int, layout: SlotLayout, total_experts: int,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .values import PREDICTORS
 
 
 class Predictor:
@@ -263,9 +264,6 @@ def pooled_row(rows: Sequence[Sequence[int]]) -> list[int]:
     for i, expert in enumerate(row):
         votes[expert] = votes.get(expert, 0) + len(row) - i
     return sorted(votes, key=lambda e: (-votes[e], e))
-
-
-PREDICTORS = ("none", "gate", "transition", "hybrid")
 
 
 def make_predictor(name: str, *, routers: Sequence[nn.Module | None], num_experts: int, top_k: int,

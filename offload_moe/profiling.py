@@ -34,8 +34,9 @@ from .errors import BudgetError, ConfigError, OffloadMoEError
 from .policies import BUILT_IN, POLICIES, make_policy
 from .prefetch import pooled_row, transition_predictions
 from .traces import Trace
+from .values import PREDICTORS
 
-REPLAY_PREDICTORS = ("none", "gate", "transition", "hybrid")
+REPLAY_PREDICTORS = PREDICTORS  # every live predictor replays
 HEATMAP_MAX_EXPERTS, HEATMAP_MAX_LAYERS = 1024, 512  # beyond, the image is larger than matplotlib draws
 
 

@@ -26,6 +26,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError, ModelClosedError, ModelPathError
 from .files import inside, open_regular, parse_json, read_json
+from .values import IO_MODES
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -263,7 +264,6 @@ def _present(path: Path, follow: bool = False) -> bool:
         raise CheckpointError(f"{path} cannot be reached: {e.strerror or e}; make its folder readable (chmod +rx)") from None
 
 
-IO_MODES = ("buffered", "dontneed", "direct", "mmap")
 PAGE = 4096
 
 

@@ -623,7 +623,7 @@ def test_trace_record_takes_cache_memory(tmp_path, monkeypatch):
     result = runner.invoke(app, ["trace", "record", "--prompts", str(prompts), "--out", str(tmp_path / "t.safetensors"),
                                  "--cache-memory", "40MiB"])
     assert result.exit_code == 0, result.output
-    assert seen["cache_memory"] == "40MiB"
+    assert seen["config"].cache_memory == "40MiB"  # the command passes one OffloadConfig down
     both = runner.invoke(app, ["trace", "record", "--prompts", str(prompts), "--out", str(tmp_path / "u.safetensors"),
                                "--cache-memory", "40MiB", "--cache-experts", "24"])
     assert both.exit_code != 0 and "not both" in str(both.exception)
@@ -674,3 +674,23 @@ def test_plan_reserves_no_host_tier_when_every_expert_fits_and_kv_for_the_models
         assert model.offload.cache.host is None  # no pinned copy of experts the device already holds
     finally:
         model.offload.close()
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"]])
+def test_a_command_loads_with_one_config_from_its_profile_and_flags(tmp_path, monkeypatch, command):
+    import offload_moe.loader as loader
+    from offload_moe import OffloadConfig, OffloadMoEError
+
+    box = tmp_path / "box.toml"
+    box.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\npolicy = "fifo"\nio = "buffered"\n')
+    seen = {}
+
+    def spy(folder, **options):  # stops before loading: only the settings passed down matter here
+        seen.update(options)
+        raise OffloadMoEError("stopped by the test")
+
+    monkeypatch.setattr(loader, "load", spy)
+    result = runner.invoke(app, ["--profile", str(box), *command, "--policy", "lru", "--cache-experts", "4"], input="")
+    assert "stopped by the test" in str(result.exception)
+    assert seen["config"] == OffloadConfig.from_profile(box, policy="lru", cache_experts=4)
+    assert (seen["config"].policy, seen["config"].io, seen["config"].profile.name) == ("lru", "buffered", "box")

@@ -1,0 +1,111 @@
+"""The values a setting may take, and a value parsed as a user writes it: sizes, dtypes, devices.
+
+A leaf module: the option checks (``config``), the hardware profiles (``hardware``) and the modules that
+implement each choice (I/O modes in ``safetensors_io``, predictors in ``prefetch``) import these from here.
+Eviction policies are a registry instead (``policies.POLICIES``): a user may add one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from .errors import BudgetError, ConfigError, DeviceError
+
+IO_MODES = ("buffered", "dontneed", "direct", "mmap")  # how experts are read (safetensors_io.FileReader)
+PREDICTORS = ("none", "gate", "transition", "hybrid")  # prefetch predictors by name (prefetch.make_predictor)
+MAX_BYTES = 2**60  # 1 EiB: a budget above this is a typo, not a machine
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: str | int | float, setting: str = "memory") -> int:
+    """``"6GiB"``, ``"512MB"``, ``"1.5g"`` or a number of bytes -> bytes; a positive, finite size of at
+    most ``MAX_BYTES``, else a BudgetError naming ``setting``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BudgetError(f"{setting}={shown(value)} is not a size; give bytes or a string like '6GiB'")
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise BudgetError(f"{setting}={shown(value)} is not a size; write it like '6GiB', '512MiB' or '12GB'")
+        number = m.group(1)
+        n = float(number) * _UNITS[unit] if len(number) <= 30 else math.inf  # more digits: beyond MAX_BYTES anyway
+    else:
+        n = value
+    if isinstance(n, float) and math.isnan(n):
+        raise BudgetError(f"{setting}={shown(value)} is not a number; give a size like '6GiB'")
+    if n <= 0:
+        raise BudgetError(f"{setting}={shown(value)} must be a positive size")
+    if n > MAX_BYTES:
+        raise BudgetError(f"{setting}={shown(value)} is more than {format_bytes(MAX_BYTES)}, beyond any machine; "
+                          "give a size like '6GiB'")
+    return int(n)
+
+
+def shown(value: object) -> str:
+    """``value`` for a message, cut short: a number of 4,000 digits is not worth printing in full (nor can
+    Python print one of more than 4,300)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"a number of {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} EiB"
+
+
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    dtype = _DTYPES.get(str(value).lower().removeprefix("torch."))
+    if dtype is None:
+        raise ConfigError(f"dtype={value!r} is not supported; use one of float32, bfloat16, float16")
+    return dtype
+
+
+def parse_device(value: str | torch.device) -> torch.device:
+    """Check that ``value`` names a device this machine has."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device={value!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise DeviceError(f"device={value!r}: offload_moe runs on 'cpu' or 'cuda' devices")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"device={value!r} was asked for, but torch sees no CUDA GPU here "
+            f"(torch {torch.__version__}); use device='cpu' or install a CUDA build of torch"
+        )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise DeviceError(
+            f"device={value!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"numbered 0 to {torch.cuda.device_count() - 1}"
+        )
+    return torch.device("cuda", index)
+
+

@@ -678,7 +678,7 @@ def test_plan_reserves_no_host_tier_when_every_expert_fits_and_kv_for_the_models
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["chat"]])
 def test_a_command_loads_with_one_config_from_its_profile_and_flags(tmp_path, monkeypatch, command):
-    import offload_moe.loader as loader
+    import offload_moe.generation as generation
     from offload_moe import OffloadConfig, OffloadMoEError
 
     box = tmp_path / "box.toml"
@@ -689,7 +689,7 @@ def test_a_command_loads_with_one_config_from_its_profile_and_flags(tmp_path, mo
         seen.update(options)
         raise OffloadMoEError("stopped by the test")
 
-    monkeypatch.setattr(loader, "load", spy)
+    monkeypatch.setattr(generation, "load", spy)  # generate and chat load through generation.load_with_tokenizer
     result = runner.invoke(app, ["--profile", str(box), *command, "--policy", "lru", "--cache-experts", "4"], input="")
     assert "stopped by the test" in str(result.exception)
     assert seen["config"] == OffloadConfig.from_profile(box, policy="lru", cache_experts=4)

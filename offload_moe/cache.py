@@ -21,6 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -217,12 +218,12 @@ class SlotLayout:
     shapes: dict[str, tuple[int, ...]]
     dtype: torch.dtype
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return sum(_aligned(_prod(s)) for s in self.shapes.values())
 
-    @property
-    def nbytes(self) -> int:
+    @cached_property
+    def nbytes(self) -> int:  # read at every load that lands: computed once
         return sum(_prod(s) for s in self.shapes.values()) * _itemsize(self.dtype)
 
 
@@ -782,7 +783,7 @@ class Lease:
         try:
             hits, misses = cache._acquire(layer, self.experts)
             self.pinned.update(hits)
-            self._in_place = cache._in_place(layer, misses)
+            self._in_place = cache._in_place(layer, misses) if misses else {}
             misses = [e for e in misses if e not in self._in_place]
             for expert in misses:
                 if cache._start(layer, expert):

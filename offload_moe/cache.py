@@ -767,6 +767,8 @@ class Lease:
     source serves without a slot; the user never needs to know which.
     """
 
+    __slots__ = ("cache", "layer", "experts", "pinned", "waiting", "_order", "_in_place", "_open")
+
     def __init__(self, cache: ExpertCache, layer: int, experts: Sequence[int]):
         self.cache = cache
         self.layer = layer

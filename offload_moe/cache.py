@@ -19,8 +19,9 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,10 +29,11 @@ import torch
 from .errors import BudgetError, CheckpointError, ExpertLoadError, ModelClosedError
 from .pinned import PinnedMemory
 from .policies.base import EvictionPolicy
+from .sources import make_source
 
 if TYPE_CHECKING:
     from .store import ExpertStore
-    from .transfer import Mover
+    from .transfer import Mover, Ticket
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -94,6 +96,10 @@ class Residency:
     def is_pinned(self, key: Key) -> bool:
         return self.pins.get(key, 0) > 0
 
+    def full(self) -> bool:
+        """No slot is free and every resident key is pinned: nothing can be admitted now."""
+        return not self.free and len(self.pins) >= len(self.slot_of)
+
     def totals(self) -> Counters:
         total = Counters()
         for c in self.per_layer.values():
@@ -126,7 +132,7 @@ class Residency:
         if self.free:
             slot = self.free.pop()
         else:
-            if len(self.pins) >= len(self.slot_of):  # every resident key is pinned
+            if self.full():
                 raise BudgetError(
                     f"all {self.capacity} expert slots are in use by the layer being computed; "
                     "raise cache_experts / cache_memory"
@@ -212,12 +218,12 @@ class SlotLayout:
     shapes: dict[str, tuple[int, ...]]
     dtype: torch.dtype
 
-    @property
+    @cached_property
     def numel(self) -> int:
         return sum(_aligned(_prod(s)) for s in self.shapes.values())
 
-    @property
-    def nbytes(self) -> int:
+    @cached_property
+    def nbytes(self) -> int:  # read at every load that lands: computed once
         return sum(_prod(s) for s in self.shapes.values()) * _itemsize(self.dtype)
 
 
@@ -324,14 +330,19 @@ class FlowCounters:
 class ExpertCache:
     """The hot tier: device slots filled from the warm tier (if any) or the disk, loads in flight tracked.
 
+    Compute makes one call, ``use(layer, experts)``, which pins, loads and hands out the experts and
+    unpins them when its block ends. The load at startup is ``fill`` (device slots) or ``fill_host``
+    (the warm tier); the prefetcher calls ``prefetch``.
+
     Every bookkeeping step runs on the calling (compute) thread; reader threads only move bytes.
-    ``lock`` (reentrant) is held by whoever uses the cache, for a whole layer's use (``compute_grouped``,
-    one expert's call, a prefetch, ``close``): several threads may run a model, one layer at a time.
+    ``lock`` (reentrant) is held by whoever uses the cache, for a whole layer's use (``use``, a prefetch,
+    ``close``): several threads may run a model, one layer at a time.
     After ``close`` every use raises ``ModelClosedError``.
     A key in flight holds a slot and counts as resident, so a layer that needs it waits for it
-    rather than loading it twice. A prefetch holds a pin until it lands, so it cannot be evicted
-    half-written, and it never evicts a pinned key, so it never takes an expert the current
-    layer still needs.
+    rather than loading it twice. A load holds a pin (its flight pin) until it lands, so it cannot be
+    evicted half-written, and a prefetch never evicts a pinned key, so it never takes an expert the
+    current layer still needs. Where an expert's tensors come from when it has no slot is the
+    ``source``'s business (``offload_moe.sources``).
     """
 
     def __init__(self, residency: Residency, pool: SlotPool, store: "ExpertStore", mover: "Mover",
@@ -342,17 +353,14 @@ class ExpertCache:
         self.mover = mover
         self.host = host
         self.layer_names = layer_names or {}
+        self.source = make_source(store, pool.device, pool.layout.dtype)
         self.reuse = True  # False: drop each expert after use (the no-reuse baseline of the benchmarks)
         self.read_timeout: float | None = None  # seconds a layer waits for one expert before giving up
         self.flow = FlowCounters()
-        self._inflight: dict[Key, object] = {}  # key -> Ticket
+        self._inflight: dict[Key, "Ticket"] = {}  # loads in flight, each holding its flight pin until it lands
         self._prefetched: set[Key] = set()  # admitted by a prefetch, not yet requested
-        self._flying: set[Key] = set()  # loads whose flight pin is still held: until landed, nothing evicts them
-        self._host_pending: list[tuple[Key, object]] = []  # host slots pinned until their copy lands
-        self._quarantine: list[tuple[int, int | None, object]] = []  # (slot, host slot, ticket) of timed-out reads
-        # io="mmap" on CPU: a miss is computed from the mapped checkpoint instead of waiting for a slot
-        self.maps_misses = getattr(store, "maps", None) is not None and pool.device.type == "cpu"
-        self._advised: set[Key] = set()  # prefetched in that mode: the kernel was asked to read them ahead
+        self._host_pending: list[tuple[Key, "Ticket"]] = []  # host slots pinned until their copy lands
+        self._quarantine: list[tuple[int, int | None, "Ticket"]] = []  # (slot, host slot, ticket) of timed-out reads
         self.lock = threading.RLock()
         self.closed = False
 
@@ -369,13 +377,79 @@ class ExpertCache:
                 "released, so it cannot run any more; load it again (offload_moe.load or offload_experts)"
             )
 
-    def acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[tuple[int, int]], list[int]]:
-        """Pin the resident (or in-flight) experts among ``experts``; return [(expert, slot)] for them and the rest."""
+    def use(self, layer: int, experts: Sequence[int]) -> "Lease":
+        """Use ``experts`` of ``layer`` in a ``with`` block: ``for expert, tensors in lease`` yields each one's
+        tensors, the resident ones first, then each missing one once it is ready, in the order their loads
+        started. Every expert stays pinned until the loop moves past it or the block ends, however it ends.
+
+        Entering pins the resident experts and starts loading the missing ones that find a free slot;
+        ``lease.waiting`` is true while some found none (they start when the loop reaches them).
+        Raises ``ExpertLoadError`` (a load failed or exceeded ``read_timeout``), ``BudgetError`` (every
+        slot is pinned) or ``ModelClosedError``.
+        """
+        return Lease(self, layer, experts)
+
+    def fill(self, keys: Sequence[Key], advance: Callable[[int], None] | None = None) -> None:
+        """Load every one of ``keys`` into the device slots (they hold them all), 64 reads at a time, so that
+        decoding never waits on a first touch; the statistics then start from zero, as if every expert had
+        been resident from the start. ``advance(nbytes)`` after each expert."""
+        with self.lock:
+            for batch in _batches(keys):
+                for key in batch:
+                    self._start(*key)
+                for key in batch:
+                    self._ready(*key)
+                    self._release(*key)
+                    if advance is not None:
+                        advance(self.pool.layout.nbytes)
+            self.reset_stats()
+
+    def fill_host(self, keys: Sequence[Key], advance: Callable[[int], None] | None = None) -> None:
+        """Read every one of ``keys`` from disk into the warm tier (it holds them all), 64 at a time.
+        ``advance(nbytes)`` after each expert; raises ``ExpertLoadError`` naming the expert whose read failed."""
+        host = self.host
+        with self.lock:
+            for batch in _batches(keys):
+                started = []
+                for key in batch:
+                    slot, _ = host.residency.admit(key)
+                    started.append((key, self.mover.from_disk(*key, host.pool.views(slot))))
+                for key, ticket in started:
+                    try:
+                        ticket.transfer()
+                    except Exception as e:
+                        host.residency.discard(key)
+                        raise self._load_error(key, e) from e
+                    host.residency.release(key)
+                    if advance is not None:
+                        advance(host.pool.layout.nbytes)
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> int:
+        """Start loading those of ``experts`` that are neither resident nor in flight, while a slot is evictable."""
+        started = 0
+        with self.lock:
+            self.check_open()
+            for expert in experts:
+                key = (layer, expert)
+                if key in self.residency:
+                    continue
+                if self.source.read_ahead(key, self.flow):
+                    started += 1
+                    continue
+                if not self._start(layer, expert, prefetch=True):
+                    if self.source.needs_slots:
+                        break
+                    continue  # an expert that cannot be mapped found no slot; the others may still be read ahead
+                started += 1
+        return started
+
+    # -- the protocol behind use() ---------------------------------------------
+    def _acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Pin the resident (or in-flight) experts among ``experts``; return them and the rest."""
         self.check_open()
         self.reap()
         self._cancel_stale_prefetches(layer, experts)
-        if self._advised:
-            self._settle_advice(layer, experts)
+        self.source.settle(layer, experts, self.residency.__contains__, self.flow)
         hits, misses = self.residency.request((layer, e) for e in experts)
         for key, _ in hits:
             ticket = self._inflight.get(key)
@@ -385,39 +459,30 @@ class ExpertCache:
             if key in self._prefetched:
                 self._prefetched.discard(key)
                 self.flow.prefetch_used += 1
-        return [(k[1], slot) for k, slot in hits], [k[1] for k in misses]
+        return [k[1] for k, _ in hits], [k[1] for k in misses]
 
-    def map_misses(self, layer: int, experts: Sequence[int]) -> dict[int, dict]:
-        """With ``io="mmap"`` on CPU: the weights, viewed in the mapped checkpoint, of those of the missing
-        ``experts`` that can be computed in place. The kernel is asked to start reading them all now, so
-        they arrive while the layer computes its resident experts. Empty in the other modes.
-
-        They are not copied into slots: on CPU the page cache already keeps what was read, in all
-        the memory the kernel can spare, and a copy would only cost time. The slots serve when they
-        hold every expert (filled at load); with a smaller budget they stay empty.
-        """
-        if not self.maps_misses:
-            return {}
+    def _in_place(self, layer: int, experts: Sequence[int]) -> dict[int, dict]:
+        """The tensors of those of the missing ``experts`` that the source serves without a slot."""
         out = {}
         for expert in experts:
             try:
-                weights = self.store.mapped(layer, expert, self.pool.layout.dtype)
+                weights = self.source.view(layer, expert)
             except CheckpointError as e:  # the file changed on disk since load: truncated, replaced, removed
                 self.residency.per_layer[layer].load_failures += 1
                 raise self._load_error((layer, expert), e) from None
             if weights is not None:
-                self.store.willneed(layer, expert)
                 out[expert] = weights
-        self.flow.mapped += len(out)
-        self.flow.mapped_bytes += len(out) * self.pool.layout.nbytes
+        if out:
+            self.flow.mapped += len(out)
+            self.flow.mapped_bytes += len(out) * self.pool.layout.nbytes
         return out
 
-    def start(self, layer: int, expert: int, prefetch: bool = False) -> bool:
+    def _start(self, layer: int, expert: int, prefetch: bool = False) -> bool:
         """Begin loading a missing expert into a slot; False when every slot is pinned (try again later)."""
         key = (layer, expert)
-        if not self.residency.free and len(self.residency.pins) >= len(self.residency):
+        if self.residency.full():
             return False
-        slot, evicted = self.residency.admit(key)
+        slot, evicted = self.residency.admit(key)  # admit's pin is the flight pin, held until the bytes land
         if evicted in self._prefetched:
             self._prefetched.discard(evicted)
             self.flow.prefetch_wasted += 1
@@ -426,7 +491,6 @@ class ExpertCache:
         except BaseException:
             self._fail(key)
             raise
-        self._flying.add(key)  # admit's pin: held until the bytes land, even if the layer gives up
         if prefetch:
             self._prefetched.add(key)
             self.flow.prefetch_issued += 1
@@ -434,7 +498,7 @@ class ExpertCache:
             self.residency.pins[key] += 1  # and the layer's own pin
         return True
 
-    def ready(self, layer: int, expert: int) -> int:
+    def _ready(self, layer: int, expert: int) -> int:
         """The slot of a pinned expert, once its bytes are usable by compute; raises ExpertLoadError if its load failed."""
         key = (layer, expert)
         ticket = self._inflight.get(key)
@@ -455,69 +519,24 @@ class ExpertCache:
             self._landed(key, transfer)
         return self.residency.slot_of[key]
 
-    def start_blocking(self, layer: int, expert: int) -> None:
-        """``start``, first letting prefetches in flight land if they hold every free slot."""
-        if self.start(layer, expert):
+    def _start_blocking(self, layer: int, expert: int) -> None:
+        """``_start``, first letting loads in flight land if they hold every free slot."""
+        if self._start(layer, expert):
             return
         self._finish_flights()
-        if not self.start(layer, expert):
+        if not self._start(layer, expert):
             raise BudgetError(
                 f"all {self.capacity} expert slots are pinned by the layer being computed; "
                 "raise cache_experts / cache_memory"
             )
 
-    def release(self, layer: int, expert: int) -> None:
+    def _release(self, layer: int, expert: int) -> None:
         key = (layer, expert)
         self.residency.release(key)
         if not self.reuse and not self.residency.is_pinned(key) and key not in self._inflight:
             self.residency.discard(key)
 
-    def prefetch(self, layer: int, experts: Sequence[int]) -> int:
-        """Start loading those of ``experts`` that are neither resident nor in flight, while a slot is evictable."""
-        started = 0
-        with self.lock:
-            self.check_open()
-            for expert in experts:
-                if (layer, expert) in self.residency:
-                    continue
-                if self.maps_misses and self._advise(layer, expert):
-                    started += 1
-                    continue
-                if not self.start(layer, expert, prefetch=True):
-                    if self.maps_misses:
-                        continue  # an expert that cannot be mapped found no slot; the others may still be advised
-                    break
-                started += 1
-        return started
-
     # -- internals -------------------------------------------------------------
-    def _advise(self, layer: int, expert: int) -> bool:
-        """io="mmap": prefetch a mappable expert by asking the kernel to read it ahead (no slot is taken)."""
-        key = (layer, expert)
-        if key in self._advised:
-            return True
-        try:
-            if self.store.mapped(layer, expert, self.pool.layout.dtype) is None:
-                return False
-        except CheckpointError:
-            return True  # its file changed on disk: nothing to read ahead; the layer that needs it reports why
-        self.store.willneed(layer, expert)
-        self._advised.add(key)
-        self.flow.prefetch_issued += 1
-        return True
-
-    def _settle_advice(self, layer: int, experts: Sequence[int]) -> None:
-        """Score the read-ahead advice given for ``layer``, which runs now with ``experts``."""
-        wanted = set(experts)
-        for key in [k for k in self._advised if k[0] == layer]:
-            self._advised.discard(key)
-            if key[1] not in wanted:
-                self.flow.prefetch_wasted += 1
-                continue
-            self.flow.prefetch_used += 1
-            if key not in self.residency:
-                self.flow.mapped_ahead += 1
-
     def _cancel_stale_prefetches(self, layer: int, experts: Sequence[int]) -> None:
         """``layer`` runs now without these prefetched experts: drop those whose read has not started,
         so the disk serves the loads that are needed (a started read is left to land)."""
@@ -534,7 +553,6 @@ class ExpertCache:
         headed there. ``quarantine`` withholds both slots from reuse. Returns (slot, host slot)."""
         self._inflight.pop(key, None)
         self._prefetched.discard(key)
-        self._flying.discard(key)
         slot = self.residency.discard(key, quarantine=quarantine)
         host_slot = None
         if self.host is not None:
@@ -551,7 +569,7 @@ class ExpertCache:
             ticket = self.mover.from_host(self.host.pool.flat(hits[0][1]), self.pool.flat(slot))
         else:
             host = self.host.residency
-            while not host.free and len(host.pins) >= len(host) and self._host_pending:
+            while host.full() and self._host_pending:
                 self._settle_oldest_host_copy()  # every host slot is still feeding a device copy
             host_slot, _ = host.admit(key)
             ticket = self.mover.from_disk(layer, expert, self.host.pool.views(host_slot), device_flat=self.pool.flat(slot),
@@ -560,7 +578,8 @@ class ExpertCache:
         return ticket
 
     def _landed(self, key: Key, transfer) -> None:
-        self._inflight.pop(key, None)
+        if self._inflight.pop(key, None) is not None:
+            self.residency.release(key)  # the flight pin: the bytes are in
         self.mover.account(transfer)
         layer_counters = self.residency.per_layer[key[0]]
         layer_counters.bytes_loaded += self.pool.layout.nbytes
@@ -569,9 +588,6 @@ class ExpertCache:
         self.flow.disk_seconds += transfer.disk_seconds
         self.flow.copy_bytes += transfer.copy_bytes
         self.flow.copy_seconds += transfer.copy_seconds
-        if key in self._flying:
-            self._flying.discard(key)
-            self.residency.release(key)
 
     def _fail(self, key: Key, hung=None) -> None:
         """A load failed: the key is never marked resident, and the host copy (maybe partial) is dropped.
@@ -618,10 +634,7 @@ class ExpertCache:
 
     def _finish_flights(self) -> None:
         """Wait until every load in flight has landed (or failed, or timed out), then account for them."""
-        for key in list(self._flying):
-            ticket = self._inflight.get(key)
-            if ticket is None:
-                continue
+        for key, ticket in list(self._inflight.items()):
             try:
                 transfer = ticket.transfer(self.read_timeout)
             except FutureTimeout:
@@ -745,3 +758,73 @@ class ExpertCache:
         if self.host is not None:
             self.host.residency.per_layer.clear()
         self.flow = FlowCounters(gpu_stall_base=self.mover.gpu_stall_seconds(), gpu_copy_base=self.mover.gpu_copy_seconds())
+
+
+class Lease:
+    """A layer's use of its experts (``ExpertCache.use``): a ``with`` block; iterate for ``(expert, tensors)``.
+
+    Holds the cache's lock for the whole block. The tensors are a slot's views, or whatever the cache's
+    source serves without a slot; the user never needs to know which.
+    """
+
+    __slots__ = ("cache", "layer", "experts", "pinned", "waiting", "_order", "_in_place", "_open")
+
+    def __init__(self, cache: ExpertCache, layer: int, experts: Sequence[int]):
+        self.cache = cache
+        self.layer = layer
+        self.experts = experts
+        self.pinned: set[int] = set()  # released however the block ends
+        self.waiting: list[int] = []  # missing experts that found no free slot yet: started when reached
+        self._order: list[int] = []
+        self._in_place: dict[int, dict] = {}
+        self._open = False
+
+    def __enter__(self) -> "Lease":
+        cache, layer = self.cache, self.layer
+        cache.lock.acquire()
+        try:
+            hits, misses = cache._acquire(layer, self.experts)
+            self.pinned.update(hits)
+            self._in_place = cache._in_place(layer, misses) if misses else {}
+            misses = [e for e in misses if e not in self._in_place]
+            for expert in misses:
+                if cache._start(layer, expert):
+                    self.pinned.add(expert)
+                else:
+                    self.waiting.append(expert)
+            self._order = hits + list(self._in_place) + misses  # resident first, then in the order loads started
+            self._open = True
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        cache, layer, in_place, pinned = self.cache, self.layer, self._in_place, self.pinned
+        for expert in self._order:
+            if not self._open:
+                raise ExpertLoadError(f"the experts of layer {layer} were used after their `with cache.use(...)` block "
+                                      "ended; iterate them inside the block")
+            if expert in in_place:
+                yield expert, in_place[expert]
+                continue
+            if expert in self.waiting:
+                cache._start_blocking(layer, expert)
+                pinned.add(expert)
+            yield expert, cache.pool.views(cache._ready(layer, expert))
+            cache._release(layer, expert)  # the caller is done with it: its slot may serve the next one
+            pinned.discard(expert)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for expert in self.pinned:
+                self.cache._release(self.layer, expert)
+            self.pinned.clear()
+            self._open = False
+        finally:
+            self.cache.lock.release()
+
+
+def _batches(keys: Sequence[Key], size: int = 64) -> Iterator[Sequence[Key]]:
+    for first in range(0, len(keys), size):
+        yield keys[first : first + size]

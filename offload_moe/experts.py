@@ -101,10 +101,10 @@ class OffloadedExperts(nn.Module):
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor | RowBlocks,
                 bias: torch.Tensor | RowBlocks | None) -> torch.Tensor:
-        if self.is_transposed:  # weight [in, out]; mapped weights in this layout are never split
+        if self.is_transposed:  # weight [in, out], never split into row blocks
             y = x @ weight
             return y + bias if bias is not None else y
-        return linear(x, weight, bias)  # weight [out, in], maybe as row blocks of the mapped checkpoint
+        return linear(x, weight, bias)  # weight [out, in], maybe as row blocks
 
 
 def routing_to_host(flat: torch.Tensor, predicted: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -128,9 +128,7 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
     """One MoE layer's routed experts with weights from ``cache``: ``hidden`` [T, H], ``index`` and ``weights`` [T, k].
 
     Token-expert pairs are grouped by expert; resident experts run first while the missing ones
-    are already loading, and each needed expert is loaded once. With ``io="mmap"`` on CPU a missing
-    expert is computed in place from the mapped checkpoint instead (the kernel reads it meanwhile).
-    An index of -1 is a dropped pair
+    are already loading, and each needed expert is loaded once. An index of -1 is a dropped pair
     (it contributes nothing). ``kernel(x, slot_tensors)`` computes one expert. ``check`` sees the
     routing once it is on the host. The k contributions of a token are summed in k order, as
     transformers' grouped implementation does.
@@ -144,41 +142,15 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
         if check is not None:
             check(routing)
         spans = _spans(routing, num_experts)
-        hits, misses = cache.acquire(layer, list(spans))
-        pinned = {e for e, _ in hits}  # released however the layer ends
-        try:
-            mapped = cache.map_misses(layer, misses)
-            misses = [e for e in misses if e not in mapped]
-            waiting = []  # no free slot yet: started once one frees
-            for expert in misses:
-                if cache.start(layer, expert):
-                    pinned.add(expert)
-                else:
-                    waiting.append(expert)
+        pair_weights = weights.reshape(-1)  # [T*k]
+        out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1], dtype=torch.promote_types(hidden.dtype, weights.dtype))
+        with cache.use(layer, list(spans)) as ready:
             if prefetcher is not None:
-                prefetcher.after_routing(pos, _kept(routing, num_tokens, top_k), predicted, issue=not waiting)
-
-            out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1],
-                                   dtype=torch.promote_types(hidden.dtype, weights.dtype))
-            pair_weights = weights.reshape(-1)  # [T*k]
-            # resident first, then in the order loads started
-            for expert in [e for e, _ in hits] + list(mapped) + misses:
-                if expert in mapped:
-                    tensors = mapped[expert]
-                else:
-                    if expert in waiting:
-                        cache.start_blocking(layer, expert)
-                        pinned.add(expert)
-                    tensors = cache.pool.views(cache.ready(layer, expert))
+                prefetcher.after_routing(pos, _kept(routing, num_tokens, top_k), predicted, issue=not ready.waiting)
+            for expert, tensors in ready:  # resident first, then each missing one once it is ready
                 lo, hi = spans[expert]
                 pairs = order[lo:hi]
                 out[pairs] = kernel(hidden[pairs // top_k], tensors) * pair_weights[pairs, None]
-                if expert not in mapped:
-                    cache.release(layer, expert)
-                    pinned.discard(expert)
-        finally:
-            for expert in pinned:
-                cache.release(layer, expert)
         if prefetcher is not None:
             prefetcher.retry()  # slots this layer held are free now
         return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)

@@ -120,17 +120,9 @@ class LayerRuntime:
             if args and isinstance(args[0], torch.Tensor):
                 self.check_device(args[0])
             self.follow(training)
-            _, misses = cache.acquire(self.layer, [expert])
-            try:
-                mapped = cache.map_misses(self.layer, misses)  # io="mmap" on CPU: computed in place, no slot
-                if expert in mapped:
-                    return self.kernel(mapped[expert], *args, **kwargs)
-                if misses:
-                    cache.start_blocking(self.layer, expert)
-                slot = cache.ready(self.layer, expert)
-                return self.kernel(cache.pool.views(slot), *args, **kwargs)
-            finally:
-                cache.release(self.layer, expert)
+            with cache.use(self.layer, [expert]) as ready:
+                for _, tensors in ready:
+                    return self.kernel(tensors, *args, **kwargs)
 
 
 class OffloadedExpert(nn.Module):

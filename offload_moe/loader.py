@@ -174,50 +174,20 @@ def _host_tier(host_memory, host_policy: str, seed: int, layout: SlotLayout, tot
 
 def fill_host_tier(cache: ExpertCache, modules: list[OffloadedExperts], progress: bool) -> None:
     """Read every expert from disk into the warm tier once (it holds them all), with a progress bar."""
-    host = cache.host
-
-    def start(key):
-        slot, _ = host.residency.admit(key)
-        ticket = cache.mover.from_disk(*key, host.pool.views(slot))
-
-        def finish():
-            try:
-                ticket.transfer()
-            except Exception as e:
-                host.residency.discard(key)
-                raise cache._load_error(key, e) from e
-            host.residency.release(key)
-
-        return finish
-
-    _load_all(modules, start, "experts into host memory", host.pool.layout.nbytes, progress)
+    keys = _every_expert(modules)
+    with _progress(progress, "experts into host memory", len(keys) * cache.pool.layout.nbytes) as advance:
+        cache.fill_host(keys, advance)
 
 
 def fill_device_cache(cache: ExpertCache, modules: list[OffloadedExperts], progress: bool) -> None:
-    """Load every expert into the device slots once (they hold them all), so decoding never waits on a first
-    touch; the statistics then start from zero, as if every expert had been resident from the start."""
-
-    def start(key):
-        cache.start(*key)
-
-        def finish():
-            cache.ready(*key)
-            cache.release(*key)
-
-        return finish
-
-    _load_all(modules, start, "experts into the expert cache", cache.pool.layout.nbytes, progress)
-    cache.reset_stats()
+    """Load every expert into the device slots once (they hold them all), with a progress bar."""
+    keys = _every_expert(modules)
+    with _progress(progress, "experts into the expert cache", len(keys) * cache.pool.layout.nbytes) as advance:
+        cache.fill(keys, advance)
 
 
-def _load_all(modules: list[OffloadedExperts], start, what: str, nbytes: int, progress: bool) -> None:
-    """Every expert of ``modules``: ``start(key)`` begins its load and returns what finishes it; 64 at a time."""
-    keys = [(m.layer, e) for m in modules for e in range(m.num_experts)]
-    with _progress(progress, what, len(keys) * nbytes) as advance:
-        for first in range(0, len(keys), 64):
-            for finish in [start(key) for key in keys[first : first + 64]]:
-                finish()
-                advance(nbytes)
+def _every_expert(modules: list[OffloadedExperts]) -> list[tuple[int, int]]:
+    return [(m.layer, e) for m in modules for e in range(m.num_experts)]
 
 
 def _shared_shapes(modules: list[OffloadedExperts]) -> dict[str, tuple[int, ...]]:

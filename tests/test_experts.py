@@ -17,11 +17,11 @@ class Spy:
         self.cache = cache = model.offload.cache
         self.calls: list[dict] = []
         self.loading = False
-        acquire, admit, views, start = cache.acquire, cache.residency.admit, cache.pool.views, cache.start
+        acquire, admit, views, start = cache._acquire, cache.residency.admit, cache.pool.views, cache._start
 
         def spy_acquire(layer, experts):
             hits, misses = acquire(layer, experts)
-            self.calls.append({"layer": layer, "needed": list(experts), "hits": [e for e, _ in hits],
+            self.calls.append({"layer": layer, "needed": list(experts), "hits": list(hits),
                                "computed": [], "loaded": [], "bad_evictions": []})
             return hits, misses
 
@@ -47,7 +47,7 @@ class Spy:
                 self.calls[-1]["computed"].append(cache.residency.owner[slot][1])
             return views(slot)
 
-        cache.acquire, cache.residency.admit, cache.pool.views, cache.start = spy_acquire, spy_admit, spy_views, spy_start
+        cache._acquire, cache.residency.admit, cache.pool.views, cache._start = spy_acquire, spy_admit, spy_views, spy_start
 
 
 @pytest.mark.parametrize("capacity", [2, 3, 5])

@@ -211,11 +211,11 @@ def test_a_failure_while_mapping_releases_the_layers_pins(tmp_path, prompt, monk
     model.generate(prompt, max_new_tokens=2, do_sample=False)
     assert len(cache.residency) == 7
 
-    def broken(layer, experts):  # the layer has pinned its resident experts by now
+    def broken(layer, expert):  # the layer has pinned its resident experts by now
         assert cache.residency.pins
         raise RuntimeError("mapping failed")
 
-    monkeypatch.setattr(cache, "map_misses", broken)
+    monkeypatch.setattr(cache.source, "view", broken)
     with pytest.raises(RuntimeError, match="mapping failed"):
         model.generate(prompt, max_new_tokens=2, do_sample=False)
     assert not any(cache.residency.pins.values())  # the hits acquired before the failure were released

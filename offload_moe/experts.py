@@ -144,16 +144,33 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
         spans = _spans(routing, num_experts)
         pair_weights = weights.reshape(-1)  # [T*k]
         out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1], dtype=torch.promote_types(hidden.dtype, weights.dtype))
-        with cache.use(layer, list(spans)) as ready:
-            if prefetcher is not None:
-                prefetcher.after_routing(pos, _kept(routing, num_tokens, top_k), predicted, issue=not ready.waiting)
-            for expert, tensors in ready:  # resident first, then each missing one once it is ready
-                lo, hi = spans[expert]
-                pairs = order[lo:hi]
-                out[pairs] = kernel(hidden[pairs // top_k], tensors) * pair_weights[pairs, None]
-        if prefetcher is not None:
-            prefetcher.retry()  # slots this layer held are free now
+
+        def compute(expert: int, tensors: dict[str, torch.Tensor]) -> None:
+            lo, hi = spans[expert]
+            pairs = order[lo:hi]
+            out[pairs] = kernel(hidden[pairs // top_k], tensors) * pair_weights[pairs, None]
+
+        use_layer(cache, prefetcher, layer, pos, list(spans), _kept(routing, num_tokens, top_k), predicted, compute)
         return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def use_layer(cache: ExpertCache, prefetcher: Prefetcher | None, layer: int, pos: int, experts: list[int],
+              routing: torch.Tensor, predicted: dict[int, torch.Tensor],
+              compute: Callable[[int, dict[str, torch.Tensor]], None]) -> None:
+    """One layer's turn at the cache and the prefetcher, as the runtime takes it and a trace replay repeats it.
+
+    ``experts`` are the layer's distinct experts, ascending; ``routing`` [T, k] (on the host) and the
+    device-side ``predicted`` go to the prefetcher, which starts its loads while the layer computes and
+    retries them once the layer has let go of its slots. ``compute(expert, tensors)`` runs each expert,
+    resident first, then each missing one once it is ready.
+    """
+    with cache.use(layer, experts) as ready:
+        if prefetcher is not None:
+            prefetcher.after_routing(pos, routing, predicted, issue=not ready.waiting)
+        for expert, tensors in ready:
+            compute(expert, tensors)
+    if prefetcher is not None:
+        prefetcher.retry()  # slots this layer held are free now
 
 
 def _spans(routing: torch.Tensor, num_experts: int) -> dict[int, tuple[int, int]]:

@@ -29,14 +29,18 @@ import torch
 
 from ._version import __version__
 from .atomic import atomic_write_all
-from .cache import Residency
+from .cache import ExpertCache, Residency, SlotLayout, SlotPool
 from .errors import BudgetError, ConfigError, OffloadMoEError
 from .policies import BUILT_IN, POLICIES, make_policy
-from .prefetch import pooled_row, transition_predictions
+from .experts import use_layer
+from .prefetch import (HybridPredictor, Predictor, Prefetcher, TransitionPredictor, pooled_row,
+                       transition_predictions)
 from .traces import Trace
+from .transfer import NullMover
 from .values import PREDICTORS
 
 REPLAY_PREDICTORS = PREDICTORS  # every live predictor replays
+ENGINES = ("reference", "fast")
 HEATMAP_MAX_EXPERTS, HEATMAP_MAX_LAYERS = 1024, 512  # beyond, the image is larger than matplotlib draws
 
 
@@ -88,22 +92,13 @@ def layer_groups(trace: Trace) -> list[list[tuple[int, int]]]:
     return [[(layers[pos], e) for e in sorted(set(chosen))] for token in rows for pos, chosen in enumerate(token)]
 
 
-def predictions(trace: Trace, predictor: str, margin: int = 1, *,
-                _transition: list | None = None) -> list[list[list[int]]] | None:
-    """What ``predictor`` names one layer ahead at each token and layer: ``[T][L-1][<= k + margin]``, best first.
-
-    ``none`` gives None. ``transition`` learns online from the trace's own routing; ``gate`` needs
-    the predictions stored in the trace (``offload-moe trace record`` keeps them).
-    """
+def _checked_predictor(trace: Trace, predictor: str, margin: int) -> str:
+    """``predictor`` in lower case, once it is known that ``trace`` can replay it with ``margin``."""
     predictor = predictor.lower()
-    if predictor not in REPLAY_PREDICTORS:
-        raise ConfigError(f"predictor={predictor!r} cannot be replayed; use one of {', '.join(REPLAY_PREDICTORS)}")
+    if predictor not in PREDICTORS:
+        raise ConfigError(f"predictor={predictor!r} cannot be replayed; use one of {', '.join(PREDICTORS)}")
     if margin < 0:
         raise ConfigError(f"margin={margin} must be 0 or more")
-    if predictor == "none":
-        return None
-    width = trace.top_k + margin
-    named = []  # one [T][L-1][<= width] per predictor pooled
     if predictor in ("gate", "hybrid"):
         if trace.predicted is None or trace.metadata.get("predicted_by") != "gate":
             raise ConfigError(f"this trace stores no gate predictions, so {predictor!r} cannot be replayed; record the "
@@ -111,6 +106,22 @@ def predictions(trace: Trace, predictor: str, margin: int = 1, *,
         if margin > trace.prediction_margin:
             raise ConfigError(f"the trace's gate predictions name top_k + {trace.prediction_margin} experts; "
                               f"margin={margin} needs more: re-record with --margin {margin} or ask for less")
+    return predictor
+
+
+def predictions(trace: Trace, predictor: str, margin: int = 1, *,
+                _transition: list | None = None) -> list[list[list[int]]] | None:
+    """What ``predictor`` names one layer ahead at each token and layer: ``[T][L-1][<= k + margin]``, best first.
+
+    ``none`` gives None. ``transition`` learns online from the trace's own routing; ``gate`` needs
+    the predictions stored in the trace (``offload-moe trace record`` keeps them).
+    """
+    predictor = _checked_predictor(trace, predictor, margin)
+    if predictor == "none":
+        return None
+    width = trace.top_k + margin
+    named = []  # one [T][L-1][<= width] per predictor pooled
+    if predictor in ("gate", "hybrid"):
         named.append(trace.predicted[:, :-1, :width].long().tolist())
     if predictor in ("transition", "hybrid"):
         if _transition is None:  # the experts in the router's order, as the runtime's predictor sees them
@@ -126,17 +137,124 @@ def predictions(trace: Trace, predictor: str, margin: int = 1, *,
 
 
 def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none", margin: int = 1, seed: int = 0,
-           groups: list[list[tuple[int, int]]] | None = None,
+           engine: str = "reference", readers: int = 0, groups: list[list[tuple[int, int]]] | None = None,
            predicted: list[list[list[int]]] | None = None) -> ReplayResult:
     """Replay ``trace`` through a cache of ``capacity`` expert slots run by ``policy``, with ``predictor`` prefetching.
 
-    ``groups`` and ``predicted`` (from ``layer_groups`` and ``predictions``) can be passed in when
-    replaying one trace many times.
+    ``engine="reference"`` drives the runtime's own ``ExpertCache``, ``Prefetcher`` and predictors, one
+    token and layer at a time through ``experts.use_layer`` (what every MoE layer of a live model calls),
+    with a ``NullMover`` that moves no bytes: its counts are the runtime's by construction. ``readers``
+    (reference only) runs that mover's empty loads on reader threads, as a live model's reads run.
+    ``engine="fast"`` is the same bookkeeping written out as a plain loop over ``Residency``, for
+    sweeps; ``groups`` and ``predicted`` (from ``layer_groups`` and ``predictions``) can be passed to it
+    when replaying one trace many times.
     """
+    if engine not in ENGINES:
+        raise ConfigError(f"engine={engine!r} is not a replay engine; use one of {', '.join(ENGINES)}")
     if capacity < trace.top_k:
         raise BudgetError(f"capacity={capacity} is below the trace's top_k={trace.top_k}: a layer could not hold its experts")
     if policy.lower() == "belady" and predictor != "none":
         raise ConfigError("Belady's optimum is defined without prefetch; replay it with predictor='none'")
+    if engine == "fast":
+        return _fast_replay(trace, policy, capacity, predictor=predictor, margin=margin, seed=seed, groups=groups,
+                            predicted=predicted)
+    return _reference_replay(trace, policy.lower(), capacity, predictor.lower(), margin, seed, readers)
+
+
+class RecordedGatePredictor(Predictor):
+    """The ``gate`` predictor of a replay: it names what the live gate named when the trace was recorded.
+
+    A replay has no hidden states; what a token brings to ``predict_device`` is its row of the trace's
+    ``predicted`` [L, m] (best first, -1 padded), and the predictor hands on the row of layer ``pos``.
+    """
+
+    name = "gate"
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def predict_device(self, pos: int, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+        if pos + 1 >= len(hidden):
+            return {}
+        row = hidden[pos, : self.width]
+        row = row[row >= 0]
+        return {pos + 1: row[None]} if row.numel() else {}
+
+
+def replay_predictor(trace: Trace, predictor: str, margin: int = 1) -> Predictor:
+    """The live predictor called ``predictor`` as a replay of ``trace`` feeds it: ``transition`` learns from the
+    trace's routing, ``gate`` reads the trace's recorded guesses, ``hybrid`` pools the two."""
+    predictor = _checked_predictor(trace, predictor, margin)
+    if predictor == "none":
+        return Predictor()
+    gate = RecordedGatePredictor(trace.top_k + margin)
+    # sized by the largest expert id routed, not the metadata's num_experts: an expert never routed to
+    # has no evidence, so it is never named, and the counts stay as large as the data
+    transition = TransitionPredictor(len(trace.layers), int(trace.experts.max()) + 1, trace.top_k, margin)
+    return {"gate": gate, "transition": transition, "hybrid": HybridPredictor(gate, transition)}[predictor]
+
+
+class _NoFiles:
+    """The store of a replay's cache: no file is ever read (the mover moves no bytes)."""
+
+    maps = None
+
+    def describe(self, layer: int, expert: int) -> str:
+        return "no file (a replay reads no bytes)"
+
+    def close(self) -> None:
+        pass
+
+
+def _replay_cache(trace: Trace, policy: str, capacity: int, seed: int, readers: int,
+                  future: list[tuple[int, int]] | None) -> ExpertCache:
+    """An ``ExpertCache`` of zero-byte slots with a ``NullMover``."""
+    # slots beyond the keys the trace can ever admit stay empty and change no count, so none are made:
+    # a capacity of 50% of a huge num_experts costs no memory
+    admissible = trace.experts.numel() + (trace.predicted.numel() if trace.predicted is not None else 0)
+    slots = min(capacity, admissible)
+    residency = Residency(slots, make_policy(policy, seed=seed, future=future))
+    return ExpertCache(residency, SlotPool(slots, _NO_BYTES, torch.device("cpu")), _NoFiles(), NullMover(readers))
+
+
+_NO_BYTES = SlotLayout({}, torch.uint8)
+
+
+def _nothing(expert: int, tensors: dict) -> None:
+    pass
+
+
+def _reference_replay(trace: Trace, policy: str, capacity: int, predictor: str, margin: int, seed: int,
+                      readers: int) -> ReplayResult:
+    predictor_ = replay_predictor(trace, predictor, margin)
+    future = [key for group in layer_groups(trace) for key in group] if policy == "belady" else None
+    cache = _replay_cache(trace, policy, capacity, seed, readers, future)
+    prefetcher = Prefetcher(predictor_, trace.layers, cache) if predictor != "none" else None
+    routing = trace.experts.long()  # [T, L, k], in the router's order, as the live layer hands it on
+    recorded = trace.predicted.long() if trace.predicted is not None and prefetcher is not None else None
+    experts = [[sorted(set(chosen)) for chosen in token] for token in routing.tolist()]
+    layers = trace.layers
+    try:
+        for token in range(trace.num_tokens):
+            rows = routing[token]
+            for pos, layer in enumerate(layers):
+                predicted = prefetcher.predict_device(pos, recorded[token]) if recorded is not None else {}
+                use_layer(cache, prefetcher, layer, pos, experts[token][pos], rows[pos : pos + 1], predicted, _nothing)
+        cache.drain()
+        total = cache.residency.totals()
+        per_layer = {layer: (c.hits, c.misses) for layer, c in sorted(cache.residency.per_layer.items())}
+        flow = cache.flow
+    finally:
+        cache.close()
+    return ReplayResult(policy, capacity, predictor, total.hits + total.misses, total.hits, total.misses,
+                        total.evictions, flow.prefetch_issued, flow.prefetch_used, per_layer=per_layer)
+
+
+def _fast_replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none", margin: int = 1,
+                 seed: int = 0, groups: list[list[tuple[int, int]]] | None = None,
+                 predicted: list[list[list[int]]] | None = None) -> ReplayResult:
+    """``replay(engine="fast")``: the cache's bookkeeping written out over ``Residency`` alone, checked equal to
+    the reference by tests/test_profiling.py."""
     if predicted is None:
         predicted = predictions(trace, predictor, margin)
     groups = groups if groups is not None else layer_groups(trace)
@@ -241,7 +359,7 @@ def _start_worker(trace: Trace, named: dict) -> None:
 
 def _replay_job(policy: str, capacity: int, predictor: str, margin: int) -> ReplayResult:
     w = _WORKER
-    return replay(w["trace"], policy, capacity, predictor=predictor, margin=margin, groups=w["groups"],
+    return replay(w["trace"], policy, capacity, predictor=predictor, margin=margin, engine="fast", groups=w["groups"],
                   predicted=w["named"].get(predictor))
 
 

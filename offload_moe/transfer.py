@@ -414,6 +414,35 @@ def _elapsed(pairs: list[tuple], block: bool) -> tuple[list[tuple], float]:
     return pending, total
 
 
+class NullMover(Mover):
+    """A mover that moves no bytes, for replaying a trace through the real ``ExpertCache``.
+
+    With ``readers=0`` every ticket is done when it is issued: a prefetch has always landed by the
+    time the next layer starts. With ``readers >= 1`` each load is an empty job on a ``ReaderPool``,
+    queued, prioritised, hurried and cancelled as a real read is, so the cache meets the same races
+    it meets live (a prefetch may still be in flight when its layer runs).
+    """
+
+    def __init__(self, readers: int = 0):
+        self.pool = ReaderPool(readers) if readers else None
+
+    def from_disk(self, layer, expert, views, device_flat=None, host_flat=None, urgent=True) -> Ticket:
+        if self.pool is None:
+            return Ticket(_done(Transfer()))
+        return Ticket(self.pool.submit(Transfer, urgent=urgent))
+
+    def from_host(self, host_flat, device_flat) -> Ticket:
+        return Ticket(_done(Transfer()))
+
+    def hurry(self, ticket: Ticket) -> None:
+        if self.pool is not None:
+            self.pool.hurry(ticket.future)
+
+    def close(self, wait: bool = True) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=wait, cancel_futures=True)
+
+
 def make_mover(device: torch.device, store: ExpertStore, readers: int = 2) -> Mover:
     """The mover for ``device``, with ``readers`` disk-reader threads."""
     if device.type == "cuda":

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, UTC
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ._version import __version__
@@ -165,7 +166,8 @@ class RecordedGatePredictor(Predictor):
     """The ``gate`` predictor of a replay: it names what the live gate named when the trace was recorded.
 
     A replay has no hidden states; what a token brings to ``predict_device`` is its row of the trace's
-    ``predicted`` [L, m] (best first, -1 padded), and the predictor hands on the row of layer ``pos``.
+    ``predicted`` [L, m] (a numpy array, best first, -1 padded), and the predictor hands on the row of
+    layer ``pos``, as the live one hands on its top-m [T, m].
     """
 
     name = "gate"
@@ -173,12 +175,12 @@ class RecordedGatePredictor(Predictor):
     def __init__(self, width: int):
         self.width = width
 
-    def predict_device(self, pos: int, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+    def predict_device(self, pos: int, hidden: np.ndarray) -> dict[int, np.ndarray]:
         if pos + 1 >= len(hidden):
             return {}
         row = hidden[pos, : self.width]
         row = row[row >= 0]
-        return {pos + 1: row[None]} if row.numel() else {}
+        return {pos + 1: row[None]} if row.size else {}
 
 
 def replay_predictor(trace: Trace, predictor: str, margin: int = 1) -> Predictor:
@@ -224,23 +226,30 @@ def _nothing(expert: int, tensors: dict) -> None:
     pass
 
 
+def drive(trace: Trace, cache: ExpertCache, prefetcher: Prefetcher | None) -> None:
+    """Run ``trace`` through ``cache`` and ``prefetcher`` as a live model decodes it, one token at a time: at each
+    layer the prefetcher predicts (``gate`` from the recorded guesses), then ``experts.use_layer``; then wait
+    for the loads still in flight."""
+    routing = trace.experts.long()  # [T, L, k], in the router's order, as the live layer hands it on
+    recorded = trace.predicted.long().numpy() if trace.predicted is not None and prefetcher is not None else None
+    experts = [[sorted(set(chosen)) for chosen in token] for token in routing.tolist()]
+    layers = trace.layers
+    for token in range(trace.num_tokens):
+        rows = routing[token]
+        for pos, layer in enumerate(layers):
+            predicted = prefetcher.predict_device(pos, recorded[token]) if recorded is not None else {}
+            use_layer(cache, prefetcher, layer, pos, experts[token][pos], rows[pos : pos + 1], predicted, _nothing)
+    cache.drain()
+
+
 def _reference_replay(trace: Trace, policy: str, capacity: int, predictor: str, margin: int, seed: int,
                       readers: int) -> ReplayResult:
     predictor_ = replay_predictor(trace, predictor, margin)
     future = [key for group in layer_groups(trace) for key in group] if policy == "belady" else None
     cache = _replay_cache(trace, policy, capacity, seed, readers, future)
     prefetcher = Prefetcher(predictor_, trace.layers, cache) if predictor != "none" else None
-    routing = trace.experts.long()  # [T, L, k], in the router's order, as the live layer hands it on
-    recorded = trace.predicted.long() if trace.predicted is not None and prefetcher is not None else None
-    experts = [[sorted(set(chosen)) for chosen in token] for token in routing.tolist()]
-    layers = trace.layers
     try:
-        for token in range(trace.num_tokens):
-            rows = routing[token]
-            for pos, layer in enumerate(layers):
-                predicted = prefetcher.predict_device(pos, recorded[token]) if recorded is not None else {}
-                use_layer(cache, prefetcher, layer, pos, experts[token][pos], rows[pos : pos + 1], predicted, _nothing)
-        cache.drain()
+        drive(trace, cache, prefetcher)
         total = cache.residency.totals()
         per_layer = {layer: (c.hits, c.misses) for layer, c in sorted(cache.residency.per_layer.items())}
         flow = cache.flow
@@ -307,13 +316,19 @@ def _fast_replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "
 
 
 def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], predictors: Sequence[str] = ("none",),
-          margin: int = 1, progress: Callable[[int], None] | None = None, workers: int = 1) -> list[ReplayResult]:
+          margin: int = 1, progress: Callable[[int], None] | None = None, workers: int = 1,
+          engine: str = "fast") -> list[ReplayResult]:
     """Every policy x capacity x predictor, plus Belady at each capacity; each result knows Belady's misses.
+
+    ``engine`` is ``replay``'s: ``fast`` by default (the reference, which drives the real cache, takes
+    about 2.5x as long without prefetch and 10x with it), with the same counts.
 
     ``progress(1)`` is called after each replay; there are ``sweep_size(...)`` of them. With ``workers``
     above 1 the replays run in that many processes (``default_workers`` suggests a number); they are
     started with spawn, so a script that calls this needs an ``if __name__ == "__main__":`` guard.
     """
+    if engine not in ENGINES:
+        raise ConfigError(f"engine={engine!r} is not a replay engine; use one of {', '.join(ENGINES)}")
     unknown = [p for p in policies if p.lower() not in POLICIES]
     if unknown:
         raise ConfigError(f"unknown policies {', '.join(unknown)}; known: {', '.join(sorted(POLICIES))}")
@@ -332,13 +347,13 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
         jobs += [(policy, capacity, predictor) for policy in policies if policy.lower() != "belady" for predictor in named]
     custom = [p for p in policies if POLICIES[p.lower()] is not BUILT_IN.get(p.lower())]
     if workers > 1 and not custom:  # a policy added at run time does not exist in a freshly spawned process
-        results = _sweep_in_processes(trace, named, jobs, margin, workers, progress)
+        results = _sweep_in_processes(trace, named, jobs, margin, workers, progress, engine)
     else:
         _start_worker(trace, named)
         results = []
         try:
             for job in jobs:
-                results.append(_replay_job(*job, margin))
+                results.append(_replay_job(*job, margin, engine))
                 if progress is not None:
                     progress(1)
         finally:
@@ -357,9 +372,9 @@ def _start_worker(trace: Trace, named: dict) -> None:
     _WORKER.update(trace=trace, named=named, groups=layer_groups(trace))
 
 
-def _replay_job(policy: str, capacity: int, predictor: str, margin: int) -> ReplayResult:
+def _replay_job(policy: str, capacity: int, predictor: str, margin: int, engine: str = "fast") -> ReplayResult:
     w = _WORKER
-    return replay(w["trace"], policy, capacity, predictor=predictor, margin=margin, engine="fast", groups=w["groups"],
+    return replay(w["trace"], policy, capacity, predictor=predictor, margin=margin, engine=engine, groups=w["groups"],
                   predicted=w["named"].get(predictor))
 
 
@@ -373,7 +388,7 @@ def default_workers(trace: Trace, replays: int) -> int:
 
 
 def _sweep_in_processes(trace: Trace, named: dict, jobs: list, margin: int, workers: int,
-                        progress: Callable[[int], None] | None) -> list[ReplayResult]:
+                        progress: Callable[[int], None] | None, engine: str) -> list[ReplayResult]:
     """The replays in ``workers`` spawned processes.
 
     Ctrl-C reaches the whole process group. The workers ignore it from their first instruction (they are
@@ -395,7 +410,7 @@ def _sweep_in_processes(trace: Trace, named: dict, jobs: list, margin: int, work
                                    initializer=_start_worker_process, initargs=(str(shared),))
         try:
             with _ctrl_c_ignored():  # the processes are spawned by submit
-                futures = [pool.submit(_replay_job, *job, margin) for job in jobs]
+                futures = [pool.submit(_replay_job, *job, margin, engine) for job in jobs]
             for _ in as_completed(futures):
                 if progress is not None:
                     progress(1)

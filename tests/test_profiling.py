@@ -258,6 +258,51 @@ def test_a_replay_counts_what_the_live_runtime_counted(policy, predictor):
     assert replayed.per_layer == {layer: (c["hits"], c["misses"]) for layer, c in live["per_layer"].items()}
 
 
+@pytest.mark.parametrize("policy,predictor", [("lru", "none"), ("lfu", "none"), ("fifo", "none"), ("random", "none"),
+                                              ("lru", "gate"), ("lfu", "transition"), ("lru", "hybrid"),
+                                              ("fifo", "gate"), ("random", "hybrid")])
+def test_a_replay_with_reader_threads_counts_what_the_threaded_runtime_counted(policy, predictor):
+    """Live reads on 2 reader threads, replayed with a ``NullMover`` on 2 reader threads.
+
+    What does not depend on when a read lands is equal: every request, layer by layer, and so the hit
+    and miss total; what the predictor named and how well (its guesses come from the routing alone);
+    and, with no prefetch, every hit, miss and eviction (each load is waited for inside its layer).
+    With prefetch, whether a prefetched read has landed when the next layer starts is a race in both
+    runs: one still in flight keeps its flight pin, so another victim is chosen, and a queued one may
+    be cancelled; the split between hits and misses then moves by an expert or two, so it is not compared.
+    """
+    import offload_moe
+    from offload_moe.profiling import _replay_cache, drive, replay_predictor
+    from offload_moe.traces import record_trace
+
+    model = offload_moe.load(offload_moe.demo_model_path(), cache_experts=24, policy=policy, prefetch=predictor,
+                             readers=2, progress=False)
+    trace = record_trace(model, [torch.tensor([0])], source="test", max_new_tokens=48, predict_margin=1)
+    live = model.offload.stats()
+    live_score = model.offload.prefetcher.score if predictor != "none" else None
+    model.offload.close()
+    replayed = replay(trace, policy, 24, predictor=predictor, margin=1, readers=2)
+    requests = {layer: h + m for layer, (h, m) in replayed.per_layer.items()}
+    assert requests == {layer: c["hits"] + c["misses"] for layer, c in live["per_layer"].items()}
+    assert replayed.requests == live["hits"] + live["misses"] == 48 * 6 * 2
+    if predictor == "none":
+        assert (replayed.hits, replayed.misses, replayed.evictions) == (live["hits"], live["misses"], live["evictions"])
+        assert replayed.per_layer == {layer: (c["hits"], c["misses"]) for layer, c in live["per_layer"].items()}
+        return
+    # the replay's prefetcher, on the same trace: what it named is what the live one named
+    from offload_moe.prefetch import Prefetcher
+
+    cache = _replay_cache(trace, policy, 24, 0, 2, None)
+    prefetcher = Prefetcher(replay_predictor(trace, predictor, 1), trace.layers, cache)
+    try:
+        drive(trace, cache, prefetcher)
+    finally:
+        cache.close()
+    assert live_score.needed > 0
+    assert (prefetcher.score.predicted, prefetcher.score.needed, prefetcher.score.correct) == (
+        live_score.predicted, live_score.needed, live_score.correct)
+
+
 def _inline(fn, *args, urgent=True):
     from concurrent.futures import Future
 

@@ -1,6 +1,7 @@
 """Cache-policy profiling: replay a routing trace through eviction policies, capacities and predictors.
 
-The replay drives the same ``Residency`` bookkeeping as the runtime, without tensors: at each
+The reference replay (``replay``) drives the runtime's own ``ExpertCache`` and ``Prefetcher`` with a ``NullMover``;
+sweeps use the fast engine, the same ``Residency`` bookkeeping written out, without tensors: at each
 (token, layer) the layer requests its experts (pinned while it runs), misses are admitted, and
 a predictor may then prefetch the next layer's experts into unpinned slots. Predictions are
 worked out once per trace, before the replays: ``transition`` by ``transition_predictions``

@@ -466,3 +466,17 @@ def test_offload_experts_refuses_slots_larger_than_the_machine():
 
     with pytest.raises(BudgetError, match="cache_memory="):
         offload_experts(make_model(), cache_memory=psutil.virtual_memory().total * 4)
+
+
+def test_a_stand_in_used_before_its_cache_is_attached_is_the_same_error_on_both_verbs():
+    """The core stand-in (what load swaps in) and offload_experts' layer runtime raise one error class."""
+    from offload_moe.checkpoint import build_skeleton, swap_experts
+    from offload_moe.generic import LayerRuntime
+    from tiny_models import make_config
+
+    core = swap_experts(build_skeleton(make_config("mixtral")))[0]
+    with pytest.raises(ExpertLoadError, match=r"expert cache of model\.layers\.0\.mlp\.experts is not attached"):
+        core(torch.zeros(2, 32), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
+    runtime = LayerRuntime(0, "blocks.0.moe.experts", EXPERTS, kernel=lambda w, x: x)
+    with pytest.raises(ExpertLoadError, match=r"expert cache of blocks\.0\.moe\.experts is not attached"):
+        runtime.run_one(0, (torch.zeros(1, HIDDEN),), {}, training=False)

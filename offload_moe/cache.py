@@ -346,7 +346,8 @@ class ExpertCache:
     """
 
     def __init__(self, residency: Residency, pool: SlotPool, store: "ExpertStore", mover: "Mover",
-                 host: HostTier | None = None, layer_names: dict[int, str] | None = None):
+                 host: HostTier | None = None, layer_names: dict[int, str] | None = None, *,
+                 read_timeout: float | None = None):
         self.residency = residency
         self.pool = pool
         self.store = store
@@ -355,7 +356,7 @@ class ExpertCache:
         self.layer_names = layer_names or {}
         self.source = make_source(store, pool.device, pool.layout.dtype)
         self.reuse = True  # False: drop each expert after use (the no-reuse baseline of the benchmarks)
-        self.read_timeout: float | None = None  # seconds a layer waits for one expert before giving up
+        self.read_timeout = read_timeout  # seconds a layer waits for one expert before giving up; None: forever
         self.flow = FlowCounters()
         self._inflight: dict[Key, "Ticket"] = {}  # loads in flight, each holding its flight pin until it lands
         self._prefetched: set[Key] = set()  # admitted by a prefetch, not yet requested

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .cache import ExpertCache
+from .errors import ExpertLoadError
 from .prefetch import Prefetcher
 from .store import ExpertsSpec, RowBlocks, linear
 
@@ -55,6 +56,8 @@ class OffloadedExperts(nn.Module):
     Tokens are grouped by expert, so a prefill batch loads each expert once.
     """
 
+    sees_routing = True  # a forward pre-hook reads the layer's routing from its arguments (trace recording)
+
     def __init__(self, original: nn.Module, spec: ExpertsSpec):
         super().__init__()
         self.spec = spec
@@ -84,7 +87,8 @@ class OffloadedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.cache is None:
-            raise RuntimeError("OffloadedExperts used before offload_moe attached an expert cache")
+            raise ExpertLoadError(f"the expert cache of {self.spec.prefix} is not attached yet; load the model with "
+                                  "offload_moe.load or offload it with offload_experts first")
         with self.cache.lock:
             if self.pos == 0:
                 self.cache.flow.tokens += top_k_index.shape[0]

@@ -28,11 +28,10 @@ those files for the movers, as ``ExpertStore`` does for a transformers checkpoin
 from __future__ import annotations
 
 import copy
-import re
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +39,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .cache import ExpertCache, Residency, SlotLayout, SlotPool
-from .config import Budget, OffloadConfig, configure, parse_dtype
+from .attach import MoELayer, attach, check_assembly, shared_shapes
+from .cache import ExpertCache, SlotLayout
+from .config import Budget, OffloadConfig, configure, parse_bytes, parse_dtype
 from .errors import ConfigError, DeviceError, ExpertLoadError, UnsupportedModelError
 from .experts import OffloadedExperts, compute_grouped
 from .layers import (  # noqa: F401  (find_moe_layers... stay importable from offload_moe.generic)
@@ -54,14 +54,12 @@ from .layers import (  # noqa: F401  (find_moe_layers... stay importable from of
     find_moe_layers,
     plan_layers,
 )
-from .loader import default_cache_bytes
-from .policies import make_policy
-from .prefetch import Predictor, Prefetcher, make_predictor
+from .planning import device_slots
+from .prefetch import Prefetcher
 from .routing import Router, default_router, gate_of, top_k_of
-from .runtime import OffloadHandle
+from .runtime import ExpertOffload, OffloadHandle  # noqa: F401  (ExpertOffload stays importable from here)
 from .saved_experts import SavedExperts, write_plans
 from .store import ExpertsSpec
-from .transfer import make_mover
 
 DROPPED = ("zero", "identity")
 OWN_OPTIONS = ("layers", "router", "replace_forward", "store", "offload_folder", "experts_attr", "expert_fn",
@@ -91,6 +89,7 @@ class LayerRuntime:
     cache: ExpertCache | None = None
     prefetcher: Prefetcher | None = None
     pos: int = 0  # position among the offloaded layers, for the prefetcher
+    module: nn.Module | None = None  # the stand-in container
 
     def attached(self) -> ExpertCache:
         if self.cache is None:
@@ -144,6 +143,8 @@ class OffloadedExpert(nn.Module):
 class _OffloadedItems(Offloaded):
     """What offloaded ModuleList and ModuleDict share: the original's attributes and its own forward."""
 
+    sees_routing = False  # its layer calls its items one expert at a time
+
     def _adopt(self, original: nn.Module, plan: LayerPlan, runtime: LayerRuntime) -> list[tuple[str, nn.Module]]:
         for key, value in vars(original).items():
             if key not in _MODULE_INTERNALS:
@@ -190,6 +191,8 @@ class OffloadedFusedExperts(Offloaded, nn.Module):
     and attributes (DBRX's ``mlp`` with its activation), without the expert parameters.
     """
 
+    sees_routing = True  # a forward pre-hook reads the layer's routing from its arguments (trace recording)
+
     def __init__(self, original: nn.Module, plan: LayerPlan, runtime: LayerRuntime):
         super().__init__()
         for key, value in vars(original).items():
@@ -199,6 +202,10 @@ class OffloadedFusedExperts(Offloaded, nn.Module):
             self.add_module(name, child)
         self.training = original.training
         self.runtime = runtime
+
+    @property
+    def num_experts(self) -> int:
+        return self.runtime.num_experts
 
     def extra_repr(self) -> str:
         return f"layer={self.runtime.layer}, num_experts={self.runtime.num_experts}, offloaded=True"
@@ -301,47 +308,6 @@ def save_experts(model_or_layers: nn.Module | Sequence[nn.Module], folder: str |
     return write_plans(plans, Path(folder).expanduser(), parse_dtype(dtype))
 
 
-# == the handle =================================================================================================
-class ExpertOffload(OffloadHandle):
-    """``model.offload`` for a model whose experts ``offload_experts`` moved into the expert cache."""
-
-    def __init__(self, model: nn.Module, cache: ExpertCache, plans: Sequence[LayerPlan],
-                 device: torch.device, dtype: torch.dtype, prefetcher: Prefetcher | None,
-                 owned_folder: Path | None, cleanups: list[Callable[[], None]]):
-        self.cache = cache
-        self.layers = [p.name for p in plans]
-        self.total_experts = sum(p.num_experts for p in plans)
-        self.device, self.dtype, self.prefetcher = device, dtype, prefetcher
-        self.folder = cache.store.folder
-        self.owned_folder = owned_folder
-        self._finalizer = weakref.finalize(model, _shutdown, cache, cleanups, owned_folder)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
-    def close(self) -> None:
-        """Stop the readers, close the files, remove hooks, and delete the experts folder if offload_experts made it.
-        Afterwards the offloaded layers raise ``ModelClosedError``; a second ``close`` does nothing."""
-        self._finalizer()
-
-    def __enter__(self) -> "ExpertOffload":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _shutdown(cache: ExpertCache, cleanups: list, owned_folder: Path | None) -> None:
-    for cleanup in cleanups:
-        cleanup()
-    try:
-        cache.close()
-    finally:
-        if owned_folder is not None:
-            shutil.rmtree(owned_folder, ignore_errors=True)
-
-
 # == offload_experts ============================================================================================
 def offload_experts(
     model: nn.Module,
@@ -356,7 +322,7 @@ def offload_experts(
     expert_fn: ExpertFn | None = None,
     dropped_tokens: str = "zero",
     **overrides,
-) -> ExpertOffload:
+) -> OffloadHandle:
     """Move the experts of ``model``'s MoE layers into an expert cache; the model keeps running as before.
 
     Layers: found as modules with an ``experts`` container (``experts_attr``) next to a ``gate`` or
@@ -373,58 +339,56 @@ def offload_experts(
     Bytes: from ``store`` (a folder or file written by ``save_experts``), else the experts are first
     written with ``save_experts`` to ``offload_folder`` or to a temporary folder deleted on ``close()``.
     Settings: an ``OffloadConfig`` (``config``) and/or its fields as keyword arguments, which win, as in
-    ``offload_moe.load``. Budget: ``cache_experts`` slots or ``cache_memory`` bytes on ``device``, shared by all
-    layers (one expert size for the model); no host tier yet. ``policy``, ``dtype``, ``readers``, ``io`` and
+    ``offload_moe.load`` (``profile=`` too). Budget: ``cache_experts`` slots or ``cache_memory`` bytes on ``device``,
+    shared by all layers (one expert size for the model); without either, what a profile's ``device_memory``
+    leaves after the dense weights, else half the free memory. A device budget that holds every expert is
+    filled at once. ``host_memory`` adds the warm tier, as in ``load``. ``policy``, ``dtype``, ``readers``, ``io`` and
     ``read_timeout`` as in ``offload_moe.load``: with ``io="mmap"`` (CPU only) an expert missing from the slots is computed in place
     from the mapped store files. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the
     experts run, so ``replace_forward=True`` or fused containers. A predictor with ``bind(prefetcher)``
     (``routing.HashPredictor``) is bound to the model's inputs.
 
-    Returns an ``ExpertOffload`` handle (``stats()``, ``reset_stats()``, ``close()``), also set as
-    ``model.offload`` if the model has no such attribute. Put the rest of the model on ``device`` yourself.
+    Returns the handle ``load`` gives as ``model.offload`` (``stats()``, ``reset_stats()``, ``close()``), also set
+    as ``model.offload`` if the model has no such attribute; ``forward`` and ``generate`` take its lock, as after
+    ``load``. Put the rest of the model on ``device`` yourself.
     """
     settings = _settings(config, overrides, dropped_tokens)
-    dev, slot_dtype, policy, seed = settings.device, settings.dtype, settings.policy, settings.seed
-    cache_experts, cache_memory = settings.cache_experts, settings.cache_memory
-    prefetch, prefetch_margin, prefetch_depth = settings.prefetch, settings.prefetch_margin, settings.prefetch_depth
-    io, readers, read_timeout = settings.io, settings.readers, settings.read_timeout
     plans = plan_layers(model, layers, experts_attr=experts_attr, need_gate=router is None, expert_fn=expert_fn)
     routers = _routers(plans, router) if replace_forward else [None] * len(plans)
-    _check_modes(plans, replace_forward, prefetch)
-    predictor = _predictor(plans, prefetch, prefetch_margin, prefetch_depth)
-    layout = SlotLayout(_shared_shapes(plans), slot_dtype or next(iter(plans[0].dtypes.values())))
-    capacity = _capacity(model, plans, layout, dev, cache_experts, cache_memory)
-    store, owned = _open_store(plans, store, offload_folder, io)
-    try:
-        cache = ExpertCache(Residency(capacity, make_policy(policy, seed=seed)), SlotPool(capacity, layout, dev),
-                            store, make_mover(dev, store, readers), None, {p.layer: p.where for p in plans})
-    except BaseException:
-        store.close()
-        if owned is not None:
-            shutil.rmtree(owned, ignore_errors=True)
-        raise
-    cache.read_timeout = read_timeout
-    runtimes = [_swap(plan, routers[i], dropped_tokens) for i, plan in enumerate(plans)]
-    prefetcher, cleanups = _attach(plans, runtimes, cache, predictor)
-    handle = ExpertOffload(model, cache, plans, dev, layout.dtype, prefetcher, owned, cleanups)
-    if getattr(model, "offload", None) is None:
-        model.offload = handle
-    return handle
+    _check_modes(plans, replace_forward, settings.prefetch)
+    found = [MoELayer(p.layer, p.name, p.where, p.num_experts, p.shapes, gate_of(p.module, p.num_experts), p.module)
+             for p in plans]
+    dtype = settings.dtype or next(iter(plans[0].dtypes.values()))
+    dense = _dense_bytes(model, plans)
+    assembly = check_assembly(found, settings, dtype=dtype, budget=_budget(settings, found, dtype, dense),
+                              dense_bytes=dense, top_k=top_k_of(plans[0].module) or 2)
+    opened, owned = _open_store(plans, store, offload_folder, settings.io)
+    return attach(model, assembly, opened,
+                  install=lambda: [_swap(plan, routers[i], dropped_tokens) for i, plan in enumerate(plans)],
+                  folder=opened.folder, name=_model_name(model), owned_folder=owned)
 
 
 def _settings(config: OffloadConfig | None, overrides: dict, dropped: str) -> OffloadConfig:
-    """The checked settings; what ``offload_experts`` cannot do yet (a host tier, a budget planned from a
-    profile's device memory) is refused by name."""
     settings = configure(config, overrides, "offload_experts", OWN_OPTIONS)
     if dropped not in DROPPED:
         raise ConfigError(f"dropped_tokens={dropped!r}: use one of {', '.join(DROPPED)}")
-    if settings.host_memory is not None:
-        raise ConfigError(f"offload_experts has no host tier yet, so host_memory={settings.host_memory!r} cannot be "
-                          "used; leave it out (from a config: dataclasses.replace(config, host_memory=None))")
-    if settings.device_memory is not None and settings.cache_experts is None and settings.cache_memory is None:
-        raise ConfigError(f"offload_experts cannot plan slots from device_memory={settings.device_memory!r}; give "
-                          "cache_experts or cache_memory")
     return settings
+
+
+def _budget(settings: OffloadConfig, layers: Sequence[MoELayer], dtype: torch.dtype, dense: int) -> Budget:
+    """``cache_experts`` or ``cache_memory``; without either, what ``device_memory`` (a profile's) leaves after the
+    dense weights and a workspace: a model built in memory has no KV cache that ``plan`` could size."""
+    budget = Budget(settings.cache_experts, settings.cache_memory)
+    if settings.device_memory is None or budget != Budget():
+        return budget
+    expert_bytes = SlotLayout(shared_shapes(layers), dtype).nbytes
+    total = sum(layer.num_experts for layer in layers)
+    return Budget(device_slots(parse_bytes(settings.device_memory, "device_memory"), dense, 0, expert_bytes, total))
+
+
+def _model_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or type(model).__name__)
 
 
 def _routers(plans: Sequence[LayerPlan], router) -> list[Router]:
@@ -465,17 +429,6 @@ def _check_modes(plans: Sequence[LayerPlan], replace_forward: bool, prefetch) ->
         )
 
 
-def _shared_shapes(plans: Sequence[LayerPlan]) -> dict[str, tuple[int, ...]]:
-    shapes = plans[0].shapes
-    for plan in plans[1:]:
-        if plan.shapes != shapes:
-            raise UnsupportedModelError(
-                f"{plan.where} has expert tensors {plan.shapes}, unlike {plans[0].where} ({shapes}); the expert cache "
-                "holds one expert size per model, so offload layers of one size (layers=[...]) per call"
-            )
-    return shapes
-
-
 def _open_store(plans, store, offload_folder, io) -> tuple[SavedExperts, Path | None]:
     owned = None
     if store is None:
@@ -500,14 +453,6 @@ def _open_store(plans, store, offload_folder, io) -> tuple[SavedExperts, Path | 
     return opened, owned
 
 
-def _capacity(model, plans, layout: SlotLayout, dev, cache_experts, cache_memory) -> int:
-    """Expert slots from the budget; without one, half the free device memory less the dense weights."""
-    total = sum(p.num_experts for p in plans)
-    expert_ids = {id(t) for p in plans for t in p.container.parameters()}
-    dense = sum(t.numel() * t.element_size() for t in model.parameters() if id(t) not in expert_ids)
-    return Budget(cache_experts, cache_memory).slots(layout.nbytes, total, default_cache_bytes(dev, dense), dev)
-
-
 def _swap(plan: LayerPlan, router: Router | None, dropped: str):
     """Replace the layer's container by its offloaded stand-in (the expert weights are dropped here)."""
     if plan.kind == "transformers":
@@ -526,9 +471,10 @@ def _swap(plan: LayerPlan, router: Router | None, dropped: str):
         cls = OffloadedModuleDict if plan.kind == "ModuleDict" else OffloadedModuleList
         stand_in = cls(plan.container, plan, runtime)
     setattr(plan.module, plan.attr, stand_in)
-    plan.container = stand_in
+    plan.container = runtime.module = stand_in
     if router is not None:
         plan.module.forward = RoutedForward(plan.module, runtime, router, dropped)
+        stand_in.sees_routing = False  # the grouped computation runs from the layer's forward, past the container
     return runtime
 
 
@@ -547,42 +493,6 @@ def _transformers_spec(plan: LayerPlan):
                        is_transposed=bool(c.is_transposed), is_concatenated=bool(getattr(c, "is_concatenated", True)))
 
 
-def _predictor(plans, prefetch, margin: int, depth: int) -> Predictor | None:
-    if isinstance(prefetch, Predictor):
-        return prefetch
-    if prefetch == "none":
-        return None
-    return make_predictor(prefetch, routers=[gate_of(p.module, p.num_experts) for p in plans],
-                          num_experts=plans[0].num_experts, top_k=top_k_of(plans[0].module) or 2,
-                          margin=margin, depth=depth)
-
-
-def _attach(plans, runtimes, cache, predictor) -> tuple[Prefetcher | None, list]:
-    """Give every stand-in the cache and the prefetcher; count tokens; bind input-driven predictors."""
-    prefetcher = Prefetcher(predictor, [p.layer for p in plans], cache) if predictor is not None else None
-    for pos, rt in enumerate(runtimes):
-        rt.cache, rt.prefetcher, rt.pos = cache, prefetcher, pos
-    cleanups = [_count_tokens(plans, runtimes, cache)]
-    bind = getattr(prefetcher.predictor, "bind", None) if prefetcher else None
-    if bind is not None:
-        cleanups.append(bind(prefetcher))
-    return prefetcher, cleanups
-
-
-def _count_tokens(plans, runtimes, cache) -> Callable[[], None]:
-    """Count the tokens entering the first MoE layer of each stack (encoder, decoder...) for ``stats()['tokens']``."""
-    def count(module, args, kwargs):
-        hidden = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-        if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1:
-            with cache.lock:
-                cache.flow.tokens += hidden.numel() // hidden.shape[-1]
-
-    handles, stacks = [], set()
-    for plan, rt in zip(plans, runtimes):
-        stack = re.split(r"(?:^|\.)\d+(?:\.|$)", plan.name, maxsplit=1)[0]
-        if stack in stacks:
-            continue
-        stacks.add(stack)
-        if not (isinstance(rt, OffloadedExperts) and rt.pos == 0):  # the core module counts its own at pos 0
-            handles.append(plan.module.register_forward_pre_hook(count, with_kwargs=True))
-    return lambda: [h.remove() for h in handles]
+def _dense_bytes(model: nn.Module, plans: Sequence[LayerPlan]) -> int:
+    expert_ids = {id(t) for p in plans for t in p.container.parameters()}
+    return sum(t.numel() * t.element_size() for t in model.parameters() if id(t) not in expert_ids)

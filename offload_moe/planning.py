@@ -155,6 +155,17 @@ def plan(
                                host_memory=host_memory, io=io)
 
 
+def workspace_bytes(device_memory: int) -> int:
+    """What a device budget keeps for activations, allocator slack and the CUDA context's share."""
+    return max(WORKSPACE_MIN, int(WORKSPACE_FRACTION * device_memory))
+
+
+def device_slots(device_memory: int, dense: int, kv: int, expert_bytes: int, total: int) -> int:
+    """Expert slots that fit in ``device_memory`` bytes beside ``dense`` weights, a ``kv`` cache reserve and the
+    workspace; at most ``total``."""
+    return max(0, min(total, (device_memory - dense - kv - workspace_bytes(device_memory)) // expert_bytes))
+
+
 def plan_checkpoint(checkpoint: Checkpoint, *, device_memory: str | int | None, dtype: str | torch.dtype | None = None,
                     context_length: int = 4096, host_memory: str | int | None = None, io: str | None = None) -> Plan:
     """``plan`` for a checkpoint already open (what ``load`` does with a hardware profile); only its config and
@@ -171,8 +182,8 @@ def plan_checkpoint(checkpoint: Checkpoint, *, device_memory: str | int | None, 
     if model_context:
         context_length = min(context_length, model_context)
     kv = kv_token * context_length
-    workspace = max(WORKSPACE_MIN, int(WORKSPACE_FRACTION * budget))
-    slots = max(0, min(total, (budget - dense - kv - workspace) // expert_bytes))
+    workspace = workspace_bytes(budget)
+    slots = device_slots(budget, dense, kv, expert_bytes, total)
     return Plan(
         model=str(checkpoint.folder),
         model_type=config.model_type,

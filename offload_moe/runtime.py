@@ -4,32 +4,49 @@ from __future__ import annotations
 
 import functools
 import inspect
+import shutil
 import threading
 import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .cache import ExpertCache
-from .experts import OffloadedExperts
 from .prefetch import Prefetcher
 
 
 class OffloadHandle:
-    """What both entry points (``load`` and ``offload_experts``) hand back as ``model.offload``.
+    """``model.offload``: what both verbs (``load`` and ``offload_experts``) hand back, built by ``attach``.
 
-    Subclasses set ``cache``, ``prefetcher``, ``device``, ``dtype``, ``num_layers``,
-    ``total_experts`` and ``_finalizer``.
+    ``cache`` (the expert cache), ``prefetcher`` (None without prefetch), ``device`` and ``dtype`` (of the
+    expert slots), ``layers`` (the MoE layers' dotted names), ``moe_layers`` (what ``attach`` was told of
+    each: ``attach.MoELayer``), ``modules`` (the modules standing in for their experts), ``folder`` (where the experts' bytes are),
+    ``name`` (the model's, for traces and messages), ``owned_folder`` (a folder ``offload_experts`` made for
+    the experts, deleted on close; else None) and ``lock`` (held by ``forward``, ``generate`` and each layer).
+    A context manager: leaving the ``with`` block closes it.
     """
 
-    cache: ExpertCache
-    prefetcher: Prefetcher | None
-    device: torch.device
-    dtype: torch.dtype
-    num_layers: int
-    total_experts: int
-    _finalizer: weakref.finalize
+    def __init__(self, model: nn.Module, cache: ExpertCache, prefetcher: Prefetcher | None, layers: Sequence,
+                 modules: list[nn.Module], folder: Path, name: str, owned_folder: Path | None,
+                 cleanups: list[Callable[[], None]]):
+        self.cache = cache
+        self.prefetcher = prefetcher
+        self.device = cache.pool.device
+        self.dtype = cache.pool.layout.dtype
+        self.moe_layers = tuple(layers)
+        self.layers = [layer.name for layer in layers]
+        self.modules = modules
+        self.total_experts = sum(layer.num_experts for layer in layers)
+        self.folder = folder
+        self.name = name
+        self.owned_folder = owned_folder
+        self.lock = cache.lock
+        self._finalizer = weakref.finalize(model, _close, cache, cleanups, owned_folder)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
     @property
     def store(self):
@@ -59,39 +76,23 @@ class OffloadHandle:
             self.prefetcher.reset()
 
     def close(self) -> None:
-        """Release reader threads, file handles, mappings and pinned buffers now rather than when the model is
-        collected. Afterwards the model raises ``ModelClosedError`` wherever it would use its experts; a second
-        ``close`` does nothing."""
+        """Release reader threads, file handles, mappings, pinned buffers and hooks now rather than when the model
+        is collected, and delete the experts folder if ``offload_experts`` made it. Afterwards the model raises
+        ``ModelClosedError`` wherever it would use its experts; a second ``close`` does nothing."""
         self._finalizer()
 
+    def __enter__(self) -> OffloadHandle:
+        return self
 
-class OffloadRuntime(OffloadHandle):
-    """``model.offload`` of a model from ``offload_moe.load``: its expert cache, store and statistics."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        cache: ExpertCache,
-        modules: list[OffloadedExperts],
-        device: torch.device,
-        dtype: torch.dtype,
-        folder: Path,
-        prefetcher: Prefetcher | None = None,
-    ):
-        self.cache = cache
-        self.modules = modules
-        self.device = device
-        self.dtype = dtype
-        self.folder = folder
-        self.prefetcher = prefetcher
-        self.num_layers = len(modules)
-        self.total_experts = sum(m.num_experts for m in modules)
-        self._finalizer = weakref.finalize(model, _close, cache)
-        self.lock = cache.lock
-        _serialise(model, cache)
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _serialise(model: nn.Module, cache: ExpertCache) -> None:
+OffloadRuntime = OffloadHandle  # the names of the two handles before there was one
+ExpertOffload = OffloadHandle
+
+
+def serialise(model: nn.Module, cache: ExpertCache) -> None:
     """Make ``forward`` and ``generate`` take the cache's lock: calls from several threads run one after the
     other, so a generation's layers (and the prefetcher's predictions across them) never interleave with
     another's. The experts modules take the same lock for each layer, so calls into the inner model are safe
@@ -115,9 +116,17 @@ def _serialise(model: nn.Module, cache: ExpertCache) -> None:
         setattr(model, name, locked)
 
 
-def _close(cache: ExpertCache) -> None:
+def _close(cache: ExpertCache, cleanups: Sequence[Callable[[], None]] = (), owned_folder: Path | None = None) -> None:
+    """The one close of a model: its hooks removed, its cache closed, the folder made for its experts deleted."""
     if threading.current_thread() in cache.mover.pool.threads():
         # collected on one of its own reader threads, mid-read: draining there would wait for that very read
-        threading.Thread(target=cache.close, name="offload-moe-close", daemon=True).start()
+        threading.Thread(target=_close, args=(cache, cleanups, owned_folder), name="offload-moe-close",
+                         daemon=True).start()
         return
-    cache.close()
+    for cleanup in cleanups:
+        cleanup()
+    try:
+        cache.close()
+    finally:
+        if owned_folder is not None:
+            shutil.rmtree(owned_folder, ignore_errors=True)

@@ -381,18 +381,22 @@ def _pad_id(model: nn.Module) -> int | None:
 def _experts_modules(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     """(layer number, module name, module) of each routed-experts module."""
     offload = getattr(model, "offload", None)
-    if offload is not None and not hasattr(offload, "modules"):
-        raise TraceError("recording a trace needs a model from offload_moe.load or a transformers MoE model; a model "
-                         "offloaded with offload_experts routes through its own layers, which the recorder cannot see yet")
     if offload is not None:
-        return [(m.layer, m.spec.prefix, m) for m in offload.modules]
+        for layer, module in zip(offload.moe_layers, offload.modules):
+            if not getattr(module, "sees_routing", False):
+                raise TraceError(
+                    f"{layer.where}: its experts are called one at a time by the layer's own forward (or past them, with "
+                    "replace_forward=True), so the recorder cannot see the layer's routing; record a model whose "
+                    "experts are called with (hidden_states, top_k_index, top_k_weights): fused experts, a "
+                    "transformers model, or one from offload_moe.load")
+        return [(layer.layer, layer.where, m) for layer, m in zip(offload.moe_layers, offload.modules)]
     return [(layer_number(name, i), name, m) for i, (name, m) in enumerate(find_experts_modules(model))]
 
 
 def _model_name(model: nn.Module) -> str:
     offload = getattr(model, "offload", None)
     if offload is not None:
-        return Path(offload.folder).name
+        return offload.name
     return str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
 
 

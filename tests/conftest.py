@@ -44,6 +44,26 @@ def model_dir(tmp_path_factory):
     return get
 
 
+VERBS = ["load", "offload_experts"]
+
+
+@pytest.fixture
+def offloaded(model_dir):
+    """``offloaded(verb, family="mixtral", **settings)`` -> the tiny ``family`` model with offloaded experts, built
+    by ``offload_moe.load`` on its checkpoint or by ``offload_experts`` on transformers' own model of it (float32)."""
+    import offload_moe
+    from transformers import AutoModelForCausalLM
+
+    def make(verb: str, family: str = "mixtral", **settings):
+        if verb == "load":
+            return offload_moe.load(model_dir(family), dtype="float32", progress=False, **settings)
+        model = AutoModelForCausalLM.from_pretrained(model_dir(family), dtype=torch.float32).eval()
+        offload_moe.offload_experts(model, **settings)
+        return model
+
+    return make
+
+
 @pytest.fixture
 def prompt():
     return torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -218,14 +218,49 @@ def test_offload_experts_with_a_config_equals_offload_experts_with_its_fields():
     assert stats[0]["misses"] == stats[1]["misses"] == stats[2]["misses"]
 
 
-def test_offload_experts_refuses_what_it_cannot_do_yet_before_the_model_changes():
+def test_offload_experts_refuses_an_unknown_option_before_the_model_changes():
     model = two_layers()
     with pytest.raises(ConfigError, match=r"^offload_experts\(\) got unknown option\(s\) 'cache_size'"):
         offload_experts(model, cache_size=4)
     with pytest.raises(ConfigError, match=r"'expert_attr' \(did you mean experts_attr\?\).*also takes layers, router"):
         offload_experts(model, expert_attr="experts")
-    with pytest.raises(ConfigError, match="offload_experts has no host tier yet, so host_memory='1GiB'"):
-        offload_experts(model, cache_experts=4, host_memory="1GiB")
-    with pytest.raises(ConfigError, match="cannot plan slots from device_memory='1GiB'; give cache_experts"):
-        offload_experts(model, config=OffloadConfig(device_memory="1GiB"))
     assert all(isinstance(layer.experts, nn.ModuleList) for layer in model)  # untouched
+
+
+def test_offload_experts_has_the_host_tier_of_load():
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = two_layers()(x)
+    model = two_layers()
+    handle = offload_experts(model, cache_experts=2, host_memory="1MiB")  # holds all 8 experts: filled now
+    s = handle.stats()
+    assert s["host"]["resident_experts"] == s["host"]["capacity_experts"] == s["total_experts"] == 8
+    with torch.no_grad():
+        assert torch.allclose(model(x), want, atol=1e-6)
+    s = handle.stats()
+    assert s["misses"] > 0 and s["bytes_moved"]["disk"] == 0  # every miss copied from the host tier
+    assert s["host"]["hits"] == s["misses"] and s["host"]["misses"] == 0
+    handle.close()
+
+
+@pytest.mark.parametrize("verb", ["load", "offload_experts"])
+def test_a_host_tier_without_room_for_one_expert_is_the_same_error_on_both_verbs(verb, model_dir):
+    with pytest.raises(BudgetError, match=r"host_memory=100 holds no expert of \d+ bytes"):
+        if verb == "load":
+            offload_moe.load(model_dir("mixtral"), cache_experts=2, host_memory=100, progress=False)
+        else:
+            offload_experts(two_layers(), cache_experts=2, host_memory=100)
+
+
+def test_offload_experts_with_a_profile_plans_its_slots_from_device_memory(tmp_path):
+    f = tmp_path / "box.toml"
+    f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\npolicy = "fifo"\n')
+    for options in ({"profile": f}, {"config": OffloadConfig.from_profile(f)}):
+        model = two_layers()
+        handle = offload_experts(model, **options)
+        s = handle.stats()
+        assert s["capacity_experts"] == s["resident_experts"] == 8 and s["policy"] == "fifo"  # all fit: filled
+        handle.close()
+    f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "256MiB"\n')  # all of it the workspace
+    with pytest.raises(BudgetError, match="cache_experts=0 gives 0 expert slot"):
+        offload_experts(two_layers(), profile=f)

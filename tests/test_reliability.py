@@ -11,13 +11,14 @@ from transformers import AutoModelForCausalLM
 
 import offload_moe
 from offload_moe.errors import ExpertLoadError
+from conftest import VERBS
 from faults import Faults
 
-PATTERN = {
-    "eio": r"expert \d+ of layer \d+ .*model\.safetensors.*Input/output error",
-    "short": r"expert \d+ of layer \d+ .*model\.safetensors.*truncated",
-    "hang": r"expert \d+ of layer \d+ .*model\.safetensors.*read_timeout",
-    "oom": r"expert \d+ of layer \d+ .*model\.safetensors.*out of memory",
+PATTERN = {  # the file is the checkpoint's (load) or the one save_experts wrote (offload_experts)
+    "eio": r"expert \d+ of layer \d+ .*\.safetensors.*Input/output error",
+    "short": r"expert \d+ of layer \d+ .*\.safetensors.*truncated",
+    "hang": r"expert \d+ of layer \d+ .*\.safetensors.*read_timeout",
+    "oom": r"expert \d+ of layer \d+ .*\.safetensors.*out of memory",
 }
 
 
@@ -37,12 +38,12 @@ def reference(model_dir):
 @pytest.mark.parametrize("mode", ["eio", "short", "hang", "oom"])
 @pytest.mark.parametrize("prefetch", ["none", "gate"])
 @pytest.mark.parametrize("io", ["buffered", "direct"])
-def test_fault_gives_clear_error_and_recovery(mode, prefetch, io, reference, monkeypatch):
+@pytest.mark.parametrize("verb", VERBS)
+def test_fault_gives_clear_error_and_recovery(verb, mode, prefetch, io, reference, offloaded, monkeypatch):
     folder, ids, want = reference
     faults = Faults(monkeypatch)
     host = 3 * 18432 if mode == "oom" else None  # the injected OOM strikes the host-to-device copy
-    model = offload_moe.load(folder, cache_experts=3, dtype="float32", prefetch=prefetch, io=io, host_memory=host,
-                             read_timeout=0.5, progress=False)
+    model = offloaded(verb, cache_experts=3, prefetch=prefetch, io=io, host_memory=host, read_timeout=0.5)
     cache = model.offload.cache
     faults.arm(mode)
     with pytest.raises(ExpertLoadError, match=PATTERN[mode]):
@@ -62,12 +63,12 @@ def test_fault_gives_clear_error_and_recovery(mode, prefetch, io, reference, mon
     model.offload.close()
 
 
-def test_hung_read_cannot_overwrite_a_reused_slot(reference, monkeypatch):
+@pytest.mark.parametrize("verb", VERBS)
+def test_hung_read_cannot_overwrite_a_reused_slot(verb, reference, offloaded, monkeypatch):
     """A read that timed out writes into its slot when it finally ends: that slot was quarantined meanwhile."""
     folder, ids, want = reference
     faults = Faults(monkeypatch)
-    model = offload_moe.load(folder, cache_experts=2, dtype="float32", prefetch="none", io="buffered",
-                             read_timeout=0.2, progress=False)
+    model = offloaded(verb, cache_experts=2, prefetch="none", io="buffered", read_timeout=0.2)
     cache = model.offload.cache
     faults.arm("hang")
     with pytest.raises(ExpertLoadError, match="read_timeout"):
@@ -87,9 +88,10 @@ def test_hung_read_cannot_overwrite_a_reused_slot(reference, monkeypatch):
     model.offload.close()
 
 
-def test_two_threads_generate_one_after_the_other(reference):
+@pytest.mark.parametrize("verb", VERBS)
+def test_two_threads_generate_one_after_the_other(verb, reference, offloaded):
     folder, ids, _ = reference
-    model = offload_moe.load(folder, cache_experts=2, dtype="float32", prefetch="gate", progress=False)
+    model = offloaded(verb, cache_experts=2, prefetch="gate")
     want = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     results, errors = [], []
     active, overlaps = [0], []
@@ -122,10 +124,11 @@ def test_two_threads_generate_one_after_the_other(reference):
     model.offload.cache.residency.check()
 
 
-def test_invariants_hold_at_every_layer_under_heavy_prefetch(model_dir):
+@pytest.mark.parametrize("verb", VERBS)
+def test_invariants_hold_at_every_layer_under_heavy_prefetch(verb, offloaded):
     """Many concurrent prefetches racing evictions: the cache invariants hold after every layer."""
-    model = offload_moe.load(model_dir("qwen3_moe"), cache_experts=3, dtype="float32", prefetch="gate",
-                             prefetch_depth=2, prefetch_margin=3, readers=4, progress=False)
+    model = offloaded(verb, "qwen3_moe", cache_experts=3, prefetch="gate", prefetch_depth=2, prefetch_margin=3,
+                      readers=4)
     cache = model.offload.cache
     checks = []
 
@@ -167,10 +170,10 @@ def run_in_threads(call, xs, iterations: int) -> tuple[list, list]:
 
 @pytest.mark.parametrize("settings", [dict(io="buffered", prefetch="gate"), dict(io="mmap", prefetch="none")],
                          ids=["buffered-gate", "mmap"])
-def test_threads_calling_the_inner_model_share_the_cache_safely(settings, reference):
+@pytest.mark.parametrize("verb", VERBS)
+def test_threads_calling_the_inner_model_share_the_cache_safely(verb, settings, offloaded):
     """model.model(x) bypasses the top-level forward: the experts modules take the cache's lock themselves."""
-    folder, _, _ = reference
-    model = offload_moe.load(folder, cache_experts=2, dtype="float32", progress=False, **settings)
+    model = offloaded(verb, cache_experts=2, **settings)
     xs = [torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
     with torch.no_grad():
         want = [model.model(x).last_hidden_state for x in xs]
@@ -204,14 +207,13 @@ def test_threads_calling_an_offload_experts_model_share_the_cache_safely(replace
     handle.close()
 
 
-def test_close_while_threads_use_the_model_waits_for_their_layer_then_stops_them(reference):
+@pytest.mark.parametrize("verb", VERBS)
+def test_close_while_threads_use_the_model_waits_for_their_layer_then_stops_them(verb, offloaded):
     """close() takes the cache's lock: it waits for the layer being computed, never deadlocks with the
     reader threads, and every later layer raises ModelClosedError."""
     from offload_moe.errors import ModelClosedError
 
-    folder, _, _ = reference
-    model = offload_moe.load(folder, cache_experts=2, dtype="float32", prefetch="gate", read_timeout=5,
-                             progress=False)
+    model = offloaded(verb, cache_experts=2, prefetch="gate", read_timeout=5)
     xs = [torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(seed)) for seed in range(3)]
     running = threading.Barrier(len(xs) + 1)
     errors = []

@@ -16,6 +16,7 @@ import torch
 import offload_moe
 from offload_moe.errors import ModelClosedError
 from offload_moe.safetensors_io import IO_MODES
+from conftest import VERBS
 
 
 def readers() -> int:
@@ -75,56 +76,62 @@ def test_ctrl_c_during_loading_leaves_nothing(model_dir, monkeypatch):
 
 @pytest.mark.slow
 def test_ctrl_c_while_filling_the_host_tier(model_dir, monkeypatch):
-    from offload_moe import loader
+    from offload_moe import attach
 
     before_threads, before_fds = readers(), fds()
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loader, "fill_host_tier", interrupted)
+    monkeypatch.setattr(attach, "fill_host_tier", interrupted)
     with pytest.raises(KeyboardInterrupt):
         offload_moe.load(model_dir("mixtral"), cache_experts=2, host_memory="1GiB", progress=False)
     assert readers() == before_threads and fds() == before_fds
 
 
-def test_no_temporary_files_left(model_dir, tmp_path, monkeypatch, prompt):
+@pytest.mark.parametrize("verb", VERBS)
+def test_no_temporary_files_left(verb, offloaded, tmp_path, monkeypatch, prompt):
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    model = offload_moe.load(model_dir("mixtral"), cache_experts=2, progress=False)
+    model = offloaded(verb, cache_experts=2)
     model.generate(prompt, max_new_tokens=4, do_sample=False)
     model.offload.close()
     assert list(tmp_path.iterdir()) == []
 
 
-def test_deleting_the_model_closes_it_at_once_without_the_cycle_collector(model_dir, prompt):
+@pytest.mark.parametrize("verb", VERBS)
+def test_deleting_the_model_closes_it_at_once_without_the_cycle_collector(verb, offloaded, prompt):
     """forward and generate take the model's lock through weak references, so the model holds no cycle
     through itself: its last reference going closes it there and then, not later on some other thread."""
-    model = offload_moe.load(model_dir("mixtral"), cache_experts=2, dtype="float32", progress=False)
+    model = offloaded(verb, cache_experts=2)
     model.generate(prompt, max_new_tokens=3, do_sample=False)
     finalizer = model.offload._finalizer
+    folder = model.offload.owned_folder
     gc.disable()
     try:
         del model
         assert not finalizer.alive
+        assert folder is None or not folder.exists()  # offload_experts' own experts folder went with it
     finally:
         gc.enable()
 
 
-def test_collected_on_a_reader_thread_the_close_moves_off_it(model_dir):
+@pytest.mark.parametrize("verb", VERBS)
+def test_collected_on_a_reader_thread_the_close_moves_off_it(verb, offloaded):
     """Closing on one of the model's own reader threads (the cycle collector can run anywhere) must not wait
     for the read that thread is in the middle of."""
     from offload_moe.runtime import _close
 
-    model = offload_moe.load(model_dir("mixtral"), cache_experts=2, dtype="float32", progress=False)
-    cache = model.offload.cache
-    closing = cache.mover.pool.submit(_close, cache)  # as if the collector ran inside a read
+    model = offloaded(verb, cache_experts=2)
+    cache, folder = model.offload.cache, model.offload.owned_folder
+    closing = cache.mover.pool.submit(_close, cache, (), folder)  # as if the collector ran inside a read
     closing.result(timeout=10)
     for thread in threading.enumerate():
         if thread.name == "offload-moe-close":
             thread.join(timeout=10)
     assert not any(t.is_alive() for t in cache.mover.pool.threads())
+    assert folder is None or not folder.exists()
     with pytest.raises(offload_moe.ExpertLoadError, match="closed"):
         cache.mover.pool.submit(print)
 

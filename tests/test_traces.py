@@ -227,6 +227,24 @@ def test_record_trace_matches_the_reference_router(model_dir):
     assert torch.equal(record_trace(ref, batches, source="reference").experts, trace.experts)
 
 
+def test_record_trace_of_an_offload_experts_model_equals_that_of_load(model_dir):
+    """offload_experts on a transformers model: the stand-ins see the same routing, the recorder the same trace,
+    with gate predictions too."""
+    folder = model_dir("mixtral")
+    batches = [torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(3))]
+    loaded = offload_moe.load(folder, cache_experts=2, dtype="float32", progress=False)
+    want = record_trace(loaded, batches, source="ids", predict_margin=1)
+    loaded.offload.close()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    handle = offload_moe.offload_experts(model, cache_experts=2)
+    got = record_trace(model, batches, source="ids", predict_margin=1)
+    assert handle.stats()["misses"] > 0  # the experts ran from the cache while recording
+    handle.close()
+    assert torch.equal(got.experts, want.experts) and torch.equal(got.predicted, want.predicted)
+    torch.testing.assert_close(got.scores, want.scores)
+    assert got.layers == want.layers and got.num_experts == want.num_experts
+
+
 def test_record_trace_removes_its_hooks_also_on_error(model_dir):
     model = offload_moe.load(model_dir("mixtral"), cache_experts=2, dtype="float32", progress=False)
     record_trace(model, [torch.arange(5)], source="ok")

@@ -1,0 +1,223 @@
+"""One runtime assembly under both verbs: slots, tiers, mover, cache, prefetcher, fill, lock and handle.
+
+``load`` (a checkpoint) and ``offload_experts`` (a model already built) differ only in how they find the MoE
+layers and where the experts' bytes are. Each then calls ``attach`` with what it found (``MoELayer``), the
+store of the bytes and the ``OffloadConfig``, and gets back the one ``OffloadHandle`` that is
+``model.offload``. Every setting is checked and every buffer allocated before the model changes
+(``install``); on any error everything built so far is released, the store and a folder it owns included.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+
+from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
+from .config import Budget, OffloadConfig, check_within, parse_bytes, shown
+from .errors import BudgetError, ConfigError, UnsupportedModelError
+from .experts import OffloadedExperts
+from .policies import make_policy
+from .prefetch import Predictor, Prefetcher, make_predictor
+from .progress import progress_bar
+from .runtime import OffloadHandle, serialise
+from .transfer import make_mover
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One MoE layer as a verb found it: its cache layer id, the dotted names of the layer and of its experts
+    container (``where``, for messages), its experts, their tensor shapes (leading expert dimension removed),
+    its router (for the ``gate`` predictor; None if it has none) and the layer module."""
+
+    layer: int
+    name: str
+    where: str
+    num_experts: int
+    shapes: dict[str, tuple[int, ...]]
+    router: nn.Module | None
+    block: nn.Module | None = None
+
+
+def shared_shapes(layers: Sequence[MoELayer]) -> dict[str, tuple[int, ...]]:
+    """The expert tensor shapes every layer shares; a layer of another size is refused, naming both."""
+    first = layers[0]
+    for layer in layers[1:]:
+        if layer.shapes != first.shapes:
+            raise UnsupportedModelError(
+                f"{layer.where} has expert tensors {layer.shapes}, unlike {first.where} ({first.shapes}); the expert "
+                "cache holds one expert size per model (with offload_experts, offload layers of one size per call: "
+                "layers=[...])"
+            )
+    return first.shapes
+
+
+def default_cache_bytes(device: torch.device, dense_bytes: int) -> int:
+    """Without a budget: half of what is free on the device after the dense weights."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    return max(0, free // 2 - dense_bytes)
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """What ``attach`` will build, every setting checked and nothing allocated yet (``check_assembly``)."""
+
+    layers: tuple[MoELayer, ...]
+    config: OffloadConfig
+    layout: SlotLayout
+    capacity: int  # device slots
+    host_slots: int  # 0: no host tier
+    predictor: Predictor | None
+
+    @property
+    def total_experts(self) -> int:
+        return sum(layer.num_experts for layer in self.layers)
+
+
+def check_assembly(layers: Sequence[MoELayer], config: OffloadConfig, *, dtype: torch.dtype, budget: Budget,
+                   dense_bytes: int, top_k: int) -> Assembly:
+    """Check what an expert cache for ``layers`` under ``config`` needs, before any file is written or buffer
+    allocated: one expert size (slots of ``dtype``), the device slots from ``budget`` (without one, half the free
+    memory after ``dense_bytes``), the predictor (``top_k`` experts a token), the host tier's slots
+    (``config.host_memory``; none when the device slots hold every expert)."""
+    layout = SlotLayout(shared_shapes(layers), dtype)
+    total = sum(layer.num_experts for layer in layers)
+    dev = config.device
+    capacity = budget.slots(layout.nbytes, total, default_cache_bytes(dev, dense_bytes), dev)
+    predictor = _predictor(config, layers, top_k)
+    host_slots = _host_slots(config.host_memory, layout, total) if capacity < total else 0
+    return Assembly(tuple(layers), config, layout, capacity, host_slots, predictor)
+
+
+def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[], list], folder: Path, name: str,
+           owned_folder: Path | None = None, progress: bool = False) -> OffloadHandle:
+    """Give ``model`` the expert cache ``assembly`` describes, over ``store``; return its handle (also
+    ``model.offload``, unless the model has such an attribute already).
+
+    Builds the host tier, the mover, the cache (device slots, ``read_timeout``) and the prefetcher; then
+    ``install()`` changes the model (dense weights onto the device, experts containers swapped) and returns
+    the layers' stand-ins in the order of ``assembly.layers``; each gets the cache and the prefetcher. A
+    tier that holds every expert is filled here. ``forward`` and ``generate`` take the cache's lock.
+    ``store`` (and ``owned_folder``, a folder made for it) belong to the handle from here on: closed with
+    the model, or here on an error.
+    """
+    config, layers, layout, total = assembly.config, assembly.layers, assembly.layout, assembly.total_experts
+    dev, predictor = config.device, assembly.predictor
+    mover = cache = host = None
+    try:
+        if assembly.host_slots:
+            host = HostTier(Residency(assembly.host_slots, make_policy(config.host_policy, seed=config.seed)),
+                            SlotPool(assembly.host_slots, layout, torch.device("cpu"),
+                                     pin=dev if dev.type == "cuda" else False))
+        mover = make_mover(dev, store, config.readers)
+        cache = ExpertCache(Residency(assembly.capacity, make_policy(config.policy, seed=config.seed)),
+                            SlotPool(assembly.capacity, layout, dev), store, mover, host,
+                            {layer.layer: layer.where for layer in layers}, read_timeout=config.read_timeout)
+        prefetcher = Prefetcher(predictor, [layer.layer for layer in layers], cache) if predictor else None
+        stand_ins = install()
+        for pos, stand_in in enumerate(stand_ins):
+            stand_in.cache, stand_in.prefetcher, stand_in.pos = cache, prefetcher, pos
+        cleanups = [_count_tokens(layers, stand_ins, cache)]
+        bind = getattr(predictor, "bind", None)
+        if bind is not None:
+            cleanups.append(bind(prefetcher))
+        keys = [(layer.layer, e) for layer in layers for e in range(layer.num_experts)]
+        if host is not None and assembly.host_slots >= total:
+            fill_host_tier(cache, keys, progress)
+        if assembly.capacity >= total:
+            fill_device_cache(cache, keys, progress)
+    except BaseException:
+        _release(cache, mover, host, store, owned_folder)
+        raise
+    modules = [s if isinstance(s, nn.Module) else s.module for s in stand_ins]
+    handle = OffloadHandle(model, cache, prefetcher, layers, modules, folder, name, owned_folder, cleanups)
+    serialise(model, cache)
+    if getattr(model, "offload", None) is None:
+        model.offload = handle
+    return handle
+
+
+def fill_host_tier(cache: ExpertCache, keys: list[tuple[int, int]], progress: bool) -> None:
+    """Read every expert from disk into the warm tier once (it holds them all), with a progress bar."""
+    with progress_bar(progress, "experts into host memory", len(keys) * cache.pool.layout.nbytes) as advance:
+        cache.fill_host(keys, advance)
+
+
+def fill_device_cache(cache: ExpertCache, keys: list[tuple[int, int]], progress: bool) -> None:
+    """Load every expert into the device slots once (they hold them all), with a progress bar."""
+    with progress_bar(progress, "experts into the expert cache", len(keys) * cache.pool.layout.nbytes) as advance:
+        cache.fill(keys, advance)
+
+
+def _predictor(config: OffloadConfig, layers: Sequence[MoELayer], top_k: int) -> Predictor | None:
+    if isinstance(config.prefetch, Predictor):
+        return config.prefetch
+    if config.prefetch == "none":
+        return None
+    try:
+        return make_predictor(config.prefetch, routers=[layer.router for layer in layers],
+                              num_experts=layers[0].num_experts, top_k=top_k,
+                              margin=config.prefetch_margin, depth=config.prefetch_depth)
+    except ConfigError as e:
+        if not config.prefetch_from_profile():
+            raise
+        raise ConfigError(f"{e} (prefetch={config.prefetch!r} comes from hardware profile {config.profile.name!r}; "
+                          "pass prefetch='none' to override it)") from None
+
+
+def _host_slots(host_memory, layout: SlotLayout, total: int) -> int:
+    if host_memory is None:
+        return 0
+    nbytes = parse_bytes(host_memory, "host_memory")
+    check_within(nbytes, f"host_memory={shown(host_memory)}", torch.device("cpu"))
+    slots = min(total, nbytes // layout.nbytes)
+    if slots < 1:
+        raise BudgetError(f"host_memory={shown(host_memory)} holds no expert of {layout.nbytes} bytes; raise it or leave it out")
+    return slots
+
+
+def _count_tokens(layers: Sequence[MoELayer], stand_ins: list, cache: ExpertCache) -> Callable[[], None]:
+    """Count the tokens entering the first MoE layer of each stack (encoder, decoder...) for ``stats()['tokens']``;
+    an ``OffloadedExperts`` first in its stack counts its own."""
+    def count(module, args, kwargs):
+        hidden = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1:
+            with cache.lock:
+                cache.flow.tokens += hidden.numel() // hidden.shape[-1]
+
+    handles, stacks = [], set()
+    for layer, stand_in in zip(layers, stand_ins):
+        stack = _stack(layer.name)
+        if stack in stacks:
+            continue
+        stacks.add(stack)
+        if not (isinstance(stand_in, OffloadedExperts) and stand_in.pos == 0) and layer.block is not None:
+            handles.append(layer.block.register_forward_pre_hook(count, with_kwargs=True))
+    return lambda: [h.remove() for h in handles]
+
+
+def _stack(name: str) -> str:
+    """``encoder.block`` of ``encoder.block.3.layer.1.mlp``: the part before the first layer number."""
+    return re.split(r"(?:^|\.)\d+(?:\.|$)", name, maxsplit=1)[0]
+
+
+def _release(cache: ExpertCache | None, mover, host: HostTier | None, store, owned_folder: Path | None) -> None:
+    """Undo a half-built assembly: reader threads, pinned host slots, the store's files, a folder made for it."""
+    try:
+        if cache is not None:
+            cache.close()  # the mover, the store and the host pool with it
+        else:
+            if mover is not None:
+                mover.close()
+            if host is not None:
+                host.pool.release()
+            store.close()
+    finally:
+        if owned_folder is not None:
+            shutil.rmtree(owned_folder, ignore_errors=True)

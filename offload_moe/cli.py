@@ -7,12 +7,11 @@ import math
 import sys
 import textwrap
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -29,7 +28,15 @@ from .errors import OffloadMoEError
 from .generation import generate_text
 from .hardware import get_profile, list_profiles, profiles_folder
 from .planning import plan as make_plan
-from .profiling import default_predictors, default_workers, parse_capacities, sweep, sweep_size, write_results
+from .profiling import (
+    default_predictors,
+    default_workers,
+    profile_capacities,
+    sweep,
+    sweep_size,
+    trace_to_profile,
+    write_results,
+)
 from .progress import start_and_done_lines
 from .traces import (
     expert_usage_entropy,
@@ -450,33 +457,24 @@ def profile_command(
     Example: offload-moe profile --trace trace.safetensors --policies lru,lfu --capacities 16,32,64 --out results
     """
     profile = _profile(profile)
-    if model is not None and trace_file is not None:
-        raise OffloadMoEError("give MODEL (with --prompts) or --trace FILE, not both")
+    texts = None
+    if prompts is not None:  # without MODEL the file is not read: trace_to_profile says --prompts needs MODEL
+        texts = read_prompts(prompts) if model is not None else []
+    recording = model is not None and texts is not None
     with output_folder(out):  # made before any long work, removed again if it fails while empty
+        with _bar("recording", len(texts)) if recording else nullcontext(None) as advance:
+            trace = trace_to_profile(model, trace_file=trace_file, prompts=texts, margin=margin,
+                                     source=f"{len(texts)} prompts from {prompts.name}" if texts is not None else "",
+                                     max_new_tokens=max_new_tokens, profile=profile, on_prompt=advance,
+                                     trust_remote_code=trust_remote_code)
         if model is not None:
-            if prompts is None:
-                raise OffloadMoEError("profiling MODEL records a trace first: give --prompts FILE (one prompt per line)")
-            texts = read_prompts(prompts)
-            with _bar("recording", len(texts)) as advance:
-                trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}",
-                                       predict_margin=margin, max_new_tokens=max_new_tokens, on_prompt=advance,
-                                       device=_recording_device(profile), trust_remote_code=trust_remote_code)
             console.print(f"recorded {save_trace(trace, out / 'trace.safetensors')}", highlight=False, soft_wrap=True,
                           markup=False)
-        else:
-            if prompts is not None:
-                raise OffloadMoEError("--prompts needs MODEL; to profile the bundled model, pass its folder "
-                                      "(python -c 'import offload_moe; print(offload_moe.demo_model_path())')")
-            trace = load_trace(trace_file if trace_file is not None else _reference_trace())
         if max_tokens is not None:
             trace = trace.first(max_tokens)
         chosen = ([p.strip().lower() for p in (predictors or "").split(",") if p.strip()]
                   or default_predictors(trace, margin))
-        slots = parse_capacities(capacities, len(trace.layers) * trace.num_experts)
-        if model is not None and profile is not None:
-            total = len(trace.layers) * trace.num_experts
-            slots = sorted(set(slots) | {min(make_plan(model, profile=profile, trust_remote_code=trust_remote_code).expert_slots,
-                                             total)})
+        slots = profile_capacities(capacities, trace, model=model, profile=profile, trust_remote_code=trust_remote_code)
         names = [p.strip() for p in policies.split(",") if p.strip()]
         replays = sweep_size(names, slots, chosen)
         start = time.perf_counter()
@@ -487,17 +485,6 @@ def profile_command(
         console.print(_results_table(results, trace, seconds))
         for name, where in write_results(results, trace, out, seconds=seconds, plots=plots).items():
             console.print(f"{name}: {where}", highlight=False, soft_wrap=True, markup=False)
-
-
-def _recording_device(profile: str | None) -> str:
-    """Where ``profile MODEL`` records: the profile's GPU if this machine has one, else the CPU. The profile
-    itself only adds a capacity: routing does not depend on budgets, and its host memory is not needed."""
-    device = get_profile(profile).device if profile is not None else "cpu"
-    return device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
-
-
-def _reference_trace() -> Path:
-    return profiles_folder() / "traces" / "demo-heldout.safetensors"
 
 
 def _results_table(results, trace, seconds: float) -> Table:

@@ -35,9 +35,11 @@ from .cache import ExpertCache, Residency, SlotLayout, SlotPool
 from .errors import BudgetError, ConfigError, OffloadMoEError
 from .policies import BUILT_IN, POLICIES, make_policy
 from .experts import use_layer
+from .hardware import get_profile, profiles_folder
+from .planning import plan
 from .prefetch import (HybridPredictor, Predictor, Prefetcher, TransitionPredictor, pooled_row,
                        transition_predictions)
-from .traces import Trace
+from .traces import Trace, load_trace, record_prompts
 from .transfer import NullMover
 from .values import PREDICTORS
 
@@ -472,6 +474,51 @@ def sweep_size(policies: Sequence[str], capacities: Sequence[int], predictors: S
     """How many replays ``sweep`` runs."""
     others = len([p for p in policies if p.lower() != "belady"])
     return len(capacities) * (1 + others * len(dict.fromkeys(p.lower() for p in predictors)))
+
+
+def reference_trace_path() -> Path:
+    """The bundled model's held-out routing trace: what ``offload-moe profile`` replays when given no model
+    and no trace."""
+    return profiles_folder() / "traces" / "demo-heldout.safetensors"
+
+
+def recording_device(profile: str | None) -> str:
+    """Where a profiling run records: the profile's GPU if this machine has one, else the CPU. The profile
+    itself only adds a capacity: routing does not depend on budgets, and its host memory is not needed."""
+    device = get_profile(profile).device if profile is not None else "cpu"
+    return device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
+
+
+def trace_to_profile(model: str | Path | None = None, *, trace_file: str | Path | None = None,
+                     prompts: Sequence[str] | None = None, source: str = "prompts", margin: int = 1,
+                     max_new_tokens: int = 0, profile: str | None = None, on_prompt: Callable[[], None] | None = None,
+                     trust_remote_code: bool = False) -> Trace:
+    """The trace a profiling run replays, chosen as ``offload-moe profile`` chooses it: recorded from
+    ``model`` on ``prompts`` (with the gate's top-k + ``margin`` guesses; on ``profile``'s GPU if this machine
+    has it), read from ``trace_file``, or, given neither, the bundled model's reference trace."""
+    if model is not None and trace_file is not None:
+        raise ConfigError("give MODEL (with --prompts) or --trace FILE, not both")
+    if model is None:
+        if prompts is not None:
+            raise ConfigError("--prompts needs MODEL; to profile the bundled model, pass its folder "
+                              "(python -c 'import offload_moe; print(offload_moe.demo_model_path())')")
+        return load_trace(trace_file if trace_file is not None else reference_trace_path())
+    if prompts is None:
+        raise ConfigError("profiling MODEL records a trace first: give --prompts FILE (one prompt per line)")
+    return record_prompts(model, list(prompts), source=source, predict_margin=margin, max_new_tokens=max_new_tokens,
+                          on_prompt=on_prompt, device=recording_device(profile), trust_remote_code=trust_remote_code)
+
+
+def profile_capacities(text: str, trace: Trace, *, model: str | Path | None = None, profile: str | None = None,
+                       trust_remote_code: bool = False) -> list[int]:
+    """The capacities to replay: ``text`` as ``parse_capacities`` reads it, plus, for a ``model`` with a
+    hardware ``profile``, the expert slots that profile's device memory gives (``plan``)."""
+    total = len(trace.layers) * trace.num_experts
+    slots = parse_capacities(text, total)
+    if model is not None and profile is not None:
+        fitted = plan(model, profile=profile, trust_remote_code=trust_remote_code).expert_slots
+        slots = sorted(set(slots) | {min(fitted, total)})
+    return slots
 
 
 def parse_capacities(text: str, total_experts: int) -> list[int]:

@@ -551,7 +551,7 @@ def test_generate_stops_at_the_end_of_the_context():
 
 
 def test_hit_rate_plot_has_a_panel_per_predictor_and_its_legend_outside_them():
-    from offload_moe.cli import _reference_trace
+    from offload_moe.profiling import reference_trace_path as _reference_trace
     from offload_moe.profiling import _hit_rate_figure, default_predictors, sweep
     from offload_moe.traces import load_trace
 

@@ -452,3 +452,25 @@ def test_no_heatmap_is_drawn_for_more_experts_than_it_can_show(tmp_path):
     written = write_results(sweep(trace, policies=["lru"], capacities=[4]), trace, tmp_path)
     assert "4 layers x 4000 experts is more than a heatmap shows" in written["heatmap"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hit_rate.png", "results.csv", "results.json", "tradeoff.png"]
+
+
+def test_the_trace_to_profile_is_chosen_by_the_library_as_the_command_chooses_it(tmp_path):
+    # The CLI's `profile` holds no choice the API lacks: reference trace, a trace file, or a recording.
+    from offload_moe import demo_model_path
+    from offload_moe.profiling import profile_capacities, reference_trace_path, trace_to_profile
+    from offload_moe.traces import load_trace, save_trace
+
+    reference = trace_to_profile()
+    assert torch.equal(reference.experts, load_trace(reference_trace_path()).experts)
+    assert profile_capacities("12.5%,25%", reference) == [12, 24]
+    path = save_trace(reference.first(16), tmp_path / "t.safetensors")
+    assert trace_to_profile(trace_file=path).num_tokens == 16
+    recorded = trace_to_profile(demo_model_path(), prompts=["def add(a, b):"], margin=2, source="one prompt")
+    assert recorded.layers == reference.layers and recorded.prediction_margin == 2
+    assert recorded.metadata["source"] == "one prompt"
+    with pytest.raises(ConfigError, match="not both"):
+        trace_to_profile(demo_model_path(), trace_file=path)
+    with pytest.raises(ConfigError, match="--prompts needs MODEL"):
+        trace_to_profile(prompts=["x"])
+    with pytest.raises(ConfigError, match="give --prompts"):
+        trace_to_profile(demo_model_path())

@@ -54,9 +54,13 @@ def kv_cache_of(output):
 
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False):
     """The tokenizer of ``folder``; code from the folder (a custom tokenizer class) runs only with ``trust_remote_code``."""
+    load_config(folder, trust_remote_code=trust_remote_code)  # a broken config.json is reported as such
+    return _tokenizer(folder, trust_remote_code)
+
+
+def _tokenizer(folder: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer  # transformers takes ~1 s to import: lazy for the CLI's startup
 
-    load_config(folder, trust_remote_code=trust_remote_code)  # a broken config.json is reported as such
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -74,9 +78,10 @@ def load_with_tokenizer(model_path: str | Path | None, *, before_load: Callable[
     """
     folder = resolve_model_path(model_path if model_path is not None else demo_model_path())
     trust_remote_code = load_options.get("trust_remote_code", False)
-    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    config = load_config(folder, trust_remote_code=trust_remote_code)  # read once, before the tokenizer
+    tokenizer = _tokenizer(folder, trust_remote_code)
     if before_load is not None:
-        before_load(tokenizer, load_config(folder, trust_remote_code=trust_remote_code))
+        before_load(tokenizer, config)
     return load(folder, **load_options), tokenizer
 
 

@@ -43,7 +43,6 @@ from .traces import Trace, load_trace, record_prompts
 from .transfer import NullMover
 from .values import PREDICTORS
 
-REPLAY_PREDICTORS = PREDICTORS  # every live predictor replays
 ENGINES = ("reference", "fast")
 HEATMAP_MAX_EXPERTS, HEATMAP_MAX_LAYERS = 1024, 512  # beyond, the image is larger than matplotlib draws
 
@@ -211,13 +210,17 @@ class _NoFiles:
         pass
 
 
+def _slots(trace: Trace, capacity: int) -> int:
+    """Slots a replay needs: slots beyond the keys the trace can ever admit stay empty and change no count,
+    so none are made (a capacity of 50% of a huge num_experts costs no memory)."""
+    admissible = trace.experts.numel() + (trace.predicted.numel() if trace.predicted is not None else 0)
+    return min(capacity, admissible)
+
+
 def _replay_cache(trace: Trace, policy: str, capacity: int, seed: int, readers: int,
                   future: list[tuple[int, int]] | None) -> ExpertCache:
     """An ``ExpertCache`` of zero-byte slots with a ``NullMover``."""
-    # slots beyond the keys the trace can ever admit stay empty and change no count, so none are made:
-    # a capacity of 50% of a huge num_experts costs no memory
-    admissible = trace.experts.numel() + (trace.predicted.numel() if trace.predicted is not None else 0)
-    slots = min(capacity, admissible)
+    slots = _slots(trace, capacity)
     residency = Residency(slots, make_policy(policy, seed=seed, future=future))
     return ExpertCache(residency, SlotPool(slots, _NO_BYTES, torch.device("cpu")), _NoFiles(), NullMover(readers))
 
@@ -271,10 +274,7 @@ def _fast_replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "
         predicted = predictions(trace, predictor, margin)
     groups = groups if groups is not None else layer_groups(trace)
     future = [key for group in groups for key in group] if policy.lower() == "belady" else None
-    # slots beyond the keys the trace can ever admit stay empty and change no count, so none are made:
-    # a capacity of 50% of a huge num_experts costs no memory
-    admissible = trace.experts.numel() + (trace.predicted.numel() if trace.predicted is not None else 0)
-    table = Residency(min(capacity, admissible), make_policy(policy, seed=seed, future=future))
+    table = Residency(_slots(trace, capacity), make_policy(policy, seed=seed, future=future))
     prefetched: set[tuple[int, int]] = set()
     flying: list[tuple[int, int]] = []  # prefetched keys still pinned as in flight, until the next layer starts
     issued = used = 0

@@ -12,6 +12,7 @@ and nothing written to them can reach the file.
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
 import reprlib
@@ -473,10 +474,8 @@ class _Mapping:
     def tensor(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A ``shape`` tensor of ``dtype`` viewing the bytes at ``offset`` (no copy), once they are known to be
         inside both the mapping and the file; else a ``CheckpointError`` that names the file."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = itemsize
-        for d in shape:
-            nbytes *= d
+        itemsize = dtype.itemsize
+        nbytes = math.prod(shape) * itemsize
         if offset % itemsize:
             raise CheckpointError(
                 f"{self.path}: the tensor at byte {offset} is not aligned to its {itemsize}-byte dtype, so it cannot "
@@ -509,8 +508,6 @@ def _gone(path: Path, e: OSError) -> CheckpointError:
 def _map_file(path: Path) -> _Mapping:
     """Map ``path`` whole; the stamp is the one of the file descriptor that was mapped. Only a refused
     mapping raises ``OSError`` (the caller then reads into slots instead)."""
-    if not os.path.exists(path):
-        raise _gone(path, FileNotFoundError(errno.ENOENT, "no such file"))
     with open_regular(path, "checkpoint file") as f:  # a FIFO put in its place must not hang the open
         st = os.fstat(f.fileno())
         if not st.st_size:

@@ -250,7 +250,7 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], dtyp
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, t in tensors:
         out = dtype or t.dtype
-        nbytes = t.numel() * torch.empty((), dtype=out).element_size()
+        nbytes = t.numel() * out.itemsize
         header[name] = {"dtype": _DTYPE_NAMES[out], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -69,7 +69,7 @@ class MappedSource:
         """The expert's tensors in the mapping, the kernel asked to read them now; raises CheckpointError if
         its file changed on disk since load (truncated, replaced, removed)."""
         weights = self.store.mapped(layer, expert, self.dtype)
-        if weights is not None:
+        if weights is not None and (layer, expert) not in self._advised:  # a prefetch asked for it already
             self.store.willneed(layer, expert)
         return weights
 

@@ -132,7 +132,7 @@ def _check_metadata(metadata: dict[str, str], where: str | Path) -> None:
     if odd:
         raise TraceError(f"{where}: metadata {odd[0]!r} is {type(metadata[odd[0]]).__name__}; trace metadata maps text to text")
     num_experts = _metadata_int(metadata, "num_experts", MAX_EXPERTS, where,
-                                "a trace stores expert ids as int16, so at most 32767 experts per layer")
+                                f"a trace stores expert ids as int16, so at most {MAX_EXPERTS} experts per layer")
     _metadata_int(metadata, "top_k", num_experts, where, f"a token cannot choose more than num_experts={num_experts}")
     layers = parse_json(metadata["layers"], f"{where}: metadata 'layers'", TraceError)
     if (not isinstance(layers, list) or not layers

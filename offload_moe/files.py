@@ -14,6 +14,7 @@ metadata) comes through here, so the same rules hold everywhere:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -24,17 +25,19 @@ from typing import BinaryIO
 from .errors import CheckpointError, OffloadMoEError
 
 SMALL_FILE_LIMIT = 64 * 2**20  # indexes of the largest checkpoints are a few MB
+REFUSED_FLAGS = (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP))  # O_DIRECT refused
 
 
-def open_regular(path: Path, what: str = "file", error: type[OffloadMoEError] = CheckpointError) -> BinaryIO:
-    """Open ``path`` for reading in binary, refusing anything that is not a regular file.
+def open_fd(path: Path, what: str = "file", error: type[OffloadMoEError] = CheckpointError, *, flags: int = 0) -> int:
+    """A blocking read-only descriptor of ``path``, refusing anything that is not a regular file.
 
     The file is opened non-blocking, so a FIFO cannot hang the open, and checked with ``fstat``
-    on the open descriptor, so it cannot be swapped between the check and the read.
+    on the open descriptor, so it cannot be swapped between the check and the read. ``flags`` are
+    added to the open (``os.O_DIRECT``); an open refused for them (``EINVAL``: the file system
+    does not do ``O_DIRECT``) stays an ``OSError``, for the caller to open again without them.
     """
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0) | flags)
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
     except PermissionError:
@@ -42,6 +45,8 @@ def open_regular(path: Path, what: str = "file", error: type[OffloadMoEError] = 
     except IsADirectoryError:
         raise error(f"{what} {path} is a folder, not a file") from None
     except OSError as e:
+        if flags and e.errno in REFUSED_FLAGS:
+            raise
         raise error(f"{what} {path} cannot be opened: {e.strerror or e}") from None
     except ValueError:  # a NUL byte in the name
         raise error(f"{what} {str(path)!r} is not a file name (it holds a NUL byte)") from None
@@ -52,6 +57,16 @@ def open_regular(path: Path, what: str = "file", error: type[OffloadMoEError] = 
             raise error(f"{what} {path} is {kind}; offload_moe reads only regular files")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_regular(path: Path, what: str = "file", error: type[OffloadMoEError] = CheckpointError) -> BinaryIO:
+    """Open ``path`` for reading in binary, refusing anything that is not a regular file (see ``open_fd``)."""
+    fd = open_fd(path, what, error)
+    try:
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)

@@ -11,12 +11,10 @@ and nothing written to them can reach the file.
 
 from __future__ import annotations
 
-import errno
 import math
 import mmap
 import os
 import reprlib
-import stat
 import struct
 import sys
 import threading
@@ -26,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, ConfigError, ModelClosedError, ModelPathError
-from .files import inside, open_regular, parse_json, read_json
+from .files import REFUSED_FLAGS, inside, open_fd, open_regular, parse_json, read_json
 from .values import IO_MODES
 
 DTYPES: dict[str, torch.dtype] = {
@@ -265,7 +263,21 @@ def _present(path: Path, follow: bool = False) -> bool:
         raise CheckpointError(f"{path} cannot be reached: {e.strerror or e}; make its folder readable (chmod +rx)") from None
 
 
-PAGE = 4096
+DIRECT_ALIGN = 4096  # O_DIRECT: file offset, length and address on a multiple of the logical block size (512 or 4096)
+
+
+def span(offset: int, nbytes: int, align: int) -> tuple[int, int]:
+    """``(skip, room)``: reading ``nbytes`` at ``offset`` in whole ``align`` blocks reads ``room`` bytes from
+    ``offset - skip``, and the bytes wanted begin ``skip`` bytes in."""
+    skip = offset % align
+    return skip, -(-(skip + nbytes) // align) * align
+
+
+def aligned_empty(nbytes: int, align: int = DIRECT_ALIGN) -> torch.Tensor:
+    """``nbytes`` of uninitialised CPU memory as uint8, starting on a multiple of ``align``."""
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    skip = -raw.data_ptr() % align
+    return raw[skip : skip + nbytes]  # the view keeps ``raw`` alive
 
 
 class FileReader:
@@ -276,19 +288,23 @@ class FileReader:
     - ``buffered``: plain reads; repeated reads may come from the page cache;
     - ``dontneed``: plain reads, then the pages read are dropped (``POSIX_FADV_DONTNEED``),
       so a RAM budget is really kept and a re-read really goes to the disk;
-    - ``direct``: ``O_DIRECT`` reads of page-aligned spans into an aligned scratch buffer,
-      bypassing the page cache. Where the file system refuses ``O_DIRECT`` (tmpfs, some
-      overlays), it falls back to ``dontneed`` and ``io`` says so;
+    - ``direct``: ``O_DIRECT`` reads of whole ``DIRECT_ALIGN`` blocks, from the disk straight into
+      the caller's memory where its address allows, bypassing the page cache. Where the file
+      system refuses ``O_DIRECT`` (tmpfs, some overlays), it falls back to ``dontneed`` and ``io``
+      says so;
     - ``mmap``: reads as ``buffered``; the expert cache also computes missing experts in
       place from a mapping of the file (``MappedFiles``), on CPU.
 
-    Reads are safe from several threads at once.
+    Two ways in: ``read_into`` fills a tensor exactly; ``read_span`` reads into a buffer with room
+    for ``span``'s whole blocks (``align``), which ``direct`` fills with no other copy. Reads are
+    safe from several threads at once.
     """
 
     def __init__(self, io: str = "buffered") -> None:
         if io not in IO_MODES:
             raise ConfigError(f"io={io!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
         self.io = io
+        self.align = DIRECT_ALIGN if io == "direct" else 1  # kept after a fall back, so placements stay valid
         self._fds: dict[tuple[Path, bool], int] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -299,22 +315,54 @@ class FileReader:
             with self._lock:
                 fd = self._fds.get((path, direct))
                 if fd is None:
-                    fd = self._fds[(path, direct)] = _open_fd(path, direct)
+                    flags = getattr(os, "O_DIRECT", 0) if direct else 0
+                    fd = self._fds[(path, direct)] = open_fd(path, "checkpoint file", flags=flags)
         return fd
 
     def read_into(self, path: Path, offset: int, out: torch.Tensor) -> int:
-        """Fill the contiguous CPU tensor ``out`` with the bytes at ``offset`` of ``path``."""
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        """Fill the contiguous CPU tensor ``out`` with the bytes at ``offset`` of ``path``.
+
+        With ``direct``, the whole blocks of the range go straight into ``out`` when its address and
+        ``offset`` agree modulo ``DIRECT_ALIGN``; the partial blocks at either end (or, when they
+        disagree, the whole range) go through a per-thread scratch buffer and are copied."""
+        view = _bytes(out)
         if self.io == "direct":
             try:
-                return self._read_direct(path, offset, view)
+                return self._read_direct(path, offset, view, out.data_ptr())
             except OSError as e:
-                if e.errno not in _NO_DIRECT:
-                    raise CheckpointError(f"checkpoint file {path} cannot be read: {e.strerror or e}") from None
-                self.io = "dontneed"  # this file system refuses O_DIRECT
-        n = self._read_exact(self._fd(path), path, offset, view)
+                self._fall_back(path, e)
+        return self._read_plain(path, offset, view)
+
+    def read_span(self, path: Path, offset: int, nbytes: int, room: torch.Tensor) -> torch.Tensor:
+        """Read ``nbytes`` at ``offset`` of ``path`` into ``room`` and return the uint8 view that holds them.
+
+        ``room`` is a contiguous uint8 CPU tensor of at least ``span(offset, nbytes, self.align)[1]``
+        bytes; the bytes land ``skip`` bytes in. With ``direct`` and ``room`` starting on a multiple of
+        ``align``, one ``O_DIRECT`` read of the whole blocks fills it: no other buffer is touched."""
+        skip, size = span(offset, nbytes, self.align)
+        if room.numel() < size:
+            raise ValueError(f"read_span needs {size} bytes of room, got {room.numel()}")
+        out = room[skip : skip + nbytes]
+        if self.io == "direct" and room.data_ptr() % self.align == 0:
+            try:
+                done = self._read_blocks(path, offset - skip, [_bytes(room)[:size]])
+                self._check_end(path, offset, nbytes, offset - skip + done)
+                return out
+            except OSError as e:
+                self._fall_back(path, e)
+        self.read_into(path, offset, out)
+        return out
+
+    def _fall_back(self, path: Path, e: OSError) -> None:
+        if e.errno not in REFUSED_FLAGS:
+            raise CheckpointError(f"checkpoint file {path} cannot be read: {e.strerror or e}") from None
+        self.io = "dontneed"  # this file system refuses O_DIRECT
+
+    def _read_plain(self, path: Path, offset: int, view: memoryview) -> int:
+        fd = self._fd(path)
+        n = self._read_exact(fd, path, offset, view)
         if self.io == "dontneed" and n:
-            os.posix_fadvise(self._fd(path), offset, n, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
         return n
 
     def _read_exact(self, fd: int, path: Path, offset: int, view: memoryview) -> int:
@@ -333,33 +381,51 @@ class FileReader:
             done += n
         return want
 
-    def _read_direct(self, path: Path, offset: int, view: memoryview) -> int:
-        start = offset // PAGE * PAGE
-        end = -(-(offset + len(view)) // PAGE) * PAGE
-        scratch = self._scratch(end - start)
-        fd = self._fd(path, direct=True)
-        done = 0
-        while done < end - start:
-            n = os.preadv(fd, [scratch[done : end - start]], start + done)
-            if n == 0:  # end of file: the last page is short
+    def _read_direct(self, path: Path, offset: int, view: memoryview, address: int) -> int:
+        """``O_DIRECT`` into ``view`` (at ``address``): its aligned middle in place, the rest through scratch."""
+        a, n = self.align, len(view)
+        start, size = offset - offset % a, span(offset, n, a)[1]
+        head = -offset % a  # bytes of ``view`` before the first block boundary of the file
+        middle = (offset + n) // a * a - offset - head  # whole blocks that can land in place
+        if (address - offset) % a or middle <= 0:
+            scratch = self._scratch(size)
+            done = self._read_blocks(path, start, [scratch[:size]])
+            self._check_end(path, offset, n, start + done)
+            view[:] = scratch[offset - start : offset - start + n]
+            return n
+        tail = n - head - middle
+        scratch = self._scratch(2 * a)
+        bufs = ([scratch[:a]] if head else []) + [view[head : head + middle]] + ([scratch[a : 2 * a]] if tail else [])
+        done = self._read_blocks(path, start, bufs)  # a head block, if any, is the one before the middle
+        self._check_end(path, offset, n, start + done)
+        if head:
+            view[:head] = scratch[a - head : a]
+        if tail:
+            view[n - tail :] = scratch[a : a + tail]
+        return n
+
+    def _read_blocks(self, path: Path, start: int, bufs: list[memoryview]) -> int:
+        """``O_DIRECT`` reads of ``bufs`` laid end to end from ``start``, up to the end of the file; bytes read."""
+        fd, want, done = self._fd(path, direct=True), sum(len(b) for b in bufs), 0
+        while done < want:
+            n = os.preadv(fd, _after(bufs, done), start + done)
+            if n == 0:  # end of file: the last block is short
                 break
             done += n
-        if done < offset - start + len(view):
+        return done
+
+    def _check_end(self, path: Path, offset: int, nbytes: int, end: int) -> None:
+        if end < offset + nbytes:
             raise CheckpointError(
-                f"{path} ended after {start + done} bytes while reading {len(view)} bytes at offset {offset}; "
+                f"{path} ended after {end} bytes while reading {nbytes} bytes at offset {offset}; "
                 "the file is truncated, re-download it"
             )
-        view[:] = scratch[offset - start : offset - start + len(view)]
-        return len(view)
 
     def _scratch(self, nbytes: int) -> memoryview:
-        """A page-aligned buffer of at least ``nbytes``, one per thread, grown as needed."""
+        """A ``DIRECT_ALIGN``-aligned buffer of at least ``nbytes``, one per thread, grown as needed."""
         buf = getattr(self._local, "scratch", None)
         if buf is None or len(buf) < nbytes:
-            raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
-            skip = -raw.data_ptr() % PAGE
-            self._local.raw = raw  # keeps the memory alive
-            buf = self._local.scratch = memoryview(raw[skip : skip + nbytes].numpy())
+            buf = self._local.scratch = _bytes(aligned_empty(nbytes))
         return buf
 
     def read_tensor(self, info: TensorInfo) -> torch.Tensor:
@@ -379,27 +445,20 @@ class FileReader:
             self._fds.clear()
 
 
-def _open_fd(path: Path, direct: bool) -> int:
-    """A read-only descriptor of the regular file ``path``; a failure is a CheckpointError naming it.
-
-    ``O_DIRECT`` refused by the file system stays an ``OSError`` (EINVAL), for ``read_into`` to fall back.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags | (getattr(os, "O_DIRECT", 0) if direct else 0))
-    except OSError as e:
-        if direct and e.errno in _NO_DIRECT:
-            raise
-        reason = "permission denied; make it readable (chmod +r)" if isinstance(e, PermissionError) else e.strerror or e
-        raise CheckpointError(f"checkpoint file {path} cannot be opened: {reason}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CheckpointError(f"checkpoint file {path} is no longer a regular file; offload_moe reads only regular files")
-    os.set_blocking(fd, True)
-    return fd
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-_NO_DIRECT = (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1))
+def _after(bufs: list[memoryview], skip: int) -> list[memoryview]:
+    """``bufs`` less their first ``skip`` bytes (a read that stopped short goes on from there)."""
+    out = []
+    for b in bufs:
+        if skip >= len(b):
+            skip -= len(b)
+            continue
+        out.append(b[skip:])
+        skip = 0
+    return out
 
 
 class MappedFiles:

@@ -29,22 +29,45 @@ import torch
 
 from .errors import ExpertLoadError
 from .pinned import PinnedMemory
+from .safetensors_io import DIRECT_ALIGN, aligned_empty, span
 from .store import ExpertStore, Piece
 
-ALIGN = 64  # bytes; keeps each piece's view in a shared staging buffer aligned for any dtype
+ALIGN = 64  # bytes; keeps each piece's region in a shared staging buffer aligned for any dtype
 
 
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+def staging_layout(pieces: list[Piece], align: int) -> tuple[list[tuple[int, int]], int]:
+    """Where an expert's pieces go in a shared staging buffer: ``(start, room)`` of each one's region, and the
+    bytes all of them need. A region holds the piece's whole ``align`` blocks (``safetensors_io.span``), so an
+    ``O_DIRECT`` read fills it in place; each starts on a multiple of ``align`` and of ``ALIGN``."""
+    step, regions, at = max(align, ALIGN), [], 0
+    for piece in pieces:
+        room = span(piece.offset, piece.nbytes, align)[1]
+        regions.append((at, room))
+        at += -(-room // step) * step
+    return regions, at
 
 
 def staging_bytes(store: ExpertStore) -> int:
-    """Room for the largest expert's pieces laid end to end, each aligned."""
-    return max((sum(_aligned(p.nbytes) for p in ps) for ps in store.pieces.values()), default=0)
+    """Room for the largest expert's pieces laid out by ``staging_layout``."""
+    align = store.reader.align
+    return max((staging_layout(ps, align)[1] for ps in store.pieces.values()), default=0)
 
 
-def _source(staging: torch.Tensor, piece: Piece) -> torch.Tensor:
-    src = staging.view(piece.dtype).view(piece.shape)
+def land(store: ExpertStore, piece: Piece, region: torch.Tensor) -> torch.Tensor:
+    """Read ``piece`` into ``region`` (its room in a staging buffer); the uint8 bytes, viewable as its dtype.
+
+    With ``io="direct"`` the bytes land where their block puts them: in a checkpoint whose tensor starts
+    are not multiples of their dtype's size, that address cannot be viewed as the dtype, so such a piece
+    is read to the region's start instead (through the reader's scratch: one more copy, for odd files only)."""
+    if piece.offset % store.reader.align % piece.dtype.itemsize:
+        out = region[: piece.nbytes]
+        store.read_piece(piece, out)
+        return out
+    return store.reader.read_span(piece.file, piece.offset, piece.nbytes, region)
+
+
+def _source(data: torch.Tensor, piece: Piece) -> torch.Tensor:
+    src = data.view(piece.dtype).view(piece.shape)
     return src.T if piece.transpose else src
 
 
@@ -253,23 +276,24 @@ class Mover:
         return t
 
     def _read(self, layer: int, expert: int, views: dict[str, torch.Tensor]) -> int:
-        """Read every piece of an expert into ``views`` (CPU tensors), converting dtype or layout if needed."""
+        """Read every piece of an expert into ``views`` (CPU tensors), converting dtype or layout if needed.
+
+        A piece the slot holds as the file does is read straight into it; any other lands in this thread's
+        staging buffer (in place, with ``O_DIRECT``) and is converted from there by one copy."""
         total = 0
         for piece in self.store.expert_pieces(layer, expert):
             dest = views[piece.param][piece.index]
             if piece.whole and piece.dtype == dest.dtype and dest.is_contiguous():
                 self.store.read_piece(piece, dest)
             else:
-                buf = self._staging()[: piece.nbytes]
-                self.store.read_piece(piece, buf)
-                dest.copy_(_source(buf, piece))
+                dest.copy_(_source(land(self.store, piece, self._staging()), piece))
             total += piece.nbytes
         return total
 
     def _staging(self) -> torch.Tensor:
         buf = getattr(self._local, "staging", None)
         if buf is None:
-            buf = self._local.staging = torch.empty(max(self._staging_size, 1), dtype=torch.uint8)
+            buf = self._local.staging = aligned_empty(max(self._staging_size, 1), DIRECT_ALIGN)
         return buf
 
     def _copy(self, host_flat: torch.Tensor, device_flat: torch.Tensor, compute=None) -> Transfer:
@@ -352,19 +376,15 @@ class CudaMover(Mover):
             previous.synchronize()  # the copy that last read this thread's buffer has finished
         pieces = self.store.expert_pieces(layer, expert)
         start = time.perf_counter()
-        offset = 0
-        for piece in pieces:
-            self.store.read_piece(piece, staging[offset : offset + piece.nbytes])
-            offset += _aligned(piece.nbytes)
+        regions, _ = staging_layout(pieces, self.store.reader.align)
+        landed = [land(self.store, piece, staging[at : at + room]) for piece, (at, room) in zip(pieces, regions)]
         t = Transfer(disk_bytes=sum(p.nbytes for p in pieces), disk_seconds=time.perf_counter() - start)
         begin, end = self._events()
         with torch.cuda.stream(self.stream):
             self.stream.wait_stream(compute)  # kernels still reading the evicted expert's slot go first
             begin.record(self.stream)
-            offset = 0
-            for piece in pieces:
-                views[piece.param][piece.index].copy_(_source(staging[offset : offset + piece.nbytes], piece), non_blocking=True)
-                offset += _aligned(piece.nbytes)
+            for piece, data in zip(pieces, landed):
+                views[piece.param][piece.index].copy_(_source(data, piece), non_blocking=True)
             end.record(self.stream)
         self._local.event = end
         t.copy_bytes, t.events, t.done = t.disk_bytes, (begin, end), end

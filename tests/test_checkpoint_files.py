@@ -184,7 +184,7 @@ def test_unreadable_shard_at_index_time_and_at_read_time(tmp_path, monkeypatch):
         read_header(path)
     for io in ("buffered", "direct"):
         reader = FileReader(io)
-        with pytest.raises(CheckpointError, match="model.safetensors cannot be opened: permission denied"):
+        with pytest.raises(CheckpointError, match="model.safetensors cannot be read: permission denied"):
             reader.read_tensor(infos["a"])
         reader.close()
 

@@ -16,6 +16,7 @@ import offload_moe
 from offload_moe import pinned
 from offload_moe.cache import SlotLayout, SlotPool
 from offload_moe.pinned import PAGE, PinnedMemory
+from offload_moe.safetensors_io import FileReader
 
 
 class FakeCudart:
@@ -211,6 +212,7 @@ class FakeEvent:
 
 class NoPieces:
     pieces: dict = {}
+    reader = FileReader("buffered")
 
     def expert_pieces(self, layer, expert):
         return []

@@ -1,0 +1,278 @@
+"""The bytes path from file to slot: every I/O mode x alignment case byte-exact, and no buffer touched that the
+source does not need (an O_DIRECT read into room lands in place; into an exact destination only its partial
+blocks go through scratch). The CUDA staging path runs here on the CPU, its stream, events and page locking
+faked; tests/test_cuda.py runs it on a GPU."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from test_pinned import FakeCudart
+
+from offload_moe.errors import CheckpointError
+from offload_moe.files import open_fd
+from offload_moe.safetensors_io import DIRECT_ALIGN, FileReader, aligned_empty, span
+from offload_moe.store import Piece, PieceStore
+from offload_moe.transfer import ALIGN, CudaMover, Mover, staging_layout, staging_bytes
+
+A = DIRECT_ALIGN
+SIZE = 5 * A + 123  # the last block is partial
+MODES = ("buffered", "dontneed", "direct", "mmap")
+
+
+@pytest.fixture
+def data_file(tmp_path) -> tuple[Path, bytes]:
+    data = torch.randint(0, 256, (SIZE,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "raw.bin"
+    path.write_bytes(data.numpy().tobytes())
+    return path, path.read_bytes()
+
+
+def direct_works(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+RANGES = [(0, 1), (0, A), (1, 100), (7, A), (A - 1, 2), (A, A), (A + 1, 3 * A), (12, 4 * A + 5), (2 * A + 3, 1),
+          (SIZE - 123, 123), (SIZE - 1, 1), (SIZE - A - 7, A + 7), (5, SIZE - 5), (0, SIZE)]
+
+
+@pytest.mark.parametrize("io", MODES)
+def test_read_into_is_exact_for_every_offset_length_and_address(io, data_file):
+    path, data = data_file
+    reader = FileReader(io)
+    room = aligned_empty(SIZE + 3 * A)
+    for offset, n in RANGES:
+        for shift in sorted({0, 1, 17, offset % A}):  # 0 and offset % A: the address agrees with the file offset
+            out = room[shift : shift + n]
+            out.fill_(0)
+            assert reader.read_into(path, offset, out) == n
+            assert bytes(out.numpy()) == data[offset : offset + n], (offset, n, shift)
+    if io != "direct" or direct_works(path):
+        assert reader.io == io  # no read fell back: every O_DIRECT read was aligned
+    reader.close()
+
+
+@pytest.mark.parametrize("io", MODES)
+def test_read_span_lands_where_span_says(io, data_file):
+    path, data = data_file
+    reader = FileReader(io)
+    room = aligned_empty(SIZE + 2 * A)
+    for offset, n in RANGES:
+        skip, size = span(offset, n, reader.align)
+        got = reader.read_span(path, offset, n, room[:size])
+        assert got.data_ptr() == room.data_ptr() + skip and got.numel() == n
+        assert bytes(got.numpy()) == data[offset : offset + n], (offset, n)
+    if io != "direct" or direct_works(path):
+        assert reader.io == io
+    with pytest.raises(ValueError, match="room"):
+        reader.read_span(path, 1, A, room[: span(1, A, reader.align)[1] - 1])  # direct: 2 blocks; else A bytes
+    reader.close()
+
+
+def test_direct_reads_touch_no_scratch_with_room_and_only_partial_blocks_without(data_file):
+    path, data = data_file
+    if not direct_works(path):
+        pytest.skip("this file system refuses O_DIRECT")
+    reader = FileReader("direct")
+    room = aligned_empty(SIZE + 2 * A)
+    offset, n = 12, 4 * A + 5
+    reader.read_span(path, offset, n, room)
+    assert getattr(reader._local, "scratch", None) is None  # the disk wrote straight into the room
+    out = room[offset % A : offset % A + n]  # address agrees with the offset: the 3 whole blocks land in place
+    reader.read_into(path, offset, out)
+    assert len(reader._local.scratch) == 2 * A  # the head and the tail block only
+    assert bytes(out.numpy()) == data[offset : offset + n]
+    out = room[1 : 1 + n]  # disagrees: the whole range goes through scratch
+    reader.read_into(path, offset, out)
+    assert len(reader._local.scratch) == span(offset, n, A)[1] and bytes(out.numpy()) == data[offset : offset + n]
+    assert reader.io == "direct"
+    reader.close()
+
+
+@pytest.mark.parametrize("io", MODES)
+def test_a_read_past_the_end_is_a_truncation_error(io, data_file):
+    path, _ = data_file
+    reader = FileReader(io)
+    with pytest.raises(CheckpointError, match="raw.bin ended after .* the file is truncated"):
+        reader.read_into(path, SIZE - 10, torch.empty(11, dtype=torch.uint8))
+    with pytest.raises(CheckpointError, match="truncated"):
+        reader.read_span(path, SIZE - 10, 11, aligned_empty(2 * A))
+    reader.close()
+
+
+def test_a_file_system_refusing_o_direct_falls_back_exactly(data_file, monkeypatch):
+    path, data = data_file
+    real = os.open
+
+    def no_direct(p, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(p, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    reader = FileReader("direct")
+    room = aligned_empty(2 * A)
+    got = reader.read_span(path, 5, 100, room)
+    assert reader.io == "dontneed" and got.data_ptr() == room.data_ptr() + 5  # where span put it, all the same
+    assert bytes(got.numpy()) == data[5:105]
+    reader.close()
+
+
+def test_open_fd_keeps_every_check_and_leaves_refused_flags_to_the_caller(tmp_path, monkeypatch):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="pipe is not a regular file"):
+        open_fd(fifo, "checkpoint file")
+    with pytest.raises(CheckpointError, match="pipe is not a regular file"):  # O_DIRECT refused there: opened again
+        FileReader("direct").read_into(fifo, 0, torch.empty(1, dtype=torch.uint8))
+    with pytest.raises(CheckpointError, match="is a folder"):
+        open_fd(tmp_path, "checkpoint file")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        FileReader("direct").read_into(tmp_path, 0, torch.empty(1, dtype=torch.uint8))
+    for flags in (0, os.O_DIRECT):
+        with pytest.raises(CheckpointError, match="missing does not exist"):
+            open_fd(tmp_path / "missing", "checkpoint file", flags=flags)
+    real = os.open
+    monkeypatch.setattr(os, "open", lambda p, flags, *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "Invalid argument"))
+                        if flags & os.O_DIRECT else real(p, flags, *a))
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(OSError) as refused:
+        open_fd(tmp_path / "f", "checkpoint file", flags=os.O_DIRECT)
+    assert not isinstance(refused.value, CheckpointError)
+    os.close(open_fd(tmp_path / "f", "checkpoint file"))
+
+
+# -- the movers: pieces of one expert, as a checkpoint lays them out -------------------------------------------
+
+
+def test_staging_layout_gives_each_piece_its_blocks_on_an_aligned_start():
+    piece = lambda offset, nbytes: Piece("p", (slice(None),), Path("f"), offset, nbytes, torch.float32, (nbytes // 4,),
+                                         False, "t")
+    pieces = [piece(12, 400), piece(A - 4, 8), piece(3 * A, A), piece(5 * A + 8, 4)]
+    regions, total = staging_layout(pieces, A)
+    assert regions == [(0, A), (A, 2 * A), (3 * A, A), (4 * A, A)] and total == 5 * A
+    regions, total = staging_layout(pieces, 1)  # buffered: the bytes alone, each start 64-aligned
+    assert regions == [(0, 400), (448, 8), (512, A), (512 + A, 4)] and total == 512 + A + ALIGN
+
+
+class RawStore(PieceStore):
+    """Pieces of one expert at chosen offsets of one file, with junk around them."""
+
+    def __init__(self, folder: Path, io: str):
+        super().__init__(io)
+        g = torch.Generator().manual_seed(1)
+        self.expected = {"down": torch.randn(6, 5, generator=g), "gate_up": torch.randn(6, 5, generator=g),
+                         "conv": torch.randn(4, 7, generator=g).bfloat16().float(), "odd": torch.randn(9, 3, generator=g)}
+        raw = bytearray(torch.randint(0, 256, (3 * A + 40,), dtype=torch.uint8, generator=g).numpy().tobytes())
+        file = folder / "experts.bin"
+
+        def put(param, index, offset, tensor, transpose=False):
+            stored = tensor.T.contiguous() if transpose else tensor.contiguous()
+            data = stored.reshape(-1).view(torch.uint8).numpy().tobytes()
+            raw[offset : offset + len(data)] = data
+            self.pieces[(0, 0)].append(Piece(param, index, file, offset, len(data), stored.dtype, tuple(stored.shape),
+                                             transpose, f"{param}{index}"))
+
+        rows = lambda a, b: (slice(a, b),)
+        whole = (slice(None),)
+        put("down", whole, A + 100, self.expected["down"])  # as the slot holds it, at an offset off the block
+        put("gate_up", rows(0, 3), A - 8, self.expected["gate_up"][:3])  # half a slot tensor, across a block edge
+        put("gate_up", rows(3, 6), 2 * A + 4, self.expected["gate_up"][3:], transpose=True)  # stored transposed
+        put("conv", whole, 2 * A + 200, self.expected["conv"].bfloat16())  # converted to the slot's dtype
+        odd = self.expected["odd"].reshape(-1).view(torch.uint8).numpy().tobytes()
+        end = len(raw) + 1  # the file ends with it, mid-block, at an offset no float32 view can start at
+        raw += b"\0" * (end - len(raw)) + odd
+        self.pieces[(0, 0)].append(Piece("odd", whole, file, end, len(odd), torch.float32, (9, 3), False, "odd"))
+        assert len(raw) % A and end % 4
+        file.write_bytes(bytes(raw))
+
+    def views(self) -> dict[str, torch.Tensor]:
+        return {name: torch.full_like(t, float("nan")) for name, t in self.expected.items()}
+
+
+def assert_exact(views, expected):
+    for name, want in expected.items():
+        assert torch.equal(views[name], want), name
+
+
+@pytest.mark.parametrize("io", MODES)
+def test_cpu_mover_fills_a_slot_exactly(io, tmp_path):
+    store = RawStore(tmp_path, io)
+    mover = Mover(store, readers=1)
+    views = store.views()
+    assert mover._read(0, 0, views) == sum(p.nbytes for p in store.pieces[(0, 0)])
+    assert_exact(views, store.expected)
+    staging = mover._local.staging
+    assert staging.data_ptr() % A == 0 and staging.numel() == staging_bytes(store)
+    mover.close()
+    store.close()
+
+
+def cpu_cuda_mover(store, monkeypatch) -> CudaMover:
+    """A CudaMover whose stream, events and page locking are faked: its staged path runs on the CPU."""
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    mover = Mover.__new__(CudaMover)
+    Mover.__init__(mover, store, readers=1)
+    mover.stream = types.SimpleNamespace(wait_stream=lambda compute: None, synchronize=lambda: None)
+    mover._stagings, mover._pinned, mover._lock, mover.device = [], [], threading.Lock(), None
+    event = types.SimpleNamespace(record=lambda stream=None: None, synchronize=lambda: None)
+    mover._events = lambda: (event, event)
+    return mover
+
+
+@pytest.mark.parametrize("io", MODES)
+def test_staged_path_copies_each_piece_from_where_it_landed(io, tmp_path, monkeypatch):
+    store = RawStore(tmp_path, io)
+    mover = cpu_cuda_mover(store, monkeypatch)
+    views, copies, real_copy = store.views(), [], torch.Tensor.copy_
+
+    def copy(dest, src, non_blocking=False):  # the "device" copies: note where each one reads from
+        copies.append((src.data_ptr(), non_blocking))
+        return real_copy(dest, src, non_blocking=non_blocking)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy)
+    t = mover._read_staged(0, 0, views, None)
+    monkeypatch.setattr(torch.Tensor, "copy_", real_copy)
+    assert_exact(views, store.expected)
+    assert t.disk_bytes == t.copy_bytes == sum(p.nbytes for p in store.pieces[(0, 0)])
+    (staging,) = mover._stagings
+    assert staging.data_ptr() % A == 0 and staging.numel() == staging_bytes(store)
+    regions, _ = staging_layout(store.pieces[(0, 0)], store.reader.align)
+    for piece, (at, room), (source, non_blocking) in zip(store.pieces[(0, 0)], regions, copies):
+        aligned = piece.offset % store.reader.align % piece.dtype.itemsize == 0
+        skip = span(piece.offset, piece.nbytes, store.reader.align)[0] if aligned else 0
+        assert non_blocking and source == staging.data_ptr() + at + skip, piece.name  # the device copy reads in place
+    if io == "direct" and direct_works(store.pieces[(0, 0)][0].file):
+        assert store.reader.io == "direct"
+        # only the misaligned last piece went through the reader's scratch (its partial blocks)
+        assert len(store.reader._local.scratch) <= span(0, store.pieces[(0, 0)][-1].nbytes, A)[1] + A
+    mover.close()
+    store.close()
+
+
+def test_staged_path_without_misaligned_pieces_touches_no_scratch(tmp_path, monkeypatch):
+    store = RawStore(tmp_path, "direct")
+    if not direct_works(store.pieces[(0, 0)][0].file):
+        pytest.skip("this file system refuses O_DIRECT")
+    store.pieces[(0, 0)].pop()  # the misaligned piece
+    del store.expected["odd"]
+    mover = cpu_cuda_mover(store, monkeypatch)
+    views = store.views()
+    mover._read_staged(0, 0, views, None)
+    assert_exact(views, store.expected)
+    assert getattr(store.reader._local, "scratch", None) is None  # disk -> pinned staging -> device, nothing between
+    mover.close()
+    store.close()

@@ -1,8 +1,11 @@
 """Read safetensors headers and byte ranges ourselves: validated and read-only.
 
 Reading with ``os.preadv`` into a caller's buffer lets an expert land directly in
-its slot (or a reused staging buffer) with one copy, keeps the process's resident
-memory at what it asked for, and releases the GIL while the disk works.
+its slot (or a reused staging buffer), keeps the process's resident memory at what
+it asked for, and releases the GIL while the disk works. ``O_DIRECT`` reads whole
+blocks: given a buffer with room for them (``span``, ``FileReader.read_span``) the
+disk fills it in place; into an exact destination only the partial blocks at its
+ends (or all, when its address and the file offset disagree) go through scratch.
 
 ``MappedFiles`` is the other way in, for ``io="mmap"`` on CPU: tensors that view a
 private (copy-on-write) mapping of the file, so compute reads the page cache in place

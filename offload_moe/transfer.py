@@ -1,12 +1,28 @@
 """Moving experts between the tiers: disk -> (pinned host slot ->) device slot.
 
-``Mover.start`` begins filling one device slot and returns a ``Ticket`` at once:
+``Mover.from_disk`` and ``from_host`` begin filling one device slot and returns a ``Ticket`` at once:
 
 - from the warm tier (a host slot already holding the expert): one whole-slot copy,
   issued on the calling thread;
 - from the disk: a reader thread reads the expert's pieces (file reads release the
   GIL) into a host slot of the warm tier if there is one, else straight into the
   device slot on CPU, or into a reused pinned staging buffer on CUDA, then copies.
+
+The buffers a piece's bytes pass through, disk to slot, by I/O mode:
+
+- ``buffered`` / ``dontneed``: page cache -> slot (CPU slot or host slot); on CUDA without a
+  host tier, page cache -> pinned staging -> GPU slot.
+- ``direct`` (``O_DIRECT``): disk -> pinned staging -> GPU slot on CUDA without a host tier;
+  into a CPU or host slot, disk -> slot for the whole 4096-byte blocks when the slot's address
+  and the file offset agree modulo 4096, and the partial blocks at its ends (or all of it, when
+  they disagree) disk -> scratch -> slot.
+- with a host tier on CUDA, the host slot is filled as above, then one whole-slot copy -> GPU.
+
+A piece the slot does not hold as the file does (a row block, transposed, another dtype) lands in a
+staging buffer first (pinned, on CUDA) and is converted by the copy out of it: with ``direct`` the
+staging gives each piece room for its whole blocks (``staging_layout``), so the read fills it in
+place, with no scratch. ``io="mmap"`` on CPU reads nothing for an expert it can map: compute views
+the page cache (``sources.MappedSource``); one it cannot map is read as ``buffered``.
 
 On CUDA every copy goes on one side stream and records an event; ``Ticket.wait``
 makes the compute stream wait on that event alone, so compute waits only for the

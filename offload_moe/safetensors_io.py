@@ -397,7 +397,7 @@ class FileReader:
             view[:] = scratch[offset - start : offset - start + n]
             return n
         tail = n - head - middle
-        scratch = self._scratch(2 * a)
+        scratch = self._scratch(2 * a) if head or tail else None  # a range of whole blocks needs none
         bufs = ([scratch[:a]] if head else []) + [view[head : head + middle]] + ([scratch[a : 2 * a]] if tail else [])
         done = self._read_blocks(path, start, bufs)  # a head block, if any, is the one before the middle
         self._check_end(path, offset, n, start + done)

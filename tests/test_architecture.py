@@ -27,7 +27,6 @@ NOT_YET_MOVED = {
     ("offload_moe.profiling", "os"), ("offload_moe.profiling", "multiprocessing"), ("offload_moe.profiling", "pickle"),
     ("offload_moe.profiling", "tempfile"), ("offload_moe.profiling", "concurrent"), ("offload_moe.profiling", "signal"),
     ("offload_moe.profiling", "threading"),
-    ("offload_moe.traces", "safetensors"), ("offload_moe.traces", "numpy"),
 }
 
 

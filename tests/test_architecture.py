@@ -139,6 +139,15 @@ PUBLIC = [
     ("offload_moe.chat", "ChatSession"), ("offload_moe.traces", "record_prompts"),
     ("offload_moe.traces", "record_trace"), ("offload_moe.saved_experts", "SavedExperts"),
     ("offload_moe.cli", "app"), ("offload_moe.cli", "main"),
+    # moved into stand_ins.py, traces/ and profiling/: still importable from the old address
+    *[("offload_moe.generic", n) for n in ("LayerRuntime", "OffloadedExpert", "RoutedForward", "grouped")],
+    *[("offload_moe.traces", n) for n in (
+        "Trace", "TraceError", "TraceRecorder", "FORMAT", "TENSORS", "VERSION", "MAX_EXPERTS", "save_trace", "load_trace",
+        "read_prompts", "expert_usage_entropy", "repeat_rate", "random_repeat_rate", "synthesize_trace")],
+    *[("offload_moe.profiling", n) for n in (
+        "ReplayResult", "ENGINES", "replay", "layer_groups", "predictions", "replay_predictor", "drive", "sweep",
+        "sweep_size", "default_predictors", "default_workers", "trace_to_profile", "profile_capacities",
+        "parse_capacities", "reference_trace_path", "recording_device", "activation_counts", "write_results")],
 ]
 
 

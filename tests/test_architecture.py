@@ -24,10 +24,6 @@ LAZY = {
 # Imports inside functions written before this rule; each is to move to the top of its file. The list only shrinks.
 NOT_YET_MOVED = {
     ("offload_moe.config", "psutil"),
-    ("offload_moe.profiling", "os"), ("offload_moe.profiling", "multiprocessing"), ("offload_moe.profiling", "pickle"),
-    ("offload_moe.profiling", "tempfile"), ("offload_moe.profiling", "concurrent"), ("offload_moe.profiling", "signal"),
-    ("offload_moe.profiling", "threading"),
-    ("offload_moe.traces", "safetensors"), ("offload_moe.traces", "numpy"),
 }
 
 
@@ -143,6 +139,15 @@ PUBLIC = [
     ("offload_moe.chat", "ChatSession"), ("offload_moe.traces", "record_prompts"),
     ("offload_moe.traces", "record_trace"), ("offload_moe.saved_experts", "SavedExperts"),
     ("offload_moe.cli", "app"), ("offload_moe.cli", "main"),
+    # moved into stand_ins.py, traces/ and profiling/: still importable from the old address
+    *[("offload_moe.generic", n) for n in ("LayerRuntime", "OffloadedExpert", "RoutedForward", "grouped")],
+    *[("offload_moe.traces", n) for n in (
+        "Trace", "TraceError", "TraceRecorder", "FORMAT", "TENSORS", "VERSION", "MAX_EXPERTS", "save_trace", "load_trace",
+        "read_prompts", "expert_usage_entropy", "repeat_rate", "random_repeat_rate", "synthesize_trace")],
+    *[("offload_moe.profiling", n) for n in (
+        "ReplayResult", "ENGINES", "replay", "layer_groups", "predictions", "replay_predictor", "drive", "sweep",
+        "sweep_size", "default_predictors", "default_workers", "trace_to_profile", "profile_capacities",
+        "parse_capacities", "reference_trace_path", "recording_device", "activation_counts", "write_results")],
 ]
 
 

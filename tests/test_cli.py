@@ -552,7 +552,8 @@ def test_generate_stops_at_the_end_of_the_context():
 
 def test_hit_rate_plot_has_a_panel_per_predictor_and_its_legend_outside_them():
     from offload_moe.profiling import reference_trace_path as _reference_trace
-    from offload_moe.profiling import _hit_rate_figure, default_predictors, sweep
+    from offload_moe.profiling import default_predictors, sweep
+    from offload_moe.profiling.results import _hit_rate_figure
     from offload_moe.traces import load_trace
 
     trace = load_trace(_reference_trace()).first(200)

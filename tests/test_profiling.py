@@ -274,7 +274,8 @@ def test_a_replay_with_reader_threads_counts_what_the_threaded_runtime_counted(p
     be cancelled; the split between hits and misses then moves by an expert or two, so it is not compared.
     """
     import offload_moe
-    from offload_moe.profiling import _replay_cache, drive, replay_predictor
+    from offload_moe.profiling import drive, replay_predictor
+    from offload_moe.profiling.replays import _replay_cache
     from offload_moe.traces import record_trace
 
     model = offload_moe.load(offload_moe.demo_model_path(), cache_experts=24, policy=policy, prefetch=predictor,

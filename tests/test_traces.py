@@ -387,8 +387,7 @@ def test_read_prompts_from_text_and_jsonl(tmp_path):
 
 
 def test_read_prompts_refuses_what_is_not_a_small_utf8_file(tmp_path, monkeypatch):
-    from offload_moe import traces
-    from offload_moe.traces import read_prompts
+    from offload_moe.traces import read_prompts, recording
 
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\u00e9\n".encode("latin-1"))
@@ -408,7 +407,7 @@ def test_read_prompts_refuses_what_is_not_a_small_utf8_file(tmp_path, monkeypatc
     dup.write_text('{"prompt": "a", "prompt": "b"}\n')
     with pytest.raises(TraceError, match="dup.jsonl, line 1 has the key 'prompt' twice"):
         read_prompts(dup)
-    monkeypatch.setattr(traces, "PROMPTS_LIMIT", 10)
+    monkeypatch.setattr(recording, "PROMPTS_LIMIT", 10)
     big = tmp_path / "big.txt"
     big.write_text("x" * 11)
     with pytest.raises(TraceError, match="big.txt is larger than 10 bytes"):

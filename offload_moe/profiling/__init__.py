@@ -1,0 +1,39 @@
+"""Cache-policy profiling: replay a routing trace through eviction policies, capacities and predictors.
+
+One module a concern:
+
+- ``replays``: one replay (``replay``): the reference engine drives the runtime's own ``ExpertCache`` and
+  ``Prefetcher`` with a ``NullMover``; the fast engine is the same ``Residency`` bookkeeping written out;
+  the predictions a replay prefetches (``predictions``, ``replay_predictor``);
+- ``sweeps``: every policy x capacity x predictor plus Belady's optimum, the bound every policy is
+  measured against (``sweep``), in one process or several;
+- ``inputs``: what ``offload-moe profile`` replays: the trace (``trace_to_profile``) and the capacities;
+- ``results``: ``results.json``, ``results.csv`` and the plots (``write_results``).
+
+Import the names from here:
+
+    trace = load_trace("profiles/traces/demo-heldout.safetensors")
+    results = sweep(trace, policies=["lru", "lfu"], capacities=[16, 32], predictors=["none", "transition"])
+    write_results(results, trace, "profile-out")
+"""
+
+from .inputs import parse_capacities, profile_capacities, recording_device, reference_trace_path, trace_to_profile
+from .replays import (
+    ENGINES,
+    RecordedGatePredictor,
+    ReplayResult,
+    drive,
+    layer_groups,
+    predictions,
+    replay,
+    replay_predictor,
+)
+from .results import HEATMAP_MAX_EXPERTS, HEATMAP_MAX_LAYERS, activation_counts, write_results
+from .sweeps import default_predictors, default_workers, sweep, sweep_size
+
+__all__ = [
+    "ENGINES", "HEATMAP_MAX_EXPERTS", "HEATMAP_MAX_LAYERS", "RecordedGatePredictor", "ReplayResult",
+    "activation_counts", "default_predictors", "default_workers", "drive", "layer_groups", "parse_capacities",
+    "predictions", "profile_capacities", "recording_device", "reference_trace_path", "replay", "replay_predictor",
+    "sweep", "sweep_size", "trace_to_profile", "write_results",
+]

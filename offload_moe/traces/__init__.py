@@ -1,0 +1,30 @@
+"""Routing traces: which experts each token went to, recorded, written, read, summarised and synthesised.
+
+One module a concern:
+
+- ``format``: ``Trace`` (vLLM's ``experts`` int16 ``[tokens, layers, top_k]`` plus optional scores,
+  gate predictions, token ids and sequence lengths), its checks, ``save_trace`` and ``load_trace``;
+- ``recording``: ``TraceRecorder``, ``record_trace``, ``read_prompts``, ``record_prompts``;
+- ``summaries``: ``expert_usage_entropy``, ``repeat_rate``, ``random_repeat_rate``;
+- ``synthesis``: ``synthesize_trace``.
+
+Import the names from here:
+
+    model = offload_moe.load(folder, cache_experts=32)
+    trace = record_trace(model, [input_ids], source="held-out stdlib files")
+    save_trace(trace, "profiles/traces/run.safetensors")
+    trace = load_trace("profiles/traces/run.safetensors")
+"""
+
+from ..errors import TraceError
+from .format import FORMAT, MAX_EXPERTS, MAX_LAYER, REQUIRED_METADATA, TENSORS, VERSION, Trace, load_trace, save_trace
+from .recording import TraceRecorder, read_prompts, record_prompts, record_trace
+from .summaries import expert_usage_entropy, random_repeat_rate, repeat_rate
+from .synthesis import synthesize_trace
+
+__all__ = [
+    "FORMAT", "MAX_EXPERTS", "MAX_LAYER", "REQUIRED_METADATA", "TENSORS", "VERSION",
+    "Trace", "TraceError", "TraceRecorder",
+    "expert_usage_entropy", "load_trace", "random_repeat_rate", "read_prompts", "record_prompts", "record_trace",
+    "repeat_rate", "save_trace", "synthesize_trace",
+]

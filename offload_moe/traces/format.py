@@ -1,0 +1,215 @@
+"""The trace format: ``Trace``, its checks, and its file (one safetensors file, written and read here).
+
+A trace uses vLLM's layout for routed experts, ``experts`` int16 ``[tokens, layers, top_k]``,
+so traces stay exchangeable, and optionally keeps the routing weights (``scores``), the
+``gate`` prefetcher's predictions (``predicted``), the token ids and the lengths of the
+sequences the tokens came from. Rows are token positions in the
+order they ran. On disk a trace is one safetensors file; ``metadata`` holds the model, its
+number of experts, top-k, the model layer numbers and where the tokens came from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from ..atomic import atomic_write
+from ..errors import TraceError
+from ..files import open_regular, parse_json
+
+FORMAT = "offload_moe.trace"
+VERSION = "1"
+REQUIRED_METADATA = ("model", "num_experts", "top_k", "layers", "source")
+MAX_EXPERTS = 32767  # expert ids are int16
+MAX_LAYER = 2**31 - 1
+# name: (dtype, rank); "experts" is the only tensor a trace must have.
+TENSORS = {
+    "experts": (torch.int16, 3),          # [T, L, k]
+    "scores": (torch.float32, 3),         # [T, L, k]
+    "predicted": (torch.int16, 3),        # [T, L, m]: at layer l, the gate's top-m for layer l+1; -1: none
+    "token_ids": (torch.int32, 1),        # [T]
+    "sequence_lengths": (torch.int64, 1),  # [S], sums to T
+}
+
+
+@dataclass
+class Trace:
+    """Routed experts of a run of tokens through a model, ``experts[t, l]`` being token t's top-k at layer l.
+
+    ``metadata`` maps str to str as stored in the file: ``model``, ``num_experts``, ``top_k``,
+    ``layers`` (a JSON list of the model's layer numbers, one per column), ``source``; with
+    ``predicted``, also ``predicted_by`` (the predictor, ``gate``).
+    """
+
+    experts: torch.Tensor                          # int16 [T, L, k]
+    metadata: dict[str, str]
+    scores: torch.Tensor | None = None             # float32 [T, L, k], routing weights
+    predicted: torch.Tensor | None = None          # int16 [T, L, m], best first, -1 padded
+    token_ids: torch.Tensor | None = None          # int32 [T]
+    sequence_lengths: torch.Tensor | None = None   # int64 [S]; consecutive rows of one sequence
+
+    @property
+    def num_tokens(self) -> int:
+        return self.experts.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.metadata["num_experts"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.metadata["top_k"])
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(x) for x in json.loads(self.metadata["layers"])]
+
+    @property
+    def prediction_margin(self) -> int | None:
+        """How many experts beyond top_k the stored predictions name, or None without predictions."""
+        return None if self.predicted is None else self.predicted.shape[2] - self.top_k
+
+    def first(self, tokens: int) -> Trace:
+        """The trace's first ``tokens`` rows (all of it if it is shorter); the sequence they end in is cut there."""
+        if tokens < 1:
+            raise TraceError(f"tokens={tokens}: keep at least one token of the trace")
+        if tokens >= self.num_tokens:
+            return self
+        lengths = None
+        if self.sequence_lengths is not None:
+            kept = [min(end, tokens) - start for start, end in self.sequences() if start < tokens]
+            lengths = torch.tensor(kept, dtype=torch.int64)
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:tokens].clone()
+
+        return Trace(experts=cut(self.experts), metadata=dict(self.metadata), scores=cut(self.scores),
+                     predicted=cut(self.predicted), token_ids=cut(self.token_ids), sequence_lengths=lengths)
+
+    def sequences(self) -> list[tuple[int, int]]:
+        """``(start, end)`` row ranges of the sequences; the whole trace is one sequence without lengths."""
+        if self.sequence_lengths is None:
+            return [(0, self.num_tokens)]
+        ends = torch.cumsum(self.sequence_lengths, 0).tolist()
+        return list(zip([0, *ends[:-1]], ends))
+
+    def validate(self, where: str | Path = "trace") -> None:
+        """Raise ``TraceError`` naming ``where`` if a tensor or the metadata is malformed."""
+        _check_metadata(self.metadata, where)
+        for name, (dtype, rank) in TENSORS.items():
+            tensor = getattr(self, name)
+            if tensor is not None and (tensor.dtype != dtype or tensor.dim() != rank):
+                raise TraceError(
+                    f"{where}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')} with {tensor.dim()} "
+                    f"dimension(s); a trace stores it as {str(dtype).removeprefix('torch.')} with {rank}"
+                )
+        _check_shapes(self, where)
+        _check_expert_ids(self, where)
+
+
+def _check_metadata(metadata: dict[str, str], where: str | Path) -> None:
+    missing = [k for k in REQUIRED_METADATA if k not in metadata]
+    if missing:
+        raise TraceError(f"{where}: metadata lacks {', '.join(missing)}; a trace records {', '.join(REQUIRED_METADATA)}")
+    odd = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if odd:
+        raise TraceError(f"{where}: metadata {odd[0]!r} is {type(metadata[odd[0]]).__name__}; trace metadata maps text to text")
+    num_experts = _metadata_int(metadata, "num_experts", MAX_EXPERTS, where,
+                                f"a trace stores expert ids as int16, so at most {MAX_EXPERTS} experts per layer")
+    _metadata_int(metadata, "top_k", num_experts, where, f"a token cannot choose more than num_experts={num_experts}")
+    layers = parse_json(metadata["layers"], f"{where}: metadata 'layers'", TraceError)
+    if (not isinstance(layers, list) or not layers
+            or not all(type(x) is int and 0 <= x <= MAX_LAYER for x in layers) or len(set(layers)) != len(layers)):
+        raise TraceError(f"{where}: metadata layers={_clip(metadata['layers'])}; it must be a non-empty JSON list of "
+                         f"distinct layer numbers 0..{MAX_LAYER}, one per column of 'experts'")
+
+
+def _metadata_int(metadata: dict[str, str], field: str, most: int, where: str | Path, why: str) -> int:
+    """The metadata ``field`` as a count 1..``most``: plain decimal digits, nothing int() would also accept."""
+    text = metadata[field]
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not 1 <= int(text) <= most:
+        raise TraceError(f"{where}: metadata {field}={_clip(text)} must be a whole number from 1 to {most} ({why})")
+    return int(text)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def _check_shapes(trace: Trace, where: str | Path) -> None:
+    tokens, layers, k = trace.experts.shape
+    if layers != len(trace.layers) or k != trace.top_k:
+        raise TraceError(
+            f"{where}: 'experts' has shape {list(trace.experts.shape)} but the metadata says "
+            f"{len(trace.layers)} layers and top_k={trace.top_k}"
+        )
+    if tokens < 1:
+        raise TraceError(f"{where}: 'experts' holds no tokens (shape {list(trace.experts.shape)}); a trace holds at least one")
+    predicted = trace.predicted
+    if predicted is not None and (predicted.shape[:2] != trace.experts.shape[:2] or predicted.shape[2] < k):
+        raise TraceError(f"{where}: 'predicted' has shape {list(predicted.shape)}; it should be "
+                         f"[{tokens}, {layers}, top_k + margin] like 'experts' {list(trace.experts.shape)}")
+    if predicted is not None and "predicted_by" not in trace.metadata:
+        raise TraceError(f"{where}: 'predicted' is stored but the metadata lacks 'predicted_by' (the predictor's name)")
+    if trace.scores is not None and trace.scores.shape != trace.experts.shape:
+        raise TraceError(f"{where}: 'scores' has shape {list(trace.scores.shape)}, unlike 'experts' {list(trace.experts.shape)}")
+    if trace.token_ids is not None and len(trace.token_ids) != tokens:
+        raise TraceError(f"{where}: 'token_ids' has {len(trace.token_ids)} entries for {tokens} traced tokens")
+    lengths = trace.sequence_lengths
+    # each length in 1..tokens before summing, so the int64 sum cannot wrap around to the right total
+    if lengths is not None and (len(lengths) > tokens or bool((lengths < 1).any()) or bool((lengths > tokens).any())
+                                or int(lengths.sum()) != tokens):
+        raise TraceError(f"{where}: 'sequence_lengths' must be positive and sum to the {tokens} traced tokens")
+
+
+def _check_expert_ids(trace: Trace, where: str | Path) -> None:
+    for name, lowest in (("experts", 0), ("predicted", -1)):
+        ids = getattr(trace, name)
+        if ids is None or ids.numel() == 0:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < lowest or high >= trace.num_experts:
+            bad = low if low < lowest else high
+            raise TraceError(
+                f"{where}: {name!r} holds expert id {bad}, outside {lowest}..{trace.num_experts - 1} (metadata "
+                f"num_experts={trace.num_experts}); the trace was recorded for another model or is corrupted"
+            )
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_trace(trace: Trace, path: str | Path) -> Path:
+    """Write ``trace`` to one safetensors file, atomically: readers see the old file or the new one."""
+    path = Path(path)
+    trace.validate(path)
+    tensors = {name: getattr(trace, name).contiguous() for name in TENSORS if getattr(trace, name) is not None}
+    metadata = {**trace.metadata, "format": FORMAT, "version": VERSION}
+    return atomic_write(path, save(tensors, metadata=metadata))
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Read and validate a trace written by ``save_trace`` (or any file in the same layout)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise TraceError(f"{path} does not exist; record one with offload_moe.traces.record_trace "
+                         "or scripts/record_reference_traces.py")
+    # a FIFO or a device is refused here, before safe_open could block on it or read it without end
+    with open_regular(path, "trace file", TraceError):
+        try:
+            with safe_open(path, "pt") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {name: f.get_tensor(name) for name in f.keys() if name in TENSORS}
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise TraceError(f"{path} is not a readable safetensors file ({e}); re-record the trace") from None
+    if "experts" not in tensors:
+        raise TraceError(f"{path} has no 'experts' tensor; a trace stores the routed experts as int16 [tokens, layers, top_k]")
+    trace = Trace(metadata={k: v for k, v in metadata.items() if k not in ("format", "version")}, **tensors)
+    trace.validate(path)
+    return trace

@@ -7,7 +7,7 @@ recorded routing trace gives the lowest miss count any policy could reach.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Container, Sequence
 
 from ..errors import PolicyError
 from .base import EvictionPolicy, Key
@@ -54,8 +54,8 @@ class Belady(EvictionPolicy):
     def on_evict(self, key: Key) -> None:
         self._heap.discard(key)
 
-    def victim(self, evictable: Callable[[Key], bool]) -> Key:
-        return self._heap.lowest_evictable(evictable)
+    def victim(self, pinned: Container[Key]) -> Key:
+        return self._heap.lowest_unpinned(pinned)
 
 
 def _next_positions(future: Sequence[Key]) -> list[float]:

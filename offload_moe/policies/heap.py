@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from ..errors import PolicyError
 from .base import Key
@@ -17,7 +17,7 @@ class LazyHeap:
 
     A key is pushed again whenever its priority changes (or, with ``rising``, when an out-of-date
     entry reaches the top); entries whose priority is out of date, or whose key left, are dropped
-    when they reach the top, so ``lowest_evictable`` is O(log n) amortised. The push order keeps entries
+    when they reach the top, so ``lowest_unpinned`` is O(log n) amortised. The push order keeps entries
     comparable without comparing keys.
     """
 
@@ -45,8 +45,8 @@ class LazyHeap:
             self._heap = [(self.priority(k), next(self._order), k) for k in self.resident]
             heapq.heapify(self._heap)
 
-    def lowest_evictable(self, evictable: Callable[[Key], bool]) -> Key:
-        """The evictable resident key of lowest priority; it stays in the heap until ``discard``."""
+    def lowest_unpinned(self, pinned: Container[Key]) -> Key:
+        """The resident key of lowest priority not in ``pinned``; it stays in the heap until ``discard``."""
         kept: list[_Entry] = []  # current entries popped on the way; they go back
         try:
             while self._heap:
@@ -60,7 +60,7 @@ class LazyHeap:
                         heapq.heappush(self._heap, (current, next(self._order), key))
                     continue
                 kept.append(entry)
-                if evictable(key):
+                if key not in pinned:
                     return key
         finally:
             for entry in kept:

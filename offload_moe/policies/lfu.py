@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Container
 
 from .base import EvictionPolicy, Key
 from .heap import LazyHeap
@@ -33,5 +33,5 @@ class LFU(EvictionPolicy):
     def on_evict(self, key: Key) -> None:
         self._heap.discard(key)
 
-    def victim(self, evictable: Callable[[Key], bool]) -> Key:
-        return self._heap.lowest_evictable(evictable)
+    def victim(self, pinned: Container[Key]) -> Key:
+        return self._heap.lowest_unpinned(pinned)

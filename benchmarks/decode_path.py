@@ -39,6 +39,7 @@ SETTINGS: dict[str, dict] = {
     "gate": {"cache_experts": 24, "prefetch": "gate"},
     "transition": {"cache_experts": 24, "prefetch": "transition"},
     "mmap gate": {"cache_experts": 24, "prefetch": "gate", "io": "mmap"},
+    "lfu gate": {"cache_experts": 24, "prefetch": "gate", "policy": "lfu"},
 }
 
 
@@ -170,8 +171,8 @@ def decode_step_path(settings: dict, prompt: int = 5, warmup: int = 3) -> PathCo
             past = kv_cache_of(model(torch.arange(1, prompt + 1)[None], use_cache=True))
             for t in range(warmup):
                 past = kv_cache_of(model(torch.tensor([[prompt + 1 + t]]), use_cache=True, **kv_cache_kwargs(model, past)))
-            step = torch.tensor([[prompt + 1 + warmup]])
-            return measure_path(lambda: model(step, use_cache=True, **kv_cache_kwargs(model, past)), layers, cache)
+            step, kwargs = torch.tensor([[prompt + 1 + warmup]]), kv_cache_kwargs(model, past)
+            return measure_path(lambda: model(step, use_cache=True, **kwargs), layers, cache)
     finally:
         model.offload.close()
 

@@ -33,13 +33,13 @@ import torch
 
 PACKAGE = "offload_moe"
 
-SETTINGS: dict[str, dict] = {
-    "resident": {},
-    "none": {"cache_experts": 24, "prefetch": "none"},
+SETTINGS: dict[str, dict] = {  # short names: the table has a column for each, in 80 columns
+    "resident": {},  # every expert in a slot
+    "none": {"cache_experts": 24, "prefetch": "none"},  # of 96 experts; LRU
     "gate": {"cache_experts": 24, "prefetch": "gate"},
-    "transition": {"cache_experts": 24, "prefetch": "transition"},
-    "mmap gate": {"cache_experts": 24, "prefetch": "gate", "io": "mmap"},
-    "lfu gate": {"cache_experts": 24, "prefetch": "gate", "policy": "lfu"},
+    "trans": {"cache_experts": 24, "prefetch": "transition"},
+    "mmap": {"cache_experts": 24, "prefetch": "gate", "io": "mmap"},
+    "lfu": {"cache_experts": 24, "prefetch": "gate", "policy": "lfu"},
 }
 
 
@@ -170,7 +170,8 @@ def decode_step_path(settings: dict, prompt: int = 5, warmup: int = 3) -> PathCo
         with torch.no_grad():
             past = kv_cache_of(model(torch.arange(1, prompt + 1)[None], use_cache=True))
             for t in range(warmup):
-                past = kv_cache_of(model(torch.tensor([[prompt + 1 + t]]), use_cache=True, **kv_cache_kwargs(model, past)))
+                step = torch.tensor([[prompt + 1 + t]])
+                past = kv_cache_of(model(step, use_cache=True, **kv_cache_kwargs(model, past)))
             step, kwargs = torch.tensor([[prompt + 1 + warmup]]), kv_cache_kwargs(model, past)
             return measure_path(lambda: model(step, use_cache=True, **kwargs), layers, cache)
     finally:
@@ -202,8 +203,8 @@ def _table(results: dict[str, PathCount]):
     for name in names:
         entries.add_column(name, justify="right")
     for pair in pairs:
-        entries.add_row(pair, *(f"{results[n].per_layer(results[n].entries[pair]):.2f}" if results[n].entries[pair]
-                                else "" for n in names))
+        cells = [f"{c.per_layer(c.entries[pair]):.2f}" if c.entries[pair] else "" for c in results.values()]
+        entries.add_row(pair.replace("policies.", ""), *cells)
     return table, entries
 
 

@@ -22,7 +22,6 @@ from torch import nn
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
 from .config import Budget, OffloadConfig, check_within, parse_bytes, shown
 from .errors import BudgetError, ConfigError, UnsupportedModelError
-from .experts import OffloadedExperts
 from .policies import make_policy
 from .prefetch import Predictor, Prefetcher, make_predictor
 from .progress import progress_bar
@@ -123,7 +122,7 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
         stand_ins = install()
         for pos, stand_in in enumerate(stand_ins):
             stand_in.cache, stand_in.prefetcher, stand_in.pos = cache, prefetcher, pos
-        cleanups = [_count_tokens(layers, stand_ins, cache)]
+        cleanups = [_count_tokens(layers, cache)]
         bind = getattr(predictor, "bind", None)
         if bind is not None:
             cleanups.append(bind(prefetcher))
@@ -182,9 +181,9 @@ def _host_slots(host_memory, layout: SlotLayout, total: int) -> int:
     return slots
 
 
-def _count_tokens(layers: Sequence[MoELayer], stand_ins: list, cache: ExpertCache) -> Callable[[], None]:
-    """Count the tokens entering the first MoE layer of each stack (encoder, decoder...) for ``stats()['tokens']``;
-    an ``OffloadedExperts`` first in its stack counts its own."""
+def _count_tokens(layers: Sequence[MoELayer], cache: ExpertCache) -> Callable[[], None]:
+    """Count the tokens entering the first MoE layer of each stack (encoder, decoder...) for ``stats()['tokens']``:
+    the one place tokens are counted, under both verbs (a forward pre-hook on the layer's block)."""
     def count(module, args, kwargs):
         hidden = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1:
@@ -192,12 +191,12 @@ def _count_tokens(layers: Sequence[MoELayer], stand_ins: list, cache: ExpertCach
                 cache.flow.tokens += hidden.numel() // hidden.shape[-1]
 
     handles, stacks = [], set()
-    for layer, stand_in in zip(layers, stand_ins):
+    for layer in layers:
         stack = _stack(layer.name)
         if stack in stacks:
             continue
         stacks.add(stack)
-        if not (isinstance(stand_in, OffloadedExperts) and stand_in.pos == 0) and layer.block is not None:
+        if layer.block is not None:
             handles.append(layer.block.register_forward_pre_hook(count, with_kwargs=True))
     return lambda: [h.remove() for h in handles]
 

@@ -83,7 +83,7 @@ class Residency:
         self.owner: list[Key | None] = [None] * capacity
         self.free: list[int] = list(range(capacity - 1, -1, -1))
         self.quarantined: set[int] = set()  # slots a timed-out read may still write into
-        self.pins: dict[Key, int] = defaultdict(int)
+        self.pins: dict[Key, int] = defaultdict(int)  # key -> pins (1 or more); an unpinned key has no entry
         self.per_layer: dict[int, Counters] = defaultdict(Counters)
 
     # -- queries -------------------------------------------------------------
@@ -137,9 +137,8 @@ class Residency:
                     f"all {self.capacity} expert slots are in use by the layer being computed; "
                     "raise cache_experts / cache_memory"
                 )
-            slot_of, pins = self.slot_of, self.pins
-            evicted = self.policy.victim(lambda k: k in slot_of and not pins.get(k, 0))
-            if evicted not in self.slot_of or self.is_pinned(evicted):
+            evicted = self.policy.victim(self.pins)  # the policy's keys are the resident ones
+            if evicted not in self.slot_of or evicted in self.pins:
                 raise AssertionError(f"policy {self.policy.name} chose {evicted}, which is not evictable")
             slot = self.slot_of.pop(evicted)
             self.policy.on_evict(evicted)
@@ -173,7 +172,7 @@ class Residency:
         self.free.append(slot)
 
     def release_all(self, keys: Iterable[Key]) -> None:
-        """Unpin each of ``keys`` once (the replay releases a layer's keys in one call)."""
+        """Unpin each of ``keys`` once."""
         pins = self.pins
         for key in keys:
             n = pins.get(key, 0)
@@ -330,19 +329,20 @@ class FlowCounters:
 class ExpertCache:
     """The hot tier: device slots filled from the warm tier (if any) or the disk, loads in flight tracked.
 
-    Compute makes one call, ``use(layer, experts)``, which pins, loads and hands out the experts and
-    unpins them when its block ends. The load at startup is ``fill`` (device slots) or ``fill_host``
-    (the warm tier); the prefetcher calls ``prefetch``.
+    Compute makes one call, ``use(layer, experts)``, which pins, loads and hands out the experts,
+    starts the loads the prefetcher named (``Lease.prefetch``) and unpins the experts when its block ends.
+    The load at startup is ``fill`` (device slots) or ``fill_host`` (the warm tier); ``prefetch`` starts
+    loads between layers.
 
     Every bookkeeping step runs on the calling (compute) thread; reader threads only move bytes.
-    ``lock`` (reentrant) is held by whoever uses the cache, for a whole layer's use (``use``, a prefetch,
-    ``close``): several threads may run a model, one layer at a time.
+    ``lock`` (reentrant) is held by whoever uses the cache, for a whole layer's use (taken once, by the
+    lease), a prefetch or ``close``: several threads may run a model, one layer at a time.
     After ``close`` every use raises ``ModelClosedError``.
     A key in flight holds a slot and counts as resident, so a layer that needs it waits for it
     rather than loading it twice. A load holds a pin (its flight pin) until it lands, so it cannot be
     evicted half-written, and a prefetch never evicts a pinned key, so it never takes an expert the
     current layer still needs. Where an expert's tensors come from when it has no slot is the
-    ``source``'s business (``offload_moe.sources``).
+    ``source``'s business (``offload_moe.sources``; None: every missing expert is read into a slot).
     """
 
     def __init__(self, residency: Residency, pool: SlotPool, store: "ExpertStore", mover: "Mover",
@@ -400,7 +400,7 @@ class ExpertCache:
                     self._start(*key)
                 for key in batch:
                     self._ready(*key)
-                    self._release(*key)
+                    self._release([key])
                     if advance is not None:
                         advance(self.pool.layout.nbytes)
             self.reset_stats()
@@ -426,32 +426,24 @@ class ExpertCache:
                         advance(host.pool.layout.nbytes)
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> int:
-        """Start loading those of ``experts`` that are neither resident nor in flight, while a slot is evictable."""
-        started = 0
+        """Start loading those of ``experts`` that are neither resident nor in flight, while a slot is evictable.
+        (A layer's own prefetches go through its lease, under the lock it holds.)"""
         with self.lock:
             self.check_open()
-            for expert in experts:
-                key = (layer, expert)
-                if key in self.residency:
-                    continue
-                if self.source.read_ahead(key, self.flow):
-                    started += 1
-                    continue
-                if not self._start(layer, expert, prefetch=True):
-                    if self.source.needs_slots:
-                        break
-                    continue  # an expert that cannot be mapped found no slot; the others may still be read ahead
-                started += 1
-        return started
+            return self._prefetch(layer, experts)
 
     # -- the protocol behind use() ---------------------------------------------
     def _acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[int], list[int]]:
         """Pin the resident (or in-flight) experts among ``experts``; return them and the rest."""
         self.check_open()
-        self.reap()
-        self._cancel_stale_prefetches(layer, experts)
-        self.source.settle(layer, experts, self.residency.__contains__, self.flow)
-        hits, misses = self.residency.request((layer, e) for e in experts)
+        if self._inflight or self._quarantine or self._host_pending:
+            self.reap()
+        if self._prefetched:
+            self._cancel_stale_prefetches(layer, experts)
+        if self.source is not None:
+            self.source.settle(layer, experts, self.residency.slot_of, self.flow)
+        hits, misses = self.residency.request([(layer, e) for e in experts])
+        resident = []
         for key, _ in hits:
             ticket = self._inflight.get(key)
             if ticket is not None:
@@ -460,7 +452,8 @@ class ExpertCache:
             if key in self._prefetched:
                 self._prefetched.discard(key)
                 self.flow.prefetch_used += 1
-        return [k[1] for k, _ in hits], [k[1] for k in misses]
+            resident.append(key[1])
+        return resident, [expert for _, expert in misses]
 
     def _in_place(self, layer: int, experts: Sequence[int]) -> dict[int, dict]:
         """The tensors of those of the missing ``experts`` that the source serves without a slot."""
@@ -477,6 +470,24 @@ class ExpertCache:
             self.flow.mapped += len(out)
             self.flow.mapped_bytes += len(out) * self.pool.layout.nbytes
         return out
+
+    def _prefetch(self, layer: int, experts: Sequence[int]) -> int:
+        """``prefetch`` under the lock the caller holds."""
+        started = 0
+        source, resident = self.source, self.residency.slot_of
+        for expert in experts:
+            key = (layer, expert)
+            if key in resident:
+                continue
+            if source is not None and source.read_ahead(key, self.flow):
+                started += 1
+                continue
+            if not self._start(layer, expert, prefetch=True):
+                if source is None:
+                    break  # every slot is pinned: the others would find none either
+                continue  # an expert that cannot be mapped found no slot; the others may still be read ahead
+            started += 1
+        return started
 
     def _start(self, layer: int, expert: int, prefetch: bool = False) -> bool:
         """Begin loading a missing expert into a slot; False when every slot is pinned (try again later)."""
@@ -531,11 +542,12 @@ class ExpertCache:
                 "raise cache_experts / cache_memory"
             )
 
-    def _release(self, layer: int, expert: int) -> None:
-        key = (layer, expert)
-        self.residency.release(key)
-        if not self.reuse and not self.residency.is_pinned(key) and key not in self._inflight:
-            self.residency.discard(key)
+    def _release(self, keys: Sequence[Key]) -> None:
+        self.residency.release_all(keys)
+        if not self.reuse:
+            for key in keys:
+                if key not in self.residency.pins and key not in self._inflight:
+                    self.residency.discard(key)
 
     # -- internals -------------------------------------------------------------
     def _cancel_stale_prefetches(self, layer: int, experts: Sequence[int]) -> None:
@@ -666,7 +678,8 @@ class ExpertCache:
                 continue
             if self.mover.landed(transfer):
                 self._landed(key, transfer)
-        self._release_quarantine()
+        if self._quarantine:
+            self._release_quarantine()
         if self.host is not None and self._host_pending:
             pending = []
             for key, ticket in self._host_pending:
@@ -764,11 +777,11 @@ class ExpertCache:
 class Lease:
     """A layer's use of its experts (``ExpertCache.use``): a ``with`` block; iterate for ``(expert, tensors)``.
 
-    Holds the cache's lock for the whole block. The tensors are a slot's views, or whatever the cache's
-    source serves without a slot; the user never needs to know which.
+    Holds the cache's lock for the whole block: the layer's one acquisition. The tensors are a slot's views,
+    or whatever the cache's source serves without a slot; the user never needs to know which.
     """
 
-    __slots__ = ("cache", "layer", "experts", "pinned", "waiting", "_order", "_in_place", "_open")
+    __slots__ = ("cache", "layer", "experts", "pinned", "waiting", "_order", "_in_place", "_open", "_loads")
 
     def __init__(self, cache: ExpertCache, layer: int, experts: Sequence[int]):
         self.cache = cache
@@ -779,6 +792,7 @@ class Lease:
         self._order: list[int] = []
         self._in_place: dict[int, dict] = {}
         self._open = False
+        self._loads: Sequence[tuple[int, Sequence[int]]] = ()  # the prefetches of the layers ahead
 
     def __enter__(self) -> "Lease":
         cache, layer = self.cache, self.layer
@@ -786,8 +800,9 @@ class Lease:
         try:
             hits, misses = cache._acquire(layer, self.experts)
             self.pinned.update(hits)
-            self._in_place = cache._in_place(layer, misses) if misses else {}
-            misses = [e for e in misses if e not in self._in_place]
+            if misses and cache.source is not None:
+                self._in_place = cache._in_place(layer, misses)
+                misses = [e for e in misses if e not in self._in_place]
             for expert in misses:
                 if cache._start(layer, expert):
                     self.pinned.add(expert)
@@ -799,6 +814,14 @@ class Lease:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def prefetch(self, loads: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Start the loads ``(layer, experts best first)`` named for the layers ahead: now, unless an expert of
+        this layer still waits for a slot, and again when the block ends (the layer's slots are free then)."""
+        self._loads = loads
+        if not self.waiting:
+            for layer, experts in loads:
+                self.cache._prefetch(layer, experts)
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
         cache, layer, in_place, pinned = self.cache, self.layer, self._in_place, self.pinned
@@ -813,17 +836,21 @@ class Lease:
                 cache._start_blocking(layer, expert)
                 pinned.add(expert)
             yield expert, cache.pool.views(cache._ready(layer, expert))
-            cache._release(layer, expert)  # the caller is done with it: its slot may serve the next one
+            cache._release([(layer, expert)])  # the caller is done with it: its slot may serve the next one
             pinned.discard(expert)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *_) -> None:
+        cache = self.cache
         try:
-            for expert in self.pinned:
-                self.cache._release(self.layer, expert)
-            self.pinned.clear()
+            if self.pinned:
+                cache._release([(self.layer, expert) for expert in self.pinned])
+                self.pinned.clear()
             self._open = False
+            if exc_type is None:
+                for layer, experts in self._loads:
+                    cache._prefetch(layer, experts)
         finally:
-            self.cache.lock.release()
+            cache.lock.release()
 
 
 def _batches(keys: Sequence[Key], size: int = 64) -> Iterator[Sequence[Key]]:

@@ -17,8 +17,9 @@ from torch import nn
 
 from .cache import ExpertCache
 from .errors import ExpertLoadError
+from .kernels import ExpertMLP
 from .prefetch import Prefetcher
-from .store import ExpertsSpec, RowBlocks, linear
+from .store import ExpertsSpec
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -67,7 +68,6 @@ class OffloadedExperts(nn.Module):
         self.has_bias = bool(getattr(original, "has_bias", False))
         self.is_transposed = bool(original.is_transposed)
         self.has_post_expert_norm = bool(getattr(original, "has_post_expert_norm", False))
-        self.first = "gate_up_proj" if self.has_gate else "up_proj"
         for name in expert_params(original):
             del original._parameters[name]
         # What is left of the module (act_fn, norms, dense parameters) stays under its own names,
@@ -76,8 +76,10 @@ class OffloadedExperts(nn.Module):
             self.add_module(name, child)
         for name, p in original.named_parameters(recurse=False):
             self.register_parameter(name, p)
-        # Bound to the original: GPT-OSS's clamped SwiGLU reads its alpha and limit from there.
-        self._gate_fn: Callable[[torch.Tensor], torch.Tensor] = original._apply_gate
+        # The gate is bound to the original: GPT-OSS's clamped SwiGLU reads its alpha and limit from there.
+        self.kernel = ExpertMLP(gated=self.has_gate, transposed=self.is_transposed,
+                                activation=original._apply_gate if self.has_gate else self.act_fn,
+                                post_norm=self.post_expert_norm if self.has_post_expert_norm else None)
         self.cache: ExpertCache | None = None  # set by the runtime; not a submodule
         self.prefetcher: Prefetcher | None = None
         self.pos = 0  # position among the model's MoE layers
@@ -89,26 +91,8 @@ class OffloadedExperts(nn.Module):
         if self.cache is None:
             raise ExpertLoadError(f"the expert cache of {self.spec.prefix} is not attached yet; load the model with "
                                   "offload_moe.load or offload it with offload_experts first")
-        with self.cache.lock:
-            if self.pos == 0:
-                self.cache.flow.tokens += top_k_index.shape[0]
-            return compute_grouped(self.cache, self.prefetcher, self.layer, self.pos, hidden_states, top_k_index,
-                                   top_k_weights, self._expert, self.num_experts)
-
-    def _expert(self, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-        h = self._linear(x, w[self.first], w.get(self.first + "_bias"))
-        h = self._gate_fn(h) if self.has_gate else self.act_fn(h)
-        y = self._linear(h, w["down_proj"], w.get("down_proj_bias"))
-        if self.has_post_expert_norm:
-            y = self.post_expert_norm(y)
-        return y
-
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor | RowBlocks,
-                bias: torch.Tensor | RowBlocks | None) -> torch.Tensor:
-        if self.is_transposed:  # weight [in, out], never split into row blocks
-            y = x @ weight
-            return y + bias if bias is not None else y
-        return linear(x, weight, bias)  # weight [out, in], maybe as row blocks
+        return compute_grouped(self.cache, self.prefetcher, self.layer, self.pos, hidden_states, top_k_index,
+                               top_k_weights, self.kernel, self.num_experts)
 
 
 def routing_to_host(flat: torch.Tensor, predicted: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -135,27 +119,26 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
     are already loading, and each needed expert is loaded once. An index of -1 is a dropped pair
     (it contributes nothing). ``kernel(x, slot_tensors)`` computes one expert. ``check`` sees the
     routing once it is on the host. The k contributions of a token are summed in k order, as
-    transformers' grouped implementation does.
+    transformers' grouped implementation does. The cache's lock is taken once, by ``use_layer``.
     """
-    with cache.lock:  # the cache's books stay consistent across the whole layer, whichever thread calls
-        num_tokens, top_k = index.shape
-        flat = index.reshape(-1)  # [T*k]
-        order = torch.argsort(flat, stable=True)  # pair ids grouped by expert, dropped (-1) pairs first
-        predicted = prefetcher.predict_device(pos, hidden) if prefetcher else {}
-        routing, predicted = routing_to_host(flat, predicted)  # the layer's one host-device sync
-        if check is not None:
-            check(routing)
-        spans = _spans(routing, num_experts)
-        pair_weights = weights.reshape(-1)  # [T*k]
-        out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1], dtype=torch.promote_types(hidden.dtype, weights.dtype))
+    num_tokens, top_k = index.shape
+    flat = index.reshape(-1)  # [T*k]
+    order = torch.argsort(flat, stable=True)  # pair ids grouped by expert, dropped (-1) pairs first
+    predicted = prefetcher.predict_device(pos, hidden) if prefetcher else {}
+    routing, predicted = routing_to_host(flat, predicted)  # the layer's one host-device sync
+    if check is not None:
+        check(routing)
+    spans = _spans(routing, num_experts)
+    pair_weights = weights.reshape(-1)  # [T*k]
+    out = hidden.new_zeros(num_tokens * top_k, hidden.shape[-1], dtype=torch.promote_types(hidden.dtype, weights.dtype))
 
-        def compute(expert: int, tensors: dict[str, torch.Tensor]) -> None:
-            lo, hi = spans[expert]
-            pairs = order[lo:hi]
-            out[pairs] = kernel(hidden[pairs // top_k], tensors) * pair_weights[pairs, None]
+    def compute(expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        lo, hi = spans[expert]
+        pairs = order[lo:hi]
+        out[pairs] = kernel(hidden[pairs // top_k], tensors) * pair_weights[pairs, None]
 
-        use_layer(cache, prefetcher, layer, pos, list(spans), _kept(routing, num_tokens, top_k), predicted, compute)
-        return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+    use_layer(cache, prefetcher, layer, pos, list(spans), _kept(routing, num_tokens, top_k), predicted, compute)
+    return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
 
 
 def use_layer(cache: ExpertCache, prefetcher: Prefetcher | None, layer: int, pos: int, experts: list[int],
@@ -164,17 +147,15 @@ def use_layer(cache: ExpertCache, prefetcher: Prefetcher | None, layer: int, pos
     """One layer's turn at the cache and the prefetcher, as the runtime takes it and a trace replay repeats it.
 
     ``experts`` are the layer's distinct experts, ascending; ``routing`` [T, k] (on the host) and the
-    device-side ``predicted`` go to the prefetcher, which starts its loads while the layer computes and
-    retries them once the layer has let go of its slots. ``compute(expert, tensors)`` runs each expert,
-    resident first, then each missing one once it is ready.
+    device-side ``predicted`` go to the prefetcher, whose loads the lease starts while the layer computes
+    and again once the layer has let go of its slots. ``compute(expert, tensors)`` runs each expert,
+    resident first, then each missing one once it is ready. All of it under the cache's lock, taken once.
     """
-    with cache.use(layer, experts) as ready:
+    with cache.use(layer, experts) as lease:
         if prefetcher is not None:
-            prefetcher.after_routing(pos, routing, predicted, issue=not ready.waiting)
-        for expert, tensors in ready:
+            lease.prefetch(prefetcher.after_routing(pos, routing, predicted))
+        for expert, tensors in lease:
             compute(expert, tensors)
-    if prefetcher is not None:
-        prefetcher.retry()  # slots this layer held are free now
 
 
 def _spans(routing: torch.Tensor, num_experts: int) -> dict[int, tuple[int, int]]:

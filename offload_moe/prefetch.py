@@ -13,7 +13,7 @@ MoE layers. Predictors are pluggable like eviction policies:
 - ``none``.
 
 ``Prefetcher`` asks the predictor, scores its past predictions against the routing
-that really came, and asks the cache to start the predicted loads. A prediction
+that really came, and names the predicted loads, which the layer's lease on the cache starts. A prediction
 costs no extra host-device synchronisation: device-side predictions travel to the
 host with the layer's own routing, in the one copy per layer.
 """
@@ -192,22 +192,26 @@ class PredictionScore:
 
 
 class Prefetcher:
-    """Runs a predictor at every MoE layer, scores it, and starts the predicted loads in the cache."""
+    """Runs a predictor at every MoE layer, scores it, and names the loads for the layers ahead.
 
-    def __init__(self, predictor: Predictor, layers: Sequence[int], cache):
+    It never calls the cache during a layer: the layer hands what ``after_routing`` names to its lease
+    (``Lease.prefetch``). ``cache`` is there for predictors that prefetch between layers (``bind``).
+    """
+
+    def __init__(self, predictor: Predictor, layers: Sequence[int], cache=None):
         self.predictor = predictor
         self.layers = list(layers)  # model layer number of each MoE position
         self.cache = cache
         self.score = PredictionScore()
         self._expected: dict[int, set[int]] = {}  # pos -> experts predicted one layer ahead
-        self._pending: list[tuple[int, list[int]]] = []  # (layer, experts best first) predicted at this layer
 
     def predict_device(self, pos: int, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
         return self.predictor.predict_device(pos, hidden)
 
-    def after_routing(self, pos: int, routing: torch.Tensor, device_predictions: dict[int, torch.Tensor],
-                      issue: bool = True) -> None:
-        """Score the prediction made for ``pos``, learn from its routing, and start loads for the layers ahead."""
+    def after_routing(self, pos: int, routing: torch.Tensor,
+                      device_predictions: dict[int, torch.Tensor]) -> list[tuple[int, list[int]]]:
+        """Score the prediction made for ``pos``, learn from its routing, and return the loads to start for the
+        layers ahead: ``(layer, experts best first)``, nearest layer first."""
         needed = set(routing.unique().tolist())
         expected = self._expected.pop(pos, None)
         if expected is not None:
@@ -218,19 +222,13 @@ class Prefetcher:
         predictions = {ahead: [ids] for ahead, ids in device_predictions.items()}
         for ahead, ids in self.predictor.predict_host(pos, routing).items():
             predictions.setdefault(ahead, []).append(ids)
-        self._pending = []
+        loads = []
         for ahead in sorted(predictions):
             experts = _pooled(predictions[ahead])
             if ahead == pos + 1:
                 self._expected[ahead] = set(experts)
-            self._pending.append((self.layers[ahead], experts))
-        if issue:
-            self.retry()
-
-    def retry(self) -> None:
-        """Start the predicted loads that found no free slot earlier (the layer has since released its experts)."""
-        for layer, experts in self._pending:
-            self.cache.prefetch(layer, experts)
+            loads.append((self.layers[ahead], experts))
+        return loads
 
     def reset(self) -> None:
         self.score = PredictionScore()

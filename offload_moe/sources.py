@@ -1,22 +1,22 @@
 """Where the tensors of an expert that is not in a slot come from, behind one small interface.
 
-The expert cache asks its source three things, and never which source it has:
+By default the mover reads every missing expert into a slot, and the cache has no source. A source serves
+some experts without a slot; the expert cache asks it three things, and never which source it has:
 
 - ``view(layer, expert)``: the expert's tensors without a slot, or None when it must be read into one;
 - ``read_ahead(key, flow)``: a prefetch served without a slot (True), or one that needs a slot (False);
 - ``settle(layer, experts, resident, flow)``: ``layer`` runs now with ``experts``; score what was read ahead.
 
-``SlotSource`` (``io`` direct, dontneed or buffered, and every GPU): every missing expert is read into a
-slot by the mover. ``MappedSource`` (``io="mmap"`` with slots on the CPU): a missing expert is computed
-from views of the mapped checkpoint instead. On CPU the page cache already keeps what was read, in all
-the memory the kernel can spare, and a copy into a slot would only cost time; the slots serve when they
-hold every expert (filled at load). A prefetch asks the kernel to read the expert ahead instead of taking
-a slot.
+``MappedSource`` (``io="mmap"`` with slots on the CPU): a missing expert is computed from views of the mapped
+checkpoint. On CPU the page cache already keeps what was read, in all the memory the kernel can spare, and a
+copy into a slot would only cost time; the slots serve when they hold every expert (filled at load). A
+prefetch asks the kernel to read the expert ahead instead of taking a slot. A source never calls the cache:
+it is handed what it needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Container, Sequence
 from typing import Protocol
 
 import torch
@@ -27,38 +27,19 @@ Key = tuple[int, int]  # (layer, expert)
 
 
 class Source(Protocol):
-    needs_slots: bool  # a prefetch that finds no free slot ends the prefetch round (the others would find none)
-
     def view(self, layer: int, expert: int) -> dict | None: ...
 
     def read_ahead(self, key: Key, flow) -> bool: ...
 
-    def settle(self, layer: int, experts: Sequence[int], resident: Callable[[Key], bool], flow) -> None: ...
-
-
-class SlotSource:
-    """Every missing expert is read into a slot: compute gets the slot's tensors."""
-
-    needs_slots = True
-
-    def view(self, layer: int, expert: int) -> None:
-        return None
-
-    def read_ahead(self, key: Key, flow) -> bool:
-        return False
-
-    def settle(self, layer: int, experts: Sequence[int], resident: Callable[[Key], bool], flow) -> None:
-        pass
+    def settle(self, layer: int, experts: Sequence[int], resident: Container[Key], flow) -> None: ...
 
 
 class MappedSource:
     """``io="mmap"`` on CPU: a missing expert is computed in place from views of the mapped ``store``.
 
     Experts that cannot be viewed (another dtype, a transposed layout, a file that cannot be mapped)
-    are read into slots as with the other sources.
+    are read into slots, as without a source.
     """
-
-    needs_slots = False
 
     def __init__(self, store, dtype: torch.dtype):
         self.store = store
@@ -87,8 +68,8 @@ class MappedSource:
         flow.prefetch_issued += 1
         return True
 
-    def settle(self, layer: int, experts: Sequence[int], resident: Callable[[Key], bool], flow) -> None:
-        """Score the read-ahead advice given for ``layer``, which runs now with ``experts``."""
+    def settle(self, layer: int, experts: Sequence[int], resident: Container[Key], flow) -> None:
+        """Score the read-ahead advice given for ``layer``, which runs now with ``experts`` (``resident``: the keys in slots)."""
         if not self._advised:
             return
         wanted = set(experts)
@@ -98,12 +79,13 @@ class MappedSource:
                 flow.prefetch_wasted += 1
                 continue
             flow.prefetch_used += 1
-            if not resident(key):
+            if key not in resident:
                 flow.mapped_ahead += 1
 
 
-def make_source(store, device: torch.device, dtype: torch.dtype) -> Source:
-    """The source for a store opened with ``io`` and slots on ``device``."""
+def make_source(store, device: torch.device, dtype: torch.dtype) -> Source | None:
+    """The source for a store opened with ``io`` and slots on ``device``; None when every missing expert is read
+    into a slot."""
     if getattr(store, "maps", None) is not None and device.type == "cpu":
         return MappedSource(store, dtype)
-    return SlotSource()
+    return None

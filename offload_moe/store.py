@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .kernels import RowBlocks, linear  # noqa: F401  (the expert math lived here; importable from here still)
 from .safetensors_io import FileReader, MappedFiles, TensorInfo, checkpoint_files, read_header, short_repr
 
 GATE_NAMES = ("w1", "gate_proj")
@@ -46,31 +47,6 @@ class ExpertsSpec:
     shapes: dict[str, tuple[int, ...]]
     is_transposed: bool = False
     is_concatenated: bool = True
-
-
-@dataclass(frozen=True)
-class RowBlocks:
-    """A weight [out, in] (or a bias [out]) held as consecutive blocks of rows in different places.
-
-    The mapped form of ``gate_up_proj`` in checkpoints that store the gate and up projections
-    as separate tensors: ``linear`` computes each block and joins the outputs, so the
-    weight is never assembled in memory.
-    """
-
-    blocks: tuple[torch.Tensor, ...]
-
-    def joined(self) -> torch.Tensor:
-        return torch.cat(self.blocks)
-
-
-def linear(x: torch.Tensor, weight: "torch.Tensor | RowBlocks", bias: "torch.Tensor | RowBlocks | None") -> torch.Tensor:
-    """``F.linear`` for a weight that may be split into row blocks."""
-    if isinstance(bias, RowBlocks):
-        bias = bias.joined()
-    if isinstance(weight, RowBlocks):
-        y = torch.cat([torch.nn.functional.linear(x, w) for w in weight.blocks], dim=-1)
-        return y + bias if bias is not None else y
-    return torch.nn.functional.linear(x, weight, bias)
 
 
 @dataclass(frozen=True)
@@ -123,7 +99,7 @@ class PieceStore:
         """Read ``piece``'s bytes into the contiguous CPU tensor ``out`` (of ``piece.nbytes`` bytes)."""
         return self.reader.read_into(piece.file, piece.offset, out)
 
-    def mapped(self, layer: int, expert: int, dtype: torch.dtype) -> "dict[str, torch.Tensor | RowBlocks] | None":
+    def mapped(self, layer: int, expert: int, dtype: torch.dtype) -> dict[str, torch.Tensor | RowBlocks] | None:
         """The expert's tensors as views of the mapped checkpoint (``io="mmap"``), or None where that needs a copy.
 
         A tensor maps when the checkpoint holds it in ``dtype`` and the module's layout, whole

@@ -16,7 +16,7 @@ import torch
 import offload_moe
 from offload_moe.errors import CheckpointError, ExpertLoadError
 from offload_moe.safetensors_io import MappedFiles
-from offload_moe.store import RowBlocks, linear
+from offload_moe.kernels import RowBlocks, linear
 from offload_moe.synthetic import write_synthetic_checkpoint
 from test_prefetch import NEW, check_parity, reference_tokens
 

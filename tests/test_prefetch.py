@@ -216,10 +216,11 @@ def test_hybrid_prefetch_names_what_the_replay_of_its_trace_names(model_dir):
     named = []  # what the prefetcher queued at each layer call, best first
     original = prefetcher.after_routing
 
-    def spy(pos, routing, device_predictions, issue=True):
-        original(pos, routing, device_predictions, issue)
+    def spy(pos, routing, device_predictions):
+        loads = original(pos, routing, device_predictions)
         if pos + 1 < 3:
-            named.append(prefetcher._pending[0][1])
+            named.append(loads[0][1])
+        return loads
 
     prefetcher.after_routing = spy
     trace = record_trace(model, [torch.tensor([5, 17, 3, 40])], source="test", predict_margin=1, max_new_tokens=6)

@@ -214,8 +214,8 @@ def test_a_policy_added_at_run_time_is_replayed(monkeypatch):
             if key in self.order:
                 self.order.remove(key)
 
-        def victim(self, evictable):
-            return next(k for k in reversed(self.order) if evictable(k))
+        def victim(self, pinned):
+            return next(k for k in reversed(self.order) if k not in pinned)
 
     monkeypatch.setitem(POLICIES, "mru", MostRecentlyUsed)
     # one layer, top-1, 2 slots, 0 1 2 0 1: MRU evicts 1 for 2 and hits 0 (as Belady does); LRU hits nothing

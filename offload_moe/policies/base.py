@@ -7,16 +7,18 @@ about slots; the cache (``offload_moe.cache.Residency``) tells it what happens.
 Call order the cache guarantees, for every request of a key:
 
 - ``on_access(key)``: always, hit or miss, in request order;
-- on a miss with a full cache: ``victim(evictable)`` then ``on_evict(victim)``;
+- on a miss with a full cache: ``victim(pinned)`` then ``on_evict(victim)``;
 - on a miss: ``on_insert(key)`` once the key is resident.
 
 ``on_evict`` is also called when the cache drops a key for another reason.
+The keys a policy has been told about (inserted, not evicted) are exactly the resident ones. A policy
+never calls the cache: ``victim`` is handed the set of pinned keys, the ones it may not choose.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Container, Hashable
 from typing import ClassVar
 
 Key = Hashable  # in the runtime: (layer, expert)
@@ -37,8 +39,8 @@ class EvictionPolicy(ABC):
         """``key`` is no longer resident."""
 
     @abstractmethod
-    def victim(self, evictable: Callable[[Key], bool]) -> Key:
-        """Return the resident key to evict, choosing only among keys for which ``evictable(key)`` is true.
+    def victim(self, pinned: Container[Key]) -> Key:
+        """Return the resident key to evict, never one in ``pinned`` (in use by the layer being computed, or loading).
 
-        The cache only calls this when at least one resident key is evictable.
+        The cache only calls this when at least one resident key is not pinned.
         """

@@ -7,7 +7,7 @@ recorded routing trace gives the lowest miss count any policy could reach.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Container, Sequence
 
 from ..errors import PolicyError
 from .base import EvictionPolicy, Key
@@ -26,8 +26,8 @@ class Belady(EvictionPolicy):
         self.future = future
         self.cursor = 0  # position of the next expected access
         self._next_after = _next_positions(future)
-        self._next_use: dict[Key, float] = {}
-        self._heap = LazyHeap(lambda k: (-self._next_use[k],), self.name)  # farthest next use first
+        self._rank: dict[Key, tuple[float]] = {}  # key -> (minus its next use,): farthest next use first
+        self._heap = LazyHeap(self._rank, self.name)
 
     def on_access(self, key: Key) -> None:
         position = self.cursor
@@ -43,19 +43,19 @@ class Belady(EvictionPolicy):
                 "the trace given to Belady must be the one being replayed"
             )
         self.cursor += 1
-        self._next_use[key] = self._next_after[position]
+        self._rank[key] = (-self._next_after[position],)
         if key in self._heap.resident:
             self._heap.push(key)
 
     def on_insert(self, key: Key) -> None:
-        self._next_use.setdefault(key, math.inf)  # only if inserted without a request, outside the call order
+        self._rank.setdefault(key, (-math.inf,))  # only if inserted without a request, outside the call order
         self._heap.add(key)
 
     def on_evict(self, key: Key) -> None:
         self._heap.discard(key)
 
-    def victim(self, evictable: Callable[[Key], bool]) -> Key:
-        return self._heap.lowest_evictable(evictable)
+    def victim(self, pinned: Container[Key]) -> Key:
+        return self._heap.lowest_unpinned(pinned)
 
 
 def _next_positions(future: Sequence[Key]) -> list[float]:

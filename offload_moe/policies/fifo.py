@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Container
 
 from ..errors import PolicyError
 from .base import EvictionPolicy, Key
@@ -24,8 +24,8 @@ class FIFO(EvictionPolicy):
     def on_evict(self, key: Key) -> None:
         self._order.pop(key, None)
 
-    def victim(self, evictable: Callable[[Key], bool]) -> Key:
+    def victim(self, pinned: Container[Key]) -> Key:
         for key in self._order:
-            if evictable(key):
+            if key not in pinned:
                 return key
         raise PolicyError("fifo: victim() found no evictable resident key; call it only when one is unpinned")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable
+from collections.abc import Container, Mapping
 
 from ..errors import PolicyError
 from .base import Key
@@ -13,16 +13,19 @@ _Entry = tuple[tuple, int, Key]  # (priority, push order, key)
 
 
 class LazyHeap:
-    """Resident keys ordered by ``priority(key)``, lowest first.
+    """Resident keys ordered by their current priority ``rank[key]``, lowest first.
+
+    ``rank`` is the owning policy's own mapping, which it keeps current; the heap only reads it, so it
+    never calls back into the policy.
 
     A key is pushed again whenever its priority changes (or, with ``rising``, when an out-of-date
     entry reaches the top); entries whose priority is out of date, or whose key left, are dropped
-    when they reach the top, so ``lowest_evictable`` is O(log n) amortised. The push order keeps entries
+    when they reach the top, so ``lowest_unpinned`` is O(log n) amortised. The push order keeps entries
     comparable without comparing keys.
     """
 
-    def __init__(self, priority: Callable[[Key], tuple], owner: str, *, rising: bool = False):
-        self.priority = priority
+    def __init__(self, rank: Mapping[Key, tuple], owner: str, *, rising: bool = False):
+        self.rank = rank
         self.owner = owner
         # rising: priorities only ever grow (LFU's counts), so the owner need not push on every
         # change; an entry found out of date at the top is pushed again with its current priority.
@@ -39,14 +42,14 @@ class LazyHeap:
         self.resident.discard(key)
 
     def push(self, key: Key) -> None:
-        heapq.heappush(self._heap, (self.priority(key), next(self._order), key))
+        heapq.heappush(self._heap, (self.rank[key], next(self._order), key))
         # Hits push without popping; rebuild once stale entries dominate so memory stays O(resident).
         if len(self._heap) > 2 * len(self.resident) + 32:
-            self._heap = [(self.priority(k), next(self._order), k) for k in self.resident]
+            self._heap = [(self.rank[k], next(self._order), k) for k in self.resident]
             heapq.heapify(self._heap)
 
-    def lowest_evictable(self, evictable: Callable[[Key], bool]) -> Key:
-        """The evictable resident key of lowest priority; it stays in the heap until ``discard``."""
+    def lowest_unpinned(self, pinned: Container[Key]) -> Key:
+        """The resident key of lowest priority not in ``pinned``; it stays in the heap until ``discard``."""
         kept: list[_Entry] = []  # current entries popped on the way; they go back
         try:
             while self._heap:
@@ -54,13 +57,13 @@ class LazyHeap:
                 priority, _, key = entry
                 if key not in self.resident:
                     continue
-                current = self.priority(key)
+                current = self.rank[key]
                 if priority != current:
                     if self.rising:
                         heapq.heappush(self._heap, (current, next(self._order), key))
                     continue
                 kept.append(entry)
-                if evictable(key):
+                if key not in pinned:
                     return key
         finally:
             for entry in kept:

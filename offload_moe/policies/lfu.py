@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Container
 
 from .base import EvictionPolicy, Key
 from .heap import LazyHeap
@@ -16,22 +16,22 @@ class LFU(EvictionPolicy):
 
     def __init__(self) -> None:
         self.counts: Counter[Key] = Counter()
-        self._last: dict[Key, int] = {}
         self._tick = 0
+        self._rank: dict[Key, tuple[int, int]] = {}  # key -> (requests, last request)
         # (count, last request) only grows, so a request need not touch the heap
-        self._heap = LazyHeap(lambda k: (self.counts[k], self._last[k]), self.name, rising=True)
+        self._heap = LazyHeap(self._rank, self.name, rising=True)
 
     def on_access(self, key: Key) -> None:
         self.counts[key] += 1
         self._tick += 1
-        self._last[key] = self._tick
+        self._rank[key] = (self.counts[key], self._tick)
 
     def on_insert(self, key: Key) -> None:
-        self._last.setdefault(key, 0)
+        self._rank.setdefault(key, (0, 0))  # inserted without a request, outside the call order
         self._heap.add(key)
 
     def on_evict(self, key: Key) -> None:
         self._heap.discard(key)
 
-    def victim(self, evictable: Callable[[Key], bool]) -> Key:
-        return self._heap.lowest_evictable(evictable)
+    def victim(self, pinned: Container[Key]) -> Key:
+        return self._heap.lowest_unpinned(pinned)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Container
 
 from ..errors import PolicyError
 from .base import EvictionPolicy, Key
@@ -36,12 +36,12 @@ class Random(EvictionPolicy):
             self._keys[i] = last
             self._index[last] = i
 
-    def victim(self, evictable: Callable[[Key], bool]) -> Key:
+    def victim(self, pinned: Container[Key]) -> Key:
         for _ in range(_TRIES if self._keys else 0):
             key = self._keys[self._rng.randrange(len(self._keys))]
-            if evictable(key):
+            if key not in pinned:
                 return key
-        candidates = [k for k in self._keys if evictable(k)]
+        candidates = [k for k in self._keys if k not in pinned]
         if not candidates:
             raise PolicyError("random: victim() found no evictable resident key; call it only when one is unpinned")
         return self._rng.choice(candidates)

@@ -340,3 +340,32 @@ class TestMakePolicy:
     def test_belady_without_future(self):
         with pytest.raises(ConfigError, match="future access sequence.*profiling"):
             make_policy("belady")
+
+
+def test_a_policy_written_for_the_old_victim_interface_keeps_working_with_a_deprecation():
+    from offload_moe.cache import Residency
+    from offload_moe.policies.base import EvictionPolicy
+
+    with pytest.warns(DeprecationWarning, match=r"victim\(self, pinned\)"):
+        class OldestFirst(EvictionPolicy):
+            name = "oldest-first"
+
+            def __init__(self):
+                self.order = []
+
+            def on_insert(self, key):
+                self.order.append(key)
+
+            def on_evict(self, key):
+                self.order.remove(key)
+
+            def victim(self, evictable):
+                return next(k for k in self.order if evictable(k))
+
+    r = Residency(2, OldestFirst())
+    for key in [(0, 0), (0, 1)]:
+        r.admit(key)
+        r.release(key)
+    r.pins[(0, 0)] += 1  # pinned: the old-style policy must skip it
+    slot, evicted = r.admit((0, 2))
+    assert evicted == (0, 1)

@@ -17,6 +17,9 @@ never calls the cache: ``victim`` is handed the set of pinned keys, the ones it 
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Container, Hashable
 from typing import ClassVar
@@ -28,6 +31,12 @@ class EvictionPolicy(ABC):
     """Base class of eviction policies. Subclasses set ``name`` and implement ``victim``."""
 
     name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        victim = cls.__dict__.get("victim")
+        if victim is not None and list(inspect.signature(victim).parameters)[1:2] == ["evictable"]:
+            cls.victim = _from_evictable(cls, victim)
 
     def on_access(self, key: Key) -> None:
         """A request for ``key`` was made (hit or miss)."""
@@ -44,3 +53,16 @@ class EvictionPolicy(ABC):
 
         The cache only calls this when at least one resident key is not pinned.
         """
+
+
+def _from_evictable(cls: type, victim):
+    """A policy written for the old interface, ``victim(evictable)`` with ``evictable(key) -> bool``, keeps working."""
+    warnings.warn(f"eviction policy {cls.__name__}: victim(self, evictable) is the old interface; write "
+                  "victim(self, pinned), where pinned holds the keys it may not choose (see "
+                  "offload_moe/policies/base.py)", DeprecationWarning, stacklevel=3)
+
+    @functools.wraps(victim)
+    def adapted(self, pinned: Container[Key]) -> Key:
+        return victim(self, lambda key: key not in pinned)
+
+    return adapted

@@ -18,6 +18,7 @@ from torch import nn
 from .cache import ExpertCache
 from .errors import ExpertLoadError
 from .prefetch import Prefetcher
+from .formats import Scratch
 from .store import ExpertsSpec, RowBlocks, linear
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -81,6 +82,7 @@ class OffloadedExperts(nn.Module):
         self.cache: ExpertCache | None = None  # set by the runtime; not a submodule
         self.prefetcher: Prefetcher | None = None
         self.pos = 0  # position among the model's MoE layers
+        self.scratch = Scratch()  # where this layer's packed weights are dequantized, reused
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, num_experts={self.num_experts}, offloaded=True"
@@ -103,12 +105,11 @@ class OffloadedExperts(nn.Module):
             y = self.post_expert_norm(y)
         return y
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor | RowBlocks,
-                bias: torch.Tensor | RowBlocks | None) -> torch.Tensor:
-        if self.is_transposed:  # weight [in, out], never split into row blocks
+    def _linear(self, x: torch.Tensor, weight, bias: torch.Tensor | RowBlocks | None) -> torch.Tensor:
+        if self.is_transposed and isinstance(weight, torch.Tensor):  # a plain weight [in, out], never in row blocks
             y = x @ weight
             return y + bias if bias is not None else y
-        return linear(x, weight, bias)  # weight [out, in], maybe as row blocks
+        return linear(x, weight, bias, self.scratch)  # weight [out, in], maybe as row blocks or packed
 
 
 def routing_to_host(flat: torch.Tensor, predicted: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

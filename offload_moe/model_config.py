@@ -39,10 +39,11 @@ POSITIVE = (
 )
 DTYPE_KEYS = ("dtype", "torch_dtype")
 
-# quant_method values whose experts offload_moe reads. None yet: the store reads floating experts only.
-QUANT_METHODS: frozenset[str] = frozenset()
-# The formats planned (issue 16), by quant_method; one in QUANT_METHODS moves to "reads" in the refusal.
-QUANT_FORMATS = {"mxfp4": "MXFP4 (gpt-oss)", "fp8": "block-scaled FP8 (DeepSeek-V3, Qwen3 FP8)"}
+# quant_method values whose experts offload_moe reads (offload_moe.formats).
+QUANT_METHODS: frozenset[str] = frozenset({"fp8", "mxfp4", "offload_moe"})
+# The formats read or planned, by quant_method; one in QUANT_METHODS is named among those read in the refusal.
+QUANT_FORMATS = {"mxfp4": "MXFP4 (gpt-oss)", "fp8": "block-scaled FP8 (DeepSeek-V3, Qwen3 FP8)",
+                 "offload_moe": "offload_moe's own int8 and int4 (offload-moe quantize)"}
 UNREAD_FORMATS = "GPTQ, AWQ, bitsandbytes and GGUF"
 
 

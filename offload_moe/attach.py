@@ -80,12 +80,14 @@ class Assembly:
 
 
 def check_assembly(layers: Sequence[MoELayer], config: OffloadConfig, *, dtype: torch.dtype, budget: Budget,
-                   dense_bytes: int, top_k: int) -> Assembly:
+                   dense_bytes: int, top_k: int, layout: SlotLayout | None = None) -> Assembly:
     """Check what an expert cache for ``layers`` under ``config`` needs, before any file is written or buffer
     allocated: one expert size (slots of ``dtype``), the device slots from ``budget`` (without one, half the free
     memory after ``dense_bytes``), the predictor (``top_k`` experts a token), the host tier's slots
-    (``config.host_memory``; none when the device slots hold every expert)."""
-    layout = SlotLayout(shared_shapes(layers), dtype)
+    (``config.host_memory``; none when the device slots hold every expert). ``layout`` is the slots' layout when a
+    store knows it (packed experts); by default the layers' shapes in ``dtype``."""
+    shapes = shared_shapes(layers)
+    layout = layout or SlotLayout(shapes, dtype)
     total = sum(layer.num_experts for layer in layers)
     dev = config.device
     capacity = budget.slots(layout.nbytes, total, default_cache_bytes(dev, dense_bytes), dev)

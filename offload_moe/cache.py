@@ -20,13 +20,14 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import BudgetError, CheckpointError, ExpertLoadError, ModelClosedError
+from .formats import DENSE, ExpertFormat
 from .pinned import PinnedMemory
 from .policies.base import EvictionPolicy
 from .sources import make_source
@@ -212,18 +213,54 @@ def simulate(accesses: Sequence[Key], policy: EvictionPolicy, capacity: int) -> 
 
 @dataclass(frozen=True)
 class SlotLayout:
-    """Shapes of one expert's tensors as the experts module holds them (leading expert dim removed)."""
+    """Shapes of one expert's tensors as a slot holds them (leading expert dimension removed).
+
+    Every tensor is in the compute ``dtype`` except the ``packed`` ones, which keep the dtype the checkpoint
+    stores them in (quantized weights and their scales, ``offload_moe.formats``); ``format`` turns a slot's
+    tensors into the weights the experts compute with. ``nbytes`` counts the bytes one expert moves.
+    """
 
     shapes: dict[str, tuple[int, ...]]
     dtype: torch.dtype
+    packed: dict[str, torch.dtype] = field(default_factory=dict)
+    format: ExpertFormat = DENSE
+
+    @classmethod
+    def of_store(cls, store: "ExpertStore", dtype: torch.dtype) -> "SlotLayout":
+        """The slots of ``store``'s experts: its slot tensors in ``dtype``, packed ones as the checkpoint stores them."""
+        shapes = store.slot_tensors()
+        return cls(shapes, dtype, {n: d for n, d in store.packed.items() if n in shapes}, store.format)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self.packed.get(name, self.dtype)
+
+    @cached_property
+    def offsets(self) -> dict[str, int]:
+        """Byte offset of each tensor in a slot, each aligned to 64 elements of the compute dtype."""
+        align, offset, out = 64 * _itemsize(self.dtype), 0, {}
+        for name, shape in self.shapes.items():
+            out[name] = offset
+            offset += _aligned(_prod(shape) * _itemsize(self.dtype_of(name)), align)
+        out[""] = offset  # the slot's size
+        return out
+
+    @cached_property
+    def slot_bytes(self) -> int:
+        return self.offsets[""]
 
     @cached_property
     def numel(self) -> int:
-        return sum(_aligned(_prod(s)) for s in self.shapes.values())
+        """A slot's size in elements of the compute dtype."""
+        return self.slot_bytes // _itemsize(self.dtype)
 
     @cached_property
     def nbytes(self) -> int:  # read at every load that lands: computed once
-        return sum(_prod(s) for s in self.shapes.values()) * _itemsize(self.dtype)
+        return sum(_prod(s) * _itemsize(self.dtype_of(n)) for n, s in self.shapes.items())
+
+    @property
+    def format_name(self) -> str:
+        """What one expert is stored as: the compute dtype, or the packed format's name."""
+        return self.format.name if self.packed else str(self.dtype).removeprefix("torch.")
 
 
 def _prod(shape: Sequence[int]) -> int:
@@ -253,13 +290,14 @@ class SlotPool:
         self.device = device
         what = "pinned host" if pin else str(device)
         self._pinned = None
+        size = capacity * layout.slot_bytes
         try:
             if pin:  # exactly the budget: torch's pin_memory=True would round it up to a power of two
-                self._pinned = PinnedMemory(capacity * layout.numel * _itemsize(layout.dtype), f"{capacity} host expert slots",
+                self._pinned = PinnedMemory(size, f"{capacity} host expert slots",
                                             device=pin if isinstance(pin, torch.device) else None)
-                self.buffer = self._pinned.tensor.view(layout.dtype)
+                self.buffer = self._pinned.tensor
             else:
-                self.buffer = torch.empty(capacity * layout.numel, dtype=layout.dtype, device=device)
+                self.buffer = torch.empty(size, dtype=torch.uint8, device=device)  # bytes: tensors of several dtypes
         except (torch.OutOfMemoryError, RuntimeError) as e:
             raise BudgetError(
                 f"could not allocate {capacity} expert slots ({capacity * layout.nbytes / 2**30:.2f} GiB) "
@@ -267,21 +305,28 @@ class SlotPool:
                 "host_memory)."
             ) from None
         self._views: list[dict[str, torch.Tensor]] = []
+        self._weights: list[dict] = []
         for slot in range(capacity):
-            offset = slot * layout.numel
+            base = slot * layout.slot_bytes
             views = {}
             for name, shape in layout.shapes.items():
-                n = _prod(shape)
-                views[name] = self.buffer[offset : offset + n].view(shape)
-                offset += _aligned(n)
+                start = base + layout.offsets[name]
+                dtype = layout.dtype_of(name)
+                views[name] = self.buffer[start : start + _prod(shape) * _itemsize(dtype)].view(dtype).view(shape)
             self._views.append(views)
+            self._weights.append(layout.format.weights(views))
 
     def views(self, slot: int) -> dict[str, torch.Tensor]:
+        """A slot's tensors, to be written (packed weights as they are stored)."""
         return self._views[slot]
 
+    def weights(self, slot: int) -> dict:
+        """A slot's tensors as the experts compute with them (``views`` through the layout's format)."""
+        return self._weights[slot]
+
     def flat(self, slot: int) -> torch.Tensor:
-        """A slot's whole memory as one tensor: host and device pools share a layout, so a move is one copy."""
-        return self.buffer[slot * self.layout.numel : (slot + 1) * self.layout.numel]
+        """A slot's whole memory as bytes: host and device pools share a layout, so a move is one copy."""
+        return self.buffer[slot * self.layout.slot_bytes : (slot + 1) * self.layout.slot_bytes]
 
     @property
     def nbytes(self) -> int:
@@ -739,6 +784,7 @@ class ExpertCache:
             "resident_experts": len(self.residency),
             "resident_bytes": self.pool.nbytes,
             "expert_bytes": self.pool.layout.nbytes,
+            "expert_format": self.pool.layout.format_name,
             "policy": self.residency.policy.name,
             "inflight_hits": f.inflight_hits,
             "prefetch_issued": f.prefetch_issued,
@@ -835,7 +881,7 @@ class Lease:
             if expert in self.waiting:
                 cache._start_blocking(layer, expert)
                 pinned.add(expert)
-            yield expert, cache.pool.views(cache._ready(layer, expert))
+            yield expert, cache.pool.weights(cache._ready(layer, expert))
             cache._release([(layer, expert)])  # the caller is done with it: its slot may serve the next one
             pinned.discard(expert)
 

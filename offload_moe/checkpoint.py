@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import CheckpointError, ModelPathError, UnsupportedModelError
 from .experts import OffloadedExperts, expert_params, find_experts_modules, layer_number
+from .formats import expert_format
 from .model_config import REMOTE_CODE_HINT, check_config, checkpoint_size, read_config
 from .progress import progress_bar
 from .store import ExpertsSpec, ExpertStore
@@ -85,9 +86,10 @@ def open_checkpoint(path: str | Path, *, trust_remote_code: bool = False, io: st
     ``io`` is how the store reads them (see ``offload_moe.load``)."""
     folder = resolve_model_path(path)
     config = load_config(folder, trust_remote_code=trust_remote_code)
+    packing = expert_format(getattr(config, "quantization_config", None), str(folder / "config.json"))
     model = build_skeleton(config, trust_remote_code=trust_remote_code)
     modules = swap_experts(model)
-    store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model), io=io)
+    store = ExpertStore(folder, [m.spec for m in modules], rename=checkpoint_renamer(model), io=io, format=packing)
     return Checkpoint(folder, config, model, modules, store)
 
 

@@ -243,8 +243,9 @@ def generate(
         print(json.dumps(result.as_dict(), default=str))
         return
     s = result.stats
+    packed = f" ({s['expert_format']}, {s['expert_bytes'] / 2**20:.2f} MiB an expert)" if s["expert_format"] != s["dtype"] else ""
     err.print(f"\n{result.new_tokens} tokens in {result.seconds:.2f} s ({result.tokens_per_s:.1f} tokens/s); "
-              f"expert cache {s['capacity_experts']} of {s['total_experts']}: {s['hits']} hits, {s['misses']} misses",
+              f"expert cache {s['capacity_experts']} of {s['total_experts']}{packed}: {s['hits']} hits, {s['misses']} misses",
               highlight=False)
 
 

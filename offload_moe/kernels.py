@@ -1,8 +1,8 @@
 """Computing one expert from its tensors, wherever they are held.
 
 The experts stand-in hands each expert's tensors to a kernel: a slot's views, or views of the mapped
-checkpoint, where a weight may come as ``RowBlocks`` (a gate and an up projection stored apart). Kernels
-for quantized formats belong here too.
+checkpoint, where a weight may come as ``RowBlocks`` (a gate and an up projection stored apart) or as a
+``formats.QuantizedWeight`` (packed: FP8, MXFP4, int8, int4), which ``quantized_linear`` computes with.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .formats import QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -29,14 +31,44 @@ class RowBlocks:
         return torch.cat(self.blocks)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | RowBlocks, bias: torch.Tensor | RowBlocks | None) -> torch.Tensor:
-    """``F.linear`` for a weight that may be split into row blocks."""
+def linear(x: torch.Tensor, weight: torch.Tensor | RowBlocks | QuantizedWeight, bias: torch.Tensor | RowBlocks | None,
+           scratch: "Scratch | None" = None) -> torch.Tensor:
+    """``F.linear`` for a weight that may be split into row blocks or packed (dequantized into ``scratch``)."""
     if isinstance(bias, RowBlocks):
         bias = bias.joined()
+    if isinstance(weight, QuantizedWeight):
+        return quantized_linear(x, weight, bias, scratch)
     if isinstance(weight, RowBlocks):
         y = torch.cat([F.linear(x, w) for w in weight.blocks], dim=-1)
         return y + bias if bias is not None else y
     return F.linear(x, weight, bias)
+
+
+class Scratch:
+    """One buffer a layer reuses for its dequantized weights, grown to the largest one asked for.
+
+    Safe to reuse within a layer: on the CPU each matmul ends before the next weight is written; on CUDA
+    the writes and matmuls are ordered on the compute stream.
+    """
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        b = self.buffer
+        if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
+            b = self.buffer = torch.empty(n, dtype=dtype, device=device)
+        return b[:n].view(shape)
+
+
+def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None,
+                     scratch: Scratch | None) -> torch.Tensor:
+    """``F.linear`` with a packed weight: the one place that picks the kernel (now, on every device: dequantize
+    into the layer's scratch, then the usual matmul)."""
+    scratch = scratch if scratch is not None else Scratch()
+    dense = weight.dequantize(scratch.take(weight.shape, x.dtype, x.device))
+    return F.linear(x, dense, bias)
 
 
 class ExpertMLP:
@@ -54,6 +86,7 @@ class ExpertMLP:
         self.transposed = transposed
         self.activation = activation
         self.post_norm = post_norm
+        self.scratch = Scratch()  # where this expert's packed weights are dequantized; one per layer, reused
 
     def __call__(self, x: torch.Tensor, w: dict) -> torch.Tensor:
         h = self.activation(self._project(x, w, self.first))
@@ -62,7 +95,7 @@ class ExpertMLP:
 
     def _project(self, x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
         weight, bias = w[name], w.get(name + "_bias")
-        if self.transposed:  # weight [in, out], never split into row blocks
+        if self.transposed and isinstance(weight, torch.Tensor):  # a plain weight [in, out], never in row blocks
             y = x @ weight
             return y + bias if bias is not None else y
-        return linear(x, weight, bias)  # weight [out, in], maybe as row blocks
+        return linear(x, weight, bias, self.scratch)  # weight [out, in], maybe as row blocks or packed

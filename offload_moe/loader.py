@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .attach import MoELayer, attach, check_assembly, default_cache_bytes, fill_device_cache, fill_host_tier  # noqa: F401
+from .cache import SlotLayout
 from .checkpoint import (  # noqa: F401  (build_skeleton... stay importable from offload_moe.loader)
     SUPPORTED_FAMILIES,
     build_skeleton,
@@ -99,7 +100,8 @@ def load(
             return modules
 
         assembly = check_assembly(layers, settings, dtype=want_dtype, budget=budget, dense_bytes=ckpt.dense_bytes(),
-                                  top_k=int(getattr(config, "num_experts_per_tok", 2) or 2))
+                                  top_k=int(getattr(config, "num_experts_per_tok", 2) or 2),
+                                  layout=SlotLayout.of_store(ckpt.store, want_dtype))
         attach(model, assembly, ckpt.store, install=install, folder=ckpt.folder, name=ckpt.folder.name,
                progress=progress)
     except BaseException:

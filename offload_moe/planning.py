@@ -42,6 +42,7 @@ class Plan:
     host_slots: int = 0  # experts the warm tier holds
     io: str = "direct"  # with "mmap" (CPU) a slot pool smaller than every expert stays empty
     model_context: int | None = None  # max_position_embeddings: the KV reserve never exceeds it
+    expert_format: str = ""  # what an expert is stored as: the dtype, or a packed format (fp8, mxfp4, int8, int4)
 
     @property
     def fits(self) -> bool:
@@ -98,10 +99,14 @@ class Plan:
                     f"{self.total_experts}", "page cache, else disk", format_bytes(self.experts_bytes))
         return (f"experts read from disk on a miss: {self.disk_experts}", "disk (checkpoint files)", format_bytes(self.disk_bytes))
 
+    @property
+    def _format_note(self) -> str:
+        return f" ({self.expert_format})" if self.expert_format and self.expert_format != self.dtype else ""
+
     def __str__(self) -> str:
         width = max(len(r[0]) for r in self.rows())
         lines = [f"{self.model} ({self.model_type}, {self.dtype}): {self.moe_layers} MoE layers x {self.experts_per_layer} experts, "
-                 f"top-{self.top_k}, {format_bytes(self.expert_bytes)} per expert; device budget {format_bytes(self.device_memory)}"]
+                 f"top-{self.top_k}, {format_bytes(self.expert_bytes)} per expert{self._format_note}; device budget {format_bytes(self.device_memory)}"]
         lines += [f"  {part:<{width}}  {where:<24} {size:>12}" for part, where, size in self.rows()]
         if not self.fits:
             lines.append(f"  does not fit: fewer than {MIN_CACHE_EXPERTS} expert slots remain after the dense weights")
@@ -175,7 +180,8 @@ def plan_checkpoint(checkpoint: Checkpoint, *, device_memory: str | int | None, 
     want = parse_dtype(dtype) or parse_dtype(getattr(config, "dtype", None) or torch.float32)
     itemsize = torch.empty((), dtype=want).element_size()
     dense = checkpoint.dense_bytes(want)
-    expert_bytes = SlotLayout(modules[0].spec.shapes, want).nbytes
+    layout = SlotLayout.of_store(checkpoint.store, want)
+    expert_bytes = layout.nbytes
     total = checkpoint.total_experts
     kv_token = kv_bytes_per_token(config, itemsize)
     model_context = getattr(config, "max_position_embeddings", None)
@@ -206,6 +212,7 @@ def plan_checkpoint(checkpoint: Checkpoint, *, device_memory: str | int | None, 
         host_slots=0 if slots >= total else min(total, host // expert_bytes),
         io=io or "direct",
         model_context=model_context,
+        expert_format=layout.format_name,
     )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .formats import DENSE, ExpertFormat, dequantize_dense
 from .kernels import RowBlocks, linear  # noqa: F401  (the expert math lived here; importable from here still)
 from .safetensors_io import FileReader, MappedFiles, TensorInfo, checkpoint_files, read_header, short_repr
 
@@ -78,6 +79,9 @@ class PieceStore:
     checkpoint) and ``SavedExperts`` (the files ``save_experts`` writes) fill ``pieces``.
     """
 
+    format: ExpertFormat = DENSE  # how packed weights are stored (``formats``); plain tensors by default
+    packed: dict[str, torch.dtype] = {}  # slot tensors kept in their checkpoint dtype (a packed format's components)
+
     def __init__(self, io: str):
         self.reader = FileReader(io)
         self.maps = MappedFiles() if io == "mmap" else None
@@ -102,10 +106,10 @@ class PieceStore:
     def mapped(self, layer: int, expert: int, dtype: torch.dtype) -> dict[str, torch.Tensor | RowBlocks] | None:
         """The expert's tensors as views of the mapped checkpoint (``io="mmap"``), or None where that needs a copy.
 
-        A tensor maps when the checkpoint holds it in ``dtype`` and the module's layout, whole
-        (fused checkpoints) or as blocks of rows (a gate and an up projection stored apart).
-        Anything else (another dtype, a transposed or interleaved layout) is loaded into a slot
-        as in the other modes.
+        A tensor maps when the checkpoint holds it in ``dtype`` (a packed weight: as it is packed) and the
+        module's layout, whole (fused checkpoints) or as blocks of rows (a gate and an up projection stored
+        apart). Anything else (another dtype, a transposed or interleaved layout) is loaded into a slot
+        as in the other modes. Packed weights come back through the store's ``format``, as a slot's do.
         """
         key = (layer, expert)
         cached = self._mapped.get(key, False)
@@ -129,7 +133,7 @@ class PieceStore:
         """(the mappings used, the expert's views in them), or None if the expert cannot be computed in place."""
         by_param: dict[str, list[Piece]] = defaultdict(list)
         for piece in self.pieces[key]:
-            if piece.dtype != dtype or piece.transpose or piece.offset % piece.dtype.itemsize:
+            if piece.dtype != self.packed.get(piece.param, dtype) or piece.transpose or piece.offset % piece.dtype.itemsize:
                 return None  # a conversion, a transpose, or bytes too misaligned to view as the dtype
             by_param[piece.param].append(piece)
         maps = {f: self.maps.current(f) for f in sorted({p.file for p in self.pieces[key]})}
@@ -142,8 +146,9 @@ class PieceStore:
             blocks = _row_blocks(pieces, self._rows(key[0], param))
             if blocks is None:
                 return None
-            out[param] = RowBlocks(tuple(maps[p.file].tensor(p.offset, p.dtype, p.shape) for p in blocks))
-        return tuple(maps.values()), out
+            views = tuple(maps[p.file].tensor(p.offset, p.dtype, p.shape) for p in blocks)
+            out[param] = views if param in self.packed else RowBlocks(views)  # a packed weight's row parts
+        return tuple(maps.values()), self.format.weights(out)
 
     def willneed(self, layer: int, expert: int) -> None:
         """Ask the kernel to start reading an expert's mapped bytes now (``io="mmap"``)."""
@@ -163,37 +168,80 @@ class ExpertStore(PieceStore):
 
     ``rename`` maps a checkpoint tensor name to the model's parameter name (the
     loader passes transformers' own renaming rules). Tensors that are not routed
-    experts are kept in ``dense`` under their model names.
+    experts are kept in ``dense`` under their model names. ``format`` (from the config's
+    ``quantization_config``) says how quantized experts are packed: their components go into the
+    slots as they are (``slot_layout``), and ``read_dense`` applies the scales of dense block-FP8 weights.
     """
 
     def __init__(self, folder: Path, specs: Iterable[ExpertsSpec], rename: Callable[[str], str] = lambda k: k,
-                 io: str = "buffered"):
+                 io: str = "buffered", format: ExpertFormat = DENSE):
         self.folder = Path(folder)
         self.specs = {s.layer: s for s in specs}
         self.files = checkpoint_files(self.folder)
         super().__init__(io)
+        self.format = format
+        self.packed = {}
+        self.layouts: dict[int, dict[str, tuple[int, ...]]] = {layer: {} for layer in self.specs}  # slot tensors
         self.dense: dict[str, TensorInfo] = {}
+        self.dense_scales: dict[str, TensorInfo] = {}  # checkpoint name of a dense FP8 weight -> its scale_inv
         by_prefix = {s.prefix: s for s in self.specs.values()}
         for path in self.files:
             for name, info in read_header(path).items():
                 key = rename(name)
                 spec, rest = _owner(key, by_prefix)
                 if spec is None or not self._add_expert_tensor(spec, rest, info):
-                    self.dense[key] = info
+                    self._add_dense(key, info)
+        self._check_dense_scales()
         self._check_complete()
+
+    def slot_tensors(self) -> dict[str, tuple[int, ...]]:
+        """One expert's slot tensors and their shapes (every layer's are the same): the module's parameters,
+        a packed weight as its components (``packed`` gives their dtypes)."""
+        return dict(self.layouts[min(self.layouts)]) if self.layouts else {}
+
+    # -- dense tensors ---------------------------------------------------------
+    def _add_dense(self, key: str, info: TensorInfo) -> None:
+        if self.format.kind == "fp8" and info.name.endswith("weight_scale_inv"):
+            self.dense_scales[info.name.removesuffix("_scale_inv")] = info
+        else:
+            self.dense[key] = info
+
+    def _check_dense_scales(self) -> None:
+        names = {info.name for info in self.dense.values()}
+        for weight, scale in self.dense_scales.items():
+            if weight not in names:
+                raise CheckpointError(f"{scale.file}: {short_repr(scale.name)} scales a weight {short_repr(weight)} "
+                                      "that the checkpoint does not hold; the checkpoint is incomplete")
+        for info in self.dense.values():
+            if info.dtype.itemsize == 1 and info.dtype.is_floating_point and info.name not in self.dense_scales:
+                raise CheckpointError(f"{info.file}: float8 tensor {short_repr(info.name)} has no "
+                                      f"{short_repr(info.name + '_scale_inv')}; without its scales it cannot be read")
+
+    def read_dense(self, info: TensorInfo) -> torch.Tensor:
+        """A dense tensor; a block-FP8 weight comes back dequantized (float32), as transformers loads it on the CPU."""
+        value = self.reader.read_tensor(info)
+        scale = self.dense_scales.get(info.name)
+        if scale is not None:
+            value = dequantize_dense(value, self.reader.read_tensor(scale), self.format.block, info.name, info.file)
+        return value
 
     # -- index ---------------------------------------------------------------
     def _add_expert_tensor(self, spec: ExpertsSpec, rest: str, info: TensorInfo) -> bool:
-        if not info.dtype.is_floating_point:
+        base, component = self.format.component_of(rest, info.dtype)
+        if component is None and (not info.dtype.is_floating_point or info.dtype.itemsize < 2):
             raise CheckpointError(
                 f"{info.file}: expert tensor {short_repr(info.name)} has dtype {str(info.dtype).removeprefix('torch.')}, "
-                "but expert weights are floating point; the checkpoint is corrupted or quantized in a format "
-                "offload_moe does not read"
+                "but offload_moe reads experts in bf16, fp16 or fp32, or packed as config.json's quantization_config "
+                f"says (here: {self.format.name}); the checkpoint is corrupted, or quantized without its "
+                "quantization_config in config.json"
             )
-        if rest in spec.shapes:  # fused [E, ...] in the module's own layout
-            self._add_fused(spec, rest, info)
+        if base in spec.shapes:  # fused [E, ...] in the module's own layout
+            if component is None:
+                self._add_fused(spec, base, info)
+            else:
+                self._add_packed(spec, base, (slice(None),), component, info, fused=True)
             return True
-        m = _PER_EXPERT.match(rest)
+        m = _PER_EXPERT.match(base)
         if m is None:
             return False
         digits, proj, kind = m.group(1), m.group(2), m.group(3)
@@ -205,6 +253,9 @@ class ExpertStore(PieceStore):
             )
         expert = int(digits)
         param, index = self._destination(spec, proj, kind, info)
+        if component is not None:  # a packed weight is always [out, in]: its rows are the part it fills
+            self._add_packed(spec, param, (index[-1],), component, info, expert=expert)
+            return True
         want = _indexed_shape(spec.shapes[param], index)
         transpose = spec.is_transposed and len(info.shape) == 2
         got = info.shape[::-1] if transpose else info.shape
@@ -213,10 +264,67 @@ class ExpertStore(PieceStore):
                 f"{info.file}: expert tensor {short_repr(info.name)} has shape {list(info.shape)}, expected "
                 f"{list(want[::-1] if transpose else want)} from config.json; the checkpoint does not match its config"
             )
+        self._place(spec, param, spec.shapes[param], None, info)
         self.pieces[(spec.layer, expert)].append(
             Piece(param, index, info.file, info.offset, info.nbytes, info.dtype, info.shape, transpose, info.name)
         )
         return True
+
+    def _add_packed(self, spec: ExpertsSpec, param: str, rows: tuple[slice], component: str, info: TensorInfo, *,
+                    fused: bool = False, expert: int = 0) -> None:
+        """One component of a packed weight, of every expert (``fused``: leading dimension E) or of ``expert``,
+        covering ``rows`` of the weight [out, in]. Its slot tensor is ``param.component``."""
+        shape = spec.shapes[param]
+        if len(shape) != 2:
+            raise CheckpointError(f"{info.file}: {short_repr(info.name)} packs {spec.prefix}'s {param!r}, of shape "
+                                  f"{list(shape)}, but only weight matrices are packed; the checkpoint is corrupted")
+        out, cols = shape[::-1] if spec.is_transposed else shape  # the weight as F.linear takes it
+        start, stop, step = rows[0].indices(out)
+        part_rows = len(range(start, stop, step))
+        if component == "scale_inv" and step != 1:
+            raise CheckpointError(f"{info.file}: {short_repr(info.name)} scales blocks of interleaved rows, which "
+                                  "offload_moe does not read; please report this model")
+        try:
+            slot = self.format.components(out, cols, out // part_rows)[component]
+            want, dtypes = self.format.components(part_rows, cols)[component]
+        except (ValueError, KeyError) as e:
+            reason = str(e) if isinstance(e, ValueError) else f"{component!r} is not a component of {self.format.name}"
+            raise CheckpointError(f"{info.file}: expert tensor {short_repr(info.name)}: {reason}; the checkpoint "
+                                  "does not match its config") from None
+        index = rows
+        if component == "scale_inv":  # the scales of one row part: one entry of the slot's [parts, ...]
+            want, index = want[1:], (slice(start // part_rows, start // part_rows + 1),)
+        if fused:
+            want = (spec.num_experts, *want)
+        if tuple(info.shape) != tuple(want) or info.dtype not in dtypes:
+            raise CheckpointError(
+                f"{info.file}: {self.format.name} tensor {short_repr(info.name)} is "
+                f"{str(info.dtype).removeprefix('torch.')} {list(info.shape)}, but with a weight of {part_rows} rows and "
+                f"{cols} columns it must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)} {list(want)}; "
+                "the checkpoint does not match its config"
+            )
+        name = f"{param}.{component}"
+        self._place(spec, name, slot[0], info.dtype, info)
+        if not fused:
+            self.pieces[(spec.layer, expert)].append(
+                Piece(name, index, info.file, info.offset, info.nbytes, info.dtype, info.shape, False, info.name))
+            return
+        per_expert = info.nbytes // spec.num_experts
+        for e in range(spec.num_experts):
+            self.pieces[(spec.layer, e)].append(
+                Piece(name, index, info.file, info.offset + e * per_expert, per_expert, info.dtype, tuple(want[1:]),
+                      False, f"{info.name}[{e}]"))
+
+    def _place(self, spec: ExpertsSpec, name: str, shape: tuple[int, ...], dtype: torch.dtype | None,
+               info: TensorInfo) -> None:
+        """Note slot tensor ``name`` of ``shape`` (a ``dtype``: kept as the checkpoint stores it); every checkpoint
+        tensor placed into it must agree."""
+        layout = self.layouts[spec.layer]
+        if layout.setdefault(name, tuple(shape)) != tuple(shape) or (
+                dtype is not None and self.packed.setdefault(name, dtype) != dtype) or (dtype is None and name in self.packed):
+            raise CheckpointError(f"{info.file}: expert tensor {short_repr(info.name)} is stored unlike the other "
+                                  f"tensors of {spec.prefix}'s {name!r} (mixed layouts or dtypes); the checkpoint is "
+                                  "inconsistent")
 
     def _destination(self, spec: ExpertsSpec, proj: str, kind: str, info: TensorInfo) -> tuple[str, tuple[slice, ...]]:
         suffix = "" if kind == "weight" else "_bias"
@@ -245,6 +353,7 @@ class ExpertStore(PieceStore):
                 f"{info.file}: fused expert tensor {short_repr(info.name)} has shape {list(info.shape)}, expected {list(want)} "
                 "from config.json; the checkpoint does not match its config"
             )
+        self._place(spec, param, spec.shapes[param], None, info)
         per_expert = info.nbytes // spec.num_experts
         for e in range(spec.num_experts):
             self.pieces[(spec.layer, e)].append(
@@ -253,28 +362,41 @@ class ExpertStore(PieceStore):
             )
 
     def _check_complete(self) -> None:
+        first = None
         for spec in self.specs.values():
+            layout = self.layouts[spec.layer]
+            for param, shape in spec.shapes.items():
+                packed = {n for n in layout if n.startswith(param + ".")}
+                want = {f"{param}.{c}" for c in self.format.components(1, 64)}
+                if packed and packed != want:
+                    raise CheckpointError(
+                        f"{self.folder}: {spec.prefix}'s {param!r} is packed as {self.format.name}, but the checkpoint "
+                        f"lacks its {', '.join(sorted(want - packed))}; a shard may be missing")
+                if not packed:
+                    layout.setdefault(param, shape)  # never seen: reported below as no values found
             for e in range(spec.num_experts):
                 covered = defaultdict(int)
                 for p in self.pieces.get((spec.layer, e), []):
-                    covered[p.param] += _prod(_indexed_shape(spec.shapes[p.param], p.index))
-                for param, shape in spec.shapes.items():
+                    covered[p.param] += _prod(_indexed_shape(layout[p.param], p.index))
+                for param, shape in layout.items():
                     if covered[param] != _prod(shape):
                         raise CheckpointError(
                             f"{self.folder}: the checkpoint has no complete {param!r} for expert {e} of "
                             f"{spec.prefix} (found {covered[param]} of {_prod(shape)} values); "
                             "a shard may be missing or the checkpoint may not match config.json"
                         )
-
-    def read_dense(self, info: TensorInfo) -> torch.Tensor:
-        return self.reader.read_tensor(info)
+            if first is not None and layout != self.layouts[first.layer]:
+                raise CheckpointError(
+                    f"{self.folder}: the experts of {spec.prefix} are stored as {sorted(layout)}, unlike those of "
+                    f"{first.prefix} ({sorted(self.layouts[first.layer])}); offload_moe needs one expert layout a model")
+            first = first or spec
 
     def describe(self, layer: int, expert: int) -> str:
         files = sorted({p.file.name for p in self.pieces.get((layer, expert), [])})
         return ", ".join(str(self.folder / f) for f in files) or str(self.folder)
 
     def _rows(self, layer: int, param: str) -> int:
-        return self.specs[layer].shapes[param][0]
+        return self.layouts[layer][param][0]
 
 
 def _owner(key: str, by_prefix: dict[str, ExpertsSpec]) -> tuple[ExpertsSpec | None, str]:

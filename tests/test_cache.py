@@ -32,7 +32,7 @@ def test_writing_one_slot_leaves_the_others():
     pool.buffer.zero_()
     pool.views(1)["gate_up_proj"].fill_(1.0)
     pool.views(1)["down_proj"].fill_(2.0)
-    assert pool.buffer.sum().item() == 24 * 1.0 + 12 * 2.0
+    assert pool.buffer.view(torch.float32).sum().item() == 24 * 1.0 + 12 * 2.0  # the buffer is bytes
     assert pool.views(0)["gate_up_proj"].abs().sum() == 0 and pool.views(2)["down_proj"].abs().sum() == 0
 
 

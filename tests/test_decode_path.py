@@ -17,7 +17,8 @@ SCRIPT = Path(__file__).parent.parent / "benchmarks" / "decode_path.py"
 # The arrows the design allows (caller -> callee); any other one is a new dependency in the token's path.
 ARROWS = {"experts -> cache", "experts -> prefetch", "experts -> kernels", "runtime -> cache",
           "cache -> policies.lru", "cache -> policies.fifo", "cache -> policies.lfu", "policies.lfu -> policies.heap",
-          "cache -> transfer", "cache -> sources", "sources -> store", "store -> safetensors_io", "store -> kernels"}
+          "cache -> transfer", "cache -> sources", "sources -> store", "store -> safetensors_io", "store -> kernels",
+          "store -> formats", "cache -> formats", "kernels -> formats"}  # a packed weight made from its components
 # The most entries within one layer, whatever it loads: the experts module opens the cache's lease once
 # (use, enter, prefetch, exit, and one step of its iterator per expert and one to end: 7 for two experts),
 # asks the prefetcher twice (predict on the device, then name the loads) and runs a kernel per expert.

@@ -17,7 +17,7 @@ class Spy:
         self.cache = cache = model.offload.cache
         self.calls: list[dict] = []
         self.loading = False
-        acquire, admit, views, start = cache._acquire, cache.residency.admit, cache.pool.views, cache._start
+        acquire, admit, weights, start = cache._acquire, cache.residency.admit, cache.pool.weights, cache._start
 
         def spy_acquire(layer, experts):
             hits, misses = acquire(layer, experts)
@@ -42,12 +42,12 @@ class Spy:
             finally:
                 self.loading = False
 
-        def spy_views(slot):
+        def spy_weights(slot):  # what compute is handed: a slot's tensors as weights
             if not self.loading:
                 self.calls[-1]["computed"].append(cache.residency.owner[slot][1])
-            return views(slot)
+            return weights(slot)
 
-        cache._acquire, cache.residency.admit, cache.pool.views, cache._start = spy_acquire, spy_admit, spy_views, spy_start
+        cache._acquire, cache.residency.admit, cache.pool.weights, cache._start = spy_acquire, spy_admit, spy_weights, spy_start
 
 
 @pytest.mark.parametrize("capacity", [2, 3, 5])

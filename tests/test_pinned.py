@@ -75,7 +75,7 @@ def test_registered_on_the_gpu_it_serves(cudart, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", device)
     memory = PinnedMemory(PAGE, device=torch.device("cuda", 1))
     pool = SlotPool(2, SlotLayout({"w": (4, 4)}, torch.float32), torch.device("cpu"), pin=torch.device("cuda", 1))
-    assert memory.registered and pool.buffer.numel() == 2 * 64  # slots are 64-element aligned
+    assert memory.registered and pool.nbytes == 2 * 64 * 4  # slots are 64-element aligned
     assert current == [torch.device("cuda", 1)] * 2 and len(cudart.registered) == 2
 
 
@@ -103,7 +103,7 @@ def test_pinned_slot_pool_holds_exactly_its_slots(cudart):
     (ptr, size), = cudart.registered.items()
     assert pool.buffer.data_ptr() == ptr and pool.nbytes == 5 * layout.numel * 4 and size == PAGE
     pool.views(4)["down_proj"].fill_(1.5)
-    assert pool.flat(4).sum() == 12 * 1.5
+    assert pool.flat(4).view(torch.float32).sum() == 12 * 1.5  # a slot is bytes
     pool.release()
     assert cudart.unregistered == [ptr]
     SlotPool(5, layout, torch.device("cpu"))  # unpinned pools register nothing

@@ -1,0 +1,207 @@
+"""Quantized experts (issue 16): packed bytes flow store -> slot -> compute, with parity against transformers.
+
+The reference is transformers' own model on the CPU with every weight dequantized: loaded from the quantized
+checkpoint itself where transformers reads it right (MXFP4; block FP8 whose blocks tile every matrix), else
+from a copy whose packed tensors are dequantized with ``offload_moe.quant`` (transformers 5.24's CPU FP8
+loader takes a partial last block as a smaller block; see /work/shared/REFERENCE.md).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import offload_moe
+from offload_moe import quant
+from offload_moe.errors import CheckpointError
+from tiny_models import make_fp8_model, make_model, make_mxfp4_model
+
+RTOL = 1e-3
+NEW_TOKENS = 16
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
+
+
+def dequantized_copy(folder: Path, out: Path) -> Path:
+    """``folder`` with every packed tensor dequantized to float32 and no quantization_config: what transformers
+    builds from the quantized checkpoint on the CPU, by the format's own rule."""
+    shutil.copytree(folder, out)
+    tensors = load_file(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    q = config.pop("quantization_config")
+    if q["quant_method"] == "fp8":
+        for name in [n for n in tensors if n.endswith("_scale_inv")]:
+            weight = name.removesuffix("_scale_inv")
+            tensors[weight] = quant.dequantize_fp8_blocks(tensors[weight], tensors.pop(name),
+                                                          tuple(q["weight_block_size"]), torch.float32)
+    else:  # offload_moe's own: T.qweight, T.scales (, T.zeros)
+        for name in [n for n in tensors if n.endswith(".qweight")]:
+            base = name.removesuffix(".qweight")
+            if q["bits"] == 8:
+                w = quant.dequantize_int8(tensors.pop(name), tensors.pop(base + ".scales"), torch.float32)
+            else:
+                w = quant.dequantize_int4(tensors.pop(name), tensors.pop(base + ".scales"), tensors.pop(base + ".zeros"),
+                                          torch.float32)
+            tensors[base] = w.transpose(-1, -2).contiguous() if base.endswith("gate_up_proj") or base.endswith("experts.down_proj") else w
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def make_int_model(family: str, folder: Path, bits: int, group_size: int = 8, **overrides) -> Path:
+    """A tiny ``family`` checkpoint in offload_moe's own int8/int4 format (QUANT_FORMAT.md): each routed-expert
+    tensor T becomes T.qweight, T.scales (and T.zeros); fused transposed tensors are transposed to [out, in] first."""
+    folder = make_model(family, folder, **overrides)
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if ".experts." in n and not n.endswith("_bias") and tensors[n].dim() >= 2]:
+        w = tensors.pop(name)
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and family == "gpt_oss":
+            w = w.transpose(-1, -2)  # gpt-oss stores [E, in, out]
+        if bits == 8:
+            tensors[name + ".qweight"], tensors[name + ".scales"] = quant.quantize_int8(w)
+        else:
+            tensors[name + ".qweight"], tensors[name + ".scales"], tensors[name + ".zeros"] = quant.quantize_int4(w, group_size)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "offload_moe", "format_version": 1, "bits": bits,
+                                     **({"group_size": group_size} if bits == 4 else {})}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    made: dict[str, Path] = {}
+    writers = {
+        "qwen3_moe-fp8": lambda f: make_fp8_model("qwen3_moe", f),  # 16x16 blocks: partial blocks in 24-wide experts
+        "deepseek_v3-fp8": lambda f: make_fp8_model("deepseek_v3", f),
+        "qwen3_moe-fp8-tiled": lambda f: make_fp8_model("qwen3_moe", f, block=(8, 8)),  # transformers reads these right
+        "gpt_oss-mxfp4": make_mxfp4_model,
+        "mixtral-int8": lambda f: make_int_model("mixtral", f, 8),
+        "mixtral-int4": lambda f: make_int_model("mixtral", f, 4),
+        "gpt_oss-int4": lambda f: make_int_model("gpt_oss", f, 4),
+    }
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = writers[kind](tmp_path_factory.mktemp(kind))
+        return made[kind]
+    return get
+
+
+def reference(kind: str, folder: Path, tmp_path: Path):
+    if kind in ("gpt_oss-mxfp4", "qwen3_moe-fp8-tiled"):  # transformers' own loader, dequantizing on the CPU
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(dequantized_copy(folder, tmp_path / "ref"), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe-fp8", "deepseek_v3-fp8", "qwen3_moe-fp8-tiled", "gpt_oss-mxfp4",
+                                  "mixtral-int8", "mixtral-int4", "gpt_oss-int4"])
+def test_parity_with_transformers_dequantized(checkpoints, kind, prompt, tmp_path):
+    folder = checkpoints(kind)
+    ref = reference(kind, folder, tmp_path)
+    with torch.no_grad():
+        want_logits = ref(prompt).logits
+    want_tokens = ref.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    packed = _packed_bytes_per_expert(folder)
+    for options in ({"cache_experts": 2}, {"cache_memory": "1GiB"}, {"cache_experts": 2, "io": "mmap"}):
+        model = offload_moe.load(folder, dtype="float32", progress=False, **options)
+        with torch.no_grad():
+            got_logits = model(prompt).logits
+        assert relative_error(want_logits, got_logits) <= RTOL, (kind, options)
+        got_tokens = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(want_tokens, got_tokens), (kind, options)
+        stats = model.offload.stats()
+        assert stats["expert_format"] != "float32" and stats["expert_bytes"] == packed
+        if options.get("cache_experts") == 2:
+            assert stats["misses"] > 0 and stats["evictions"] + stats["mapped_experts"] > 0
+            if "io" not in options:  # every miss moved the packed bytes as stored, no more
+                assert stats["bytes_moved"]["disk"] == stats["misses"] * _packed_bytes_per_expert(folder, None)
+        if options.get("io") == "mmap" and kind.endswith("fp8"):  # every expert tensor is mappable as stored
+            assert stats["mapped_experts"] == stats["misses"] > 0
+        model.offload.close()
+
+
+def test_mxfp4_computes_from_the_mapped_packed_bytes(checkpoints, prompt):
+    """gpt-oss in its own bf16: every miss is computed from the mapping, as from a slot."""
+    folder = checkpoints("gpt_oss-mxfp4")
+    slots = offload_moe.load(folder, cache_experts=2, progress=False)
+    mapped = offload_moe.load(folder, cache_experts=2, io="mmap", progress=False)
+    with torch.no_grad():
+        assert torch.equal(slots(prompt).logits, mapped(prompt).logits)
+    stats = mapped.offload.stats()
+    assert stats["mapped_experts"] == stats["misses"] > 0 and stats["expert_format"] == "mxfp4"
+    slots.offload.close()
+    mapped.offload.close()
+
+
+def test_plan_counts_packed_bytes(checkpoints):
+    for kind in ("qwen3_moe-fp8", "gpt_oss-mxfp4", "mixtral-int4"):
+        folder = checkpoints(kind)
+        p = offload_moe.plan(folder, device_memory="1GiB", dtype="float32")
+        assert p.expert_bytes == _packed_bytes_per_expert(folder)
+        assert p.expert_format in str(p) and p.expert_format not in ("", "float32")
+
+
+def test_int4_holds_about_3_5x_the_bf16_experts_at_the_same_memory(tmp_path):
+    """int4 in groups of 128 with float32 scales and zeros: 0.5625 bytes a weight against bf16's 2."""
+    sizes = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_local_experts=48)
+    dense = make_model("mixtral", tmp_path / "bf16", **sizes)
+    packed = make_int_model("mixtral", tmp_path / "int4", 4, group_size=128, **sizes)
+    budget = 8 * 2**20
+    ratios = []
+    for slots in (lambda f: offload_moe.plan(f, device_memory=budget + 258 * 2**20, dtype="bfloat16").expert_slots,
+                  lambda f: _capacity(f, budget)):
+        ratios.append(slots(packed) / slots(dense))
+    assert all(3.4 < r < 3.7 for r in ratios), ratios
+
+
+def test_a_scale_that_does_not_match_its_weight_is_named(checkpoints, tmp_path):
+    folder = Path(shutil.copytree(checkpoints("qwen3_moe-fp8"), tmp_path / "bad"))
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.1.mlp.experts.2.down_proj.weight_scale_inv"
+    tensors[name] = torch.ones(3, 3)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model.safetensors.*experts\.2\.down_proj\.weight_scale_inv.*\[2, 2\]"):
+        offload_moe.load(folder, cache_experts=2, progress=False)
+
+
+def test_mxfp4_columns_that_groups_of_32_do_not_divide_are_named(tmp_path):
+    folder = make_mxfp4_model(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.mlp.experts.down_proj_blocks"
+    tensors[name] = tensors[name][:, :, :1].contiguous()  # as if the expert width were 32: the config says 64
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert config["intermediate_size"] == 64
+    with pytest.raises(CheckpointError, match=r"down_proj_blocks.*must be uint8 \[4, 32, 2, 16\]"):
+        offload_moe.load(folder, cache_experts=2, progress=False)
+
+
+def _capacity(folder: Path, budget: int) -> int:
+    model = offload_moe.load(folder, cache_memory=budget, dtype="bfloat16", progress=False)
+    try:
+        return model.offload.stats()["capacity_experts"]
+    finally:
+        model.offload.close()
+
+
+def _packed_bytes_per_expert(folder: Path, bias_itemsize: int | None = 4) -> int:
+    """Bytes of one expert: its routed-expert tensors in the checkpoint over the experts, biases (which are not
+    packed) at ``bias_itemsize`` bytes (the compute dtype's; None: as stored)."""
+    tensors = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    experts = next(config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in config)
+    names = [n for n in tensors if ".experts." in n]
+    layers = {n.split(".")[2] for n in names}
+    total = sum(tensors[n].numel() * (bias_itemsize if bias_itemsize and n.endswith("_bias") else tensors[n].element_size())
+                for n in names)
+    return total // (experts * len(layers))

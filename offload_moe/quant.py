@@ -48,6 +48,7 @@ INT4_LEVELS = 15  # codes 0..15
 INT4_MID = 8
 FP8_BLOCK = (128, 128)
 FORMATS = ("mxfp4", "fp8", "int8", "int4")
+_FP4_PAIRS = torch.tensor([(FP4_VALUES[b & 0x0F], FP4_VALUES[b >> 4]) for b in range(256)])  # a byte's two values
 
 
 # -- MXFP4 ---------------------------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
                      name: str = "MXFP4 tensor") -> torch.Tensor:
     """``blocks`` uint8 [..., out, G, 16] and ``scales`` uint8 [..., out, G] -> [..., out, 32 G] in ``dtype``,
     rows as stored (gpt-oss's parameter is the transpose). Equal, bit for bit, to transformers'
-    ``convert_moe_packed_tensors`` transposed: each value scaled by ``torch.ldexp`` in float32, rounded once."""
+    ``convert_moe_packed_tensors`` transposed: each value scaled in float32 as ``torch.ldexp`` does, rounded once."""
     _expect_dtype(blocks, torch.uint8, f"{name} (blocks)")
     _expect_dtype(scales, torch.uint8, f"{name} (scales)")
     if blocks.dim() < 3 or blocks.shape[-1] != MXFP4_GROUP // 2 or blocks.shape[:-1] != scales.shape:
@@ -64,11 +65,12 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
             f"and a last dimension of {MXFP4_GROUP // 2} bytes, but the scales have shape {list(scales.shape)}; "
             "the checkpoint is corrupted or not MXFP4"
         )
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).long()  # [..., out, G, 16, 2]: low nibble first
-    values = lut[codes].flatten(-2)  # [..., out, G, 32]
+    pairs = _FP4_PAIRS.to(blocks.device)
+    values = torch.nn.functional.embedding(blocks.int(), pairs).flatten(-2)  # [..., out, G, 32]
     exponent = scales.to(torch.int32) - E8M0_BIAS  # [..., out, G]
-    return torch.ldexp(values, exponent[..., None]).flatten(-2).to(dtype)
+    if (exponent > E8M0_BIAS).any():  # byte 255: 2**128 overflows float32, ldexp does not
+        return torch.ldexp(values, exponent[..., None]).flatten(-2).to(dtype)
+    return (values * torch.exp2(exponent.float())[..., None]).flatten(-2).to(dtype)  # exact, as ldexp, and faster
 
 
 # -- block FP8 -----------------------------------------------------------------------------------------------
@@ -91,9 +93,9 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
             f"{list(weight.shape)} in blocks of [{bm}, {bn}] needs {list(want)}; the checkpoint is corrupted or "
             "its weight_block_size is not the one it was written with"
         )
-    scale = _scale_values(scale_inv, name)
-    scale = scale.repeat_interleave(bm, dim=-2)[..., :rows, :].repeat_interleave(bn, dim=-1)[..., :cols]
-    return (weight.float() * scale).to(dtype)
+    scale = _scale_values(scale_inv, name).repeat_interleave(bm, dim=-2)[..., :rows, :]  # [..., out, in blocks]
+    padded = torch.nn.functional.pad(weight.float(), (0, want[-1] * bn - cols))  # whole column blocks
+    return (padded.unflatten(-1, (want[-1], bn)) * scale[..., None]).flatten(-2)[..., :cols].to(dtype)
 
 
 def _scale_values(scale_inv: torch.Tensor, name: str) -> torch.Tensor:

@@ -161,3 +161,15 @@ def _set_quantization_config(folder: Path, quantization_config: dict) -> None:
 
     path = folder / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "quantization_config": quantization_config}, indent=2))
+
+
+def load_dequantized(folder: Path, dtype: torch.dtype):
+    """The oracle: transformers' own model of a quantized tiny checkpoint, every weight dequantized to ``dtype``
+    on the CPU (``Mxfp4Config`` / ``FineGrainedFP8Config`` with ``dequantize=True``; offline, no kernels)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
+
+    method = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]["quant_method"]
+    config = {"mxfp4": Mxfp4Config, "fp8": FineGrainedFP8Config}[method](dequantize=True)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype).eval()

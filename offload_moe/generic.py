@@ -54,7 +54,7 @@ from .layers import (  # noqa: F401  (find_moe_layers... stay importable from of
     find_moe_layers,
     plan_layers,
 )
-from .planning import device_slots
+from .planning import device_slots, kv_reserve
 from .prefetch import Prefetcher
 from .routing import Router, default_router, gate_of, top_k_of
 from .runtime import ExpertOffload, OffloadHandle  # noqa: F401  (ExpertOffload stays importable from here)
@@ -360,7 +360,7 @@ def offload_experts(
              for p in plans]
     dtype = settings.dtype or next(iter(plans[0].dtypes.values()))
     dense = _dense_bytes(model, plans)
-    assembly = check_assembly(found, settings, dtype=dtype, budget=_budget(settings, found, dtype, dense),
+    assembly = check_assembly(found, settings, dtype=dtype, budget=_budget(settings, found, dtype, dense, model),
                               dense_bytes=dense, top_k=top_k_of(plans[0].module) or 2)
     opened, owned = _open_store(plans, store, offload_folder, settings.io)
     return attach(model, assembly, opened,
@@ -375,15 +375,17 @@ def _settings(config: OffloadConfig | None, overrides: dict, dropped: str) -> Of
     return settings
 
 
-def _budget(settings: OffloadConfig, layers: Sequence[MoELayer], dtype: torch.dtype, dense: int) -> Budget:
+def _budget(settings: OffloadConfig, layers: Sequence[MoELayer], dtype: torch.dtype, dense: int, model: nn.Module) -> Budget:
     """``cache_experts`` or ``cache_memory``; without either, what ``device_memory`` (a profile's) leaves after the
-    dense weights and a workspace: a model built in memory has no KV cache that ``plan`` could size."""
+    dense weights, the KV cache and a workspace, by the rule ``plan`` and ``load`` use (``planning.device_slots``):
+    a KV cache of ``DEFAULT_CONTEXT`` tokens when the model's config gives its attention sizes, else none."""
     budget = Budget(settings.cache_experts, settings.cache_memory)
     if settings.device_memory is None or budget != Budget():
         return budget
     expert_bytes = SlotLayout(shared_shapes(layers), dtype).nbytes
     total = sum(layer.num_experts for layer in layers)
-    return Budget(device_slots(parse_bytes(settings.device_memory, "device_memory"), dense, 0, expert_bytes, total))
+    kv = kv_reserve(getattr(model, "config", None), dtype).nbytes
+    return Budget(device_slots(parse_bytes(settings.device_memory, "device_memory"), dense, kv, expert_bytes, total))
 
 
 def _model_name(model: nn.Module) -> str:

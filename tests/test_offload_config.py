@@ -139,8 +139,6 @@ def test_load_refuses_an_unknown_option_naming_it_before_reading_anything(tmp_pa
         offload_moe.load(tmp_path / "no-such-model", {"cache_experts": 4})
     with pytest.raises(ConfigError, match="both config= and profile="):
         offload_moe.load(tmp_path / "no-such-model", OffloadConfig(), profile="cpu-16gb")
-    with pytest.raises(ConfigError, match="load takes prefetch as a predictor name"):
-        offload_moe.load(tmp_path / "no-such-model", prefetch=Predictor())
 
 
 def test_load_with_a_config_equals_load_with_its_fields(model_dir, prompt):

@@ -341,7 +341,7 @@ def offload_experts(
     Settings: an ``OffloadConfig`` (``config``) and/or its fields as keyword arguments, which win, as in
     ``offload_moe.load`` (``profile=`` too). Budget: ``cache_experts`` slots or ``cache_memory`` bytes on ``device``,
     shared by all layers (one expert size for the model); without either, what a profile's ``device_memory``
-    leaves after the dense weights, else half the free memory. A device budget that holds every expert is
+    leaves after the dense weights, a KV cache and a workspace (as ``load`` and ``plan`` count), else half the free memory. A device budget that holds every expert is
     filled at once. ``host_memory`` adds the warm tier, as in ``load``. ``policy``, ``dtype``, ``readers``, ``io`` and
     ``read_timeout`` as in ``offload_moe.load``: with ``io="mmap"`` (CPU only) an expert missing from the slots is computed in place
     from the mapped store files. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the

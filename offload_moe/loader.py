@@ -33,7 +33,7 @@ from .checkpoint import (  # noqa: F401  (build_skeleton... stay importable from
 from .config import Budget, OffloadConfig, configure, parse_dtype
 from .experts import OffloadedExperts
 from .planning import plan_checkpoint
-from .progress import start_and_done_lines  # noqa: F401  (the CLI's piped progress lines import it from here)
+from .progress import start_and_done_lines  # noqa: F401  (stays importable from offload_moe.loader)
 from .routing import find_routers
 
 log = logging.getLogger("offload_moe")

@@ -44,7 +44,7 @@ def atomic_write_all(files: Mapping[str | Path, Content], mode: int = 0o644) -> 
     try:
         for path, content in files.items():
             path = Path(path)
-            made += _make_folder(path)
+            made += _make_folder(path.parent, path)
             staged.append((_stage(path, content, mode), path))
         for tmp, path in staged:
             os.replace(tmp, path)
@@ -79,15 +79,19 @@ def _stage(path: Path, content: Content, mode: int) -> Path:
     return tmp
 
 
-def _make_folder(path: Path) -> list[Path]:
-    """Make the folder of ``path``; returns the folders that did not exist, deepest first."""
-    made = [p for p in path.parents if not p.exists()]
+def _make_folder(folder: Path, target: Path | None = None) -> list[Path]:
+    """Make ``folder`` and its missing parents; returns those made, deepest first. For ``target`` (a file to be
+    written there) that is all; without one, a file must also be creatable in the folder (``output_folder``).
+    On failure the folders made are removed again and an OutputError names ``target``, else the folder."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        if target is None:
+            tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         _remove_empty(made)
-        raise OutputError(f"cannot write {path}: {e.strerror or e} ({path.parent}); "
-                          "choose a folder you can write to") from e
+        what = f"{target}: {e.strerror or e} ({folder})" if target is not None else f"into {folder}: {e.strerror or e}"
+        raise OutputError(f"cannot write {what}; choose a folder you can write to") from e
     return made
 
 
@@ -127,13 +131,7 @@ def output_folder(path: str | Path) -> Iterator[Path]:
     """Make the folder ``path`` if needed and check that files can be made in it, before long work is done
     in the ``with`` block. If the block fails, the folders made here are removed again while still empty."""
     path = Path(path)
-    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        _remove_empty(made)
-        raise OutputError(f"cannot write into {path}: {e.strerror or e}; choose a folder you can write to") from e
+    made = _make_folder(path)
     try:
         yield path
     except BaseException:

@@ -23,6 +23,7 @@ from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
 from .config import Budget, OffloadConfig, check_within, parse_bytes, shown
 from .errors import BudgetError, ConfigError, UnsupportedModelError
 from .policies import make_policy
+from .planning import host_slots
 from .prefetch import Predictor, Prefetcher, make_predictor
 from .progress import progress_bar
 from .runtime import OffloadHandle, serialise
@@ -92,7 +93,7 @@ def check_assembly(layers: Sequence[MoELayer], config: OffloadConfig, *, dtype: 
     dev = config.device
     capacity = budget.slots(layout.nbytes, total, default_cache_bytes(dev, dense_bytes), dev)
     predictor = _predictor(config, layers, top_k)
-    host_slots = _host_slots(config.host_memory, layout, total) if capacity < total else 0
+    host_slots = _host_slots(config.host_memory, layout, total, capacity)
     return Assembly(tuple(layers), config, layout, capacity, host_slots, predictor)
 
 
@@ -146,13 +147,13 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
 
 def fill_host_tier(cache: ExpertCache, keys: list[tuple[int, int]], progress: bool) -> None:
     """Read every expert from disk into the warm tier once (it holds them all), with a progress bar."""
-    with progress_bar(progress, "experts into host memory", len(keys) * cache.pool.layout.nbytes) as advance:
+    with progress_bar(progress, "loading experts into host memory", len(keys) * cache.pool.layout.nbytes) as advance:
         cache.fill_host(keys, advance)
 
 
 def fill_device_cache(cache: ExpertCache, keys: list[tuple[int, int]], progress: bool) -> None:
     """Load every expert into the device slots once (they hold them all), with a progress bar."""
-    with progress_bar(progress, "experts into the expert cache", len(keys) * cache.pool.layout.nbytes) as advance:
+    with progress_bar(progress, "loading experts into the expert cache", len(keys) * cache.pool.layout.nbytes) as advance:
         cache.fill(keys, advance)
 
 
@@ -172,14 +173,17 @@ def _predictor(config: OffloadConfig, layers: Sequence[MoELayer], top_k: int) ->
                           "pass prefetch='none' to override it)") from None
 
 
-def _host_slots(host_memory, layout: SlotLayout, total: int) -> int:
+def _host_slots(host_memory, layout: SlotLayout, total: int, capacity: int) -> int:
+    """The host tier's slots (``planning.host_slots``, as ``plan`` counts them); a budget this machine's RAM cannot
+    hold, or one that holds no expert where a host tier is built, is refused."""
     if host_memory is None:
         return 0
     nbytes = parse_bytes(host_memory, "host_memory")
-    check_within(nbytes, f"host_memory={shown(host_memory)}", torch.device("cpu"))
-    slots = min(total, nbytes // layout.nbytes)
-    if slots < 1:
-        raise BudgetError(f"host_memory={shown(host_memory)} holds no expert of {layout.nbytes} bytes; raise it or leave it out")
+    slots = host_slots(nbytes, layout.nbytes, total, capacity)
+    if capacity < total:
+        check_within(nbytes, f"host_memory={shown(host_memory)}", torch.device("cpu"))
+        if slots < 1:
+            raise BudgetError(f"host_memory={shown(host_memory)} holds no expert of {layout.nbytes} bytes; raise it or leave it out")
     return slots
 
 

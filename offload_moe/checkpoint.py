@@ -81,11 +81,13 @@ class Checkpoint:
         self.close()
 
 
-def open_checkpoint(path: str | Path, *, trust_remote_code: bool = False, io: str = "buffered") -> Checkpoint:
+def open_checkpoint(path: str | Path, *, trust_remote_code: bool = False, io: str = "buffered",
+                    model_config=None) -> Checkpoint:
     """Resolve ``path``, read and check its config, build the skeleton, swap the experts and index the files;
-    ``io`` is how the store reads them (see ``offload_moe.load``)."""
+    ``io`` is how the store reads them (see ``offload_moe.load``). ``model_config``: the config ``load_config``
+    already read from ``path`` (config.json is then not read again)."""
     folder = resolve_model_path(path)
-    config = load_config(folder, trust_remote_code=trust_remote_code)
+    config = model_config if model_config is not None else load_config(folder, trust_remote_code=trust_remote_code)
     packing = expert_format(getattr(config, "quantization_config", None), str(folder / "config.json"))
     model = build_skeleton(config, trust_remote_code=trust_remote_code)
     modules = swap_experts(model)
@@ -258,7 +260,7 @@ def load_dense(model: nn.Module, store: ExpertStore, device: torch.device, dtype
     keep_fp32 = _keep_fp32(model) if dtype in (torch.float16, torch.bfloat16) else set()
     unexpected = []
     items = sorted(store.dense.items(), key=lambda kv: (str(kv[1].file), kv[1].offset))
-    with progress_bar(progress, "dense weights", sum(info.nbytes for _, info in items)) as advance:
+    with progress_bar(progress, "loading dense weights", sum(info.nbytes for _, info in items)) as advance:
         for key, info in items:
             target = expected.get(key)
             if target is None:

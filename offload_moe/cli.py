@@ -7,7 +7,7 @@ import math
 import sys
 import textwrap
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +15,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ._version import __version__
@@ -37,7 +36,7 @@ from .profiling import (
     trace_to_profile,
     write_results,
 )
-from .progress import start_and_done_lines
+from .progress import progress_bar
 from .traces import (
     expert_usage_entropy,
     load_trace,
@@ -299,11 +298,8 @@ def verify(
 
     Example: offload-moe verify ./Mixtral-8x7B --manifest-dir ~/.cache/offload-moe
     """
-    with Progress(TextColumn("[bold]hashing experts"), BarColumn(), DownloadColumn(binary_units=True),
-                  console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task("hash", total=None)
-        result = check(model, manifest_dir=manifest_dir, progress=lambda n: bar.advance(task, n),
-                       trust_remote_code=trust_remote_code)
+    with progress_bar(True, "hashing experts", None) as advance:
+        result = check(model, manifest_dir=manifest_dir, progress=advance, trust_remote_code=trust_remote_code)
     if result.created:
         console.print(f"wrote checksums of {result.experts} experts to {result.manifest}", markup=False)
         return
@@ -380,7 +376,7 @@ def trace_record(
     """
     settings = _settings(profile, device=device, cache_experts=cache_experts, cache_memory=cache_memory, dtype=dtype)
     texts = read_prompts(prompts)
-    with output_folder(out.parent), _bar("recording", len(texts)) as advance:
+    with output_folder(out.parent), progress_bar(True, "recording", len(texts), unit="items") as advance:
         trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}"
                                + (f", {max_new_tokens} greedy tokens after each" if max_new_tokens else ""),
                                predict_margin=margin if predictions else None, max_new_tokens=max_new_tokens,
@@ -458,13 +454,11 @@ def profile_command(
     Example: offload-moe profile --trace trace.safetensors --policies lru,lfu --capacities 16,32,64 --out results
     """
     profile = _profile(profile)
-    texts = None
-    if prompts is not None:  # without MODEL the file is not read: trace_to_profile says --prompts needs MODEL
-        texts = read_prompts(prompts) if model is not None else []
-    recording = model is not None and texts is not None
+    # without MODEL the file is not read: trace_to_profile says --prompts needs MODEL
+    texts = read_prompts(prompts) if prompts is not None and model is not None else None
     with output_folder(out):  # made before any long work, removed again if it fails while empty
-        with _bar("recording", len(texts)) if recording else nullcontext(None) as advance:
-            trace = trace_to_profile(model, trace_file=trace_file, prompts=texts, margin=margin,
+        with progress_bar(True, "recording", len(texts), unit="items") if texts is not None else nullcontext() as advance:
+            trace = trace_to_profile(model, trace_file=trace_file, prompts=texts, prompts_file=prompts, margin=margin,
                                      source=f"{len(texts)} prompts from {prompts.name}" if texts is not None else "",
                                      max_new_tokens=max_new_tokens, profile=profile, on_prompt=advance,
                                      trust_remote_code=trust_remote_code)
@@ -479,7 +473,7 @@ def profile_command(
         names = [p.strip() for p in policies.split(",") if p.strip()]
         replays = sweep_size(names, slots, chosen)
         start = time.perf_counter()
-        with _bar("replaying", replays) as advance:
+        with progress_bar(True, "replaying", replays, unit="items") as advance:
             results = sweep(trace, policies=names, capacities=slots, predictors=chosen, margin=margin,
                             progress=lambda n: advance(), workers=workers or default_workers(trace, replays))
         seconds = time.perf_counter() - start
@@ -504,18 +498,6 @@ def _results_table(results, trace, seconds: float) -> Table:
         table.add_row(f"{r.capacity} ({r.capacity / total:.1%})", "Belady (optimum)" if r.policy == "belady" else r.policy,
                       r.predictor, f"{r.hit_rate:.3f}", str(r.misses), str(r.loads), f"{r.misses_over_belady:.2f}")
     return table
-
-
-@contextmanager
-def _bar(label: str, total: int):
-    """A progress bar on stderr (when it is a terminal); yields the function that advances it by one."""
-    if not err.is_terminal:  # piped: a line when it starts and one when it is done
-        yield from start_and_done_lines(err, label, f"{total} to go")
-        return
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda: bar.advance(task)
 
 
 def main() -> None:

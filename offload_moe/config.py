@@ -14,16 +14,19 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 
 from .errors import BudgetError, ConfigError
 from .hardware import Profile, get_profile
 from .policies import make_policy
 from .prefetch import Predictor
-from .values import (  # noqa: F401 - parse_device, MAX_BYTES: imported from here by the rest of the package
-    IO_MODES,
+from .values import (  # noqa: F401 - parse_device, MAX_BYTES, check_io: imported from here by the rest of the package
     MAX_BYTES,
     PREDICTORS,
+    check_count,
+    check_io,
+    check_prefetch_reach,
     format_bytes,
     parse_bytes,
     parse_device,
@@ -39,8 +42,6 @@ def memory_total(device: torch.device) -> int:
     """All the memory ``device`` has: the GPU's for CUDA, the machine's RAM for the CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    import psutil
-
     return psutil.virtual_memory().total
 
 
@@ -100,23 +101,6 @@ class Budget:
         return min(n, total_experts)
 
 
-def check_io(io: str, *, host_memory: bool = False, device: torch.device | None = None, origin: str = "") -> None:
-    """Refuse an unknown I/O mode, and ``io="mmap"`` off the CPU or beside a warm tier (the page cache plays
-    that part). ``origin`` says where the setting came from (a hardware profile)."""
-    if io not in IO_MODES:
-        raise ConfigError(f"io={io!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
-    if io == "mmap" and device is not None and device.type != "cpu":
-        raise ConfigError(
-            f"io='mmap' computes missing experts in place from the mapped files, which needs device='cpu' "
-            f"(got {device}){origin}; on {device.type} use io='direct' (the default), 'dontneed' or 'buffered'"
-        )
-    if io == "mmap" and host_memory:
-        raise ConfigError(
-            "host_memory adds nothing with io='mmap': missing experts are computed from the mapped checkpoint, "
-            "and the page cache already keeps them in spare RAM; leave host_memory out, or use io='direct'"
-        )
-
-
 @dataclass(frozen=True)
 class OffloadConfig:
     """The runtime settings of an offloaded model, checked when built (a bad one raises the error naming it).
@@ -127,7 +111,7 @@ class OffloadConfig:
     then ``device_memory`` (a profile's budget for the whole model) is planned into slots by ``load``, and
     without it half the free memory is used. ``host_memory``: a warm tier of host RAM, with ``host_policy``.
     ``policy``: the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``), seeded by ``seed``.
-    ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` (or a ``Predictor``, for ``offload_experts``),
+    ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``prefetch.Predictor`` of your own,
     naming top-k plus ``prefetch_margin`` experts for the next ``prefetch_depth`` layers.
     ``io``: ``direct``, ``dontneed``, ``buffered`` or (CPU) ``mmap``; ``readers`` threads read the disk; a
     layer waits at most ``read_timeout`` seconds for one expert (None: forever).
@@ -167,9 +151,8 @@ class OffloadConfig:
             _check_policy(name, getattr(self, name), self.seed)
             object.__setattr__(self, name, getattr(self, name).lower())
         object.__setattr__(self, "prefetch", _checked_prefetch(self.prefetch))
-        _check_count("prefetch_margin", self.prefetch_margin, 0, "0 or more")
-        _check_count("prefetch_depth", self.prefetch_depth, 1, "at least 1 layer")
-        _check_count("readers", self.readers, 1, "at least 1")
+        check_prefetch_reach(self.prefetch_margin, self.prefetch_depth)
+        check_count("readers", self.readers, 1, "at least 1")
         origin = (f" (io='mmap' comes from hardware profile {self.profile.name!r})"
                   if self.profile is not None and self.profile.io == "mmap" else "")
         check_io(self.io, host_memory=self.host_memory is not None, device=self.device, origin=origin)
@@ -246,12 +229,5 @@ def _checked_prefetch(prefetch: object) -> str | Predictor:
     name = prefetch.lower() if isinstance(prefetch, str) else prefetch
     if name not in PREDICTORS:
         raise ConfigError(f"prefetch={shown(prefetch)} is not a predictor; use one of {', '.join(PREDICTORS)} "
-                          "(or, with offload_experts, a Predictor)")
+                          "(or a prefetch.Predictor)")
     return name
-
-
-def _check_count(setting: str, value: object, low: int, bound: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{setting}={shown(value)} must be a whole number, {bound}")
-    if value < low:
-        raise ConfigError(f"{setting}={value} must be {bound}")

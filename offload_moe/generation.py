@@ -82,7 +82,7 @@ def load_with_tokenizer(model_path: str | Path | None, *, before_load: Callable[
     tokenizer = _tokenizer(folder, trust_remote_code)
     if before_load is not None:
         before_load(tokenizer, config)
-    return load(folder, **load_options), tokenizer
+    return load(folder, model_config=config, **load_options), tokenizer
 
 
 def sampling_options(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float = 1.0) -> dict:

@@ -49,7 +49,7 @@ from .layers import (  # noqa: F401  (find_moe_layers... stay importable from of
     find_moe_layers,
     plan_layers,
 )
-from .planning import device_slots
+from .planning import device_slots, kv_reserve
 from .routing import Router, default_router, gate_of, top_k_of
 from .runtime import ExpertOffload, OffloadHandle  # noqa: F401  (ExpertOffload stays importable from here)
 from .saved_experts import SavedExperts, write_plans
@@ -126,7 +126,7 @@ def offload_experts(
     Settings: an ``OffloadConfig`` (``config``) and/or its fields as keyword arguments, which win, as in
     ``offload_moe.load`` (``profile=`` too). Budget: ``cache_experts`` slots or ``cache_memory`` bytes on ``device``,
     shared by all layers (one expert size for the model); without either, what a profile's ``device_memory``
-    leaves after the dense weights, else half the free memory. A device budget that holds every expert is
+    leaves after the dense weights, a KV cache and a workspace (as ``load`` and ``plan`` count), else half the free memory. A device budget that holds every expert is
     filled at once. ``host_memory`` adds the warm tier, as in ``load``. ``policy``, ``dtype``, ``readers``, ``io`` and
     ``read_timeout`` as in ``offload_moe.load``: with ``io="mmap"`` (CPU only) an expert missing from the slots is computed in place
     from the mapped store files. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the
@@ -145,7 +145,7 @@ def offload_experts(
              for p in plans]
     dtype = settings.dtype or next(iter(plans[0].dtypes.values()))
     dense = _dense_bytes(model, plans)
-    assembly = check_assembly(found, settings, dtype=dtype, budget=_budget(settings, found, dtype, dense),
+    assembly = check_assembly(found, settings, dtype=dtype, budget=_budget(settings, found, dtype, dense, model),
                               dense_bytes=dense, top_k=top_k_of(plans[0].module) or 2)
     opened, owned = _open_store(plans, store, offload_folder, settings.io)
     return attach(model, assembly, opened,
@@ -160,15 +160,17 @@ def _settings(config: OffloadConfig | None, overrides: dict, dropped: str) -> Of
     return settings
 
 
-def _budget(settings: OffloadConfig, layers: Sequence[MoELayer], dtype: torch.dtype, dense: int) -> Budget:
+def _budget(settings: OffloadConfig, layers: Sequence[MoELayer], dtype: torch.dtype, dense: int, model: nn.Module) -> Budget:
     """``cache_experts`` or ``cache_memory``; without either, what ``device_memory`` (a profile's) leaves after the
-    dense weights and a workspace: a model built in memory has no KV cache that ``plan`` could size."""
+    dense weights, the KV cache and a workspace, by the rule ``plan`` and ``load`` use (``planning.device_slots``):
+    a KV cache of ``DEFAULT_CONTEXT`` tokens when the model's config gives its attention sizes, else none."""
     budget = Budget(settings.cache_experts, settings.cache_memory)
     if settings.device_memory is None or budget != Budget():
         return budget
     expert_bytes = SlotLayout(shared_shapes(layers), dtype).nbytes
     total = sum(layer.num_experts for layer in layers)
-    return Budget(device_slots(parse_bytes(settings.device_memory, "device_memory"), dense, 0, expert_bytes, total))
+    kv = kv_reserve(getattr(model, "config", None), dtype).nbytes
+    return Budget(device_slots(parse_bytes(settings.device_memory, "device_memory"), dense, kv, expert_bytes, total))
 
 
 def _model_name(model: nn.Module) -> str:

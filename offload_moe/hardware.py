@@ -13,10 +13,12 @@ import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from .errors import BudgetError, ConfigError
 from .files import read_text
 from .policies import POLICIES
-from .values import IO_MODES, PREDICTORS, parse_bytes, parse_dtype, shown
+from .values import PREDICTORS, check_io, parse_bytes, parse_dtype, shown
 
 FIELDS = ("description", "device", "device_memory", "host_memory", "dtype", "policy", "prefetch",
           "prefetch_margin", "prefetch_depth", "io")
@@ -113,19 +115,16 @@ def _parse_toml(path: Path) -> dict:
 
 
 def _check_choices(data: dict, path: Path) -> None:
-    """Settings that name one of a few choices: device, prefetch, io, policy."""
+    """Settings that name one of a few choices: device, prefetch, io (checked as ``OffloadConfig`` checks it), policy."""
     if not DEVICE.match(data["device"]):
         raise ConfigError(f"profile {path}: device = {shown(data['device'])} is not a device; use 'cpu', 'cuda' or 'cuda:N'")
     if data.get("prefetch", "none").lower() not in PREDICTORS:
         raise ConfigError(f"profile {path}: prefetch = {shown(data['prefetch'])} is not a predictor; use one of {', '.join(PREDICTORS)}")
-    if data.get("io", "direct") not in IO_MODES:
-        raise ConfigError(f"profile {path}: io = {shown(data['io'])} is not an I/O mode; use one of {', '.join(IO_MODES)}")
-    if data.get("io") == "mmap" and data.get("host_memory") is not None:
-        raise ConfigError(f"profile {path}: host_memory adds nothing with io = 'mmap' (the page cache is the spare-RAM "
-                          "tier); remove one of them")
-    if data.get("io") == "mmap" and not data["device"].startswith("cpu"):
-        raise ConfigError(f"profile {path}: io = 'mmap' needs device = 'cpu' (it computes experts from the mapped "
-                          "checkpoint); use 'direct' for a GPU")
+    try:
+        check_io(data.get("io", "direct"), host_memory=data.get("host_memory") is not None,
+                 device=torch.device(data["device"]))
+    except ConfigError as e:
+        raise ConfigError(f"profile {path}: {e}") from None
     running = sorted(set(POLICIES) - {"belady"})
     if data.get("policy", "lru").lower() not in running:
         raise ConfigError(f"profile {path}: policy = {shown(data['policy'])} is not an eviction policy for a running "

@@ -32,11 +32,9 @@ from .checkpoint import (  # noqa: F401  (build_skeleton... stay importable from
     swap_experts,
 )
 from .config import Budget, OffloadConfig, configure, parse_dtype
-from .errors import ConfigError
 from .experts import OffloadedExperts
 from .planning import plan_checkpoint
-from .prefetch import Predictor
-from .progress import start_and_done_lines  # noqa: F401  (the CLI's piped progress lines import it from here)
+from .progress import start_and_done_lines  # noqa: F401  (stays importable from offload_moe.loader)
 from .routing import find_routers
 
 log = logging.getLogger("offload_moe")
@@ -48,6 +46,7 @@ def load(
     *,
     progress: bool = True,
     trust_remote_code: bool = False,
+    model_config=None,
     **overrides,
 ) -> nn.Module:
     """Load a Hugging Face MoE checkpoint with its routed experts offloaded to a device expert cache.
@@ -58,12 +57,14 @@ def load(
     or both: keyword arguments override the config's fields. An unknown keyword is a ConfigError.
     The budget is
     ``cache_experts`` (a number of experts, across all layers) or ``cache_memory``
-    (bytes or a string such as ``"6GiB"``); without either, half the free memory.
+    (bytes or a string such as ``"6GiB"``); without either, half the free memory less the dense weights (counted in
+    the compute ``dtype``).
     ``policy`` is the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``).
     ``host_memory`` adds a warm tier of (pinned, on CUDA) host RAM between the device
     slots and the disk, with its own ``host_policy``; when it holds every expert it is
     filled at load. ``prefetch`` picks the predictor that starts loads for the next
-    ``prefetch_depth`` layers (default 1; ``gate``, ``transition``, ``hybrid`` or ``none``, the default), naming
+    ``prefetch_depth`` layers (default 1; ``gate``, ``transition``, ``hybrid`` or ``none``, the default, or a
+    ``prefetch.Predictor`` of your own, as with ``offload_experts``), naming
     top-k plus ``prefetch_margin`` (default 1) experts. Prefetch raises the hit rate but moves more bytes (wrong guesses
     are loaded too); measure it on your model with ``benchmarks/prefetch_recall.py``. ``readers`` threads read the disk; ``io`` is ``direct``
     (O_DIRECT, else dropping read pages; the default), ``dontneed``, ``buffered`` (page cache) or,
@@ -76,13 +77,12 @@ def load(
     not given (``OffloadConfig.from_profile``).
     ``trust_remote_code=True`` lets transformers run Python code from the model folder (an ``auto_map``
     in config.json) to build an architecture it lacks; without it no code from the folder runs.
+    ``model_config``: the transformers config of ``path`` as ``checkpoint.load_config`` read it, when the caller
+    has it already (``generate`` reads it before the tokenizer), so config.json is not read again.
     Returns the transformers model; ``model.offload`` holds the runtime and its stats.
     """
-    settings = configure(config, overrides, "load", ("progress", "trust_remote_code"))
-    if isinstance(settings.prefetch, Predictor):
-        raise ConfigError("load takes prefetch as a predictor name (none, gate, transition, hybrid); a Predictor "
-                          "object works with offload_experts")
-    ckpt = open_checkpoint(path, trust_remote_code=trust_remote_code, io=settings.io)
+    settings = configure(config, overrides, "load", ("progress", "trust_remote_code", "model_config"))
+    ckpt = open_checkpoint(path, trust_remote_code=trust_remote_code, io=settings.io, model_config=model_config)
     try:
         config, model, modules = ckpt.config, ckpt.model, ckpt.modules
         want_dtype = settings.dtype or parse_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -99,7 +99,7 @@ def load(
             ckpt.load_dense(settings.device, want_dtype, progress)
             return modules
 
-        assembly = check_assembly(layers, settings, dtype=want_dtype, budget=budget, dense_bytes=ckpt.dense_bytes(),
+        assembly = check_assembly(layers, settings, dtype=want_dtype, budget=budget, dense_bytes=ckpt.dense_bytes(want_dtype),
                                   top_k=int(getattr(config, "num_experts_per_tok", 2) or 2),
                                   layout=SlotLayout.of_store(ckpt.store, want_dtype))
         attach(model, assembly, ckpt.store, install=install, folder=ckpt.folder, name=ckpt.folder.name,

@@ -15,6 +15,7 @@ from .hardware import get_profile
 
 WORKSPACE_MIN = 256 * 2**20  # activations, allocator slack, CUDA context share
 WORKSPACE_FRACTION = 0.05
+DEFAULT_CONTEXT = 4096  # tokens of KV cache a device budget keeps room for
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def plan(
     *,
     device_memory: str | int | None = None,
     dtype: str | torch.dtype | None = None,
-    context_length: int = 4096,
+    context_length: int = DEFAULT_CONTEXT,
     profile: str | Path | None = None,
     host_memory: str | int | None = None,
     io: str | None = None,
@@ -154,10 +155,9 @@ def plan(
         host_memory = host_memory if host_memory is not None else hw.host_memory
         dtype = dtype or hw.dtype
         io = io or hw.io
-    _check_options(device_memory, host_memory, io, context_length)  # a bad option fails before anything is read
+    budget, host = _check_options(device_memory, host_memory, io, context_length)  # fails before anything is read
     with open_checkpoint(path, trust_remote_code=trust_remote_code) as checkpoint:
-        return plan_checkpoint(checkpoint, device_memory=device_memory, dtype=dtype, context_length=context_length,
-                               host_memory=host_memory, io=io)
+        return _plan(checkpoint, budget, host, dtype, context_length, io)
 
 
 def workspace_bytes(device_memory: int) -> int:
@@ -166,30 +166,61 @@ def workspace_bytes(device_memory: int) -> int:
 
 
 def device_slots(device_memory: int, dense: int, kv: int, expert_bytes: int, total: int) -> int:
-    """Expert slots that fit in ``device_memory`` bytes beside ``dense`` weights, a ``kv`` cache reserve and the
-    workspace; at most ``total``."""
+    """Expert slots that fit in ``device_memory`` bytes beside ``dense`` weights, a ``kv`` cache reserve
+    (``kv_reserve``) and the workspace; at most ``total``. The one rule both verbs size slots by from a device budget."""
     return max(0, min(total, (device_memory - dense - kv - workspace_bytes(device_memory)) // expert_bytes))
 
 
+def host_slots(host_bytes: int, expert_bytes: int, total: int, slots: int) -> int:
+    """Experts a host tier of ``host_bytes`` holds beside ``slots`` device slots: none when the device slots hold
+    all ``total`` experts (no host tier is built then), else as many as fit, at most ``total``."""
+    return 0 if slots >= total else min(total, host_bytes // expert_bytes)
+
+
+@dataclass(frozen=True)
+class KVReserve:
+    """The KV cache a device budget keeps room for: ``per_token`` bytes for ``tokens`` tokens."""
+
+    per_token: int
+    tokens: int
+    model_context: int | None  # max_position_embeddings: ``tokens`` never exceeds it
+
+    @property
+    def nbytes(self) -> int:
+        return self.per_token * self.tokens
+
+
+def kv_reserve(config, dtype: torch.dtype, context_length: int = DEFAULT_CONTEXT) -> KVReserve:
+    """The KV cache of ``context_length`` tokens in ``dtype`` (at most the model's own context) for the model
+    ``config`` describes; none for a model whose config does not give its attention sizes (a model built in
+    memory without a transformers config)."""
+    if not all(isinstance(getattr(config, k, None), int) for k in ("num_hidden_layers", "num_attention_heads")):
+        return KVReserve(0, 0, None)
+    model_context = getattr(config, "max_position_embeddings", None)
+    tokens = min(context_length, model_context) if model_context else context_length
+    per_token = kv_bytes_per_token(config, torch.empty((), dtype=dtype).element_size())
+    return KVReserve(per_token, tokens, model_context)
+
+
 def plan_checkpoint(checkpoint: Checkpoint, *, device_memory: str | int | None, dtype: str | torch.dtype | None = None,
-                    context_length: int = 4096, host_memory: str | int | None = None, io: str | None = None) -> Plan:
+                    context_length: int = DEFAULT_CONTEXT, host_memory: str | int | None = None,
+                    io: str | None = None) -> Plan:
     """``plan`` for a checkpoint already open (what ``load`` does with a hardware profile); only its config and
     its index are read."""
     budget, host = _check_options(device_memory, host_memory, io, context_length)
+    return _plan(checkpoint, budget, host, dtype, context_length, io)
+
+
+def _plan(checkpoint: Checkpoint, budget: int, host: int, dtype: str | torch.dtype | None, context_length: int,
+          io: str | None) -> Plan:
     config, modules = checkpoint.config, checkpoint.modules
     want = parse_dtype(dtype) or parse_dtype(getattr(config, "dtype", None) or torch.float32)
-    itemsize = torch.empty((), dtype=want).element_size()
     dense = checkpoint.dense_bytes(want)
     layout = SlotLayout.of_store(checkpoint.store, want)
     expert_bytes = layout.nbytes
     total = checkpoint.total_experts
-    kv_token = kv_bytes_per_token(config, itemsize)
-    model_context = getattr(config, "max_position_embeddings", None)
-    if model_context:
-        context_length = min(context_length, model_context)
-    kv = kv_token * context_length
-    workspace = workspace_bytes(budget)
-    slots = device_slots(budget, dense, kv, expert_bytes, total)
+    kv = kv_reserve(config, want, context_length)
+    slots = device_slots(budget, dense, kv.nbytes, expert_bytes, total)
     return Plan(
         model=str(checkpoint.folder),
         model_type=config.model_type,
@@ -201,17 +232,17 @@ def plan_checkpoint(checkpoint: Checkpoint, *, device_memory: str | int | None, 
         expert_bytes=expert_bytes,
         dense_bytes=dense,
         experts_bytes=total * expert_bytes,
-        kv_bytes_per_token=kv_token,
-        context_length=context_length,
-        kv_reserve_bytes=kv,
-        workspace_bytes=workspace,
+        kv_bytes_per_token=kv.per_token,
+        context_length=kv.tokens,
+        kv_reserve_bytes=kv.nbytes,
+        workspace_bytes=workspace_bytes(budget),
         device_memory=budget,
         expert_slots=int(slots),
         slots_bytes=int(slots) * expert_bytes,
         host_memory=host,
-        host_slots=0 if slots >= total else min(total, host // expert_bytes),
+        host_slots=host_slots(host, expert_bytes, total, slots),
         io=io or "direct",
-        model_context=model_context,
+        model_context=kv.model_context,
         expert_format=layout.format_name,
     )
 

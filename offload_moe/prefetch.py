@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .values import PREDICTORS
+from .values import PREDICTORS, check_prefetch_reach
 
 
 class Predictor:
@@ -266,12 +266,10 @@ def pooled_row(rows: Sequence[Sequence[int]]) -> list[int]:
 
 def make_predictor(name: str, *, routers: Sequence[nn.Module | None], num_experts: int, top_k: int,
                    margin: int = 1, depth: int = 1) -> Predictor:
-    """A predictor by name: ``none``, ``gate``, ``transition`` or ``hybrid``."""
+    """A predictor by name: ``none``, ``gate``, ``transition`` or ``hybrid``. ``margin`` and ``depth`` are checked as
+    ``OffloadConfig`` checks ``prefetch_margin`` and ``prefetch_depth``."""
     name = (name or "none").lower()
-    if depth < 1:
-        raise ConfigError(f"prefetch_depth={depth} must be at least 1 layer")
-    if margin < 0:
-        raise ConfigError(f"prefetch_margin={margin} must be 0 or more")
+    check_prefetch_reach(margin, depth)
     if name == "none":
         return Predictor()
     if name in ("gate", "hybrid") and all(r is None for r in routers):

@@ -95,7 +95,7 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
         )
     scale = _scale_values(scale_inv, name).repeat_interleave(bm, dim=-2)[..., :rows, :]  # [..., out, in blocks]
     padded = torch.nn.functional.pad(weight.float(), (0, want[-1] * bn - cols))  # whole column blocks
-    return (padded.unflatten(-1, (want[-1], bn)) * scale[..., None]).flatten(-2)[..., :cols].to(dtype)
+    return (padded.unflatten(-1, (want[-1], bn)) * scale[..., None]).flatten(-2)[..., :cols].to(dtype).contiguous()
 
 
 def _scale_values(scale_inv: torch.Tensor, name: str) -> torch.Tensor:

@@ -14,10 +14,10 @@ and nothing written to them can reach the file.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
-import reprlib
 import struct
 import sys
 import threading
@@ -28,7 +28,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError, ModelClosedError, ModelPathError
 from .files import REFUSED_FLAGS, inside, open_fd, open_regular, parse_json, read_json
-from .values import IO_MODES
+from .values import IO_MODES, shown
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -50,13 +50,7 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
 _U64 = 2**64  # the library reads shapes and offsets as 64-bit unsigned integers
 _TORCH_DIM = 2**63  # torch sizes are signed 64-bit
 _FIELDS = {"dtype", "shape", "data_offsets"}
-_repr = reprlib.Repr()
-_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 200, 200, 8, 4
-
-
-def short_repr(value: object) -> str:
-    """``repr`` cut to a few hundred characters: a value read from a file may be megabytes long."""
-    return _repr.repr(value)
+short_repr = functools.partial(shown, limit=200)  # a value read from a file (a tensor name), cut short for a message
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 
 import torch
 
@@ -50,14 +51,60 @@ def parse_bytes(value: str | int | float, setting: str = "memory") -> int:
     return int(n)
 
 
-def shown(value: object) -> str:
-    """``value`` for a message, cut short: a number of 4,000 digits is not worth printing in full (nor can
-    Python print one of more than 4,300)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"a number of {int(value.bit_length() * 0.30103) + 1} digits"
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
+class _Short(reprlib.Repr):
+    """``reprlib``'s bounded repr (strings and other values cut to ``limit`` characters, containers to a few items
+    and levels), a cut string's length said, and a number too long to print named by its digits."""
 
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.maxstring, self.maxother, self.maxlist, self.maxdict = limit, limit, 8, 4
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:  # Python refuses to print one of more than 4,300 digits
+            return f"a number of {int(x.bit_length() * 0.30103) + 1} digits"
+        return super().repr_int(x, level)
+
+    def repr_str(self, x: str, level: int) -> str:
+        text = super().repr_str(x, level)
+        return text if len(x) <= self.maxstring else f"{text} ({len(x)} characters)"
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """``value`` for a message, cut short: a setting, or a value read from a file, may be megabytes long, nested
+    thousands deep, or a number of thousands of digits (which Python cannot print). Strings and other values
+    are cut to about ``limit`` characters (40: a setting; tensor names read from a file get 200)."""
+    return _Short(limit).repr(value)
+
+
+def check_count(setting: str, value: object, low: int, bound: str) -> None:
+    """A whole number of at least ``low`` (``bound`` says it in words), else a ConfigError naming ``setting``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{setting}={shown(value)} must be a whole number, {bound}")
+    if value < low:
+        raise ConfigError(f"{setting}={value} must be {bound}")
+
+
+def check_prefetch_reach(margin: object, depth: object) -> None:
+    """``prefetch_margin`` (extra experts named, 0 or more) and ``prefetch_depth`` (layers ahead, at least 1)."""
+    check_count("prefetch_margin", margin, 0, "0 or more")
+    check_count("prefetch_depth", depth, 1, "at least 1 layer")
+
+
+def check_io(io: object, *, host_memory: bool = False, device: torch.device | None = None, origin: str = "") -> None:
+    """Refuse an unknown I/O mode, and ``io="mmap"`` off the CPU or beside a warm tier (the page cache plays
+    that part). ``origin`` says where the setting came from (a hardware profile)."""
+    if io not in IO_MODES:
+        raise ConfigError(f"io={shown(io)} is not an I/O mode; use one of {', '.join(IO_MODES)}")
+    if io == "mmap" and device is not None and device.type != "cpu":
+        raise ConfigError(
+            f"io='mmap' computes missing experts in place from the mapped files, which needs device='cpu' "
+            f"(got {device}){origin}; on {device.type} use io='direct' (the default), 'dontneed' or 'buffered'"
+        )
+    if io == "mmap" and host_memory:
+        raise ConfigError(
+            "host_memory adds nothing with io='mmap': missing experts are computed from the mapped checkpoint, "
+            "and the page cache already keeps them in spare RAM; leave host_memory out, or use io='direct'"
+        )
 
 
 def format_bytes(n: float) -> str:

@@ -21,10 +21,6 @@ LAZY = {
     "scipy": "optional (the balanced router's assignment)",
     "readline": "optional: not on every platform",
 }
-# Imports inside functions written before this rule; each is to move to the top of its file. The list only shrinks.
-NOT_YET_MOVED = {
-    ("offload_moe.config", "psutil"),
-}
 
 
 def module_name(path: Path) -> str:
@@ -112,10 +108,8 @@ def test_no_import_circle_among_the_modules():
 def test_imports_inside_functions_only_for_optional_or_heavy_dependencies():
     late = sorted((name, target, line) for name in MODULES for target, line, inside in imports(name) if inside)
     unexpected = [f"{MODULES[name].name}:{line} imports {target}" for name, target, line in late
-                  if target.split(".")[0] not in LAZY and (name, target.split(".")[0]) not in NOT_YET_MOVED]
+                  if target.split(".")[0] not in LAZY]
     assert unexpected == [], "import at the top of the file (or add it to LAZY with the reason)"
-    stale = NOT_YET_MOVED - {(name, target.split(".")[0]) for name, target, _ in late}
-    assert stale == set(), f"moved to the top: remove {sorted(stale)} from NOT_YET_MOVED"
 
 
 PUBLIC = [

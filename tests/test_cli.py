@@ -695,3 +695,14 @@ def test_a_command_loads_with_one_config_from_its_profile_and_flags(tmp_path, mo
     assert "stopped by the test" in str(result.exception)
     assert seen["config"] == OffloadConfig.from_profile(box, policy="lru", cache_experts=4)
     assert (seen["config"].policy, seen["config"].io, seen["config"].profile.name) == ("lru", "buffered", "box")
+
+
+def test_verify_piped_prints_a_start_and_a_done_line(model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir("mixtral"), folder)
+    result = runner.invoke(app, ["verify", str(folder)])  # CliRunner's stderr is no terminal, as a pipe
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "hashing experts..." in lines and any(line.startswith("hashing experts: done in ") for line in lines), lines

@@ -6,10 +6,12 @@ import os
 import re
 
 import pytest
+import torch
 
 import offload_moe
 from offload_moe.errors import ConfigError
 from offload_moe.hardware import get_profile, list_profiles
+from offload_moe.values import check_io
 
 PROFILE = 'description = "x"\ndevice = "cpu"\ndevice_memory = "1GiB"\n'
 
@@ -151,3 +153,18 @@ def test_a_profile_value_out_of_range_names_the_file_and_the_field(tmp_path, lin
         get_profile(f)
     assert re.search(message, str(info.value)), str(info.value)
     assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("settings, check", [
+    ('device = "cpu"\ndevice_memory = "1GiB"\nio = "aio"\n', dict(io="aio")),
+    ('device = "cuda"\ndevice_memory = "1GiB"\nio = "mmap"\n', dict(io="mmap", device=torch.device("cuda"))),
+    ('device = "cpu"\ndevice_memory = "1GiB"\nhost_memory = "1GiB"\nio = "mmap"\n', dict(io="mmap", host_memory=True)),
+])
+def test_a_profile_checks_io_with_the_rule_offload_config_uses(tmp_path, settings, check):
+    f = tmp_path / "box.toml"
+    f.write_text('description = "x"\n' + settings)
+    with pytest.raises(ConfigError) as rule:
+        check_io(**check)
+    with pytest.raises(ConfigError) as profile:
+        get_profile(f)
+    assert str(profile.value) == f"profile {f}: {rule.value}"  # one rule, one message, the file named first

@@ -239,3 +239,37 @@ def test_dtype_that_disagrees_with_the_config(mixtral_copy):
     tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int64)
     save_file(tensors, f)
     expect(CheckpointError, "model.norm.weight.*int64", load, mixtral_copy)
+
+
+def test_the_default_budget_counts_the_dense_weights_in_the_compute_dtype(tmp_path, monkeypatch):
+    """A bf16 checkpoint computed in float32 takes twice its file's bytes on the device: half the free memory
+    less those, not less the bytes on disk."""
+    from types import SimpleNamespace
+
+    from offload_moe.checkpoint import open_checkpoint
+
+    folder = write_synthetic_checkpoint(tmp_path / "bf16", "mixtral", dtype=torch.bfloat16, **SMALL)
+    with open_checkpoint(folder) as ckpt:
+        dense32, dense16 = ckpt.dense_bytes(torch.float32), ckpt.dense_bytes()
+        expert32 = offload_moe.cache.SlotLayout(ckpt.modules[0].spec.shapes, torch.float32).nbytes
+    assert dense32 == 2 * dense16
+    free = 2 * (dense32 + 3 * expert32 + expert32 // 2)  # half of it: the dense weights and 3.5 experts in float32
+    memory = SimpleNamespace(available=free, total=psutil.virtual_memory().total)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory)
+    model = offload_moe.load(folder, dtype="float32", progress=False)
+    try:
+        assert model.offload.stats()["capacity_experts"] == 3  # counted from the bytes on disk: 4
+    finally:
+        model.offload.close()
+
+
+def test_load_reads_config_json_once_when_given_the_config_read_before(monkeypatch):
+    """``load_with_tokenizer`` reads config.json before the tokenizer and hands it to ``load``."""
+    from offload_moe import checkpoint, generation
+
+    reads = []
+    real = checkpoint.read_config
+    monkeypatch.setattr(checkpoint, "read_config", lambda *a, **k: reads.append(a) or real(*a, **k))
+    model, _ = generation.load_with_tokenizer(None, cache_experts=4, progress=False)
+    model.offload.close()
+    assert len(reads) == 1

@@ -139,8 +139,6 @@ def test_load_refuses_an_unknown_option_naming_it_before_reading_anything(tmp_pa
         offload_moe.load(tmp_path / "no-such-model", {"cache_experts": 4})
     with pytest.raises(ConfigError, match="both config= and profile="):
         offload_moe.load(tmp_path / "no-such-model", OffloadConfig(), profile="cpu-16gb")
-    with pytest.raises(ConfigError, match="load takes prefetch as a predictor name"):
-        offload_moe.load(tmp_path / "no-such-model", prefetch=Predictor())
 
 
 def test_load_with_a_config_equals_load_with_its_fields(model_dir, prompt):
@@ -264,3 +262,17 @@ def test_offload_experts_with_a_profile_plans_its_slots_from_device_memory(tmp_p
     f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "256MiB"\n')  # all of it the workspace
     with pytest.raises(BudgetError, match="cache_experts=0 gives 0 expert slot"):
         offload_experts(two_layers(), profile=f)
+
+
+def test_one_function_cuts_every_value_shown_in_a_message():
+    from offload_moe.safetensors_io import short_repr
+    from offload_moe.values import shown
+
+    huge = [2**20000, "x" * 10**6]  # a value a file or a caller may hold: Python cannot print the number
+    assert shown(huge) == "[a number of 6021 digits, 'xxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxx' (1000000 characters)]"
+    assert short_repr(huge).startswith("[a number of 6021 digits, 'xxx") and len(short_repr(huge)) < 260
+    assert short_repr("model.layers.0.mlp.experts.gate_up_proj") == "'model.layers.0.mlp.experts.gate_up_proj'"
+    deep = []
+    for _ in range(10_000):
+        deep = [deep]
+    assert shown(deep) == "[[[[[[[...]]]]]]]"  # nested thousands deep: no RecursionError

@@ -71,3 +71,36 @@ def test_plan_refuses_an_unknown_io_mode_and_a_negative_context(model_dir):
     assert offload_moe.plan(model_dir("mixtral"), device_memory="1GiB", context_length=0).kv_reserve_bytes == 0
     with pytest.raises(offload_moe.ConfigError, match="host_memory adds nothing with io='mmap'"):
         offload_moe.plan(model_dir("mixtral"), device_memory="1GiB", host_memory="1GiB", io="mmap")  # as load refuses
+
+
+def test_plan_checks_its_options_once(model_dir, monkeypatch):
+    from offload_moe import planning
+
+    calls = []
+    real = planning._check_options
+    monkeypatch.setattr(planning, "_check_options", lambda *a: calls.append(a) or real(*a))
+    offload_moe.plan(model_dir("mixtral"), device_memory="1GiB", host_memory="1MiB")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("verb", ["load", "offload_experts"])
+def test_both_verbs_size_slots_from_device_memory_by_the_rule_plan_gives(model_dir, verb):
+    """The same device budget gives the same slots: dense weights, a KV cache of the model's context and the
+    workspace come off first, for a model built in memory as for a checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    folder = model_dir("mixtral")
+    p = offload_moe.plan(folder, device_memory="1GiB", dtype="float32")
+    assert p.kv_reserve_bytes > 2 * p.expert_bytes  # without the KV reserve, more slots would fit
+    budget = WORKSPACE_MIN + p.dense_bytes + p.kv_reserve_bytes + int(3.5 * p.expert_bytes)
+    assert offload_moe.plan(folder, device_memory=budget, dtype="float32").expert_slots == 3
+    if verb == "load":
+        model = offload_moe.load(folder, device_memory=budget, dtype="float32", progress=False)
+        handle = model.offload
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        handle = offload_moe.offload_experts(model, device_memory=budget)
+    try:
+        assert handle.stats()["capacity_experts"] == 3
+    finally:
+        handle.close()

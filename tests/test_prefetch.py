@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import threading
 
 import pytest
@@ -312,3 +313,42 @@ def test_prefetches_a_layer_ran_without_are_cancelled_before_their_read(model_di
     assert torch.equal(got, want)
     assert s["prefetch_cancelled"] > 0 and s["load_failures"] == 0 and s["prefetch_failures"] == 0
     assert s["bytes_loaded"] == s["expert_bytes"] * (s["misses"] + s["prefetch_issued"] - s["prefetch_cancelled"])
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(margin=True), "prefetch_margin=True must be a whole number, 0 or more"),
+    (dict(margin="2"), "prefetch_margin='2' must be a whole number"),
+    (dict(margin=-1), "prefetch_margin=-1 must be 0 or more"),
+    (dict(depth=1.5), "prefetch_depth=1.5 must be a whole number, at least 1 layer"),
+])
+def test_make_predictor_checks_margin_and_depth_as_offload_config_does(options, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_predictor("gate", routers=[nn.Linear(4, 4)], num_experts=4, top_k=2, **options)
+    key = {"margin": "prefetch_margin", "depth": "prefetch_depth"}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        offload_moe.OffloadConfig(**{key[k]: v for k, v in options.items()})
+
+
+def test_load_takes_a_predictor_object_as_offload_experts_does(model_dir, prompt):
+    from offload_moe.prefetch import Predictor
+
+    class NextLayerAll(Predictor):  # names every expert of the next layer
+        name = "next-layer-all"
+
+        def __init__(self):
+            self.seen = []
+
+        def predict_host(self, pos, routing):
+            return {pos + 1: torch.arange(4).expand(routing.shape[0], 4)} if pos + 1 < 3 else {}
+
+        def observe(self, pos, routing):
+            self.seen.append(pos)
+
+    predictor = NextLayerAll()
+    model = offload_moe.load(model_dir("mixtral"), cache_experts=6, prefetch=predictor, progress=False)
+    try:
+        model(prompt)
+        s = model.offload.stats()
+    finally:
+        model.offload.close()
+    assert s["prefetch"] == "next-layer-all" and s["prefetch_issued"] > 0 and set(predictor.seen) == {0, 1, 2}

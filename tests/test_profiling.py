@@ -473,5 +473,7 @@ def test_the_trace_to_profile_is_chosen_by_the_library_as_the_command_chooses_it
         trace_to_profile(demo_model_path(), trace_file=path)
     with pytest.raises(ConfigError, match="--prompts needs MODEL"):
         trace_to_profile(prompts=["x"])
+    with pytest.raises(ConfigError, match="--prompts needs MODEL"):  # a file given, left unread without MODEL
+        trace_to_profile(prompts_file=tmp_path / "no-such-prompts.txt")
     with pytest.raises(ConfigError, match="give --prompts"):
         trace_to_profile(demo_model_path())

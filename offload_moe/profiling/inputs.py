@@ -28,16 +28,18 @@ def recording_device(profile: str | None) -> str:
 
 
 def trace_to_profile(model: str | Path | None = None, *, trace_file: str | Path | None = None,
-                     prompts: Sequence[str] | None = None, source: str = "prompts", margin: int = 1,
-                     max_new_tokens: int = 0, profile: str | None = None, on_prompt: Callable[[], None] | None = None,
-                     trust_remote_code: bool = False) -> Trace:
+                     prompts: Sequence[str] | None = None, prompts_file: str | Path | None = None,
+                     source: str = "prompts", margin: int = 1, max_new_tokens: int = 0, profile: str | None = None,
+                     on_prompt: Callable[[], None] | None = None, trust_remote_code: bool = False) -> Trace:
     """The trace a profiling run replays, chosen as ``offload-moe profile`` chooses it: recorded from
     ``model`` on ``prompts`` (with the gate's top-k + ``margin`` guesses; on ``profile``'s GPU if this machine
-    has it), read from ``trace_file``, or, given neither, the bundled model's reference trace."""
+    has it), read from ``trace_file``, or, given neither, the bundled model's reference trace.
+    ``prompts_file``: the file the prompts come from, when a caller reads it only for a ``model`` (the CLI):
+    given without ``model`` it is refused as ``prompts`` is."""
     if model is not None and trace_file is not None:
         raise ConfigError("give MODEL (with --prompts) or --trace FILE, not both")
     if model is None:
-        if prompts is not None:
+        if prompts is not None or prompts_file is not None:
             raise ConfigError("--prompts needs MODEL; to profile the bundled model, pass its folder "
                               "(python -c 'import offload_moe; print(offload_moe.demo_model_path())')")
         return load_trace(trace_file if trace_file is not None else reference_trace_path())

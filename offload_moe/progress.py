@@ -48,9 +48,18 @@ def progress_bar(enabled: bool, label: str, total: int | None, *, unit: str = "b
 
 def start_and_done_lines(console: Console, label: str, size: str | None) -> Iterator[Callable[..., None]]:
     """What a progress bar shows, as two lines for a log (output that is not a terminal): the start, with
-    ``size`` where it is known, and the end, with the time taken. A generator for a contextmanager; yields a
-    no-op advance."""
-    console.print(f"{label} ({size})..." if size is not None else f"{label}...", highlight=False, markup=False)
+    ``size`` where it is known, once the work starts (the first advance), and the end, with the time taken.
+    A block that fails before its first advance prints neither, so an error stays the only line. A generator
+    for a contextmanager; yields the advance."""
     start = time.perf_counter()
-    yield lambda *n: None
+    started = False
+
+    def advance(*n) -> None:
+        nonlocal started
+        if not started:
+            started = True
+            console.print(f"{label} ({size})..." if size is not None else f"{label}...", highlight=False, markup=False)
+
+    yield advance
+    advance()
     console.print(f"{label}: done in {time.perf_counter() - start:.1f} s", highlight=False, markup=False)

@@ -6,6 +6,10 @@ terabytes, and an ``auto_map`` with an unknown ``model_type`` would run the fold
 code. Here the file is read strictly, each size must be a positive whole number, and each size is
 bounded by what the checkpoint files can hold: no checkpoint stores a weight in less than one bit,
 so a config whose tensors need more than 8 weights per checkpoint byte does not describe it.
+
+A ``quantization_config`` names how the weights are packed. Only the methods in ``QUANT_METHODS`` are read;
+any other is refused before anything is built, since reading packed bytes as plain weights gives wrong
+output without an error (a block-FP8 checkpoint read with its scales ignored is off by 96%).
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ POSITIVE = (
 )
 DTYPE_KEYS = ("dtype", "torch_dtype")
 
+# quant_method values whose experts offload_moe reads. None yet: the store reads floating experts only.
+QUANT_METHODS: frozenset[str] = frozenset()
+# The formats planned (issue 16), by quant_method; one in QUANT_METHODS moves to "reads" in the refusal.
+QUANT_FORMATS = {"mxfp4": "MXFP4 (gpt-oss)", "fp8": "block-scaled FP8 (DeepSeek-V3, Qwen3 FP8)"}
+UNREAD_FORMATS = "GPTQ, AWQ, bitsandbytes and GGUF"
+
 
 def read_config(folder: Path, trust_remote_code: bool = False) -> dict:
     """``folder/config.json`` as a dict: a small regular file of strict JSON, refused if it would need the
@@ -58,7 +68,10 @@ def read_config(folder: Path, trust_remote_code: bool = False) -> dict:
 
 def check_config(data: dict, path: Path, checkpoint_bytes: int) -> None:
     """Refuse a config whose sizes are not positive whole numbers, whose top-k is not 1..experts, whose
-    dtype is not a torch floating type, or whose tensors could not fit in ``checkpoint_bytes``."""
+    dtype is not a torch floating type, whose weights are quantized in a format offload_moe does not read, or
+    whose tensors could not fit in ``checkpoint_bytes``."""
+    if data.get("quantization_config") is not None:
+        _check_quantization(data["quantization_config"], path)
     for key in POSITIVE:
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -92,6 +105,35 @@ def _check_dtype(value: object, key: str, path: Path) -> None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"config file {path}: {key} = {shown(value)} is not a torch floating dtype; "
                           "use e.g. 'bfloat16', 'float16' or 'float32'")
+
+
+def quant_method(quantization_config: object, path: Path) -> str:
+    """The ``quant_method`` a ``quantization_config`` names (an old bitsandbytes config names none but sets
+    ``load_in_4bit`` / ``load_in_8bit``)."""
+    if not isinstance(quantization_config, dict):
+        raise ConfigError(f"config file {path}: quantization_config = {shown(quantization_config)} must be an object "
+                          "with a quant_method; the config is corrupted")
+    method = quantization_config.get("quant_method")
+    if method is None and (quantization_config.get("load_in_4bit") or quantization_config.get("load_in_8bit")):
+        return "bitsandbytes"
+    if not isinstance(method, str):
+        raise ConfigError(f"config file {path}: quantization_config.quant_method = {shown(method)} must be the name "
+                          "of a quantization method such as 'fp8'; the config is corrupted")
+    return method
+
+
+def _check_quantization(quantization_config: object, path: Path) -> None:
+    method = quant_method(quantization_config, path)
+    if method in QUANT_METHODS:
+        return
+    reads = ["bf16, fp16 and fp32 checkpoints", *(QUANT_FORMATS[m] for m in sorted(QUANT_METHODS))]
+    planned = [name for m, name in QUANT_FORMATS.items() if m not in QUANT_METHODS]
+    later = f"{' and '.join(planned)} are planned, " if planned else ""
+    raise UnsupportedModelError(
+        f"config file {path}: the weights are quantized (quantization_config.quant_method = {shown(method)}), but "
+        f"offload_moe reads only {', '.join(reads)}: {later}{UNREAD_FORMATS} are not. "
+        "Load the model's bf16 or fp16 release instead"
+    )
 
 
 def _check_fits(data: dict, path: Path, checkpoint_bytes: int) -> None:

@@ -208,11 +208,11 @@ class ExpertStore(PieceStore):
 
     # -- index ---------------------------------------------------------------
     def _add_expert_tensor(self, spec: ExpertsSpec, rest: str, info: TensorInfo) -> bool:
-        if not info.dtype.is_floating_point:
+        if not info.dtype.is_floating_point or info.dtype.itemsize < 2:  # uint8 MXFP4 blocks, float8 without scales
             raise CheckpointError(
                 f"{info.file}: expert tensor {short_repr(info.name)} has dtype {str(info.dtype).removeprefix('torch.')}, "
-                "but expert weights are floating point; the checkpoint is corrupted or quantized in a format "
-                "offload_moe does not read"
+                "but offload_moe reads experts in bf16, fp16 or fp32 only; the checkpoint is corrupted, or quantized "
+                "(MXFP4, FP8, GPTQ...) without its quantization_config in config.json: load the bf16 or fp16 release"
             )
         if rest in spec.shapes:  # fused [E, ...] in the module's own layout
             self._add_fused(spec, rest, info)

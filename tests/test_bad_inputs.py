@@ -27,7 +27,9 @@ from offload_moe.errors import (
     ConfigError,
     OffloadMoEError,
     TraceError,
+    UnsupportedModelError,
 )
+from tiny_models import make_fp8_model, make_mxfp4_model
 
 runner = CliRunner()
 SHARD = "model.safetensors"
@@ -207,6 +209,75 @@ def test_a_config_value_out_of_range_is_refused_before_anything_is_built(folder,
     edit_config(folder, **changes)
     expect(OffloadMoEError, field, call=load(folder))
     expect(OffloadMoEError, field, call=cli("plan", str(folder), "--device-memory", "1GiB"))
+
+
+# -- quantized checkpoints (issue 16) ------------------------------------------------------------------------
+# Until the store reads packed experts, every quant_method is refused from config.json alone: a block-FP8
+# checkpoint read with its scales ignored ran and gave wrong output, which is worse than no output.
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """``quantized(kind)`` -> a tiny checkpoint: "fp8" (qwen3_moe), "fp8-deepseek" (deepseek_v3), "mxfp4" (gpt-oss)."""
+    made: dict[str, Path] = {}
+    writers = {"fp8": lambda f: make_fp8_model("qwen3_moe", f), "fp8-deepseek": lambda f: make_fp8_model("deepseek_v3", f),
+               "mxfp4": make_mxfp4_model}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = writers[kind](tmp_path_factory.mktemp(kind))
+        return made[kind]
+    return get
+
+
+def refuses_quantized(folder: Path, method: str, tmp_path: Path) -> None:
+    """load, plan, verify and the CLI's plan and verify each refuse ``folder`` with one line naming the method."""
+    words = ("config.json", f"quant_method = {method!r}", "bf16 or fp16 release")
+    expect(UnsupportedModelError, *words, call=load(folder))
+    expect(UnsupportedModelError, *words, call=lambda: offload_moe.plan(folder, device_memory="1GiB"))
+    expect(UnsupportedModelError, *words, call=lambda: offload_moe.verify(folder, manifest_dir=tmp_path / "m"))
+    expect(UnsupportedModelError, *words, call=cli("plan", str(folder), "--device-memory", "1GiB"))
+    expect(UnsupportedModelError, *words, call=cli("verify", str(folder), "--manifest-dir", str(tmp_path / "m")))
+    with pytest.raises(UnsupportedModelError) as info:
+        load(folder)()
+    assert "\n" not in str(info.value) and len(str(info.value).replace(str(folder), "")) < 400
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(("kind", "method"), [("fp8", "fp8"), ("fp8-deepseek", "fp8"), ("mxfp4", "mxfp4")])
+def test_a_quantized_checkpoint_is_refused_until_its_format_is_read(quantized, tmp_path, kind, method):
+    refuses_quantized(quantized(kind), method, tmp_path)
+
+
+@pytest.mark.parametrize("config", [{"quant_method": "gptq", "bits": 4, "group_size": 128},
+                                    {"quant_method": "awq", "bits": 4, "version": "gemm"},
+                                    {"quant_method": "bitsandbytes", "load_in_4bit": True},
+                                    {"load_in_8bit": True},  # an old bitsandbytes config names no method
+                                    {"quant_method": "compressed-tensors"}, {"quant_method": "banana"}])
+def test_a_quantization_method_offload_moe_will_not_read_is_named(folder, tmp_path, config):
+    edit_config(folder, quantization_config=config)
+    refuses_quantized(folder, config.get("quant_method", "bitsandbytes"), tmp_path)
+    expect(UnsupportedModelError, "GPTQ, AWQ, bitsandbytes and GGUF are not", call=load(folder))
+
+
+@pytest.mark.parametrize(("config", "field"), [(["fp8"], "quantization_config"), ("fp8", "quantization_config"),
+                                               ({"bits": 4}, "quant_method"), ({"quant_method": 8}, "quant_method")])
+def test_a_malformed_quantization_config_is_refused(folder, config, field):
+    edit_config(folder, quantization_config=config)
+    expect(ConfigError, "config.json", field, call=load(folder))
+
+
+def test_generate_on_a_quantized_checkpoint_prints_one_line_and_exits_1(quantized):
+    result = run_cli("generate", str(quantized("fp8")), "--prompt", "hi", "--max-new-tokens", "1")
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "quant_method = 'fp8'" in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_an_fp8_expert_without_its_quantization_config_is_still_refused(quantized, tmp_path):
+    folder = Path(shutil.copytree(quantized("fp8"), tmp_path / "stripped"))
+    config = json.loads((folder / "config.json").read_text())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    expect(CheckpointError, "float8_e4m3fn", "quantization_config", call=load(folder))
 
 
 # -- 8. numbers ---------------------------------------------------------------------------------------------

@@ -152,3 +152,20 @@ def test_computed_buffers_are_bounded(monkeypatch):
     monkeypatch.setattr(checkpoint, "BUFFER_LIMIT", 16)
     with pytest.raises(UnsupportedModelError, match="bytes of computed buffers"):
         build_skeleton(make_config("mixtral"))
+
+
+def test_a_quant_method_is_read_once_it_joins_the_one_set(monkeypatch, tmp_path):
+    """The refusal is one set away from reading a format: a method in QUANT_METHODS passes the config check, and
+    the refusal of the others then names it among the formats read."""
+    from offload_moe import model_config
+    from offload_moe.model_config import check_config
+
+    path = tmp_path / "config.json"
+    fp8 = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    with pytest.raises(UnsupportedModelError, match="FP8 .* are planned"):
+        check_config(fp8, path, 10**6)
+    monkeypatch.setattr(model_config, "QUANT_METHODS", frozenset({"fp8"}))
+    check_config(fp8, path, 10**6)
+    with pytest.raises(UnsupportedModelError, match=r"reads only bf16, fp16 and fp32 checkpoints, block-scaled FP8") as info:
+        check_config({"quantization_config": {"quant_method": "gptq"}}, path, 10**6)
+    assert "MXFP4 (gpt-oss) are planned" in str(info.value)

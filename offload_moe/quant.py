@@ -1,0 +1,223 @@
+"""Quantized weight formats: pure tensor functions that unpack them (and pack offload_moe's own), no I/O.
+
+The store hands in the tensors it read; each function checks their dtypes and shapes against each other and
+raises ``CheckpointError`` naming the tensor (``name``, which the caller makes "file: tensor") when they disagree.
+A weight matrix is [out, in] (rows are output features), with any leading dimensions (e.g. experts) kept.
+
+MXFP4 (gpt-oss; ``quant_method: "mxfp4"``)
+    ``X_blocks`` uint8 [..., out, in/32, 16]: each byte two FP4 E2M1 values, the low nibble first (column 2k),
+    the high nibble second (column 2k+1). A nibble is sign (bit 3), 2 exponent bits, 1 mantissa bit:
+    ``FP4_VALUES[nibble]``. ``X_scales`` uint8 [..., out, in/32]: one E8M0 exponent a group of 32 columns, the
+    scale ``2**(byte - 127)``, applied with ``torch.ldexp`` as transformers does (so 255, E8M0's NaN, scales by
+    2**128 rather than giving NaN). gpt-oss's parameters are the transpose: ``gate_up_proj`` [E, H, 2I] from
+    blocks [E, 2I, H/32, 16]. 4.25 bits a weight.
+
+Block-scaled FP8 (DeepSeek-V3, Qwen3 FP8; ``quant_method: "fp8"``, ``weight_block_size: [bm, bn]``)
+    ``X.weight`` float8_e4m3fn [out, in]; ``X.weight_scale_inv`` float32 [ceil(out/bm), ceil(in/bn)], or
+    UE8M0 (uint8 or float8_e8m0fnu, meaning ``2**(byte - 127)``) with ``scale_fmt: "ue8m0"``.
+    ``w[i, j] = q[i, j] * scale_inv[i // bm, j // bn]``: a partial last block uses the same entry. (transformers
+    5.24's CPU loader, ``Fp8Dequantize``, instead takes the block as ``out // scale rows``, wrong for a partial
+    block: 160 rows with 128-row blocks become two 80-row blocks.) About 8 bits a weight.
+
+int8 (offload_moe's own, for bf16/fp16 checkpoints)
+    ``q`` int8 [..., out, in], symmetric: ``w = q * scale[..., out, None]``, ``scale`` float32 [..., out] the
+    largest magnitude of the row over 127; ``q`` in -127..127. The layout of ``torch._weight_int8pack_mm``.
+
+int4 (offload_moe's own)
+    ``packed`` uint8 [..., out, in/2], two 4-bit codes a byte, the low nibble column 2k, the high nibble 2k+1;
+    ``scales`` and ``zeros`` float32 [..., out, in/group_size], asymmetric per group of ``group_size`` columns:
+    ``w = (code - 8) * scale + zero``, ``scale = (max - min) / 15``, ``zero = min + 8 * scale`` (the
+    convention of ``torch._weight_int4pack_mm_for_cpu``'s scales-and-zeros). ``group_size`` must be even and
+    divide ``in``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from .errors import CheckpointError, ConfigError
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_GROUP = 32  # columns sharing one E8M0 scale
+E8M0_BIAS = 127
+INT8_MAX = 127
+INT4_LEVELS = 15  # codes 0..15
+INT4_MID = 8
+FP8_BLOCK = (128, 128)
+FORMATS = ("mxfp4", "fp8", "int8", "int4")
+_FP4_PAIRS = torch.tensor([(FP4_VALUES[b & 0x0F], FP4_VALUES[b >> 4]) for b in range(256)])  # a byte's two values
+
+
+# -- MXFP4 ---------------------------------------------------------------------------------------------------
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                     name: str = "MXFP4 tensor") -> torch.Tensor:
+    """``blocks`` uint8 [..., out, G, 16] and ``scales`` uint8 [..., out, G] -> [..., out, 32 G] in ``dtype``,
+    rows as stored (gpt-oss's parameter is the transpose). Equal, bit for bit, to transformers'
+    ``convert_moe_packed_tensors`` transposed: each value scaled in float32 as ``torch.ldexp`` does, rounded once."""
+    _expect_dtype(blocks, torch.uint8, f"{name} (blocks)")
+    _expect_dtype(scales, torch.uint8, f"{name} (scales)")
+    if blocks.dim() < 3 or blocks.shape[-1] != MXFP4_GROUP // 2 or blocks.shape[:-1] != scales.shape:
+        raise CheckpointError(
+            f"{name}: MXFP4 blocks of shape {list(blocks.shape)} need scales of shape {list(blocks.shape[:-1])} "
+            f"and a last dimension of {MXFP4_GROUP // 2} bytes, but the scales have shape {list(scales.shape)}; "
+            "the checkpoint is corrupted or not MXFP4"
+        )
+    pairs = _FP4_PAIRS.to(blocks.device)
+    values = torch.nn.functional.embedding(blocks.int(), pairs).flatten(-2)  # [..., out, G, 32]
+    exponent = scales.to(torch.int32) - E8M0_BIAS  # [..., out, G]
+    if (exponent > E8M0_BIAS).any():  # byte 255: 2**128 overflows float32, ldexp does not
+        return torch.ldexp(values, exponent[..., None]).flatten(-2).to(dtype)
+    return (values * torch.exp2(exponent.float())[..., None]).flatten(-2).to(dtype)  # exact, as ldexp, and faster
+
+
+# -- block FP8 -----------------------------------------------------------------------------------------------
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = FP8_BLOCK,
+                          dtype: torch.dtype = torch.bfloat16, *, name: str = "FP8 weight") -> torch.Tensor:
+    """``weight`` float8 [..., out, in] and ``scale_inv`` [..., ceil(out/bm), ceil(in/bn)] -> [..., out, in] in
+    ``dtype``: ``w[i, j] = q[i, j] * scale_inv[i // bm, j // bn]``, computed in float32 and rounded once (as
+    DeepSeek's ``weight_dequant``); a partial last block uses its scale entry."""
+    if weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise CheckpointError(f"{name}: dtype {_dtype_name(weight.dtype)}, but a block-FP8 weight is float8_e4m3fn; "
+                              "the checkpoint is corrupted or its quantization_config does not describe it")
+    bm, bn = _block(block, name)
+    if weight.dim() < 2:
+        raise CheckpointError(f"{name}: shape {list(weight.shape)}, but a block-FP8 weight is a matrix")
+    rows, cols = weight.shape[-2:]
+    want = (*weight.shape[:-2], math.ceil(rows / bm), math.ceil(cols / bn))
+    if tuple(scale_inv.shape) != want:
+        raise CheckpointError(
+            f"{name}: weight_scale_inv has shape {list(scale_inv.shape)}, but a weight of shape "
+            f"{list(weight.shape)} in blocks of [{bm}, {bn}] needs {list(want)}; the checkpoint is corrupted or "
+            "its weight_block_size is not the one it was written with"
+        )
+    scale = _scale_values(scale_inv, name).repeat_interleave(bm, dim=-2)[..., :rows, :]  # [..., out, in blocks]
+    padded = torch.nn.functional.pad(weight.float(), (0, want[-1] * bn - cols))  # whole column blocks
+    return (padded.unflatten(-1, (want[-1], bn)) * scale[..., None]).flatten(-2)[..., :cols].to(dtype)
+
+
+def _scale_values(scale_inv: torch.Tensor, name: str) -> torch.Tensor:
+    """Scales as float32: UE8M0 bytes (uint8 or float8_e8m0fnu) mean 2**(byte - 127)."""
+    if scale_inv.dtype == torch.uint8:
+        return torch.exp2(scale_inv.float() - E8M0_BIAS)
+    if scale_inv.is_floating_point():
+        return scale_inv.float()
+    raise CheckpointError(f"{name}: weight_scale_inv has dtype {_dtype_name(scale_inv.dtype)}; block-FP8 scales "
+                          "are float32, bfloat16 or UE8M0 (uint8); the checkpoint is corrupted")
+
+
+def _block(block: object, name: str) -> tuple[int, int]:
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+        raise CheckpointError(f"{name}: weight_block_size = {block!r} must be two whole numbers, 1 or more, "
+                              "such as [128, 128]; the config is corrupted")
+    return block[0], block[1]
+
+
+# -- int8, per output channel ----------------------------------------------------------------------------------
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [..., out, in] -> (int8 [..., out, in], float32 scale [..., out]), symmetric per row: each
+    weight is off by at most half its row's scale."""
+    _expect_float(w, "quantize_int8")
+    w = w.float()
+    amax = w.abs().amax(dim=-1)  # [..., out]
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(w / scale[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                    name: str = "int8 weight") -> torch.Tensor:
+    """``q`` int8 [..., out, in] and ``scale`` [..., out] -> [..., out, in] in ``dtype``."""
+    _expect_dtype(q, torch.int8, name)
+    if q.dim() < 2 or tuple(scale.shape) != tuple(q.shape[:-1]):
+        raise CheckpointError(f"{name}: scales of shape {list(scale.shape)} do not match an int8 weight of shape "
+                              f"{list(q.shape)}, which needs {list(q.shape[:-1])}; the store is corrupted")
+    return (q.float() * scale.float()[..., None]).to(dtype)
+
+
+# -- int4, group-wise asymmetric -------------------------------------------------------------------------------
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` [..., out, in] -> (packed uint8 [..., out, in/2], scales and zeros float32 [..., out, in/group_size]):
+    each group of ``group_size`` columns spans its min..max in 16 levels, so each weight is off by at most half
+    its group's scale."""
+    _expect_float(w, "quantize_int4")
+    _check_group(group_size, w.shape[-1])
+    groups = w.float().unflatten(-1, (-1, group_size))  # [..., out, G, group]
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = torch.where(high > low, (high - low) / INT4_LEVELS, torch.ones_like(low))
+    zeros = low + INT4_MID * scales
+    codes = torch.round((groups - zeros[..., None]) / scales[..., None] + INT4_MID).clamp(0, INT4_LEVELS)
+    codes = codes.to(torch.uint8).flatten(-2)  # [..., out, in]
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scales, zeros
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    dtype: torch.dtype = torch.bfloat16, *, name: str = "int4 weight") -> torch.Tensor:
+    """``packed`` uint8 [..., out, in/2], ``scales`` and ``zeros`` [..., out, G] -> [..., out, in] in ``dtype``,
+    the group size being in / G."""
+    _expect_dtype(packed, torch.uint8, name)
+    cols = 2 * packed.shape[-1] if packed.dim() >= 2 else 0
+    groups = scales.shape[-1] if scales.dim() >= 1 else 0
+    rows_fit = scales.shape == zeros.shape and scales.shape[:-1] == packed.shape[:-1]
+    if packed.dim() < 2 or not rows_fit or groups == 0 or cols % groups or (cols // groups) % 2:
+        raise CheckpointError(
+            f"{name}: scales {list(scales.shape)} and zeros {list(zeros.shape)} do not fit a packed int4 weight of "
+            f"shape {list(packed.shape)} ({cols} columns): they need shape [{', '.join(map(str, packed.shape[:-1]))}, "
+            "G], G dividing the columns into even groups; the store is corrupted"
+        )
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2).float()  # [..., out, in]
+    codes = codes.unflatten(-1, (groups, cols // groups))
+    w = (codes - INT4_MID) * scales.float()[..., None] + zeros.float()[..., None]
+    return w.flatten(-2).to(dtype)
+
+
+def _check_group(group_size: object, cols: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ConfigError(f"group_size = {group_size!r} must be an even whole number such as 32, 64 or 128")
+    if cols % group_size:
+        # torch's CPU int4 kernel takes groups of 32..256; any even divisor packs
+        fits = [g for g in (256, 128, 64, 32) if cols % g == 0]
+        fits = fits or [g for g in range(cols, 1, -1) if cols % g == 0 and g % 2 == 0]
+        hint = f"use {fits[0]}, which divides it" if fits else "an odd width cannot be packed two codes a byte"
+        raise ConfigError(f"group_size = {group_size} does not divide the weight's {cols} input columns; {hint}")
+
+
+# -- bytes ---------------------------------------------------------------------------------------------------
+def matrix_bytes(fmt: str, out: int, cols: int, *, block: tuple[int, int] = FP8_BLOCK,
+                 group_size: int = 128) -> int:
+    """Bytes one [out, cols] weight takes in ``fmt`` (one of ``FORMATS``), scales included."""
+    if fmt == "mxfp4":
+        return out * cols // 2 + out * math.ceil(cols / MXFP4_GROUP)
+    if fmt == "fp8":
+        return out * cols + 4 * math.ceil(out / block[0]) * math.ceil(cols / block[1])
+    if fmt == "int8":
+        return out * cols + 4 * out
+    if fmt == "int4":
+        return out * math.ceil(cols / 2) + 2 * 4 * out * math.ceil(cols / group_size)
+    raise ConfigError(f"quantized format {fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+def expert_bytes(fmt: str, shapes: Mapping[str, tuple[int, int]], **options) -> int:
+    """Bytes one expert takes in ``fmt``: the sum of ``matrix_bytes`` over its [out, in] matrices ``shapes``
+    (e.g. gate, up and down; biases, which stay in bf16, not counted)."""
+    return sum(matrix_bytes(fmt, out, cols, **options) for out, cols in shapes.values())
+
+
+# -- checks ----------------------------------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _expect_dtype(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    if t.dtype != dtype:
+        raise CheckpointError(f"{name}: dtype {_dtype_name(t.dtype)}, but this format stores {_dtype_name(dtype)}; "
+                              "the checkpoint is corrupted or its quantization_config does not describe it")
+
+
+def _expect_float(w: torch.Tensor, what: str) -> None:
+    if not w.is_floating_point() or w.dtype.itemsize < 2 or w.dim() < 2:
+        raise ConfigError(f"{what} takes a bf16, fp16 or fp32 matrix [out, in], not a {_dtype_name(w.dtype)} "
+                          f"tensor of shape {list(w.shape)}")

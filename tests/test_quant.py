@@ -1,0 +1,288 @@
+"""quant.py: MXFP4 and block-FP8 dequantized bit for bit as transformers' own functions do, the partial-block
+rule of FP8, offload_moe's int8/int4 round trips within half a step, their packing layouts (checked against
+torch's CPU kernels), and a clear error for every shape that does not fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_moe.errors import CheckpointError, ConfigError
+from offload_moe.quant import (
+    FP4_VALUES,
+    dequantize_fp8_blocks,
+    dequantize_int4,
+    dequantize_int8,
+    dequantize_mxfp4,
+    expert_bytes,
+    matrix_bytes,
+    quantize_int4,
+    quantize_int8,
+)
+from tiny_models import encode_fp8_blocks, encode_mxfp4
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BITS = {4: torch.int32, 2: torch.int16}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit: -0.0 is not 0.0, and NaNs must sit in the same places with the same payload."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.contiguous().view(BITS[a.element_size()]), b.contiguous().view(BITS[b.element_size()]))
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# -- MXFP4 ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("top", [254, 255])  # 255 (E8M0's NaN) takes another path: 2**128 overflows float32
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mxfp4_equals_transformers_bit_for_bit_over_every_byte_and_scale(dtype, top):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    g = generator()
+    blocks = torch.randint(0, 256, (3, 40, 4, 16), dtype=torch.uint8, generator=g)
+    blocks[0, :16, 0] = torch.arange(256, dtype=torch.uint8).view(16, 16)  # every byte at least once
+    scales = torch.randint(0, top + 1, (3, 40, 4), dtype=torch.uint8, generator=g)
+    scales[1:].view(-1)[:top + 1] = torch.arange(top + 1, dtype=torch.uint8)  # every exponent up to top
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # [E, cols, rows]: the parameter layout
+    ours = dequantize_mxfp4(blocks, scales, dtype)  # [E, rows, cols]: the stored rows
+    assert ours.shape == (3, 40, 128)
+    assert same_bits(ours.transpose(1, 2), theirs)
+
+
+def test_mxfp4_layout_low_nibble_first_and_a_scale_per_32_columns():
+    blocks = torch.zeros(1, 2, 16, dtype=torch.uint8)
+    blocks[0, 0, 0] = 0x2F  # low nibble 0xF = -6, high nibble 0x2 = 1.0
+    blocks[0, 1, 15] = 0x90  # low nibble 0 = +0, high nibble 0x9 = -0.5
+    scales = torch.tensor([[127, 129]], dtype=torch.uint8)  # 2**0 for columns 0..31, 2**2 for 32..63
+    w = dequantize_mxfp4(blocks, scales, torch.float32)
+    assert w.shape == (1, 64)
+    assert w[0, :2].tolist() == [-6.0, 1.0]
+    assert w[0, 62:].tolist() == [0.0, -0.5 * 4]
+    assert w[0, 2:62].abs().sum() == 0
+    assert FP4_VALUES[0x9] == -0.5
+
+
+def test_mxfp4_round_trips_values_it_can_hold():
+    g = generator(1)
+    levels = torch.tensor(FP4_VALUES)[torch.randint(0, 16, (6, 64), generator=g)]
+    w = levels * torch.exp2(torch.randint(-4, 4, (6, 2), generator=g).float()).repeat_interleave(32, 1)
+    blocks, scales = encode_mxfp4(w)
+    assert torch.equal(dequantize_mxfp4(blocks, scales, torch.float32), w)
+
+
+@pytest.mark.parametrize(("blocks", "scales"), [
+    ((4, 2, 16), (4, 3)),  # a group without its scale
+    ((4, 2, 15), (4, 2)),  # 30 values a group, not 32
+    ((2, 16), (2,)),  # no rows
+])
+def test_mxfp4_shapes_that_do_not_fit_name_the_tensor(blocks, scales):
+    with pytest.raises(CheckpointError, match="model.safetensors: layers.0.gate_up_proj_blocks.*shape"):
+        dequantize_mxfp4(torch.zeros(blocks, dtype=torch.uint8), torch.zeros(scales, dtype=torch.uint8),
+                         name="model.safetensors: layers.0.gate_up_proj_blocks")
+
+
+def test_mxfp4_of_another_dtype_is_refused():
+    with pytest.raises(CheckpointError, match="x.*dtype int8.*uint8"):
+        dequantize_mxfp4(torch.zeros(4, 2, 16, dtype=torch.int8), torch.zeros(4, 2, dtype=torch.uint8), name="x")
+
+
+# -- block FP8 -----------------------------------------------------------------------------------------------
+def fp8_case(shape, block, seed=0):
+    g = generator(seed)
+    w = torch.randn(shape, generator=g) * 3
+    if len(shape) == 2:
+        return encode_fp8_blocks(w, block)
+    pairs = [encode_fp8_blocks(m, block) for m in w]
+    return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
+
+
+def rule(q: torch.Tensor, scale_inv: torch.Tensor, block) -> torch.Tensor:
+    """The rule written out element by element: w[i, j] = q[i, j] * scale_inv[i // bm, j // bn]."""
+    out = torch.empty(q.shape)
+    for i in range(q.shape[0]):
+        for j in range(q.shape[1]):
+            out[i, j] = q[i, j].float() * scale_inv[i // block[0], j // block[1]]
+    return out
+
+
+def test_fp8_follows_the_rule_on_a_weight_ending_in_partial_blocks():
+    q, s = fp8_case((160, 300), (128, 128))  # 128 + 32 rows, 128 + 128 + 44 columns
+    assert s.shape == (2, 3)
+    assert torch.equal(dequantize_fp8_blocks(q, s, (128, 128), torch.float32), rule(q, s, (128, 128)))
+
+
+@pytest.mark.parametrize("shape", [(160, 300), (4, 24, 40), (256, 384)])
+def test_fp8_equals_transformers_dequantize_fp8_weight_and_rounds_once(shape):
+    """transformers' ``_dequantize_fp8_weight`` (its backward pass) follows the rule. In bf16 it rounds the scale
+    to bf16 before multiplying; we round once, from float32, as DeepSeek's ``weight_dequant`` does."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    block = (128, 128) if len(shape) == 2 else (16, 16)
+    q, s = fp8_case(shape, block)
+    exact = _dequantize_fp8_weight(q, s, list(block), torch.float32)
+    assert same_bits(dequantize_fp8_blocks(q, s, block, torch.float32), exact)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert same_bits(dequantize_fp8_blocks(q, s, block, dtype), exact.to(dtype))
+
+
+def test_fp8_equals_transformers_loader_where_blocks_divide_and_differs_where_its_rule_is_wrong():
+    """transformers 5.24's CPU loader (``Fp8Dequantize._dequantize_one``) takes the block as rows // scale rows.
+    Where the blocks divide the weight that is the rule; for 160 rows with 128-row blocks it uses 80-row blocks,
+    so rows 80..127 get the second block's scale. We follow the rule (the previous two tests)."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    loader = Fp8Dequantize(None)
+    q, s = fp8_case((256, 384), (128, 128))
+    assert same_bits(dequantize_fp8_blocks(q, s, (128, 128), torch.float32), loader._dequantize_one(q, s, torch.float32))
+    q, s = fp8_case((160, 256), (128, 128), seed=2)
+    ours = dequantize_fp8_blocks(q, s, (128, 128), torch.float32)
+    theirs = loader._dequantize_one(q, s, torch.float32)
+    assert torch.equal(ours[:80], theirs[:80]) and torch.equal(ours[128:], theirs[128:])
+    assert not torch.equal(ours[80:128], theirs[80:128]), "transformers fixed partial blocks: update this note"
+    assert torch.equal(theirs[80:128], rule(q, s.repeat_interleave(2, 0)[1:3], (80, 128))[80:128])
+
+
+def test_fp8_ue8m0_scales_mean_powers_of_two():
+    q, s = fp8_case((40, 24), (16, 16))
+    exponents = torch.randint(120, 135, s.shape, dtype=torch.uint8, generator=generator(3))
+    powers = torch.exp2(exponents.float() - 127)
+    expected = dequantize_fp8_blocks(q, powers, (16, 16), torch.float32)
+    assert torch.equal(dequantize_fp8_blocks(q, exponents, (16, 16), torch.float32), expected)
+    assert torch.equal(dequantize_fp8_blocks(q, exponents.view(torch.float8_e8m0fnu), (16, 16), torch.float32), expected)
+
+
+@pytest.mark.parametrize(("scale_shape", "block"), [((1, 3), (128, 128)), ((2, 2), (128, 128)), ((10, 18), (16, 16)),
+                                                    ((2, 3, 1), (128, 128))])
+def test_fp8_scales_that_do_not_match_their_weight_name_it(scale_shape, block):
+    q, _ = fp8_case((160, 300), (128, 128))
+    with pytest.raises(CheckpointError, match=r"shard.safetensors: l.0.e.3.up_proj.weight: weight_scale_inv has shape"):
+        dequantize_fp8_blocks(q, torch.ones(scale_shape), block, name="shard.safetensors: l.0.e.3.up_proj.weight")
+
+
+@pytest.mark.parametrize("block", [(0, 128), (128,), (128, 1.5), "128", (True, 128)])
+def test_fp8_a_block_size_that_is_not_two_positive_numbers_is_refused(block):
+    q, s = fp8_case((160, 300), (128, 128))
+    with pytest.raises(CheckpointError, match="w: weight_block_size"):
+        dequantize_fp8_blocks(q, s, block, name="w")
+
+
+@pytest.mark.parametrize(("weight", "scale"), [(torch.zeros(4, 4), torch.ones(1, 1)),
+                                               (torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.ones(1, 1, dtype=torch.int32)),
+                                               (torch.zeros(4, dtype=torch.float8_e4m3fn), torch.ones(1))])
+def test_fp8_of_another_dtype_or_rank_is_refused(weight, scale):
+    with pytest.raises(CheckpointError, match="^w: "):
+        dequantize_fp8_blocks(weight, scale, (128, 128), name="w")
+
+
+# -- int8 ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(64, 256), (3, 24, 40), (7, 13)])
+def test_int8_round_trip_is_within_half_a_step(shape):
+    w = torch.randn(shape, generator=generator(4)) * torch.rand(shape[:-1] + (1,), generator=generator(5)) * 4
+    w[..., 0, :] = 0  # a row of zeros keeps scale 1 and codes 0
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape and scale.shape == w.shape[:-1] and scale.dtype == torch.float32
+    assert q.abs().max() <= 127 and (q[..., 0, :] == 0).all()
+    back = dequantize_int8(q, scale, torch.float32)
+    assert ((back - w).abs() <= scale[..., None] / 2 * (1 + 1e-6)).all()
+    assert (q.abs().amax(-1)[..., 1:] == 127).all()  # each row uses the whole range
+    assert dequantize_int8(q, scale).dtype == torch.bfloat16
+
+
+def test_int8_layout_is_the_one_torch_weight_int8pack_mm_takes():
+    w = torch.randn(64, 256, generator=generator(6))
+    x = torch.randn(3, 256, generator=generator(7)).bfloat16()
+    q, scale = quantize_int8(w)
+    reference = x.float() @ dequantize_int8(q, scale, torch.float32).T
+    kernel = torch._weight_int8pack_mm(x, q, scale.bfloat16()).float()
+    assert torch.allclose(kernel, reference, rtol=2e-2, atol=0.2)
+
+
+def test_int8_scales_that_do_not_match_name_the_tensor():
+    q, _ = quantize_int8(torch.randn(8, 16))
+    with pytest.raises(CheckpointError, match="experts/3.down: scales of shape"):
+        dequantize_int8(q, torch.ones(16), name="experts/3.down")
+
+
+@pytest.mark.parametrize("w", [torch.ones(4, 4, dtype=torch.int32), torch.ones(8), torch.ones(4, 4).to(torch.float8_e4m3fn)])
+def test_int8_takes_a_floating_matrix_only(w):
+    with pytest.raises(ConfigError, match="quantize_int8"):
+        quantize_int8(w)
+
+
+# -- int4 ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("shape", "group"), [((64, 256), 128), ((3, 24, 40), 8), ((5, 96), 32), ((2, 6), 2)])
+def test_int4_round_trip_is_within_half_a_group_step(shape, group):
+    w = torch.randn(shape, generator=generator(8)) + torch.rand(shape[:-1] + (1,), generator=generator(9)) * 5
+    w[..., 0, :group] = 0.25  # a constant group: scale 1, every code 8, exact
+    packed, scales, zeros = quantize_int4(w, group)
+    groups = shape[-1] // group
+    assert packed.dtype == torch.uint8 and packed.shape == (*shape[:-1], shape[-1] // 2)
+    assert scales.shape == zeros.shape == (*shape[:-1], groups)
+    back = dequantize_int4(packed, scales, zeros, torch.float32)
+    step = scales.repeat_interleave(group, -1)
+    assert ((back - w).abs() <= step / 2 + 1e-5 * w.abs().amax()).all()
+    assert torch.equal(back[..., 0, :group], w[..., 0, :group])
+
+
+def test_int4_packs_two_codes_a_byte_low_nibble_first():
+    w = torch.tensor([[0.0, 15.0, 3.0, 8.0]])  # one group spanning 0..15: scale 1, zero 8, code = value
+    packed, scales, zeros = quantize_int4(w, 4)
+    assert scales.tolist() == [[1.0]] and zeros.tolist() == [[8.0]]
+    assert packed.tolist() == [[0x0 | 0xF << 4, 0x3 | 0x8 << 4]]
+    assert torch.equal(dequantize_int4(packed, scales, zeros, torch.float32), w)
+
+
+def test_int4_layout_is_the_one_torch_weight_int4pack_mm_takes():
+    """Unpacked codes and [G, out, 2] scales-and-zeros go to torch's CPU int4 kernel unchanged."""
+    w = torch.randn(64, 256, generator=generator(10))
+    x = torch.randn(3, 256, generator=generator(11)).bfloat16()
+    packed, scales, zeros = quantize_int4(w, 64)
+    codes = torch.stack((packed & 0x0F, packed >> 4), -1).flatten(-2).to(torch.int32)
+    weight = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+    scales_and_zeros = torch.stack((scales, zeros), -1).transpose(0, 1).contiguous().bfloat16()
+    kernel = torch._weight_int4pack_mm_for_cpu(x, weight, 64, scales_and_zeros).float()
+    reference = x.float() @ dequantize_int4(packed, scales, zeros, torch.float32).T
+    assert torch.allclose(kernel, reference, rtol=2e-2, atol=0.2)
+
+
+@pytest.mark.parametrize(("cols", "group", "match"), [(40, 128, "use 40"), (96, 64, "use 32"), (2880, 128, "use 64"), (6, 4, "use 6"), (7, 2, "odd"),
+                                                      (64, 3, "even"), (64, 0, "even"), (64, True, "even")])
+def test_int4_a_group_size_that_does_not_divide_is_refused_with_one_that_does(cols, group, match):
+    with pytest.raises(ConfigError, match=f"group_size.*{match}"):
+        quantize_int4(torch.randn(4, cols), group)
+
+
+@pytest.mark.parametrize(("scales", "zeros"), [((8, 3), (8, 3)), ((8, 2), (8, 4)), ((4, 2), (4, 2)), ((8, 5), (8, 5))])
+def test_int4_scales_that_do_not_fit_name_the_tensor(scales, zeros):
+    packed, _, _ = quantize_int4(torch.randn(8, 64), 32)
+    with pytest.raises(CheckpointError, match="experts/1.gate: scales"):
+        dequantize_int4(packed, torch.ones(scales), torch.ones(zeros), name="experts/1.gate")
+
+
+# -- bytes ---------------------------------------------------------------------------------------------------
+def test_bytes_count_what_the_functions_produce():
+    w = torch.randn(96, 320)
+    q, s = encode_fp8_blocks(w, (128, 128))
+    assert matrix_bytes("fp8", 96, 320) == q.nbytes + s.nbytes
+    blocks, scales = encode_mxfp4(w)
+    assert matrix_bytes("mxfp4", 96, 320) == blocks.nbytes + scales.nbytes
+    assert matrix_bytes("int8", 96, 320) == sum(t.nbytes for t in quantize_int8(w))
+    assert matrix_bytes("int4", 96, 320, group_size=64) == sum(t.nbytes for t in quantize_int4(w, 64))
+
+
+def test_an_expert_packs_to_the_fractions_of_bf16_the_formats_promise():
+    """Qwen3-30B-A3B's expert (hidden 2048, width 768): MXFP4 ~0.27, FP8 ~0.50, int8 ~0.50, int4 ~0.28 of bf16."""
+    shapes = {"gate": (768, 2048), "up": (768, 2048), "down": (2048, 768)}
+    bf16 = sum(2 * o * i for o, i in shapes.values())
+    ratio = {fmt: expert_bytes(fmt, shapes) / bf16 for fmt in ("mxfp4", "fp8", "int8", "int4")}
+    assert ratio["mxfp4"] == pytest.approx(4.25 / 16)
+    assert ratio["fp8"] == pytest.approx(0.5, abs=1e-3) and ratio["int8"] == pytest.approx(0.5, abs=2e-3)
+    assert ratio["int4"] == pytest.approx((4 + 64 / 128) / 16)
+
+
+def test_an_unknown_format_is_named():
+    with pytest.raises(ConfigError, match="'nf4' is not one of mxfp4, fp8, int8, int4"):
+        matrix_bytes("nf4", 8, 8)

@@ -104,7 +104,7 @@ def quantize_experts(path: str | Path, out: str | Path, *, bits: int, group_size
     out = _check_out(folder, Path(out).expanduser())
     with open_checkpoint(folder, trust_remote_code=trust_remote_code) as checkpoint:
         tensors = source_tensors(checkpoint.store)
-        _check_quantizable(tensors, bits)
+        _check_quantizable(tensors, bits, group_size)
         with output_folder(out.parent):
             work = _work_folder(out)
             try:
@@ -135,9 +135,9 @@ def _check_settings(bits: object, group_size: object, shard_size: object) -> int
         return None
     if group_size is None:
         return DEFAULT_GROUP_SIZE
-    if type(group_size) is not int or group_size < 1:
-        raise ConfigError(f"group_size={group_size!r}: give the input columns per int4 scale, a positive integer "
-                          f"(default {DEFAULT_GROUP_SIZE})")
+    if type(group_size) is not int or group_size < 2 or group_size % 2:
+        raise ConfigError(f"group_size={group_size!r}: give the input columns per int4 scale and zero, an even "
+                          f"number such as 32, 64 or 128 (default {DEFAULT_GROUP_SIZE})")
     return group_size
 
 
@@ -189,14 +189,20 @@ def _expert_tensor(store: ExpertStore, info: TensorInfo, places: dict) -> Expert
     return ExpertTensor(info, (first,), False, first.transpose, bias)
 
 
-def _check_quantizable(tensors: list[tuple[TensorInfo, ExpertTensor | None]], bits: int) -> None:
+def _check_quantizable(tensors: list[tuple[TensorInfo, ExpertTensor | None]], bits: int,
+                       group_size: int | None) -> None:
+    """int4 packs two columns a byte in groups that tile each row: refuse, naming the tensor, what cannot."""
     for info, expert in tensors:
-        if expert is None or expert.bias:
+        if bits == 8 or expert is None or expert.bias:
             continue
         columns = expert.pieces[0].shape[0 if expert.transposed else -1]
-        if bits == 4 and columns % 2:
+        if columns % 2:
             raise ConfigError(f"{info.file}: expert tensor {info.name!r} has {columns} input columns; int4 packs two "
                               "a byte and needs an even count. Use bits=8 for this model")
+        if columns % group_size:
+            fits = [g for g in (256, 128, 64, 32, 16, 8, 4, 2) if columns % g == 0]
+            raise ConfigError(f"{info.file}: expert tensor {info.name!r} has {columns} input columns, which groups of "
+                              f"{group_size} do not divide; choose a group size that does, e.g. {fits[0]}")
 
 
 # -- writing ----------------------------------------------------------------------------------------------
@@ -240,7 +246,7 @@ def quantize_tensor(store: ExpertStore, expert: ExpertTensor, bits: int, group_s
         store.read_piece(piece, w)
         advance(piece.nbytes)
         w = w.float().t() if expert.transposed else w.float()  # [out, in]
-        quantized = quantize_int8(w) if bits == 8 else quantize_int4(w.contiguous(), group_size)
+        quantized = quantize_int8(w) if bits == 8 else _stored_int4(*quantize_int4(w.contiguous(), group_size))
         if not expert.fused:
             parts = list(quantized)
             break
@@ -249,6 +255,11 @@ def quantize_tensor(store: ExpertStore, expert: ExpertTensor, bits: int, group_s
         for whole, c in zip(parts, quantized):
             whole[e] = c
     return {f"{expert.info.name}.{n}": c.contiguous() for n, c in zip(COMPONENTS[bits], parts)}
+
+
+def _stored_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Scales and zeros are stored in bfloat16: 0.28 of bf16's bytes at groups of 64, where float32 takes 0.31."""
+    return packed, scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
 
 
 class Shards:

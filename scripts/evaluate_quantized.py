@@ -6,7 +6,7 @@ by transformers' own model in float32 on the held-out stdlib files, exactly as
 ``evaluate_demo_model.py`` scores the shipped model (same windows, same loss). The result goes into the
 card (``card.json`` "quantization", rendered into ``README.md`` by ``evaluate_demo_model.render_card``).
 
-    python scripts/evaluate_quantized.py                       # bf16, int8, int4 G=64, int4 G=128
+    python scripts/evaluate_quantized.py                       # bf16, int8, int4 G=64, int4 G=32
     python scripts/evaluate_quantized.py --max-tokens 20000 --no-write
 """
 
@@ -32,7 +32,7 @@ import train_demo_model as corpus
 from offload_moe.quant import dequantize_int4, dequantize_int8
 from offload_moe.quantize import quantize_experts
 
-SETTINGS = ("8", "4:64", "4:128")
+SETTINGS = ("8", "4:64", "4:32")
 DATE = "2026-12-01"
 
 
@@ -56,9 +56,9 @@ def dequantized_checkpoint(source: Path, quantized: Path, out: Path) -> Path:
         if name.endswith(".qweight"):
             base = name.removesuffix(".qweight")
             if settings["bits"] == 8:
-                w = dequantize_int8(t, tensors[base + ".scales"])
+                w = dequantize_int8(t, tensors[base + ".scales"], torch.float32)
             else:
-                w = dequantize_int4(t, tensors[base + ".scales"], tensors[base + ".zeros"], settings["group_size"])
+                w = dequantize_int4(t, tensors[base + ".scales"], tensors[base + ".zeros"], torch.float32)
             plain[base] = w.float()
         elif not name.endswith((".scales", ".zeros")):
             plain[name] = t
@@ -122,8 +122,8 @@ def measure(folder: Path, settings: list[str], max_tokens: int | None, threads: 
         "tokens_scored": tokens,
         "rows": rows,
         "command": "python scripts/evaluate_quantized.py" + (f" --max-tokens {max_tokens}" if max_tokens else ""),
-        "method": "round to nearest (offload_moe.quant); dequantized to float32, scored by transformers' own "
-                  "model in float32",
+        "method": "round to nearest (offload_moe.quant), int4 scales and zeros stored in bfloat16; dequantized "
+                  "to float32 and scored by transformers' own model in float32",
         "machine": f"{platform.machine()} VM, {threads} threads, no GPU",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -122,9 +123,9 @@ def measure(folder: Path, settings: list[str], max_tokens: int | None, threads: 
         "tokens_scored": tokens,
         "rows": rows,
         "command": "python scripts/evaluate_quantized.py" + (f" --max-tokens {max_tokens}" if max_tokens else ""),
-        "method": "round to nearest (offload_moe.quant), int4 scales and zeros stored in bfloat16; dequantized "
-                  "to float32 and scored by transformers' own model in float32",
-        "machine": f"{platform.machine()} VM, {threads} threads, no GPU",
+        "method": "round to nearest (offload_moe.quant), int4 scales and zeros stored in bfloat16",
+        "machine": f"a {os.cpu_count()}-core {platform.machine()} CPU VM ({threads} torch thread{'s' * (threads > 1)}, "
+                   "no GPU, shared with other work)",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "date": DATE,

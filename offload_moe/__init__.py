@@ -31,6 +31,7 @@ from .generic import offload_experts, save_experts
 from .loader import SUPPORTED_FAMILIES, load
 from .planning import Plan, plan
 from .checksums import verify
+from .quantize import quantize_experts
 
 __all__ = [
     "load",
@@ -41,6 +42,7 @@ __all__ = [
     "offload_experts",
     "save_experts",
     "verify",
+    "quantize_experts",
     "SUPPORTED_FAMILIES",
     "OffloadMoEError",
     "ModelPathError",

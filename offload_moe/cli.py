@@ -37,6 +37,7 @@ from .profiling import (
     write_results,
 )
 from .progress import progress_bar
+from .quantize import quantize_experts
 from .traces import (
     expert_usage_entropy,
     load_trace,
@@ -310,6 +311,31 @@ def verify(
         err.print(f"expert {expert} of layer {layer} differs from the manifest ({files})", highlight=False, soft_wrap=True, markup=False)
     raise OffloadMoEError(f"{len(result.bad)} of {result.experts} experts differ from {result.manifest}; "
                           "re-download the files named above")
+
+
+def _bits(value: int) -> int:
+    if value not in (8, 4):
+        raise typer.BadParameter(f"{value} is not 8 or 4")
+    return value
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Model folder (config.json + bf16, fp16 or float32 *.safetensors).")],
+    bits: Annotated[int, typer.Option(callback=_bits, help="8: int8, a scale per output channel; 4: int4, grouped.")] = ...,
+    out: Annotated[Path, typer.Option(help="The new folder to write; must not exist or be empty.")] = ...,
+    group_size: Annotated[int | None, typer.Option(min=1, help="Input columns per int4 scale and zero (--bits 4 only).")] = None,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Write a copy of MODEL with its routed experts stored as int8 or int4 (docs/quantization.md); MODEL is only read.
+
+    Example: offload-moe quantize ./Mixtral-8x7B --bits 4 --out ./Mixtral-8x7B-int4
+    """
+    result = quantize_experts(model, out, bits=bits, group_size=group_size, trust_remote_code=trust_remote_code)
+    grouping = f"groups of {result.group_size}" if result.group_size else "a scale per output channel"
+    console.print(f"wrote {result.folder}: {result.expert_tensors} expert tensors as int{result.bits} ({grouping}), "
+                  f"{result.expert_bytes / 2**20:.1f} MiB, {result.ratio:.2f} of the source's "
+                  f"{result.source_expert_bytes / 2**20:.1f} MiB", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()

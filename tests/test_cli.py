@@ -20,7 +20,7 @@ def test_version():
     assert __version__ in result.output
 
 
-COMMANDS = [["demo"], ["plan"], ["generate"], ["chat"], ["verify"], ["profiles"], ["profile"], ["trace"],
+COMMANDS = [["demo"], ["plan"], ["generate"], ["chat"], ["verify"], ["quantize"], ["profiles"], ["profile"], ["trace"],
             ["trace", "record"], ["trace", "synth"], ["trace", "show"]]
 
 

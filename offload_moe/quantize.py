@@ -109,7 +109,7 @@ def quantize_experts(path: str | Path, out: str | Path, *, bits: int, group_size
             work = _work_folder(out)
             try:
                 result = _write_tensors(checkpoint.store, tensors, work, bits, group_size, shard_size,
-                                        progress, f"and quantizing {folder.name}")
+                                        progress, f"quantizing {folder.name}")
                 _copy_files(folder, work)
                 atomic_write(work / "config.json", _quantized_config(config, bits, group_size))
                 _publish(work, out)

@@ -191,7 +191,8 @@ class Engine:
     """Batched decoding of many requests over one model (loaded by ``offload_moe.load``) and its tokenizer.
 
     ``max_batch`` requests decode together (default: 8, fewer if their KV cache at the full context would
-    not fit in half the free memory); up to ``max_queue`` more wait. ``submit`` returns a ``Job`` at once;
+    not fit in half the free memory); up to ``max_queue`` more wait for a place, and more than that are refused
+    (QueueFullError). ``stats()["decode_rows"] / stats()["decode_steps"]`` is the mean batch. ``submit`` returns a ``Job`` at once;
     ``generate`` submits several prompts and waits for them all. ``shutdown`` finishes the work in flight
     (cancelling what is left at its timeout) and, with ``close_model``, closes the model. A context manager.
 
@@ -223,7 +224,7 @@ class Engine:
         self._accepting = True
         self._deadline: float | None = None  # after it, every job left is cancelled
         self._counters = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "rejected": 0,
-                          "prompt_tokens": 0, "completion_tokens": 0, "prefill_steps": 0, "decode_steps": 0,
+                          "prompt_tokens": 0, "completion_tokens": 0, "prefill_steps": 0, "decode_steps": 0, "decode_rows": 0,
                           "failed_steps": 0, "request_seconds": 0.0}
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of the last steps
         self._thread = threading.Thread(target=self._loop, name="offload-moe-engine", daemon=True)
@@ -246,10 +247,11 @@ class Engine:
         with self._wake:
             if not self._accepting:
                 raise EngineClosedError("the server is shutting down and takes no new requests")
-            if len(self._waiting) >= self.max_queue:
+            queued = len(self._waiting) - (self.max_batch - len(self._batch.jobs))  # waiting for a place
+            if queued >= self.max_queue:
                 self._counters["rejected"] += 1
-                raise QueueFullError(f"the queue holds {len(self._waiting)} requests (max_queue={self.max_queue}); "
-                                     "try again later", self._retry_after())
+                raise QueueFullError(f"{self.max_batch} requests are decoding and {max(0, queued)} wait "
+                                     f"(max_queue={self.max_queue}); try again later", self._retry_after())
             job = Job(next(self._ids), ids, params, on_event)
             self._counters["requests"] += 1
             self._waiting.append(job)
@@ -388,6 +390,7 @@ class Engine:
             return
         batch.mask = mask
         self._counters["decode_steps"] += 1
+        self._counters["decode_rows"] += len(batch.jobs)
         self._sample(batch.jobs, logits)
 
     def _forward(self, ids, mask, positions, cache) -> tuple[torch.Tensor, object]:

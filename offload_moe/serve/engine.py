@@ -329,6 +329,10 @@ class Engine:
                     self._batch = _Batch()
                 for job in left:
                     self._end(job, "error", e)
+            except Exception as e:  # noqa: BLE001 - a bug outside the forward pass: its requests fail, serving goes on
+                jobs = [j for j in newcomers + self._batch.jobs if not j.done]
+                self._batch = _Batch()
+                self._fail_step(jobs, e)
 
     def _admit(self) -> list[Job]:
         room = self.max_batch - len(self._batch.jobs)

@@ -38,6 +38,7 @@ from .profiling import (
 )
 from .progress import progress_bar
 from .quantize import quantize_experts
+from .serve import MAX_QUEUE, SHUTDOWN_TIMEOUT, serve_model
 from .traces import (
     expert_usage_entropy,
     load_trace,
@@ -287,6 +288,43 @@ def chat(
                  errors=err)
     finally:
         session.close()
+
+
+@app.command()
+def serve(
+    model: ModelArgument = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to other machines.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on; 0 picks a free one.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="OFFLOAD_MOE_API_KEY", help="Require 'Authorization: Bearer KEY' "
+                                                "on /v1/... (also from $OFFLOAD_MOE_API_KEY).")] = None,
+    model_name: Annotated[str | None, typer.Option(help="The model name clients send; default: the folder's name.")] = None,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="Requests decoded together; default: 8, fewer if their "
+                                                  "KV cache would not fit.")] = None,
+    max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting for a place; more get 429.")] = MAX_QUEUE,
+    shutdown_timeout: Annotated[float, typer.Option(min=0.0, help="Seconds SIGTERM or Ctrl-C lets requests in flight "
+                                                    "finish before cancelling them.")] = SHUTDOWN_TIMEOUT,
+    device: Device = None,
+    cache_experts: CacheExperts = None,
+    cache_memory: CacheMemory = None,
+    policy: Policy = None,
+    prefetch: Prefetch = None,
+    dtype: Dtype = None,
+    io: IoMode = None,
+    profile: HardwareProfile = None,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API, decoding concurrent requests in one batch.
+
+    POST /v1/chat/completions and /v1/completions (streamed with "stream": true), GET /v1/models, /health and
+    /metrics (Prometheus). Needs the serve extra: pip install "offload_moe\\[serve]".
+
+    Example: offload-moe serve --cache-experts 24 --port 8000
+    """
+    settings = _settings(profile, device=device, cache_experts=cache_experts, cache_memory=cache_memory,
+                         policy=policy, prefetch=prefetch, dtype=dtype, io=io)
+    serve_model(model, host=host, port=port, api_key=api_key, model_name=model_name, max_batch=max_batch,
+                max_queue=max_queue, shutdown_timeout=shutdown_timeout, config=settings,
+                trust_remote_code=trust_remote_code, announce=lambda line: err.print(line, highlight=False, markup=False))
 
 
 @app.command()

@@ -20,6 +20,9 @@ LAZY = {
     "matplotlib": "optional (pip install offload_moe[plot])",
     "scipy": "optional (the balanced router's assignment)",
     "readline": "optional: not on every platform",
+    "fastapi": "optional (pip install offload_moe[serve]); the serve engine and the rest of the CLI run without it",
+    "uvicorn": "optional (pip install offload_moe[serve]), as fastapi",
+    "prometheus_client": "optional (pip install offload_moe[serve]), as fastapi",
 }
 
 

@@ -123,7 +123,7 @@ def _heap_push(heap, state, p1, p2, key):
         parent = (i - 1) >> 1
         if heap[parent, 0] < p1 or (heap[parent, 0] == p1 and heap[parent, 1] <= p2):
             break
-        heap[i] = heap[parent]
+        heap[i, 0], heap[i, 1], heap[i, 2] = heap[parent, 0], heap[parent, 1], heap[parent, 2]
         i = parent
     heap[i, 0], heap[i, 1], heap[i, 2] = p1, p2, key
 
@@ -144,7 +144,7 @@ def _heap_pop(heap, state):
             child += 1
         if l1 < heap[child, 0] or (l1 == heap[child, 0] and l2 <= heap[child, 1]):
             break
-        heap[i] = heap[child]
+        heap[i, 0], heap[i, 1], heap[i, 2] = heap[child, 0], heap[child, 1], heap[child, 2]
         i = child
     heap[i, 0], heap[i, 1], heap[i, 2] = l1, l2, lk
     return p1, p2, key
@@ -498,6 +498,7 @@ def compiled_replay(arrays: TraceArrays, policy: str, capacity: int, predictor: 
 
 _KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_priority", "_heap_push", "_heap_pop", "_heap_add",
             "_heap_victim", "_random_victim", "_pooled", "_admit", "transition_guesses", "replay_counts")
+_ALLOCATING = ("transition_guesses", "replay_counts")
 _compiled: bool | None = None  # None: not tried yet
 
 
@@ -513,9 +514,11 @@ def compile_kernels() -> bool:
             warnings.warn("numba is not installed, so the fast replay engine runs as plain Python, many times slower: "
                           "pip install 'offload_moe[fast]'", RuntimeWarning, stacklevel=2)
         else:
-            jit = numba.njit(cache=True, nogil=True)
             names = globals()
-            for name in _KERNELS:  # the callees first: a compiled function calls the compiled ones
-                names[name] = jit(names[name])
+            for name in _KERNELS:
+                # The helpers allocate nothing, so they go without numba's reference counts: with them, each
+                # call that hands over arrays costs atomic increments that outweigh the work (5-10x slower).
+                helper = name not in _ALLOCATING
+                names[name] = numba.njit(cache=True, nogil=True, **({"_nrt": False} if helper else {}))(names[name])
             _compiled = True
     return _compiled

@@ -75,7 +75,9 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
 # worked out from it (``TraceArrays``: the requests as keys, the predictors' guesses) once, when it starts,
 # and keeps them here.
 _WORKER: dict = {}
-_PARALLEL_REQUESTS = 4_000_000  # expert requests over all replays above which processes pay for their start
+# Expert requests over all replays above which processes pay for their start: a spawned process imports torch
+# and loads the compiled engine (seconds), where the compiled engine replays millions of requests a second.
+_PARALLEL_REQUESTS = 200_000_000
 
 
 def _start_worker(trace: Trace, arrays: TraceArrays) -> None:

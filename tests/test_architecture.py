@@ -23,6 +23,7 @@ LAZY = {
     "fastapi": "optional (pip install offload_moe[serve]); the serve engine and the rest of the CLI run without it",
     "uvicorn": "optional (pip install offload_moe[serve]), as fastapi",
     "prometheus_client": "optional (pip install offload_moe[serve]), as fastapi",
+    "numba": "optional (pip install offload_moe[fast]): about 0.5 s to import; only the fast replay engine compiles with it",
 }
 
 

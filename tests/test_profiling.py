@@ -8,8 +8,6 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from offload_moe.errors import BudgetError, ConfigError, OutputError
 from offload_moe.profiling import activation_counts, layer_groups, replay, sweep
@@ -304,37 +302,6 @@ def test_a_replay_with_reader_threads_counts_what_the_threaded_runtime_counted(p
     assert live_score.needed > 0
     assert (prefetcher.score.predicted, prefetcher.score.needed, prefetcher.score.correct) == (
         live_score.predicted, live_score.needed, live_score.correct)
-
-
-@st.composite
-def recorded_traces(draw):
-    """A small trace with gate guesses stored: distinct experts per token and layer (router order), distinct
-    guesses (best first) for the next layer, -1 at the last."""
-    tokens, layers = draw(st.integers(1, 12)), draw(st.integers(1, 4))
-    experts, k = draw(st.integers(2, 6)), draw(st.integers(1, 2))
-    stored = draw(st.integers(0, 2))
-    width = min(k + stored, experts)
-    perm = st.permutations(range(experts))
-    route = [[draw(perm)[:k] for _ in range(layers)] for _ in range(tokens)]
-    guesses = [[draw(perm)[:width] + [-1] * (k + stored - width) for _ in range(layers - 1)] + [[-1] * (k + stored)]
-               for _ in range(tokens)]
-    trace = make_trace(torch.tensor(route), experts)
-    trace.predicted = torch.tensor(guesses, dtype=torch.int16)
-    trace.metadata["predicted_by"] = "gate"
-    return trace
-
-
-@given(trace=recorded_traces(), policy=st.sampled_from(["lru", "lfu", "fifo", "random", "belady"]),
-       predictor=st.sampled_from(["none", "transition", "gate", "hybrid"]), data=st.data())
-@settings(max_examples=120, deadline=None)
-def test_the_fast_replay_counts_what_the_reference_counts(trace, policy, predictor, data):
-    """``engine="fast"`` (sweeps) is the reference (the real cache with a null mover) written out: equal counts."""
-    if policy == "belady":
-        predictor = "none"
-    margin = data.draw(st.integers(0, trace.prediction_margin))
-    capacity = data.draw(st.integers(trace.top_k, len(trace.layers) * trace.num_experts))
-    args = dict(predictor=predictor, margin=margin, seed=data.draw(st.integers(0, 3)))
-    assert replay(trace, policy, capacity, engine="fast", **args) == replay(trace, policy, capacity, **args)
 
 
 def test_an_unknown_engine_is_refused():

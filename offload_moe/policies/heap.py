@@ -9,7 +9,7 @@ from collections.abc import Container, Mapping
 from ..errors import PolicyError
 from .base import Key
 
-_Entry = tuple[tuple, int, Key]  # (priority, push order, key)
+_Entry = tuple[tuple, int, Key]  # (priority, when the key was added, key)
 
 
 class LazyHeap:
@@ -20,8 +20,9 @@ class LazyHeap:
 
     A key is pushed again whenever its priority changes (or, with ``rising``, when an out-of-date
     entry reaches the top); entries whose priority is out of date, or whose key left, are dropped
-    when they reach the top, so ``lowest_unpinned`` is O(log n) amortised. The push order keeps entries
-    comparable without comparing keys.
+    when they reach the top, so ``lowest_unpinned`` is O(log n) amortised. Equal priorities go to the
+    key added earliest (its latest ``add``): a rule of the keys alone, not of the heap's history, so the
+    compiled replay (``profiling.compiled``) can follow it, and entries stay comparable without comparing keys.
     """
 
     def __init__(self, rank: Mapping[Key, tuple], owner: str, *, rising: bool = False):
@@ -30,22 +31,22 @@ class LazyHeap:
         # rising: priorities only ever grow (LFU's counts), so the owner need not push on every
         # change; an entry found out of date at the top is pushed again with its current priority.
         self.rising = rising
-        self.resident: set[Key] = set()
+        self.resident: dict[Key, int] = {}  # resident key -> when it was added: the tie-break
         self._heap: list[_Entry] = []
         self._order = itertools.count()
 
     def add(self, key: Key) -> None:
-        self.resident.add(key)
+        self.resident[key] = next(self._order)
         self.push(key)
 
     def discard(self, key: Key) -> None:
-        self.resident.discard(key)
+        self.resident.pop(key, None)
 
     def push(self, key: Key) -> None:
-        heapq.heappush(self._heap, (self.rank[key], next(self._order), key))
+        heapq.heappush(self._heap, (self.rank[key], self.resident[key], key))
         # Hits push without popping; rebuild once stale entries dominate so memory stays O(resident).
         if len(self._heap) > 2 * len(self.resident) + 32:
-            self._heap = [(self.rank[k], next(self._order), k) for k in self.resident]
+            self._heap = [(self.rank[k], added, k) for k, added in self.resident.items()]
             heapq.heapify(self._heap)
 
     def lowest_unpinned(self, pinned: Container[Key]) -> Key:
@@ -54,13 +55,13 @@ class LazyHeap:
         try:
             while self._heap:
                 entry = heapq.heappop(self._heap)
-                priority, _, key = entry
-                if key not in self.resident:
+                priority, added, key = entry
+                if self.resident.get(key) != added:  # the key left (and may be back, with an entry of its own)
                     continue
                 current = self.rank[key]
                 if priority != current:
                     if self.rising:
-                        heapq.heappush(self._heap, (current, next(self._order), key))
+                        heapq.heappush(self._heap, (current, added, key))
                     continue
                 kept.append(entry)
                 if key not in pinned:

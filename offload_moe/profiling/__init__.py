@@ -3,8 +3,9 @@
 One module a concern:
 
 - ``replays``: one replay (``replay``): the reference engine drives the runtime's own ``ExpertCache`` and
-  ``Prefetcher`` with a ``NullMover``; the fast engine is the same ``Residency`` bookkeeping written out;
-  the predictions a replay prefetches (``predictions``, ``replay_predictor``);
+  ``Prefetcher`` with a ``NullMover``; the predictions a replay prefetches (``predictions``, ``replay_predictor``);
+- ``compiled``: the fast engine, the same bookkeeping over arrays, compiled with numba when it is installed
+  (``TraceArrays``: what it works out once per trace);
 - ``sweeps``: every policy x capacity x predictor plus Belady's optimum, the bound every policy is
   measured against (``sweep``), in one process or several;
 - ``inputs``: what ``offload-moe profile`` replays: the trace (``trace_to_profile``) and the capacities;
@@ -17,6 +18,7 @@ Import the names from here:
     write_results(results, trace, "profile-out")
 """
 
+from .compiled import TraceArrays
 from .inputs import parse_capacities, profile_capacities, recording_device, reference_trace_path, trace_to_profile
 from .replays import (
     ENGINES,
@@ -32,7 +34,7 @@ from .results import HEATMAP_MAX_EXPERTS, HEATMAP_MAX_LAYERS, activation_counts,
 from .sweeps import default_predictors, default_workers, sweep, sweep_size
 
 __all__ = [
-    "ENGINES", "HEATMAP_MAX_EXPERTS", "HEATMAP_MAX_LAYERS", "RecordedGatePredictor", "ReplayResult",
+    "ENGINES", "HEATMAP_MAX_EXPERTS", "HEATMAP_MAX_LAYERS", "RecordedGatePredictor", "ReplayResult", "TraceArrays",
     "activation_counts", "default_predictors", "default_workers", "drive", "layer_groups", "parse_capacities",
     "predictions", "profile_capacities", "recording_device", "reference_trace_path", "replay", "replay_predictor",
     "sweep", "sweep_size", "trace_to_profile", "write_results",

@@ -1,12 +1,11 @@
 """Replaying a routing trace through one cache: the reference engine (the runtime's own cache) and the fast one.
 
-``replay`` drives the runtime's own ``ExpertCache`` and ``Prefetcher`` with a ``NullMover`` (``engine="reference"``);
-``engine="fast"`` is the same ``Residency`` bookkeeping written out, without tensors: at each (token, layer) the
-layer requests its experts (pinned while it runs), misses are admitted, and a predictor may then prefetch the
-next layer's experts into unpinned slots. Predictions are worked out once per trace, before the replays
-(``predictions``): ``transition`` by ``transition_predictions`` (what the online predictor would name, token by
-token), ``gate`` read from the trace, which keeps what the gate predictor named while it was recorded, and
-``hybrid`` the two pooled.
+``replay`` drives the runtime's own ``ExpertCache`` and ``Prefetcher`` with a ``NullMover`` (``engine="reference"``):
+that is the definition of what a replay counts. ``engine="fast"`` (``profiling.compiled``) is the same
+bookkeeping over arrays, compiled with numba when it is installed, held equal to the reference counter by
+counter and layer by layer by tests/test_replay_engines.py. ``predictions`` lists what a predictor names at
+each token and layer (``transition`` as the online predictor would, ``gate`` read from the trace, which keeps
+what the gate predictor named while it was recorded, ``hybrid`` the two pooled).
 """
 
 from __future__ import annotations
@@ -19,12 +18,13 @@ import torch
 from ..cache import ExpertCache, Residency, SlotLayout, SlotPool
 from ..errors import BudgetError, ConfigError
 from ..experts import use_layer
-from ..policies import make_policy
+from ..policies import BUILT_IN, POLICIES, make_policy
 from ..prefetch import (HybridPredictor, Predictor, Prefetcher, TransitionPredictor, pooled_row,
                         transition_predictions)
 from ..traces import Trace
 from ..transfer import NullMover
 from ..values import PREDICTORS
+from .compiled import COUNTERS, EVICTIONS, ISSUED, USED, TraceArrays, compiled_replay
 
 ENGINES = ("reference", "fast")
 
@@ -44,6 +44,8 @@ class ReplayResult:
     prefetch_used: int = 0
     belady_misses: int | None = None
     per_layer: dict[int, tuple[int, int]] | None = None  # model layer -> (hits, misses); in the JSON, not the CSV
+    # model layer -> (evictions of its experts, prefetches issued for it, prefetched experts it used); JSON only
+    per_layer_flow: dict[int, tuple[int, int, int]] | None = None
 
     @property
     def hit_rate(self) -> float:
@@ -77,7 +79,7 @@ def layer_groups(trace: Trace) -> list[list[tuple[int, int]]]:
     return [[(layers[pos], e) for e in sorted(set(chosen))] for token in rows for pos, chosen in enumerate(token)]
 
 
-def _checked_predictor(trace: Trace, predictor: str, margin: int) -> str:
+def checked_predictor(trace: Trace, predictor: str, margin: int) -> str:
     """``predictor`` in lower case, once it is known that ``trace`` can replay it with ``margin``."""
     predictor = predictor.lower()
     if predictor not in PREDICTORS:
@@ -101,7 +103,7 @@ def predictions(trace: Trace, predictor: str, margin: int = 1, *,
     ``none`` gives None. ``transition`` learns online from the trace's own routing; ``gate`` needs
     the predictions stored in the trace (``offload-moe trace record`` keeps them).
     """
-    predictor = _checked_predictor(trace, predictor, margin)
+    predictor = checked_predictor(trace, predictor, margin)
     if predictor == "none":
         return None
     width = trace.top_k + margin
@@ -122,28 +124,41 @@ def predictions(trace: Trace, predictor: str, margin: int = 1, *,
 
 
 def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none", margin: int = 1, seed: int = 0,
-           engine: str = "reference", readers: int = 0, groups: list[list[tuple[int, int]]] | None = None,
-           predicted: list[list[list[int]]] | None = None) -> ReplayResult:
+           engine: str = "reference", readers: int = 0, arrays: TraceArrays | None = None) -> ReplayResult:
     """Replay ``trace`` through a cache of ``capacity`` expert slots run by ``policy``, with ``predictor`` prefetching.
 
     ``engine="reference"`` drives the runtime's own ``ExpertCache``, ``Prefetcher`` and predictors, one
     token and layer at a time through ``experts.use_layer`` (what every MoE layer of a live model calls),
     with a ``NullMover`` that moves no bytes: its counts are the runtime's by construction. ``readers``
     (reference only) runs that mover's empty loads on reader threads, as a live model's reads run.
-    ``engine="fast"`` is the same bookkeeping written out as a plain loop over ``Residency``, for
-    sweeps; ``groups`` and ``predicted`` (from ``layer_groups`` and ``predictions``) can be passed to it
-    when replaying one trace many times.
+    ``engine="fast"`` counts the same (``profiling.compiled``), for sweeps; ``arrays``
+    (``TraceArrays(trace)``) keeps what it works out once per trace when one trace is replayed many
+    times. A policy registered at run time has no compiled form: ``fast`` replays it with the reference.
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine={engine!r} is not a replay engine; use one of {', '.join(ENGINES)}")
     if capacity < trace.top_k:
         raise BudgetError(f"capacity={capacity} is below the trace's top_k={trace.top_k}: a layer could not hold its experts")
-    if policy.lower() == "belady" and predictor != "none":
+    policy, predictor = policy.lower(), checked_predictor(trace, predictor, margin)
+    if policy == "belady" and predictor != "none":
         raise ConfigError("Belady's optimum is defined without prefetch; replay it with predictor='none'")
-    if engine == "fast":
-        return _fast_replay(trace, policy, capacity, predictor=predictor, margin=margin, seed=seed, groups=groups,
-                            predicted=predicted)
-    return _reference_replay(trace, policy.lower(), capacity, predictor.lower(), margin, seed, readers)
+    if engine == "fast" and POLICIES.get(policy) is BUILT_IN.get(policy, ()):
+        arrays = arrays if arrays is not None else TraceArrays(trace)
+        counts = compiled_replay(arrays, policy, _slots(trace, capacity), predictor, margin, seed)  # [L, 5]
+        return _result(trace, policy, capacity, predictor, counts)
+    return _reference_replay(trace, policy, capacity, predictor, margin, seed, readers)
+
+
+def _result(trace: Trace, policy: str, capacity: int, predictor: str, counts: np.ndarray) -> ReplayResult:
+    """A ``ReplayResult`` from counters [L, 5] (``compiled.COUNTERS``) by layer position."""
+    total = dict(zip(COUNTERS, counts.sum(0).tolist()))
+    rows = counts.tolist()
+    per_layer = {layer: (row[0], row[1]) for layer, row in zip(trace.layers, rows) if row[0] + row[1]}
+    flow = {layer: (row[EVICTIONS], row[ISSUED], row[USED]) for layer, row in zip(trace.layers, rows)
+            if row[EVICTIONS] or row[ISSUED] or row[USED]}
+    return ReplayResult(policy, capacity, predictor, total["hits"] + total["misses"], total["hits"], total["misses"],
+                        total["evictions"], total["prefetch_issued"], total["prefetch_used"], per_layer=per_layer,
+                        per_layer_flow=flow)
 
 
 class RecordedGatePredictor(Predictor):
@@ -170,7 +185,7 @@ class RecordedGatePredictor(Predictor):
 def replay_predictor(trace: Trace, predictor: str, margin: int = 1) -> Predictor:
     """The live predictor called ``predictor`` as a replay of ``trace`` feeds it: ``transition`` learns from the
     trace's routing, ``gate`` reads the trace's recorded guesses, ``hybrid`` pools the two."""
-    predictor = _checked_predictor(trace, predictor, margin)
+    predictor = checked_predictor(trace, predictor, margin)
     if predictor == "none":
         return Predictor()
     gate = RecordedGatePredictor(trace.top_k + margin)
@@ -214,20 +229,27 @@ def _nothing(expert: int, tensors: dict) -> None:
     pass
 
 
-def drive(trace: Trace, cache: ExpertCache, prefetcher: Prefetcher | None) -> None:
+def drive(trace: Trace, cache: ExpertCache, prefetcher: Prefetcher | None) -> np.ndarray:
     """Run ``trace`` through ``cache`` and ``prefetcher`` as a live model decodes it, one token at a time: at each
     layer the prefetcher predicts (``gate`` from the recorded guesses), then ``experts.use_layer``; then wait
-    for the loads still in flight."""
+    for the loads still in flight. Returns [L, 2] by layer position: the prefetches issued for it (a replay's
+    predictors look one layer ahead, so those the layer before started) and the prefetched experts it used."""
     routing = trace.experts.long()  # [T, L, k], in the router's order, as the live layer hands it on
     recorded = trace.predicted.long().numpy() if trace.predicted is not None and prefetcher is not None else None
     experts = [[sorted(set(chosen)) for chosen in token] for token in routing.tolist()]
     layers = trace.layers
+    flow = np.zeros((len(layers), 2), dtype=np.int64)
     for token in range(trace.num_tokens):
         rows = routing[token]
         for pos, layer in enumerate(layers):
             predicted = prefetcher.predict_device(pos, recorded[token]) if recorded is not None else {}
+            issued, used = cache.flow.prefetch_issued, cache.flow.prefetch_used
             use_layer(cache, prefetcher, layer, pos, experts[token][pos], rows[pos : pos + 1], predicted, _nothing)
+            if cache.flow.prefetch_issued > issued:
+                flow[pos + 1, 0] += cache.flow.prefetch_issued - issued
+            flow[pos, 1] += cache.flow.prefetch_used - used
     cache.drain()
+    return flow
 
 
 def _reference_replay(trace: Trace, policy: str, capacity: int, predictor: str, margin: int, seed: int,
@@ -237,64 +259,14 @@ def _reference_replay(trace: Trace, policy: str, capacity: int, predictor: str, 
     cache = _replay_cache(trace, policy, capacity, seed, readers, future)
     prefetcher = Prefetcher(predictor_, trace.layers, cache) if predictor != "none" else None
     try:
-        drive(trace, cache, prefetcher)
-        total = cache.residency.totals()
-        per_layer = {layer: (c.hits, c.misses) for layer, c in sorted(cache.residency.per_layer.items())}
-        flow = cache.flow
+        prefetches = drive(trace, cache, prefetcher)  # [L, 2]
+        per_layer = cache.residency.per_layer
     finally:
         cache.close()
-    return ReplayResult(policy, capacity, predictor, total.hits + total.misses, total.hits, total.misses,
-                        total.evictions, flow.prefetch_issued, flow.prefetch_used, per_layer=per_layer)
-
-
-def _fast_replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none", margin: int = 1,
-                 seed: int = 0, groups: list[list[tuple[int, int]]] | None = None,
-                 predicted: list[list[list[int]]] | None = None) -> ReplayResult:
-    """``replay(engine="fast")``: the cache's bookkeeping written out over ``Residency`` alone, checked equal to
-    the reference by tests/test_profiling.py."""
-    if predicted is None:
-        predicted = predictions(trace, predictor, margin)
-    groups = groups if groups is not None else layer_groups(trace)
-    future = [key for group in groups for key in group] if policy.lower() == "belady" else None
-    table = Residency(_slots(trace, capacity), make_policy(policy, seed=seed, future=future))
-    prefetched: set[tuple[int, int]] = set()
-    flying: list[tuple[int, int]] = []  # prefetched keys still pinned as in flight, until the next layer starts
-    issued = used = 0
-    layers = trace.layers
-    num_layers = len(layers)
-    request, admit, release_all = table.request, table.admit, table.release_all
-    for i, group in enumerate(groups):
-        if flying:  # as the runtime: a prefetch landed by the time the next layer runs is evictable again
-            release_all(flying)
-            flying = []
-        hits, misses = request(group)
-        if prefetched:
-            for key, _ in hits:
-                if key in prefetched:
-                    prefetched.discard(key)
-                    used += 1
-        for key in misses:
-            evicted = admit(key)[1]
-            if prefetched:
-                prefetched.discard(evicted)
-        token, pos = divmod(i, num_layers)
-        guesses = predicted[token][pos] if predicted is not None and pos < num_layers - 1 else ()
-        # as the runtime: the guesses are started while the layer runs, and retried once it is done
-        for layer_done in (False, True) if guesses else (True,):
-            if layer_done:
-                release_all(group)
-            for expert in guesses:
-                key = (layers[pos + 1], expert)
-                if key in table:
-                    continue
-                if not table.free and len(table.pins) >= len(table.slot_of):
-                    break  # every slot is pinned: the rest wait for the retry
-                _, evicted = admit(key)
-                prefetched.discard(evicted)
-                prefetched.add(key)
-                flying.append(key)
-                issued += 1
-    total = table.totals()
-    per_layer = {layer: (c.hits, c.misses) for layer, c in sorted(table.per_layer.items())}
-    return ReplayResult(policy.lower(), capacity, predictor, total.hits + total.misses, total.hits, total.misses,
-                        total.evictions, issued, used, per_layer=per_layer)
+    counts = np.zeros((len(trace.layers), len(COUNTERS)), dtype=np.int64)
+    for pos, layer in enumerate(trace.layers):
+        c = per_layer.get(layer)
+        if c is not None:
+            counts[pos, :3] = (c.hits, c.misses, c.evictions)
+    counts[:, ISSUED:] = prefetches
+    return _result(trace, policy, capacity, predictor, counts)

@@ -47,7 +47,7 @@ def write_results(results: Sequence[ReplayResult], trace: Trace, out: str | Path
                     "offload_moe": __version__, "torch": torch.__version__},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    columns = [f.name for f in fields(ReplayResult) if f.name != "per_layer"] + [
+    columns = [f.name for f in fields(ReplayResult) if f.name not in ("per_layer", "per_layer_flow")] + [
         "hit_rate", "loads", "prefetch_precision", "misses_over_belady", "capacity_share"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n", extrasaction="ignore")

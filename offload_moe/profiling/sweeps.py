@@ -19,7 +19,8 @@ from pathlib import Path
 from ..errors import BudgetError, ConfigError, OffloadMoEError
 from ..policies import BUILT_IN, POLICIES
 from ..traces import Trace
-from .replays import ENGINES, ReplayResult, layer_groups, predictions, replay
+from .compiled import TraceArrays
+from .replays import ENGINES, ReplayResult, checked_predictor, replay
 
 
 def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], predictors: Sequence[str] = ("none",),
@@ -27,8 +28,8 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
           engine: str = "fast") -> list[ReplayResult]:
     """Every policy x capacity x predictor, plus Belady at each capacity; each result knows Belady's misses.
 
-    ``engine`` is ``replay``'s: ``fast`` by default (the reference, which drives the real cache, takes
-    about 2.5x as long without prefetch and 10x with it), with the same counts.
+    ``engine`` is ``replay``'s: ``fast`` by default (compiled with numba when it is installed; the reference,
+    which drives the real cache, takes hundreds of times as long), with the same counts.
 
     ``progress(1)`` is called after each replay; there are ``sweep_size(...)`` of them. With ``workers``
     above 1 the replays run in that many processes (``default_workers`` suggests a number); they are
@@ -42,21 +43,22 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
     small = [c for c in capacities if c < trace.top_k]
     if small:
         raise BudgetError(f"capacity {small[0]} is below the trace's top_k={trace.top_k}: a layer could not hold its experts")
-    named: dict[str, list | None] = {}
-    transition = None
-    for predictor in dict.fromkeys(x.lower() for x in predictors):
-        named[predictor] = predictions(trace, predictor, margin, _transition=transition)
-        if predictor == "transition":
-            transition = named[predictor]
+    named = list(dict.fromkeys(x.lower() for x in predictors))
+    arrays = TraceArrays(trace)
+    for predictor in named:  # checked, and the guesses worked out once, before any replay
+        if engine == "fast":
+            arrays.guesses(checked_predictor(trace, predictor, margin), margin)
+        else:
+            checked_predictor(trace, predictor, margin)
     jobs = []  # (policy, capacity, predictor)
     for capacity in capacities:
         jobs.append(("belady", capacity, "none"))
         jobs += [(policy, capacity, predictor) for policy in policies if policy.lower() != "belady" for predictor in named]
     custom = [p for p in policies if POLICIES[p.lower()] is not BUILT_IN.get(p.lower())]
     if workers > 1 and not custom:  # a policy added at run time does not exist in a freshly spawned process
-        results = _sweep_in_processes(trace, named, jobs, margin, workers, progress, engine)
+        results = _sweep_in_processes(trace, arrays, jobs, margin, workers, progress, engine)
     else:
-        _start_worker(trace, named)
+        _start_worker(trace, arrays)
         results = []
         try:
             for job in jobs:
@@ -69,20 +71,22 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
     return [ReplayResult(**{**asdict(r), "belady_misses": by_capacity[r.capacity]}) for r in results]
 
 
-# A replay is pure Python, so a sweep can spread its replays over processes; each process gets the trace
-# and the predictions once, when it starts, and keeps them here.
+# A sweep can spread its replays over processes; each process gets the trace and what the fast engine
+# worked out from it (``TraceArrays``: the requests as keys, the predictors' guesses) once, when it starts,
+# and keeps them here.
 _WORKER: dict = {}
-_PARALLEL_REQUESTS = 4_000_000  # expert requests over all replays above which processes pay for their start
+# Expert requests over all replays above which processes pay for their start: a spawned process imports torch
+# and loads the compiled engine (seconds), where the compiled engine replays millions of requests a second.
+_PARALLEL_REQUESTS = 200_000_000
 
 
-def _start_worker(trace: Trace, named: dict) -> None:
-    _WORKER.update(trace=trace, named=named, groups=layer_groups(trace))
+def _start_worker(trace: Trace, arrays: TraceArrays) -> None:
+    _WORKER.update(trace=trace, arrays=arrays)
 
 
 def _replay_job(policy: str, capacity: int, predictor: str, margin: int, engine: str = "fast") -> ReplayResult:
     w = _WORKER
-    return replay(w["trace"], policy, capacity, predictor=predictor, margin=margin, engine=engine, groups=w["groups"],
-                  predicted=w["named"].get(predictor))
+    return replay(w["trace"], policy, capacity, predictor=predictor, margin=margin, engine=engine, arrays=w["arrays"])
 
 
 def default_workers(trace: Trace, replays: int) -> int:
@@ -92,7 +96,7 @@ def default_workers(trace: Trace, replays: int) -> int:
     return min(cpus, replays) if requests >= _PARALLEL_REQUESTS else 1
 
 
-def _sweep_in_processes(trace: Trace, named: dict, jobs: list, margin: int, workers: int,
+def _sweep_in_processes(trace: Trace, arrays: TraceArrays, jobs: list, margin: int, workers: int,
                         progress: Callable[[int], None] | None, engine: str) -> list[ReplayResult]:
     """The replays in ``workers`` spawned processes.
 
@@ -103,7 +107,7 @@ def _sweep_in_processes(trace: Trace, named: dict, jobs: list, margin: int, work
     """
     with tempfile.TemporaryDirectory(prefix="offload-moe-sweep-") as folder:
         shared = Path(folder) / "trace.pickle"
-        shared.write_bytes(pickle.dumps((trace, named), protocol=pickle.HIGHEST_PROTOCOL))
+        shared.write_bytes(pickle.dumps((trace, arrays), protocol=pickle.HIGHEST_PROTOCOL))
         # spawn, not fork: a forked child of a process that has run torch's thread pools can hang
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_start_worker_process, initargs=(str(shared),))

@@ -1,0 +1,524 @@
+"""The fast replay engine: the reference's bookkeeping over arrays, compiled with numba when it is installed.
+
+What a replay counts is defined by the reference (``replay(engine="reference")``: the runtime's own
+``ExpertCache`` and ``Prefetcher`` driven by a ``NullMover``); this engine is an optimisation held equal
+to it, counter by counter and layer by layer, by tests/test_replay_engines.py. A key is
+``layer position * experts + expert``. At each token and layer, as the runtime takes it:
+
+1. the prefetches started at the previous layer have landed: their flight pins go;
+2. the layer requests its distinct experts, ascending: a hit is pinned (and counts a prefetch used if a
+   prefetch brought it); every request is the policy's ``on_access``;
+3. the misses are admitted in that order, each taking a free slot or evicting the policy's victim among
+   the unpinned keys;
+4. the predictor's guesses for the next layer (best first) are started while the layer still pins its
+   experts, up to the first that finds every slot pinned, and tried again once the layer lets go; a
+   started prefetch stays pinned (in flight) until the next layer starts.
+
+The policies are the ones in ``offload_moe.policies``: ``lru`` and ``fifo`` a list in insertion order
+(``lru`` moves a requested key to the end), ``lfu`` the lowest (requests, last request), ``belady`` the
+farthest next request (both: ties to the key inserted earliest, as ``policies.heap.LazyHeap`` breaks
+them), ``random`` draws from Python's Mersenne Twister, seeded as ``random.Random(seed)``, in the order
+``policies.rand.Random`` draws. The ``transition`` predictor's guesses do not depend on the cache, so
+they are worked out once per trace (``transition_guesses``, the online ``TransitionPredictor`` token by
+token); ``hybrid`` pools them with the recorded ``gate`` guesses at each step, as ``Prefetcher`` does.
+
+Without numba the same functions run as plain Python, far slower; ``compile_kernels`` says which.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy as np
+
+from ..traces import Trace
+
+LRU, FIFO, LFU, RANDOM, BELADY = 0, 1, 2, 3, 4
+POLICY_CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "random": RANDOM, "belady": BELADY}
+COUNTERS = ("hits", "misses", "evictions", "prefetch_issued", "prefetch_used")  # the columns of replay_counts
+HITS, MISSES, EVICTIONS, ISSUED, USED = range(5)
+NEVER = np.iinfo(np.int64).max  # belady: a key not requested again
+_TRIES = 8  # policies.rand: random picks before scanning the candidates
+# the scalar state, one int64 array: list ends, heap size, counters of the policies, the generator's index
+_HEAD, _TAIL, _HEAP, _RESIDENT, _PINNED, _TICK, _ADDED, _CURSOR, _MT = range(9)
+
+
+# ---------------------------------------------------------------- Python's Mersenne Twister (random.Random)
+
+def _mt_next(mt, state):
+    """The generator's next 32-bit output (CPython's genrand_uint32); ``mt`` holds its 624 words as int64."""
+    i = state[_MT]
+    if i >= 624:
+        for kk in range(624):
+            y = (mt[kk] & 0x80000000) | (mt[(kk + 1) % 624] & 0x7FFFFFFF)
+            word = mt[(kk + 397) % 624] ^ (y >> 1)
+            if y & 1:
+                word ^= 0x9908B0DF
+            mt[kk] = word
+        i = 0
+    y = mt[i]
+    state[_MT] = i + 1
+    y ^= y >> 11
+    y ^= (y << 7) & 0x9D2C5680
+    y ^= (y << 15) & 0xEFC60000
+    return y ^ (y >> 18)
+
+
+def _randbelow(mt, state, n):
+    """``random.Random._randbelow(n)`` for 1 <= n < 2**32: getrandbits(n.bit_length()) until below n."""
+    bits = 0
+    while (1 << bits) <= n:
+        bits += 1
+    r = _mt_next(mt, state) >> (32 - bits)
+    while r >= n:
+        r = _mt_next(mt, state) >> (32 - bits)
+    return r
+
+
+def mt_state(seed: int) -> tuple[np.ndarray, int]:
+    """The 624 words and the index of ``random.Random(seed)``, as ``policies.rand.Random(seed)`` starts."""
+    words = random.Random(seed).getstate()[1]
+    return np.array(words[:624], dtype=np.int64), int(words[624])
+
+
+# ---------------------------------------------------------------- orderings of the resident keys
+
+def _append(prev, after, state, key):
+    tail = state[_TAIL]
+    prev[key] = tail
+    after[key] = -1
+    if tail >= 0:
+        after[tail] = key
+    else:
+        state[_HEAD] = key
+    state[_TAIL] = key
+
+
+def _unlink(prev, after, state, key):
+    p, n = prev[key], after[key]
+    if p >= 0:
+        after[p] = n
+    else:
+        state[_HEAD] = n
+    if n >= 0:
+        prev[n] = p
+    else:
+        state[_TAIL] = p
+
+
+def _priority(policy, key, requests, last, next_use, added):
+    """LFU: (requests, last request), a key never requested ranked by when it was inserted; Belady: the
+    farthest next request first, ties (never requested again) by insertion. Lowest goes."""
+    if policy == LFU:
+        count = requests[key]
+        return count, last[key] if count > 0 else added[key]
+    return -next_use[key], added[key]
+
+
+def _heap_push(heap, state, p1, p2, key):
+    i = state[_HEAP]
+    state[_HEAP] = i + 1
+    while i > 0:
+        parent = (i - 1) >> 1
+        if heap[parent, 0] < p1 or (heap[parent, 0] == p1 and heap[parent, 1] <= p2):
+            break
+        heap[i, 0], heap[i, 1], heap[i, 2] = heap[parent, 0], heap[parent, 1], heap[parent, 2]
+        i = parent
+    heap[i, 0], heap[i, 1], heap[i, 2] = p1, p2, key
+
+
+def _heap_pop(heap, state):
+    """The lowest entry (p1, p2, key), removed."""
+    p1, p2, key = heap[0, 0], heap[0, 1], heap[0, 2]
+    n = state[_HEAP] - 1
+    state[_HEAP] = n
+    l1, l2, lk = heap[n, 0], heap[n, 1], heap[n, 2]
+    i = 0
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        if child + 1 < n and (heap[child + 1, 0] < heap[child, 0]
+                              or (heap[child + 1, 0] == heap[child, 0] and heap[child + 1, 1] < heap[child, 1])):
+            child += 1
+        if l1 < heap[child, 0] or (l1 == heap[child, 0] and l2 <= heap[child, 1]):
+            break
+        heap[i, 0], heap[i, 1], heap[i, 2] = heap[child, 0], heap[child, 1], heap[child, 2]
+        i = child
+    heap[i, 0], heap[i, 1], heap[i, 2] = l1, l2, lk
+    return p1, p2, key
+
+
+def _heap_add(heap, state, policy, key, requests, last, next_use, added, residents):
+    """Push ``key`` at its current priority; rebuild from the resident keys once stale entries dominate."""
+    p1, p2 = _priority(policy, key, requests, last, next_use, added)
+    _heap_push(heap, state, p1, p2, key)
+    resident = state[_RESIDENT]
+    if state[_HEAP] > 2 * resident + 32:
+        state[_HEAP] = 0
+        for i in range(resident):
+            k = residents[i]
+            q1, q2 = _priority(policy, k, requests, last, next_use, added)
+            _heap_push(heap, state, q1, q2, k)
+
+
+def _heap_victim(heap, kept, state, policy, pins, is_resident, requests, last, next_use, added):
+    """The unpinned resident key of lowest priority (``policies.heap.LazyHeap.lowest_evictable``)."""
+    held = 0
+    victim = -1
+    while state[_HEAP] > 0:
+        p1, p2, key = _heap_pop(heap, state)
+        if not is_resident[key]:
+            continue
+        c1, c2 = _priority(policy, key, requests, last, next_use, added)
+        if p1 != c1 or p2 != c2:  # out of date: LFU's priorities only grow, so the entry goes back at its current one
+            if policy == LFU:
+                _heap_push(heap, state, c1, c2, key)
+            continue
+        kept[held, 0], kept[held, 1], kept[held, 2] = p1, p2, key
+        held += 1
+        if pins[key] == 0:
+            victim = key
+            break
+    for i in range(held):
+        _heap_push(heap, state, kept[i, 0], kept[i, 1], kept[i, 2])
+    return victim
+
+
+def _random_victim(mt, state, residents, pins):
+    """``policies.rand.Random.victim``: a few uniform picks among the resident keys, then one among the unpinned."""
+    n = state[_RESIDENT]
+    for _ in range(_TRIES if n else 0):
+        key = residents[_randbelow(mt, state, n)]
+        if pins[key] == 0:
+            return key
+    unpinned = 0
+    for i in range(n):
+        if pins[residents[i]] == 0:
+            unpinned += 1
+    chosen = _randbelow(mt, state, unpinned)
+    for i in range(n):
+        if pins[residents[i]] == 0:
+            if chosen == 0:
+                return residents[i]
+            chosen -= 1
+    return -1
+
+
+# ---------------------------------------------------------------- the guesses a prefetcher starts
+
+def _pooled(gate, transition, t, pos, votes, out):
+    """``prefetch.pooled_row`` of the gate's and the transition's guesses (-1: none) into ``out``: each guess
+    scores the guesses left after it, plus one; highest score first, ties to the lower expert. Returns how many."""
+    total = 0
+    for j in range(gate.shape[2]):
+        total += gate[t, pos, j] >= 0
+    for j in range(transition.shape[2]):
+        total += transition[t, pos, j] >= 0
+    n = 0
+    i = 0
+    for part in range(2):
+        row = gate if part == 0 else transition
+        for j in range(row.shape[2]):
+            expert = row[t, pos, j]
+            if expert < 0:
+                continue
+            weight = total - i
+            i += 1
+            found = False
+            for m in range(n):
+                if out[m] == expert:
+                    votes[m] += weight
+                    found = True
+                    break
+            if not found:
+                out[n] = expert
+                votes[n] = weight
+                n += 1
+    for a in range(1, n):  # insertion sort: a handful of guesses
+        e, v = out[a], votes[a]
+        b = a - 1
+        while b >= 0 and (votes[b] < v or (votes[b] == v and out[b] > e)):
+            out[b + 1], votes[b + 1] = out[b], votes[b]
+            b -= 1
+        out[b + 1], votes[b + 1] = e, v
+    return n
+
+
+def transition_guesses(experts, num_experts, width):
+    """What ``prefetch.TransitionPredictor`` names one layer ahead when the trace is fed to it token by token.
+
+    ``experts`` [T, L, k] in the router's order (the order its float sums run in); returns int16
+    [T, L-1, width], best first, -1 where fewer experts have any evidence. The same float32 arithmetic
+    as the predictor's numpy (exact while no expert is followed more than 2**24 times).
+    """
+    tokens, layers, k = experts.shape
+    ahead = max(layers - 1, 0)
+    out = np.full((tokens, ahead, width), -1, dtype=np.int16)
+    counts = np.zeros((ahead, num_experts, num_experts), dtype=np.float32)  # [L-1, E, E]
+    totals = np.zeros((ahead, num_experts), dtype=np.float32)
+    scores = np.zeros(num_experts, dtype=np.float32)
+    best = np.empty(width, dtype=np.int64)
+    one = np.float32(1.0)
+    for t in range(tokens):
+        for pos in range(layers):
+            if pos > 0:  # observe: every (previous, current) pair of the token's experts
+                for i in range(k):
+                    before = experts[t, pos - 1, i]
+                    for j in range(k):
+                        counts[pos - 1, before, experts[t, pos, j]] += one
+                    totals[pos - 1, before] += np.float32(k)
+            if pos == ahead:
+                continue
+            scores[:] = 0
+            for i in range(k):
+                row = experts[t, pos, i]
+                total = totals[pos, row]
+                if total > 0:  # an unseen expert's row adds zeros
+                    for e in range(num_experts):
+                        scores[e] += np.float32(counts[pos, row, e] / total)
+            named = 0
+            for e in range(num_experts):  # the top ``width`` positive scores, ties to the lower expert
+                s = scores[e]
+                if s <= 0 or (named == width and s <= scores[best[named - 1]]):
+                    continue
+                b = min(named, width - 1)
+                while b > 0 and scores[best[b - 1]] < s:
+                    best[b] = best[b - 1]
+                    b -= 1
+                best[b] = e
+                named = min(named + 1, width)
+            for j in range(named):
+                out[t, pos, j] = best[j]
+    return out
+
+
+# ---------------------------------------------------------------- the replay
+
+def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, transition, following, mt, mt_index):
+    """Replay one trace; returns int64 [layers, 5]: ``COUNTERS`` per layer position.
+
+    ``keys`` int32 [N]: each token and layer's distinct experts, ascending, as keys; ``starts`` int64
+    [T * L + 1] where each token and layer's run begins. ``gate`` and ``transition`` [T, L-1, m] hold the
+    guesses for the next layer (-1: none; m = 0: no such predictor). ``following`` [N]: the next position
+    of the same key (``NEVER``: none), for Belady; ``mt``, ``mt_index``: the random policy's generator.
+    """
+    space = layers * num_experts
+    counts = np.zeros((layers, 5), dtype=np.int64)
+    state = np.zeros(9, dtype=np.int64)
+    state[_HEAD], state[_TAIL], state[_MT] = -1, -1, mt_index
+    mt = mt.copy()
+    is_resident = np.zeros(space, dtype=np.bool_)
+    prefetched = np.zeros(space, dtype=np.bool_)
+    pins = np.zeros(space, dtype=np.int32)
+    residents = np.empty(capacity, dtype=np.int64)  # in policies.rand's order: appended, the last moved into a hole
+    where = np.full(space, -1, dtype=np.int64)
+    prev = np.full(space, -1, dtype=np.int64)
+    after = np.full(space, -1, dtype=np.int64)
+    requests = np.zeros(space, dtype=np.int64)
+    last = np.zeros(space, dtype=np.int64)
+    next_use = np.full(space, NEVER, dtype=np.int64)
+    added = np.zeros(space, dtype=np.int64)
+    heap = np.empty((2 * capacity + 64, 3), dtype=np.int64)
+    kept = np.empty_like(heap)  # entries popped on the way to the victim
+    width = gate.shape[2] + transition.shape[2]
+    guesses = np.empty(max(width, 1), dtype=np.int64)
+    votes = np.empty(max(width, 1), dtype=np.int64)
+    flying = np.empty(max(width, 1), dtype=np.int64)
+    in_flight = 0
+    tokens = (starts.shape[0] - 1) // layers
+    for t in range(tokens):
+        for pos in range(layers):
+            for i in range(in_flight):  # the prefetches have landed
+                key = flying[i]
+                pins[key] -= 1
+                if pins[key] == 0:
+                    state[_PINNED] -= 1
+            in_flight = 0
+            first, end = starts[t * layers + pos], starts[t * layers + pos + 1]
+            for i in range(first, end):  # the requests: on_access, then hit or miss
+                key = keys[i]
+                if policy == LRU:
+                    if is_resident[key]:
+                        _unlink(prev, after, state, key)
+                        _append(prev, after, state, key)
+                elif policy == LFU:
+                    requests[key] += 1
+                    state[_TICK] += 1
+                    last[key] = state[_TICK]
+                elif policy == BELADY:
+                    next_use[key] = following[state[_CURSOR]]
+                    state[_CURSOR] += 1
+                    if is_resident[key]:
+                        _heap_add(heap, state, policy, key, requests, last, next_use, added, residents)
+                if is_resident[key]:
+                    counts[pos, HITS] += 1
+                    if pins[key] == 0:
+                        state[_PINNED] += 1
+                    pins[key] += 1
+                    if prefetched[key]:
+                        prefetched[key] = False
+                        counts[pos, USED] += 1
+                else:
+                    counts[pos, MISSES] += 1
+            for i in range(first, end):  # the misses, admitted
+                key = keys[i]
+                if not is_resident[key]:
+                    _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
+                           where, prev, after, requests, last, next_use, added, heap, kept, mt)
+            named = _pooled(gate, transition, t, pos, votes, guesses) if pos < layers - 1 and width else 0
+            for layer_done in range(0 if named else 1, 2):  # the prefetches: while the layer runs, then once it is done
+                if layer_done:
+                    for i in range(first, end):
+                        key = keys[i]
+                        pins[key] -= 1
+                        if pins[key] == 0:
+                            state[_PINNED] -= 1
+                for j in range(named):
+                    key = (pos + 1) * num_experts + guesses[j]
+                    if is_resident[key]:
+                        continue
+                    if state[_RESIDENT] >= capacity and state[_PINNED] >= state[_RESIDENT]:
+                        break  # every slot is pinned: the rest wait for the retry
+                    _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
+                           where, prev, after, requests, last, next_use, added, heap, kept, mt)
+                    prefetched[key] = True
+                    flying[in_flight] = key
+                    in_flight += 1
+                    counts[pos + 1, ISSUED] += 1
+    return counts
+
+
+def _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents, where, prev,
+           after, requests, last, next_use, added, heap, kept, mt):
+    """``Residency.admit``: a free slot, or the policy's victim evicted; ``key`` comes in pinned."""
+    if state[_RESIDENT] >= capacity:
+        if policy == LRU or policy == FIFO:
+            victim = state[_HEAD]
+            while pins[victim] > 0:
+                victim = after[victim]
+            _unlink(prev, after, state, victim)
+        elif policy == RANDOM:
+            victim = _random_victim(mt, state, residents, pins)
+        else:
+            victim = _heap_victim(heap, kept, state, policy, pins, is_resident, requests, last, next_use, added)
+        is_resident[victim] = False
+        prefetched[victim] = False
+        counts[victim // num_experts, EVICTIONS] += 1
+        hole, moved = where[victim], residents[state[_RESIDENT] - 1]
+        residents[hole] = moved
+        where[moved] = hole
+        where[victim] = -1
+        state[_RESIDENT] -= 1
+    is_resident[key] = True
+    residents[state[_RESIDENT]] = key
+    where[key] = state[_RESIDENT]
+    state[_RESIDENT] += 1
+    if pins[key] == 0:
+        state[_PINNED] += 1
+    pins[key] += 1
+    state[_ADDED] += 1
+    added[key] = state[_ADDED]
+    if policy == LRU or policy == FIFO:
+        _append(prev, after, state, key)
+    elif policy == LFU or policy == BELADY:
+        _heap_add(heap, state, policy, key, requests, last, next_use, added, residents)
+
+
+# ---------------------------------------------------------------- from a trace
+
+class TraceArrays:
+    """A trace as the engine reads it, worked out once and kept for the replays of one trace (a sweep's).
+
+    ``keys``/``starts``: each token and layer's distinct experts, ascending (``layer_groups``, as keys);
+    ``following()`` the next position of each request's key (Belady); ``guesses(predictor, margin)`` the
+    gate's and the transition predictor's guesses [T, L-1, m] (m = 0 where the predictor takes no part).
+    """
+
+    def __init__(self, trace: Trace):
+        experts = trace.experts.numpy()  # [T, L, k] int16, in the router's order
+        tokens, layers, _ = experts.shape
+        self.trace = trace
+        self.layers = layers
+        # expert ids as large as the data (routed or guessed), not the metadata's num_experts
+        self.num_experts = int(experts.max()) + 1
+        if trace.predicted is not None:
+            self.num_experts = max(self.num_experts, int(trace.predicted.max()) + 1)
+        ordered = np.sort(experts.astype(np.int32), axis=-1)
+        distinct = np.ones(ordered.shape, dtype=bool)
+        distinct[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+        self.keys = (ordered + np.arange(layers, dtype=np.int32)[None, :, None] * self.num_experts)[distinct]  # [N]
+        self.starts = np.zeros(tokens * layers + 1, dtype=np.int64)
+        np.cumsum(distinct.sum(-1).reshape(-1), out=self.starts[1:])
+        self._following: np.ndarray | None = None
+        self._transition: dict[int, np.ndarray] = {}  # width -> [T, L-1, width]
+
+    def following(self) -> np.ndarray:
+        if self._following is None:
+            order = np.argsort(self.keys, kind="stable")
+            same = self.keys[order[1:]] == self.keys[order[:-1]]
+            self._following = np.full(len(self.keys), NEVER, dtype=np.int64)
+            self._following[order[:-1][same]] = order[1:][same]
+        return self._following
+
+    def guesses(self, predictor: str, margin: int) -> tuple[np.ndarray, np.ndarray]:
+        """(gate [T, L-1, k + margin], transition [T, L-1, k + margin]), each empty where ``predictor`` lacks it."""
+        trace = self.trace
+        tokens, ahead, width = trace.num_tokens, max(self.layers - 1, 0), trace.top_k + margin
+        none = np.empty((tokens, ahead, 0), dtype=np.int16)
+        gate = transition = none
+        if predictor in ("gate", "hybrid"):
+            gate = np.ascontiguousarray(trace.predicted.numpy()[:, :-1, :width])
+        if predictor in ("transition", "hybrid"):
+            if width not in self._transition:
+                compile_kernels()
+                self._transition[width] = transition_guesses(np.ascontiguousarray(trace.experts.numpy()),
+                                                             self.num_experts, width)
+            transition = self._transition[width]
+        return gate, transition
+
+    def __getstate__(self) -> dict:  # to a sweep's worker processes: what it worked out travels with it
+        return dict(self.__dict__)
+
+
+def compiled_replay(arrays: TraceArrays, policy: str, capacity: int, predictor: str, margin: int,
+                    seed: int) -> np.ndarray:
+    """Counters [L, 5] (``COUNTERS``) of one replay of ``arrays``' trace; ``capacity`` slots (those a replay
+    needs), ``predictor`` and ``margin`` already checked against the trace."""
+    compile_kernels()
+    gate, transition = arrays.guesses(predictor, margin)
+    following = arrays.following() if policy == "belady" else np.empty(0, dtype=np.int64)
+    mt, index = mt_state(seed) if policy == "random" else (np.zeros(624, dtype=np.int64), 624)
+    return replay_counts(arrays.keys, arrays.starts, arrays.layers, arrays.num_experts, capacity, POLICY_CODES[policy],
+                         gate, transition, following, mt, index)
+
+
+# ---------------------------------------------------------------- compiling
+
+_KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_priority", "_heap_push", "_heap_pop", "_heap_add",
+            "_heap_victim", "_random_victim", "_pooled", "_admit", "transition_guesses", "replay_counts")
+_ALLOCATING = ("transition_guesses", "replay_counts")
+_compiled: bool | None = None  # None: not tried yet
+
+
+def compile_kernels() -> bool:
+    """Compile the engine with numba (cached on disk after the first time); False, with a one-time warning,
+    when numba is not installed and the functions stay plain Python."""
+    global _compiled
+    if _compiled is None:
+        try:
+            import numba  # optional: pip install 'offload_moe[fast]'
+        except ImportError:
+            _compiled = False
+            warnings.warn("numba is not installed, so the fast replay engine runs as plain Python, many times slower: "
+                          "pip install 'offload_moe[fast]'", RuntimeWarning, stacklevel=2)
+        else:
+            names = globals()
+            for name in _KERNELS:
+                # The helpers allocate nothing, so they go without numba's reference counts: with them, each
+                # call that hands over arrays costs atomic increments that outweigh the work (5-10x slower).
+                helper = name not in _ALLOCATING
+                names[name] = numba.njit(cache=True, nogil=True, **({"_nrt": False} if helper else {}))(names[name])
+            _compiled = True
+    return _compiled

@@ -161,3 +161,41 @@ def test_with_mmap_the_missing_experts_are_views_of_the_mapping(tmp_path, models
         assert all(not lo <= t.data_ptr() < hi for t in tensors.values())
     assert model.offload.stats()["mapped_experts"] == 3
     model.offload.close()
+
+
+class _CountingLock:
+    """The cache's lock, counting how often it is taken."""
+
+    def __init__(self, lock):
+        self.lock, self.taken = lock, 0
+
+    def acquire(self, *args, **kwargs):
+        self.taken += 1
+        return self.lock.acquire(*args, **kwargs)
+
+    def release(self):
+        self.lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+@pytest.mark.parametrize("replace_forward", [False, True], ids=["item_by_item", "grouped"])
+def test_the_generic_path_takes_the_cache_lock_once_per_use(replace_forward):
+    """offload_experts' stand-ins take the lock only through their lease: once per layer (grouped), once per
+    expert call (a ModuleList item), and once per step to count its tokens."""
+    from test_generic import LAYERS, inputs, make_model
+
+    model = make_model()
+    handle = offload_moe.offload_experts(model, cache_experts=4, replace_forward=replace_forward)
+    lock = handle.cache.lock = _CountingLock(handle.cache.lock)
+    with torch.no_grad():
+        model(inputs())
+    taken = lock.taken
+    s = handle.stats()
+    handle.close()
+    uses = LAYERS if replace_forward else s["hits"] + s["misses"]  # an item computes one expert
+    assert s["misses"] > 0 and taken == uses + 1

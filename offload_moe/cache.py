@@ -668,19 +668,14 @@ class ExpertCache:
         except FutureTimeout:
             self.residency.per_layer[key[0]].load_failures += 1
             owner = self.residency.owner[slot]
-            if owner is not None:
-                self._flight_pins.discard(owner)
-                self.residency.discard(owner, quarantine=True)
-            else:
-                self.residency.free.remove(slot)
-                self.residency.quarantined.add(slot)
+            self._flight_pins.discard(owner)
+            self.residency.discard(owner, quarantine=True)
             self._quarantine.append((slot, None, ticket))
             return False
         except Exception:
             self.residency.per_layer[key[0]].load_failures += 1
             return True
-        self._landed(key, transfer)
-        self.mover.settle(transfer)
+        self._landed(key, transfer)  # on CUDA its copy may still be queued: the next one into the slot queues behind it
         return True
 
     def _drop(self, key: Key, quarantine: bool = False) -> tuple[int | None, int | None]:

@@ -356,7 +356,8 @@ class FlowCounters:
     prefetch_issued: int = 0
     prefetch_used: int = 0  # prefetched experts requested before they were evicted
     prefetch_wasted: int = 0  # prefetched experts evicted unused
-    prefetch_cancelled: int = 0  # prefetches whose read had not started when their layer ran without them
+    prefetch_cancelled: int = 0  # prefetches whose read was called off before it started (their layer ran without
+    # them) and that no layer has asked for since: bytes never read
     prefetch_failures: int = 0
     mapped: int = 0  # missing experts computed in place from the mapped checkpoint (io="mmap")
     mapped_bytes: int = 0
@@ -383,11 +384,19 @@ class ExpertCache:
     ``lock`` (reentrant) is held by whoever uses the cache, for a whole layer's use (taken once, by the
     lease), a prefetch or ``close``: several threads may run a model, one layer at a time.
     After ``close`` every use raises ``ModelClosedError``.
-    A key in flight holds a slot and counts as resident, so a layer that needs it waits for it
-    rather than loading it twice. A load holds a pin (its flight pin) until it lands, so it cannot be
-    evicted half-written, and a prefetch never evicts a pinned key, so it never takes an expert the
-    current layer still needs. Where an expert's tensors come from when it has no slot is the
-    ``source``'s business (``offload_moe.sources``; None: every missing expert is read into a slot).
+
+    The bookkeeping (what is resident, which slot goes, whether a prefetch is issued, used or wasted)
+    depends only on the sequence of calls, never on when a read lands, so a replay with a mover that
+    moves nothing counts what the live cache counts. A key in flight holds a slot and counts as
+    resident, so a layer that needs it waits for it rather than loading it twice. A load holds a
+    pin (its flight pin) from its start until the layer that needs it reaches it, or the next layer
+    starts, whichever comes first: a logical event, not its landing. A slot whose read is still
+    moving bytes when its key is evicted is waited for before it is reused (time, never a count),
+    and a prefetch whose read had not started when its layer ran without it is called off but stays
+    resident in the books: a layer that later asks for it starts its read then. A prefetch never
+    evicts a pinned key, so it never takes an expert the current layer still needs. Where an
+    expert's tensors come from when it has no slot is the ``source``'s business
+    (``offload_moe.sources``; None: every missing expert is read into a slot).
     """
 
     def __init__(self, residency: Residency, pool: SlotPool, store: "ExpertStore", mover: "Mover",
@@ -403,7 +412,9 @@ class ExpertCache:
         self.reuse = True  # False: drop each expert after use (the no-reuse baseline of the benchmarks)
         self.read_timeout = read_timeout  # seconds a layer waits for one expert before giving up; None: forever
         self.flow = FlowCounters()
-        self._inflight: dict[Key, "Ticket"] = {}  # loads in flight, each holding its flight pin until it lands
+        self._inflight: dict[Key, "Ticket"] = {}  # reads still moving bytes (or not yet accounted for)
+        self._flight_pins: set[Key] = set()  # keys holding their flight pin (logical: see the class docstring)
+        self._unread: set[Key] = set()  # resident prefetches whose read was called off: read if a layer asks
         self._prefetched: set[Key] = set()  # admitted by a prefetch, not yet requested
         self._host_pending: list[tuple[Key, "Ticket"]] = []  # host slots pinned until their copy lands
         self._quarantine: list[tuple[int, int | None, "Ticket"]] = []  # (slot, host slot, ticket) of timed-out reads
@@ -481,6 +492,8 @@ class ExpertCache:
     def _acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[int], list[int]]:
         """Pin the resident (or in-flight) experts among ``experts``; return them and the rest."""
         self.check_open()
+        if self._flight_pins:
+            self._release_flight_pins()  # a new layer starts: the loads started before it are evictable again
         if self._inflight or self._quarantine or self._host_pending:
             self.reap()
         if self._prefetched:
@@ -489,15 +502,21 @@ class ExpertCache:
             self.source.settle(layer, experts, self.residency.slot_of, self.flow)
         hits, misses = self.residency.request([(layer, e) for e in experts])
         resident = []
-        for key, _ in hits:
-            ticket = self._inflight.get(key)
-            if ticket is not None:
-                self.flow.inflight_hits += 1
-                self.mover.hurry(ticket)  # a prefetch still queued goes before the other prefetches
-            if key in self._prefetched:
-                self._prefetched.discard(key)
-                self.flow.prefetch_used += 1
-            resident.append(key[1])
+        try:
+            for key, slot in hits:
+                if key in self._unread:  # its read was called off: it starts now, first in line
+                    self._restart(key, slot, urgent=True)
+                ticket = self._inflight.get(key)
+                if ticket is not None:
+                    self.flow.inflight_hits += 1
+                    self.mover.hurry(ticket)  # a prefetch still queued goes before the other prefetches
+                if key in self._prefetched:
+                    self._prefetched.discard(key)
+                    self.flow.prefetch_used += 1
+                resident.append(key[1])
+        except BaseException:
+            self.residency.release_all([key for key, _ in hits if key in self.residency.slot_of])
+            raise
         return resident, [expert for _, expert in misses]
 
     def _in_place(self, layer: int, experts: Sequence[int]) -> dict[int, dict]:
@@ -523,6 +542,8 @@ class ExpertCache:
         for expert in experts:
             key = (layer, expert)
             if key in resident:
+                if key in self._unread:  # named again: its called-off read starts after all (the books are unchanged)
+                    self._restart(key, resident[key], urgent=False)
                 continue
             if source is not None and source.read_ahead(key, self.flow):
                 started += 1
@@ -539,10 +560,14 @@ class ExpertCache:
         key = (layer, expert)
         if self.residency.full():
             return False
-        slot, evicted = self.residency.admit(key)  # admit's pin is the flight pin, held until the bytes land
-        if evicted in self._prefetched:
-            self._prefetched.discard(evicted)
-            self.flow.prefetch_wasted += 1
+        slot, evicted = self.residency.admit(key)  # admit's pin is the flight pin (see the class docstring)
+        self._flight_pins.add(key)
+        if evicted is not None:
+            if evicted in self._prefetched:
+                self._prefetched.discard(evicted)
+                self.flow.prefetch_wasted += 1
+            if not self._vacated(evicted, slot):  # the evicted read hung: its slot is quarantined, find another
+                return self._start(layer, expert, prefetch)
         try:
             self._inflight[key] = self._begin(key, slot, urgent=not prefetch)
         except BaseException:
@@ -574,13 +599,16 @@ class ExpertCache:
             finally:
                 self.flow.stall_seconds += time.perf_counter() - begin
             self._landed(key, transfer)
+        if key in self._flight_pins:
+            self._flight_pins.discard(key)
+            self.residency.release(key)
         return self.residency.slot_of[key]
 
     def _start_blocking(self, layer: int, expert: int) -> None:
-        """``_start``, first letting loads in flight land if they hold every free slot."""
+        """``_start``, first releasing the flight pins of the loads started so far if they hold every free slot."""
         if self._start(layer, expert):
             return
-        self._finish_flights()
+        self._release_flight_pins()
         if not self._start(layer, expert):
             raise BudgetError(
                 f"all {self.capacity} expert slots are pinned by the layer being computed; "
@@ -591,26 +619,72 @@ class ExpertCache:
         self.residency.release_all(keys)
         if not self.reuse:
             for key in keys:
-                if key not in self.residency.pins and key not in self._inflight:
-                    self.residency.discard(key)
+                if key not in self.residency.pins and key in self.residency.slot_of:
+                    slot = self.residency.slot_of[key]
+                    if self._vacated(key, slot):
+                        self.residency.discard(key)
 
     # -- internals -------------------------------------------------------------
     def _cancel_stale_prefetches(self, layer: int, experts: Sequence[int]) -> None:
-        """``layer`` runs now without these prefetched experts: drop those whose read has not started,
-        so the disk serves the loads that are needed (a started read is left to land)."""
-        if not self._prefetched:
-            return
+        """``layer`` runs now without these prefetched experts: call off the reads that have not started,
+        so the disk serves the loads that are needed (a started read is left to land). The books keep
+        them resident either way, so that no count depends on the race with the reader: one a later layer
+        asks for (or a prefetch names again) is read then (``_restart``)."""
         wanted = set(experts)
         for key in [k for k in self._prefetched if k[0] == layer and k[1] not in wanted and k in self._inflight]:
             if self._inflight[key].future.cancel():
-                self._drop(key)
+                del self._inflight[key]
+                self._unread.add(key)
                 self.flow.prefetch_cancelled += 1
+                if self.host is not None:  # the host slot it was headed for holds nothing
+                    self._host_pending = [(k, t) for k, t in self._host_pending if k != key]
+                    self.host.residency.discard(key)
+
+    def _restart(self, key: Key, slot: int, urgent: bool) -> None:
+        """Start the read of a resident prefetch that was called off (``_cancel_stale_prefetches``)."""
+        self._unread.discard(key)
+        self.flow.prefetch_cancelled -= 1  # it is read after all
+        try:
+            self._inflight[key] = self._begin(key, slot, urgent=urgent)
+        except BaseException:
+            self._fail(key)
+            raise
+
+    def _release_flight_pins(self) -> None:
+        self.residency.release_all(self._flight_pins)
+        self._flight_pins.clear()
+
+    def _vacated(self, key: Key, slot: int) -> bool:
+        """Wait until nothing writes into ``slot`` any more, which ``key`` (evicted or dropped) held: its read,
+        if it is still moving bytes, lands (and is accounted for) or fails. False if it is still running after
+        ``read_timeout``: ``slot`` is then quarantined, and whoever holds it now leaves it."""
+        self._unread.discard(key)
+        self._flight_pins.discard(key)
+        ticket = self._inflight.pop(key, None)
+        if ticket is None:
+            return True
+        try:
+            transfer = ticket.transfer(self.read_timeout)
+        except FutureTimeout:
+            self.residency.per_layer[key[0]].load_failures += 1
+            owner = self.residency.owner[slot]
+            self._flight_pins.discard(owner)
+            self.residency.discard(owner, quarantine=True)
+            self._quarantine.append((slot, None, ticket))
+            return False
+        except Exception:
+            self.residency.per_layer[key[0]].load_failures += 1
+            return True
+        self._landed(key, transfer)  # on CUDA its copy may still be queued: the next one into the slot queues behind it
+        return True
 
     def _drop(self, key: Key, quarantine: bool = False) -> tuple[int | None, int | None]:
         """Forget a load that will not land: the key leaves its device slot, and its host slot if it was
         headed there. ``quarantine`` withholds both slots from reuse. Returns (slot, host slot)."""
         self._inflight.pop(key, None)
         self._prefetched.discard(key)
+        self._unread.discard(key)
+        self._flight_pins.discard(key)
         slot = self.residency.discard(key, quarantine=quarantine)
         host_slot = None
         if self.host is not None:
@@ -636,8 +710,8 @@ class ExpertCache:
         return ticket
 
     def _landed(self, key: Key, transfer) -> None:
-        if self._inflight.pop(key, None) is not None:
-            self.residency.release(key)  # the flight pin: the bytes are in
+        """Account for a load whose bytes are in (its flight pin is a separate, logical matter)."""
+        self._inflight.pop(key, None)
         self.mover.account(transfer)
         layer_counters = self.residency.per_layer[key[0]]
         layer_counters.bytes_loaded += self.pool.layout.nbytes
@@ -717,6 +791,8 @@ class ExpertCache:
             try:
                 transfer = ticket.transfer()
             except Exception:
+                if self.residency.is_pinned(key):
+                    continue  # a layer holds it: its ``_ready`` reports the failure
                 if key in self._prefetched:
                     self.flow.prefetch_failures += 1
                 self._fail(key)
@@ -741,15 +817,18 @@ class ExpertCache:
         self.reap()
 
     def drain(self) -> None:
-        """Wait for every load in flight (prefetches and timed-out reads included) and account for it."""
-        self._finish_flights()
-        self._release_quarantine(block=True)
-        if self.host is not None:
-            for key, ticket in self._host_pending:
-                if ticket.finished() and ticket.future.exception() is None:
-                    self.mover.settle(ticket.transfer())
-                    self.host.residency.release(key)
-            self._host_pending = [(k, t) for k, t in self._host_pending if not t.finished()]
+        """Wait for every load in flight (prefetches and timed-out reads included) and account for it; release
+        every flight pin, as the start of a next layer would."""
+        with self.lock:
+            self._release_flight_pins()
+            self._finish_flights()
+            self._release_quarantine(block=True)
+            if self.host is not None:
+                for key, ticket in self._host_pending:
+                    if ticket.finished() and ticket.future.exception() is None:
+                        self.mover.settle(ticket.transfer())
+                        self.host.residency.release(key)
+                self._host_pending = [(k, t) for k, t in self._host_pending if not t.finished()]
 
     def close(self) -> None:
         """Wait for the loads in flight, stop the reader threads, close the files and mappings, unlock pinned

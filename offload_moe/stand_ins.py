@@ -78,16 +78,16 @@ class LayerRuntime:
             template.train(training)
 
     def run_one(self, expert: int, args: tuple, kwargs: dict, training: bool) -> torch.Tensor:
-        """Compute one expert on ``args``: load it if it is not resident, keep it pinned while it runs
-        (holding the cache's lock, so that threads calling the model never interleave inside one expert's use)."""
+        """Compute one expert on ``args``: load it if it is not resident, keep it pinned while it runs. The lease
+        holds the cache's lock (taken once), so threads calling the model never interleave inside one expert's use
+        or flip the template's mode under another."""
         cache = self.attached()
-        with cache.lock:
-            if args and isinstance(args[0], torch.Tensor):
-                self.check_device(args[0])
+        if args and isinstance(args[0], torch.Tensor):
+            self.check_device(args[0])
+        with cache.use(self.layer, [expert]) as ready:
             self.follow(training)
-            with cache.use(self.layer, [expert]) as ready:
-                for _, tensors in ready:
-                    return self.kernel(tensors, *args, **kwargs)
+            for _, tensors in ready:
+                return self.kernel(tensors, *args, **kwargs)
 
 
 class OffloadedExpert(nn.Module):
@@ -193,13 +193,15 @@ def grouped(rt: LayerRuntime, hidden: torch.Tensor, index: torch.Tensor, weights
     checks the router's output first. ``training`` is the caller's mode, which the expert template follows.
     """
     cache = rt.attached()
-    with cache.lock:  # the template's mode and the cache's books are shared by the threads calling the model
-        rt.check_device(hidden)
-        rt.follow(training)
-        _check_routing(rt, hidden, index, weights)
-        return compute_grouped(cache, rt.prefetcher, rt.layer, rt.pos, hidden, index, weights,
-                               lambda x, views: rt.kernel(views, x), rt.num_experts,
-                               check=lambda r: _check_range(rt, r))
+    rt.check_device(hidden)
+    _check_routing(rt, hidden, index, weights)
+
+    def kernel(x: torch.Tensor, views: dict[str, torch.Tensor]) -> torch.Tensor:
+        rt.follow(training)  # under the lease's lock: the template's mode is shared by the threads calling the model
+        return rt.kernel(views, x)
+
+    return compute_grouped(cache, rt.prefetcher, rt.layer, rt.pos, hidden, index, weights, kernel, rt.num_experts,
+                           check=lambda r: _check_range(rt, r))
 
 
 def _check_routing(rt: LayerRuntime, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:

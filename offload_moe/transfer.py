@@ -456,7 +456,8 @@ class NullMover(Mover):
     With ``readers=0`` every ticket is done when it is issued: a prefetch has always landed by the
     time the next layer starts. With ``readers >= 1`` each load is an empty job on a ``ReaderPool``,
     queued, prioritised, hurried and cancelled as a real read is, so the cache meets the same races
-    it meets live (a prefetch may still be in flight when its layer runs).
+    it meets live (a prefetch may still be in flight when its layer runs). Either way the counts are
+    the same: the cache's books never depend on when a load lands.
     """
 
     def __init__(self, readers: int = 0):

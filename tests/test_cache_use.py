@@ -161,3 +161,150 @@ def test_with_mmap_the_missing_experts_are_views_of_the_mapping(tmp_path, models
         assert all(not lo <= t.data_ptr() < hi for t in tensors.values())
     assert model.offload.stats()["mapped_experts"] == 3
     model.offload.close()
+
+
+class _CountingLock:
+    """The cache's lock, counting how often it is taken."""
+
+    def __init__(self, lock):
+        self.lock, self.taken = lock, 0
+
+    def acquire(self, *args, **kwargs):
+        self.taken += 1
+        return self.lock.acquire(*args, **kwargs)
+
+    def release(self):
+        self.lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+@pytest.mark.parametrize("replace_forward", [False, True], ids=["item_by_item", "grouped"])
+def test_the_generic_path_takes_the_cache_lock_once_per_use(replace_forward):
+    """offload_experts' stand-ins take the lock only through their lease: once per layer (grouped), once per
+    expert call (a ModuleList item), and once per step to count its tokens."""
+    from test_generic import LAYERS, inputs, make_model
+
+    model = make_model()
+    handle = offload_moe.offload_experts(model, cache_experts=4, replace_forward=replace_forward)
+    lock = handle.cache.lock = _CountingLock(handle.cache.lock)
+    with torch.no_grad():
+        model(inputs())
+    taken = lock.taken
+    s = handle.stats()
+    handle.close()
+    uses = LAYERS if replace_forward else s["hits"] + s["misses"]  # an item computes one expert
+    assert s["misses"] > 0 and taken == uses + 1
+
+
+class _HeldMover:
+    """A mover that moves no bytes: a read a layer waits for lands at once; a prefetch's read lands when the test
+    says so (``started``: it is running, so it cannot be called off). Checks that no slot is handed to a new read
+    while an earlier read into it is still writing."""
+
+    def __init__(self):
+        from offload_moe.transfer import NullMover
+
+        self._null = NullMover(0)
+        self.reads: list[tuple[tuple[int, int], bool, object]] = []  # (key, urgent, future)
+        self._writer: dict[int, object] = {}  # id of a slot's views -> the future writing into it
+
+    def from_disk(self, layer, expert, views, device_flat=None, host_flat=None, urgent=True):
+        from concurrent.futures import Future
+
+        from offload_moe.transfer import Ticket, Transfer
+
+        earlier = self._writer.get(id(views))
+        assert earlier is None or earlier.done(), "a slot was reused while its read was still writing"
+        future = Future()
+        if urgent:
+            future.set_result(Transfer())
+        self._writer[id(views)] = future
+        self.reads.append(((layer, expert), urgent, future))
+        return Ticket(future)
+
+    def started(self, key):
+        future = next(f for k, urgent, f in self.reads if k == key and not urgent)
+        future.set_running_or_notify_cancel()
+        return future
+
+    def __getattr__(self, name):  # everything else as a NullMover does it
+        return getattr(self._null, name)
+
+
+def _held_cache(capacity: int, read_timeout: float | None = None):
+    from offload_moe.cache import ExpertCache, SlotLayout, SlotPool
+    from offload_moe.profiling.replays import _NoFiles
+
+    layout = SlotLayout({}, torch.uint8)
+    residency = Residency(capacity, make_policy("lru"))
+    mover = _HeldMover()
+    cache = ExpertCache(residency, SlotPool(capacity, layout, torch.device("cpu")), _NoFiles(), mover,
+                        read_timeout=read_timeout)
+    return cache, mover
+
+
+def _run(cache, experts, prefetch=()):
+    with cache.use(0, experts) as lease:
+        if prefetch:
+            lease.prefetch([(0, list(prefetch))])
+        list(lease)
+
+
+def _prefetch_1_then_ask_for_0(cache, mover):
+    """Slots: 0 (landed, used last) and 1 (a prefetch whose read is running): the next miss evicts 1."""
+    _run(cache, [0], prefetch=[1])
+    running = mover.started((0, 1))
+    _run(cache, [0])  # layer 0 runs without 1: its read started, so it is not called off
+    return running
+
+
+def test_a_victim_still_being_read_is_waited_for_and_no_count_changes():
+    import threading
+
+    from offload_moe.transfer import Transfer
+
+    cache, mover = _held_cache(2)
+    running = _prefetch_1_then_ask_for_0(cache, mover)
+    threading.Timer(0.1, running.set_result, [Transfer()]).start()
+    _run(cache, [2])  # evicts 1, waiting for its read to end (the mover checks the slot is not shared)
+    assert running.done()
+    c, f = cache.residency.totals(), cache.flow
+    assert (c.hits, c.misses, c.evictions) == (1, 2, 1)
+    assert (f.prefetch_issued, f.prefetch_used, f.prefetch_wasted, f.prefetch_cancelled) == (1, 0, 1, 0)
+    assert sorted(cache.residency.slot_of) == [(0, 0), (0, 2)]
+    cache.residency.check()
+
+
+def test_a_victim_whose_read_hangs_has_its_slot_quarantined():
+    from offload_moe.transfer import Transfer
+
+    cache, mover = _held_cache(2, read_timeout=0.05)
+    running = _prefetch_1_then_ask_for_0(cache, mover)
+    _run(cache, [2])  # 1's read never ends: its slot is quarantined and 2 takes 0's
+    assert sorted(cache.residency.slot_of) == [(0, 2)] and len(cache.residency.quarantined) == 1
+    assert cache.residency.totals().load_failures == 1 and cache.stuck_reads() == 1
+    running.set_result(Transfer())  # the hung read ends at last
+    cache.drain()
+    assert not cache.residency.quarantined and not cache.residency.pins
+    cache.residency.check()
+
+
+def test_a_prefetch_called_off_before_its_read_stays_resident_and_is_read_when_asked_for():
+    """Whether the read had started or not, the books are the same: the prefetch is resident, and a hit."""
+    cache, mover = _held_cache(2)
+    _run(cache, [0], prefetch=[1])
+    _run(cache, [0])  # layer 0 runs without 1, whose read has not started: it is called off
+    assert cache.flow.prefetch_cancelled == 1 and (0, 1) in cache.residency
+    _run(cache, [1])  # a hit, read now (urgently)
+    c, f = cache.residency.totals(), cache.flow
+    assert (c.hits, c.misses, c.evictions) == (2, 1, 0)
+    assert (f.prefetch_issued, f.prefetch_used, f.prefetch_cancelled) == (1, 1, 0)
+    assert [(key, urgent) for key, urgent, _ in mover.reads] == [((0, 0), True), ((0, 1), False), ((0, 1), True)]
+    assert mover.reads[1][2].cancelled()
+    cache.drain()
+    assert not cache.residency.pins

@@ -61,7 +61,8 @@ def test_stats_add_up(model_dir, prompt):
     assert s["hits"] + s["misses"] == requests > 0
     assert 0 <= s["inflight_hits"] <= s["hits"]
     assert s["prefetch_issued"] > 0
-    assert s["prefetch_used"] + s["prefetch_wasted"] + s["prefetch_cancelled"] <= s["prefetch_issued"]
+    assert s["prefetch_used"] + s["prefetch_wasted"] <= s["prefetch_issued"]
+    assert s["prefetch_cancelled"] <= s["prefetch_issued"] - s["prefetch_used"]  # never read: a layer never asked
     loads = s["misses"] + s["prefetch_issued"] - s["prefetch_cancelled"]  # a cancelled prefetch never read
     assert s["bytes_loaded"] == loads * s["expert_bytes"]
     assert s["bytes_moved"]["disk"] == loads * s["expert_bytes"]  # fp32 checkpoint, fp32 slots

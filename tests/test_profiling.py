@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -258,50 +259,88 @@ def test_a_replay_counts_what_the_live_runtime_counted(policy, predictor):
     assert replayed.per_layer == {layer: (c["hits"], c["misses"]) for layer, c in live["per_layer"].items()}
 
 
-@pytest.mark.parametrize("policy,predictor", [("lru", "none"), ("lfu", "none"), ("fifo", "none"), ("random", "none"),
-                                              ("lru", "gate"), ("lfu", "transition"), ("lru", "hybrid"),
-                                              ("fifo", "gate"), ("random", "hybrid")])
-def test_a_replay_with_reader_threads_counts_what_the_threaded_runtime_counted(policy, predictor):
-    """Live reads on 2 reader threads, replayed with a ``NullMover`` on 2 reader threads.
+def _slow_reads(mover, seconds: float, seed: int = 0) -> None:
+    """Each read of ``mover`` first sleeps up to ``seconds`` (a random share): loads land late and out of order."""
+    import random
+    import threading
 
-    What does not depend on when a read lands is equal: every request, layer by layer, and so the hit
-    and miss total; what the predictor named and how well (its guesses come from the routing alone);
-    and, with no prefetch, every hit, miss and eviction (each load is waited for inside its layer).
-    With prefetch, whether a prefetched read has landed when the next layer starts is a race in both
-    runs: one still in flight keeps its flight pin, so another victim is chosen, and a queued one may
-    be cancelled; the split between hits and misses then moves by an expert or two, so it is not compared.
-    """
+    draw, lock, read = random.Random(seed), threading.Lock(), mover._read
+
+    def slow(*args):
+        with lock:
+            pause = draw.uniform(0, seconds)
+        time.sleep(pause)
+        return read(*args)
+
+    mover._read = slow
+
+
+def _threaded_live_and_replayed(policy: str, predictor: str, *, io: str, slow: float = 0.0):
+    """Record 48 decoded tokens of the demo model on 2 reader threads (24 slots of 96), then replay the trace
+    through the reference engine on 2 reader threads; the per-layer counters and prefetch counts of both."""
     import offload_moe
+    from offload_moe.prefetch import Prefetcher
     from offload_moe.profiling import drive, replay_predictor
     from offload_moe.profiling.replays import _replay_cache
     from offload_moe.traces import record_trace
 
     model = offload_moe.load(offload_moe.demo_model_path(), cache_experts=24, policy=policy, prefetch=predictor,
-                             readers=2, progress=False)
-    trace = record_trace(model, [torch.tensor([0])], source="test", max_new_tokens=48, predict_margin=1)
-    live = model.offload.stats()
-    live_score = model.offload.prefetcher.score if predictor != "none" else None
-    model.offload.close()
+                             readers=2, io=io, progress=False)
+    if slow:
+        _slow_reads(model.offload.cache.mover, slow)
+    try:
+        trace = record_trace(model, [torch.tensor([0])], source="test", max_new_tokens=48, predict_margin=1)
+        live = model.offload.stats()
+    finally:
+        model.offload.close()
     replayed = replay(trace, policy, 24, predictor=predictor, margin=1, readers=2)
-    requests = {layer: h + m for layer, (h, m) in replayed.per_layer.items()}
-    assert requests == {layer: c["hits"] + c["misses"] for layer, c in live["per_layer"].items()}
-    assert replayed.requests == live["hits"] + live["misses"] == 48 * 6 * 2
-    if predictor == "none":
-        assert (replayed.hits, replayed.misses, replayed.evictions) == (live["hits"], live["misses"], live["evictions"])
-        assert replayed.per_layer == {layer: (c["hits"], c["misses"]) for layer, c in live["per_layer"].items()}
-        return
-    # the replay's prefetcher, on the same trace: what it named is what the live one named
-    from offload_moe.prefetch import Prefetcher
-
     cache = _replay_cache(trace, policy, 24, 0, 2, None)
-    prefetcher = Prefetcher(replay_predictor(trace, predictor, 1), trace.layers, cache)
+    prefetcher = Prefetcher(replay_predictor(trace, predictor, 1), trace.layers, cache) if predictor != "none" else None
     try:
         drive(trace, cache, prefetcher)
+        reference = {**vars(cache.flow), "per_layer": {layer: c.as_dict() for layer, c in cache.residency.per_layer.items()}}
     finally:
         cache.close()
-    assert live_score.needed > 0
-    assert (prefetcher.score.predicted, prefetcher.score.needed, prefetcher.score.correct) == (
-        live_score.predicted, live_score.needed, live_score.correct)
+    return live, replayed, reference
+
+
+COUNTED = ("hits", "misses", "evictions")
+FLOW = ("prefetch_issued", "prefetch_used", "prefetch_wasted")
+QUICK = {("lru", "gate"), ("lfu", "transition"), ("fifo", "hybrid"), ("random", "none")}  # every policy and predictor
+
+
+@pytest.mark.parametrize("policy,predictor", [
+    pytest.param(policy, predictor, marks=() if (policy, predictor) in QUICK else pytest.mark.slow)
+    for policy in ("lru", "lfu", "fifo", "random") for predictor in ("none", "gate", "transition", "hybrid")])
+def test_a_replay_counts_what_the_threaded_runtime_counted(policy, predictor):
+    """Live reads on 2 reader threads (buffered, real files), replayed with a ``NullMover`` on 2 reader threads:
+    every hit, miss and eviction, layer by layer, and every prefetch issued, used and wasted, are equal. The
+    cache's books depend on the sequence of calls alone, never on when a read lands (``ExpertCache``)."""
+    live, replayed, reference = _threaded_live_and_replayed(policy, predictor, io="buffered")
+    assert replayed.requests == live["hits"] + live["misses"] == 48 * 6 * 2
+    assert live["misses"] > 0 and live["evictions"] > 0
+    assert (replayed.prefetch_issued > 0) == (predictor != "none")
+    assert (replayed.hits, replayed.misses, replayed.evictions) == (live["hits"], live["misses"], live["evictions"])
+    assert (replayed.prefetch_issued, replayed.prefetch_used) == (live["prefetch_issued"], live["prefetch_used"])
+    assert replayed.per_layer == {layer: (c["hits"], c["misses"]) for layer, c in live["per_layer"].items()}
+    layers = {layer: tuple(c[n] for n in COUNTED) for layer, c in live["per_layer"].items()}
+    assert layers == {layer: tuple(c[n] for n in COUNTED) for layer, c in reference["per_layer"].items()}
+    assert tuple(live[n] for n in FLOW) == tuple(reference[n] for n in FLOW)
+
+
+@pytest.mark.parametrize("policy,predictor,io", [("lru", "gate", "buffered"), ("random", "hybrid", "direct"),
+                                                 ("lfu", "transition", "direct"), ("fifo", "gate", "buffered")])
+def test_late_and_reordered_landings_change_no_count(policy, predictor, io):
+    """Reads that land up to 20 ms late, in random order, so that prefetches are still in flight (or queued and
+    called off) when their layer runs and victims are still being written: the counts equal the replay's."""
+    live, replayed, reference = _threaded_live_and_replayed(policy, predictor, io=io, slow=0.02)
+    assert live["inflight_hits"] > 0  # some prefetches had not landed when their layer asked for them
+    assert (replayed.hits, replayed.misses, replayed.evictions) == (live["hits"], live["misses"], live["evictions"])
+    assert (replayed.prefetch_issued, replayed.prefetch_used) == (live["prefetch_issued"], live["prefetch_used"])
+    layers = {layer: tuple(c[n] for n in COUNTED) for layer, c in live["per_layer"].items()}
+    assert layers == {layer: tuple(c[n] for n in COUNTED) for layer, c in reference["per_layer"].items()}
+    assert tuple(live[n] for n in FLOW) == tuple(reference[n] for n in FLOW)
+    assert live["load_failures"] == live["prefetch_failures"] == 0
 
 
 def test_an_unknown_engine_is_refused():

@@ -22,8 +22,8 @@ best probe of the same rounds (the JSON also has medians). Errors are the expert
 f32 on the same bf16 weights. Prints a table per shape (80 columns) and writes JSON (``--json``).
 
     python benchmarks/expert_kernels.py --json benchmarks/results/expert_kernels.json
-    python benchmarks/expert_kernels.py --quick                    # smoke run, seconds per shape
-    python benchmarks/expert_kernels.py --shapes qwen3,mixtral --threads 1 --options bf16,f16,int8
+    python benchmarks/expert_kernels.py --quick                    # smoke run
+    python benchmarks/expert_kernels.py --shapes qwen3,mixtral --threads 1 --options "bf16,f16+fuse,int8 mm"
 """
 
 from __future__ import annotations
@@ -469,7 +469,7 @@ def print_tables(report: dict) -> None:
     for result in report["shapes"]:
         table = Table(title=f"{result['shape']}: H {result['hidden']}, I {result['intermediate']}",
                       box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-        table.add_column("option")
+        table.add_column("option", no_wrap=True)
         table.add_column("MiB", justify="right")
         for t in tokens:
             table.add_column(f"T{t} ms", justify="right")

@@ -509,6 +509,9 @@ def profile_command(
     workers: Annotated[int | None, typer.Option(min=1, help="Processes for the replays; default: one per CPU for large sweeps.")] = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Replay only the trace's first N tokens (a quick look at a long trace).")] = None,
     profile: Annotated[str | None, typer.Option(help="Hardware profile: with MODEL, adds the capacity its device memory gives.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", metavar=FLAG, help="Run each replay as a task on Ray (pip install 'offload_moe\\[cluster]'): "
+                                      "a local Ray of --workers CPUs (default: all), or the cluster at --ray-address.")] = False,
+    ray_address: Annotated[str | None, typer.Option(metavar="ADDRESS", help="A running Ray cluster's address (auto, ray://HEAD:10001); implies --ray.")] = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Replay a routing trace through eviction policies x capacities x prefetch predictors, against Belady's optimum.
@@ -516,6 +519,8 @@ def profile_command(
     Without MODEL or --trace, profiles the bundled model's held-out reference trace.
 
     Example: offload-moe profile --trace trace.safetensors --policies lru,lfu --capacities 16,32,64 --out results
+
+    On a cluster: offload-moe profile --trace trace.safetensors --ray-address auto
     """
     profile = _profile(profile)
     # without MODEL the file is not read: trace_to_profile says --prompts needs MODEL
@@ -538,8 +543,10 @@ def profile_command(
         replays = sweep_size(names, slots, chosen)
         start = time.perf_counter()
         with progress_bar(True, "replaying", replays, unit="items") as advance:
+            cluster = ray_address if ray_address is not None else ray
             results = sweep(trace, policies=names, capacities=slots, predictors=chosen, margin=margin,
-                            progress=lambda n: advance(), workers=workers or default_workers(trace, replays))
+                            progress=lambda n: advance(), ray=cluster,
+                            workers=workers or (1 if cluster else default_workers(trace, replays)))
         seconds = time.perf_counter() - start
         console.print(_results_table(results, trace, seconds))
         for name, where in write_results(results, trace, out, seconds=seconds, plots=plots).items():

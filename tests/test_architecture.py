@@ -23,6 +23,7 @@ LAZY = {
     "fastapi": "optional (pip install offload_moe[serve]); the serve engine and the rest of the CLI run without it",
     "uvicorn": "optional (pip install offload_moe[serve]), as fastapi",
     "prometheus_client": "optional (pip install offload_moe[serve]), as fastapi",
+    "ray": "optional (pip install offload_moe[cluster], about 240 MB): only sweeps on Ray need it",
 }
 
 

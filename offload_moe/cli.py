@@ -41,7 +41,9 @@ from .quantize import quantize_experts
 from .serve import MAX_QUEUE, SHUTDOWN_TIMEOUT, serve_model
 from .traces import (
     expert_usage_entropy,
+    import_routing,
     load_trace,
+    parse_layers,
     random_repeat_rate,
     read_prompts,
     record_prompts,
@@ -413,7 +415,7 @@ def _profile_block(p, width: int) -> list[str]:
     return lines
 
 
-trace_app = typer.Typer(help="Record, synthesise and summarise routing traces.\n\n"
+trace_app = typer.Typer(help="Record, import, synthesise and summarise routing traces.\n\n"
                              "Example: offload-moe trace record --prompts prompts.txt --out trace.safetensors",
                         no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
@@ -468,6 +470,28 @@ def trace_synth(
     trace = synthesize_trace(tokens=tokens, layers=layers, num_experts=experts, top_k=top_k, skew=skew,
                              locality=locality, sequences=sequences, seed=seed)
     _print_trace_summary(trace, save_trace(trace, out))
+
+
+@trace_app.command("import")
+def trace_import(
+    responses: Annotated[Path, typer.Argument(help="Saved responses: JSON lines (one API response a line), or .npy/.npz arrays.")],
+    engine: Annotated[str, typer.Option("--from", help="The serving engine that returned them: vllm or sglang.")] = ...,
+    num_experts: Annotated[int, typer.Option(min=1, help="Routed experts per layer (the model's config: num_experts, n_routed_experts...).")] = ...,
+    out: Annotated[Path, typer.Option(help="The trace file to write (.safetensors).")] = ...,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Experts per token; needed for SGLang (its payload is flat), checked for vLLM.")] = None,
+    num_layers: Annotated[int | None, typer.Option(min=1, help="Layer slots of each token's routing; needed for SGLang, checked for vLLM.")] = None,
+    layers: Annotated[str | None, typer.Option(help="The model's layer numbers of the routed layers, e.g. 1-47 (default: 0, 1, ...).")] = None,
+    model: Annotated[str | None, typer.Option(help="The model's name in the trace (default: the responses' 'model' field).")] = None,
+) -> None:
+    """Turn the routed experts vLLM or SGLang returned (--enable-return-routed-experts) into a trace to profile.
+
+    Example: offload-moe trace import responses.jsonl --from vllm --num-experts 128 --out trace.safetensors
+    """
+    trace = import_routing(responses, engine=engine, num_experts=num_experts, top_k=top_k, num_layers=num_layers,
+                           layers=parse_layers(layers) if layers is not None else None, model=model)
+    with output_folder(out.parent):
+        path = save_trace(trace, out)
+    _print_trace_summary(trace, path)
 
 
 @trace_app.command("show")

@@ -4,6 +4,7 @@ it the tests that need it are skipped."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
@@ -18,8 +19,15 @@ from offload_moe.policies import POLICIES
 from offload_moe.profiling import sweep, write_results
 from offload_moe.traces import save_trace, synthesize_trace
 
-needs_ray = pytest.mark.skipif("ray" not in sys.modules and __import__("importlib").util.find_spec("ray") is None,
-                               reason="Ray is not installed (pip install 'offload_moe[cluster]')")
+
+def have_ray() -> bool:
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except ValueError:  # sys.modules["ray"] is None: imports of it are blocked
+        return False
+
+
+needs_ray = pytest.mark.skipif(not have_ray(), reason="Ray is not installed (pip install 'offload_moe[cluster]')")
 
 GRID = {"policies": ["lru", "lfu", "fifo", "random"], "capacities": [6, 12], "predictors": ["none", "transition"]}
 
@@ -111,3 +119,8 @@ def test_a_policy_added_at_run_time_is_refused_on_ray(monkeypatch, trace):
     monkeypatch.setitem(POLICIES, "mine", type("Mine", (POLICIES["lru"],), {}))
     with pytest.raises(ConfigError, match="'mine' was added at run time"):
         sweep(trace, policies=["mine"], capacities=[4], ray=True)
+
+
+def test_an_empty_ray_address_is_refused(trace):
+    with pytest.raises(ConfigError, match="the Ray address is empty"):
+        sweep(trace, policies=["lru"], capacities=[4], ray="")

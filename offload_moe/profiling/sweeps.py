@@ -54,6 +54,9 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
         jobs += [(policy, capacity, predictor) for policy in policies if policy.lower() != "belady" for predictor in named]
     custom = [p for p in policies if POLICIES[p.lower()] is not BUILT_IN.get(p.lower())]
     if ray is not False and ray is not None:
+        if ray == "":
+            raise ConfigError("the Ray address is empty; give a cluster's address (auto, ray://head:10001), "
+                              "or ray=True (--ray) for a local Ray")
         if custom:
             raise ConfigError(f"policy {custom[0]!r} was added at run time, so Ray's workers, which import offload_moe "
                               "afresh, do not know it; sweep it without ray, or register it in a module they import")

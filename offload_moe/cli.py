@@ -41,7 +41,9 @@ from .quantize import quantize_experts
 from .serve import MAX_QUEUE, SHUTDOWN_TIMEOUT, serve_model
 from .traces import (
     expert_usage_entropy,
+    import_routing,
     load_trace,
+    parse_layers,
     random_repeat_rate,
     read_prompts,
     record_prompts,
@@ -413,7 +415,7 @@ def _profile_block(p, width: int) -> list[str]:
     return lines
 
 
-trace_app = typer.Typer(help="Record, synthesise and summarise routing traces.\n\n"
+trace_app = typer.Typer(help="Record, import, synthesise and summarise routing traces.\n\n"
                              "Example: offload-moe trace record --prompts prompts.txt --out trace.safetensors",
                         no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
@@ -470,6 +472,28 @@ def trace_synth(
     _print_trace_summary(trace, save_trace(trace, out))
 
 
+@trace_app.command("import")
+def trace_import(
+    responses: Annotated[Path, typer.Argument(help="Saved responses: JSON lines (one API response a line), or .npy/.npz arrays.")],
+    engine: Annotated[str, typer.Option("--from", help="The serving engine that returned them: vllm or sglang.")] = ...,
+    num_experts: Annotated[int, typer.Option(min=1, help="Routed experts per layer (the model's config: num_experts, n_routed_experts...).")] = ...,
+    out: Annotated[Path, typer.Option(help="The trace file to write (.safetensors).")] = ...,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Experts per token; needed for SGLang (its payload is flat), checked for vLLM.")] = None,
+    num_layers: Annotated[int | None, typer.Option(min=1, help="Layer slots of each token's routing; needed for SGLang, checked for vLLM.")] = None,
+    layers: Annotated[str | None, typer.Option(help="The model's layer numbers of the routed layers, e.g. 1-47 (default: 0, 1, ...).")] = None,
+    model: Annotated[str | None, typer.Option(help="The model's name in the trace (default: the responses' 'model' field).")] = None,
+) -> None:
+    """Turn the routed experts vLLM or SGLang returned (--enable-return-routed-experts) into a trace to profile.
+
+    Example: offload-moe trace import responses.jsonl --from vllm --num-experts 128 --out trace.safetensors
+    """
+    trace = import_routing(responses, engine=engine, num_experts=num_experts, top_k=top_k, num_layers=num_layers,
+                           layers=parse_layers(layers) if layers is not None else None, model=model)
+    with output_folder(out.parent):
+        path = save_trace(trace, out)
+    _print_trace_summary(trace, path)
+
+
 @trace_app.command("show")
 def trace_show(trace_file: Annotated[Path, typer.Argument(help="A trace file (.safetensors).")]) -> None:
     """Summarise a trace: its size, metadata, and per-layer expert usage and locality.
@@ -509,6 +533,9 @@ def profile_command(
     workers: Annotated[int | None, typer.Option(min=1, help="Processes for the replays; default: one per CPU for large sweeps.")] = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Replay only the trace's first N tokens (a quick look at a long trace).")] = None,
     profile: Annotated[str | None, typer.Option(help="Hardware profile: with MODEL, adds the capacity its device memory gives.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", metavar=FLAG, help="Run each replay as a task on Ray (pip install 'offload_moe\\[cluster]'): "
+                                      "a local Ray of --workers CPUs (default: all), or the cluster at --ray-address.")] = False,
+    ray_address: Annotated[str | None, typer.Option(metavar="ADDRESS", help="A running Ray cluster's address (auto, ray://HEAD:10001); implies --ray.")] = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Replay a routing trace through eviction policies x capacities x prefetch predictors, against Belady's optimum.
@@ -516,6 +543,8 @@ def profile_command(
     Without MODEL or --trace, profiles the bundled model's held-out reference trace.
 
     Example: offload-moe profile --trace trace.safetensors --policies lru,lfu --capacities 16,32,64 --out results
+
+    On a cluster: offload-moe profile --trace trace.safetensors --ray-address auto
     """
     profile = _profile(profile)
     # without MODEL the file is not read: trace_to_profile says --prompts needs MODEL
@@ -538,8 +567,10 @@ def profile_command(
         replays = sweep_size(names, slots, chosen)
         start = time.perf_counter()
         with progress_bar(True, "replaying", replays, unit="items") as advance:
+            cluster = ray_address if ray_address is not None else ray
             results = sweep(trace, policies=names, capacities=slots, predictors=chosen, margin=margin,
-                            progress=lambda n: advance(), workers=workers or default_workers(trace, replays))
+                            progress=lambda n: advance(), ray=cluster,
+                            workers=workers or (1 if cluster else default_workers(trace, replays)))
         seconds = time.perf_counter() - start
         console.print(_results_table(results, trace, seconds))
         for name, where in write_results(results, trace, out, seconds=seconds, plots=plots).items():

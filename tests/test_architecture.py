@@ -24,6 +24,7 @@ LAZY = {
     "uvicorn": "optional (pip install offload_moe[serve]), as fastapi",
     "prometheus_client": "optional (pip install offload_moe[serve]), as fastapi",
     "numba": "optional (pip install offload_moe[fast]): about 0.5 s to import; only the fast replay engine compiles with it",
+    "ray": "optional (pip install offload_moe[cluster], about 240 MB): only sweeps on Ray need it",
 }
 
 

@@ -1,5 +1,5 @@
-"""Sweeps: every policy x capacity x predictor replayed, plus Belady's optimum at each capacity, in one process
-or spread over spawned ones."""
+"""Sweeps: every policy x capacity x predictor replayed, plus Belady's optimum at each capacity, in one process,
+spread over spawned ones, or run as tasks on Ray (an optional dependency: ``pip install 'offload_moe[cluster]'``)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .replays import ENGINES, ReplayResult, checked_predictor, replay
 
 def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], predictors: Sequence[str] = ("none",),
           margin: int = 1, progress: Callable[[int], None] | None = None, workers: int = 1,
-          engine: str = "fast") -> list[ReplayResult]:
+          engine: str = "fast", ray: bool | str = False) -> list[ReplayResult]:
     """Every policy x capacity x predictor, plus Belady at each capacity; each result knows Belady's misses.
 
     ``engine`` is ``replay``'s: ``fast`` by default (compiled with numba when it is installed; the reference,
@@ -55,7 +55,15 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
         jobs.append(("belady", capacity, "none"))
         jobs += [(policy, capacity, predictor) for policy in policies if policy.lower() != "belady" for predictor in named]
     custom = [p for p in policies if POLICIES[p.lower()] is not BUILT_IN.get(p.lower())]
-    if workers > 1 and not custom:  # a policy added at run time does not exist in a freshly spawned process
+    if ray is not False and ray is not None:
+        if ray == "":
+            raise ConfigError("the Ray address is empty; give a cluster's address (auto, ray://head:10001), "
+                              "or ray=True (--ray) for a local Ray")
+        if custom:
+            raise ConfigError(f"policy {custom[0]!r} was added at run time, so Ray's workers, which import offload_moe "
+                              "afresh, do not know it; sweep it without ray, or register it in a module they import")
+        results = _sweep_on_ray(trace, arrays, jobs, margin, workers, progress, engine, ray)
+    elif workers > 1 and not custom:  # a policy added at run time does not exist in a freshly spawned process
         results = _sweep_in_processes(trace, arrays, jobs, margin, workers, progress, engine)
     else:
         _start_worker(trace, arrays)
@@ -91,9 +99,13 @@ def _replay_job(policy: str, capacity: int, predictor: str, margin: int, engine:
 
 def default_workers(trace: Trace, replays: int) -> int:
     """One process per CPU when ``replays`` replays of ``trace`` are enough work to pay for starting them, else 1."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = _cpus()
     requests = trace.num_tokens * len(trace.layers) * trace.top_k * replays
     return min(cpus, replays) if requests >= _PARALLEL_REQUESTS else 1
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _sweep_in_processes(trace: Trace, arrays: TraceArrays, jobs: list, margin: int, workers: int,
@@ -155,6 +167,67 @@ def _stop_pool(pool) -> None:
     for process in processes:
         process.terminate()
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _sweep_on_ray(trace: Trace, arrays: TraceArrays, jobs: list, margin: int, workers: int,
+                  progress: Callable[[int], None] | None, engine: str, address: bool | str) -> list[ReplayResult]:
+    """Each replay a Ray task. The trace and the predictions are put into the object store once; a task is handed
+    their reference inside a list, so Ray does not resolve it per task, and a worker reads them at its first
+    task and keeps them (``_WORKER``) for the next ones."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("sweeping on Ray needs Ray: pip install 'offload_moe[cluster]' (or pip install ray)") from None
+    started = not ray.is_initialized()
+    if started:
+        _start_ray(ray, address, workers)
+    try:
+        shared = ray.put((trace, arrays))
+        task = ray.remote(num_cpus=1, max_retries=0)(_ray_replay_job)
+        futures = [task.remote([shared], *job, margin, engine) for job in jobs]
+        pending = list(futures)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)  # a failed replay raises here, before the others are waited for
+                if progress is not None:
+                    progress(len(done))
+            return ray.get(futures)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(e.cause, OffloadMoEError) else None
+            raise cause or OffloadMoEError(f"a replay failed on Ray: {e.cause!r}") from None
+        finally:
+            for future in pending:  # Ctrl-C or a failure: the replays not yet done are not waited for
+                ray.cancel(future, force=True)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _start_ray(ray, address: bool | str, workers: int) -> None:
+    """A local Ray of ``workers`` CPUs (``address`` True), or a connection to the cluster at ``address``."""
+    quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address is True:
+        ray.init(num_cpus=workers if workers > 1 else _cpus(), **quiet)
+        return
+    try:
+        ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"could not connect to Ray at {address!r} ({e}); start a cluster (`ray start --head`) and "
+                          "give its address, or ask for a local Ray (--ray without an address)") from None
+
+
+def _ray_replay_job(shared: list, policy: str, capacity: int, predictor: str, margin: int,
+                    engine: str) -> ReplayResult:
+    """One replay in a Ray worker; the worker reads the trace from the object store at its first task of a sweep."""
+    import ray
+
+    (reference,) = shared
+    if _WORKER.get("shared") != reference.hex():
+        _WORKER.clear()
+        _start_worker(*ray.get(reference))
+        _WORKER["shared"] = reference.hex()
+    return _replay_job(policy, capacity, predictor, margin, engine)
 
 
 def default_predictors(trace: Trace, margin: int = 1) -> list[str]:

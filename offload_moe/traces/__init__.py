@@ -1,12 +1,14 @@
-"""Routing traces: which experts each token went to, recorded, written, read, summarised and synthesised.
+"""Routing traces: which experts each token went to, recorded, imported, written, read, summarised and synthesised.
 
 One module a concern:
 
 - ``format``: ``Trace`` (vLLM's ``experts`` int16 ``[tokens, layers, top_k]`` plus optional scores,
-  gate predictions, token ids and sequence lengths), its checks, ``save_trace`` and ``load_trace``;
+  gate predictions, token ids and sequence lengths), its checks, ``save_trace`` and ``load_trace``, and
+  ``read_trace_chunks`` (a long trace in pieces, in bounded memory);
 - ``recording``: ``TraceRecorder``, ``record_trace``, ``read_prompts``, ``record_prompts``;
 - ``summaries``: ``expert_usage_entropy``, ``repeat_rate``, ``random_repeat_rate``;
-- ``synthesis``: ``synthesize_trace``.
+- ``synthesis``: ``synthesize_trace``;
+- ``imports``: ``import_routing``, the routed experts vLLM and SGLang return, as a trace.
 
 Import the names from here:
 
@@ -17,14 +19,16 @@ Import the names from here:
 """
 
 from ..errors import TraceError
-from .format import FORMAT, MAX_EXPERTS, MAX_LAYER, REQUIRED_METADATA, TENSORS, VERSION, Trace, load_trace, save_trace
+from .format import (FORMAT, MAX_EXPERTS, MAX_LAYER, REQUIRED_METADATA, TENSORS, VERSION, Trace, load_trace,
+                     read_trace_chunks, save_trace)
 from .recording import TraceRecorder, read_prompts, record_prompts, record_trace
 from .summaries import expert_usage_entropy, random_repeat_rate, repeat_rate
+from .imports import import_routing, parse_layers
 from .synthesis import synthesize_trace
 
 __all__ = [
     "FORMAT", "MAX_EXPERTS", "MAX_LAYER", "REQUIRED_METADATA", "TENSORS", "VERSION",
     "Trace", "TraceError", "TraceRecorder",
-    "expert_usage_entropy", "load_trace", "random_repeat_rate", "read_prompts", "record_prompts", "record_trace",
+    "expert_usage_entropy", "import_routing", "load_trace", "parse_layers", "random_repeat_rate", "read_trace_chunks", "read_prompts", "record_prompts", "record_trace",
     "repeat_rate", "save_trace", "synthesize_trace",
 ]

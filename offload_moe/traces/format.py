@@ -11,7 +11,9 @@ number of experts, top-k, the model layer numbers and where the tokens came from
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +22,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from ..atomic import atomic_write
-from ..errors import TraceError
+from ..errors import CheckpointError, TraceError
 from ..files import open_regular, parse_json
+from ..safetensors_io import FileReader, TensorInfo, read_header
 
 FORMAT = "offload_moe.trace"
 VERSION = "1"
@@ -196,10 +199,7 @@ def save_trace(trace: Trace, path: str | Path) -> Path:
 
 def load_trace(path: str | Path) -> Trace:
     """Read and validate a trace written by ``save_trace`` (or any file in the same layout)."""
-    path = Path(path)
-    if not path.exists() and not path.is_symlink():
-        raise TraceError(f"{path} does not exist; record one with offload_moe.traces.record_trace "
-                         "or scripts/record_reference_traces.py")
+    path = _existing(path)
     # a FIFO or a device is refused here, before safe_open could block on it or read it without end
     with open_regular(path, "trace file", TraceError):
         try:
@@ -213,3 +213,98 @@ def load_trace(path: str | Path) -> Trace:
     trace = Trace(metadata={k: v for k, v in metadata.items() if k not in ("format", "version")}, **tensors)
     trace.validate(path)
     return trace
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise TraceError(f"{path} does not exist; record one with offload_moe.traces.record_trace "
+                         "or scripts/record_reference_traces.py")
+    return path
+
+
+def read_trace_chunks(path: str | Path, *, tokens: int = 65536) -> Iterator[Trace]:
+    """The trace file at ``path`` as consecutive pieces of at most ``tokens`` rows, each a ``Trace`` with the
+    file's metadata, read with positional reads: memory holds one piece (and the sequence lengths), however
+    long the file. Each piece is validated as ``load_trace`` validates a whole trace, the rows named in the
+    error. A piece's ``sequence_lengths`` are those of the sequences cut to its rows, so a sequence that
+    crosses a piece's end continues in the next piece."""
+    if tokens < 1:
+        raise TraceError(f"tokens={tokens}: a piece holds at least one token")
+    path = _existing(path)
+    try:
+        infos = read_header(path)
+    except CheckpointError as e:
+        raise TraceError(f"{e}".replace("checkpoint file", "trace file").replace("re-download or re-save", "re-record")) from None
+    metadata = _file_metadata(path)
+    _check_metadata(metadata, path)
+    total = _check_layout(path, infos)
+    reader = FileReader("buffered")
+    try:
+        lengths = None
+        if "sequence_lengths" in infos:
+            if infos["sequence_lengths"].shape[0] > total:  # more sequences than tokens: refused before it is read
+                raise TraceError(f"{path}: 'sequence_lengths' names more sequences than the {total} traced tokens")
+            lengths = _read_rows(reader, infos["sequence_lengths"], 0, None)
+        # each length in 1..total before summing, so the int64 sum cannot wrap around to the right total
+        if lengths is not None and (bool((lengths < 1).any()) or bool((lengths > total).any())
+                                    or int(lengths.sum()) != total):
+            raise TraceError(f"{path}: 'sequence_lengths' must be positive and sum to the {total} traced tokens")
+        ends = torch.cumsum(lengths, 0) if lengths is not None else None
+        for start in range(0, total, tokens):
+            end = min(start + tokens, total)
+            rows = {name: _read_rows(reader, info, start, end) for name, info in infos.items()
+                    if name in TENSORS and name != "sequence_lengths"}
+            piece = Trace(metadata=dict(metadata), **rows, sequence_lengths=_cut(ends, start, end))
+            piece.validate(f"{path}, rows {start}..{end - 1}")
+            yield piece
+    finally:
+        reader.close()
+
+
+def _file_metadata(path: Path) -> dict[str, str]:
+    with open_regular(path, "trace file", TraceError):  # a FIFO or a device is refused before safe_open opens it
+        try:
+            with safe_open(path, "pt") as f:
+                metadata = dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise TraceError(f"{path} is not a readable safetensors file ({e}); re-record the trace") from None
+    return {k: v for k, v in metadata.items() if k not in ("format", "version")}
+
+
+def _check_layout(path: Path, infos: dict[str, TensorInfo]) -> int:
+    """The trace's number of tokens, once every tensor's dtype and rank are a trace's and its rows agree."""
+    if "experts" not in infos:
+        raise TraceError(f"{path} has no 'experts' tensor; a trace stores the routed experts as int16 [tokens, layers, top_k]")
+    total = infos["experts"].shape[0]
+    for name, info in infos.items():
+        if name not in TENSORS:
+            continue
+        dtype, rank = TENSORS[name]
+        if info.dtype != dtype or len(info.shape) != rank:
+            raise TraceError(f"{path}: tensor {name!r} is {str(info.dtype).removeprefix('torch.')} with {len(info.shape)} "
+                             f"dimension(s); a trace stores it as {str(dtype).removeprefix('torch.')} with {rank}")
+        if name != "sequence_lengths" and info.shape[0] != total:
+            raise TraceError(f"{path}: {name!r} has {info.shape[0]} rows for {total} traced tokens")
+    if total < 1:
+        raise TraceError(f"{path}: 'experts' holds no tokens; a trace holds at least one")
+    return total
+
+
+def _read_rows(reader: FileReader, info: TensorInfo, start: int, end: int | None) -> torch.Tensor:
+    """Rows ``start:end`` of the tensor ``info`` describes (all of them with ``end`` None), read from its file."""
+    end = info.shape[0] if end is None else end
+    row = math.prod(info.shape[1:])
+    out = torch.empty((end - start, *info.shape[1:]), dtype=info.dtype)
+    if out.numel():
+        reader.read_into(info.file, info.offset + start * row * out.element_size(), out)
+    return out
+
+
+def _cut(ends: torch.Tensor | None, start: int, end: int) -> torch.Tensor | None:
+    """The lengths of the sequences (whose ends are ``ends``) within rows ``start:end``."""
+    if ends is None:
+        return None
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    lengths = ends.clamp(max=end) - starts.clamp(min=start)
+    return lengths[lengths > 0]

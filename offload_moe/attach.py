@@ -15,14 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from torch import nn
 
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
 from .config import Budget, OffloadConfig, check_within, parse_bytes, shown
 from .errors import BudgetError, ConfigError, UnsupportedModelError
-from .memory import IoChoice, choose_io
+from .memory import IoChoice, choose_io, memory_room
 from .policies import make_policy
 from .planning import host_slots
 from .prefetch import Predictor, Prefetcher, make_predictor
@@ -60,8 +59,9 @@ def shared_shapes(layers: Sequence[MoELayer]) -> dict[str, tuple[int, ...]]:
 
 
 def default_cache_bytes(device: torch.device, dense_bytes: int) -> int:
-    """Without a budget: half of what is free on the device after the dense weights."""
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    """Without a budget: half of what is free on the device after the dense weights (on the CPU: of what this
+    process may use, a memory cgroup's limit included: ``memory.memory_room``)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else memory_room().available
     return max(0, free // 2 - dense_bytes)
 
 
@@ -97,8 +97,8 @@ def check_assembly(layers: Sequence[MoELayer], config: OffloadConfig, *, dtype: 
     capacity = budget.slots(layout.nbytes, total, default_cache_bytes(dev, dense_bytes), dev)
     predictor = _predictor(config, layers, top_k)
     host_slots = _host_slots(config.host_memory, layout, total, capacity)
-    io = choose_io(config.io, device=dev, experts_bytes=total * layout.nbytes, dense_bytes=dense_bytes,
-                   slots_hold_all=capacity >= total, host_tier=host_slots > 0)
+    io = choose_io(config.io, device=dev, experts_bytes=total * layout.nbytes, slots_bytes=capacity * layout.nbytes,
+                   dense_bytes=dense_bytes, host_tier=host_slots > 0)
     return Assembly(tuple(layers), config, layout, capacity, host_slots, predictor, io)
 
 

@@ -25,7 +25,7 @@ from .values import format_bytes
 
 UNLIMITED = 2**60  # a limit above this is "no limit" (v1 writes 9223372036854771712, v2 "max")
 MARGIN = 0.10  # of the room, kept free beside the experts: the KV cache, activations, other programs' growth
-MIN_MARGIN = 256 * 2**20
+MIN_MARGIN = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -67,18 +67,11 @@ def memory_room(proc: Path = Path("/proc/self"), available: int | None = None) -
 
 
 def cgroup_limit(proc: Path = Path("/proc/self")) -> CgroupLimit | None:
-    """The memory cgroup limit that leaves this process the least room, among the cgroups ``proc/cgroup`` names
-    (v1's memory controller, and v2) and their ancestors up to the mount point ``proc/mountinfo`` gives; None
-    where there is none (no limit, no cgroup file system, not Linux)."""
-    mounts = _cgroup_mounts(_read(proc / "mountinfo") or "")
+    """The memory cgroup limit that leaves this process the least room, among the cgroups it is in
+    (``memory_cgroups``) and their ancestors up to the mount point; None where there is none (no limit, no
+    cgroup file system, not Linux)."""
     found = []
-    for version, path in _memory_cgroups(_read(proc / "cgroup") or ""):
-        if version not in mounts:
-            continue
-        root, mount_point = mounts[version]
-        if root != "/" and (path == root or path.startswith(root.rstrip("/") + "/")):
-            path = path[len(root.rstrip("/")):]  # the part of the hierarchy mounted (a container's own)
-        folder = mount_point / path.lstrip("/")
+    for version, folder, mount_point in memory_cgroups(proc):
         while True:
             limit = _limit(folder, version)
             if limit is not None:
@@ -87,6 +80,21 @@ def cgroup_limit(proc: Path = Path("/proc/self")) -> CgroupLimit | None:
                 break
             folder = folder.parent
     return min(found, key=lambda c: c.free, default=None)
+
+
+def memory_cgroups(proc: Path = Path("/proc/self")) -> list[tuple[int, Path, Path]]:
+    """(version, folder, mount point) of each cgroup with memory in it that ``proc/cgroup`` lists (v1's memory
+    controller, then v2), found under its mount in ``proc/mountinfo``; [] where there is none."""
+    mounts = _cgroup_mounts(_read(proc / "mountinfo") or "")
+    out = []
+    for version, path in sorted(_memory_cgroups(_read(proc / "cgroup") or "")):
+        if version not in mounts:
+            continue
+        root, mount_point = mounts[version]
+        if root != "/" and (path == root or path.startswith(root.rstrip("/") + "/")):
+            path = path[len(root.rstrip("/")):]  # the part of the hierarchy mounted (a container's own)
+        out.append((version, mount_point / path.lstrip("/"), mount_point))
+    return out
 
 
 def _limit(folder: Path, version: int) -> CgroupLimit | None:
@@ -178,27 +186,30 @@ class IoChoice:
     reason: str
 
 
-def choose_io(io: str, *, device: torch.device, experts_bytes: int, dense_bytes: int, slots_hold_all: bool,
+def choose_io(io: str, *, device: torch.device, experts_bytes: int, slots_bytes: int, dense_bytes: int,
               host_tier: bool, room: MemoryRoom | None = None) -> IoChoice:
     """The read mode for ``io`` (a mode, or ``"auto"``): a mode given is kept. ``auto`` is ``direct`` on a GPU
-    (``mmap`` is CPU only), where the slots hold every expert (each is read once; the page cache would hold a
-    second copy), and beside a host tier (it keeps the hot set); else ``mmap`` while the experts
-    (``experts_bytes``, all of them) fit in the memory the process may use (``room``, default ``memory_room()``)
-    less the dense weights and a margin (``MARGIN`` of it, at least ``MIN_MARGIN``), and ``direct`` when not."""
+    (``mmap`` is CPU only), where the slots (``slots_bytes``) hold every expert (each is read once; the page
+    cache would hold a second copy), and beside a host tier (it keeps the hot set). Else, with ``room`` (default
+    ``memory_room()``) less the dense weights and a margin (``MARGIN`` of the room, at least ``MIN_MARGIN``):
+    ``mmap`` while all the experts (``experts_bytes``) fit in it; ``direct`` where they do not but the slots
+    do; ``mmap`` again where not even the slots fit, as the page cache gives way where filled slots cannot."""
     if io != "auto":
         return IoChoice(io, "as asked")
     if device.type != "cpu":
         return IoChoice("direct", f"auto: io=mmap is for the CPU only; on {device.type} experts are read into slots")
-    if slots_hold_all:
+    if slots_bytes >= experts_bytes:
         return IoChoice("direct", "auto: the slots hold every expert, so each is read into its slot once")
     if host_tier:
         return IoChoice("direct", "auto: the host tier keeps the hot experts in RAM; io=mmap takes none")
     room = memory_room() if room is None else room
-    spare = room.available - dense_bytes
-    margin = max(MIN_MARGIN, int(MARGIN * room.available))
-    where = (f"the {format_bytes(max(spare, 0))} this process may use ({room.bound}: "
-             f"{format_bytes(room.available)}, less {format_bytes(dense_bytes)} of dense weights)")
-    if experts_bytes + margin <= spare:
-        return IoChoice("mmap", f"auto: the experts, {format_bytes(experts_bytes)}, fit in {where}")
-    return IoChoice("direct", f"auto: the experts, {format_bytes(experts_bytes)}, with a margin of "
-                              f"{format_bytes(margin)}, exceed {where}")
+    spare = room.available - dense_bytes - max(MIN_MARGIN, int(MARGIN * room.available))
+    where = (f"the {format_bytes(max(spare, 0))} this process may use ({room.bound}: {format_bytes(room.available)}, "
+             f"less {format_bytes(dense_bytes)} of dense weights and a margin)")
+    experts = f"the experts, {format_bytes(experts_bytes)},"
+    if experts_bytes <= spare:
+        return IoChoice("mmap", f"auto: {experts} fit in {where}")
+    if slots_bytes <= spare:
+        return IoChoice("direct", f"auto: {experts} exceed {where}; the slots keep the hot ones")
+    return IoChoice("mmap", f"auto: neither {experts} nor the slots, {format_bytes(slots_bytes)}, fit in {where}; "
+                            "the page cache gives way where full slots would not (lower the budget for speed)")

@@ -235,7 +235,7 @@ def _plan(checkpoint: Checkpoint, budget: int, host: int, dtype: str | torch.dty
     slots = device_slots(budget, dense, kv.nbytes, expert_bytes, total)
     warm = host_slots(host, expert_bytes, total, slots)
     chosen = choose_io(io or "auto", device=torch.device(device), experts_bytes=total * expert_bytes,
-                       dense_bytes=dense, slots_hold_all=slots >= total, host_tier=warm > 0)
+                       slots_bytes=int(slots) * expert_bytes, dense_bytes=dense, host_tier=warm > 0)
     return Plan(
         model=str(checkpoint.folder),
         model_type=config.model_type,

@@ -18,6 +18,7 @@ from offload_moe.config import OffloadConfig
 from offload_moe.errors import ConfigError
 from offload_moe.memory import MemoryRoom, cgroup_limit, choose_io, memory_cgroups, memory_room
 
+pytestmark = pytest.mark.io_auto
 GiB = 2**30
 V1_MOUNTS = ("35 31 0:32 / {root}/memory rw,relatime - cgroup cgroup rw,memory\n"
              "32 31 0:29 / {root}/cpu rw,relatime - cgroup cgroup rw,cpu\n")

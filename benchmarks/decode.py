@@ -24,6 +24,16 @@ writes JSON (``--json``).
     python benchmarks/decode.py --shape qwen3 --layers 4 --device cuda
     python benchmarks/decode.py --trace profiles/traces/demo-heldout.safetensors
     python benchmarks/decode.py --layers 11 --budgets 0.25 --drop-caches   # larger than RAM; each column starts cold
+    python benchmarks/decode.py --shape mini --layers 16 --budgets 0.25 --memory-limit 0.3x,0.5x,1x,2x \
+        --only "lru,lru mmap,lru auto" --repeats 2                        # over-RAM in minutes (Linux, root)
+
+``--memory-limit`` runs each configuration (ours and the peers) in a child process placed in a fresh memory
+cgroup of that size (cgroup v1's memory controller or a v2 child with ``memory.max``; removed afterwards), which
+bounds the page cache as a machine with that much RAM would; a size like ``4GiB`` or a share of the checkpoint's
+bytes like ``0.5x``. Before each run the checkpoint's pages are dropped from the page cache (``posix_fadvise``
+DONTNEED on its files), so every run starts cold: 2 untimed decode steps (``--warmup``), then the timed ones.
+The configurations of a limit run interleaved, ``--repeats`` rounds; the table gives each one's median and range,
+and the cgroup's peak memory.
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ SHAPES = {
 }
 
 
-VARIANTS = ("no reuse", "lru", "full", "full buffered", "lru buffered", "lru mmap", "full mmap")
+VARIANTS = ("no reuse", "lru", "full", "full buffered", "lru buffered", "lru mmap", "full mmap", "lru auto", "full auto")
 
 
 def write_checkpoint(shape: str, layers: int, folder: Path, dtype: torch.dtype) -> Path:
@@ -140,7 +150,7 @@ def decode(model, device: str, tokens: int, trace: torch.Tensor | None, warmup: 
                       prediction_recall=s["prediction_recall"], expert_bytes=s["expert_bytes"],
                       capacity_experts=s["capacity_experts"], disk_bandwidth=s["bandwidth"]["disk"],
                       h2d_bandwidth=s["bandwidth"]["host_to_device"],
-                      mapped_per_token=s["mapped_experts"] / tokens)
+                      mapped_per_token=s["mapped_experts"] / tokens, io=s["io"], io_reason=s["io_reason"])
     return result
 
 
@@ -177,14 +187,17 @@ def measure_bandwidth(folder: Path, device: str, nbytes: int = 512 * 2**20) -> f
     return done / seconds
 
 
-def run_offload(folder: Path, device: str, capacity: int, variant: str, tokens: int, trace, host_memory) -> dict:
+def run_offload(folder: Path, device: str, capacity: int, variant: str, tokens: int, trace, host_memory,
+                warmup: int = 2) -> dict:
     import offload_moe
 
-    settings = {
-        "no reuse": dict(prefetch="none"),
-        "lru": dict(prefetch="none"),
-        "full": dict(prefetch="gate" if trace is None else "transition",
-                     host_memory=host_memory if device.startswith("cuda") else None),
+    predicted = "gate" if trace is None else "transition"
+    settings = {  # "lru" and "full" read with io="direct"; "... auto" with the default, io="auto"
+        "no reuse": dict(prefetch="none", io="direct"),
+        "lru": dict(prefetch="none", io="direct"),
+        "full": dict(prefetch=predicted, io="direct", host_memory=host_memory if device.startswith("cuda") else None),
+        "lru auto": dict(prefetch="none"),
+        "full auto": dict(prefetch=predicted, host_memory=host_memory if device.startswith("cuda") else None),
         # The page cache as an unbudgeted warm tier, as accelerate's disk offload gets it.
         "full buffered": dict(prefetch="gate" if trace is None else "transition", io="buffered"),
         "lru buffered": dict(prefetch="none", io="buffered"),
@@ -197,21 +210,21 @@ def run_offload(folder: Path, device: str, capacity: int, variant: str, tokens: 
     if variant == "no reuse":
         model.offload.cache.reuse = False
     try:
-        return decode(model, device, tokens, trace)
+        return decode(model, device, tokens, trace, warmup)
     finally:
         model.offload.close()
         del model
         gc.collect()
 
 
-def run_resident(folder: Path, device: str, tokens: int, trace) -> dict:
+def run_resident(folder: Path, device: str, tokens: int, trace, warmup: int = 2) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(device).eval()
     for p in model.parameters():  # own the memory: no lazily mapped file pages in the timed steps
         p.data = p.data.clone()
     try:
-        return decode(model, device, tokens, trace)
+        return decode(model, device, tokens, trace, warmup)
     finally:
         del model
         gc.collect()
@@ -239,7 +252,7 @@ def accelerate_max_memory(device: str, budget_bytes: int, layer_bytes: int) -> d
     return {"cpu": budget_bytes}
 
 
-def run_accelerate(folder: Path, device: str, budget_bytes: int, tokens: int, trace) -> dict:
+def run_accelerate(folder: Path, device: str, budget_bytes: int, tokens: int, trace, warmup: int = 2) -> dict:
     """transformers + accelerate offload: experts that do not fit in ``budget_bytes`` go to an offload folder."""
     from transformers import AutoModelForCausalLM
 
@@ -252,7 +265,7 @@ def run_accelerate(folder: Path, device: str, budget_bytes: int, tokens: int, tr
             offload_folder=str(offload),
         ).eval()
         placed = getattr(model, "hf_device_map", {})
-        result = decode(model, device if key == 0 else "cpu", tokens, trace)
+        result = decode(model, device if key == 0 else "cpu", tokens, trace, warmup)
         result["placement"] = {v: sum(1 for x in placed.values() if x == v) for v in set(map(str, placed.values()))}
         del model
         gc.collect()
@@ -266,6 +279,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mixtral")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=8, help="decode steps timed per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones")
     parser.add_argument("--budgets", default="0.125,0.25,0.5,1.0", help="shares of all experts resident")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
@@ -273,70 +287,249 @@ def main() -> None:
     parser.add_argument("--host-memory", default="64GiB", help="warm tier for the full runtime on CUDA")
     parser.add_argument("--skip", default="", help="comma-separated columns to skip: accelerate, resident, "
                         + ", ".join(VARIANTS))
+    parser.add_argument("--only", default="", help="comma-separated columns to run, instead of all but --skip")
     parser.add_argument("--folder", help="keep the checkpoint here (reused if present)")
     parser.add_argument("--drop-caches", action="store_true",
                         help="empty the page cache before each configuration, so each starts cold (Linux, root)")
+    parser.add_argument("--memory-limit", default="",
+                        help="run each configuration in a child process in a memory cgroup of this size (4GiB, or a "
+                             "share of the checkpoint: 0.5x); several, comma-separated, run one after another")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the configurations, interleaved")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one configuration, in a child process (--memory-limit)
     args = parser.parse_args()
+    if args.child:
+        return run_child(json.loads(args.child))
 
     dtype = getattr(torch, args.dtype)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    columns = _columns(args.only, args.skip, args.device)
     tmp = None if args.folder else tempfile.mkdtemp(prefix="decode-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
     folder = Path(args.folder or Path(tmp) / f"{args.shape}-{args.layers}")
-    trace = None
-    if args.trace:
-        from safetensors.torch import load_file
-
-        trace = load_file(args.trace)["experts"]
     try:
         write_checkpoint(args.shape, args.layers, folder, dtype)
         import offload_moe
 
-        total = offload_moe.plan(folder, device_memory="1TiB").total_experts
-        expert_bytes = offload_moe.plan(folder, device_memory="1TiB").expert_bytes
+        full_plan = offload_moe.plan(folder, device_memory="1TiB")
+        total, expert_bytes = full_plan.total_experts, full_plan.expert_bytes
+        checkpoint_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        limits = [parse_limit(x, checkpoint_bytes) for x in args.memory_limit.split(",") if x.strip()] or [None]
         bandwidth = measure_bandwidth(folder, args.device)
         rows = []
         report = {
-            "shape": args.shape, "layers": args.layers, "tokens": args.tokens, "device": args.device, "dtype": args.dtype,
-            "trace": args.trace, "drop_caches": args.drop_caches, "expert_bytes": expert_bytes, "total_experts": total, "bandwidth": bandwidth, "rows": rows,
-            "machine": machine(args.device),
+            "shape": args.shape, "layers": args.layers, "tokens": args.tokens, "warmup": args.warmup,
+            "device": args.device, "dtype": args.dtype, "trace": args.trace, "drop_caches": args.drop_caches,
+            "expert_bytes": expert_bytes, "total_experts": total, "checkpoint_bytes": checkpoint_bytes,
+            "bandwidth": bandwidth, "repeats": args.repeats, "rows": rows, "machine": machine(args.device),
         }
-        cold = drop_caches if args.drop_caches else (lambda: None)
-        cold()
-        resident = None if "resident" in skip else run_resident(folder, args.device, args.tokens, trace)
-        for share in [float(b) for b in args.budgets.split(",")]:
-            capacity = max(2, round(share * total))
-            row = {"budget": share, "capacity_experts": capacity}
-            for variant in VARIANTS:
-                if variant not in skip and not (args.device.startswith("cuda") and variant.endswith("mmap")):  # CPU only
+        cold = drop_caches if args.drop_caches else (lambda: drop_file_pages(folder))
+        for limit in limits:
+            run = Runner(folder, args, limit)
+            resident = None
+            if "resident" in columns:
+                runs = []
+                for _ in range(args.repeats):
                     cold()
-                    row[variant] = run_offload(folder, args.device, capacity, variant, args.tokens, trace, args.host_memory)
-            if "accelerate" not in skip:
-                dense = offload_moe.plan(folder, device_memory="1TiB").dense_bytes
-                cold()
-                try:
-                    row["accelerate"] = run_accelerate(folder, args.device, dense + capacity * expert_bytes, args.tokens, trace)
-                except Exception as e:  # the baseline failing must not lose offload_moe's figures
-                    traceback.print_exc()
-                    row["accelerate_error"] = f"{type(e).__name__}: {e}"
-            if resident is not None:
-                row["resident"] = resident
-            best = row.get("full") or row.get("lru")
-            if best is not None:
-                # every byte loaded costs bandwidth, prefetched or not
-                transfer = best["loads_per_token"] * expert_bytes / bandwidth
-                row["bound_s_per_token"] = max(transfer, resident["s_per_token"] if resident else 0.0)
-                row["transfer_s_per_token"] = transfer
-            rows.append(row)
-            print_row(row)
-            if args.json:  # after every budget: a run stopped at a time limit keeps the rows it finished
-                from offload_moe.atomic import atomic_write
+                    runs.append(run("resident", {}))
+                resident = run.median(runs)
+            for share in [float(b) for b in args.budgets.split(",")]:
+                capacity = max(2, round(share * total))
+                row = {"limit": limit, "budget": share, "capacity_experts": capacity}
+                results: dict[str, list[dict]] = {c: [] for c in columns if c != "resident"}
+                for _ in range(args.repeats):  # interleaved: one run of each configuration a round
+                    for column in results:
+                        cold()
+                        if column == "accelerate":
+                            budget = full_plan.dense_bytes + capacity * expert_bytes
+                            results[column].append(run("accelerate", {"budget_bytes": budget}))
+                        else:
+                            results[column].append(run("offload", {"capacity": capacity, "variant": column}))
+                for column, runs in results.items():
+                    row[column] = run.median(runs)
+                if resident is not None:
+                    row["resident"] = resident
+                best = row.get("full") or row.get("lru")
+                if best is not None and "loads_per_token" in best:
+                    # every byte loaded costs bandwidth, prefetched or not
+                    transfer = best["loads_per_token"] * expert_bytes / bandwidth
+                    row["bound_s_per_token"] = max(transfer, resident.get("s_per_token", 0.0) if resident else 0.0)
+                    row["transfer_s_per_token"] = transfer
+                rows.append(row)
+                print_row(row)
+                if args.json:  # after every row: a run stopped at a time limit keeps the rows it finished
+                    from offload_moe.atomic import atomic_write
 
-                atomic_write(args.json, json.dumps(report, indent=2).encode())
+                    atomic_write(args.json, json.dumps(report, indent=2).encode())
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     print_table(report)
+
+
+def _columns(only: str, skip: str, device: str) -> list[str]:
+    names = ["accelerate", *VARIANTS, "resident"]
+    chosen = [c.strip() for c in only.split(",") if c.strip()] or names
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        raise SystemExit(f"--only names unknown column(s) {unknown}; the columns are {', '.join(names)}")
+    skipped = {c.strip() for c in skip.split(",") if c.strip()}
+    cuda = device.startswith("cuda")
+    return [c for c in chosen if c not in skipped and not (cuda and c.endswith("mmap"))]  # mmap: CPU only
+
+
+def parse_limit(text: str, checkpoint_bytes: int) -> int:
+    """``4GiB`` -> bytes; ``0.5x`` -> half the checkpoint's bytes."""
+    from offload_moe.values import parse_bytes
+
+    text = text.strip()
+    if text.lower().endswith("x"):
+        return int(float(text[:-1]) * checkpoint_bytes)
+    return parse_bytes(text, "--memory-limit")
+
+
+class Runner:
+    """Runs one configuration: in this process, or with ``limit`` in a child process in a fresh memory cgroup."""
+
+    def __init__(self, folder: Path, args, limit: int | None):
+        self.folder, self.args, self.limit = folder, args, limit
+        self.trace = None
+        if args.trace and limit is None:
+            from safetensors.torch import load_file
+
+            self.trace = load_file(args.trace)["experts"]
+
+    def __call__(self, kind: str, kwargs: dict) -> dict:
+        a = self.args
+        common = dict(device=a.device, tokens=a.tokens, warmup=a.warmup)
+        if self.limit is not None:
+            spec = dict(kind=kind, folder=str(self.folder), trace=a.trace, host_memory=a.host_memory, **common, **kwargs)
+            return run_in_cgroup(spec, self.limit)
+        try:
+            if kind == "resident":
+                return run_resident(self.folder, trace=self.trace, **common)
+            if kind == "accelerate":
+                return run_accelerate(self.folder, trace=self.trace, **common, **kwargs)
+            return run_offload(self.folder, trace=self.trace, host_memory=a.host_memory, **common, **kwargs)
+        except Exception as e:  # one configuration failing must not lose the others' figures
+            traceback.print_exc()
+            return {"error": f"{type(e).__name__}: {e}"}
+
+    @staticmethod
+    def median(runs: list[dict]) -> dict:
+        """The run of median speed, with every run's tokens/s; a failed run counts as the slowest."""
+        ok = sorted((r for r in runs if "tokens_per_s" in r), key=lambda r: r["tokens_per_s"])
+        if not ok:
+            return runs[0]
+        out = dict(ok[(len(ok) - 1) // 2])
+        out["runs_tokens_per_s"] = [r.get("tokens_per_s") for r in runs]
+        out["errors"] = [r["error"] for r in runs if "error" in r]
+        return out
+
+
+def run_child(spec: dict) -> None:
+    """``--child``: one configuration, its result printed as the last line of stdout (JSON)."""
+    trace = None
+    if spec.pop("trace"):
+        from safetensors.torch import load_file
+
+        trace = load_file(spec["trace"])["experts"]
+    kind, folder = spec.pop("kind"), Path(spec.pop("folder"))
+    host_memory = spec.pop("host_memory")
+    if kind == "resident":
+        result = run_resident(folder, trace=trace, **spec)
+    elif kind == "accelerate":
+        result = run_accelerate(folder, trace=trace, **spec)
+    else:
+        result = run_offload(folder, trace=trace, host_memory=host_memory, **spec)
+    print(json.dumps(result))
+
+
+def run_in_cgroup(spec: dict, limit: int) -> dict:
+    """Run ``spec`` (``run_child``) in a child process in a fresh memory cgroup of ``limit`` bytes, removed after;
+    the result, with the cgroup's peak memory, or ``error`` if the child failed (an out-of-memory kill, say)."""
+    import subprocess
+
+    group = MemoryCgroup(limit)
+    try:
+        command = [sys.executable, __file__, "--child", json.dumps(spec)]
+        # the child joins the cgroup before exec: every byte it maps or reads from then on is charged there
+        shell = 'echo $$ > "$0" && exec "$@"'
+        done = subprocess.run(["sh", "-c", shell, str(group.procs), *command], stdout=subprocess.PIPE, text=True)
+        peak = group.peak()
+    finally:
+        group.remove()
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        killed = done.returncode in (-9, 137)
+        what = "killed: out of memory in the cgroup" if killed else f"exit status {done.returncode}"
+        return {"error": what, "peak_bytes": peak, "limit_bytes": limit}
+    result = json.loads(lines[-1])
+    result.update(peak_bytes=peak, limit_bytes=limit)
+    return result
+
+
+class MemoryCgroup:
+    """A fresh memory cgroup below this process's own: cgroup v1's memory controller (``memory.limit_in_bytes``),
+    else a v2 child (``memory.max``; the parent must delegate the memory controller). Needs root, or a delegated
+    subtree."""
+
+    def __init__(self, limit: int):
+        from offload_moe.memory import memory_cgroups
+
+        found = memory_cgroups()
+        if not found:
+            raise SystemExit("--memory-limit: this process is in no memory cgroup that can be found in "
+                             "/proc/self/cgroup and /proc/self/mountinfo (Linux with cgroups is needed)")
+        errors = []
+        for version, parent, _mount in found:
+            name = f"offload-moe-bench-{os.getpid()}-{time.monotonic_ns()}"
+            self.folder, self.version = parent / name, version
+            try:
+                if version == 2:
+                    control = (parent / "cgroup.subtree_control").read_text().split()
+                    if "memory" not in control:
+                        (parent / "cgroup.subtree_control").write_text("+memory\n")
+                self.folder.mkdir()
+                setting = "memory.max" if version == 2 else "memory.limit_in_bytes"
+                (self.folder / setting).write_text(f"{limit}\n")
+                if version == 2 and (self.folder / "memory.swap.max").exists():
+                    (self.folder / "memory.swap.max").write_text("0\n")  # as a machine with this RAM and no swap
+                self.procs = self.folder / "cgroup.procs"
+                return
+            except OSError as e:
+                errors.append(f"cgroup v{version} at {parent}: {e.strerror or e}")
+                if self.folder.exists():
+                    self.folder.rmdir()
+        raise SystemExit("--memory-limit: cannot make a memory cgroup (" + "; ".join(errors) + "); run as root, "
+                         "or in a cgroup v2 subtree delegated to you with the memory controller")
+
+    def peak(self) -> int | None:
+        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+        try:
+            return int((self.folder / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def remove(self) -> None:
+        for _ in range(50):  # the last task's exit is seen a moment after wait() returns
+            try:
+                self.folder.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+        print(f"could not remove the cgroup {self.folder}; remove it with rmdir", file=sys.stderr)
+
+
+def drop_file_pages(folder: Path) -> None:
+    """Drop the checkpoint's pages from the page cache (``posix_fadvise`` DONTNEED on each file; no root needed)."""
+    os.sync()
+    for path in folder.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def drop_caches() -> None:
@@ -359,29 +552,65 @@ def machine(device: str) -> dict:
     return info
 
 
+def _speed(result: dict | None) -> str:
+    if result is None:
+        return "-"
+    if "tokens_per_s" not in result:
+        return "oom" if "out of memory" in result.get("error", "") else "failed"
+    runs = [r for r in result.get("runs_tokens_per_s", []) if r is not None]
+    spread = f" ({min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
+    failed = len(result.get("errors", []))
+    return f"{result['tokens_per_s']:.2f}{spread}" + (f" +{failed} oom" if failed else "")
+
+
 def print_row(row: dict) -> None:
-    parts = [f"{k}: {v['tokens_per_s']:.3f} tok/s" for k, v in row.items() if isinstance(v, dict)]
-    print(f"budget {row['budget']:.1%} ({row['capacity_experts']} experts): " + ", ".join(parts), file=sys.stderr)
+    parts = [f"{k}: {_speed(v)} tok/s" for k, v in row.items() if isinstance(v, dict)]
+    limit = f"limit {row['limit'] / 2**30:.2f} GiB, " if row.get("limit") else ""
+    print(f"{limit}budget {row['budget']:.1%} ({row['capacity_experts']} experts): " + ", ".join(parts), file=sys.stderr)
 
 
 def print_table(report: dict) -> None:
     m = report["machine"]
     print(f"\n{report['shape']} shape, {report['layers']} layers, {report['total_experts']} experts of "
-          f"{report['expert_bytes'] / 2**20:.0f} MiB, {report['device']}, {report['dtype']}, "
+          f"{report['expert_bytes'] / 2**20:.0f} MiB, checkpoint {report['checkpoint_bytes'] / 2**30:.2f} GiB, "
+          f"{report['device']}, {report['dtype']}, "
           f"{'trace ' + report['trace'] if report['trace'] else 'router-chosen routing'}; "
-          f"bandwidth {report['bandwidth'] / 2**30:.2f} GiB/s; {m['date']}, torch {m['torch']}")
+          f"bandwidth {report['bandwidth'] / 2**30:.2f} GiB/s; {m['date']}, torch {m['torch']}, "
+          f"transformers {m['transformers']}, {m['cpus']} CPUs")
+    if any(row.get("limit") for row in report["rows"]):
+        return print_limit_table(report)
     cols = ["accelerate", *VARIANTS, "resident"]
     print("\n| budget | " + " | ".join(f"{c} tok/s" for c in cols)
           + " | full: loads/tok | full: stall s/tok | full: prefetch recall | bound s/tok | full s/tok / bound | full / accelerate |")
     print("|" + "---|" * (len(cols) + 7))
     for row in report["rows"]:
-        cells = [f"{row[c]['tokens_per_s']:.3f}" if c in row else "-" for c in cols]
+        cells = [_speed(row.get(c)) for c in cols]
         full = row.get("full", {})
         ratio = full.get("s_per_token", 0) / row["bound_s_per_token"] if full and row.get("bound_s_per_token") else 0
-        speedup = (full["tokens_per_s"] / row["accelerate"]["tokens_per_s"]) if full and "accelerate" in row else 0
+        speedup = (full["tokens_per_s"] / row["accelerate"]["tokens_per_s"]) \
+            if "tokens_per_s" in full and "tokens_per_s" in row.get("accelerate", {}) else 0
         print(f"| {row['budget']:.1%} ({row['capacity_experts']}) | " + " | ".join(cells)
               + f" | {full.get('loads_per_token', 0):.2f} | {full.get('stall_per_token', 0):.3f} | "
                 f"{full.get('prefetch_recall', 0):.2f} | {row.get('bound_s_per_token', 0):.3f} | {ratio:.2f} | {speedup:.1f}x |")
+
+
+def print_limit_table(report: dict) -> None:
+    """One row a (memory limit, budget): each configuration's median tokens/s (range over the rounds), its peak
+    memory in the cgroup, and what io="auto" chose."""
+    cols = [c for c in ["accelerate", *VARIANTS, "resident"] if any(c in row for row in report["rows"])]
+    size = report["checkpoint_bytes"]
+    print(f"\nmedian tokens/s (range over {report['repeats']} rounds); each run in a fresh memory cgroup, "
+          f"page cache of the checkpoint dropped first, {report['warmup']} untimed steps, {report['tokens']} timed")
+    print("\n| memory limit | experts in slots | " + " | ".join(f"{c} tok/s" for c in cols)
+          + " | peak GiB (" + ", ".join(cols) + ") | auto chose |")
+    print("|" + "---|" * (len(cols) + 4))
+    for row in report["rows"]:
+        auto = next((row[c] for c in ("lru auto", "full auto") if c in row), {})
+        peaks = ", ".join(f"{row[c]['peak_bytes'] / 2**30:.2f}" if row.get(c, {}).get("peak_bytes") else "-"
+                          for c in cols)
+        print(f"| {row['limit'] / 2**30:.2f} GiB ({row['limit'] / size:.2g}x) | {row['budget']:.1%} "
+              f"({row['capacity_experts']}) | " + " | ".join(_speed(row.get(c)) for c in cols)
+              + f" | {peaks} | {auto.get('io', '-')} |")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from torch import nn
 
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
 from .config import Budget, OffloadConfig, check_within, parse_bytes, shown
 from .errors import BudgetError, ConfigError, UnsupportedModelError
+from .memory import IoChoice, choose_io, memory_room
 from .policies import make_policy
 from .planning import host_slots
 from .prefetch import Predictor, Prefetcher, make_predictor
@@ -59,8 +59,9 @@ def shared_shapes(layers: Sequence[MoELayer]) -> dict[str, tuple[int, ...]]:
 
 
 def default_cache_bytes(device: torch.device, dense_bytes: int) -> int:
-    """Without a budget: half of what is free on the device after the dense weights."""
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    """Without a budget: half of what is free on the device after the dense weights (on the CPU: of what this
+    process may use, a memory cgroup's limit included: ``memory.memory_room``)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else memory_room().available
     return max(0, free // 2 - dense_bytes)
 
 
@@ -74,6 +75,7 @@ class Assembly:
     capacity: int  # device slots
     host_slots: int  # 0: no host tier
     predictor: Predictor | None
+    io: IoChoice  # the read mode (``config.io``, or what ``auto`` chose) and why
 
     @property
     def total_experts(self) -> int:
@@ -85,7 +87,8 @@ def check_assembly(layers: Sequence[MoELayer], config: OffloadConfig, *, dtype: 
     """Check what an expert cache for ``layers`` under ``config`` needs, before any file is written or buffer
     allocated: one expert size (slots of ``dtype``), the device slots from ``budget`` (without one, half the free
     memory after ``dense_bytes``), the predictor (``top_k`` experts a token), the host tier's slots
-    (``config.host_memory``; none when the device slots hold every expert). ``layout`` is the slots' layout when a
+    (``config.host_memory``; none when the device slots hold every expert), the read mode (``io="auto"`` chooses
+    one from the memory the process may use: ``memory.choose_io``). ``layout`` is the slots' layout when a
     store knows it (packed experts); by default the layers' shapes in ``dtype``."""
     shapes = shared_shapes(layers)
     layout = layout or SlotLayout(shapes, dtype)
@@ -94,7 +97,9 @@ def check_assembly(layers: Sequence[MoELayer], config: OffloadConfig, *, dtype: 
     capacity = budget.slots(layout.nbytes, total, default_cache_bytes(dev, dense_bytes), dev)
     predictor = _predictor(config, layers, top_k)
     host_slots = _host_slots(config.host_memory, layout, total, capacity)
-    return Assembly(tuple(layers), config, layout, capacity, host_slots, predictor)
+    io = choose_io(config.io, device=dev, experts_bytes=total * layout.nbytes, slots_bytes=capacity * layout.nbytes,
+                   dense_bytes=dense_bytes, host_tier=host_slots > 0)
+    return Assembly(tuple(layers), config, layout, capacity, host_slots, predictor, io)
 
 
 def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[], list], folder: Path, name: str,
@@ -139,6 +144,7 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
         raise
     modules = [s if isinstance(s, nn.Module) else s.module for s in stand_ins]
     handle = OffloadHandle(model, cache, prefetcher, layers, modules, folder, name, owned_folder, cleanups)
+    handle.io_reason = assembly.io.reason
     serialise(model, cache)
     if getattr(model, "offload", None) is None:
         model.offload = handle

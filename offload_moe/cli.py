@@ -85,8 +85,9 @@ Policy = Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fif
 Prefetch = Annotated[str | None, typer.Option(help="Predictor: none, gate, transition, hybrid; default: the profile's, else none.")]
 Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")]
 IoMode = Annotated[str | None, typer.Option(
-    "--io", help="How experts are read: direct, dontneed, buffered, or mmap (CPU: compute from the mapped checkpoint); "
-                 "default: the profile's, else direct.")]
+    "--io", help="How experts are read: auto (mmap on CPU while the experts fit in the memory this process may use, "
+                 "else direct), direct, dontneed, buffered, or mmap (CPU: compute from the mapped checkpoint); "
+                 "default: the profile's, else auto.")]
 HardwareProfile = Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")]
 TrustRemoteCode = Annotated[bool, typer.Option(
     "--trust-remote-code", metavar=FLAG, help="Run Python code from the model folder (the .py files its config.json names in "
@@ -198,6 +199,7 @@ def plan(
     for row in p.rows():
         table.add_row(*row)
     console.print(table)
+    console.out(p.io_line, highlight=False)
     for warning in p.warnings:
         err.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if not p.fits:
@@ -409,7 +411,7 @@ def _profile_block(p, width: int) -> list[str]:
     if prefetch != "none" and p.prefetch_margin is not None:
         prefetch += f" (margin {p.prefetch_margin})"
     lines = [f"{p.name}: {p.device}, {p.device_memory} device memory, {p.host_memory or 'no'} host tier",
-             f"  io {p.io or 'direct'}, policy {p.policy or 'lru'}, prefetch {prefetch}"]
+             f"  io {p.io or 'auto'}, policy {p.policy or 'lru'}, prefetch {prefetch}"]
     lines += textwrap.wrap(p.description, width=max(40, width - 1), initial_indent="  suits: ",
                            subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
     return lines

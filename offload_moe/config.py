@@ -113,7 +113,8 @@ class OffloadConfig:
     ``policy``: the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``), seeded by ``seed``.
     ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``prefetch.Predictor`` of your own,
     naming top-k plus ``prefetch_margin`` experts for the next ``prefetch_depth`` layers.
-    ``io``: ``direct``, ``dontneed``, ``buffered`` or (CPU) ``mmap``; ``readers`` threads read the disk; a
+    ``io``: ``auto`` (the default: ``mmap`` on CPU while the experts fit in the memory the process may use, else
+    ``direct``; ``memory.choose_io``), ``direct``, ``dontneed``, ``buffered`` or (CPU) ``mmap``; ``readers`` threads read the disk; a
     layer waits at most ``read_timeout`` seconds for one expert (None: forever).
     ``profile``: the hardware profile the settings came from (``from_profile`` sets it), for messages only.
     None for ``device``, the policies, the prefetch settings or ``io`` means their default.
@@ -130,7 +131,7 @@ class OffloadConfig:
     prefetch: str | Predictor | None = "none"
     prefetch_margin: int | None = 1
     prefetch_depth: int | None = 1
-    io: str | None = "direct"
+    io: str | None = "auto"
     readers: int = 2
     read_timeout: float | None = 120.0
     seed: int = 0

@@ -147,7 +147,7 @@ def offload_experts(
     dense = _dense_bytes(model, plans)
     assembly = check_assembly(found, settings, dtype=dtype, budget=_budget(settings, found, dtype, dense, model),
                               dense_bytes=dense, top_k=top_k_of(plans[0].module) or 2)
-    opened, owned = _open_store(plans, store, offload_folder, settings.io)
+    opened, owned = _open_store(plans, store, offload_folder, assembly.io.io)
     return attach(model, assembly, opened,
                   install=lambda: [_swap(plan, routers[i], dropped_tokens) for i, plan in enumerate(plans)],
                   folder=opened.folder, name=_model_name(model), owned_folder=owned)

@@ -39,7 +39,7 @@ class Profile:
     prefetch: str | None = None
     prefetch_margin: int | None = None
     prefetch_depth: int | None = None
-    io: str | None = None  # how experts are read: direct, dontneed, buffered or (CPU) mmap
+    io: str | None = None  # how experts are read: auto, direct, dontneed, buffered or (CPU) mmap
 
     def settings(self) -> dict[str, str | int]:
         """The ``OffloadConfig`` settings this profile gives (those it leaves out keep their defaults)."""
@@ -121,7 +121,7 @@ def _check_choices(data: dict, path: Path) -> None:
     if data.get("prefetch", "none").lower() not in PREDICTORS:
         raise ConfigError(f"profile {path}: prefetch = {shown(data['prefetch'])} is not a predictor; use one of {', '.join(PREDICTORS)}")
     try:
-        check_io(data.get("io", "direct"), host_memory=data.get("host_memory") is not None,
+        check_io(data.get("io", "auto"), host_memory=data.get("host_memory") is not None,
                  device=torch.device(data["device"]))
     except ConfigError as e:
         raise ConfigError(f"profile {path}: {e}") from None

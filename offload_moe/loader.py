@@ -82,7 +82,9 @@ def load(
     Returns the transformers model; ``model.offload`` holds the runtime and its stats.
     """
     settings = configure(config, overrides, "load", ("progress", "trust_remote_code", "model_config"))
-    ckpt = open_checkpoint(path, trust_remote_code=trust_remote_code, io=settings.io, model_config=model_config)
+    # io="auto" is resolved once the slots are sized (check_assembly); the store reads nothing before that
+    ckpt = open_checkpoint(path, trust_remote_code=trust_remote_code, io="direct" if settings.io == "auto" else settings.io,
+                           model_config=model_config)
     try:
         config, model, modules = ckpt.config, ckpt.model, ckpt.modules
         want_dtype = settings.dtype or parse_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -102,6 +104,8 @@ def load(
         assembly = check_assembly(layers, settings, dtype=want_dtype, budget=budget, dense_bytes=ckpt.dense_bytes(want_dtype),
                                   top_k=int(getattr(config, "num_experts_per_tok", 2) or 2),
                                   layout=SlotLayout.of_store(ckpt.store, want_dtype))
+        ckpt.store.set_io(assembly.io.io)
+        log.info("io=%s (%s)", assembly.io.io, assembly.io.reason)
         attach(model, assembly, ckpt.store, install=install, folder=ckpt.folder, name=ckpt.folder.name,
                progress=progress)
     except BaseException:

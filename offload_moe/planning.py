@@ -12,6 +12,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .config import MIN_CACHE_EXPERTS, check_io, format_bytes, parse_bytes, parse_dtype
 from .errors import BudgetError
 from .hardware import get_profile
+from .memory import choose_io
 
 WORKSPACE_MIN = 256 * 2**20  # activations, allocator slack, CUDA context share
 WORKSPACE_FRACTION = 0.05
@@ -41,9 +42,10 @@ class Plan:
     slots_bytes: int
     host_memory: int = 0  # bytes for the warm tier in (pinned) host RAM; 0: none
     host_slots: int = 0  # experts the warm tier holds
-    io: str = "direct"  # with "mmap" (CPU) a slot pool smaller than every expert stays empty
+    io: str = "direct"  # the read mode (what io="auto" chose); with "mmap" (CPU) a partial slot pool stays empty
     model_context: int | None = None  # max_position_embeddings: the KV reserve never exceeds it
     expert_format: str = ""  # what an expert is stored as: the dtype, or a packed format (fp8, mxfp4, int8, int4)
+    io_reason: str = ""  # why ``io``: "as asked", or what io="auto" weighed (memory.choose_io)
 
     @property
     def fits(self) -> bool:
@@ -101,6 +103,11 @@ class Plan:
         return (f"experts read from disk on a miss: {self.disk_experts}", "disk (checkpoint files)", format_bytes(self.disk_bytes))
 
     @property
+    def io_line(self) -> str:
+        """How experts are read, and why (``io="auto"`` says what it weighed)."""
+        return f"io: {self.io}" + (f" ({self.io_reason})" if self.io_reason else "")
+
+    @property
     def _format_note(self) -> str:
         return f" ({self.expert_format})" if self.expert_format and self.expert_format != self.dtype else ""
 
@@ -109,6 +116,7 @@ class Plan:
         lines = [f"{self.model} ({self.model_type}, {self.dtype}): {self.moe_layers} MoE layers x {self.experts_per_layer} experts, "
                  f"top-{self.top_k}, {format_bytes(self.expert_bytes)} per expert{self._format_note}; device budget {format_bytes(self.device_memory)}"]
         lines += [f"  {part:<{width}}  {where:<24} {size:>12}" for part, where, size in self.rows()]
+        lines.append(f"  {self.io_line}")
         if not self.fits:
             lines.append(f"  does not fit: fewer than {MIN_CACHE_EXPERTS} expert slots remain after the dense weights")
         lines += [f"  warning: {w}" for w in self.warnings]
@@ -142,22 +150,26 @@ def plan(
     """What fits where for the model at ``path`` with ``device_memory`` for the compute device.
 
     ``host_memory`` sizes the warm tier of host RAM between the device slots and the disk.
-    ``io`` is the I/O mode ``load`` will use (``mmap`` leaves a partial slot pool empty).
-    ``profile`` supplies ``device_memory``, ``host_memory``, ``dtype`` and ``io`` where they are not given.
+    ``io`` is the I/O mode ``load`` will use (``mmap`` leaves a partial slot pool empty); ``auto`` (the default)
+    is resolved as ``load`` resolves it, from the memory this process may use now (``memory.choose_io``).
+    ``profile`` supplies ``device_memory``, ``host_memory``, ``dtype``, ``io`` and the device (else the CPU)
+    where they are not given.
     The KV cache is reserved for ``context_length`` tokens, at most the model's own context; no host tier
     is reserved when every expert fits in the device slots (``load`` builds none then).
     Reads only config.json and the safetensors headers: no weights are loaded. ``trust_remote_code`` as in
     ``offload_moe.load``: without it no code from the model folder runs.
     """
+    device = "cpu"
     if profile is not None:
         hw = get_profile(profile)
         device_memory = device_memory or hw.device_memory
         host_memory = host_memory if host_memory is not None else hw.host_memory
         dtype = dtype or hw.dtype
         io = io or hw.io
+        device = hw.device
     budget, host = _check_options(device_memory, host_memory, io, context_length)  # fails before anything is read
     with open_checkpoint(path, trust_remote_code=trust_remote_code) as checkpoint:
-        return _plan(checkpoint, budget, host, dtype, context_length, io)
+        return _plan(checkpoint, budget, host, dtype, context_length, io, device)
 
 
 def workspace_bytes(device_memory: int) -> int:
@@ -204,15 +216,15 @@ def kv_reserve(config, dtype: torch.dtype, context_length: int = DEFAULT_CONTEXT
 
 def plan_checkpoint(checkpoint: Checkpoint, *, device_memory: str | int | None, dtype: str | torch.dtype | None = None,
                     context_length: int = DEFAULT_CONTEXT, host_memory: str | int | None = None,
-                    io: str | None = None) -> Plan:
+                    io: str | None = None, device: str = "cpu") -> Plan:
     """``plan`` for a checkpoint already open (what ``load`` does with a hardware profile); only its config and
     its index are read."""
     budget, host = _check_options(device_memory, host_memory, io, context_length)
-    return _plan(checkpoint, budget, host, dtype, context_length, io)
+    return _plan(checkpoint, budget, host, dtype, context_length, io, device)
 
 
 def _plan(checkpoint: Checkpoint, budget: int, host: int, dtype: str | torch.dtype | None, context_length: int,
-          io: str | None) -> Plan:
+          io: str | None, device: str) -> Plan:
     config, modules = checkpoint.config, checkpoint.modules
     want = parse_dtype(dtype) or parse_dtype(getattr(config, "dtype", None) or torch.float32)
     dense = checkpoint.dense_bytes(want)
@@ -221,6 +233,9 @@ def _plan(checkpoint: Checkpoint, budget: int, host: int, dtype: str | torch.dty
     total = checkpoint.total_experts
     kv = kv_reserve(config, want, context_length)
     slots = device_slots(budget, dense, kv.nbytes, expert_bytes, total)
+    warm = host_slots(host, expert_bytes, total, slots)
+    chosen = choose_io(io or "auto", device=torch.device(device), experts_bytes=total * expert_bytes,
+                       slots_bytes=int(slots) * expert_bytes, dense_bytes=dense, host_tier=warm > 0)
     return Plan(
         model=str(checkpoint.folder),
         model_type=config.model_type,
@@ -240,8 +255,9 @@ def _plan(checkpoint: Checkpoint, budget: int, host: int, dtype: str | torch.dty
         expert_slots=int(slots),
         slots_bytes=int(slots) * expert_bytes,
         host_memory=host,
-        host_slots=host_slots(host, expert_bytes, total, slots),
-        io=io or "direct",
+        host_slots=warm,
+        io=chosen.io,
+        io_reason=chosen.reason,
         model_context=kv.model_context,
         expert_format=layout.format_name,
     )

@@ -42,6 +42,7 @@ class OffloadHandle:
         self.name = name
         self.owned_folder = owned_folder
         self.lock = cache.lock
+        self.io_reason = ""  # why the store reads with its io (``attach`` sets it: memory.choose_io)
         self._finalizer = weakref.finalize(model, _close, cache, cleanups, owned_folder)
 
     @property
@@ -65,6 +66,7 @@ class OffloadHandle:
             total_experts=self.total_experts,
             hit_rate=out["hits"] / requests if requests else 0.0,
             prefetch=pf.predictor.name if pf else "none",
+            io_reason=self.io_reason,
             prediction_recall=pf.score.recall if pf else 0.0,
             prediction_precision=pf.score.precision if pf else 0.0,
         )

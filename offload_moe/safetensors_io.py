@@ -28,7 +28,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError, ModelClosedError, ModelPathError
 from .files import REFUSED_FLAGS, inside, open_fd, open_regular, parse_json, read_json
-from .values import IO_MODES, shown
+from .values import READ_MODES, shown
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -298,8 +298,8 @@ class FileReader:
     """
 
     def __init__(self, io: str = "buffered") -> None:
-        if io not in IO_MODES:
-            raise ConfigError(f"io={io!r} is not an I/O mode; use one of {', '.join(IO_MODES)}")
+        if io not in READ_MODES:
+            raise ConfigError(f"io={io!r} is not a read mode (io='auto' is chosen when a model is assembled); use one of {', '.join(READ_MODES)}")
         self.io = io
         self.align = DIRECT_ALIGN if io == "direct" else 1  # kept after a fall back, so placements stay valid
         self._fds: dict[tuple[Path, bool], int] = {}

@@ -88,6 +88,13 @@ class PieceStore:
         self._mapped: dict[tuple[int, int], dict | None] = {}
         self.pieces: dict[tuple[int, int], list[Piece]] = defaultdict(list)
 
+    def set_io(self, io: str) -> None:
+        """Read with ``io`` from now on: what ``io="auto"`` chose, set before any expert is read."""
+        if io != self.reader.io:
+            self.close()
+            self.reader = FileReader(io)
+            self.maps = MappedFiles() if io == "mmap" else None
+
     def _rows(self, layer: int, param: str) -> int:
         """Rows of the slot tensor ``param`` of ``layer``'s experts (for row blocks)."""
         raise NotImplementedError

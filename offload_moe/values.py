@@ -15,7 +15,8 @@ import torch
 
 from .errors import BudgetError, ConfigError, DeviceError
 
-IO_MODES = ("buffered", "dontneed", "direct", "mmap")  # how experts are read (safetensors_io.FileReader)
+READ_MODES = ("buffered", "dontneed", "direct", "mmap")  # how experts are read (safetensors_io.FileReader)
+IO_MODES = ("auto", *READ_MODES)  # a setting: "auto" becomes one of READ_MODES at assembly (memory.choose_io)
 PREDICTORS = ("none", "gate", "transition", "hybrid")  # prefetch predictors by name (prefetch.make_predictor)
 MAX_BYTES = 2**60  # 1 EiB: a budget above this is a typo, not a machine
 
@@ -92,18 +93,19 @@ def check_prefetch_reach(margin: object, depth: object) -> None:
 
 def check_io(io: object, *, host_memory: bool = False, device: torch.device | None = None, origin: str = "") -> None:
     """Refuse an unknown I/O mode, and ``io="mmap"`` off the CPU or beside a warm tier (the page cache plays
-    that part). ``origin`` says where the setting came from (a hardware profile)."""
+    that part). ``io="auto"`` goes anywhere: it chooses a mode that suits the device and the tiers.
+    ``origin`` says where the setting came from (a hardware profile)."""
     if io not in IO_MODES:
         raise ConfigError(f"io={shown(io)} is not an I/O mode; use one of {', '.join(IO_MODES)}")
     if io == "mmap" and device is not None and device.type != "cpu":
         raise ConfigError(
             f"io='mmap' computes missing experts in place from the mapped files, which needs device='cpu' "
-            f"(got {device}){origin}; on {device.type} use io='direct' (the default), 'dontneed' or 'buffered'"
+            f"(got {device}){origin}; on {device.type} use io='auto' (the default), 'direct', 'dontneed' or 'buffered'"
         )
     if io == "mmap" and host_memory:
         raise ConfigError(
             "host_memory adds nothing with io='mmap': missing experts are computed from the mapped checkpoint, "
-            "and the page cache already keeps them in spare RAM; leave host_memory out, or use io='direct'"
+            "and the page cache already keeps them in spare RAM; leave host_memory out, or use io='auto' or 'direct'"
         )
 
 

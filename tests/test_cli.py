@@ -483,7 +483,7 @@ def test_profiles_listing_cuts_no_value_at_80_columns_or_piped():
             if prefetch != "none" and p.prefetch_margin is not None:
                 prefetch += f" (margin {p.prefetch_margin})"
             assert any(line.startswith(f"{p.name}: {p.device}, {p.device_memory} device memory") for line in lines)
-            assert any(f"io {p.io or 'direct'}, policy {p.policy or 'lru'}, prefetch {prefetch}" in line
+            assert any(f"io {p.io or 'auto'}, policy {p.policy or 'lru'}, prefetch {prefetch}" in line
                        for line in lines), p.name
             assert " ".join(p.description.split()) in flat, p.name
         assert "…" not in result.stdout

@@ -81,11 +81,11 @@ def test_values_are_normalised_and_none_means_the_default():
                       prefetch_depth=None, io=None)
     assert d == OffloadConfig()
     assert (d.device, d.policy, d.prefetch, d.prefetch_margin, d.prefetch_depth, d.io) == \
-        (torch.device("cpu"), "lru", "none", 1, 1, "direct")
+        (torch.device("cpu"), "lru", "none", 1, 1, "auto")
     assert OffloadConfig(read_timeout=None).read_timeout is None  # None here means: wait forever
     predictor = Predictor()
     assert OffloadConfig(prefetch=predictor).prefetch is predictor
-    assert set(IO_MODES) == {"direct", "dontneed", "buffered", "mmap"} and "gate" in PREDICTORS
+    assert set(IO_MODES) == {"auto", "direct", "dontneed", "buffered", "mmap"} and "gate" in PREDICTORS
 
 
 def test_frozen_equal_hashable_and_replace_checks_again():
@@ -126,8 +126,8 @@ def test_from_profile_checks_names_and_the_profile():
     with pytest.raises(ConfigError, match="no hardware profile named 'no-such'"):
         OffloadConfig.from_profile("no-such")
     with pytest.raises(ConfigError, match="host_memory adds nothing with io='mmap'"):
-        OffloadConfig.from_profile("cpu-16gb", host_memory="1GiB")  # the profile reads with mmap
-    assert OffloadConfig.from_profile("cpu-16gb", io="direct", host_memory="1GiB").host_memory == "1GiB"
+        OffloadConfig.from_profile("cpu-16gb", io="mmap", host_memory="1GiB")
+    assert OffloadConfig.from_profile("cpu-16gb", host_memory="1GiB").io == "auto"  # auto reads into slots then
 
 
 def test_load_refuses_an_unknown_option_naming_it_before_reading_anything(tmp_path):

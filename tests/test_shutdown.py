@@ -15,7 +15,7 @@ import torch
 
 import offload_moe
 from offload_moe.errors import ModelClosedError
-from offload_moe.safetensors_io import IO_MODES
+from offload_moe.values import IO_MODES
 from conftest import VERBS
 
 

@@ -165,7 +165,7 @@ class QuantizedWeight:
         row = 0
         for part in self.parts:
             rows = _rows(self.kind, part)
-            out[row : row + rows].copy_(_dequantize(self.kind, part, self.block, out.dtype))
+            _dequantize_into(self.kind, part, self.block, out[row : row + rows])
             row += rows
         return out
 
@@ -199,14 +199,15 @@ def _cols(kind: str, part: dict[str, torch.Tensor]) -> int:
     return part["qweight"].shape[1] * (2 if kind == "int4" else 1)
 
 
-def _dequantize(kind: str, part: dict[str, torch.Tensor], block: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_into(kind: str, part: dict[str, torch.Tensor], block: tuple[int, ...], out: torch.Tensor) -> None:
     if kind == "fp8":
-        return quant.dequantize_fp8_blocks(part["weight"], part["scale_inv"], block, dtype)
-    if kind == "mxfp4":
-        return quant.dequantize_mxfp4(part["blocks"], part["scales"], dtype)
-    if kind == "int8":
-        return quant.dequantize_int8(part["qweight"], part["scales"], dtype)
-    return quant.dequantize_int4(part["qweight"], part["scales_and_zeros"], dtype)
+        quant.dequantize_fp8_blocks(part["weight"], part["scale_inv"], block, out.dtype, out=out)
+    elif kind == "mxfp4":
+        quant.dequantize_mxfp4(part["blocks"], part["scales"], out.dtype, out=out)
+    elif kind == "int8":
+        out.copy_(quant.dequantize_int8(part["qweight"], part["scales"], out.dtype))
+    else:
+        out.copy_(quant.dequantize_int4(part["qweight"], part["scales_and_zeros"], out.dtype))
 
 
 def dequantize_dense(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, ...], name: str,

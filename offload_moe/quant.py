@@ -55,10 +55,11 @@ _FP4_PAIRS = torch.tensor([(FP4_VALUES[b & 0x0F], FP4_VALUES[b >> 4]) for b in r
 
 # -- MXFP4 ---------------------------------------------------------------------------------------------------
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
-                     name: str = "MXFP4 tensor") -> torch.Tensor:
+                     name: str = "MXFP4 tensor", out: torch.Tensor | None = None) -> torch.Tensor:
     """``blocks`` uint8 [..., out, G, 16] and ``scales`` uint8 [..., out, G] -> [..., out, 32 G] in ``dtype``,
     rows as stored (gpt-oss's parameter is the transpose). Equal, bit for bit, to transformers'
-    ``convert_moe_packed_tensors`` transposed: each value scaled in float32 as ``torch.ldexp`` does, rounded once."""
+    ``convert_moe_packed_tensors`` transposed: each value scaled in float32 as ``torch.ldexp`` does, rounded once.
+    ``out`` (contiguous, floating): written in place and returned, through no float32 copy of the weight."""
     _expect_dtype(blocks, torch.uint8, f"{name} (blocks)")
     _expect_dtype(scales, torch.uint8, f"{name} (scales)")
     if blocks.dim() < 3 or blocks.shape[-1] != MXFP4_GROUP // 2 or blocks.shape[:-1] != scales.shape:
@@ -67,20 +68,30 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
             f"and a last dimension of {MXFP4_GROUP // 2} bytes, but the scales have shape {list(scales.shape)}; "
             "the checkpoint is corrupted or not MXFP4"
         )
+    exponent = scales.to(torch.int32) - E8M0_BIAS  # [..., out, G]
+    overflow = bool((exponent > E8M0_BIAS).any())  # byte 255: 2**128 overflows float32, ldexp does not
+    if out is not None and out.is_contiguous() and not overflow:
+        # FP4 values are exact in any float dtype; a float32 scale times them rounds once, as below
+        torch.index_select(_FP4_PAIRS.to(out.device, out.dtype), 0, blocks.reshape(-1).int(),
+                           out=out.view(-1, 2))  # [..., out, G * 16, 2]: each byte's two columns
+        return out.view(*scales.shape, MXFP4_GROUP).mul_(torch.exp2(exponent.float())[..., None]).view(out.shape)
     pairs = _FP4_PAIRS.to(blocks.device)
     values = torch.nn.functional.embedding(blocks.int(), pairs).flatten(-2)  # [..., out, G, 32]
-    exponent = scales.to(torch.int32) - E8M0_BIAS  # [..., out, G]
-    if (exponent > E8M0_BIAS).any():  # byte 255: 2**128 overflows float32, ldexp does not
-        return torch.ldexp(values, exponent[..., None]).flatten(-2).to(dtype)
-    return (values * torch.exp2(exponent.float())[..., None]).flatten(-2).to(dtype)  # exact, as ldexp, and faster
+    if overflow:
+        w = torch.ldexp(values, exponent[..., None]).flatten(-2).to(dtype)
+    else:
+        w = (values * torch.exp2(exponent.float())[..., None]).flatten(-2).to(dtype)  # exact, as ldexp, and faster
+    return w if out is None else out.copy_(w)
 
 
 # -- block FP8 -----------------------------------------------------------------------------------------------
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = FP8_BLOCK,
-                          dtype: torch.dtype = torch.bfloat16, *, name: str = "FP8 weight") -> torch.Tensor:
+                          dtype: torch.dtype = torch.bfloat16, *, name: str = "FP8 weight",
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """``weight`` float8 [..., out, in] and ``scale_inv`` [..., ceil(out/bm), ceil(in/bn)] -> [..., out, in] in
     ``dtype``: ``w[i, j] = q[i, j] * scale_inv[i // bm, j // bn]``, computed in float32 and rounded once (as
-    DeepSeek's ``weight_dequant``); a partial last block uses its scale entry."""
+    DeepSeek's ``weight_dequant``); a partial last block uses its scale entry. ``out`` (contiguous, 16 or 32
+    bits): written in place and returned; where the blocks tile the weight, through no float32 copy of it."""
     if weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise CheckpointError(f"{name}: dtype {_dtype_name(weight.dtype)}, but a block-FP8 weight is float8_e4m3fn; "
                               "the checkpoint is corrupted or its quantization_config does not describe it")
@@ -95,9 +106,18 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
             f"{list(weight.shape)} in blocks of [{bm}, {bn}] needs {list(want)}; the checkpoint is corrupted or "
             "its weight_block_size is not the one it was written with"
         )
+    if out is not None and out.is_contiguous() and rows % bm == 0 and cols % bn == 0 and out.dtype.itemsize >= 2:
+        # q is exact in 16 bits (read through a table of its 256 values: faster than torch's float8 cast); a
+        # float32 scale times it rounds once, as below
+        values = torch.arange(256, dtype=torch.uint8, device=weight.device).view(weight.dtype).to(out.dtype)
+        torch.index_select(values, 0, weight.reshape(-1).view(torch.uint8).int(), out=out.view(-1))
+        tiles = out.view(*want[:-2], want[-2], bm, want[-1], bn)
+        tiles.mul_(_scale_values(scale_inv, name)[..., :, None, :, None])
+        return out
     scale = _scale_values(scale_inv, name).repeat_interleave(bm, dim=-2)[..., :rows, :]  # [..., out, in blocks]
     padded = torch.nn.functional.pad(weight.float(), (0, want[-1] * bn - cols))  # whole column blocks
-    return (padded.unflatten(-1, (want[-1], bn)) * scale[..., None]).flatten(-2)[..., :cols].to(dtype).contiguous()
+    w = (padded.unflatten(-1, (want[-1], bn)) * scale[..., None]).flatten(-2)[..., :cols].to(dtype).contiguous()
+    return w if out is None else out.copy_(w)
 
 
 def _scale_values(scale_inv: torch.Tensor, name: str) -> torch.Tensor:

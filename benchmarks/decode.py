@@ -26,6 +26,7 @@ writes JSON (``--json``).
     python benchmarks/decode.py --layers 11 --budgets 0.25 --drop-caches   # larger than RAM; each column starts cold
     python benchmarks/decode.py --shape mini --layers 16 --budgets 0.25 --memory-limit 0.3x,0.5x,1x,2x \
         --only "lru,lru mmap,lru auto" --repeats 2                        # over-RAM in minutes (Linux, root)
+    python benchmarks/decode.py --quant bf16,int8,int4 --budgets 0.25 --rounds 3   # expert formats side by side
 
 ``--memory-limit`` runs each configuration (ours and the peers) in a child process placed in a fresh memory
 cgroup of that size (cgroup v1's memory controller or a v2 child with ``memory.max``; removed afterwards), which
@@ -296,10 +297,15 @@ def main() -> None:
                              "share of the checkpoint: 0.5x); several, comma-separated, run one after another")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the configurations, interleaved")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--quant", help="compare expert formats instead (e.g. bf16,int8,int4): the checkpoint and its "
+                        "quantize_experts copies, LRU + prefetch, io='direct', at each budget; see quant_main")
+    parser.add_argument("--rounds", type=int, default=3, help="with --quant: interleaved rounds, medians reported")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one configuration, in a child process (--memory-limit)
     args = parser.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
+    if args.quant:
+        return quant_main(args)
 
     dtype = getattr(torch, args.dtype)
     columns = _columns(args.only, args.skip, args.device)
@@ -530,6 +536,106 @@ def drop_file_pages(folder: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+QUANT_FORMATS = {"bf16": None, "int8": 8, "int4": 4}
+
+
+def quant_main(args) -> None:
+    """``--quant``: decode the same synthetic checkpoint as stored (bf16) and as ``quantize_experts`` writes it
+    (int8, int4 in groups of 64), each with the same number of experts resident (``--budgets``), LRU and
+    prefetch, ``io="direct"``. The formats run interleaved, ``--rounds`` times, because the machine is shared:
+    the table gives each one's median tokens/s, its ratio to bf16, and the load average around the runs."""
+    formats = [f.strip() for f in args.quant.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in QUANT_FORMATS]
+    if unknown:
+        sys.exit(f"--quant: {', '.join(unknown)} unknown; choose among {', '.join(QUANT_FORMATS)}")
+    tmp = None if args.folder else tempfile.mkdtemp(prefix="decode-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
+    folder = Path(args.folder or Path(tmp) / f"{args.shape}-{args.layers}")
+    trace = None
+    if args.trace:
+        from safetensors.torch import load_file
+
+        trace = load_file(args.trace)["experts"]
+    try:
+        write_checkpoint(args.shape, args.layers, folder, getattr(torch, args.dtype))
+        folders = {f: quantized_copy(folder, QUANT_FORMATS[f]) for f in formats}
+        report = quant_rounds(folders, args, trace)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        from offload_moe.atomic import atomic_write
+
+        atomic_write(args.json, json.dumps(report, indent=2).encode())
+    print_quant_table(report)
+
+
+def quantized_copy(folder: Path, bits: int | None) -> Path:
+    """``folder`` itself (None), or its ``quantize_experts`` copy beside it (made once, reused)."""
+    if bits is None:
+        return folder
+    import offload_moe
+
+    out = folder.with_name(f"{folder.name}-int{bits}")
+    if not (out / "config.json").exists():
+        print(f"quantizing {folder} to int{bits} ...", file=sys.stderr)
+        offload_moe.quantize_experts(folder, out, bits=bits, progress=False)
+    return out
+
+
+def quant_rounds(folders: dict[str, Path], args, trace) -> dict:
+    import offload_moe
+
+    total = offload_moe.plan(folders[next(iter(folders))], device_memory="1TiB").total_experts
+    report = {"shape": args.shape, "layers": args.layers, "tokens": args.tokens, "device": args.device,
+              "dtype": args.dtype, "trace": args.trace, "rounds": args.rounds, "threads": torch.get_num_threads(),
+              "total_experts": total, "load_average": [os.getloadavg()], "machine": machine(args.device), "rows": []}
+    for share in [float(b) for b in args.budgets.split(",")]:
+        capacity = max(2, round(share * total))
+        runs: dict[str, list[dict]] = {f: [] for f in folders}
+        for r in range(args.rounds):
+            for name, folder in folders.items():  # interleaved: each round runs every format once
+                if args.drop_caches:
+                    drop_caches()
+                runs[name].append(run_format(folder, args.device, capacity, args.tokens, trace))
+                print(f"budget {share:.1%} round {r + 1}: {name} {runs[name][-1]['tokens_per_s']:.3f} tok/s",
+                      file=sys.stderr)
+        medians = {f: sorted(x["tokens_per_s"] for x in v)[len(v) // 2] for f, v in runs.items()}
+        report["rows"].append({"budget": share, "capacity_experts": capacity, "runs": runs, "median_tokens_per_s": medians,
+                               "expert_bytes": {f: v[0]["expert_bytes"] for f, v in runs.items()}})
+        report["load_average"].append(os.getloadavg())
+    return report
+
+
+def run_format(folder: Path, device: str, capacity: int, tokens: int, trace) -> dict:
+    import offload_moe
+
+    model = offload_moe.load(folder, device=device, cache_experts=capacity, io="direct", progress=False,
+                             prefetch="gate" if trace is None else "transition")
+    try:
+        return decode(model, device, tokens, trace)
+    finally:
+        model.offload.close()
+        del model
+        gc.collect()
+
+
+def print_quant_table(report: dict) -> None:
+    m = report["machine"]
+    load = ", ".join(f"{a[0]:.1f}" for a in report["load_average"])
+    print(f"\n{report['shape']} shape, {report['layers']} layers, {report['total_experts']} experts, {report['device']}, "
+          f"{report['threads']} threads, io=direct, LRU + prefetch; median of {report['rounds']} interleaved rounds of "
+          f"{report['tokens']} tokens; load average (1 min) {load}; {m['date']}, torch {m['torch']}")
+    formats = list(report["rows"][0]["median_tokens_per_s"]) if report["rows"] else []
+    print("\n| budget | " + " | ".join(f"{f} tok/s (MiB/expert)" for f in formats)
+          + " | " + " | ".join(f"{f} / bf16" for f in formats if f != "bf16") + " |")
+    print("|" + "---|" * (1 + len(formats) + len([f for f in formats if f != "bf16"])))
+    for row in report["rows"]:
+        med = row["median_tokens_per_s"]
+        cells = [f"{med[f]:.3f} ({row['expert_bytes'][f] / 2**20:.0f})" for f in formats]
+        ratios = [f"{med[f] / med['bf16']:.2f}x" if "bf16" in med else "-" for f in formats if f != "bf16"]
+        print(f"| {row['budget']:.1%} ({row['capacity_experts']}) | " + " | ".join(cells + ratios) + " |")
 
 
 def drop_caches() -> None:

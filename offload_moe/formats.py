@@ -14,7 +14,12 @@ The formats, each component per expert, logical weight W [out, in] (``F.linear``
   gate and up projections apart, and blocks of 128 rows do not tile their concatenation when the expert
   width is not a multiple of 128. W[i, j] = q[i, j] * scale_inv[i // bm, j // bn] within each part.
 - ``mxfp4`` (gpt-oss): ``blocks`` uint8 [out, in / 32, 16] and ``scales`` uint8 [out, in / 32].
-- ``int8`` and ``int4`` (offload_moe's own store, QUANT_FORMAT.md): ``qweight``, ``scales`` (and ``zeros``).
+- ``int8`` (offload_moe's own store, docs/quantization.md): ``qweight`` int8 [out, in], ``scales`` float32 [out].
+- ``int4`` (offload_moe's own): ``qweight`` uint8 [out, in/2] in torch's CPU tile layout (``quant.pack_int4_tiles``),
+  ``scales_and_zeros`` bfloat16 (or float32) [parts, in/G, out_part, 2], one entry per row part as FP8's scales, as
+  ``torch._weight_int4pack_mm_for_cpu`` takes them: each row part is a matrix that kernel computes as it lies.
+
+Components stored per row part (``PER_PART``) lead with the part in a slot, so a slot's weight still knows its parts.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ FP8 = torch.float8_e4m3fn
 FP8_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)  # uint8: the "ue8m0" variant, 2**(b - 127)
 MXFP4_GROUP = 32
 INT4_SCALE_DTYPES = (torch.float32, torch.bfloat16)
+PER_PART = ("scale_inv", "scales_and_zeros")  # components a slot holds one entry per row part of
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,8 @@ class ExpertFormat:
             if cols % 2:
                 raise ValueError(f"int4 packs two columns a byte, and {cols} columns are odd")
             groups = -(-cols // self.block[0])
-            return {"qweight": ((rows, cols // 2), (torch.uint8,)), "scales": ((rows, groups), INT4_SCALE_DTYPES),
-                    "zeros": ((rows, groups), INT4_SCALE_DTYPES)}
+            return {"qweight": ((rows, cols // 2), (torch.uint8,)),
+                    "scales_and_zeros": ((parts, groups, rows // parts, 2), INT4_SCALE_DTYPES)}
         return {}
 
     def component_of(self, name: str, dtype: torch.dtype) -> tuple[str, str | None]:
@@ -83,7 +89,7 @@ class ExpertFormat:
                 if name.endswith("_" + component):
                     return name.removesuffix("_" + component), component
         elif self.kind in ("int8", "int4"):
-            for component in ("qweight", "scales", "zeros"):
+            for component in ("qweight", "scales_and_zeros" if self.kind == "int4" else "scales"):
                 if name.endswith("." + component):
                     return name.removesuffix("." + component), component
         return name, None
@@ -102,7 +108,7 @@ class ExpertFormat:
             else:
                 out[name] = t
         for param, components in packed.items():
-            out[param] = QuantizedWeight(self.kind, _parts(self.kind, components), self.block)
+            out[param] = QuantizedWeight(self.kind, _parts(components), self.block)
         return out
 
 
@@ -159,22 +165,23 @@ class QuantizedWeight:
         row = 0
         for part in self.parts:
             rows = _rows(self.kind, part)
-            out[row : row + rows].copy_(_dequantize(self.kind, part, self.block, out.dtype))
+            _dequantize_into(self.kind, part, self.block, out[row : row + rows])
             row += rows
         return out
 
 
-def _parts(kind: str, components: dict) -> tuple[dict[str, torch.Tensor], ...]:
+def _parts(components: dict) -> tuple[dict[str, torch.Tensor], ...]:
     """Components (tensors, or tuples of row blocks) -> one dict of tensors per row block."""
     blocks = [len(c) for c in components.values() if isinstance(c, tuple)]
-    scale = components.get("scale_inv")
-    n = blocks[0] if blocks else scale.shape[0] if kind == "fp8" and isinstance(scale, torch.Tensor) else 1
+    per_part = {name: c for name, c in components.items() if name in PER_PART and isinstance(c, torch.Tensor)}
+    in_slot = {name: c.dim() == (4 if name == "scales_and_zeros" else 3) for name, c in per_part.items()}
+    n = blocks[0] if blocks else next((c.shape[0] for name, c in per_part.items() if in_slot[name]), 1)
     split = {}
     for name, c in components.items():
         if isinstance(c, tuple):
             split[name] = c
-        elif kind == "fp8" and name == "scale_inv":
-            split[name] = tuple(c.unbind(0)) if c.dim() == 3 else (c,)
+        elif name in per_part:
+            split[name] = tuple(c.unbind(0)) if in_slot[name] else (c,)
         else:
             split[name] = c.chunk(n, dim=0)
     return tuple({name: split[name][i] for name in components} for i in range(n))
@@ -192,14 +199,15 @@ def _cols(kind: str, part: dict[str, torch.Tensor]) -> int:
     return part["qweight"].shape[1] * (2 if kind == "int4" else 1)
 
 
-def _dequantize(kind: str, part: dict[str, torch.Tensor], block: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_into(kind: str, part: dict[str, torch.Tensor], block: tuple[int, ...], out: torch.Tensor) -> None:
     if kind == "fp8":
-        return quant.dequantize_fp8_blocks(part["weight"], part["scale_inv"], block, dtype)
-    if kind == "mxfp4":
-        return quant.dequantize_mxfp4(part["blocks"], part["scales"], dtype)
-    if kind == "int8":
-        return quant.dequantize_int8(part["qweight"], part["scales"], dtype)
-    return quant.dequantize_int4(part["qweight"], part["scales"], part["zeros"], dtype)
+        quant.dequantize_fp8_blocks(part["weight"], part["scale_inv"], block, out.dtype, out=out)
+    elif kind == "mxfp4":
+        quant.dequantize_mxfp4(part["blocks"], part["scales"], out.dtype, out=out)
+    elif kind == "int8":
+        out.copy_(quant.dequantize_int8(part["qweight"], part["scales"], out.dtype))
+    else:
+        out.copy_(quant.dequantize_int4(part["qweight"], part["scales_and_zeros"], out.dtype))
 
 
 def dequantize_dense(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, ...], name: str,

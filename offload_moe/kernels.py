@@ -64,11 +64,46 @@ class Scratch:
 
 def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None,
                      scratch: Scratch | None) -> torch.Tensor:
-    """``F.linear`` with a packed weight: the one place that picks the kernel (now, on every device: dequantize
-    into the layer's scratch, then the usual matmul)."""
+    """``F.linear`` with a packed weight: the one place that picks the kernel.
+
+    On the CPU, int8 and int4 go to torch's weight-only kernels, which read the packed bytes as they lie (a
+    slot's, or the mapped file's with ``io="mmap"``): ``torch._weight_int8pack_mm`` and
+    ``torch._weight_int4pack_mm_for_cpu`` took 57 and 60-67 ms per Mixtral expert where dequantizing first took
+    363 and 1,100-1,500 ms (BENCHMARKS.md, "Expert kernels on CPU"). Everything else (FP8, MXFP4; CUDA; an int4
+    weight the kernel cannot take) is dequantized into the layer's ``scratch``, then the usual matmul.
+    """
+    if x.device.type == "cpu" and x.dtype in PACKED_DTYPES and _packed_kernel_fits(weight):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels take [tokens, in]
+        ys = [_packed_matmul(x2, weight.kind, part, weight.block) for part in weight.parts]
+        y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)).view(*x.shape[:-1], -1)
+        return y + bias if bias is not None else y
     scratch = scratch if scratch is not None else Scratch()
     dense = weight.dequantize(scratch.take(weight.shape, x.dtype, x.device))
     return F.linear(x, dense, bias)
+
+
+PACKED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # activations torch's CPU int8/int4 kernels take
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+# The int4 kernel's layout is the AVX-512 one only when torch runs its AVX-512 code (ATEN_CPU_CAPABILITY may lower it)
+INT4_KERNEL_LAYOUT = torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def _packed_kernel_fits(weight: QuantizedWeight) -> bool:
+    if weight.kind == "int8":
+        return all(p["qweight"].is_contiguous() for p in weight.parts)
+    if weight.kind == "int4":
+        return (INT4_KERNEL_LAYOUT and weight.block[0] in INT4_KERNEL_GROUPS
+                and all(p["qweight"].shape[0] % 16 == 0 and p["qweight"].is_contiguous() for p in weight.parts))
+    return False
+
+
+def _packed_matmul(x: torch.Tensor, kind: str, part: dict[str, torch.Tensor], block: tuple[int, ...]) -> torch.Tensor:
+    """x [T, in] @ one row part's packed weight.T -> [T, rows], with torch's CPU weight-only kernels; their scales
+    come in x's dtype (a cast of one value a row, or a group's two: small)."""
+    if kind == "int8":
+        return torch._weight_int8pack_mm(x, part["qweight"], part["scales"].to(x.dtype))
+    scales_and_zeros = part["scales_and_zeros"].to(x.dtype).contiguous()  # [in/G, rows, 2]
+    return torch._weight_int4pack_mm_for_cpu(x, part["qweight"], block[0], scales_and_zeros)
 
 
 class ExpertMLP:

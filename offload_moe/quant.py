@@ -24,11 +24,12 @@ int8 (offload_moe's own, for bf16/fp16 checkpoints)
     largest magnitude of the row over 127; ``q`` in -127..127. The layout of ``torch._weight_int8pack_mm``.
 
 int4 (offload_moe's own)
-    ``packed`` uint8 [..., out, in/2], two 4-bit codes a byte, the low nibble column 2k, the high nibble 2k+1;
-    ``scales`` and ``zeros`` float32 [..., out, in/group_size], asymmetric per group of ``group_size`` columns:
-    ``w = (code - 8) * scale + zero``, ``scale = (max - min) / 15``, ``zero = min + 8 * scale`` (the
-    convention of ``torch._weight_int4pack_mm_for_cpu``'s scales-and-zeros). ``group_size`` must be even and
-    divide ``in``.
+    Asymmetric per group of ``group_size`` columns of a row: ``w = (code - 8) * scale + zero``, codes 0..15,
+    ``scale = (max - min) / 15``, ``zero = min + 8 * scale``. Stored as torch's CPU int4 kernel
+    (``torch._weight_int4pack_mm_for_cpu``) takes it on AVX-512, so it computes from the bytes as they lie:
+    ``packed`` uint8 [..., out, in/2] in tiles of 64 rows (``pack_int4_tiles``), ``scales_and_zeros``
+    [..., in/group_size, out, 2] (a group's scale, then its zero). ``group_size`` must be even and divide
+    ``in``; ``out`` must be even (the kernel wants a multiple of 16 and groups of 32, 64, 128 or 256).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ E8M0_BIAS = 127
 INT8_MAX = 127
 INT4_LEVELS = 15  # codes 0..15
 INT4_MID = 8
+INT4_TILE = 64  # rows a tile of torch's AVX-512 int4 layout
 FP8_BLOCK = (128, 128)
 FORMATS = ("mxfp4", "fp8", "int8", "int4")
 _FP4_PAIRS = torch.tensor([(FP4_VALUES[b & 0x0F], FP4_VALUES[b >> 4]) for b in range(256)])  # a byte's two values
@@ -53,10 +55,11 @@ _FP4_PAIRS = torch.tensor([(FP4_VALUES[b & 0x0F], FP4_VALUES[b >> 4]) for b in r
 
 # -- MXFP4 ---------------------------------------------------------------------------------------------------
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
-                     name: str = "MXFP4 tensor") -> torch.Tensor:
+                     name: str = "MXFP4 tensor", out: torch.Tensor | None = None) -> torch.Tensor:
     """``blocks`` uint8 [..., out, G, 16] and ``scales`` uint8 [..., out, G] -> [..., out, 32 G] in ``dtype``,
     rows as stored (gpt-oss's parameter is the transpose). Equal, bit for bit, to transformers'
-    ``convert_moe_packed_tensors`` transposed: each value scaled in float32 as ``torch.ldexp`` does, rounded once."""
+    ``convert_moe_packed_tensors`` transposed: each value scaled in float32 as ``torch.ldexp`` does, rounded once.
+    ``out`` (contiguous, floating): written in place and returned, through no float32 copy of the weight."""
     _expect_dtype(blocks, torch.uint8, f"{name} (blocks)")
     _expect_dtype(scales, torch.uint8, f"{name} (scales)")
     if blocks.dim() < 3 or blocks.shape[-1] != MXFP4_GROUP // 2 or blocks.shape[:-1] != scales.shape:
@@ -65,20 +68,30 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
             f"and a last dimension of {MXFP4_GROUP // 2} bytes, but the scales have shape {list(scales.shape)}; "
             "the checkpoint is corrupted or not MXFP4"
         )
+    exponent = scales.to(torch.int32) - E8M0_BIAS  # [..., out, G]
+    overflow = bool((exponent > E8M0_BIAS).any())  # byte 255: 2**128 overflows float32, ldexp does not
+    if out is not None and out.is_contiguous() and not overflow:
+        # FP4 values are exact in any float dtype; a float32 scale times them rounds once, as below
+        torch.index_select(_FP4_PAIRS.to(out.device, out.dtype), 0, blocks.reshape(-1).int(),
+                           out=out.view(-1, 2))  # [..., out, G * 16, 2]: each byte's two columns
+        return out.view(*scales.shape, MXFP4_GROUP).mul_(torch.exp2(exponent.float())[..., None]).view(out.shape)
     pairs = _FP4_PAIRS.to(blocks.device)
     values = torch.nn.functional.embedding(blocks.int(), pairs).flatten(-2)  # [..., out, G, 32]
-    exponent = scales.to(torch.int32) - E8M0_BIAS  # [..., out, G]
-    if (exponent > E8M0_BIAS).any():  # byte 255: 2**128 overflows float32, ldexp does not
-        return torch.ldexp(values, exponent[..., None]).flatten(-2).to(dtype)
-    return (values * torch.exp2(exponent.float())[..., None]).flatten(-2).to(dtype)  # exact, as ldexp, and faster
+    if overflow:
+        w = torch.ldexp(values, exponent[..., None]).flatten(-2).to(dtype)
+    else:
+        w = (values * torch.exp2(exponent.float())[..., None]).flatten(-2).to(dtype)  # exact, as ldexp, and faster
+    return w if out is None else out.copy_(w)
 
 
 # -- block FP8 -----------------------------------------------------------------------------------------------
 def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = FP8_BLOCK,
-                          dtype: torch.dtype = torch.bfloat16, *, name: str = "FP8 weight") -> torch.Tensor:
+                          dtype: torch.dtype = torch.bfloat16, *, name: str = "FP8 weight",
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """``weight`` float8 [..., out, in] and ``scale_inv`` [..., ceil(out/bm), ceil(in/bn)] -> [..., out, in] in
     ``dtype``: ``w[i, j] = q[i, j] * scale_inv[i // bm, j // bn]``, computed in float32 and rounded once (as
-    DeepSeek's ``weight_dequant``); a partial last block uses its scale entry."""
+    DeepSeek's ``weight_dequant``); a partial last block uses its scale entry. ``out`` (contiguous, 16 or 32
+    bits): written in place and returned; where the blocks tile the weight, through no float32 copy of it."""
     if weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise CheckpointError(f"{name}: dtype {_dtype_name(weight.dtype)}, but a block-FP8 weight is float8_e4m3fn; "
                               "the checkpoint is corrupted or its quantization_config does not describe it")
@@ -93,9 +106,18 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
             f"{list(weight.shape)} in blocks of [{bm}, {bn}] needs {list(want)}; the checkpoint is corrupted or "
             "its weight_block_size is not the one it was written with"
         )
+    if out is not None and out.is_contiguous() and rows % bm == 0 and cols % bn == 0 and out.dtype.itemsize >= 2:
+        # q is exact in 16 bits (read through a table of its 256 values: faster than torch's float8 cast); a
+        # float32 scale times it rounds once, as below
+        values = torch.arange(256, dtype=torch.uint8, device=weight.device).view(weight.dtype).to(out.dtype)
+        torch.index_select(values, 0, weight.reshape(-1).view(torch.uint8).int(), out=out.view(-1))
+        tiles = out.view(*want[:-2], want[-2], bm, want[-1], bn)
+        tiles.mul_(_scale_values(scale_inv, name)[..., :, None, :, None])
+        return out
     scale = _scale_values(scale_inv, name).repeat_interleave(bm, dim=-2)[..., :rows, :]  # [..., out, in blocks]
     padded = torch.nn.functional.pad(weight.float(), (0, want[-1] * bn - cols))  # whole column blocks
-    return (padded.unflatten(-1, (want[-1], bn)) * scale[..., None]).flatten(-2)[..., :cols].to(dtype).contiguous()
+    w = (padded.unflatten(-1, (want[-1], bn)) * scale[..., None]).flatten(-2)[..., :cols].to(dtype).contiguous()
+    return w if out is None else out.copy_(w)
 
 
 def _scale_values(scale_inv: torch.Tensor, name: str) -> torch.Tensor:
@@ -139,39 +161,69 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 
 # -- int4, group-wise asymmetric -------------------------------------------------------------------------------
-def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``w`` [..., out, in] -> (packed uint8 [..., out, in/2], scales and zeros float32 [..., out, in/group_size]):
-    each group of ``group_size`` columns spans its min..max in 16 levels, so each weight is off by at most half
-    its group's scale."""
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [..., out, in] -> (packed uint8 [..., out, in/2] in torch's CPU tile layout (``pack_int4_tiles``),
+    scales-and-zeros float32 [..., in/group_size, out, 2]): each group of ``group_size`` columns spans its
+    min..max in 16 levels, so each weight is off by at most half its group's scale."""
     _expect_float(w, "quantize_int4")
     _check_group(group_size, w.shape[-1])
+    if w.shape[-2] % 2:
+        raise ConfigError(f"int4 packs rows in pairs, and this weight has {w.shape[-2]} rows; use bits=8")
     groups = w.float().unflatten(-1, (-1, group_size))  # [..., out, G, group]
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = torch.where(high > low, (high - low) / INT4_LEVELS, torch.ones_like(low))
     zeros = low + INT4_MID * scales
     codes = torch.round((groups - zeros[..., None]) / scales[..., None] + INT4_MID).clamp(0, INT4_LEVELS)
     codes = codes.to(torch.uint8).flatten(-2)  # [..., out, in]
-    return codes[..., 0::2] | (codes[..., 1::2] << 4), scales, zeros
+    return pack_int4_tiles(codes), torch.stack((scales, zeros), -1).transpose(-3, -2).contiguous()
 
 
-def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    dtype: torch.dtype = torch.bfloat16, *, name: str = "int4 weight") -> torch.Tensor:
-    """``packed`` uint8 [..., out, in/2], ``scales`` and ``zeros`` [..., out, G] -> [..., out, in] in ``dtype``,
-    the group size being in / G."""
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+                    name: str = "int4 weight") -> torch.Tensor:
+    """``packed`` uint8 [..., out, in/2] (tiles) and ``scales_and_zeros`` [..., G, out, 2] -> [..., out, in] in
+    ``dtype``, the group size being in / G."""
     _expect_dtype(packed, torch.uint8, name)
-    cols = 2 * packed.shape[-1] if packed.dim() >= 2 else 0
-    groups = scales.shape[-1] if scales.dim() >= 1 else 0
-    rows_fit = scales.shape == zeros.shape and scales.shape[:-1] == packed.shape[:-1]
-    if packed.dim() < 2 or not rows_fit or groups == 0 or cols % groups or (cols // groups) % 2:
+    sz = scales_and_zeros
+    rows, cols = (packed.shape[-2], 2 * packed.shape[-1]) if packed.dim() >= 2 else (0, 0)
+    groups = sz.shape[-3] if sz.dim() >= 3 else 0
+    fits = (sz.dim() == packed.dim() + 1 and sz.shape[:-3] == packed.shape[:-2] and sz.shape[-2:] == (rows, 2)
+            and groups > 0 and cols % groups == 0 and (cols // groups) % 2 == 0 and rows % 2 == 0)
+    if packed.dim() < 2 or not fits:
         raise CheckpointError(
-            f"{name}: scales {list(scales.shape)} and zeros {list(zeros.shape)} do not fit a packed int4 weight of "
-            f"shape {list(packed.shape)} ({cols} columns): they need shape [{', '.join(map(str, packed.shape[:-1]))}, "
-            "G], G dividing the columns into even groups; the store is corrupted"
+            f"{name}: scales_and_zeros of shape {list(sz.shape)} do not fit a packed int4 weight of shape "
+            f"{list(packed.shape)} ({rows} rows, {cols} columns): they need shape "
+            f"[{', '.join(map(str, (*packed.shape[:-2], 'G', rows, 2)))}], G dividing the columns into even groups, "
+            "and the rows must be even; the store is corrupted"
         )
-    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2).float()  # [..., out, in]
-    codes = codes.unflatten(-1, (groups, cols // groups))
-    w = (codes - INT4_MID) * scales.float()[..., None] + zeros.float()[..., None]
-    return w.flatten(-2).to(dtype)
+    codes = unpack_int4_tiles(packed).unflatten(-1, (groups, cols // groups)).float()  # [..., out, G, group]
+    scale, zero = sz.float().transpose(-3, -2).unbind(-1)  # [..., out, G]
+    return ((codes - INT4_MID) * scale[..., None] + zero[..., None]).flatten(-2).to(dtype)
+
+
+def pack_int4_tiles(codes: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 0..15 [..., out, in] (``out`` even) -> uint8 [..., out, in/2], the bytes
+    ``torch._convert_weight_to_int4pack_for_cpu`` makes on an AVX-512 CPU. Rows go in tiles of 64, each
+    tile column-major: for each column k, 32 bytes, byte d (d < 16) holding rows d (low nibble) and d + 32
+    (high), byte 16 + d rows d + 16 and d + 48. A last tile of r < 64 rows holds, for each column k, r/2 bytes:
+    rows 2m (low) and 2m + 1 (high). A tile's bytes depend only on its rows, so row blocks concatenate."""
+    *lead, out, cols = codes.shape
+    full = out - out % INT4_TILE
+    tiles = codes[..., :full, :].unflatten(-2, (-1, 2, 2, INT4_TILE // 4))  # [..., T, high?, half, 16, in]
+    tiles = (tiles[..., 0, :, :, :] | (tiles[..., 1, :, :, :] << 4)).movedim(-1, -3)  # [..., T, in, 2, 16]
+    tail = codes[..., full:, :].unflatten(-2, (-1, 2))  # [..., r/2, 2, in]
+    tail = (tail[..., 0, :] | (tail[..., 1, :] << 4)).transpose(-1, -2)  # [..., in, r/2]
+    return torch.cat((tiles.reshape(*lead, full, cols // 2), tail.reshape(*lead, out - full, cols // 2)), -2)
+
+
+def unpack_int4_tiles(packed: torch.Tensor) -> torch.Tensor:
+    """``pack_int4_tiles`` undone: uint8 [..., out, in/2] -> codes uint8 [..., out, in]."""
+    *lead, out, half = packed.shape
+    full = out - out % INT4_TILE
+    nibbles = torch.stack((packed & 0x0F, packed >> 4), -1)  # [..., out, in/2, 2]: each byte's low, high
+    tiles = nibbles[..., :full, :, :].reshape(*lead, -1, 2 * half, 2, INT4_TILE // 4, 2)  # [..., T, in, half, 16, high?]
+    tiles = tiles.movedim(-1, -4).movedim(-3, -1).reshape(*lead, full, 2 * half)  # [..., T, high?, half, 16, in]
+    tail = nibbles[..., full:, :, :].reshape(*lead, 2 * half, (out - full) // 2, 2)  # [..., in, r/2, high?]
+    return torch.cat((tiles, tail.movedim(-3, -1).reshape(*lead, out - full, 2 * half)), -2)
 
 
 def _check_group(group_size: object, cols: int) -> None:

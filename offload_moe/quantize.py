@@ -6,9 +6,9 @@ writes a new folder in offload_moe's format version 1 (docs/quantization.md):
 
 - dense tensors copied byte for byte, under their own names;
 - each routed-expert weight ``T`` replaced by ``T.qweight`` and ``T.scales`` (int8, one scale per output
-  channel) or ``T.qweight``, ``T.scales`` and ``T.zeros`` (int4, group-wise, two values a byte), always
-  in ``F.linear``'s [out, in] layout, a fused tensor keeping its leading expert dimension; expert biases
-  are copied as they are;
+  channel) or ``T.qweight`` and ``T.scales_and_zeros`` (int4, group-wise, two values a byte, in the layout
+  torch's CPU int4 kernel computes from), always of ``F.linear``'s [out, in] weight, a fused tensor keeping
+  its leading expert dimension; expert biases are copied as they are;
 - the other files of the folder copied, and ``config.json`` given a ``quantization_config``.
 
 One expert tensor is in memory at a time, plus the shard being gathered (``shard_size``). Everything is
@@ -49,7 +49,7 @@ BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 64
 SHARD_BYTES = 2 * 2**30  # the most tensor bytes gathered in memory before a shard is written
 INDEX = "model.safetensors.index.json"
-COMPONENTS = {8: ("qweight", "scales"), 4: ("qweight", "scales", "zeros")}
+COMPONENTS = {8: ("qweight", "scales"), 4: ("qweight", "scales_and_zeros")}
 # Not copied: the weights themselves in other formats, and a checksum manifest of the source's expert bytes.
 NOT_COPIED = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
@@ -196,6 +196,10 @@ def _check_quantizable(tensors: list[tuple[TensorInfo, ExpertTensor | None]], bi
         if bits == 8 or expert is None or expert.bias:
             continue
         columns = expert.pieces[0].shape[0 if expert.transposed else -1]
+        rows = expert.pieces[0].shape[-1 if expert.transposed else 0]
+        if rows % 2:
+            raise ConfigError(f"{info.file}: expert tensor {info.name!r} has {rows} output rows; int4 packs rows in "
+                              "pairs and needs an even count. Use bits=8 for this model")
         if columns % 2:
             raise ConfigError(f"{info.file}: expert tensor {info.name!r} has {columns} input columns; int4 packs two "
                               "a byte and needs an even count. Use bits=8 for this model")
@@ -238,7 +242,7 @@ def _write_tensors(store: ExpertStore, tensors: list[tuple[TensorInfo, ExpertTen
 
 def quantize_tensor(store: ExpertStore, expert: ExpertTensor, bits: int, group_size: int | None,
                     advance: Callable[[int], None] = lambda n: None) -> dict[str, torch.Tensor]:
-    """The components of one expert weight (``T.qweight``, ``T.scales``[, ``T.zeros``]), read and quantized
+    """The components of one expert weight (``T.qweight`` and ``T.scales`` or ``T.scales_and_zeros``), read and quantized
     one expert at a time; a fused tensor's components keep its leading expert dimension."""
     parts: list[torch.Tensor] | None = None
     for e, piece in enumerate(expert.pieces):
@@ -257,9 +261,10 @@ def quantize_tensor(store: ExpertStore, expert: ExpertTensor, bits: int, group_s
     return {f"{expert.info.name}.{n}": c.contiguous() for n, c in zip(COMPONENTS[bits], parts)}
 
 
-def _stored_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Scales and zeros are stored in bfloat16: 0.28 of bf16's bytes at groups of 64, where float32 takes 0.31."""
-    return packed, scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
+def _stored_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Scales and zeros are stored in bfloat16: 0.28 of bf16's bytes at groups of 64, where float32 takes 0.31;
+    and bfloat16 is what the CPU int4 kernel takes with bf16 activations, so it uses them as they lie."""
+    return packed, scales_and_zeros.to(torch.bfloat16)
 
 
 class Shards:
@@ -276,7 +281,7 @@ class Shards:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.names:
             raise CheckpointError(f"{self.folder}: the quantized checkpoint would hold two tensors named {name!r}; the "
-                                  "source already has a tensor of that name (a .qweight, .scales or .zeros suffix)")
+                                  "source already has a tensor of that name (a .qweight, .scales or .scales_and_zeros suffix)")
         self.names.add(name)
         if self.pending and self.pending_bytes + tensor.nbytes > self.limit:
             self._flush()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .formats import DENSE, ExpertFormat, dequantize_dense
+from .formats import DENSE, PER_PART, ExpertFormat, dequantize_dense
 from .kernels import RowBlocks, linear  # noqa: F401  (the expert math lived here; importable from here still)
 from .safetensors_io import FileReader, MappedFiles, TensorInfo, checkpoint_files, read_header, short_repr
 
@@ -288,8 +288,8 @@ class ExpertStore(PieceStore):
         out, cols = shape[::-1] if spec.is_transposed else shape  # the weight as F.linear takes it
         start, stop, step = rows[0].indices(out)
         part_rows = len(range(start, stop, step))
-        if component == "scale_inv" and step != 1:
-            raise CheckpointError(f"{info.file}: {short_repr(info.name)} scales blocks of interleaved rows, which "
+        if (component in PER_PART or self.format.kind == "int4") and step != 1:  # scales, or int4's tiles of rows
+            raise CheckpointError(f"{info.file}: {short_repr(info.name)} packs interleaved rows, which "
                                   "offload_moe does not read; please report this model")
         try:
             slot = self.format.components(out, cols, out // part_rows)[component]
@@ -299,7 +299,7 @@ class ExpertStore(PieceStore):
             raise CheckpointError(f"{info.file}: expert tensor {short_repr(info.name)}: {reason}; the checkpoint "
                                   "does not match its config") from None
         index = rows
-        if component == "scale_inv":  # the scales of one row part: one entry of the slot's [parts, ...]
+        if component in PER_PART:  # the scales of one row part: one entry of the slot's [parts, ...]
             want, index = want[1:], (slice(start // part_rows, start // part_rows + 1),)
         if fused:
             want = (spec.num_experts, *want)

@@ -38,7 +38,7 @@ DATE = "2026-12-01"
 
 
 def dequantized_checkpoint(source: Path, quantized: Path, out: Path) -> Path:
-    """A plain float checkpoint of a quantized folder: each ``T.qweight``/``.scales``[/``.zeros``] becomes ``T`` in
+    """A plain float checkpoint of a quantized folder: each ``T.qweight``/``.scales`` (or ``.scales_and_zeros``) becomes ``T`` in
     float32, every other tensor and file as it is; config without quantization."""
     config = json.loads((quantized / "config.json").read_text())
     settings = config.pop("quantization_config")
@@ -59,9 +59,9 @@ def dequantized_checkpoint(source: Path, quantized: Path, out: Path) -> Path:
             if settings["bits"] == 8:
                 w = dequantize_int8(t, tensors[base + ".scales"], torch.float32)
             else:
-                w = dequantize_int4(t, tensors[base + ".scales"], tensors[base + ".zeros"], torch.float32)
+                w = dequantize_int4(t, tensors[base + ".scales_and_zeros"], torch.float32)
             plain[base] = w.float()
-        elif not name.endswith((".scales", ".zeros")):
+        elif not name.endswith((".scales", ".scales_and_zeros")):
             plain[name] = t
     with safe_open(source / "model.safetensors", "pt") as f:
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}

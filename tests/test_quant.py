@@ -16,8 +16,10 @@ from offload_moe.quant import (
     dequantize_mxfp4,
     expert_bytes,
     matrix_bytes,
+    pack_int4_tiles,
     quantize_int4,
     quantize_int8,
+    unpack_int4_tiles,
 )
 from tiny_models import encode_fp8_blocks, encode_mxfp4
 
@@ -213,38 +215,56 @@ def test_int8_takes_a_floating_matrix_only(w):
 
 
 # -- int4 ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("shape", "group"), [((64, 256), 128), ((3, 24, 40), 8), ((5, 96), 32), ((2, 6), 2)])
+AVX512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                            reason="torch's CPU int4 layout is the stored one on AVX-512 only")
+
+
+@pytest.mark.parametrize(("shape", "group"), [((64, 256), 128), ((3, 24, 40), 8), ((6, 96), 32), ((2, 6), 2),
+                                              ((2, 80, 64), 32)])
 def test_int4_round_trip_is_within_half_a_group_step(shape, group):
     w = torch.randn(shape, generator=generator(8)) + torch.rand(shape[:-1] + (1,), generator=generator(9)) * 5
     w[..., 0, :group] = 0.25  # a constant group: scale 1, every code 8, exact
-    packed, scales, zeros = quantize_int4(w, group)
+    packed, scales_and_zeros = quantize_int4(w, group)
     groups = shape[-1] // group
     assert packed.dtype == torch.uint8 and packed.shape == (*shape[:-1], shape[-1] // 2)
-    assert scales.shape == zeros.shape == (*shape[:-1], groups)
-    back = dequantize_int4(packed, scales, zeros, torch.float32)
-    step = scales.repeat_interleave(group, -1)
+    assert scales_and_zeros.shape == (*shape[:-2], groups, shape[-2], 2)
+    back = dequantize_int4(packed, scales_and_zeros, torch.float32)
+    step = scales_and_zeros[..., 0].transpose(-1, -2).repeat_interleave(group, -1)
     assert ((back - w).abs() <= step / 2 + 1e-5 * w.abs().amax()).all()
     assert torch.equal(back[..., 0, :group], w[..., 0, :group])
 
 
-def test_int4_packs_two_codes_a_byte_low_nibble_first():
-    w = torch.tensor([[0.0, 15.0, 3.0, 8.0]])  # one group spanning 0..15: scale 1, zero 8, code = value
-    packed, scales, zeros = quantize_int4(w, 4)
-    assert scales.tolist() == [[1.0]] and zeros.tolist() == [[8.0]]
-    assert packed.tolist() == [[0x0 | 0xF << 4, 0x3 | 0x8 << 4]]
-    assert torch.equal(dequantize_int4(packed, scales, zeros, torch.float32), w)
+def test_int4_packs_a_pair_of_rows_a_byte_column_by_column_below_a_tile():
+    w = torch.tensor([[0.0, 15.0, 3.0, 8.0], [15.0, 0.0, 8.0, 3.0]])  # one group each spanning 0..15: code = value
+    packed, scales_and_zeros = quantize_int4(w, 4)
+    assert scales_and_zeros.tolist() == [[[1.0, 8.0], [1.0, 8.0]]]
+    assert packed.flatten().tolist() == [0x0 | 0xF << 4, 0xF | 0x0 << 4, 0x3 | 0x8 << 4, 0x8 | 0x3 << 4]
+    assert torch.equal(dequantize_int4(packed, scales_and_zeros, torch.float32), w)
 
 
-def test_int4_layout_is_the_one_torch_weight_int4pack_mm_takes():
-    """Unpacked codes and [G, out, 2] scales-and-zeros go to torch's CPU int4 kernel unchanged."""
-    w = torch.randn(64, 256, generator=generator(10))
+def test_int4_tiles_of_64_rows_pair_rows_d_with_d_plus_32():
+    codes = (torch.arange(64)[:, None] % 16).expand(64, 2).to(torch.uint8)  # row r holds code r % 16
+    packed = pack_int4_tiles(codes).flatten()  # column 0: 32 bytes, then column 1
+    assert packed[:32].tolist() == [d % 16 | (d % 16) << 4 for d in range(32)] and torch.equal(packed[32:], packed[:32])
+    assert torch.equal(unpack_int4_tiles(pack_int4_tiles(codes)), codes)
+
+
+@AVX512
+@pytest.mark.parametrize("rows", [16, 48, 64, 80, 192, 240])
+def test_int4_bytes_are_the_ones_torch_packs_for_its_cpu_kernel(rows):
+    codes = torch.randint(0, 16, (rows, 96), generator=generator(12)).to(torch.uint8)
+    theirs = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    assert torch.equal(pack_int4_tiles(codes), theirs.view(rows, 48))
+    assert torch.equal(unpack_int4_tiles(theirs.view(rows, 48)), codes)
+
+
+@AVX512
+def test_int4_kernel_computes_from_the_stored_tensors_as_they_are():
+    w = torch.randn(128, 256, generator=generator(10))
     x = torch.randn(3, 256, generator=generator(11)).bfloat16()
-    packed, scales, zeros = quantize_int4(w, 64)
-    codes = torch.stack((packed & 0x0F, packed >> 4), -1).flatten(-2).to(torch.int32)
-    weight = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
-    scales_and_zeros = torch.stack((scales, zeros), -1).transpose(0, 1).contiguous().bfloat16()
-    kernel = torch._weight_int4pack_mm_for_cpu(x, weight, 64, scales_and_zeros).float()
-    reference = x.float() @ dequantize_int4(packed, scales, zeros, torch.float32).T
+    packed, scales_and_zeros = quantize_int4(w, 64)
+    kernel = torch._weight_int4pack_mm_for_cpu(x, packed, 64, scales_and_zeros.bfloat16()).float()
+    reference = x.float() @ dequantize_int4(packed, scales_and_zeros.bfloat16(), torch.float32).T
     assert torch.allclose(kernel, reference, rtol=2e-2, atol=0.2)
 
 
@@ -255,11 +275,16 @@ def test_int4_a_group_size_that_does_not_divide_is_refused_with_one_that_does(co
         quantize_int4(torch.randn(4, cols), group)
 
 
-@pytest.mark.parametrize(("scales", "zeros"), [((8, 3), (8, 3)), ((8, 2), (8, 4)), ((4, 2), (4, 2)), ((8, 5), (8, 5))])
-def test_int4_scales_that_do_not_fit_name_the_tensor(scales, zeros):
-    packed, _, _ = quantize_int4(torch.randn(8, 64), 32)
-    with pytest.raises(CheckpointError, match="experts/1.gate: scales"):
-        dequantize_int4(packed, torch.ones(scales), torch.ones(zeros), name="experts/1.gate")
+def test_int4_an_odd_row_count_is_refused():
+    with pytest.raises(ConfigError, match="5 rows; use bits=8"):
+        quantize_int4(torch.randn(5, 64), 32)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 2), (2, 4, 2), (2, 8, 3), (5, 8, 2), (1, 2, 8, 2)])
+def test_int4_scales_that_do_not_fit_name_the_tensor(shape):
+    packed, _ = quantize_int4(torch.randn(8, 64), 32)
+    with pytest.raises(CheckpointError, match="experts/1.gate: scales_and_zeros"):
+        dequantize_int4(packed, torch.ones(shape), name="experts/1.gate")
 
 
 # -- bytes ---------------------------------------------------------------------------------------------------

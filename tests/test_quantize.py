@@ -19,7 +19,7 @@ import offload_moe
 import offload_moe.quantize as quantize_module
 from offload_moe import CheckpointError, ConfigError, quantize_experts
 from offload_moe.cli import app
-from offload_moe.quant import dequantize_int4, dequantize_int8, quantize_int4
+from offload_moe.quant import dequantize_int4, dequantize_int8, quantize_int4, unpack_int4_tiles
 from tiny_models import make_model
 
 # Expert weights of the families below, named independently of the store's index: per-expert (Mixtral, Qwen3,
@@ -82,7 +82,7 @@ def test_every_tensor_but_the_expert_weights_is_copied_byte_for_byte(quantized, 
     experts = {n for n in before if EXPERT_WEIGHT.search(n)}
     assert experts, "the family's expert weights were not recognised by the test"
     expected = {n for n in before if n not in experts}
-    expected |= {f"{n}.{c}" for n in experts for c in ("qweight", "scales", "zeros")}
+    expected |= {f"{n}.{c}" for n in experts for c in ("qweight", "scales_and_zeros")}
     assert set(after) == expected
     for name in set(before) - experts:
         assert after[name].dtype == before[name].dtype and after[name].shape == before[name].shape, name
@@ -118,9 +118,9 @@ def test_each_expert_is_quantized_as_quant_py_quantizes_its_weight_alone(quantiz
         w = logical(family, before[name])
         experts = w.unbind(0) if w.dim() == 3 else [w]
         for e, alone in enumerate(experts):
-            packed, scales, zeros = quantize_int4(alone.contiguous(), TINY_GROUP)
-            want = [packed, scales.to(torch.bfloat16), zeros.to(torch.bfloat16)]
-            got = [after[f"{name}.{c}"] for c in ("qweight", "scales", "zeros")]
+            packed, scales_and_zeros = quantize_int4(alone.contiguous(), TINY_GROUP)
+            want = [packed, scales_and_zeros.to(torch.bfloat16)]
+            got = [after[f"{name}.{c}"] for c in ("qweight", "scales_and_zeros")]
             got = [g[e] for g in got] if w.dim() == 3 else got
             assert all(torch.equal(a, b) for a, b in zip(want, got)), (name, e)
 
@@ -132,14 +132,14 @@ def test_int4_components_follow_the_format_and_round_to_within_half_a_step(quant
     before, after = tensors(source), tensors(out)
     for name in (n for n in before if EXPERT_WEIGHT.search(n)):
         w = logical(family, before[name])
-        packed, scales, zeros = (after[f"{name}.{c}"] for c in ("qweight", "scales", "zeros"))
+        packed, scales_and_zeros = (after[f"{name}.{c}"] for c in ("qweight", "scales_and_zeros"))
         assert packed.dtype == torch.uint8 and packed.shape == (*w.shape[:-1], w.shape[-1] // 2), name
-        assert scales.dtype == zeros.dtype == torch.bfloat16, name
-        assert scales.shape == zeros.shape == (*w.shape[:-1], w.shape[-1] // group_size), name
-        codes = torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2).float()  # column 2j low nibble, 2j+1 high
-        step = scales.float().repeat_interleave(group_size, dim=-1)
-        zero = zeros.float().repeat_interleave(group_size, dim=-1)
-        assert torch.equal(dequantize_int4(packed, scales, zeros, torch.float32), (codes - 8) * step + zero), name
+        assert scales_and_zeros.dtype == torch.bfloat16, name
+        assert scales_and_zeros.shape == (*w.shape[:-2], w.shape[-1] // group_size, w.shape[-2], 2), name
+        codes = unpack_int4_tiles(packed).float()
+        step, zero = (t.float().transpose(-1, -2).repeat_interleave(group_size, dim=-1)
+                      for t in scales_and_zeros.unbind(-1))  # [..., out, in]
+        assert torch.equal(dequantize_int4(packed, scales_and_zeros, torch.float32), (codes - 8) * step + zero), name
         # codes were rounded against float32 scales and zeros; bfloat16 keeps each to 2**-8 of itself
         error = ((codes - 8) * step + zero - w).abs()
         assert (error <= step * (0.5 + 9 * 2**-8) + zero.abs() * 2**-8 + 1e-7).all(), name
@@ -156,7 +156,7 @@ def test_the_bundled_model_shrinks_to_half_with_int8_and_below_three_tenths_with
         written = 0
         with safe_open(result.folder / "model-00001-of-00001.safetensors", "pt") as f:
             for name in f.keys():
-                if name.endswith((".qweight", ".scales", ".zeros")):
+                if name.endswith((".qweight", ".scales", ".scales_and_zeros")):
                     t = f.get_slice(name)
                     written += math.prod(t.get_shape()) * {"I8": 1, "U8": 1, "F32": 4, "BF16": 2}[t.get_dtype()]
         assert written == result.expert_bytes and result.source_expert_bytes == expert_bytes
@@ -257,9 +257,9 @@ def test_bad_settings_are_refused_before_anything_is_read(tmp_path, settings, me
         quantize_experts(tmp_path / "missing", tmp_path / "q", progress=False, **settings)
 
 
-def test_int4_needs_an_even_number_of_input_columns_in_whole_groups(model_dir, tmp_path):
+def test_int4_needs_even_rows_and_input_columns_in_whole_groups(model_dir, tmp_path):
     source = make_model("mixtral", tmp_path / "odd", intermediate_size=47)
-    with pytest.raises(ConfigError, match=r"w2\.weight' has 47 input columns.*bits=8"):
+    with pytest.raises(ConfigError, match=r"w1\.weight' has 47 output rows.*bits=8"):  # w2: 47 input columns
         quantize_experts(source, tmp_path / "q", bits=4, group_size=2, progress=False)
     with pytest.raises(ConfigError, match=r"w1\.weight' has 32 input columns, which groups of 64 do not divide.*e\.g\. 32"):
         quantize_experts(model_dir("mixtral"), tmp_path / "q", bits=4, progress=False)

@@ -270,11 +270,11 @@ def live(trace: Trace, policies: list[str], fraction: float, steps: int) -> list
 def print_tables(rows: list[dict], live_rows: list[dict]) -> None:
     print("\nWithout prefetch: hit rate / Belady's (Belady's hit rate in brackets)")
     names = list(dict.fromkeys(r["policy"] for r in rows if r["predictor"] == "none"))
-    print(f"{'trace':26s} {'capacity':>14s} " + " ".join(f"{n[:14]:>14s}" for n in names))
+    print(f"{'trace':26s} {'capacity':>14s} " + " ".join(f"{n.replace('foresight: ', 'knows ')[:16]:>16s}" for n in names))
     for (trace, fraction), group in _grouped(rows, ("trace", "fraction")).items():
         by = {r["policy"]: r for r in group if r["predictor"] == "none"}
         print(f"{trace:26s} {fraction:>6.1%} ({by['lru']['belady_hit_rate']:.3f}) "
-              + " ".join(f"{by[n]['of_belady']:>14.3f}" if n in by else f"{'':>14s}" for n in names))
+              + " ".join(f"{by[n]['of_belady']:>16.3f}" if n in by else f"{'':>16s}" for n in names))
     print("\nWith prefetch: hit rate, loads per request (Belady without prefetch: hit rate, loads per request)")
     for (trace, fraction), group in _grouped(rows, ("trace", "fraction")).items():
         cells = [f"{r['policy']}+{r['predictor']} {r['hit_rate']:.3f}/{r['loads'] / r['requests']:.3f}"

@@ -11,14 +11,15 @@ from ..errors import ConfigError
 from .base import EvictionPolicy, Key
 from .belady import Belady
 from .fifo import FIFO
+from .forecast import Forecast
 from .lfu import LFU
 from .lru import LRU
 from .rand import Random
 
-POLICIES: dict[str, type[EvictionPolicy]] = {cls.name: cls for cls in (LRU, LFU, FIFO, Random, Belady)}
+POLICIES: dict[str, type[EvictionPolicy]] = {cls.name: cls for cls in (LRU, LFU, FIFO, Random, Belady, Forecast)}
 BUILT_IN: dict[str, type[EvictionPolicy]] = dict(POLICIES)  # what a freshly started process knows
 
-__all__ = ["BUILT_IN", "POLICIES", "Belady", "EvictionPolicy", "FIFO", "Key", "LFU", "LRU", "Random", "make_policy"]
+__all__ = ["BUILT_IN", "POLICIES", "Belady", "EvictionPolicy", "FIFO", "Forecast", "Key", "LFU", "LRU", "Random", "make_policy"]
 
 
 def make_policy(name: str, *, seed: int = 0, future: Sequence[Key] | None = None) -> EvictionPolicy:

@@ -51,6 +51,13 @@ class LazyHeap:
 
     def lowest_unpinned(self, pinned: Container[Key]) -> Key:
         """The resident key of lowest priority not in ``pinned``; it stays in the heap until ``discard``."""
+        key = self.first_unpinned(pinned)
+        if key is None:
+            raise PolicyError(f"{self.owner}: victim() found no evictable resident key; call it only when one is unpinned")
+        return key
+
+    def first_unpinned(self, pinned: Container[Key]) -> Key | None:
+        """``lowest_unpinned``, or None when every resident key is pinned."""
         kept: list[_Entry] = []  # current entries popped on the way; they go back
         try:
             while self._heap:
@@ -69,7 +76,7 @@ class LazyHeap:
         finally:
             for entry in kept:
                 heapq.heappush(self._heap, entry)
-        raise PolicyError(f"{self.owner}: victim() found no evictable resident key; call it only when one is unpinned")
+        return None
 
     def __len__(self) -> int:
         return len(self._heap)

@@ -220,7 +220,7 @@ def check_names(options: dict[str, object], where: str, own: tuple[str, ...] = (
 
 def _check_policy(setting: str, name: object, seed: int) -> None:
     if not isinstance(name, str):
-        raise ConfigError(f"{setting}={shown(name)} is not an eviction policy name; use lru, lfu, fifo or random")
+        raise ConfigError(f"{setting}={shown(name)} is not an eviction policy name; use lru, lfu, fifo, random or forecast")
     make_policy(name, seed=seed)  # fails on an unknown name
 
 

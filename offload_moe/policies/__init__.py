@@ -37,7 +37,7 @@ def make_policy(name: str, *, seed: int = 0, future: Sequence[Key] | None = None
         if future is None:
             raise ConfigError(
                 "eviction policy 'belady' needs the future access sequence (future=...); it is meant for "
-                "profiling and trace replay, not for serving. Pick lru, lfu, fifo or random to run a model."
+                "profiling and trace replay, not for serving. Pick lru, lfu, fifo, random or forecast to run a model."
             )
         return Belady(future)
     return cls()

@@ -24,7 +24,7 @@ from ..prefetch import (HybridPredictor, Predictor, Prefetcher, TransitionPredic
 from ..traces import Trace
 from ..transfer import NullMover
 from ..values import PREDICTORS
-from .compiled import COUNTERS, EVICTIONS, ISSUED, USED, TraceArrays, compiled_replay
+from .compiled import COUNTERS, EVICTIONS, ISSUED, POLICY_CODES, USED, TraceArrays, compiled_replay
 
 ENGINES = ("reference", "fast")
 
@@ -133,7 +133,8 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
     (reference only) runs that mover's empty loads on reader threads, as a live model's reads run.
     ``engine="fast"`` counts the same (``profiling.compiled``), for sweeps; ``arrays``
     (``TraceArrays(trace)``) keeps what it works out once per trace when one trace is replayed many
-    times. A policy registered at run time has no compiled form: ``fast`` replays it with the reference.
+    times. A policy with no compiled form (``forecast``, or one registered at run time) replays with the
+    reference under either engine.
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine={engine!r} is not a replay engine; use one of {', '.join(ENGINES)}")
@@ -142,7 +143,7 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
     policy, predictor = policy.lower(), checked_predictor(trace, predictor, margin)
     if policy == "belady" and predictor != "none":
         raise ConfigError("Belady's optimum is defined without prefetch; replay it with predictor='none'")
-    if engine == "fast" and POLICIES.get(policy) is BUILT_IN.get(policy, ()):
+    if engine == "fast" and policy in POLICY_CODES and POLICIES.get(policy) is BUILT_IN.get(policy, ()):  # compiled: the standard policies
         arrays = arrays if arrays is not None else TraceArrays(trace)
         counts = compiled_replay(arrays, policy, _slots(trace, capacity), predictor, margin, seed)  # [L, 5]
         return _result(trace, policy, capacity, predictor, counts)

@@ -24,6 +24,8 @@ writes JSON (``--json``).
     python benchmarks/decode.py --shape qwen3 --layers 4 --device cuda
     python benchmarks/decode.py --trace profiles/traces/demo-heldout.safetensors
     python benchmarks/decode.py --layers 11 --budgets 0.25 --drop-caches   # larger than RAM; each column starts cold
+    python benchmarks/decode.py --peers llama.cpp --budgets 0.25,1 --tokens 16 --peer-memory-limit 0.5 \
+        --folder /var/tmp/peers                                          # beside llama.cpp (benchmarks/peers/)
 """
 
 from __future__ import annotations
@@ -277,7 +279,10 @@ def main() -> None:
     parser.add_argument("--drop-caches", action="store_true",
                         help="empty the page cache before each configuration, so each starts cold (Linux, root)")
     parser.add_argument("--json", help="write the results here")
+    add_peer_arguments(parser)
     args = parser.parse_args()
+    if args.peers:
+        return run_peers(args)
 
     dtype = getattr(torch, args.dtype)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -337,6 +342,44 @@ def main() -> None:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     print_table(report)
+
+
+def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--peers llama.cpp``: the side by side with llama.cpp (benchmarks/peers/side_by_side.py) instead of the
+    budget table; ``--budgets``, ``--tokens``, ``--layers``, ``--shape``, ``--folder`` and ``--json`` apply."""
+    group = parser.add_argument_group("peers (--peers llama.cpp)")
+    group.add_argument("--peers", choices=["llama.cpp"], help="time llama.cpp beside offload_moe, interleaved")
+    group.add_argument("--threads", type=int, default=2, help="threads, ours and the peer's")
+    group.add_argument("--peer-precisions", default="bf16,int8,int4",
+                       help="ours beside llama.cpp's: bf16/f16, int8/q8_0, int4/q4_0")
+    group.add_argument("--peer-repeats", type=int, default=3, help="interleaved rounds")
+    group.add_argument("--peer-memory-limit", type=float, default=None,
+                       help="also run both in a memory cgroup of this share of the checkpoint (0.5), ours at "
+                            "the smallest budget (Linux, root)")
+    group.add_argument("--peer-variants", default="full mmap,full",
+                       help="our variant in RAM, then in the cgroup")
+    group.add_argument("--llama-cpp-cache", help="llama.cpp's build folder (default ~/.cache/offload-moe/llama.cpp/VERSION)")
+
+
+def run_peers(args) -> None:
+    """``--peers llama.cpp``: the checkpoint (bf16, per-expert, hub names, a synthetic tokenizer), its int8 and
+    int4 copies and GGUF files are kept in ``--folder`` (default: a temporary folder, removed after)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.peers
+    from benchmarks.peers import side_by_side
+
+    tmp = None if args.folder else tempfile.mkdtemp(prefix="peers-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
+    folder = Path(args.folder or tmp) / f"{args.shape}-{args.layers}-hub"
+    in_ram, limited = [v.strip() for v in args.peer_variants.split(",")]
+    try:
+        side_by_side.run(shape_kwargs=SHAPES[args.shape], layers=args.layers, folder=folder,
+                         precisions=[p.strip() for p in args.peer_precisions.split(",") if p.strip()],
+                         budgets=[float(b) for b in args.budgets.split(",")], threads=args.threads,
+                         tokens=args.tokens, repeats=args.peer_repeats, limit_share=args.peer_memory_limit,
+                         cache_dir=args.llama_cpp_cache, in_ram_variant=in_ram, limited_variant=limited,
+                         json_path=args.json)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def drop_caches() -> None:

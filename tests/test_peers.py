@@ -39,8 +39,8 @@ def test_command_lines():
             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF"} <= set(configure)
     assert llama_cpp.build_command(llama, 2) == ["cmake", "--build", "/cache/0.3.36/build", "-j", "2", "--target",
                                                  "llama-bench", "llama-quantize"]
-    convert = llama_cpp.convert_command(llama, Path("/m/ck"), Path("/m/ck-q8_0.gguf"), "q8_0")
-    assert convert[1:] == [f"{src}/convert_hf_to_gguf.py", "/m/ck", "--outfile", "/m/ck-q8_0.gguf", "--outtype", "q8_0"]
+    convert = llama_cpp.convert_command(llama, Path("/m/ck"), Path("/m/ck-f16.gguf"), "f16")
+    assert convert[1:] == [f"{src}/convert_hf_to_gguf.py", "/m/ck", "--outfile", "/m/ck-f16.gguf", "--outtype", "f16"]
     assert llama_cpp.quantize_command(llama, Path("/m/a.gguf"), Path("/m/b.gguf"), "q4_0", 2) == [
         "/cache/0.3.36/build/bin/llama-quantize", "/m/a.gguf", "/m/b.gguf", "Q4_0", "2"]
     assert llama_cpp.bench_command(llama, Path("/m/b.gguf"), threads=2, tokens=16, repeats=3) == [

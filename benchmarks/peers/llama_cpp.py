@@ -30,8 +30,9 @@ VERSION = "0.3.36"  # llama-cpp-python; vendors llama.cpp commit 0c1e570
 TARGETS = ("llama-bench", "llama-quantize")  # llama-cli needs the server's build in this version: not built
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF")
-CONVERT_TYPES = ("f16", "bf16", "q8_0")  # written by convert_hf_to_gguf.py itself
-QUANTIZE_TYPES = ("q4_0", "q4_k_m", "q5_0", "q6_k")  # written by llama-quantize from the f16 file
+CONVERT_TYPES = ("f16", "bf16")  # written by convert_hf_to_gguf.py itself
+# written by llama-quantize from the f16 file: its q8_0 is the converter's (round to nearest, blocks of 32), in C
+QUANTIZE_TYPES = ("q8_0", "q4_0", "q4_k_m", "q5_0", "q6_k")
 CONVERSION_MODULES = {"sentencepiece": "sentencepiece"}  # module -> package; numpy, torch, transformers: ours
 
 
@@ -99,10 +100,11 @@ def quantize_command(llama: LlamaCpp, source: Path, out: Path, qtype: str, threa
 
 
 def bench_command(llama: LlamaCpp, model: Path, *, threads: int, tokens: int, repeats: int = 1,
-                  warmup: bool = True) -> list[str]:
-    """llama-bench decoding ``tokens`` tokens (no prompt) ``repeats`` times with ``threads`` threads, as JSON."""
+                  warmup: bool = True, extra: tuple[str, ...] = ()) -> list[str]:
+    """llama-bench decoding ``tokens`` tokens (no prompt) ``repeats`` times with ``threads`` threads, as JSON;
+    ``extra``: more llama-bench options (``("--repack", "0")``)."""
     command = [str(llama.binary("llama-bench")), "-m", str(model), "-p", "0", "-n", str(tokens),
-               "-t", str(threads), "-r", str(repeats), "-o", "json"]
+               "-t", str(threads), "-r", str(repeats), "-o", "json", *extra]
     return command if warmup else [*command, "--no-warmup"]
 
 
@@ -175,8 +177,8 @@ def gguf_path(hf_folder: Path, gguf_type: str, out_dir: Path | None = None) -> P
 
 def convert(llama: LlamaCpp, hf_folder: str | Path, gguf_type: str, *, out: str | Path | None = None,
             threads: int = 2) -> Path:
-    """Convert the transformers checkpoint at ``hf_folder`` to GGUF of ``gguf_type`` (f16, bf16 and q8_0 by the
-    converter; q4_0 and the other k-quants by llama-quantize from the f16 file, which is made first); returns
+    """Convert the transformers checkpoint at ``hf_folder`` to GGUF of ``gguf_type`` (f16 and bf16 by the
+    converter; q8_0, q4_0 and the k-quants by llama-quantize from the f16 file, which is made first); returns
     the file. Skips a file that exists. The folder needs a tokenizer the converter takes: see
     ``benchmarks.peers.synthetic.prepare`` for synthetic checkpoints."""
     hf_folder = Path(hf_folder)
@@ -199,13 +201,13 @@ def convert(llama: LlamaCpp, hf_folder: str | Path, gguf_type: str, *, out: str 
 
 # -- bench ------------------------------------------------------------------------------------------------------
 def bench(llama: LlamaCpp, model: str | Path, *, threads: int, tokens: int, repeats: int = 1,
-          memory_limit: int | None = None) -> dict:
+          memory_limit: int | None = None, extra: tuple[str, ...] = ()) -> dict:
     """Time llama.cpp's decode of ``model``: llama-bench, ``tokens`` tokens, ``repeats`` times (after its warmup).
     ``memory_limit``: run it in a fresh memory cgroup of that many bytes. Returns ``parse_bench``'s dict, or
     ``{"error": ...}`` if llama-bench failed (killed for memory, say)."""
     from benchmarks.peers.cgroup import run_limited
 
-    command = bench_command(llama, Path(model), threads=threads, tokens=tokens, repeats=repeats)
+    command = bench_command(llama, Path(model), threads=threads, tokens=tokens, repeats=repeats, extra=extra)
     done = run_limited(command, memory_limit)
     if done.returncode != 0:
         killed = done.returncode in (-9, 137)

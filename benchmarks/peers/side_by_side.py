@@ -7,7 +7,9 @@ converter and quantizer, from the same bf16 file bytes), each round runs, one pr
 - llama.cpp (llama-bench, its defaults: mmap, CPU repacking), everything in RAM;
 - ours at each budget (share of the experts in slots), everything in RAM (``in_ram_variant``);
 - with ``limit_share``: both in a memory cgroup of that share of our checkpoint's bytes at that precision
-  (0.5: page cache bounded to half the checkpoint), ours at the smallest budget (``limited_variant``).
+  (0.5: page cache bounded to half the checkpoint), ours at the smallest budget (``limited_variant``),
+  llama.cpp with ``--repack 0``: repacking copies q8_0 / q4_0 weights out of the mapping into anonymous
+  memory, which cannot fit in less memory than the model; without it they are computed from the mapping.
 
 Before a run in RAM the files it reads are read once (the page cache is warm, as "everything in RAM"
 means); before a run in a cgroup they are dropped from the page cache, so it starts cold. Rounds repeat
@@ -111,7 +113,9 @@ def run_config(config: Config, *, llama, threads: int, tokens: int) -> dict:
     else:
         drop(config.files)
     if config.side == "llama.cpp":
-        return bench(llama, config.files[0], threads=threads, tokens=tokens, repeats=1, memory_limit=config.limit)
+        extra = ("--repack", "0") if config.limit else ()
+        return bench(llama, config.files[0], threads=threads, tokens=tokens, repeats=1, memory_limit=config.limit,
+                     extra=extra)
     spec = {"folder": str(config.files[0].parent), "capacity": config.capacity, "variant": config.variant,
             "tokens": tokens, "threads": threads}
     root = Path(__file__).resolve().parent.parent.parent

@@ -24,8 +24,56 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.peers import cgroup, llama_cpp, side_by_side, synthetic  # noqa: E402
 
-# `llama-bench -m tiny-f16.gguf -p 0 -n 8 -t 2 -r 2 -o json`, llama.cpp 0c1e570, a tiny synthetic Mixtral
-BENCH_SAMPLE = """PLACEHOLDER"""
+# `llama-bench -m tiny-f16.gguf -p 0 -n 8 -t 2 -r 2 -o json`, llama.cpp 0c1e570, a tiny synthetic Mixtral (2026-12-01)
+BENCH_SAMPLE = """[
+  {
+    "build_commit": "0c1e570",
+    "build_number": 1,
+    "cpu_info": "Intel(R) Xeon(R) Processor",
+    "gpu_info": "",
+    "backends": "CPU",
+    "model_filename": "/tmp/tiny-f16.gguf",
+    "model_type": "llama ?B F16",
+    "model_size": 478976,
+    "model_n_params": 239040,
+    "n_batch": 2048,
+    "n_ubatch": 512,
+    "n_threads": 2,
+    "cpu_mask": "0x0",
+    "cpu_strict": false,
+    "poll": 50,
+    "type_k": "f16",
+    "type_v": "f16",
+    "n_gpu_layers": -1,
+    "n_cpu_moe": 0,
+    "split_mode": "layer",
+    "main_gpu": 0,
+    "no_kv_offload": false,
+    "flash_attn": -1,
+    "devices": "auto",
+    "tensor_split": "0.00",
+    "tensor_buft_overrides": "none",
+    "load_mode": "auto",
+    "lazy_mode": "auto",
+    "embeddings": false,
+    "no_op_offload": 0,
+    "no_host": false,
+    "repack": true,
+    "fit_target": 0,
+    "fit_min_ctx": 0,
+    "n_prompt": 0,
+    "n_gen": 8,
+    "n_depth": 0,
+    "test_time": "2026-12-01T15:03:26Z",
+    "avg_ns": 416357545,
+    "stddev_ns": 588171378,
+    "avg_ts": 8746.523428,
+    "stddev_ts": 12355.858055,
+    "samples_ns": [ 832257515, 457576 ],
+    "samples_ts": [ 9.61241, 17483.4 ]
+  }
+]
+"""
 
 
 def test_command_lines():

@@ -27,6 +27,8 @@ writes JSON (``--json``).
     python benchmarks/decode.py --shape mini --layers 16 --budgets 0.25 --memory-limit 0.3x,0.5x,1x,2x \
         --only "lru,lru mmap,lru auto" --repeats 2                        # over-RAM in minutes (Linux, root)
     python benchmarks/decode.py --quant bf16,int8,int4 --budgets 0.25 --rounds 3   # expert formats side by side
+    python benchmarks/decode.py --peers llama.cpp --budgets 0.25,1 --tokens 16 --peer-memory-limit 0.5 \
+        --folder /var/tmp/peers                                          # beside llama.cpp (benchmarks/peers/)
 
 ``--memory-limit`` runs each configuration (ours and the peers) in a child process placed in a fresh memory
 cgroup of that size (cgroup v1's memory controller or a v2 child with ``memory.max``; removed afterwards), which
@@ -301,11 +303,14 @@ def main() -> None:
                         "quantize_experts copies, LRU + prefetch, io='direct', at each budget; see quant_main")
     parser.add_argument("--rounds", type=int, default=3, help="with --quant: interleaved rounds, medians reported")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one configuration, in a child process (--memory-limit)
+    add_peer_arguments(parser)
     args = parser.parse_args()
     if args.child:
         return run_child(json.loads(args.child))
     if args.quant:
         return quant_main(args)
+    if args.peers:
+        return run_peers(args)
 
     dtype = getattr(torch, args.dtype)
     columns = _columns(args.only, args.skip, args.device)
@@ -636,6 +641,44 @@ def print_quant_table(report: dict) -> None:
         cells = [f"{med[f]:.3f} ({row['expert_bytes'][f] / 2**20:.0f})" for f in formats]
         ratios = [f"{med[f] / med['bf16']:.2f}x" if "bf16" in med else "-" for f in formats if f != "bf16"]
         print(f"| {row['budget']:.1%} ({row['capacity_experts']}) | " + " | ".join(cells + ratios) + " |")
+
+
+def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--peers llama.cpp``: the side by side with llama.cpp (benchmarks/peers/side_by_side.py) instead of the
+    budget table; ``--budgets``, ``--tokens``, ``--layers``, ``--shape``, ``--folder`` and ``--json`` apply."""
+    group = parser.add_argument_group("peers (--peers llama.cpp)")
+    group.add_argument("--peers", choices=["llama.cpp"], help="time llama.cpp beside offload_moe, interleaved")
+    group.add_argument("--threads", type=int, default=2, help="threads, ours and the peer's")
+    group.add_argument("--peer-precisions", default="bf16,int8,int4",
+                       help="ours beside llama.cpp's: bf16/f16, int8/q8_0, int4/q4_0")
+    group.add_argument("--peer-repeats", type=int, default=3, help="interleaved rounds")
+    group.add_argument("--peer-memory-limit", type=float, default=None,
+                       help="also run both in a memory cgroup of this share of the checkpoint (0.5), ours at "
+                            "the smallest budget (Linux, root)")
+    group.add_argument("--peer-variants", default="full mmap,full",
+                       help="our variant in RAM, then in the cgroup")
+    group.add_argument("--llama-cpp-cache", help="llama.cpp's build folder (default ~/.cache/offload-moe/llama.cpp/VERSION)")
+
+
+def run_peers(args) -> None:
+    """``--peers llama.cpp``: the checkpoint (bf16, per-expert, hub names, a synthetic tokenizer), its int8 and
+    int4 copies and GGUF files are kept in ``--folder`` (default: a temporary folder, removed after)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.peers
+    from benchmarks.peers import side_by_side
+
+    tmp = None if args.folder else tempfile.mkdtemp(prefix="peers-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
+    folder = Path(args.folder or tmp) / f"{args.shape}-{args.layers}-hub"
+    in_ram, limited = [v.strip() for v in args.peer_variants.split(",")]
+    try:
+        side_by_side.run(shape_kwargs=SHAPES[args.shape], layers=args.layers, folder=folder,
+                         precisions=[p.strip() for p in args.peer_precisions.split(",") if p.strip()],
+                         budgets=[float(b) for b in args.budgets.split(",")], threads=args.threads,
+                         tokens=args.tokens, repeats=args.peer_repeats, limit_share=args.peer_memory_limit,
+                         cache_dir=args.llama_cpp_cache, in_ram_variant=in_ram, limited_variant=limited,
+                         json_path=args.json)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def drop_caches() -> None:

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import memory
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
-from .config import Budget, OffloadConfig, check_within, parse_bytes, shown
+from .config import MIN_CACHE_EXPERTS, Budget, OffloadConfig, check_within, format_bytes, parse_bytes, shown
 from .errors import BudgetError, ConfigError, UnsupportedModelError
-from .memory import IoChoice, choose_io, memory_room
+from .memory import IoChoice, MemoryRoom, choose_io
 from .policies import make_policy
-from .planning import host_slots
+from .planning import device_slots, host_slots, kv_reserve, workspace_bytes
 from .prefetch import Predictor, Prefetcher, make_predictor
 from .progress import progress_bar
 from .runtime import OffloadHandle, serialise
@@ -58,10 +59,13 @@ def shared_shapes(layers: Sequence[MoELayer]) -> dict[str, tuple[int, ...]]:
     return first.shapes
 
 
-def default_cache_bytes(device: torch.device, dense_bytes: int) -> int:
+def default_cache_bytes(device: torch.device, dense_bytes: int, room: MemoryRoom | None = None) -> int:
     """Without a budget: half of what is free on the device after the dense weights (on the CPU: of what this
-    process may use, a memory cgroup's limit included: ``memory.memory_room``)."""
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else memory_room().available
+    process may use, a memory cgroup's limit included: ``room``, by default ``memory.memory_room()``)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = (memory.memory_room() if room is None else room).available
     return max(0, free // 2 - dense_bytes)
 
 
@@ -82,24 +86,53 @@ class Assembly:
         return sum(layer.num_experts for layer in self.layers)
 
 
-def check_assembly(layers: Sequence[MoELayer], config: OffloadConfig, *, dtype: torch.dtype, budget: Budget,
-                   dense_bytes: int, top_k: int, layout: SlotLayout | None = None) -> Assembly:
+def check_assembly(layers: Sequence[MoELayer], config: OffloadConfig, *, dtype: torch.dtype, dense_bytes: int,
+                   top_k: int, layout: SlotLayout | None = None, model_config=None) -> Assembly:
     """Check what an expert cache for ``layers`` under ``config`` needs, before any file is written or buffer
-    allocated: one expert size (slots of ``dtype``), the device slots from ``budget`` (without one, half the free
-    memory after ``dense_bytes``), the predictor (``top_k`` experts a token), the host tier's slots
-    (``config.host_memory``; none when the device slots hold every expert), the read mode (``io="auto"`` chooses
-    one from the memory the process may use: ``memory.choose_io``). ``layout`` is the slots' layout when a
-    store knows it (packed experts); by default the layers' shapes in ``dtype``."""
+    allocated: one expert size (slots of ``dtype``), the device slots (``cache_experts`` or ``cache_memory``; else what
+    ``device_memory`` leaves beside ``dense_bytes`` and the KV cache of the model ``model_config`` describes, as
+    ``plan`` counts: ``_device_capacity``; else half the free memory after ``dense_bytes``), the predictor (``top_k`` experts
+    a token), the host tier's slots (``config.host_memory``; none when the device slots hold every expert), the
+    read mode (``io="auto"`` chooses one from the memory the process may use: ``memory.choose_io``). ``layout`` is
+    the slots' layout when a store knows it (packed experts); by default the layers' shapes in ``dtype``."""
     shapes = shared_shapes(layers)
     layout = layout or SlotLayout(shapes, dtype)
     total = sum(layer.num_experts for layer in layers)
     dev = config.device
-    capacity = budget.slots(layout.nbytes, total, default_cache_bytes(dev, dense_bytes), dev)
+    budget = Budget(config.cache_experts, config.cache_memory)
+    planned = config.device_memory is not None and budget == Budget()
+    # the memory this process may use, read once for both that may need it: the default budget and io="auto"
+    needs_room = (budget == Budget() and not planned) or config.io == "auto"
+    room = memory.memory_room() if dev.type == "cpu" and needs_room else None
+    if planned:
+        capacity = _device_capacity(config.device_memory, layout, total, dense_bytes,
+                                    kv_reserve(model_config, dtype).nbytes, dev)
+    else:
+        capacity = budget.slots(layout.nbytes, total, default_cache_bytes(dev, dense_bytes, room), dev)
     predictor = _predictor(config, layers, top_k)
     host_slots = _host_slots(config.host_memory, layout, total, capacity)
     io = choose_io(config.io, device=dev, experts_bytes=total * layout.nbytes, slots_bytes=capacity * layout.nbytes,
-                   dense_bytes=dense_bytes, host_tier=host_slots > 0)
+                   dense_bytes=dense_bytes, host_tier=host_slots > 0, room=room)
     return Assembly(tuple(layers), config, layout, capacity, host_slots, predictor, io)
+
+
+def _device_capacity(device_memory, layout: SlotLayout, total: int, dense_bytes: int, kv_bytes: int,
+                     device: torch.device) -> int:
+    """The device slots ``device_memory`` (a budget for the whole model, a profile's) leaves after the dense
+    weights, a KV cache of ``kv_bytes`` and a workspace: ``planning.device_slots``, the rule ``plan`` counts by. Too
+    few slots, or more slot bytes than the machine has, are refused naming ``device_memory``."""
+    nbytes = parse_bytes(device_memory, "device_memory")
+    capacity = device_slots(nbytes, dense_bytes, kv_bytes, layout.nbytes, total)
+    setting = f"device_memory={shown(device_memory)}"
+    if capacity < MIN_CACHE_EXPERTS:
+        raise BudgetError(
+            f"{setting} leaves room for {capacity} expert slot(s) of {format_bytes(layout.nbytes)} each after the "
+            f"dense weights ({format_bytes(dense_bytes)}), a KV cache ({format_bytes(kv_bytes)}) and a workspace "
+            f"({format_bytes(workspace_bytes(nbytes))}); offload_moe needs at least {MIN_CACHE_EXPERTS} (one computing "
+            "while the next loads). Raise it, or give cache_experts or cache_memory."
+        )
+    check_within(capacity * layout.nbytes, f"{setting} (its {capacity} expert slots)", device)
+    return capacity
 
 
 def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[], list], folder: Path, name: str,

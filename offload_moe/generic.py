@@ -35,9 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attach import MoELayer, attach, check_assembly, shared_shapes
-from .cache import SlotLayout
-from .config import Budget, OffloadConfig, configure, parse_bytes, parse_dtype
+from .attach import MoELayer, attach, check_assembly
+from .config import OffloadConfig, configure, parse_dtype
 from .errors import ConfigError, UnsupportedModelError
 from .experts import OffloadedExperts
 from .layers import (  # noqa: F401  (find_moe_layers... stay importable from offload_moe.generic)
@@ -49,7 +48,6 @@ from .layers import (  # noqa: F401  (find_moe_layers... stay importable from of
     find_moe_layers,
     plan_layers,
 )
-from .planning import device_slots, kv_reserve
 from .routing import Router, default_router, gate_of, top_k_of
 from .runtime import ExpertOffload, OffloadHandle  # noqa: F401  (ExpertOffload stays importable from here)
 from .saved_experts import SavedExperts, write_plans
@@ -145,8 +143,8 @@ def offload_experts(
              for p in plans]
     dtype = settings.dtype or next(iter(plans[0].dtypes.values()))
     dense = _dense_bytes(model, plans)
-    assembly = check_assembly(found, settings, dtype=dtype, budget=_budget(settings, found, dtype, dense, model),
-                              dense_bytes=dense, top_k=top_k_of(plans[0].module) or 2)
+    assembly = check_assembly(found, settings, dtype=dtype, dense_bytes=dense, top_k=top_k_of(plans[0].module) or 2,
+                              model_config=getattr(model, "config", None))
     opened, owned = _open_store(plans, store, offload_folder, assembly.io.io)
     return attach(model, assembly, opened,
                   install=lambda: [_swap(plan, routers[i], dropped_tokens) for i, plan in enumerate(plans)],
@@ -158,19 +156,6 @@ def _settings(config: OffloadConfig | None, overrides: dict, dropped: str) -> Of
     if dropped not in DROPPED:
         raise ConfigError(f"dropped_tokens={dropped!r}: use one of {', '.join(DROPPED)}")
     return settings
-
-
-def _budget(settings: OffloadConfig, layers: Sequence[MoELayer], dtype: torch.dtype, dense: int, model: nn.Module) -> Budget:
-    """``cache_experts`` or ``cache_memory``; without either, what ``device_memory`` (a profile's) leaves after the
-    dense weights, the KV cache and a workspace, by the rule ``plan`` and ``load`` use (``planning.device_slots``):
-    a KV cache of ``DEFAULT_CONTEXT`` tokens when the model's config gives its attention sizes, else none."""
-    budget = Budget(settings.cache_experts, settings.cache_memory)
-    if settings.device_memory is None or budget != Budget():
-        return budget
-    expert_bytes = SlotLayout(shared_shapes(layers), dtype).nbytes
-    total = sum(layer.num_experts for layer in layers)
-    kv = kv_reserve(getattr(model, "config", None), dtype).nbytes
-    return Budget(device_slots(parse_bytes(settings.device_memory, "device_memory"), dense, kv, expert_bytes, total))
 
 
 def _model_name(model: nn.Module) -> str:
@@ -217,23 +202,18 @@ def _check_modes(plans: Sequence[LayerPlan], replace_forward: bool, prefetch) ->
 
 
 def _open_store(plans, store, offload_folder, io) -> tuple[SavedExperts, Path | None]:
-    owned = None
-    if store is None:
-        folder = Path(offload_folder).expanduser() if offload_folder is not None else None
-        if folder is None:
-            folder = owned = Path(tempfile.mkdtemp(prefix="offload_moe-experts-"))
-        try:
-            write_plans(plans, folder)
-        except BaseException:
-            if owned is not None:
-                shutil.rmtree(owned, ignore_errors=True)
-            raise
-        store = folder
-    opened = store if isinstance(store, SavedExperts) else SavedExperts(store, io=io)
+    owned = opened = None
+    if store is None and offload_folder is None:
+        owned = Path(tempfile.mkdtemp(prefix="offload_moe-experts-"))
     try:
+        if store is None:
+            store = owned or Path(offload_folder).expanduser()
+            write_plans(plans, store)
+        opened = store if isinstance(store, SavedExperts) else SavedExperts(store, io=io)
         opened.match(plans)
     except BaseException:
-        opened.close()
+        if opened is not None:
+            opened.close()
         if owned is not None:
             shutil.rmtree(owned, ignore_errors=True)
         raise

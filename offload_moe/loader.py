@@ -31,9 +31,8 @@ from .checkpoint import (  # noqa: F401  (build_skeleton... stay importable from
     resolve_model_path,
     swap_experts,
 )
-from .config import Budget, OffloadConfig, configure, parse_dtype
+from .config import OffloadConfig, configure, parse_dtype
 from .experts import OffloadedExperts
-from .planning import plan_checkpoint
 from .progress import start_and_done_lines  # noqa: F401  (stays importable from offload_moe.loader)
 from .routing import find_routers
 
@@ -89,9 +88,6 @@ def load(
         config, model, modules = ckpt.config, ckpt.model, ckpt.modules
         want_dtype = settings.dtype or parse_dtype(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
                                                    or torch.float32)
-        budget = Budget(settings.cache_experts, settings.cache_memory)
-        if settings.device_memory is not None and budget == Budget():
-            budget = Budget(plan_checkpoint(ckpt, device_memory=settings.device_memory, dtype=want_dtype).expert_slots)
         routers = find_routers(model, [(m.spec.prefix, m.num_experts) for m in modules])
         blocks = [m.spec.prefix.rpartition(".")[0] for m in modules]
         layers = [MoELayer(m.layer, block, m.spec.prefix, m.num_experts, m.spec.shapes, router,
@@ -101,9 +97,9 @@ def load(
             ckpt.load_dense(settings.device, want_dtype, progress)
             return modules
 
-        assembly = check_assembly(layers, settings, dtype=want_dtype, budget=budget, dense_bytes=ckpt.dense_bytes(want_dtype),
+        assembly = check_assembly(layers, settings, dtype=want_dtype, dense_bytes=ckpt.dense_bytes(want_dtype),
                                   top_k=int(getattr(config, "num_experts_per_tok", 2) or 2),
-                                  layout=SlotLayout.of_store(ckpt.store, want_dtype))
+                                  layout=SlotLayout.of_store(ckpt.store, want_dtype), model_config=config)
         ckpt.store.set_io(assembly.io.io)
         log.info("io=%s (%s)", assembly.io.io, assembly.io.reason)
         attach(model, assembly, ckpt.store, install=install, folder=ckpt.folder, name=ckpt.folder.name,

@@ -214,15 +214,6 @@ def kv_reserve(config, dtype: torch.dtype, context_length: int = DEFAULT_CONTEXT
     return KVReserve(per_token, tokens, model_context)
 
 
-def plan_checkpoint(checkpoint: Checkpoint, *, device_memory: str | int | None, dtype: str | torch.dtype | None = None,
-                    context_length: int = DEFAULT_CONTEXT, host_memory: str | int | None = None,
-                    io: str | None = None, device: str = "cpu") -> Plan:
-    """``plan`` for a checkpoint already open (what ``load`` does with a hardware profile); only its config and
-    its index are read."""
-    budget, host = _check_options(device_memory, host_memory, io, context_length)
-    return _plan(checkpoint, budget, host, dtype, context_length, io, device)
-
-
 def _plan(checkpoint: Checkpoint, budget: int, host: int, dtype: str | torch.dtype | None, context_length: int,
           io: str | None, device: str) -> Plan:
     config, modules = checkpoint.config, checkpoint.modules

@@ -260,7 +260,7 @@ def test_offload_experts_with_a_profile_plans_its_slots_from_device_memory(tmp_p
         assert s["capacity_experts"] == s["resident_experts"] == 8 and s["policy"] == "fifo"  # all fit: filled
         handle.close()
     f.write_text('description = "x"\ndevice = "cpu"\ndevice_memory = "256MiB"\n')  # all of it the workspace
-    with pytest.raises(BudgetError, match="cache_experts=0 gives 0 expert slot"):
+    with pytest.raises(BudgetError, match="device_memory='256MiB' leaves room for 0 expert slot"):
         offload_experts(two_layers(), profile=f)
 
 

@@ -105,3 +105,20 @@ def test_both_verbs_size_slots_from_device_memory_by_the_rule_plan_gives(model_d
         assert handle.stats()["capacity_experts"] == 3
     finally:
         handle.close()
+
+
+@pytest.mark.parametrize("verb", ["load", "offload_experts"])
+def test_a_device_memory_too_small_for_two_slots_is_refused_naming_device_memory(model_dir, verb):
+    """Not as "cache_experts=1 gives 1 expert slot(s)": a setting the caller never gave."""
+    from transformers import AutoModelForCausalLM
+
+    folder = model_dir("mixtral")
+    p = offload_moe.plan(folder, device_memory="1GiB", dtype="float32")
+    budget = WORKSPACE_MIN + p.dense_bytes + p.kv_reserve_bytes + int(1.5 * p.expert_bytes)  # one slot
+    with pytest.raises(offload_moe.BudgetError, match=rf"^device_memory={budget} leaves room for 1 expert slot\(s\) "
+                       r"of .* after the dense weights .*, a KV cache .* and a workspace .*; offload_moe needs at least 2"):
+        if verb == "load":
+            offload_moe.load(folder, device_memory=budget, dtype="float32", progress=False)
+        else:
+            offload_moe.offload_experts(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                                        device_memory=budget)

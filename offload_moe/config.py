@@ -108,9 +108,9 @@ class OffloadConfig:
     ``device``: where the dense weights and the expert slots live (``cpu``, ``cuda``, ``cuda:N``).
     ``dtype``: the compute dtype; None: the checkpoint's (``load``) or the experts' (``offload_experts``).
     Budgets: ``cache_experts`` slots or ``cache_memory`` bytes (``"6GiB"``) for the device slots, or neither:
-    then ``device_memory`` (a profile's budget for the whole model) is planned into slots by ``load``, and
-    without it half the free memory is used. ``host_memory``: a warm tier of host RAM, with ``host_policy``.
-    ``policy``: the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``), seeded by ``seed``.
+    then ``device_memory`` (a profile's budget for the whole model) is planned into slots by both verbs
+    (``attach.check_assembly``), and without it half the free memory is used. ``host_memory``: a warm tier of host RAM, with ``host_policy``.
+    ``policy``: the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``, ``forecast``), seeded by ``seed``.
     ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``prefetch.Predictor`` of your own,
     naming top-k plus ``prefetch_margin`` experts for the next ``prefetch_depth`` layers.
     ``io``: ``auto`` (the default: ``mmap`` on CPU while the experts fit in the memory the process may use, else

@@ -237,10 +237,10 @@ class SlotLayout:
     @cached_property
     def offsets(self) -> dict[str, int]:
         """Byte offset of each tensor in a slot, each aligned to 64 elements of the compute dtype."""
-        align, offset, out = 64 * _itemsize(self.dtype), 0, {}
+        align, offset, out = 64 * self.dtype.itemsize, 0, {}
         for name, shape in self.shapes.items():
             out[name] = offset
-            offset += _aligned(_prod(shape) * _itemsize(self.dtype_of(name)), align)
+            offset += _aligned(_prod(shape) * self.dtype_of(name).itemsize, align)
         out[""] = offset  # the slot's size
         return out
 
@@ -251,11 +251,11 @@ class SlotLayout:
     @cached_property
     def numel(self) -> int:
         """A slot's size in elements of the compute dtype."""
-        return self.slot_bytes // _itemsize(self.dtype)
+        return self.slot_bytes // self.dtype.itemsize
 
     @cached_property
     def nbytes(self) -> int:  # read at every load that lands: computed once
-        return sum(_prod(s) * _itemsize(self.dtype_of(n)) for n, s in self.shapes.items())
+        return sum(_prod(s) * self.dtype_of(n).itemsize for n, s in self.shapes.items())
 
     @property
     def format_name(self) -> str:
@@ -272,10 +272,6 @@ def _prod(shape: Sequence[int]) -> int:
 
 def _aligned(n: int, to: int = 64) -> int:
     return (n + to - 1) // to * to
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 class SlotPool:
@@ -312,7 +308,7 @@ class SlotPool:
             for name, shape in layout.shapes.items():
                 start = base + layout.offsets[name]
                 dtype = layout.dtype_of(name)
-                views[name] = self.buffer[start : start + _prod(shape) * _itemsize(dtype)].view(dtype).view(shape)
+                views[name] = self.buffer[start : start + _prod(shape) * dtype.itemsize].view(dtype).view(shape)
             self._views.append(views)
             self._weights.append(layout.format.weights(views))
 
@@ -630,15 +626,15 @@ class ExpertCache:
         so the disk serves the loads that are needed (a started read is left to land). The books keep
         them resident either way, so that no count depends on the race with the reader: one a later layer
         asks for (or a prefetch names again) is read then (``_restart``)."""
+        if not self._inflight:
+            return
         wanted = set(experts)
-        for key in [k for k in self._prefetched if k[0] == layer and k[1] not in wanted and k in self._inflight]:
+        for key in [k for k in self._inflight if k[0] == layer and k[1] not in wanted and k in self._prefetched]:
             if self._inflight[key].future.cancel():
                 del self._inflight[key]
                 self._unread.add(key)
                 self.flow.prefetch_cancelled += 1
-                if self.host is not None:  # the host slot it was headed for holds nothing
-                    self._host_pending = [(k, t) for k, t in self._host_pending if k != key]
-                    self.host.residency.discard(key)
+                self._drop_host(key)  # the host slot it was headed for holds nothing
 
     def _restart(self, key: Key, slot: int, urgent: bool) -> None:
         """Start the read of a resident prefetch that was called off (``_cancel_stale_prefetches``)."""
@@ -670,10 +666,11 @@ class ExpertCache:
             owner = self.residency.owner[slot]
             self._flight_pins.discard(owner)
             self.residency.discard(owner, quarantine=True)
-            self._quarantine.append((slot, None, ticket))
+            self._quarantine.append((slot, self._drop_host(key, quarantine=True), ticket))
             return False
         except Exception:
             self.residency.per_layer[key[0]].load_failures += 1
+            self._drop_host(key)  # a host slot it was filling holds part of it at most
             return True
         self._landed(key, transfer)  # on CUDA its copy may still be queued: the next one into the slot queues behind it
         return True
@@ -686,11 +683,15 @@ class ExpertCache:
         self._unread.discard(key)
         self._flight_pins.discard(key)
         slot = self.residency.discard(key, quarantine=quarantine)
-        host_slot = None
-        if self.host is not None:
-            self._host_pending = [(k, t) for k, t in self._host_pending if k != key]
-            host_slot = self.host.residency.discard(key, quarantine=quarantine)
-        return slot, host_slot
+        return slot, self._drop_host(key, quarantine)
+
+    def _drop_host(self, key: Key, quarantine: bool = False) -> int | None:
+        """The host half of ``_drop``: the key leaves the host slot its read was headed for (or copied from),
+        which ``quarantine`` withholds from reuse. Returns that host slot (None: it had none)."""
+        if self.host is None:
+            return None
+        self._host_pending = [(k, t) for k, t in self._host_pending if k != key]
+        return self.host.residency.discard(key, quarantine=quarantine)
 
     def _begin(self, key: Key, slot: int, urgent: bool = True):
         layer, expert = key

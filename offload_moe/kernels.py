@@ -45,10 +45,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor | RowBlocks | QuantizedWeight, 
 
 
 class Scratch:
-    """One buffer a layer reuses for its dequantized weights, grown to the largest one asked for.
+    """One buffer the model's layers share for their dequantized weights, grown to the largest one asked for.
 
-    Safe to reuse within a layer: on the CPU each matmul ends before the next weight is written; on CUDA
-    the writes and matmuls are ordered on the compute stream.
+    Safe to share: layers run one at a time (under the cache's lock); on the CPU each matmul ends before the
+    next weight is written; on CUDA the writes and matmuls are ordered on the compute stream. ``attach`` makes
+    one for the model and hands it to every stand-in's ``ExpertMLP``.
     """
 
     def __init__(self):
@@ -70,7 +71,7 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     slot's, or the mapped file's with ``io="mmap"``): ``torch._weight_int8pack_mm`` and
     ``torch._weight_int4pack_mm_for_cpu`` took 57 and 60-67 ms per Mixtral expert where dequantizing first took
     363 and 1,100-1,500 ms (BENCHMARKS.md, "Expert kernels on CPU"). Everything else (FP8, MXFP4; CUDA; an int4
-    weight the kernel cannot take) is dequantized into the layer's ``scratch``, then the usual matmul.
+    weight the kernel cannot take) is dequantized into ``scratch`` (the model's one), then the usual matmul.
     """
     if x.device.type == "cpu" and x.dtype in PACKED_DTYPES and _packed_kernel_fits(weight):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels take [tokens, in]
@@ -112,16 +113,17 @@ class ExpertMLP:
 
     ``kernel(x [n, H], tensors) -> [n, H]``. Weights are [out, in] (maybe ``RowBlocks``), or [in, out] with
     ``transposed`` (GPT-OSS); biases are optional (``<name>_bias``). ``activation`` is the module's gate
-    function (its clamped SwiGLU reads alpha and limit from the module) or its ``act_fn``.
+    function (its clamped SwiGLU reads alpha and limit from the module) or its ``act_fn``. ``scratch`` is
+    where packed weights are dequantized: the model's one, shared by its layers (``attach`` sets it).
     """
 
     def __init__(self, *, gated: bool, transposed: bool, activation: Callable[[torch.Tensor], torch.Tensor],
-                 post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None, scratch: Scratch | None = None):
         self.first = "gate_up_proj" if gated else "up_proj"
         self.transposed = transposed
         self.activation = activation
         self.post_norm = post_norm
-        self.scratch = Scratch()  # where this expert's packed weights are dequantized; one per layer, reused
+        self.scratch = scratch if scratch is not None else Scratch()  # where packed weights are dequantized
 
     def __call__(self, x: torch.Tensor, w: dict) -> torch.Tensor:
         h = self.activation(self._project(x, w, self.first))

@@ -45,12 +45,13 @@ class MappedSource:
         self.store = store
         self.dtype = dtype
         self._advised: set[Key] = set()  # prefetched: the kernel was asked to read them ahead
+        self._ahead: set[Key] = set()  # of the layer running now, the wanted ones that were read ahead (``settle``)
 
     def view(self, layer: int, expert: int) -> dict | None:
         """The expert's tensors in the mapping, the kernel asked to read them now; raises CheckpointError if
         its file changed on disk since load (truncated, replaced, removed)."""
         weights = self.store.mapped(layer, expert, self.dtype)
-        if weights is not None and (layer, expert) not in self._advised:  # a prefetch asked for it already
+        if weights is not None and (layer, expert) not in self._ahead:  # a prefetch asked for it already
             self.store.willneed(layer, expert)
         return weights
 
@@ -69,7 +70,9 @@ class MappedSource:
         return True
 
     def settle(self, layer: int, experts: Sequence[int], resident: Container[Key], flow) -> None:
-        """Score the read-ahead advice given for ``layer``, which runs now with ``experts`` (``resident``: the keys in slots)."""
+        """Score the read-ahead advice given for ``layer``, which runs now with ``experts`` (``resident``: the keys in slots);
+        remember the wanted ones, which ``view`` does not advise again."""
+        self._ahead.clear()
         if not self._advised:
             return
         wanted = set(experts)
@@ -81,6 +84,7 @@ class MappedSource:
             flow.prefetch_used += 1
             if key not in resident:
                 flow.mapped_ahead += 1
+                self._ahead.add(key)
 
 
 def make_source(store, device: torch.device, dtype: torch.dtype) -> Source | None:

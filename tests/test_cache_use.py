@@ -212,6 +212,7 @@ class _HeldMover:
         self._null = NullMover(0)
         self.reads: list[tuple[tuple[int, int], bool, object]] = []  # (key, urgent, future)
         self._writer: dict[int, object] = {}  # id of a slot's views -> the future writing into it
+        self.copies = 0  # host slot -> device slot
 
     def from_disk(self, layer, expert, views, device_flat=None, host_flat=None, urgent=True):
         from concurrent.futures import Future
@@ -227,6 +228,10 @@ class _HeldMover:
         self.reads.append(((layer, expert), urgent, future))
         return Ticket(future)
 
+    def from_host(self, host_flat, device_flat):
+        self.copies += 1
+        return self._null.from_host(host_flat, device_flat)
+
     def started(self, key):
         future = next(f for k, urgent, f in self.reads if k == key and not urgent)
         future.set_running_or_notify_cancel()
@@ -236,14 +241,16 @@ class _HeldMover:
         return getattr(self._null, name)
 
 
-def _held_cache(capacity: int, read_timeout: float | None = None):
-    from offload_moe.cache import ExpertCache, SlotLayout, SlotPool
+def _held_cache(capacity: int, read_timeout: float | None = None, host_slots: int = 0):
+    from offload_moe.cache import ExpertCache, HostTier, SlotLayout, SlotPool
     from offload_moe.profiling.replays import _NoFiles
 
     layout = SlotLayout({}, torch.uint8)
     residency = Residency(capacity, make_policy("lru"))
+    host = HostTier(Residency(host_slots, make_policy("lru")), SlotPool(host_slots, layout, torch.device("cpu"))) \
+        if host_slots else None
     mover = _HeldMover()
-    cache = ExpertCache(residency, SlotPool(capacity, layout, torch.device("cpu")), _NoFiles(), mover,
+    cache = ExpertCache(residency, SlotPool(capacity, layout, torch.device("cpu")), _NoFiles(), mover, host,
                         read_timeout=read_timeout)
     return cache, mover
 
@@ -292,6 +299,43 @@ def test_a_victim_whose_read_hangs_has_its_slot_quarantined():
     cache.drain()
     assert not cache.residency.quarantined and not cache.residency.pins
     cache.residency.check()
+
+
+def test_a_victim_whose_read_fails_leaves_the_host_tier_too():
+    """The failed read was filling a host slot: that slot holds part of the expert at most, so the next ask for
+    it reads the disk again rather than copying the host slot's bytes to the device."""
+    import threading
+
+    cache, mover = _held_cache(2, host_slots=3)
+    running = _prefetch_1_then_ask_for_0(cache, mover)
+    assert (0, 1) in cache.host.residency
+    threading.Timer(0.1, running.set_exception, [OSError("disk gone")]).start()
+    _run(cache, [2])  # evicts 1, whose read fails while it is waited for
+    assert (0, 1) not in cache.host.residency and cache.residency.totals().load_failures == 1
+    _run(cache, [1])
+    assert mover.copies == 0 and [key for key, _, _ in mover.reads].count((0, 1)) == 2  # read from disk again
+    cache.drain()
+    assert not cache.residency.pins and not cache.host.residency.pins
+    cache.residency.check()
+    cache.host.residency.check()
+
+
+def test_a_victim_whose_read_hangs_has_its_host_slot_quarantined_too():
+    from offload_moe.transfer import Transfer
+
+    cache, mover = _held_cache(2, read_timeout=0.05, host_slots=3)
+    running = _prefetch_1_then_ask_for_0(cache, mover)
+    _run(cache, [2])  # 1's read never ends: its device and host slots are quarantined
+    assert (0, 1) not in cache.host.residency and len(cache.host.residency.quarantined) == 1
+    assert cache.stuck_reads() == 1
+    running.set_result(Transfer())  # the hung read ends at last
+    cache.drain()
+    assert not cache.residency.quarantined and not cache.host.residency.quarantined
+    _run(cache, [1])
+    assert mover.copies == 0  # read from disk again
+    cache.drain()
+    cache.residency.check()
+    cache.host.residency.check()
 
 
 def test_a_prefetch_called_off_before_its_read_stays_resident_and_is_read_when_asked_for():

@@ -110,3 +110,13 @@ def test_load_failure_is_clear_and_leaves_cache_consistent(model_dir, prompt, pr
     with torch.no_grad():
         want, got = ref(prompt).logits, model(prompt).logits
     assert ((want - got).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_the_layers_share_one_dequantization_buffer(model_dir):
+    """Layers run one at a time, so one scratch buffer serves them all (sized to the largest weight, once)."""
+    model = offload_moe.load(model_dir("mixtral"), cache_experts=2, dtype="float32", progress=False)
+    try:
+        scratches = {id(m.kernel.scratch) for m in model.offload.modules}
+        assert len(model.offload.modules) > 1 and len(scratches) == 1
+    finally:
+        model.offload.close()

@@ -371,3 +371,29 @@ def test_a_shard_truncated_after_mapping_gives_a_clear_error_and_works_again_onc
     for line in errors:  # names the layer, the expert and the file, and says what to do
         assert re.search(rf"loading expert \d+ of layer \d+ \(.*experts\) from {folder / 'model.safetensors'} failed: "
                          rf".* is \d+ bytes long.*truncated or replaced.*restore it", line), line
+
+
+def test_an_expert_read_ahead_is_not_advised_again_when_its_layer_maps_it():
+    from offload_moe.cache import FlowCounters
+    from offload_moe.sources import MappedSource
+
+    class Store:  # maps every expert; counts the kernel's read-ahead advice
+        def __init__(self):
+            self.advised = []
+
+        def mapped(self, layer, expert, dtype):
+            return {"w": torch.zeros(1)}
+
+        def willneed(self, layer, expert):
+            self.advised.append((layer, expert))
+
+    store, flow = Store(), FlowCounters()
+    source = MappedSource(store, torch.float32)
+    assert source.read_ahead((0, 1), flow) and store.advised == [(0, 1)]
+    source.settle(0, [1, 2], set(), flow)  # layer 0 runs with 1 (read ahead) and 2 (not)
+    source.view(0, 1)
+    source.view(0, 2)
+    assert store.advised == [(0, 1), (0, 2)] and flow.mapped_ahead == 1
+    source.settle(1, [1], set(), flow)  # the next layer: what was read ahead for layer 0 is forgotten
+    source.view(0, 1)
+    assert store.advised == [(0, 1), (0, 2), (0, 1)]

@@ -49,7 +49,6 @@ class Forecast(EvictionPolicy):
         self._table = [[0.0, 0.0] for _ in range(_BINS * _BINS)]  # (age bin, frequency bin) -> [reuses, tries]
         self._rank: dict[Key, tuple[float, int]] = {}  # key -> (chance at its layer's next visit, last use)
         self._heaps: dict = {}  # layer -> LazyHeap of its resident keys, lowest chance first
-        self._layer_of: dict[Key, object] = {}
 
     # -- what the cache tells ------------------------------------------------
     def on_access(self, key: Key) -> None:
@@ -71,13 +70,12 @@ class Forecast(EvictionPolicy):
             self._rank.setdefault(key, (_UNSEEN, -1))  # requested now: ranked when this visit ends
         else:  # named by a prefetch or the fill at start: kept until its layer has run
             self._rank[key] = (1.0, self._rank.get(key, (0.0, -1))[1])
-        self._layer_of[key] = layer
         heap.add(key)
 
     def on_evict(self, key: Key) -> None:
-        layer = self._layer_of.pop(key, None)
-        if layer is not None:
-            self._heaps[layer].discard(key)
+        heap = self._heaps.get(key[0])
+        if heap is not None:
+            heap.discard(key)
 
     def victim(self, pinned: Container[Key]) -> Key:
         period = len(self._visited_at) or 1

@@ -164,7 +164,7 @@ def _heap_add(heap, state, policy, key, requests, last, next_use, added, residen
 
 
 def _heap_victim(heap, kept, state, policy, pins, is_resident, requests, last, next_use, added):
-    """The unpinned resident key of lowest priority (``policies.heap.LazyHeap.lowest_evictable``)."""
+    """The unpinned resident key of lowest priority (``policies.heap.LazyHeap.lowest_unpinned``)."""
     held = 0
     victim = -1
     while state[_HEAP] > 0:

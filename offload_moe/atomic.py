@@ -3,7 +3,8 @@
 Readers see the old file or the new one, never half of one. A write that fails removes its
 temporary file. A process killed while writing cannot remove it, so temporary files are named
 after the writing process, ``.NAME.offload-moe-PID-XXXX.tmp``, and the next write to the same
-target removes those whose process no longer runs (never one of a writer still at work).
+target removes those whose process no longer runs (never one of a writer still at work); a folder
+so named (quantize_experts' work folder) goes the same way, with what it holds.
 Every file offload_moe writes goes through here.
 """
 
@@ -13,6 +14,7 @@ import glob
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -96,9 +98,10 @@ def _make_folder(folder: Path, target: Path | None = None) -> list[Path]:
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Remove the temporary files that writers of ``path`` killed mid-write left behind; returns them.
+    """Remove the temporary files (or folders, with their contents) that writers of ``path`` killed mid-write
+    left behind; returns them.
 
-    A temporary file whose writing process still runs is kept: it may be a concurrent write.
+    A temporary whose writing process still runs is kept: it may be a concurrent write.
     """
     path = Path(path)
     pattern = re.compile(rf"\.{re.escape(path.name)}\.{_TEMP_TAG}-(\d{{1,10}})-[0-9a-f]+\.tmp")
@@ -107,7 +110,10 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         match = pattern.fullmatch(candidate.name)
         if match and not _process_runs(int(match.group(1))):
             try:
-                candidate.unlink()
+                if candidate.is_dir() and not candidate.is_symlink():
+                    shutil.rmtree(candidate)
+                else:
+                    candidate.unlink()
             except OSError:  # removed by another writer first, or not ours to remove (a sticky folder)
                 continue
             removed.append(candidate)

@@ -30,11 +30,15 @@ import torch
 
 from . import quant
 from .errors import ConfigError
+from .values import shown
 
 FP8 = torch.float8_e4m3fn
 FP8_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)  # uint8: the "ue8m0" variant, 2**(b - 127)
-MXFP4_GROUP = 32
+MXFP4_GROUP = quant.MXFP4_GROUP
+FORMAT_VERSIONS = (1,)  # the versions of offload_moe's own format (quantize.py writes them) read here
 INT4_SCALE_DTYPES = (torch.float32, torch.bfloat16)
+COMPONENTS = {"fp8": ("weight", "scale_inv"), "mxfp4": ("blocks", "scales"), "int8": ("qweight", "scales"),
+              "int4": ("qweight", "scales_and_zeros")}
 PER_PART = ("scale_inv", "scales_and_zeros")  # components a slot holds one entry per row part of
 
 
@@ -54,6 +58,11 @@ class ExpertFormat:
             return f"int4 (groups of {self.block[0]})"
         return self.kind or "dense"
 
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        """The components a packed weight is stored as (none for plain tensors)."""
+        return COMPONENTS.get(self.kind, ())
+
     def components(self, rows: int, cols: int, parts: int = 1) -> dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]]:
         """Each component of a weight [rows, cols] stored as ``parts`` row blocks: its shape and its allowed dtypes.
         Raises ValueError (said by the caller with the file and tensor) for a width the format cannot hold."""
@@ -71,7 +80,11 @@ class ExpertFormat:
         if self.kind == "int4":
             if cols % 2:
                 raise ValueError(f"int4 packs two columns a byte, and {cols} columns are odd")
-            groups = -(-cols // self.block[0])
+            group = self.block[0]
+            if group % 2 or cols % group:
+                raise ValueError(f"int4 groups of {group} columns (config.json's group_size) do not divide its {cols} "
+                                 "columns into even groups")
+            groups = cols // group
             return {"qweight": ((rows, cols // 2), (torch.uint8,)),
                     "scales_and_zeros": ((parts, groups, rows // parts, 2), INT4_SCALE_DTYPES)}
         return {}
@@ -120,28 +133,46 @@ def expert_format(quantization_config: object, where: str) -> ExpertFormat:
     if quantization_config is None:
         return DENSE
     if not isinstance(quantization_config, dict):
-        quantization_config = getattr(quantization_config, "to_dict", lambda: {})()
-    method = quantization_config.get("quant_method")
+        quantization_config = getattr(quantization_config, "to_dict", lambda: quantization_config)()
+    method = quant_method(quantization_config, where)
     if method == "fp8":
-        block = quantization_config.get("weight_block_size") or [128, 128]
-        if not (isinstance(block, (list, tuple)) and len(block) == 2
-                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-            raise ConfigError(f"{where}: quantization_config.weight_block_size = {block!r} must be two positive whole "
-                              "numbers (rows, columns), e.g. [128, 128]")
-        return ExpertFormat("fp8", tuple(block))
+        block = quantization_config.get("weight_block_size") or list(quant.FP8_BLOCK)
+        return ExpertFormat("fp8", quant.check_fp8_block(block, f"config file {where}: quantization_config", ConfigError))
     if method == "mxfp4":
         return ExpertFormat("mxfp4")
     if method == "offload_moe":
+        version = quantization_config.get("format_version")
+        if type(version) is not int or version not in FORMAT_VERSIONS:
+            raise ConfigError(f"config file {where}: quantization_config.format_version = {shown(version)} is not a "
+                              f"version of offload_moe's format this offload_moe reads "
+                              f"({', '.join(map(str, FORMAT_VERSIONS))}); a newer offload_moe wrote it, or the config "
+                              "is corrupted: upgrade offload_moe, or quantize the bf16 checkpoint again")
         bits = quantization_config.get("bits")
         if bits == 8:
             return ExpertFormat("int8")
         group = quantization_config.get("group_size")
         if bits == 4 and isinstance(group, int) and not isinstance(group, bool) and group > 0:
             return ExpertFormat("int4", (group,))
-        raise ConfigError(f"{where}: quantization_config of offload_moe needs bits 8, or bits 4 with a positive "
-                          f"group_size (got bits={bits!r}, group_size={group!r}); rewrite it with offload-moe quantize")
-    raise ConfigError(f"{where}: quantization_config.quant_method = {method!r} is not a format offload_moe reads "
-                      "(fp8, mxfp4, offload_moe)")
+        raise ConfigError(f"config file {where}: quantization_config of offload_moe needs bits 8, or bits 4 with a "
+                          f"positive group_size (got bits={bits!r}, group_size={group!r}); rewrite it with offload-moe "
+                          "quantize")
+    raise ConfigError(f"config file {where}: quantization_config.quant_method = {method!r} is not a format offload_moe "
+                      "reads (fp8, mxfp4, offload_moe)")
+
+
+def quant_method(quantization_config: object, path: object) -> str:
+    """The ``quant_method`` a ``quantization_config`` names (an old bitsandbytes config names none but sets
+    ``load_in_4bit`` / ``load_in_8bit``); ``path`` names the config file. The one parser of it."""
+    if not isinstance(quantization_config, dict):
+        raise ConfigError(f"config file {path}: quantization_config = {shown(quantization_config)} must be an object "
+                          "with a quant_method; the config is corrupted")
+    method = quantization_config.get("quant_method")
+    if method is None and (quantization_config.get("load_in_4bit") or quantization_config.get("load_in_8bit")):
+        return "bitsandbytes"
+    if not isinstance(method, str):
+        raise ConfigError(f"config file {path}: quantization_config.quant_method = {shown(method)} must be the name "
+                          "of a quantization method such as 'fp8'; the config is corrupted")
+    return method
 
 
 @dataclass(frozen=True, eq=False)
@@ -155,10 +186,6 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return sum(_rows(self.kind, p) for p in self.parts), _cols(self.kind, self.parts[0])
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.parts[0].values())).device
 
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
         """Write the weight into ``out`` [out, in] (any floating dtype); returns ``out``."""
@@ -205,9 +232,9 @@ def _dequantize_into(kind: str, part: dict[str, torch.Tensor], block: tuple[int,
     elif kind == "mxfp4":
         quant.dequantize_mxfp4(part["blocks"], part["scales"], out.dtype, out=out)
     elif kind == "int8":
-        out.copy_(quant.dequantize_int8(part["qweight"], part["scales"], out.dtype))
+        quant.dequantize_int8(part["qweight"], part["scales"], out.dtype, out=out)
     else:
-        out.copy_(quant.dequantize_int4(part["qweight"], part["scales_and_zeros"], out.dtype))
+        quant.dequantize_int4(part["qweight"], part["scales_and_zeros"], out.dtype, out=out)
 
 
 def dequantize_dense(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, ...], name: str,

@@ -58,15 +58,15 @@ def load(
     ``cache_experts`` (a number of experts, across all layers) or ``cache_memory``
     (bytes or a string such as ``"6GiB"``); without either, half the free memory less the dense weights (counted in
     the compute ``dtype``).
-    ``policy`` is the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``).
+    ``policy`` is the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``, ``forecast``).
     ``host_memory`` adds a warm tier of (pinned, on CUDA) host RAM between the device
     slots and the disk, with its own ``host_policy``; when it holds every expert it is
     filled at load. ``prefetch`` picks the predictor that starts loads for the next
     ``prefetch_depth`` layers (default 1; ``gate``, ``transition``, ``hybrid`` or ``none``, the default, or a
     ``prefetch.Predictor`` of your own, as with ``offload_experts``), naming
     top-k plus ``prefetch_margin`` (default 1) experts. Prefetch raises the hit rate but moves more bytes (wrong guesses
-    are loaded too); measure it on your model with ``benchmarks/prefetch_recall.py``. ``readers`` threads read the disk; ``io`` is ``direct``
-    (O_DIRECT, else dropping read pages; the default), ``dontneed``, ``buffered`` (page cache) or,
+    are loaded too); measure it on your model with ``benchmarks/prefetch_recall.py``. ``readers`` threads read the disk; ``io`` is ``auto``
+    (default: ``direct`` or ``mmap``), ``direct`` (O_DIRECT, else dropping read pages), ``dontneed``, ``buffered`` or,
     on CPU only, ``mmap``: an expert missing from the slots is computed in place from the mapped
     checkpoint, with no copy, and the kernel's page cache (memory it can reclaim, beyond the budget)
     keeps what it read; prefetch then asks the kernel to read ahead rather than filling slots.

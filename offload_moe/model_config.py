@@ -23,6 +23,7 @@ import torch
 from .config import shown
 from .errors import ConfigError, UnsupportedModelError
 from .files import read_json
+from .formats import quant_method
 from .safetensors_io import checkpoint_files
 
 CONFIG_LIMIT = 16 * 2**20  # the largest real configs (long label maps) are well under 1 MiB
@@ -39,11 +40,10 @@ POSITIVE = (
 )
 DTYPE_KEYS = ("dtype", "torch_dtype")
 
-# quant_method values whose experts offload_moe reads (offload_moe.formats).
-QUANT_METHODS: frozenset[str] = frozenset({"fp8", "mxfp4", "offload_moe"})
-# The formats read or planned, by quant_method; one in QUANT_METHODS is named among those read in the refusal.
+# The formats whose experts offload_moe reads (offload_moe.formats), by quant_method, as the refusal names them.
 QUANT_FORMATS = {"mxfp4": "MXFP4 (gpt-oss)", "fp8": "block-scaled FP8 (DeepSeek-V3, Qwen3 FP8)",
                  "offload_moe": "offload_moe's own int8 and int4 (offload-moe quantize)"}
+QUANT_METHODS: frozenset[str] = frozenset(QUANT_FORMATS)
 UNREAD_FORMATS = "GPTQ, AWQ, bitsandbytes and GGUF"
 
 
@@ -108,31 +108,14 @@ def _check_dtype(value: object, key: str, path: Path) -> None:
                           "use e.g. 'bfloat16', 'float16' or 'float32'")
 
 
-def quant_method(quantization_config: object, path: Path) -> str:
-    """The ``quant_method`` a ``quantization_config`` names (an old bitsandbytes config names none but sets
-    ``load_in_4bit`` / ``load_in_8bit``)."""
-    if not isinstance(quantization_config, dict):
-        raise ConfigError(f"config file {path}: quantization_config = {shown(quantization_config)} must be an object "
-                          "with a quant_method; the config is corrupted")
-    method = quantization_config.get("quant_method")
-    if method is None and (quantization_config.get("load_in_4bit") or quantization_config.get("load_in_8bit")):
-        return "bitsandbytes"
-    if not isinstance(method, str):
-        raise ConfigError(f"config file {path}: quantization_config.quant_method = {shown(method)} must be the name "
-                          "of a quantization method such as 'fp8'; the config is corrupted")
-    return method
-
-
 def _check_quantization(quantization_config: object, path: Path) -> None:
     method = quant_method(quantization_config, path)
     if method in QUANT_METHODS:
         return
     reads = ["bf16, fp16 and fp32 checkpoints", *(QUANT_FORMATS[m] for m in sorted(QUANT_METHODS))]
-    planned = [name for m, name in QUANT_FORMATS.items() if m not in QUANT_METHODS]
-    later = f"{' and '.join(planned)} are planned, " if planned else ""
     raise UnsupportedModelError(
         f"config file {path}: the weights are quantized (quantization_config.quant_method = {shown(method)}), but "
-        f"offload_moe reads only {', '.join(reads)}: {later}{UNREAD_FORMATS} are not. "
+        f"offload_moe reads only {', '.join(reads)}: {UNREAD_FORMATS} are not. "
         "Load the model's bf16 or fp16 release instead"
     )
 

@@ -8,8 +8,8 @@ MXFP4 (gpt-oss; ``quant_method: "mxfp4"``)
     ``X_blocks`` uint8 [..., out, in/32, 16]: each byte two FP4 E2M1 values, the low nibble first (column 2k),
     the high nibble second (column 2k+1). A nibble is sign (bit 3), 2 exponent bits, 1 mantissa bit:
     ``FP4_VALUES[nibble]``. ``X_scales`` uint8 [..., out, in/32]: one E8M0 exponent a group of 32 columns, the
-    scale ``2**(byte - 127)``, applied with ``torch.ldexp`` as transformers does (so 255, E8M0's NaN, scales by
-    2**128 rather than giving NaN). gpt-oss's parameters are the transpose: ``gate_up_proj`` [E, H, 2I] from
+    scale ``2**(byte - 127)``, applied as transformers' ``torch.ldexp`` applies it (so 255, E8M0's NaN, scales
+    by 2**128 rather than giving NaN). gpt-oss's parameters are the transpose: ``gate_up_proj`` [E, H, 2I] from
     blocks [E, 2I, H/32, 16]. 4.25 bits a weight.
 
 Block-scaled FP8 (DeepSeek-V3, Qwen3 FP8; ``quant_method: "fp8"``, ``weight_block_size: [bm, bn]``)
@@ -35,7 +35,6 @@ int4 (offload_moe's own)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 
@@ -48,9 +47,23 @@ INT8_MAX = 127
 INT4_LEVELS = 15  # codes 0..15
 INT4_MID = 8
 INT4_TILE = 64  # rows a tile of torch's AVX-512 int4 layout
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel takes
+DEFAULT_GROUP_SIZE = 64  # int4's columns per scale and zero, unless asked otherwise
 FP8_BLOCK = (128, 128)
-FORMATS = ("mxfp4", "fp8", "int8", "int4")
+INT4_CHUNK = 2**20  # the most float32 values int4 dequantizes through at once into a 16-bit weight
 _FP4_PAIRS = torch.tensor([(FP4_VALUES[b & 0x0F], FP4_VALUES[b >> 4]) for b in range(256)])  # a byte's two values
+_TABLES: dict[tuple, torch.Tensor] = {}  # (table, device, dtype) -> the table there: made once, not per weight
+
+
+def _table(kind: torch.dtype | str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A lookup table on ``device`` in ``dtype``, cached: ``"fp4"``, each byte's two FP4 values [256, 2]; a float8
+    dtype, its 256 values [256]. Made on the CPU (every value is exact in 16 bits), copied once per device."""
+    key = (kind, device, dtype)
+    table = _TABLES.get(key)
+    if table is None:
+        values = _FP4_PAIRS if kind == "fp4" else torch.arange(256, dtype=torch.uint8).view(kind)
+        table = _TABLES[key] = values.to(dtype).to(device)
+    return table
 
 
 # -- MXFP4 ---------------------------------------------------------------------------------------------------
@@ -68,19 +81,20 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
             f"and a last dimension of {MXFP4_GROUP // 2} bytes, but the scales have shape {list(scales.shape)}; "
             "the checkpoint is corrupted or not MXFP4"
         )
-    exponent = scales.to(torch.int32) - E8M0_BIAS  # [..., out, G]
-    overflow = bool((exponent > E8M0_BIAS).any())  # byte 255: 2**128 overflows float32, ldexp does not
-    if out is not None and out.is_contiguous() and not overflow:
+    exponent = scales.to(torch.int32) - E8M0_BIAS  # [..., out, G], -127..128
+    # 2**128 (byte 255) overflows float32 where ldexp does not: scale by 2**min(e, 127), then by 2**max(e - 127, 0).
+    # Each product is exact (or overflows as ldexp's does), so the result equals ldexp's bit for bit, with no
+    # look at the values (a device sync).
+    low = torch.exp2(exponent.clamp(max=E8M0_BIAS).float())[..., None]
+    high = torch.exp2((exponent - E8M0_BIAS).clamp(min=0).float())[..., None]
+    if out is not None and out.is_contiguous():
         # FP4 values are exact in any float dtype; a float32 scale times them rounds once, as below
-        torch.index_select(_FP4_PAIRS.to(out.device, out.dtype), 0, blocks.reshape(-1).int(),
+        torch.index_select(_table("fp4", out.device, out.dtype), 0, blocks.reshape(-1).int(),
                            out=out.view(-1, 2))  # [..., out, G * 16, 2]: each byte's two columns
-        return out.view(*scales.shape, MXFP4_GROUP).mul_(torch.exp2(exponent.float())[..., None]).view(out.shape)
-    pairs = _FP4_PAIRS.to(blocks.device)
-    values = torch.nn.functional.embedding(blocks.int(), pairs).flatten(-2)  # [..., out, G, 32]
-    if overflow:
-        w = torch.ldexp(values, exponent[..., None]).flatten(-2).to(dtype)
-    else:
-        w = (values * torch.exp2(exponent.float())[..., None]).flatten(-2).to(dtype)  # exact, as ldexp, and faster
+        out.view(*scales.shape, MXFP4_GROUP).mul_(low).mul_(high)
+        return out
+    values = torch.nn.functional.embedding(blocks.int(), _table("fp4", blocks.device, torch.float32)).flatten(-2)
+    w = values.mul_(low).mul_(high).flatten(-2).to(dtype)  # [..., out, G * 32]: exact, as ldexp, and faster
     return w if out is None else out.copy_(w)
 
 
@@ -95,7 +109,7 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
     if weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise CheckpointError(f"{name}: dtype {_dtype_name(weight.dtype)}, but a block-FP8 weight is float8_e4m3fn; "
                               "the checkpoint is corrupted or its quantization_config does not describe it")
-    bm, bn = _block(block, name)
+    bm, bn = check_fp8_block(block, name)
     if weight.dim() < 2:
         raise CheckpointError(f"{name}: shape {list(weight.shape)}, but a block-FP8 weight is a matrix")
     rows, cols = weight.shape[-2:]
@@ -109,8 +123,8 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
     if out is not None and out.is_contiguous() and rows % bm == 0 and cols % bn == 0 and out.dtype.itemsize >= 2:
         # q is exact in 16 bits (read through a table of its 256 values: faster than torch's float8 cast); a
         # float32 scale times it rounds once, as below
-        values = torch.arange(256, dtype=torch.uint8, device=weight.device).view(weight.dtype).to(out.dtype)
-        torch.index_select(values, 0, weight.reshape(-1).view(torch.uint8).int(), out=out.view(-1))
+        torch.index_select(_table(weight.dtype, out.device, out.dtype), 0, weight.reshape(-1).view(torch.uint8).int(),
+                           out=out.view(-1))
         tiles = out.view(*want[:-2], want[-2], bm, want[-1], bn)
         tiles.mul_(_scale_values(scale_inv, name)[..., :, None, :, None])
         return out
@@ -130,11 +144,13 @@ def _scale_values(scale_inv: torch.Tensor, name: str) -> torch.Tensor:
                           "are float32, bfloat16 or UE8M0 (uint8); the checkpoint is corrupted")
 
 
-def _block(block: object, name: str) -> tuple[int, int]:
+def check_fp8_block(block: object, name: str, error: type[Exception] = CheckpointError) -> tuple[int, int]:
+    """``weight_block_size`` as (rows, columns); anything but two whole numbers, 1 or more, raises ``error``
+    naming ``name``."""
     if (not isinstance(block, (tuple, list)) or len(block) != 2
             or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
-        raise CheckpointError(f"{name}: weight_block_size = {block!r} must be two whole numbers, 1 or more, "
-                              "such as [128, 128]; the config is corrupted")
+        raise error(f"{name}: weight_block_size = {block!r} must be two whole numbers, 1 or more, "
+                    "such as [128, 128]; the config is corrupted")
     return block[0], block[1]
 
 
@@ -151,22 +167,25 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
-                    name: str = "int8 weight") -> torch.Tensor:
-    """``q`` int8 [..., out, in] and ``scale`` [..., out] -> [..., out, in] in ``dtype``."""
+                    name: str = "int8 weight", out: torch.Tensor | None = None) -> torch.Tensor:
+    """``q`` int8 [..., out, in] and ``scale`` [..., out] -> [..., out, in] in ``dtype``: each product in float32,
+    rounded once to ``dtype``. ``out`` (floating, that shape): written in place and returned, with no copy."""
     _expect_dtype(q, torch.int8, name)
     if q.dim() < 2 or tuple(scale.shape) != tuple(q.shape[:-1]):
         raise CheckpointError(f"{name}: scales of shape {list(scale.shape)} do not match an int8 weight of shape "
                               f"{list(q.shape)}, which needs {list(q.shape[:-1])}; the store is corrupted")
-    return (q.float() * scale.float()[..., None]).to(dtype)
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    return torch.mul(q, scale.float()[..., None], out=out)  # computed in float32, written in out's dtype
 
 
 # -- int4, group-wise asymmetric -------------------------------------------------------------------------------
-def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` [..., out, in] -> (packed uint8 [..., out, in/2] in torch's CPU tile layout (``pack_int4_tiles``),
     scales-and-zeros float32 [..., in/group_size, out, 2]): each group of ``group_size`` columns spans its
     min..max in 16 levels, so each weight is off by at most half its group's scale."""
     _expect_float(w, "quantize_int4")
-    _check_group(group_size, w.shape[-1])
+    check_group_size(group_size, w.shape[-1])
     if w.shape[-2] % 2:
         raise ConfigError(f"int4 packs rows in pairs, and this weight has {w.shape[-2]} rows; use bits=8")
     groups = w.float().unflatten(-1, (-1, group_size))  # [..., out, G, group]
@@ -179,9 +198,11 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor,
 
 
 def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
-                    name: str = "int4 weight") -> torch.Tensor:
+                    name: str = "int4 weight", out: torch.Tensor | None = None) -> torch.Tensor:
     """``packed`` uint8 [..., out, in/2] (tiles) and ``scales_and_zeros`` [..., G, out, 2] -> [..., out, in] in
-    ``dtype``, the group size being in / G."""
+    ``dtype``, the group size being in / G: ``(code - 8) * scale``, then ``+ zero``, each in float32, rounded once
+    to ``dtype``. ``out`` (floating, that shape): written in place and returned; a 16-bit one through float32
+    chunks of at most ``INT4_CHUNK`` values, a float32 one directly."""
     _expect_dtype(packed, torch.uint8, name)
     sz = scales_and_zeros
     rows, cols = (packed.shape[-2], 2 * packed.shape[-1]) if packed.dim() >= 2 else (0, 0)
@@ -195,9 +216,25 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype:
             f"[{', '.join(map(str, (*packed.shape[:-2], 'G', rows, 2)))}], G dividing the columns into even groups, "
             "and the rows must be even; the store is corrupted"
         )
-    codes = unpack_int4_tiles(packed).unflatten(-1, (groups, cols // groups)).float()  # [..., out, G, group]
-    scale, zero = sz.float().transpose(-3, -2).unbind(-1)  # [..., out, G]
-    return ((codes - INT4_MID) * scale[..., None] + zero[..., None]).flatten(-2).to(dtype)
+    if out is None:
+        out = torch.empty((*packed.shape[:-1], cols), dtype=dtype, device=packed.device)
+    elif not out.is_contiguous():
+        return out.copy_(dequantize_int4(packed, sz, out.dtype, name=name))
+    # addcmul would do it in one pass, but may fuse the multiply and add (one rounding, not two): not bit-equal
+    codes = unpack_int4_tiles(packed).view(torch.int8).sub_(INT4_MID).view(-1, groups, cols // groups)  # [N, G, group]
+    scale, zero = (t[..., None].reshape(-1, groups, 1) for t in sz.float().transpose(-3, -2).unbind(-1))
+    target = out.unflatten(-1, (groups, cols // groups)).view(-1, groups, cols // groups)
+    if out.dtype == torch.float32:
+        torch.mul(codes, scale, out=target)
+        target.add_(zero)
+        return out
+    step = max(1, INT4_CHUNK // cols)  # rows a float32 chunk holds
+    products = torch.empty((min(step, codes.shape[0]), groups, cols // groups), device=out.device)
+    for start in range(0, codes.shape[0], step):
+        stop = min(start + step, codes.shape[0])
+        chunk = torch.mul(codes[start:stop], scale[start:stop], out=products[: stop - start])
+        torch.add(chunk, zero[start:stop], out=target[start:stop])
+    return out
 
 
 def pack_int4_tiles(codes: torch.Tensor) -> torch.Tensor:
@@ -226,36 +263,25 @@ def unpack_int4_tiles(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat((tiles, tail.movedim(-3, -1).reshape(*lead, out - full, 2 * half)), -2)
 
 
-def _check_group(group_size: object, cols: int) -> None:
+def check_group_size(group_size: object, cols: int | None = None, where: str = "the weight") -> int:
+    """int4's group size, refused (``ConfigError``) unless it is an even whole number and, given ``cols``, divides
+    the input columns of ``where``, with a group size that does: 256, 128, 64 or 32 (which torch's CPU int4
+    kernel takes) if one does, else the largest even divisor. Returns it."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
-        raise ConfigError(f"group_size = {group_size!r} must be an even whole number such as 32, 64 or 128")
-    if cols % group_size:
-        # torch's CPU int4 kernel takes groups of 32..256; any even divisor packs
-        fits = [g for g in (256, 128, 64, 32) if cols % g == 0]
+        raise ConfigError(f"group_size = {group_size!r} must be an even number of input columns per int4 scale and "
+                          f"zero, such as 32, 64 or 128 (default {DEFAULT_GROUP_SIZE})")
+    if cols is not None and cols % group_size:
+        fits = [g for g in INT4_KERNEL_GROUPS if cols % g == 0]
         fits = fits or [g for g in range(cols, 1, -1) if cols % g == 0 and g % 2 == 0]
-        hint = f"use {fits[0]}, which divides it" if fits else "an odd width cannot be packed two codes a byte"
-        raise ConfigError(f"group_size = {group_size} does not divide the weight's {cols} input columns; {hint}")
-
-
-# -- bytes ---------------------------------------------------------------------------------------------------
-def matrix_bytes(fmt: str, out: int, cols: int, *, block: tuple[int, int] = FP8_BLOCK,
-                 group_size: int = 128) -> int:
-    """Bytes one [out, cols] weight takes in ``fmt`` (one of ``FORMATS``), scales included."""
-    if fmt == "mxfp4":
-        return out * cols // 2 + out * math.ceil(cols / MXFP4_GROUP)
-    if fmt == "fp8":
-        return out * cols + 4 * math.ceil(out / block[0]) * math.ceil(cols / block[1])
-    if fmt == "int8":
-        return out * cols + 4 * out
-    if fmt == "int4":
-        return out * math.ceil(cols / 2) + 2 * 4 * out * math.ceil(cols / group_size)
-    raise ConfigError(f"quantized format {fmt!r} is not one of {', '.join(FORMATS)}")
-
-
-def expert_bytes(fmt: str, shapes: Mapping[str, tuple[int, int]], **options) -> int:
-    """Bytes one expert takes in ``fmt``: the sum of ``matrix_bytes`` over its [out, in] matrices ``shapes``
-    (e.g. gate, up and down; biases, which stay in bf16, not counted)."""
-    return sum(matrix_bytes(fmt, out, cols, **options) for out, cols in shapes.values())
+        if not fits:
+            hint = "no even group_size does: an odd width cannot be packed two codes a byte"
+        elif fits[0] in INT4_KERNEL_GROUPS:
+            hint = f"choose a group_size that does, e.g. {fits[0]} (use {fits[0]}: torch's CPU int4 kernel takes it)"
+        else:
+            hint = (f"choose a group_size that does, e.g. {fits[0]} (use {fits[0]}: the largest even divisor; torch's "
+                    f"CPU int4 kernel takes only {', '.join(map(str, INT4_KERNEL_GROUPS))}, so it is dequantized to compute)")
+        raise ConfigError(f"{where} has {cols} input columns, which groups of {group_size} do not divide; {hint}")
+    return group_size
 
 
 # -- checks ----------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ writes a new folder in offload_moe's format version 1 (docs/quantization.md):
 
 One expert tensor is in memory at a time, plus the shard being gathered (``shard_size``). Everything is
 written into a hidden folder beside ``out`` and renamed to ``out`` only when complete; on any error or
-Ctrl-C that folder is removed. The source folder is only read.
+Ctrl-C that folder is removed, and one a killed run left is removed by the next run to the same ``out``.
+The source folder is only read.
 """
 
 from __future__ import annotations
@@ -28,17 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .atomic import atomic_write, output_folder
+from .atomic import atomic_write, output_folder, remove_stale_temporaries
 from .checkpoint import open_checkpoint, resolve_model_path
 from .checksums import MANIFEST as CHECKSUM_MANIFEST
 from .errors import CheckpointError, ConfigError, OutputError
 from .files import open_regular
+from .formats import quant_method
 from .model_config import read_config
 from .progress import progress_bar
-from .quant import quantize_int4, quantize_int8
-from .safetensors_io import TensorInfo, read_header
+from .quant import DEFAULT_GROUP_SIZE, check_group_size, quantize_int4, quantize_int8
+from .safetensors_io import TensorInfo, write_safetensors
 from .store import ExpertStore, Piece
 
 log = logging.getLogger("offload_moe")
@@ -46,7 +47,6 @@ log = logging.getLogger("offload_moe")
 QUANT_METHOD = "offload_moe"
 FORMAT_VERSION = 1
 BITS = (8, 4)
-DEFAULT_GROUP_SIZE = 64
 SHARD_BYTES = 2 * 2**30  # the most tensor bytes gathered in memory before a shard is written
 INDEX = "model.safetensors.index.json"
 COMPONENTS = {8: ("qweight", "scales"), 4: ("qweight", "scales_and_zeros")}
@@ -133,19 +133,14 @@ def _check_settings(bits: object, group_size: object, shard_size: object) -> int
             raise ConfigError(f"group_size={group_size!r} applies to bits=4 only: int8 has one scale per output "
                               "channel; leave group_size out")
         return None
-    if group_size is None:
-        return DEFAULT_GROUP_SIZE
-    if type(group_size) is not int or group_size < 2 or group_size % 2:
-        raise ConfigError(f"group_size={group_size!r}: give the input columns per int4 scale and zero, an even "
-                          f"number such as 32, 64 or 128 (default {DEFAULT_GROUP_SIZE})")
-    return group_size
+    return DEFAULT_GROUP_SIZE if group_size is None else check_group_size(group_size)
 
 
 def _source_config(folder: Path, trust_remote_code: bool) -> dict:
     config = read_config(folder, trust_remote_code)
     quantized = config.get("quantization_config")
     if quantized is not None:
-        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+        method = quant_method(quantized, folder / "config.json")
         raise CheckpointError(
             f"{folder / 'config.json'} has a quantization_config (quant_method {method!r}): this checkpoint is "
             "quantized already. quantize_experts starts from a bf16, fp16 or float32 checkpoint; use this one as it is"
@@ -168,12 +163,12 @@ def _check_out(source: Path, out: Path) -> Path:
 
 def source_tensors(store: ExpertStore) -> list[tuple[TensorInfo, ExpertTensor | None]]:
     """Every tensor of the checkpoint in file order, with its place among the routed experts (None: dense),
-    as the store indexed them."""
+    as the store indexed them (from the headers it read)."""
     dense = {(info.file, info.name) for info in store.dense.values()}
     places = {(p.file, p.offset): (layer, p) for (layer, _), pieces in store.pieces.items() for p in pieces}
     found = []
     for file in store.files:
-        for info in sorted(read_header(file).values(), key=lambda i: i.offset):
+        for info in sorted(store.headers[file].values(), key=lambda i: i.offset):
             expert = None if (info.file, info.name) in dense else _expert_tensor(store, info, places)
             found.append((info, expert))
     return found
@@ -203,15 +198,14 @@ def _check_quantizable(tensors: list[tuple[TensorInfo, ExpertTensor | None]], bi
         if columns % 2:
             raise ConfigError(f"{info.file}: expert tensor {info.name!r} has {columns} input columns; int4 packs two "
                               "a byte and needs an even count. Use bits=8 for this model")
-        if columns % group_size:
-            fits = [g for g in (256, 128, 64, 32, 16, 8, 4, 2) if columns % g == 0]
-            raise ConfigError(f"{info.file}: expert tensor {info.name!r} has {columns} input columns, which groups of "
-                              f"{group_size} do not divide; choose a group size that does, e.g. {fits[0]}")
+        check_group_size(group_size, columns, f"{info.file}: expert tensor {info.name!r}")
 
 
 # -- writing ----------------------------------------------------------------------------------------------
 def _work_folder(out: Path) -> Path:
-    """A new hidden folder beside ``out``, named as atomic.py names its temporary files."""
+    """A new hidden folder beside ``out``, named as atomic.py names its temporary files, so that the next run
+    removes one a killed run left (``remove_stale_temporaries``)."""
+    remove_stale_temporaries(out)
     work = out.parent / f".{out.name}.offload-moe-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
         work.mkdir()
@@ -289,10 +283,8 @@ class Shards:
         self.pending_bytes += tensor.nbytes
 
     def _flush(self) -> None:
-        path = self.folder / f".shard-{len(self.written) + 1}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        os.chmod(path, 0o644)  # as atomic.py leaves every file it writes
-        _fsync(path)
+        path = write_safetensors(self.folder / f".shard-{len(self.written) + 1}.safetensors", self.pending.items(),
+                                 aligned=True)
         self.written.append((path, list(self.pending), self.pending_bytes))
         self.pending, self.pending_bytes = {}, 0
 

@@ -10,22 +10,27 @@ ends (or all, when its address and the file offset disagree) go through scratch.
 ``MappedFiles`` is the other way in, for ``io="mmap"`` on CPU: tensors that view a
 private (copy-on-write) mapping of the file, so compute reads the page cache in place
 and nothing written to them can reach the file.
+
+``write_safetensors`` is the one writer of a safetensors file (save_experts, quantize_experts), through atomic.py.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import mmap
 import os
 import struct
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write
 from .errors import CheckpointError, ConfigError, ModelClosedError, ModelPathError
 from .files import REFUSED_FLAGS, inside, open_fd, open_regular, parse_json, read_json
 from .values import READ_MODES, shown
@@ -45,6 +50,8 @@ DTYPES: dict[str, torch.dtype] = {
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
+
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
 _U64 = 2**64  # the library reads shapes and offsets as 64-bit unsigned integers
@@ -206,6 +213,32 @@ def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, data_s
             f"{path} has {data_size - end} bytes after its last tensor, which a safetensors file never has; "
             "the file is corrupted or was appended to, re-download or re-save it"
         )
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None, *,
+                      aligned: bool = False) -> Path:
+    """Stream ``tensors`` (cast to ``dtype``) into the safetensors file ``path`` one at a time, atomically
+    (``atomic_write``: flushed to disk, mode 0o644), with no copy of the set; metadata ``{"format": "pt"}``.
+    ``aligned``: in order of element size, largest first (stable), as the safetensors library orders them, so that
+    each tensor's bytes start at a multiple of its element size; else in the order given."""
+    tensors = list(tensors)
+    if aligned:
+        tensors.sort(key=lambda item: -(dtype or item[1].dtype).itemsize)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors:
+        out = dtype or t.dtype
+        nbytes = t.numel() * out.itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[out], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+
+    def write(f) -> None:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, t in tensors:
+            f.write(t.detach().to("cpu", dtype or t.dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    return atomic_write(path, write)
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

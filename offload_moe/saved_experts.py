@@ -12,7 +12,6 @@ import json
 import os
 import re
 import stat
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from .atomic import atomic_write
 from .errors import CheckpointError, ConfigError
 from .files import inside, read_json
 from .layers import LayerPlan, expert_item
-from .safetensors_io import DTYPES, read_header, short_repr
+from .safetensors_io import read_header, short_repr, write_safetensors
 from .store import Piece, PieceStore
 
 MANIFEST = "experts.json"
@@ -191,9 +190,6 @@ def _bad(path: Path, field: str, value: object, want: str) -> CheckpointError:
                            "the manifest is corrupted, run save_experts again")
 
 
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-
 def write_plans(plans: Sequence[LayerPlan], folder: Path, dtype: torch.dtype | None = None) -> Path:
     """Write the experts of ``plans`` and the manifest into ``folder`` (see ``save_experts``)."""
     if (folder / "config.json").exists():
@@ -209,7 +205,7 @@ def write_plans(plans: Sequence[LayerPlan], folder: Path, dtype: torch.dtype | N
         file = f"experts-{plan.layer:05d}.safetensors"
         tensors = [(f"layers.{plan.layer}.experts.{e}.{n}", t)
                    for e in range(plan.num_experts) for n, t in plan.expert_tensors(e).items()]
-        _write_safetensors(folder / file, tensors, dtype)
+        write_safetensors(folder / file, tensors, dtype)
         entries.append(_manifest_entry(plan, file, dtype))
     atomic_write(folder / MANIFEST, json.dumps({"format": FORMAT, "version": 1, "layers": entries}, indent=1).encode())
     return folder
@@ -243,22 +239,3 @@ def _manifest_entry(plan: LayerPlan, file: str, dtype: torch.dtype | None) -> di
         "params": {n: {"shape": list(s), "dtype": str(dtype or plan.dtypes[n]).removeprefix("torch.")}
                    for n, s in plan.shapes.items()},
     }
-
-
-def _write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> None:
-    """Stream ``tensors`` (cast to ``dtype``) into a safetensors file one at a time, atomically: no copy of the set."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, t in tensors:
-        out = dtype or t.dtype
-        nbytes = t.numel() * out.itemsize
-        header[name] = {"dtype": _DTYPE_NAMES[out], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-
-    def write(f) -> None:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for _, t in tensors:
-            f.write(t.detach().to("cpu", dtype or t.dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-    atomic_write(path, write)

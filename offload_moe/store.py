@@ -178,6 +178,7 @@ class ExpertStore(PieceStore):
     experts are kept in ``dense`` under their model names. ``format`` (from the config's
     ``quantization_config``) says how quantized experts are packed: their components go into the
     slots as they are (``slot_layout``), and ``read_dense`` applies the scales of dense block-FP8 weights.
+    ``headers``: each file's tensors as its header gives them, read once here.
     """
 
     def __init__(self, folder: Path, specs: Iterable[ExpertsSpec], rename: Callable[[str], str] = lambda k: k,
@@ -192,8 +193,9 @@ class ExpertStore(PieceStore):
         self.dense: dict[str, TensorInfo] = {}
         self.dense_scales: dict[str, TensorInfo] = {}  # checkpoint name of a dense FP8 weight -> its scale_inv
         by_prefix = {s.prefix: s for s in self.specs.values()}
+        self.headers: dict[Path, dict[str, TensorInfo]] = {path: read_header(path) for path in self.files}
         for path in self.files:
-            for name, info in read_header(path).items():
+            for name, info in self.headers[path].items():
                 key = rename(name)
                 spec, rest = _owner(key, by_prefix)
                 if spec is None or not self._add_expert_tensor(spec, rest, info):
@@ -374,7 +376,7 @@ class ExpertStore(PieceStore):
             layout = self.layouts[spec.layer]
             for param, shape in spec.shapes.items():
                 packed = {n for n in layout if n.startswith(param + ".")}
-                want = {f"{param}.{c}" for c in self.format.components(1, 64)}
+                want = {f"{param}.{c}" for c in self.format.component_names}
                 if packed and packed != want:
                     raise CheckpointError(
                         f"{self.folder}: {spec.prefix}'s {param!r} is packed as {self.format.name}, but the checkpoint "

@@ -75,6 +75,17 @@ def test_stale_temporaries_of_other_targets_are_left_alone(tmp_path):
     assert not stale.exists() and other.exists()
 
 
+def test_a_stale_temporary_folder_goes_with_its_contents_a_live_ones_stays(tmp_path):
+    dead = 2**22 + 12345
+    stale = tmp_path / f".out.offload-moe-{dead}-00ff.tmp"
+    (stale / "inner").mkdir(parents=True)
+    (stale / "inner" / "x.safetensors").write_bytes(b"x")
+    live = tmp_path / f".out.offload-moe-{os.getpid()}-00ff.tmp"
+    live.mkdir()
+    assert remove_stale_temporaries(tmp_path / "out") == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name]
+
+
 def enospc_on_call(monkeypatch, failing_call: int) -> None:
     """Make the ``failing_call``-th fsync fail as a full disk does."""
     calls = []

@@ -24,7 +24,8 @@ from safetensors import safe_open
 
 from offload_moe.checksums import read_manifest
 from offload_moe.errors import CheckpointError, ModelPathError
-from offload_moe.saved_experts import FORMAT, MANIFEST, SavedExperts, _write_safetensors
+from offload_moe.safetensors_io import write_safetensors as _write_safetensors
+from offload_moe.saved_experts import FORMAT, MANIFEST, SavedExperts
 from offload_moe.safetensors_io import FileReader, checkpoint_files, read_header
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,

@@ -14,8 +14,6 @@ from offload_moe.quant import (
     dequantize_int4,
     dequantize_int8,
     dequantize_mxfp4,
-    expert_bytes,
-    matrix_bytes,
     pack_int4_tiles,
     quantize_int4,
     quantize_int8,
@@ -52,6 +50,35 @@ def test_mxfp4_equals_transformers_bit_for_bit_over_every_byte_and_scale(dtype, 
     ours = dequantize_mxfp4(blocks, scales, dtype)  # [E, rows, cols]: the stored rows
     assert ours.shape == (3, 40, 128)
     assert same_bits(ours.transpose(1, 2), theirs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mxfp4_every_exponent_and_value_equals_ldexp_bit_for_bit_into_out_or_not(dtype):
+    """All 256 E8M0 bytes x 16 FP4 values, as ``torch.ldexp`` in float32 rounded once (transformers' rule): the
+    two-step scale (2**min(e, 127), then 2**max(e - 127, 0)) never overflows where ldexp does not."""
+    nibbles = torch.arange(16, dtype=torch.uint8)
+    blocks = (nibbles[0::2] | (nibbles[1::2] << 4)).repeat(256, 2).view(256, 1, 16)  # each row: values 0..15, twice
+    scales = torch.arange(256, dtype=torch.uint8).view(256, 1)
+    values = torch.tensor(FP4_VALUES).repeat(2)  # [32]
+    want = torch.ldexp(values.expand(256, 32), (scales.to(torch.int32) - 127).expand(256, 32)).to(dtype)
+    assert same_bits(dequantize_mxfp4(blocks, scales, dtype), want)
+    out = torch.full((256, 32), 7.0, dtype=dtype)
+    assert dequantize_mxfp4(blocks, scales, dtype, out=out) is out and same_bits(out, want)
+
+
+def test_dequantizing_reuses_its_lookup_tables():
+    from offload_moe import quant
+
+    blocks, scales = torch.zeros(4, 1, 16, dtype=torch.uint8), torch.full((4, 1), 127, dtype=torch.uint8)
+    q, s = fp8_case((16, 16), (16, 16))
+    for _ in range(2):
+        dequantize_mxfp4(blocks, scales, out=torch.empty(4, 32, dtype=torch.bfloat16))
+        dequantize_fp8_blocks(q, s, (16, 16), out=torch.empty(16, 16, dtype=torch.bfloat16))
+        tables = dict(quant._TABLES)
+    assert ("fp4", torch.device("cpu"), torch.bfloat16) in tables
+    assert (torch.float8_e4m3fn, torch.device("cpu"), torch.bfloat16) in tables
+    dequantize_mxfp4(blocks, scales, out=torch.empty(4, 32, dtype=torch.bfloat16))
+    assert all(quant._TABLES[key] is table for key, table in tables.items())
 
 
 def test_mxfp4_layout_low_nibble_first_and_a_scale_per_32_columns():
@@ -202,6 +229,18 @@ def test_int8_layout_is_the_one_torch_weight_int8pack_mm_takes():
     assert torch.allclose(kernel, reference, rtol=2e-2, atol=0.2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_into_out_is_bit_equal_to_the_float32_product_rounded_once(dtype):
+    q, scale = quantize_int8(torch.randn(2, 48, 70, generator=generator(20)))
+    want = (q.float() * scale.float()[..., None]).to(dtype)
+    assert same_bits(dequantize_int8(q, scale, dtype), want)
+    out = torch.empty(2, 48, 70, dtype=dtype)
+    assert dequantize_int8(q, scale, dtype, out=out) is out and same_bits(out, want)
+    wide = torch.zeros(2, 48, 80, dtype=dtype)  # a view with gaps between its rows
+    dequantize_int8(q, scale, dtype, out=wide[..., :70])
+    assert same_bits(wide[..., :70], want) and not wide[..., 70:].any()
+
+
 def test_int8_scales_that_do_not_match_name_the_tensor():
     q, _ = quantize_int8(torch.randn(8, 16))
     with pytest.raises(CheckpointError, match="experts/3.down: scales of shape"):
@@ -275,6 +314,28 @@ def test_int4_a_group_size_that_does_not_divide_is_refused_with_one_that_does(co
         quantize_int4(torch.randn(4, cols), group)
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_into_out_is_bit_equal_to_the_float32_rule(monkeypatch, dtype, scale_dtype):
+    """``(code - 8) * scale``, then ``+ zero``, each rounded in float32, then once to ``dtype``: whether written
+    into ``out`` or not, in one float32 chunk or several, into a contiguous ``out`` or a view with gaps."""
+    from offload_moe import quant
+
+    packed, sz = quantize_int4(torch.randn(3, 80, 96, generator=generator(21)), 32)
+    sz = sz.to(scale_dtype)
+    codes = unpack_int4_tiles(packed).unflatten(-1, (3, 32)).float()
+    scale, zero = sz.float().transpose(-3, -2).unbind(-1)
+    want = ((codes - 8) * scale[..., None] + zero[..., None]).flatten(-2).to(dtype)
+    for chunk in (2**20, 500):  # 500 values: five rows a chunk, a short last one
+        monkeypatch.setattr(quant, "INT4_CHUNK", chunk)
+        assert same_bits(dequantize_int4(packed, sz, dtype), want)
+        out = torch.empty(3, 80, 96, dtype=dtype)
+        assert dequantize_int4(packed, sz, dtype, out=out) is out and same_bits(out, want)
+        wide = torch.zeros(3, 80, 100, dtype=dtype)
+        dequantize_int4(packed, sz, dtype, out=wide[..., :96])
+        assert same_bits(wide[..., :96], want) and not wide[..., 96:].any()
+
+
 def test_int4_an_odd_row_count_is_refused():
     with pytest.raises(ConfigError, match="5 rows; use bits=8"):
         quantize_int4(torch.randn(5, 64), 32)
@@ -285,29 +346,3 @@ def test_int4_scales_that_do_not_fit_name_the_tensor(shape):
     packed, _ = quantize_int4(torch.randn(8, 64), 32)
     with pytest.raises(CheckpointError, match="experts/1.gate: scales_and_zeros"):
         dequantize_int4(packed, torch.ones(shape), name="experts/1.gate")
-
-
-# -- bytes ---------------------------------------------------------------------------------------------------
-def test_bytes_count_what_the_functions_produce():
-    w = torch.randn(96, 320)
-    q, s = encode_fp8_blocks(w, (128, 128))
-    assert matrix_bytes("fp8", 96, 320) == q.nbytes + s.nbytes
-    blocks, scales = encode_mxfp4(w)
-    assert matrix_bytes("mxfp4", 96, 320) == blocks.nbytes + scales.nbytes
-    assert matrix_bytes("int8", 96, 320) == sum(t.nbytes for t in quantize_int8(w))
-    assert matrix_bytes("int4", 96, 320, group_size=64) == sum(t.nbytes for t in quantize_int4(w, 64))
-
-
-def test_an_expert_packs_to_the_fractions_of_bf16_the_formats_promise():
-    """Qwen3-30B-A3B's expert (hidden 2048, width 768): MXFP4 ~0.27, FP8 ~0.50, int8 ~0.50, int4 ~0.28 of bf16."""
-    shapes = {"gate": (768, 2048), "up": (768, 2048), "down": (2048, 768)}
-    bf16 = sum(2 * o * i for o, i in shapes.values())
-    ratio = {fmt: expert_bytes(fmt, shapes) / bf16 for fmt in ("mxfp4", "fp8", "int8", "int4")}
-    assert ratio["mxfp4"] == pytest.approx(4.25 / 16)
-    assert ratio["fp8"] == pytest.approx(0.5, abs=1e-3) and ratio["int8"] == pytest.approx(0.5, abs=2e-3)
-    assert ratio["int4"] == pytest.approx((4 + 64 / 128) / 16)
-
-
-def test_an_unknown_format_is_named():
-    with pytest.raises(ConfigError, match="'nf4' is not one of mxfp4, fp8, int8, int4"):
-        matrix_bytes("nf4", 8, 8)

@@ -209,6 +209,17 @@ def test_a_failure_midway_leaves_no_output_and_no_temporary_folder(model_dir, tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_work_folder_a_killed_run_left_is_removed_by_the_next_run(model_dir, tmp_path):
+    dead = 2**22 + 12345  # above Linux's largest PID, so no process has it
+    stale = tmp_path / f".q.offload-moe-{dead}-00ff00ff.tmp"  # as _work_folder names it
+    (stale / "sub").mkdir(parents=True)
+    (stale / ".shard-1.safetensors").write_bytes(b"half")
+    other = tmp_path / f".r.offload-moe-{dead}-00ff00ff.tmp"  # another output's: left alone
+    other.mkdir()
+    quantize_experts(model_dir("mixtral"), tmp_path / "q", bits=8, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "q"]
+
+
 def test_an_empty_output_folder_is_filled(model_dir, tmp_path):
     (tmp_path / "q").mkdir()
     quantize_experts(model_dir("mixtral"), tmp_path / "q", bits=8, progress=False)

@@ -21,7 +21,7 @@ import offload_moe
 from offload_moe import quant
 from offload_moe.formats import ExpertFormat
 from offload_moe.kernels import INT4_KERNEL_LAYOUT, Scratch, quantized_linear
-from offload_moe.errors import CheckpointError
+from offload_moe.errors import CheckpointError, ConfigError
 from tiny_models import make_fp8_model, make_model, make_mxfp4_model
 
 RTOL = 1e-3
@@ -191,6 +191,29 @@ def test_mxfp4_columns_that_groups_of_32_do_not_divide_are_named(tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     assert config["intermediate_size"] == 64
     with pytest.raises(CheckpointError, match=r"down_proj_blocks.*must be uint8 \[4, 32, 2, 16\]"):
+        offload_moe.load(folder, cache_experts=2, progress=False)
+
+
+def test_an_int4_group_size_that_does_not_divide_the_columns_is_named(tmp_path):
+    """Groups of 18 over 32 and 48 columns round up to the 2 and 3 groups that groups of 16 make: the shapes
+    agree, so only the group size itself can refuse it (it once loaded and computed with groups of 16)."""
+    folder = make_int_model("mixtral", tmp_path / "m", 4, group_size=16)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 18
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: expert tensor '.*experts\.0\.w1\.weight.scales_and_zeros'"
+                                              r": int4 groups of 18 columns .* do not divide its 32 columns"):
+        offload_moe.load(folder, cache_experts=2, progress=False)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None])
+def test_an_unknown_format_version_is_refused_naming_config_json(tmp_path, version):
+    folder = make_int_model("mixtral", tmp_path / "m", 8)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["format_version"] = version
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"config\.json: quantization_config\.format_version = .* is not a version "
+                                          r"of offload_moe's format this offload_moe reads \(1\)"):
         offload_moe.load(folder, cache_experts=2, progress=False)
 
 

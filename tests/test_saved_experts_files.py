@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from offload_moe.errors import CheckpointError, ConfigError
-from offload_moe.saved_experts import FORMAT, MANIFEST, SavedExperts, _uncommit, _write_safetensors
+from offload_moe.safetensors_io import write_safetensors as _write_safetensors
+from offload_moe.saved_experts import FORMAT, MANIFEST, SavedExperts, _uncommit
 
 LAYER = {"id": 0, "module": "blocks.0.moe", "file": "experts-00000.safetensors", "num_experts": 2,
          "params": {"w": {"shape": [2, 3], "dtype": "float32"}}}

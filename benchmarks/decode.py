@@ -56,7 +56,12 @@ from pathlib import Path
 
 import torch
 
-from offload_moe.generation import kv_cache_kwargs, kv_cache_of
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # benchmarks.cgroups, benchmarks.peers
+
+from benchmarks.cgroups import MemoryCgroup, run_limited  # noqa: E402,F401 (MemoryCgroup: tests/test_memory.py)
+from offload_moe.generation import kv_cache_kwargs, kv_cache_of  # noqa: E402
 
 SHAPES = {
     "mixtral": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_local_experts=8,
@@ -332,7 +337,7 @@ def main() -> None:
             "expert_bytes": expert_bytes, "total_experts": total, "checkpoint_bytes": checkpoint_bytes,
             "bandwidth": bandwidth, "repeats": args.repeats, "rows": rows, "machine": machine(args.device),
         }
-        cold = drop_caches if args.drop_caches else (lambda: drop_file_pages(folder))
+        cold = drop_caches if args.drop_caches else (lambda: drop_file_pages(folder.glob("*.safetensors")))
         for limit in limits:
             run = Runner(folder, args, limit)
             resident = None
@@ -343,7 +348,7 @@ def main() -> None:
                     runs.append(run("resident", {}))
                 resident = run.median(runs)
             for share in [float(b) for b in args.budgets.split(",")]:
-                capacity = max(2, round(share * total))
+                capacity = expert_capacity(share, total)
                 row = {"limit": limit, "budget": share, "capacity_experts": capacity}
                 results: dict[str, list[dict]] = {c: [] for c in columns if c != "resident"}
                 for _ in range(args.repeats):  # interleaved: one run of each configuration a round
@@ -437,12 +442,16 @@ class Runner:
 
 
 def run_child(spec: dict) -> None:
-    """``--child``: one configuration, its result printed as the last line of stdout (JSON)."""
-    trace = None
-    if spec.pop("trace"):
+    """``--child``: one configuration, its result printed as the last line of stdout (JSON). With ``threads``
+    (the llama.cpp side by side), torch runs on that many threads, and the result says how many it had."""
+    threads = spec.pop("threads", None)
+    if threads:
+        torch.set_num_threads(threads)
+    trace, trace_path = None, spec.pop("trace")
+    if trace_path:
         from safetensors.torch import load_file
 
-        trace = load_file(spec["trace"])["experts"]
+        trace = load_file(trace_path)["experts"]
     kind, folder = spec.pop("kind"), Path(spec.pop("folder"))
     host_memory = spec.pop("host_memory")
     if kind == "resident":
@@ -451,96 +460,38 @@ def run_child(spec: dict) -> None:
         result = run_accelerate(folder, trace=trace, **spec)
     else:
         result = run_offload(folder, trace=trace, host_memory=host_memory, **spec)
+    if threads:
+        result["threads"] = torch.get_num_threads()
     print(json.dumps(result))
 
 
 def run_in_cgroup(spec: dict, limit: int) -> dict:
     """Run ``spec`` (``run_child``) in a child process in a fresh memory cgroup of ``limit`` bytes, removed after;
     the result, with the cgroup's peak memory, or ``error`` if the child failed (an out-of-memory kill, say)."""
-    import subprocess
-
-    group = MemoryCgroup(limit)
-    try:
-        command = [sys.executable, __file__, "--child", json.dumps(spec)]
-        # the child joins the cgroup before exec: every byte it maps or reads from then on is charged there
-        shell = 'echo $$ > "$0" && exec "$@"'
-        done = subprocess.run(["sh", "-c", shell, str(group.procs), *command], stdout=subprocess.PIPE, text=True)
-        peak = group.peak()
-    finally:
-        group.remove()
+    done = run_limited([sys.executable, __file__, "--child", json.dumps(spec)], limit, capture_stderr=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        killed = done.returncode in (-9, 137)
-        what = "killed: out of memory in the cgroup" if killed else f"exit status {done.returncode}"
-        return {"error": what, "peak_bytes": peak, "limit_bytes": limit}
+        return {"error": done.error(), "peak_bytes": done.peak_bytes, "limit_bytes": limit}
     result = json.loads(lines[-1])
-    result.update(peak_bytes=peak, limit_bytes=limit)
+    result.update(peak_bytes=done.peak_bytes, limit_bytes=limit)
     return result
 
 
-class MemoryCgroup:
-    """A fresh memory cgroup below this process's own: cgroup v1's memory controller (``memory.limit_in_bytes``),
-    else a v2 child (``memory.max``; the parent must delegate the memory controller). Needs root, or a delegated
-    subtree."""
-
-    def __init__(self, limit: int):
-        from offload_moe.memory import memory_cgroups
-
-        found = memory_cgroups()
-        if not found:
-            raise SystemExit("--memory-limit: this process is in no memory cgroup that can be found in "
-                             "/proc/self/cgroup and /proc/self/mountinfo (Linux with cgroups is needed)")
-        errors = []
-        for version, parent, _mount in found:
-            name = f"offload-moe-bench-{os.getpid()}-{time.monotonic_ns()}"
-            self.folder, self.version = parent / name, version
-            try:
-                if version == 2:
-                    control = (parent / "cgroup.subtree_control").read_text().split()
-                    if "memory" not in control:
-                        (parent / "cgroup.subtree_control").write_text("+memory\n")
-                self.folder.mkdir()
-                setting = "memory.max" if version == 2 else "memory.limit_in_bytes"
-                (self.folder / setting).write_text(f"{limit}\n")
-                if version == 2 and (self.folder / "memory.swap.max").exists():
-                    (self.folder / "memory.swap.max").write_text("0\n")  # as a machine with this RAM and no swap
-                self.procs = self.folder / "cgroup.procs"
-                return
-            except OSError as e:
-                errors.append(f"cgroup v{version} at {parent}: {e.strerror or e}")
-                if self.folder.exists():
-                    self.folder.rmdir()
-        raise SystemExit("--memory-limit: cannot make a memory cgroup (" + "; ".join(errors) + "); run as root, "
-                         "or in a cgroup v2 subtree delegated to you with the memory controller")
-
-    def peak(self) -> int | None:
-        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
-        try:
-            return int((self.folder / name).read_text())
-        except (OSError, ValueError):
-            return None
-
-    def remove(self) -> None:
-        for _ in range(50):  # the last task's exit is seen a moment after wait() returns
-            try:
-                self.folder.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.1)
-        print(f"could not remove the cgroup {self.folder}; remove it with rmdir", file=sys.stderr)
-
-
-def drop_file_pages(folder: Path) -> None:
-    """Drop the checkpoint's pages from the page cache (``posix_fadvise`` DONTNEED on each file; no root needed)."""
+def drop_file_pages(files) -> None:
+    """Drop ``files``' pages from the page cache (``posix_fadvise`` DONTNEED on each; no root needed), so that the
+    next run reading them starts cold."""
     os.sync()
-    for path in folder.glob("*.safetensors"):
+    for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def expert_capacity(share: float, total_experts: int) -> int:
+    """A budget (``share`` of all experts in slots) as a number of slots: at least 2."""
+    return max(2, round(share * total_experts))
 
 
 QUANT_FORMATS = {"bf16": None, "int8": 8, "int4": 4}
@@ -597,7 +548,7 @@ def quant_rounds(folders: dict[str, Path], args, trace) -> dict:
               "dtype": args.dtype, "trace": args.trace, "rounds": args.rounds, "threads": torch.get_num_threads(),
               "total_experts": total, "load_average": [os.getloadavg()], "machine": machine(args.device), "rows": []}
     for share in [float(b) for b in args.budgets.split(",")]:
-        capacity = max(2, round(share * total))
+        capacity = expert_capacity(share, total)
         runs: dict[str, list[dict]] = {f: [] for f in folders}
         for r in range(args.rounds):
             for name, folder in folders.items():  # interleaved: each round runs every format once
@@ -663,7 +614,6 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
 def run_peers(args) -> None:
     """``--peers llama.cpp``: the checkpoint (bf16, per-expert, hub names, a synthetic tokenizer), its int8 and
     int4 copies and GGUF files are kept in ``--folder`` (default: a temporary folder, removed after)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.peers
     from benchmarks.peers import side_by_side
 
     tmp = None if args.folder else tempfile.mkdtemp(prefix="peers-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))

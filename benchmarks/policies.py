@@ -203,16 +203,20 @@ def traces(tokens: int) -> dict[str, Trace]:
 
 
 def foresight_hits(trace: Trace, capacity: int, horizon: int) -> int:
-    from offload_moe.cache import Residency
-
+    """Hits of ``Foresight`` over ``trace``, replayed as any policy is (registered a moment under a name)."""
     groups = layer_groups(trace)
-    table = Residency(capacity, Foresight(groups, horizon))
-    for group in groups:
-        table.request(group)
-        for key in [k for k in group if k not in table]:
-            table.admit(key)
-        table.release_all(group)
-    return table.totals().hits
+
+    class Bound(Foresight):
+        name = f"foresight-{horizon}"
+
+        def __init__(self) -> None:
+            super().__init__(groups, horizon)
+
+    POLICIES[Bound.name] = Bound
+    try:
+        return replay(trace, Bound.name, capacity).hits
+    finally:
+        del POLICIES[Bound.name]
 
 
 def measure(trace: Trace, name: str, policies: list[str], foresight: bool) -> list[dict]:

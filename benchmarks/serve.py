@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from decode import SHAPES  # noqa: E402
+from decode import SHAPES, expert_capacity  # noqa: E402
 
 from offload_moe import demo_model_path  # noqa: E402
 from offload_moe.generation import load_with_tokenizer  # noqa: E402
@@ -137,7 +137,7 @@ def main() -> None:
         path = demo_model_path()
     config = json.loads((Path(path) / "config.json").read_text())
     total = config["num_hidden_layers"] * (config.get("num_local_experts") or config.get("num_experts"))
-    slots = max(2, round(args.resident * total))
+    slots = expert_capacity(args.resident, total)
     model, tokenizer = load_with_tokenizer(path, cache_experts=slots, dtype=args.dtype, progress=False)
     engine = Engine(model, tokenizer, max_batch=8, max_queue=64)
     server, sock = build_server(engine, model_name="bench", port=0)

@@ -5,22 +5,19 @@ faked; tests/test_cuda.py runs it on a GPU."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import threading
-import types
 from pathlib import Path
 
 import pytest
 import torch
-from test_pinned import FakeCudart
+from test_pinned import cpu_cuda_mover
 
 from offload_moe.errors import CheckpointError
 from offload_moe.files import open_fd
 from offload_moe.safetensors_io import DIRECT_ALIGN, FileReader, aligned_empty, span
 from offload_moe.store import Piece, PieceStore
-from offload_moe.transfer import ALIGN, CudaMover, Mover, staging_layout, staging_bytes
+from offload_moe.transfer import ALIGN, Mover, staging_layout, staging_bytes
 
 A = DIRECT_ALIGN
 SIZE = 5 * A + 123  # the last block is partial
@@ -47,10 +44,17 @@ RANGES = [(0, 1), (0, A), (1, 100), (7, A), (A - 1, 2), (A, A), (A + 1, 3 * A), 
           (SIZE - 123, 123), (SIZE - 1, 1), (SIZE - A - 7, A + 7), (5, SIZE - 5), (0, SIZE)]
 
 
-@pytest.mark.parametrize("io", MODES)
-def test_read_into_is_exact_for_every_offset_length_and_address(io, data_file):
-    path, data = data_file
+@pytest.fixture
+def reader(io):
+    """A FileReader of the test's I/O mode (its ``io`` parameter), closed after the test."""
     reader = FileReader(io)
+    yield reader
+    reader.close()
+
+
+@pytest.mark.parametrize("io", MODES)
+def test_read_into_is_exact_for_every_offset_length_and_address(io, reader, data_file):
+    path, data = data_file
     room = aligned_empty(SIZE + 3 * A)
     for offset, n in RANGES:
         for shift in sorted({0, 1, 17, offset % A}):  # 0 and offset % A: the address agrees with the file offset
@@ -60,13 +64,11 @@ def test_read_into_is_exact_for_every_offset_length_and_address(io, data_file):
             assert bytes(out.numpy()) == data[offset : offset + n], (offset, n, shift)
     if io != "direct" or direct_works(path):
         assert reader.io == io  # no read fell back: every O_DIRECT read was aligned
-    reader.close()
 
 
 @pytest.mark.parametrize("io", MODES)
-def test_read_span_lands_where_span_says(io, data_file):
+def test_read_span_lands_where_span_says(io, reader, data_file):
     path, data = data_file
-    reader = FileReader(io)
     room = aligned_empty(SIZE + 2 * A)
     for offset, n in RANGES:
         skip, size = span(offset, n, reader.align)
@@ -77,7 +79,6 @@ def test_read_span_lands_where_span_says(io, data_file):
         assert reader.io == io
     with pytest.raises(ValueError, match="room"):
         reader.read_span(path, 1, A, room[: span(1, A, reader.align)[1] - 1])  # direct: 2 blocks; else A bytes
-    reader.close()
 
 
 def test_direct_reads_touch_no_scratch_with_room_and_only_partial_blocks_without(data_file):
@@ -217,20 +218,6 @@ def test_cpu_mover_fills_a_slot_exactly(io, tmp_path):
     assert staging.data_ptr() % A == 0 and staging.numel() == staging_bytes(store)
     mover.close()
     store.close()
-
-
-def cpu_cuda_mover(store, monkeypatch) -> CudaMover:
-    """A CudaMover whose stream, events and page locking are faked: its staged path runs on the CPU."""
-    cudart = FakeCudart()
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    mover = Mover.__new__(CudaMover)
-    Mover.__init__(mover, store, readers=1)
-    mover.stream = types.SimpleNamespace(wait_stream=lambda compute: None, synchronize=lambda: None)
-    mover._stagings, mover._pinned, mover._lock, mover.device = [], [], threading.Lock(), None
-    event = types.SimpleNamespace(record=lambda stream=None: None, synchronize=lambda: None)
-    mover._events = lambda: (event, event)
-    return mover
 
 
 @pytest.mark.parametrize("io", MODES)

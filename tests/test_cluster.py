@@ -64,6 +64,7 @@ def without_timing(document: dict) -> dict:
 
 
 @needs_ray
+@pytest.mark.slow
 def test_the_cli_on_a_local_ray_writes_the_results_of_a_local_sweep(tmp_path, trace):
     """`profile --ray` starts a local Ray of --workers CPUs, runs each replay as a task, stops Ray again and
     writes the same results.json as the sweep in one process, every field but the timing."""
@@ -87,6 +88,7 @@ def test_the_cli_on_a_local_ray_writes_the_results_of_a_local_sweep(tmp_path, tr
 
 
 @needs_ray
+@pytest.mark.slow
 def test_a_sweep_uses_a_ray_the_caller_started_and_leaves_it_running(tmp_path, trace):
     """Each worker reads the trace from the object store once (a list of references is not resolved per task);
     progress is called once per replay; the caller's Ray is still up afterwards, and stopped by the caller."""

@@ -1,8 +1,10 @@
-"""benchmarks/decode.py's accelerate baseline: the device map it asks for on CUDA, worked out on the CPU."""
+"""benchmarks/decode.py's accelerate baseline: the device map it asks for on CUDA, worked out on the CPU; and its
+``--child`` runner."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -57,3 +59,23 @@ def test_accelerate_budget_below_one_layer_still_runs_on_the_gpu():
         on_gpu = [n for n, d in device_map.items() if n.startswith("model.layers.") and d == 0]
         assert len(on_gpu) == resident_layers, (share, device_map)  # the same share of experts as offload_moe's slots
     assert decode.accelerate_max_memory("cpu", 123, layer) == {"cpu": 123}
+
+
+def test_a_child_reads_the_trace_it_is_given(tmp_path, monkeypatch, capsys):
+    """``--child`` with a trace (``--memory-limit`` with ``--trace``) loads it from the path in the spec."""
+    from safetensors.torch import save_file
+
+    decode = _decode()
+    experts = torch.zeros(3, 2, 2, dtype=torch.int16)
+    save_file({"experts": experts}, tmp_path / "trace.safetensors")
+    seen = {}
+    monkeypatch.setattr(decode, "run_offload", lambda folder, trace, **kw: seen.update(trace=trace, **kw) or {"ok": 1})
+    threads = torch.get_num_threads()
+    try:
+        decode.run_child({"kind": "offload", "folder": str(tmp_path), "trace": str(tmp_path / "trace.safetensors"),
+                          "host_memory": None, "device": "cpu", "tokens": 1, "warmup": 0, "capacity": 2,
+                          "variant": "lru", "threads": 1})
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(seen["trace"], experts) and seen["capacity"] == 2
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"ok": 1, "threads": 1}

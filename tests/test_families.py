@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import offload_moe
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, relative_error
 
 RTOL = 1e-5
 NEW_TOKENS = 32
@@ -15,10 +15,6 @@ NEW_TOKENS = 32
 
 def reference(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

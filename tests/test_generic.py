@@ -22,6 +22,7 @@ from offload_moe.generic import (
     offload_experts,
     save_experts,
 )
+from tiny_models import relative_error
 
 HIDDEN, INNER, EXPERTS, TOP_K, LAYERS = 16, 32, 6, 2, 3
 
@@ -91,10 +92,6 @@ def needed_experts(model: Model, x: torch.Tensor) -> int:
         total += moe.gate(normed).topk(moe.top_k, dim=-1).indices.unique().numel()
         h = h + moe(normed)
     return total
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 @pytest.mark.parametrize("replace_forward", [False, True], ids=["own_forward", "replace_forward"])

@@ -3,7 +3,7 @@
 Tested here, with no network and no build: the command lines the module runs (download, configure, build,
 convert, quantize, llama-bench), the parsing of llama-bench's JSON (a saved sample from the real binary), the
 synthetic checkpoint's hub names and tokenizer (offload_moe reads the renamed checkpoint as it read the
-original), finding this process's memory cgroups, and the round planning and comparisons.
+original), where the benchmark's memory cgroup is made, and the round planning and comparisons.
 
 Not tested here (they need the package index and a 10-minute build): ``build`` itself, and conversion and timing
 with the real binaries; ``test_convert_and_bench_with_a_built_llama_cpp`` runs them where a build exists in the
@@ -22,7 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.peers import cgroup, llama_cpp, side_by_side, synthetic  # noqa: E402
+from benchmarks import cgroups  # noqa: E402
+from benchmarks.peers import llama_cpp, side_by_side, synthetic  # noqa: E402
 
 # `llama-bench -m tiny-f16.gguf -p 0 -n 8 -t 2 -r 2 -o json`, llama.cpp 0c1e570, a tiny synthetic Mixtral (2026-12-01)
 BENCH_SAMPLE = """[
@@ -199,30 +200,34 @@ def test_prepare_refuses_fused_experts_and_other_families(tmp_path):
         synthetic.prepare(tmp_path / "q")
 
 
-V1 = """12:memory:/process_api/abc
-0::/
-"""
-MOUNTS_V1 = """31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
-35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
-40 31 0:37 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-"""
-V2 = "0::/user.slice/bench\n"
-MOUNTS_V2 = "30 23 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
-MOUNTS_CONTAINER = "35 31 0:32 /docker/x /sys/fs/cgroup/memory ro - cgroup cgroup rw,memory\n"
-
-
-def test_own_memory_cgroups_from_proc():
-    assert cgroup.own_groups(V1, MOUNTS_V1) == [(1, Path("/sys/fs/cgroup/memory/process_api/abc")),
-                                                (2, Path("/sys/fs/cgroup/unified"))]
-    assert cgroup.own_groups(V2, MOUNTS_V2) == [(2, Path("/sys/fs/cgroup/user.slice/bench"))]
-    # inside a container the mount's root is the container's own group
-    assert cgroup.own_groups("5:memory:/docker/x\n", MOUNTS_CONTAINER) == [(1, Path("/sys/fs/cgroup/memory"))]
-    assert cgroup.own_groups("5:cpu:/\n", MOUNTS_V1) == []
+def test_the_cgroup_is_made_below_this_process_own_group_only(tmp_path):
+    # a container: the mount's root is its own group /docker/x; memory_cgroups maps paths under it, and a path
+    # that merely starts with the same letters (/docker/xy/z) is not taken for one under it (as own_groups did)
+    proc, memory = tmp_path / "proc", tmp_path / "sys" / "memory"
+    (memory / "job").mkdir(parents=True)
+    (tmp_path / "sys" / "xy" / "z").mkdir(parents=True)  # where "/docker/xy/z" less the prefix "/docker/x" lands
+    proc.mkdir()
+    (proc / "mountinfo").write_text(f"35 31 0:32 /docker/x {memory} rw - cgroup cgroup rw,memory\n")
+    (proc / "cgroup").write_text("5:memory:/docker/x/job\n")
+    group = cgroups.MemoryCgroup(1000, proc)
+    assert group.folder.parent == memory / "job" and (group.folder / "memory.limit_in_bytes").read_text() == "1000\n"
+    (proc / "cgroup").write_text("5:memory:/docker/xy/z\n")
+    with pytest.raises(SystemExit, match="cannot make a memory cgroup"):
+        cgroups.MemoryCgroup(1000, proc)
+    assert list((tmp_path / "sys" / "xy" / "z").iterdir()) == []
 
 
 def test_run_limited_without_a_limit_is_a_plain_run():
-    done = cgroup.run_limited([sys.executable, "-c", "print('hi')"], None)
+    done = cgroups.run_limited([sys.executable, "-c", "print('hi')"], None)
     assert (done.returncode, done.stdout.strip(), done.peak_bytes) == (0, "hi", None)
+
+
+def test_a_kill_is_out_of_memory_else_the_exit_status_and_stderr():
+    for status in (-9, 137):
+        assert cgroups.Done(status, "", "").error("llama-bench exit status", tail=3) == cgroups.OUT_OF_MEMORY
+    failed = cgroups.Done(1, "", "a\nb\nc\n")
+    assert failed.error("llama-bench exit status", tail=2) == "llama-bench exit status 1: b | c"
+    assert failed.error() == "exit status 1" and cgroups.Done(2, "", None).error(tail=2) == "exit status 2"
 
 
 def _files(tmp_path):
@@ -274,6 +279,7 @@ def test_rounds_interleave_and_comparisons_take_medians(tmp_path):
 
 @pytest.mark.skipif(not llama_cpp.LlamaCpp(llama_cpp.default_cache_dir()).built,
                     reason="needs llama.cpp built in ~/.cache/offload-moe/llama.cpp (python -m benchmarks.peers.llama_cpp build)")
+@pytest.mark.slow
 def test_convert_and_bench_with_a_built_llama_cpp(tmp_path):
     llama = llama_cpp.LlamaCpp(llama_cpp.default_cache_dir())
     folder = synthetic.prepare(_tiny(tmp_path / "tiny"))

@@ -218,24 +218,37 @@ class NoPieces:
         return []
 
 
-def test_a_stuck_read_that_ends_after_close_waits_for_its_own_copy(monkeypatch, cudart):
-    """close(wait=False) leaves a stuck read running. When it ends, its thread lets go of the mover (whose staging
-    buffers are then unlocked and unmapped) and of the host slot's views: the copy it has just issued from them
-    must have finished by then, since nothing else waits for it any more."""
+def cpu_cuda_mover(store, monkeypatch):
+    """A CudaMover whose stream, events and page locking (a ``FakeCudart``) are faked: its staged path runs on the
+    CPU. tests/test_bytes_path.py uses it too."""
     import contextlib
     import threading
     import types
 
-    from offload_moe.transfer import CudaMover, Mover, Transfer
+    from offload_moe.transfer import CudaMover, Mover
 
-    mover = Mover.__new__(CudaMover)  # a CudaMover without CUDA: its stream and events faked
-    Mover.__init__(mover, NoPieces(), readers=1)
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    mover = Mover.__new__(CudaMover)
+    Mover.__init__(mover, store, readers=1)
     mover.stream = types.SimpleNamespace(wait_stream=lambda compute: None, synchronize=lambda: None)
     mover._stagings, mover._pinned, mover._lock, mover.device = [], [], threading.Lock(), None
+    event = types.SimpleNamespace(record=lambda stream=None: None, synchronize=lambda: None)
+    mover._events = lambda: (event, event)
+    return mover
+
+
+def test_a_stuck_read_that_ends_after_close_waits_for_its_own_copy(monkeypatch):
+    """close(wait=False) leaves a stuck read running. When it ends, its thread lets go of the mover (whose staging
+    buffers are then unlocked and unmapped) and of the host slot's views: the copy it has just issued from them
+    must have finished by then, since nothing else waits for it any more."""
+    from offload_moe.transfer import Transfer
+
+    mover = cpu_cuda_mover(NoPieces(), monkeypatch)
     staged, copied = [], []
     mover._events = lambda: (FakeEvent(), staged.append(FakeEvent()) or staged[-1])
     mover._copy = lambda host, device, compute=None: copied.append(FakeEvent()) or Transfer(done=copied[-1])
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     slot = torch.empty(4)
 
     mover._read_staged(0, 0, {}, None)  # disk -> pinned staging -> device slot

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from offload_moe.cache import Residency
 from offload_moe.errors import PolicyError
-from offload_moe.policies import LRU, Forecast, make_policy
+from offload_moe.policies import Forecast
 from offload_moe.profiling import layer_groups, replay
 from offload_moe.traces import synthesize_trace
 
@@ -18,33 +17,20 @@ class TestForecast(PolicyContract):
         return Forecast()
 
 
-def hits(groups, policy, capacity: int) -> int:
-    table = Residency(capacity, policy)
-    for group in groups:
-        table.request(group)
-        for key in [k for k in group if k not in table]:
-            table.admit(key)
-        table.check()
-        table.release_all(group)
-    return table.totals().hits
-
-
 def test_beats_lru_where_lru_evicts_the_next_layer():
     # 16 layers of 8 experts, top-2, slots for half a token's experts: LRU always evicts the layer asked for next
     trace = synthesize_trace(tokens=400, layers=16, num_experts=8, top_k=2, skew=1.5, locality=0.1, seed=1)
-    groups = layer_groups(trace)
-    requests = 2 * len(groups)
-    assert hits(groups, LRU(), 16) < 0.02 * requests
-    assert hits(groups, Forecast(), 16) > 0.25 * requests
+    requests = 2 * len(layer_groups(trace))
+    assert replay(trace, "lru", 16).hits < 0.02 * requests
+    assert replay(trace, "forecast", 16).hits > 0.25 * requests
 
 
 def test_beats_lru_and_lfu_on_recent_experts_returning():
     # uniform popularity, strong locality: frequency says nothing, the last token's experts come back
     trace = synthesize_trace(tokens=600, layers=6, num_experts=16, top_k=2, skew=0.0, locality=0.5, seed=2)
-    groups = layer_groups(trace)
-    forecast = hits(groups, Forecast(), 24)
-    assert forecast > hits(groups, LRU(), 24)
-    assert forecast > hits(groups, make_policy("lfu"), 24)
+    forecast = replay(trace, "forecast", 24).hits
+    assert forecast > replay(trace, "lru", 24).hits
+    assert forecast > replay(trace, "lfu", 24).hits
 
 
 def test_the_layer_asked_for_next_stays():
@@ -79,8 +65,5 @@ def test_replays_in_the_reference_engine_with_prefetch():
 
 
 def test_forecast_replays_with_the_reference_when_the_fast_engine_is_asked():
-    from offload_moe.profiling import replay
-    from offload_moe.traces import synthesize_trace
-
     trace = synthesize_trace(tokens=64, layers=3, num_experts=8, top_k=2, seed=1)
     assert replay(trace, "forecast", 6, engine="fast") == replay(trace, "forecast", 6, engine="reference")

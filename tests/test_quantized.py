@@ -22,15 +22,11 @@ from offload_moe import quant
 from offload_moe.formats import ExpertFormat
 from offload_moe.kernels import INT4_KERNEL_LAYOUT, Scratch, quantized_linear
 from offload_moe.errors import CheckpointError, ConfigError
-from tiny_models import make_fp8_model, make_model, make_mxfp4_model
+from tiny_models import load_dequantized, make_fp8_model, make_model, make_mxfp4_model, relative_error
 
 RTOL = 1e-3
 KERNEL_SIZES = dict(hidden_size=64, intermediate_size=96)
 NEW_TOKENS = 16
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()
 
 
 def dequantized_copy(folder: Path, out: Path) -> Path:
@@ -59,25 +55,14 @@ def dequantized_copy(folder: Path, out: Path) -> Path:
 
 
 def make_int_model(family: str, folder: Path, bits: int, group_size: int = 8, **overrides) -> Path:
-    """A tiny ``family`` checkpoint in offload_moe's own int8/int4 format (QUANT_FORMAT.md): each routed-expert
-    tensor T becomes T.qweight and T.scales (int8) or T.scales_and_zeros (int4, bfloat16, as quantize_experts
-    writes them); fused transposed tensors are transposed to [out, in] first."""
-    folder = make_model(family, folder, **overrides)
-    tensors = load_file(folder / "model.safetensors")
-    for name in [n for n in tensors if ".experts." in n and not n.endswith("_bias") and tensors[n].dim() >= 2]:
-        w = tensors.pop(name)
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and family == "gpt_oss":
-            w = w.transpose(-1, -2)  # gpt-oss stores [E, in, out]
-        if bits == 8:
-            tensors[name + ".qweight"], tensors[name + ".scales"] = quant.quantize_int8(w)
-        else:
-            packed, scales_and_zeros = quant.quantize_int4(w, group_size)
-            tensors[name + ".qweight"], tensors[name + ".scales_and_zeros"] = packed, scales_and_zeros.bfloat16()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "offload_moe", "format_version": 1, "bits": bits,
-                                     **({"group_size": group_size} if bits == 4 else {})}
-    (folder / "config.json").write_text(json.dumps(config))
+    """A tiny ``family`` checkpoint in offload_moe's own int8/int4 format (QUANT_FORMAT.md), as
+    ``quantize_experts`` writes it (int4 in groups of ``group_size``) from ``make_model``'s beside it; its one
+    shard is renamed model.safetensors, the file the tests here read and rewrite."""
+    source = make_model(family, folder.with_name(f"{folder.name}-source"), **overrides)
+    offload_moe.quantize_experts(source, folder, bits=bits, group_size=group_size if bits == 4 else None,
+                                 progress=False)
+    (shard,) = folder.glob("*.safetensors")
+    shard.rename(folder / "model.safetensors")
     return folder
 
 
@@ -106,7 +91,7 @@ def checkpoints(tmp_path_factory):
 
 def reference(kind: str, folder: Path, tmp_path: Path):
     if kind in ("gpt_oss-mxfp4", "qwen3_moe-fp8-tiled"):  # transformers' own loader, dequantizing on the CPU
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        return load_dequantized(folder, torch.float32)
     return AutoModelForCausalLM.from_pretrained(dequantized_copy(folder, tmp_path / "ref"), dtype=torch.float32).eval()
 
 

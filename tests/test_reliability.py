@@ -13,6 +13,7 @@ import offload_moe
 from offload_moe.errors import ExpertLoadError
 from conftest import VERBS
 from faults import Faults
+from tiny_models import relative_error
 
 PATTERN = {  # the file is the checkpoint's (load) or the one save_experts wrote (offload_experts)
     "eio": r"expert \d+ of layer \d+ .*\.safetensors.*Input/output error",
@@ -20,10 +21,6 @@ PATTERN = {  # the file is the checkpoint's (load) or the one save_experts wrote
     "hang": r"expert \d+ of layer \d+ .*\.safetensors.*read_timeout",
     "oom": r"expert \d+ of layer \d+ .*\.safetensors.*out of memory",
 }
-
-
-def relative_error(a, b):
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

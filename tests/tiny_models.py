@@ -173,3 +173,8 @@ def load_dequantized(folder: Path, dtype: torch.dtype):
     method = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]["quant_method"]
     config = {"mxfp4": Mxfp4Config, "fp8": FineGrainedFP8Config}[method](dequantize=True)
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=dtype).eval()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference between ``a`` and ``b`` relative to ``a``'s largest magnitude (in float32)."""
+    return ((a.float() - b.float()).abs().max() / a.float().abs().max()).item()

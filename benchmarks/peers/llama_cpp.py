@@ -205,15 +205,12 @@ def bench(llama: LlamaCpp, model: str | Path, *, threads: int, tokens: int, repe
     """Time llama.cpp's decode of ``model``: llama-bench, ``tokens`` tokens, ``repeats`` times (after its warmup).
     ``memory_limit``: run it in a fresh memory cgroup of that many bytes. Returns ``parse_bench``'s dict, or
     ``{"error": ...}`` if llama-bench failed (killed for memory, say)."""
-    from benchmarks.peers.cgroup import run_limited
+    from benchmarks.cgroups import run_limited
 
     command = bench_command(llama, Path(model), threads=threads, tokens=tokens, repeats=repeats, extra=extra)
     done = run_limited(command, memory_limit)
     if done.returncode != 0:
-        killed = done.returncode in (-9, 137)
-        tail = done.stderr.strip().splitlines()[-3:]
-        return {"error": "killed: out of memory in the cgroup" if killed else
-                f"llama-bench exit status {done.returncode}: {' | '.join(tail)}", "peak_bytes": done.peak_bytes}
+        return {"error": done.error("llama-bench exit status", tail=3), "peak_bytes": done.peak_bytes}
     result = parse_bench(done.stdout)
     result["peak_bytes"] = done.peak_bytes
     return result

@@ -61,6 +61,8 @@ def plan_configs(ours: dict[str, Path], gguf: dict[str, Path], *, budgets: list[
                  limit_share: float | None = None) -> list[Config]:
     """The configurations of one round, grouped by precision pair (the page cache serves a pair's files in
     turn): llama.cpp, then ours at each budget, then, with ``limit_share``, both in a cgroup."""
+    from benchmarks.decode import expert_capacity as capacity
+
     configs = []
     for precision, folder in ours.items():
         peer = PAIRS[precision]
@@ -77,10 +79,6 @@ def plan_configs(ours: dict[str, Path], gguf: dict[str, Path], *, budgets: list[
             configs.append(Config("ours", precision, ours_files, share, capacity(share, total_experts),
                                   limited_variant, limit))
     return configs
-
-
-def capacity(share: float, total_experts: int) -> int:
-    return max(2, round(share * total_experts))  # as benchmarks/decode.py counts a budget
 
 
 @dataclass
@@ -104,14 +102,17 @@ class Runs:
 
 
 def run_config(config: Config, *, llama, threads: int, tokens: int) -> dict:
-    """One run of ``config`` in a child process (in a cgroup if it has a limit); its result or ``error``."""
-    from benchmarks.peers.cgroup import run_limited
+    """One run of ``config`` in a child process (in a cgroup if it has a limit); its result or ``error``. Ours runs
+    as ``benchmarks/decode.py --child`` (``run_offload``: 16 prompt tokens, 2 untimed decode steps, then the timed
+    ones) at ``threads`` threads, a fresh process each time, as llama-bench runs."""
+    from benchmarks import decode
+    from benchmarks.cgroups import run_limited
     from benchmarks.peers.llama_cpp import bench
 
     if config.limit is None:
         warm(config.files)
     else:
-        drop(config.files)
+        decode.drop_file_pages(config.files)
     if config.side == "llama.cpp":
         extra = ("--repack", "0") if config.limit else ()
         result = bench(llama, config.files[0], threads=threads, tokens=tokens, repeats=2, memory_limit=config.limit,
@@ -120,18 +121,16 @@ def run_config(config: Config, *, llama, threads: int, tokens: int) -> dict:
             result["tokens_per_s"] = result["samples_tokens_per_s"][-1]
             result["s_per_token"] = 1.0 / result["tokens_per_s"]
         return result
-    spec = {"folder": str(config.files[0].parent), "capacity": config.capacity, "variant": config.variant,
-            "tokens": tokens, "threads": threads}
+    spec = {"kind": "offload", "folder": str(config.files[0].parent), "trace": None, "host_memory": None,
+            "device": "cpu", "capacity": config.capacity, "variant": config.variant, "tokens": tokens, "warmup": 2,
+            "threads": threads}
     root = Path(__file__).resolve().parent.parent.parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
                OMP_NUM_THREADS=str(threads))
-    done = run_limited([sys.executable, "-m", "benchmarks.peers.ours", json.dumps(spec)], config.limit, env=env)
+    done = run_limited([sys.executable, decode.__file__, "--child", json.dumps(spec)], config.limit, env=env)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        killed = done.returncode in (-9, 137)
-        tail = " | ".join(done.stderr.strip().splitlines()[-2:])
-        return {"error": "killed: out of memory in the cgroup" if killed else f"exit status {done.returncode}: {tail}",
-                "peak_bytes": done.peak_bytes}
+        return {"error": done.error(tail=2), "peak_bytes": done.peak_bytes}
     result = json.loads(lines[-1])
     result["peak_bytes"] = done.peak_bytes
     return result
@@ -144,16 +143,6 @@ def warm(files) -> None:
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
-
-
-def drop(files) -> None:
-    """Drop ``files``' pages from the page cache (``posix_fadvise`` DONTNEED), so a run starts cold."""
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def run_rounds(configs: list[Config], *, repeats: int, run, progress=None) -> list[Runs]:
@@ -217,23 +206,12 @@ def write_checkpoint(shape_kwargs: dict, layers: int, folder: Path) -> Path:
     return prepare(folder)
 
 
-def quantized(folder: Path, precision: str) -> Path:
-    """Our checkpoint at ``precision``: the bf16 folder, or its int8 / int4 copy (made once, beside it)."""
-    if precision == "bf16":
-        return folder
-    import offload_moe
-
-    out = folder.with_name(f"{folder.name}-{precision}")
-    if not out.exists():
-        offload_moe.quantize_experts(folder, out, bits=BITS[precision], progress=False)
-    return out
-
-
 def run(*, shape_kwargs: dict, layers: int, folder: Path, precisions: list[str], budgets: list[float],
         threads: int, tokens: int, repeats: int, limit_share: float | None, cache_dir: str | None = None,
         in_ram_variant: str = "full mmap", limited_variant: str = "full", json_path: str | None = None) -> dict:
     """Build llama.cpp (once), write and convert the checkpoint (once), run the rounds, print the table."""
     import offload_moe
+    from benchmarks.decode import quantized_copy
     from benchmarks.peers import llama_cpp
 
     unknown = sorted(set(precisions) - set(PAIRS))
@@ -241,7 +219,7 @@ def run(*, shape_kwargs: dict, layers: int, folder: Path, precisions: list[str],
         raise SystemExit(f"--peer-precisions: unknown {unknown}; use some of {', '.join(PAIRS)}")
     llama = llama_cpp.build(cache_dir)
     write_checkpoint(shape_kwargs, layers, folder)
-    ours = {p: quantized(folder, p) for p in precisions}
+    ours = {p: quantized_copy(folder, BITS.get(p)) for p in precisions}  # bf16: the folder itself
     gguf = {PAIRS[p]: llama_cpp.convert(llama, folder, PAIRS[p], threads=threads) for p in precisions}
     total = offload_moe.plan(folder, device_memory="1TiB").total_experts
     configs = plan_configs(ours, gguf, budgets=budgets, total_experts=total, in_ram_variant=in_ram_variant,

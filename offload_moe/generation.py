@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -85,16 +86,23 @@ def load_with_tokenizer(model_path: str | Path | None, *, before_load: Callable[
     return load(folder, model_config=config, **load_options), tokenizer
 
 
-def sampling_options(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float = 1.0) -> dict:
-    """``generate`` keyword arguments: greedy when ``temperature`` is 0, else sampled with ``top_p``; checked first."""
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float = 1.0, *,
+                   tokens_name: str = "max_new_tokens") -> None:
+    """Raise ConfigError for settings no decoding can use (NaN and infinity included); ``tokens_name`` is how
+    the caller calls ``max_new_tokens`` in its message."""
     if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if temperature < 0:
+        raise ConfigError(f"{tokens_name}={max_new_tokens} must be at least 1")
+    if not (temperature >= 0 and math.isfinite(temperature)):
         raise ConfigError(f"temperature={temperature} must be >= 0 (0 is greedy decoding)")
     if not 0 < top_p <= 1:
         raise ConfigError(f"top_p={top_p} must be in (0, 1]; 1 turns nucleus sampling off")
-    if repetition_penalty <= 0:
+    if not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
         raise ConfigError(f"repetition_penalty={repetition_penalty} must be > 0; 1 turns it off")
+
+
+def sampling_options(max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float = 1.0) -> dict:
+    """``generate`` keyword arguments: greedy when ``temperature`` is 0, else sampled with ``top_p``; checked first."""
+    check_sampling(max_new_tokens, temperature, top_p, repetition_penalty)
     options = {"do_sample": temperature > 0}
     if temperature > 0:
         options.update(temperature=temperature, top_p=top_p)

@@ -124,38 +124,6 @@ def _transition_scores(rows: np.ndarray) -> np.ndarray:
     return (rows / np.maximum(rows.sum(-1, keepdims=True), 1)).sum(-2)
 
 
-def transition_predictions(experts: np.ndarray, num_experts: int, width: int) -> np.ndarray:
-    """What ``TransitionPredictor`` names one layer ahead when a trace is fed to it one token at a time.
-
-    ``experts`` [T, L, k] are each token's experts, layer by layer, in the order they ran. Returns
-    ``[T, L-1, width]``: at token t and layer l, the experts predicted for layer l+1 from the
-    transitions of tokens before t, best first, -1 where fewer experts have any evidence.
-    Computed for all tokens at once: for each expert i at layer l, the counts of what followed
-    it are cumulative sums over the tokens that used i, so no token-by-token loop is needed.
-    """
-    tokens, layers, k = experts.shape
-    out = np.full((tokens, max(layers - 1, 0), width), -1, dtype=np.int64)
-    positions = np.arange(tokens)
-    for layer in range(layers - 1):
-        now, ahead = experts[:, layer].astype(np.int64), experts[:, layer + 1].astype(np.int64)  # [T, k]
-        followed = np.zeros((tokens, num_experts), dtype=np.float32)  # what each token adds to each of its rows
-        np.add.at(followed, (np.repeat(positions, k), ahead.reshape(-1)), 1.0)
-        # one event per distinct (expert at l, token), sorted by expert then token; an expert listed
-        # twice in a token's routing adds its row twice, as the online counts do
-        events, inverse, repeats = np.unique((now * tokens + positions[:, None]).reshape(-1),
-                                             return_inverse=True, return_counts=True)
-        added = followed[events % tokens].astype(np.float64) * repeats[:, None]  # [U, E]
-        before = np.cumsum(added, axis=0) - added  # added by all earlier events (exact: integer counts)
-        owner = events // tokens
-        before -= before[np.searchsorted(owner, owner)]  # minus those before the expert's first event
-        rows = before.astype(np.float32)[inverse].reshape(tokens, k, num_experts)  # counts seen before each token
-        scores = _transition_scores(rows)  # [T, E]
-        best = np.argsort(-scores, axis=-1, kind="stable")[:, :width]
-        best[np.take_along_axis(scores, best, -1) <= 0] = -1
-        out[:, layer, : best.shape[1]] = best
-    return out
-
-
 class HybridPredictor(Predictor):
     """``gate`` and ``transition`` together: the router's guess from the hidden states and the learned transitions."""
 

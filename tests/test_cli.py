@@ -526,6 +526,22 @@ def test_ctrl_c_during_a_multi_process_profile_exits_130_at_once(tmp_path):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
 
 
+@pytest.mark.parametrize("option", [{"temperature": float("nan")}, {"temperature": float("inf")},
+                                    {"repetition_penalty": float("nan")}, {"top_p": float("nan")}])
+def test_generate_text_refuses_nan_and_infinite_sampling_before_loading(option):
+    from offload_moe.errors import ConfigError
+    from offload_moe.generation import generate_text, sampling_options
+    from offload_moe.serve import Params
+
+    name = next(iter(option))
+    with pytest.raises(ConfigError, match=name):
+        sampling_options(8, **{"temperature": 0.0, "top_p": 1.0, **option})
+    with pytest.raises(ConfigError, match=name):
+        generate_text("/nonexistent/model", "hi", **option)  # refused before the path is read
+    with pytest.raises(ConfigError, match=name):
+        Params(**option)
+
+
 @pytest.mark.slow
 def test_generate_refuses_a_prompt_longer_than_the_context():
     result = run_cli("generate", "--prompt", "def " + "very_long_name_" * 400)

@@ -18,8 +18,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload_moe.prefetch import transition_predictions
-from offload_moe.profiling import compiled, replay, sweep
+from offload_moe.prefetch import TransitionPredictor
+from offload_moe.profiling import compiled, predictions, replay, sweep
 from offload_moe.traces import Trace, synthesize_trace
 
 POLICIES = ["lru", "lfu", "fifo", "random", "belady"]
@@ -124,15 +124,20 @@ def test_python_mersenne_twister_draws_are_reproduced():
             assert compiled._randbelow(words, state, n) == rng.randrange(n)
 
 
-def test_transition_guesses_equal_the_vectorised_predictions():
-    """``transition_guesses`` (token by token, as the online predictor) equals ``prefetch.transition_predictions``,
-    which a test in test_profiling holds equal to the online predictor itself."""
+def test_transition_predictions_are_the_online_predictors_token_by_token():
+    """``profiling.predictions(trace, "transition")`` (the compiled ``transition_guesses``) names what the runtime's
+    ``TransitionPredictor`` names when the trace is fed to it one token at a time."""
     rng = np.random.default_rng(0)
     for tokens, layers, experts, k, margin in [(120, 4, 8, 2, 1), (80, 3, 6, 1, 2), (60, 3, 10, 3, 0), (200, 3, 32, 8, 2)]:
         ids = np.stack([[rng.choice(experts, k, replace=False) for _ in range(layers)] for _ in range(tokens)])
-        want = transition_predictions(ids, experts, k + margin)
-        got = compiled.transition_guesses(ids.astype(np.int16), experts, k + margin)
-        assert np.array_equal(got, want)
+        got = predictions(make_trace(ids, experts), "transition", margin)
+        online = TransitionPredictor(layers, experts, k, margin)
+        for t in range(tokens):
+            for layer in range(layers):
+                online.observe(layer, ids[t, layer][None])
+                named = online.predict_host(layer, ids[t, layer][None])
+                if layer < layers - 1:
+                    assert got[t][layer] == (named[layer + 1][0].tolist() if layer + 1 in named else []), (t, layer)
 
 
 def test_a_sweep_gives_the_reference_counts():

@@ -9,10 +9,10 @@ import pytest
 import torch
 from faults import Faults
 
-from offload_moe.errors import ExpertLoadError, ModelClosedError
+from offload_moe.errors import ConfigError, ExpertLoadError, ModelClosedError
 from offload_moe.generation import load_with_tokenizer
 from offload_moe.serve import Engine, EngineClosedError, Params, QueueFullError
-from offload_moe.serve.engine import _first_stop, _stop_prefix
+from offload_moe.serve.engine import Job, _first_stop, _stop_prefix
 
 # Prompts of different lengths: decoded together they are left-padded, and rows of different lengths join the batch.
 PROMPTS = ["def add(a, b):", "import os\nimport sys\n\ndef main():", "class Stack:", "x"]
@@ -154,6 +154,28 @@ def test_bad_requests_are_refused_before_they_queue(engine):
         engine.submit([5] * 2000)
     with pytest.raises(ValueError, match="empty"):
         engine.submit([])
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_they_queue(engine):
+    vocab = engine.model.config.vocab_size
+    for bad in (vocab, -1, 2**70):
+        with pytest.raises(ConfigError, match="vocabulary"):
+            engine.submit([5, bad])
+    assert engine.generate([[5, vocab - 1]], max_tokens=2)[0].completion_tokens == 2
+
+
+def test_a_prompt_that_cannot_become_a_tensor_fails_only_itself(engine, alone):
+    running = engine.submit(PROMPTS[1], Params(max_tokens=LONG))
+    wait_for(lambda: len(running.tokens) >= 2)
+    bad = Job(0, [2**70], Params(max_tokens=2), None)  # past submit's checks: torch.tensor overflows in prefill
+    with engine._wake:
+        engine._waiting.append(bad)
+        engine._wake.notify()
+    assert bad.result(20).finish_reason == "error" and "Overflow" in str(bad.error)
+    tokens = len(running.tokens)
+    wait_for(lambda: len(running.tokens) > tokens)
+    assert not running.done  # the running batch decodes on
+    running.cancel()
 
 
 def test_shutdown_finishes_in_time_cancels_the_rest_and_closes_the_model(tmp_path):

@@ -127,6 +127,15 @@ def test_a_bad_request_answers_400_naming_the_field(client, body, param):
     assert e.value.status_code == 400 and e.value.body["param"] == param and param.split("[")[0] in e.value.message
 
 
+def test_a_token_id_outside_the_vocabulary_answers_400_and_others_are_served(client, server):
+    vocab = server.engine.model.config.vocab_size
+    for bad in (vocab, -1, 2**70):
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": [5, bad], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        assert "vocabulary" in r.json()["error"]["message"]
+    assert client.completions.create(model=MODEL, prompt=[5, vocab - 1], max_tokens=2).usage.completion_tokens == 2
+
+
 def test_an_unknown_model_and_broken_json_are_refused(client, server):
     with pytest.raises(openai.NotFoundError, match="runs 'demo'"):
         client.completions.create(model="gpt-4", prompt="x")
@@ -188,6 +197,22 @@ def test_metrics_count_requests_tokens_and_the_expert_cache(client, server):
         assert f"offload_moe_{name}" in values
     assert values["offload_moe_expert_cache_misses_total"] > 0
     assert values['offload_moe_http_responses_total{path="/v1/completions",status="200"}'] >= 1
+
+
+def test_expert_loads_leave_out_experts_computed_from_the_mapping():
+    from offload_moe.serve.metrics import _cache_metrics
+
+    model, tokenizer = load_with_tokenizer(None, cache_experts=8, io="mmap", progress=False)  # bf16: mappable
+    try:
+        with Engine(model, tokenizer, max_batch=1, close_model=False) as engine:
+            engine.generate(["def add(a, b):"], max_tokens=4)
+        stats = model.offload.stats()
+    finally:
+        model.offload.close()
+    values = {m.name: m.samples[0].value for m in _cache_metrics(stats)}
+    assert stats["mapped_experts"] > 0 and values["offload_moe_expert_cache_misses"] == stats["misses"]
+    assert values["offload_moe_expert_loads"] == stats["misses"] - stats["mapped_experts"] + stats["prefetch_issued"]
+    assert values["offload_moe_expert_loads"] < stats["misses"] + stats["prefetch_issued"]
 
 
 def test_an_api_key_is_required_when_set(server):

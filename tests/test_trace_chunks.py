@@ -89,5 +89,12 @@ def test_a_bad_file_is_refused_as_load_trace_refuses_it(tmp_path):
         next(read_trace_chunks(path))
     with pytest.raises(TraceError, match="does not exist"):
         next(read_trace_chunks(tmp_path / "missing.safetensors"))
+    # the header reader's errors are told as a trace file's, with the trace's remedy
+    path.write_bytes(len(b"[]").to_bytes(8, "little") + b"[]")
+    with pytest.raises(TraceError, match=r"corrupted safetensors header: it is a JSON list, not an object; re-record "
+                                         r"this file$"):
+        next(read_trace_chunks(path))
+    with pytest.raises(TraceError, match=r"^trace file .* is a folder; offload_moe reads only regular files$"):
+        next(read_trace_chunks(tmp_path))
     with pytest.raises(TraceError, match="at least one token"):
         next(read_trace_chunks(path, tokens=0))

@@ -478,9 +478,6 @@ class TraceArrays:
             transition = self._transition[width]
         return gate, transition
 
-    def __getstate__(self) -> dict:  # to a sweep's worker processes: what it worked out travels with it
-        return dict(self.__dict__)
-
 
 def compiled_replay(arrays: TraceArrays, policy: str, capacity: int, predictor: str, margin: int,
                     seed: int) -> np.ndarray:

@@ -19,8 +19,7 @@ from ..cache import ExpertCache, Residency, SlotLayout, SlotPool
 from ..errors import BudgetError, ConfigError
 from ..experts import use_layer
 from ..policies import BUILT_IN, POLICIES, make_policy
-from ..prefetch import (HybridPredictor, Predictor, Prefetcher, TransitionPredictor, pooled_row,
-                        transition_predictions)
+from ..prefetch import HybridPredictor, Predictor, Prefetcher, TransitionPredictor, pooled_row
 from ..traces import Trace
 from ..transfer import NullMover
 from ..values import PREDICTORS
@@ -96,8 +95,7 @@ def checked_predictor(trace: Trace, predictor: str, margin: int) -> str:
     return predictor
 
 
-def predictions(trace: Trace, predictor: str, margin: int = 1, *,
-                _transition: list | None = None) -> list[list[list[int]]] | None:
+def predictions(trace: Trace, predictor: str, margin: int = 1) -> list[list[list[int]]] | None:
     """What ``predictor`` names one layer ahead at each token and layer: ``[T][L-1][<= k + margin]``, best first.
 
     ``none`` gives None. ``transition`` learns online from the trace's own routing; ``gate`` needs
@@ -110,13 +108,8 @@ def predictions(trace: Trace, predictor: str, margin: int = 1, *,
     named = []  # one [T][L-1][<= width] per predictor pooled
     if predictor in ("gate", "hybrid"):
         named.append(trace.predicted[:, :-1, :width].long().tolist())
-    if predictor in ("transition", "hybrid"):
-        if _transition is None:  # the experts in the router's order, as the runtime's predictor sees them
-            # sized by the largest expert id routed, not the metadata's num_experts: an expert never
-            # routed to has no evidence, so it is never named, and the arrays stay as large as the data
-            seen = int(trace.experts.max()) + 1
-            _transition = transition_predictions(trace.experts.numpy(), seen, width).tolist()
-        named.append(_transition)
+    if predictor in ("transition", "hybrid"):  # the fast engine's guesses: the online predictor's, token by token
+        named.append(TraceArrays(trace).guesses("transition", margin)[1].tolist())
     if len(named) == 1:
         return [[[e for e in row if e >= 0] for row in token] for token in named[0]]
     return [[pooled_row([[e for e in row if e >= 0] for row in rows]) for rows in zip(*token_rows)]

@@ -80,14 +80,11 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _figure(size: tuple[float, float], panels: int = 1):
-    """A matplotlib figure and its axes (a list of ``panels`` when more than one), made without pyplot:
-    no global backend or state is touched."""
+def _figure(size: tuple[float, float]):
+    """A matplotlib figure made without pyplot: no global backend or state is touched."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=size)
-    axes = figure.subplots(1, panels)
-    return figure, (list(axes) if panels > 1 else axes)
+    return Figure(figsize=size)
 
 
 def _hit_rate_figure(results: Sequence[ReplayResult], trace: Trace):
@@ -130,8 +127,8 @@ def _hit_rate_figure(results: Sequence[ReplayResult], trace: Trace):
 def _tradeoff_png(results: Sequence[ReplayResult], trace: Trace) -> bytes:
     """Hit rate against experts moved per token, a panel per capacity: what prefetch buys and what it costs."""
     capacities = sorted({r.capacity for r in results})
-    figure, axes = _figure((4 * len(capacities), 4), panels=len(capacities))
-    axes = axes if len(capacities) > 1 else [axes]
+    figure = _figure((4 * len(capacities), 4))
+    axes = figure.subplots(1, len(capacities), squeeze=False)[0]  # a panel per capacity, one or more
     policies = list(dict.fromkeys(r.policy for r in results if r.policy != "belady"))
     markers = {"none": "o", "transition": "s", "gate": "^", "hybrid": "D"}
     total = len(trace.layers) * trace.num_experts
@@ -163,7 +160,8 @@ def _heatmap_png(trace: Trace) -> bytes:
     from matplotlib.ticker import MaxNLocator
 
     counts = activation_counts(trace).numpy()
-    figure, axes = _figure((max(5, counts.shape[1] / 6), max(3, counts.shape[0] / 4)))
+    figure = _figure((max(5, counts.shape[1] / 6), max(3, counts.shape[0] / 4)))
+    axes = figure.subplots()
     image = axes.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("expert")

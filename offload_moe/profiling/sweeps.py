@@ -44,12 +44,11 @@ def sweep(trace: Trace, *, policies: Sequence[str], capacities: Sequence[int], p
     if small:
         raise BudgetError(f"capacity {small[0]} is below the trace's top_k={trace.top_k}: a layer could not hold its experts")
     named = list(dict.fromkeys(x.lower() for x in predictors))
-    arrays = TraceArrays(trace)
-    for predictor in named:  # checked, and the guesses worked out once, before any replay
-        if engine == "fast":
-            arrays.guesses(checked_predictor(trace, predictor, margin), margin)
-        else:
-            checked_predictor(trace, predictor, margin)
+    arrays = TraceArrays(trace) if engine == "fast" else None  # the reference engine reads the trace itself
+    for predictor in named:  # checked, and the fast engine's guesses worked out once, before any replay
+        checked = checked_predictor(trace, predictor, margin)
+        if arrays is not None:
+            arrays.guesses(checked, margin)
     jobs = []  # (policy, capacity, predictor)
     for capacity in capacities:
         jobs.append(("belady", capacity, "none"))
@@ -88,7 +87,7 @@ _WORKER: dict = {}
 _PARALLEL_REQUESTS = 200_000_000
 
 
-def _start_worker(trace: Trace, arrays: TraceArrays) -> None:
+def _start_worker(trace: Trace, arrays: TraceArrays | None) -> None:
     _WORKER.update(trace=trace, arrays=arrays)
 
 
@@ -108,7 +107,7 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _sweep_in_processes(trace: Trace, arrays: TraceArrays, jobs: list, margin: int, workers: int,
+def _sweep_in_processes(trace: Trace, arrays: TraceArrays | None, jobs: list, margin: int, workers: int,
                         progress: Callable[[int], None] | None, engine: str) -> list[ReplayResult]:
     """The replays in ``workers`` spawned processes.
 
@@ -169,7 +168,7 @@ def _stop_pool(pool) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _sweep_on_ray(trace: Trace, arrays: TraceArrays, jobs: list, margin: int, workers: int,
+def _sweep_on_ray(trace: Trace, arrays: TraceArrays | None, jobs: list, margin: int, workers: int,
                   progress: Callable[[int], None] | None, engine: str, address: bool | str) -> list[ReplayResult]:
     """Each replay a Ray task. The trace and the predictions are put into the object store once; a task is handed
     their reference inside a list, so Ray does not resolve it per task, and a worker reads them at its first

@@ -161,9 +161,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None):
 
     def failure(event: Event):
         if event.finish == "cancelled":
-            return error(503, "the server shut down before this request finished", kind="server_error",
-                         code="shutting_down")
-        return error(500, f"generation failed: {event.error}", kind="server_error", code="generation_failed")
+            return error(503, failure_text(event), kind="server_error", code="shutting_down")
+        return error(500, failure_text(event), kind="server_error", code="generation_failed")
 
     async def stream(job, first: Event, events: asyncio.Queue, req, request_id: str, chat: bool):
         try:
@@ -174,9 +173,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None):
                 if event.text:
                     yield sse(chunk(request_id, model_name, chat, text=event.text))
                 if event.finish in ("error", "cancelled"):
-                    message = ("the server shut down before this request finished" if event.finish == "cancelled"
-                               else f"generation failed: {event.error}")
-                    yield sse(error_body(message, kind="server_error"))
+                    yield sse(error_body(failure_text(event), kind="server_error"))
                     break
                 if event.finish is not None:
                     yield sse(chunk(request_id, model_name, chat, finish=event.finish))
@@ -189,6 +186,13 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None):
             job.cancel()  # a client that went away: the request leaves the batch at the next step
 
     return app
+
+
+def failure_text(event: Event) -> str:
+    """What a client is told of a request that ended with an error or was cancelled by the shutdown."""
+    if event.finish == "cancelled":
+        return "the server shut down before this request finished"
+    return f"generation failed: {event.error}"
 
 
 async def next_event(events: asyncio.Queue, http) -> Event | None:

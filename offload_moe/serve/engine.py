@@ -37,7 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ModelClosedError, OffloadMoEError
-from ..generation import kv_cache_kwargs, kv_cache_of, model_context, pad_token_id
+from ..generation import (
+    check_prompt_length,
+    check_sampling,
+    kv_cache_kwargs,
+    kv_cache_of,
+    model_context,
+    pad_token_id,
+)
 from ..planning import kv_bytes_per_token
 
 MAX_BATCH = 8  # the default ceiling; the memory for the batch's KV cache can lower it
@@ -71,14 +78,8 @@ class Params:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens={self.max_tokens} must be at least 1")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 is greedy decoding)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]; 1 turns nucleus sampling off")
-        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
-            raise ConfigError(f"repetition_penalty={self.repetition_penalty} must be > 0; 1 turns it off")
+        check_sampling(self.max_tokens, self.temperature, self.top_p, self.repetition_penalty,
+                       tokens_name="max_tokens")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must not be empty")
 
@@ -209,9 +210,9 @@ class Engine:
             raise ConfigError(f"max_queue={max_queue} must be >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.context = model_context(model.config)
+        self.vocab_size = getattr(model.config, "vocab_size", None)  # token ids must be below it
         self.device = model.offload.device
-        self.batchable = _pads_cleanly(model)
-        self.max_batch = (max_batch or default_max_batch(model)) if self.batchable else 1
+        self.max_batch = (max_batch or default_max_batch(model)) if _pads_cleanly(model) else 1
         self.max_queue = max_queue
         self.close_model = close_model
         self.pad_id = pad_token_id(tokenizer) or 0
@@ -241,9 +242,12 @@ class Engine:
         ids = self.tokenizer(prompt, verbose=False).input_ids if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ConfigError("the prompt is empty: send at least one token")
-        if self.context is not None and len(ids) >= self.context:
-            raise ConfigError(f"the prompt is {len(ids)} tokens but the model reads at most {self.context} "
-                              "(max_position_embeddings in its config.json); send a shorter one")
+        if self.context is not None:
+            check_prompt_length(len(ids), self.context)
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None) if self.vocab_size else None
+        if bad is not None:
+            raise ConfigError(f"the prompt holds token id {bad}, outside the model's vocabulary "
+                              f"(ids 0 to {self.vocab_size - 1})")
         with self._wake:
             if not self._accepting:
                 raise EngineClosedError("the server is shutting down and takes no new requests")
@@ -360,14 +364,14 @@ class Engine:
 
     def _prefill(self, jobs: list[Job]) -> None:
         """One step over the newcomers' prompts, left-padded to the longest; then they join the batch."""
-        length = max(j.prompt_tokens for j in jobs)
-        ids = torch.tensor([[self.pad_id] * (length - j.prompt_tokens) + j.prompt_ids for j in jobs])  # [N, S]
-        mask = torch.tensor([[0] * (length - j.prompt_tokens) + [1] * j.prompt_tokens for j in jobs])  # [N, S]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, S]
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        length = max(j.prompt_tokens for j in jobs)
         try:
+            ids = torch.tensor([[self.pad_id] * (length - j.prompt_tokens) + j.prompt_ids for j in jobs])  # [N, S]
+            mask = torch.tensor([[0] * (length - j.prompt_tokens) + [1] * j.prompt_tokens for j in jobs])  # [N, S]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, S]
+            cache = DynamicCache(config=self.model.config)
             logits, cache = self._forward(ids, mask, positions, cache)  # [N, V]
         except ModelClosedError:
             raise

@@ -72,19 +72,21 @@ class _Snapshot:
 
 
 def _cache_metrics(c: dict):
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily as Counter
+    from prometheus_client.core import GaugeMetricFamily as Gauge
 
-    yield CounterMetricFamily("offload_moe_expert_cache_hits", "Expert requests served from a device slot",
-                              value=c["hits"])
-    yield CounterMetricFamily("offload_moe_expert_cache_misses", "Expert requests that waited for a load",
-                              value=c["misses"])
-    yield GaugeMetricFamily("offload_moe_expert_cache_hit_rate", "hits / (hits + misses) since load",
-                            value=c["hit_rate"])
-    yield CounterMetricFamily("offload_moe_expert_loads", "Experts loaded into slots: misses and prefetches",
-                              value=c["misses"] + c["prefetch_issued"])
-    yield CounterMetricFamily("offload_moe_expert_bytes_loaded", "Bytes written into expert slots",
-                              value=c["bytes_loaded"])
-    yield CounterMetricFamily("offload_moe_expert_stall_seconds", "Seconds compute waited for experts",
-                              value=c["stall_seconds"])
-    yield GaugeMetricFamily("offload_moe_prefetch_recall", "Share of needed experts already resident or in flight",
-                            value=c["prefetch_recall"])
+    loads = c["misses"] - c["mapped_experts"] + c["prefetch_issued"]  # a miss computed from the mapping loads nothing
+    rows = (
+        (Counter, "offload_moe_expert_cache_hits", "Expert requests served from a device slot", c["hits"]),
+        (Counter, "offload_moe_expert_cache_misses", "Expert requests not in a device slot: read into one, or computed "
+         "in place from the mapped checkpoint (io=mmap)", c["misses"]),
+        (Gauge, "offload_moe_expert_cache_hit_rate", "hits / (hits + misses) since load", c["hit_rate"]),
+        (Counter, "offload_moe_expert_loads", "Experts loaded: misses not computed in place from the mapped "
+         "checkpoint, and prefetches", loads),
+        (Counter, "offload_moe_expert_bytes_loaded", "Bytes written into expert slots", c["bytes_loaded"]),
+        (Counter, "offload_moe_expert_stall_seconds", "Seconds compute waited for experts", c["stall_seconds"]),
+        (Gauge, "offload_moe_prefetch_recall", "Share of needed experts already resident or in flight",
+         c["prefetch_recall"]),
+    )
+    for family, name, help_text, value in rows:
+        yield family(name, help_text, value=value)

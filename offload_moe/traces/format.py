@@ -14,8 +14,10 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -105,15 +107,20 @@ class Trace:
     def validate(self, where: str | Path = "trace") -> None:
         """Raise ``TraceError`` naming ``where`` if a tensor or the metadata is malformed."""
         _check_metadata(self.metadata, where)
-        for name, (dtype, rank) in TENSORS.items():
+        for name in TENSORS:
             tensor = getattr(self, name)
-            if tensor is not None and (tensor.dtype != dtype or tensor.dim() != rank):
-                raise TraceError(
-                    f"{where}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')} with {tensor.dim()} "
-                    f"dimension(s); a trace stores it as {str(dtype).removeprefix('torch.')} with {rank}"
-                )
+            if tensor is not None:
+                _check_kind(name, tensor.dtype, tensor.dim(), where)
         _check_shapes(self, where)
         _check_expert_ids(self, where)
+
+
+def _check_kind(name: str, dtype: torch.dtype, rank: int, where: str | Path) -> None:
+    """Raise TraceError unless the tensor ``name`` has the dtype and number of dimensions a trace stores it with."""
+    want_dtype, want_rank = TENSORS[name]
+    if dtype != want_dtype or rank != want_rank:
+        raise TraceError(f"{where}: tensor {name!r} is {str(dtype).removeprefix('torch.')} with {rank} dimension(s); "
+                         f"a trace stores it as {str(want_dtype).removeprefix('torch.')} with {want_rank}")
 
 
 def _check_metadata(metadata: dict[str, str], where: str | Path) -> None:
@@ -164,7 +171,10 @@ def _check_shapes(trace: Trace, where: str | Path) -> None:
         raise TraceError(f"{where}: 'scores' has shape {list(trace.scores.shape)}, unlike 'experts' {list(trace.experts.shape)}")
     if trace.token_ids is not None and len(trace.token_ids) != tokens:
         raise TraceError(f"{where}: 'token_ids' has {len(trace.token_ids)} entries for {tokens} traced tokens")
-    lengths = trace.sequence_lengths
+    _check_sequence_lengths(trace.sequence_lengths, tokens, where)
+
+
+def _check_sequence_lengths(lengths: torch.Tensor | None, tokens: int, where: str | Path) -> None:
     # each length in 1..tokens before summing, so the int64 sum cannot wrap around to the right total
     if lengths is not None and (len(lengths) > tokens or bool((lengths < 1).any()) or bool((lengths > tokens).any())
                                 or int(lengths.sum()) != tokens):
@@ -200,17 +210,11 @@ def save_trace(trace: Trace, path: str | Path) -> Path:
 def load_trace(path: str | Path) -> Trace:
     """Read and validate a trace written by ``save_trace`` (or any file in the same layout)."""
     path = _existing(path)
-    # a FIFO or a device is refused here, before safe_open could block on it or read it without end
-    with open_regular(path, "trace file", TraceError):
-        try:
-            with safe_open(path, "pt") as f:
-                metadata = dict(f.metadata() or {})
-                tensors = {name: f.get_tensor(name) for name in f.keys() if name in TENSORS}
-        except (SafetensorError, OSError, ValueError, TypeError) as e:
-            raise TraceError(f"{path} is not a readable safetensors file ({e}); re-record the trace") from None
+    with _safe_open(path) as (f, metadata):
+        tensors = {name: f.get_tensor(name) for name in f.keys() if name in TENSORS}
     if "experts" not in tensors:
         raise TraceError(f"{path} has no 'experts' tensor; a trace stores the routed experts as int16 [tokens, layers, top_k]")
-    trace = Trace(metadata={k: v for k, v in metadata.items() if k not in ("format", "version")}, **tensors)
+    trace = Trace(metadata=metadata, **tensors)
     trace.validate(path)
     return trace
 
@@ -232,10 +236,7 @@ def read_trace_chunks(path: str | Path, *, tokens: int = 65536) -> Iterator[Trac
     if tokens < 1:
         raise TraceError(f"tokens={tokens}: a piece holds at least one token")
     path = _existing(path)
-    try:
-        infos = read_header(path)
-    except CheckpointError as e:
-        raise TraceError(f"{e}".replace("checkpoint file", "trace file").replace("re-download or re-save", "re-record")) from None
+    infos = _read_header(path)
     metadata = _file_metadata(path)
     _check_metadata(metadata, path)
     total = _check_layout(path, infos)
@@ -246,10 +247,7 @@ def read_trace_chunks(path: str | Path, *, tokens: int = 65536) -> Iterator[Trac
             if infos["sequence_lengths"].shape[0] > total:  # more sequences than tokens: refused before it is read
                 raise TraceError(f"{path}: 'sequence_lengths' names more sequences than the {total} traced tokens")
             lengths = _read_rows(reader, infos["sequence_lengths"], 0, None)
-        # each length in 1..total before summing, so the int64 sum cannot wrap around to the right total
-        if lengths is not None and (bool((lengths < 1).any()) or bool((lengths > total).any())
-                                    or int(lengths.sum()) != total):
-            raise TraceError(f"{path}: 'sequence_lengths' must be positive and sum to the {total} traced tokens")
+        _check_sequence_lengths(lengths, total, path)
         ends = torch.cumsum(lengths, 0) if lengths is not None else None
         for start in range(0, total, tokens):
             end = min(start + tokens, total)
@@ -263,13 +261,33 @@ def read_trace_chunks(path: str | Path, *, tokens: int = 65536) -> Iterator[Trac
 
 
 def _file_metadata(path: Path) -> dict[str, str]:
-    with open_regular(path, "trace file", TraceError):  # a FIFO or a device is refused before safe_open opens it
+    with _safe_open(path) as (_, metadata):
+        return metadata
+
+
+@contextmanager
+def _safe_open(path: Path) -> Iterator[tuple[Any, dict[str, str]]]:
+    """The trace file at ``path`` open with safetensors, and its metadata less ``format`` and ``version``; an error
+    safetensors raises, in the ``with`` block too, is a TraceError: the file is not a readable safetensors file."""
+    # a FIFO or a device is refused here, before safe_open could block on it or read it without end
+    with open_regular(path, "trace file", TraceError):
         try:
             with safe_open(path, "pt") as f:
-                metadata = dict(f.metadata() or {})
+                metadata = {k: v for k, v in (f.metadata() or {}).items() if k not in ("format", "version")}
+                yield f, metadata
         except (SafetensorError, OSError, ValueError, TypeError) as e:
             raise TraceError(f"{path} is not a readable safetensors file ({e}); re-record the trace") from None
-    return {k: v for k, v in metadata.items() if k not in ("format", "version")}
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    """``read_header(path)``, its CheckpointError told as a trace file's (what to do: re-record it)."""
+    try:
+        return read_header(path)
+    except CheckpointError as e:
+        message = str(e)
+        if message.startswith("checkpoint file "):  # the file could not be opened or read
+            message = "trace file " + message.removeprefix("checkpoint file ")
+        raise TraceError(message.replace("re-download or re-save", "re-record")) from None
 
 
 def _check_layout(path: Path, infos: dict[str, TensorInfo]) -> int:
@@ -280,10 +298,7 @@ def _check_layout(path: Path, infos: dict[str, TensorInfo]) -> int:
     for name, info in infos.items():
         if name not in TENSORS:
             continue
-        dtype, rank = TENSORS[name]
-        if info.dtype != dtype or len(info.shape) != rank:
-            raise TraceError(f"{path}: tensor {name!r} is {str(info.dtype).removeprefix('torch.')} with {len(info.shape)} "
-                             f"dimension(s); a trace stores it as {str(dtype).removeprefix('torch.')} with {rank}")
+        _check_kind(name, info.dtype, len(info.shape), path)
         if name != "sequence_lengths" and info.shape[0] != total:
             raise TraceError(f"{path}: {name!r} has {info.shape[0]} rows for {total} traced tokens")
     if total < 1:

@@ -91,27 +91,6 @@ def test_activation_counts():
 # ---------------------------------------------------------------- predictions worked out before the replay
 
 
-def test_transition_guesses_equal_the_online_predictor_token_by_token():
-    import numpy as np
-
-    from offload_moe.prefetch import TransitionPredictor
-    from offload_moe.profiling.compiled import transition_guesses
-
-    rng = np.random.default_rng(0)
-    for tokens, layers, experts, k, margin in [(120, 4, 8, 2, 1), (80, 3, 6, 1, 2), (60, 3, 10, 3, 0), (60, 3, 32, 8, 2)]:
-        # in the router's order, unsorted: float sums over k depend on it
-        ids = np.stack([[rng.choice(experts, k, replace=False) for _ in range(layers)] for _ in range(tokens)])
-        fast = transition_guesses(ids.astype(np.int16), experts, k + margin)
-        online = TransitionPredictor(layers, experts, k, margin)
-        for t in range(tokens):
-            for layer in range(layers):
-                online.observe(layer, ids[t, layer][None])
-                named = online.predict_host(layer, ids[t, layer][None])
-                if layer < layers - 1:
-                    want = named[layer + 1][0].tolist() if layer + 1 in named else []
-                    assert [e for e in fast[t, layer].tolist() if e >= 0] == want, (t, layer)
-
-
 def test_gate_replay_uses_the_stored_predictions():
     # two layers of two experts, capacity 2, top-1: layer 0 always takes expert 0, layer 1 alternates,
     # and the stored gate guess for layer 1 is always right. With prefetch only the first access misses;

@@ -129,6 +129,7 @@ def test_transition_predictions_are_the_online_predictors_token_by_token():
     ``TransitionPredictor`` names when the trace is fed to it one token at a time."""
     rng = np.random.default_rng(0)
     for tokens, layers, experts, k, margin in [(120, 4, 8, 2, 1), (80, 3, 6, 1, 2), (60, 3, 10, 3, 0), (200, 3, 32, 8, 2)]:
+        # in the router's order, unsorted: float sums over k depend on it
         ids = np.stack([[rng.choice(experts, k, replace=False) for _ in range(layers)] for _ in range(tokens)])
         got = predictions(make_trace(ids, experts), "transition", margin)
         online = TransitionPredictor(layers, experts, k, margin)

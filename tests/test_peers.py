@@ -277,8 +277,9 @@ def test_rounds_interleave_and_comparisons_take_medians(tmp_path):
     assert "| bf16 / f16 | all in RAM | 25% (full mmap) | 11.00 (9.00-13.00) | 11.00 (10.00-12.00) | 1.00x | 1.0x | yes |" in table
 
 
-@pytest.mark.skipif(not llama_cpp.LlamaCpp(llama_cpp.default_cache_dir()).built,
-                    reason="needs llama.cpp built in ~/.cache/offload-moe/llama.cpp (python -m benchmarks.peers.llama_cpp build)")
+@pytest.mark.skipif(not llama_cpp.LlamaCpp(llama_cpp.default_cache_dir()).built or llama_cpp.missing_conversion_packages(),
+                    reason="needs llama.cpp built in ~/.cache/offload-moe/llama.cpp (python -m benchmarks.peers.llama_cpp build) "
+                           "in this environment, with what its converter imports (sentencepiece); tests install nothing")
 @pytest.mark.slow
 def test_convert_and_bench_with_a_built_llama_cpp(tmp_path):
     llama = llama_cpp.LlamaCpp(llama_cpp.default_cache_dir())

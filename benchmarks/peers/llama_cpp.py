@@ -156,10 +156,15 @@ def build(cache_dir: str | Path | None = None, *, version: str = VERSION, jobs: 
     return llama
 
 
+def missing_conversion_packages() -> list[str]:
+    """The packages the converter imports that this environment lacks."""
+    return [pkg for module, pkg in CONVERSION_MODULES.items() if importlib.util.find_spec(module) is None]
+
+
 def ensure_tools() -> None:
     """``pip install`` what the build and the converter need and this environment lacks."""
     missing = [tool for tool in ("cmake", "ninja") if shutil.which(tool) is None]
-    missing += [pkg for module, pkg in CONVERSION_MODULES.items() if importlib.util.find_spec(module) is None]
+    missing += missing_conversion_packages()
     if missing:
         _run([sys.executable, "-m", "pip", "install", *missing], f"installing {', '.join(missing)}")
 
@@ -183,6 +188,8 @@ def convert(llama: LlamaCpp, hf_folder: str | Path, gguf_type: str, *, out: str 
     ``benchmarks.peers.synthetic.prepare`` for synthetic checkpoints."""
     hf_folder = Path(hf_folder)
     out = Path(out) if out else gguf_path(hf_folder, gguf_type)
+    if not out.exists() and missing_conversion_packages():  # llama.cpp built from another environment
+        ensure_tools()
     if out.exists():
         return out
     if not llama.built:

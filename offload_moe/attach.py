@@ -22,7 +22,7 @@ from . import memory
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
 from .config import MIN_CACHE_EXPERTS, Budget, OffloadConfig, check_within, format_bytes, parse_bytes, shown
 from .errors import BudgetError, ConfigError, UnsupportedModelError
-from .kernels import ExpertMLP, Scratch
+from .kernels import Scratch
 from .memory import IoChoice, MemoryRoom, choose_io
 from .policies import make_policy
 from .planning import device_slots, host_slots, kv_reserve, workspace_bytes
@@ -165,7 +165,7 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
         scratch = Scratch()  # the model's one dequantization buffer: its layers run one at a time, on one stream
         for pos, stand_in in enumerate(stand_ins):
             stand_in.cache, stand_in.prefetcher, stand_in.pos = cache, prefetcher, pos
-            if isinstance(getattr(stand_in, "kernel", None), ExpertMLP):
+            if isinstance(getattr(getattr(stand_in, "kernel", None), "scratch", None), Scratch):  # kernels of packed weights
                 stand_in.kernel.scratch = scratch
         cleanups = [_count_tokens(layers, cache)]
         bind = getattr(predictor, "bind", None)

@@ -115,8 +115,8 @@ class ExpertFormat:
             return tensors
         out, packed = {}, {}
         for name, t in tensors.items():
-            param, dot, component = name.partition(".")
-            if dot:
+            param, _, component = name.rpartition(".")  # a parameter's name may hold dots ("0.weight.qweight")
+            if param and component in self.component_names:
                 packed.setdefault(param, {})[component] = t
             else:
                 out[name] = t

@@ -23,6 +23,12 @@ replaced by a stand-in (``offload_moe.stand_ins``), so the layer above it keeps 
 Where the bytes come from: ``save_experts`` writes the experts to safetensors, one tensor per expert
 parameter named ``layers.{L}.experts.{E}.{param}``, plus a JSON manifest; ``SavedExperts`` indexes
 those files for the movers, as ``ExpertStore`` does for a transformers checkpoint.
+
+``quantize="int8" | "int4"``: the experts' weight matrices are saved packed in offload_moe's own format
+(``quantize.quantize_matrix``, the quantizer of ``offload-moe quantize``), the slots hold the packed bytes and
+the experts compute from them with the kernels ``load`` uses (``kernels.linear``): ``nn.Linear`` modules of
+ModuleList/ModuleDict experts through a ``_PackedLinear``, transformers' experts modules through ``ExpertMLP``,
+DBRX through its kernel. A weight the model uses otherwise (a user ``expert_fn``, a bare parameter) is refused.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ import torch
 from torch import nn
 
 from .attach import MoELayer, attach, check_assembly
+from .cache import SlotLayout
 from .config import OffloadConfig, configure, parse_dtype
 from .errors import ConfigError, UnsupportedModelError
 from .experts import OffloadedExperts
+from .formats import DENSE, ExpertFormat
 from .layers import (  # noqa: F401  (find_moe_layers... stay importable from offload_moe.generic)
     FUSED_KERNELS,
     ExpertFn,
@@ -46,11 +54,13 @@ from .layers import (  # noqa: F401  (find_moe_layers... stay importable from of
     LayerPlan,
     expert_item,
     find_moe_layers,
+    packed_weights,
     plan_layers,
 )
+from .quant import DEFAULT_GROUP_SIZE, check_group_size
 from .routing import Router, default_router, gate_of, top_k_of
 from .runtime import ExpertOffload, OffloadHandle  # noqa: F401  (ExpertOffload stays importable from here)
-from .saved_experts import SavedExperts, write_plans
+from .saved_experts import SavedExperts, packed_slots, write_plans
 from .stand_ins import (  # noqa: F401  (the stand-ins stay importable from offload_moe.generic)
     LayerRuntime,
     OffloadedExpert,
@@ -64,15 +74,17 @@ from .stand_ins import (  # noqa: F401  (the stand-ins stay importable from offl
 from .store import ExpertsSpec
 
 DROPPED = ("zero", "identity")
+QUANTIZE = ("int8", "int4")
 OWN_OPTIONS = ("layers", "router", "replace_forward", "store", "offload_folder", "experts_attr", "expert_fn",
-               "dropped_tokens")  # offload_experts' options that are no OffloadConfig setting
+               "dropped_tokens", "quantize", "group_size")  # offload_experts' options that are no OffloadConfig setting
 
 
 # == save_experts ===============================================================================================
 
 def save_experts(model_or_layers: nn.Module | Sequence[nn.Module], folder: str | Path, *,
                  layers: Sequence[nn.Module | str] | None = None, experts_attr: str = "experts",
-                 dtype: str | torch.dtype | None = None, expert_fn: ExpertFn | None = None) -> Path:
+                 dtype: str | torch.dtype | None = None, expert_fn: ExpertFn | None = None,
+                 quantize: str | None = None, group_size: int | None = None) -> Path:
     """Write the experts of a model's MoE layers to ``folder`` as safetensors, for ``offload_experts(store=...)``.
 
     One file per layer, one tensor per expert parameter, named ``layers.{L}.experts.{E}.{param}`` (L: the
@@ -82,13 +94,57 @@ def save_experts(model_or_layers: nn.Module | Sequence[nn.Module], folder: str |
     no folder that looks complete. The layers are found as ``offload_experts`` finds them, or named with
     ``layers=``; ``model_or_layers`` may also be a list of MoE layer modules. Refuses a folder holding a
     model (``config.json``): this never writes into a model's own files. Returns the folder.
+
+    ``quantize="int8"`` (a scale per output channel) or ``"int4"`` (a scale and zero per ``group_size`` input
+    columns, default 64) stores the weight matrices packed, as ``offload-moe quantize`` does
+    (docs/quantization.md); ``dtype`` then applies to the other tensors (biases, norms).
     """
     if isinstance(model_or_layers, nn.Module):
         plans = plan_layers(model_or_layers, layers, experts_attr=experts_attr, need_gate=True, expert_fn=expert_fn)
     else:
         holder = nn.ModuleList(list(model_or_layers))  # names "0", "1"...: matched by order later
         plans = plan_layers(holder, list(holder), experts_attr=experts_attr, expert_fn=expert_fn)
-    return write_plans(plans, Path(folder).expanduser(), parse_dtype(dtype))
+    fmt = expert_format(quantize, group_size)
+    return write_plans(plans, Path(folder).expanduser(), parse_dtype(dtype), fmt=fmt, packing=_packing(plans, fmt))
+
+
+def expert_format(quantize: object, group_size: object) -> ExpertFormat:
+    """The packed format ``quantize=`` and ``group_size=`` ask for (``DENSE``: none); a bad value is refused in one line."""
+    if quantize is None:
+        if group_size is not None:
+            raise ConfigError(f"group_size={group_size!r} applies to quantize='int4'; give quantize='int4' or leave "
+                              "group_size out")
+        return DENSE
+    if not isinstance(quantize, str) or quantize not in QUANTIZE:
+        raise ConfigError(f"quantize={quantize!r}: offload_moe packs experts as 'int8' (a scale per output channel) or "
+                          "'int4' (a scale and zero per group_size input columns); leave it out to keep them as they are")
+    if quantize == "int8":
+        if group_size is not None:
+            raise ConfigError(f"group_size={group_size!r} applies to quantize='int4' only: int8 has one scale per "
+                              "output channel; leave group_size out")
+        return ExpertFormat("int8")
+    return ExpertFormat("int4", (DEFAULT_GROUP_SIZE if group_size is None else check_group_size(group_size),))
+
+
+def _packing(plans: Sequence[LayerPlan], fmt: ExpertFormat) -> list[dict[str, bool]] | None:
+    """Each layer's packed weights (``layers.packed_weights``), every one checked against ``fmt``'s shape rules."""
+    if fmt.kind is None:
+        return None
+    setting = f"quantize={fmt.kind!r}"
+    packing = [packed_weights(plan, setting) for plan in plans]
+    for plan, packed in zip(plans, packing):
+        if packed != packing[0]:
+            raise UnsupportedModelError(f"{setting}: {plan.where} packs {sorted(packed)}, unlike {plans[0].where} "
+                                        f"({sorted(packing[0])}); offload layers of one kind per call: layers=[...]")
+        for name, transposed in packed.items():
+            rows, cols = plan.shapes[name][::-1] if transposed else plan.shapes[name]
+            where = f"{plan.where}: expert tensor {name!r}"
+            if fmt.kind == "int4" and rows % 2:
+                raise ConfigError(f"{setting}: {where} has {rows} output rows; int4 packs rows in pairs and needs an "
+                                  "even count. Use quantize='int8' for this model")
+            if fmt.kind == "int4":
+                check_group_size(fmt.block[0], cols, where)
+    return packing
 
 
 # == offload_experts ============================================================================================
@@ -104,6 +160,8 @@ def offload_experts(
     experts_attr: str = "experts",
     expert_fn: ExpertFn | None = None,
     dropped_tokens: str = "zero",
+    quantize: str | None = None,
+    group_size: int | None = None,
     **overrides,
 ) -> OffloadHandle:
     """Move the experts of ``model``'s MoE layers into an expert cache; the model keeps running as before.
@@ -127,7 +185,15 @@ def offload_experts(
     leaves after the dense weights, a KV cache and a workspace (as ``load`` and ``plan`` count), else half the free memory. A device budget that holds every expert is
     filled at once. ``host_memory`` adds the warm tier, as in ``load``. ``policy``, ``dtype``, ``readers``, ``io`` and
     ``read_timeout`` as in ``offload_moe.load``: with ``io="mmap"`` (CPU only) an expert missing from the slots is computed in place
-    from the mapped store files. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the
+    from the mapped store files.
+
+    ``quantize="int8"`` or ``"int4"`` (``group_size``, default 64): the experts are saved packed as ``save_experts``
+    saves them, the slots hold the packed bytes (``stats()["expert_bytes"]``, ``["expert_format"]``; budgets count
+    them) and the experts compute from them with ``load``'s kernels (``kernels.linear``). It packs the weights of
+    ``nn.Linear`` modules of ModuleList/ModuleDict experts, of transformers' experts modules and of DBRX; anything
+    else is refused, naming the setting and the tensor. A ``store`` saved packed brings its own format (``quantize``
+    may be left out); a ``store`` saved as it was is read, packed and written to ``offload_folder`` (or a temporary
+    folder), never into the store. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the
     experts run, so ``replace_forward=True`` or fused containers. A predictor with ``bind(prefetcher)``
     (``routing.HashPredictor``) is bound to the model's inputs.
 
@@ -136,6 +202,7 @@ def offload_experts(
     ``load``. Put the rest of the model on ``device`` yourself.
     """
     settings = _settings(config, overrides, dropped_tokens)
+    asked = expert_format(quantize, group_size)
     plans = plan_layers(model, layers, experts_attr=experts_attr, need_gate=router is None, expert_fn=expert_fn)
     routers = _routers(plans, router) if replace_forward else [None] * len(plans)
     _check_modes(plans, replace_forward, settings.prefetch)
@@ -143,12 +210,36 @@ def offload_experts(
              for p in plans]
     dtype = settings.dtype or next(iter(plans[0].dtypes.values()))
     dense = _dense_bytes(model, plans)
-    assembly = check_assembly(found, settings, dtype=dtype, dense_bytes=dense, top_k=top_k_of(plans[0].module) or 2,
-                              model_config=getattr(model, "config", None))
-    opened, owned = _open_store(plans, store, offload_folder, assembly.io.io)
+    given = store if isinstance(store, SavedExperts) or store is None else SavedExperts(store, io="buffered")
+    try:
+        fmt = _store_format(asked, given, quantize)
+        packing = _packing(plans, fmt)
+        layout = None
+        if packing is not None:
+            slots, packed = packed_slots(plans[0].shapes, packing[0], fmt)
+            layout = SlotLayout(slots, dtype, packed, fmt)
+        assembly = check_assembly(found, settings, dtype=dtype, dense_bytes=dense, top_k=top_k_of(plans[0].module) or 2,
+                                  layout=layout, model_config=getattr(model, "config", None))
+        opened, owned = _open_store(plans, given, store is not given, offload_folder, assembly.io.io, fmt, packing)
+    except BaseException:
+        if given is not None:
+            given.close()
+        raise
     return attach(model, assembly, opened,
-                  install=lambda: [_swap(plan, routers[i], dropped_tokens) for i, plan in enumerate(plans)],
+                  install=lambda: [_swap(plan, routers[i], dropped_tokens, packing[i] if packing else {})
+                                   for i, plan in enumerate(plans)],
                   folder=opened.folder, name=_model_name(model), owned_folder=owned)
+
+
+def _store_format(asked: ExpertFormat, given: SavedExperts | None, quantize: str | None) -> ExpertFormat:
+    """The format the experts run in: ``quantize=``'s, or that of a store saved packed (which must agree)."""
+    if given is None or given.format.kind is None:
+        return asked
+    if asked.kind is not None and asked != given.format:
+        raise ConfigError(f"store={str(given.folder)!r} holds experts packed as {given.format.name}, and "
+                          f"quantize={quantize!r} asks for {asked.name}; leave quantize out to use the store as it is, "
+                          "or give a store saved without quantize")
+    return given.format
 
 
 def _settings(config: OffloadConfig | None, overrides: dict, dropped: str) -> OffloadConfig:
@@ -201,16 +292,32 @@ def _check_modes(plans: Sequence[LayerPlan], replace_forward: bool, prefetch) ->
         )
 
 
-def _open_store(plans, store, offload_folder, io) -> tuple[SavedExperts, Path | None]:
+def _open_store(plans, given: SavedExperts | None, opened_here: bool, offload_folder, io: str, fmt: ExpertFormat,
+                packing) -> tuple[SavedExperts, Path | None]:
+    """The store the experts run from, and the folder made for it (None: not ours). ``given`` (``store=``) as it is
+    when its format is ``fmt`` (its read mode set to ``io`` if it was opened here), else its experts are packed
+    into ``offload_folder`` or a temporary folder; without ``given``, the model's experts are written there."""
+    if given is not None and given.format == fmt:
+        if opened_here:
+            given.set_io(io)
+        given.match(plans, packing)
+        return given, None
     owned = opened = None
-    if store is None and offload_folder is None:
+    if offload_folder is None:
         owned = Path(tempfile.mkdtemp(prefix="offload_moe-experts-"))
+    folder = owned or Path(offload_folder).expanduser()
     try:
-        if store is None:
-            store = owned or Path(offload_folder).expanduser()
-            write_plans(plans, store)
-        opened = store if isinstance(store, SavedExperts) else SavedExperts(store, io=io)
-        opened.match(plans)
+        if given is None:
+            write_plans(plans, folder, fmt=fmt, packing=packing)
+        else:  # saved as it was: read each expert back, pack it into a folder of its own
+            given.match(plans)
+            if folder.resolve() == given.folder.resolve():
+                raise ConfigError(f"offload_folder={str(offload_folder)!r} is the store= folder; the packed experts "
+                                  "go to another folder, so give another offload_folder (or none: a temporary one)")
+            write_plans(plans, folder, fmt=fmt, packing=packing, source=lambda plan, e: given.read_tensors(plan.layer, e))
+            given.close()
+        opened = SavedExperts(folder, io=io)
+        opened.match(plans, packing)
     except BaseException:
         if opened is not None:
             opened.close()
@@ -220,14 +327,15 @@ def _open_store(plans, store, offload_folder, io) -> tuple[SavedExperts, Path | 
     return opened, owned
 
 
-def _swap(plan: LayerPlan, router: Router | None, dropped: str):
-    """Replace the layer's container by its offloaded stand-in (the expert weights are dropped here)."""
+def _swap(plan: LayerPlan, router: Router | None, dropped: str, packed: dict[str, bool]):
+    """Replace the layer's container by its offloaded stand-in (the expert weights are dropped here); ``packed``:
+    the weights its slots hold packed."""
     if plan.kind == "transformers":
         spec = _transformers_spec(plan)
         stand_in = OffloadedExperts(plan.container, spec)
         setattr(plan.module, plan.attr, stand_in)
         return stand_in
-    kernel = _kernel(plan)
+    kernel = _kernel(plan, packed)
     runtime = LayerRuntime(plan.layer, plan.where, plan.num_experts, kernel)
     if plan.kind == "fused":
         for name in plan.shapes:
@@ -245,9 +353,9 @@ def _swap(plan: LayerPlan, router: Router | None, dropped: str):
     return runtime
 
 
-def _kernel(plan: LayerPlan) -> Kernel:
+def _kernel(plan: LayerPlan, packed: dict[str, bool]) -> Kernel:
     if plan.kind in ("ModuleList", "ModuleDict"):
-        return _TemplateKernel(expert_item(plan.container, plan.keys[0]))
+        return _TemplateKernel(expert_item(plan.container, plan.keys[0]), packed=list(packed))
     if plan.expert_fn is not None:
         container, fn = plan.container, plan.expert_fn
         return lambda w, x: fn(container, x, w)

@@ -17,6 +17,8 @@ from torch import nn
 
 from .errors import ConfigError, UnsupportedModelError
 from .experts import OffloadedExperts, expert_params, is_experts_module
+from .formats import QuantizedWeight
+from .kernels import Scratch, linear
 
 COUNT_NAMES = ("num_experts", "moe_num_experts", "num_local_experts", "n_routed_experts")
 
@@ -226,9 +228,54 @@ def _fused_plan(layer, name, module, attr, container, where, expert_fn) -> Layer
                      expert_fn)
 
 
-def _dbrx_kernel(container: nn.Module) -> Kernel:
-    mlp = container.mlp  # DbrxExpertGLU: forward(x, w1, v1, w2) with one expert's slices
-    return lambda w, x: mlp(x, w["mlp.w1"], w["mlp.v1"], w["mlp.w2"])
+class _DbrxKernel:
+    """One DBRX expert: ``DbrxExpertGLU.forward(x, w1, v1, w2)`` with its slices, or the same computation with
+    packed weights (``offload_experts(quantize=...)``; w2, used as [in, out], is packed as its transpose)."""
+
+    def __init__(self, container: nn.Module):
+        self.mlp = container.mlp
+        self.scratch = Scratch()  # where packed weights are dequantized: the model's one (``attach`` sets it)
+
+    def __call__(self, w: dict, x: torch.Tensor) -> torch.Tensor:
+        w1, v1, w2 = w["mlp.w1"], w["mlp.v1"], w["mlp.w2"]
+        if not isinstance(w1, QuantizedWeight):
+            return self.mlp(x, w1, v1, w2)
+        h = self.mlp.activation_fn(linear(x, w1, None, self.scratch)) * linear(x, v1, None, self.scratch)
+        return linear(h, w2, None, self.scratch)
 
 
-FUSED_KERNELS: dict[str, Callable[[nn.Module], Kernel]] = {"DbrxExperts": _dbrx_kernel}
+FUSED_KERNELS: dict[str, Callable[[nn.Module], Kernel]] = {"DbrxExperts": _DbrxKernel}
+# The weight matrices of a known fused container that quantize= packs, each True where it is used as [in, out]
+# (packed as its transpose, F.linear's [out, in]); its kernel computes with them packed.
+FUSED_PACKED: dict[str, dict[str, bool]] = {"DbrxExperts": {"mlp.w1": False, "mlp.v1": False, "mlp.w2": True}}
+
+
+def packed_weights(plan: LayerPlan, setting: str) -> dict[str, bool]:
+    """The expert weight matrices ``setting`` (``quantize=...``) packs in ``plan``'s layer, each with True where the
+    expert uses it as [in, out] (it is packed as its transpose, F.linear's [out, in]). The other tensors (biases,
+    norms) stay in the compute dtype. Raises ConfigError naming ``setting`` and the tensor where the experts
+    cannot compute from packed weights: a matrix that is not an ``nn.Linear``'s weight, or a user ``expert_fn``."""
+    if plan.kind == "transformers":
+        transposed = bool(plan.container.is_transposed)
+        return {name: transposed for name, shape in plan.shapes.items() if len(shape) == 2}
+    if plan.kind == "fused":
+        if plan.expert_fn is not None:
+            raise ConfigError(
+                f"{setting}: {plan.where} is computed by your expert_fn, which takes float weights, and packed "
+                "experts are computed by offload_moe's own kernels; leave quantize out for this model"
+            )
+        return dict(FUSED_PACKED[type(plan.container).__name__])
+    expert = expert_item(plan.container, plan.keys[0])
+    linears = {f"{n}.weight" if n else "weight" for n, m in expert.named_modules()
+               if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward}
+    packed = {name: False for name in plan.shapes if name in linears}
+    for name, shape in plan.shapes.items():
+        if name not in packed and len(shape) >= 2:
+            raise ConfigError(
+                f"{setting}: {plan.where}: expert tensor {name!r} of shape {list(shape)} is not the weight of an "
+                "nn.Linear, and offload_moe computes packed experts through nn.Linear only; leave quantize out for "
+                "this model"
+            )
+    if not packed:
+        raise ConfigError(f"{setting}: {plan.where}: the experts hold no nn.Linear weight to pack; leave quantize out")
+    return packed

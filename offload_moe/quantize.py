@@ -243,8 +243,7 @@ def quantize_tensor(store: ExpertStore, expert: ExpertTensor, bits: int, group_s
         w = torch.empty(piece.shape, dtype=piece.dtype)
         store.read_piece(piece, w)
         advance(piece.nbytes)
-        w = w.float().t() if expert.transposed else w.float()  # [out, in]
-        quantized = quantize_int8(w) if bits == 8 else _stored_int4(*quantize_int4(w.contiguous(), group_size))
+        quantized = tuple(quantize_matrix(w.t() if expert.transposed else w, bits, group_size).values())
         if not expert.fused:
             parts = list(quantized)
             break
@@ -255,10 +254,18 @@ def quantize_tensor(store: ExpertStore, expert: ExpertTensor, bits: int, group_s
     return {f"{expert.info.name}.{n}": c.contiguous() for n, c in zip(COMPONENTS[bits], parts)}
 
 
-def _stored_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Scales and zeros are stored in bfloat16: 0.28 of bf16's bytes at groups of 64, where float32 takes 0.31;
-    and bfloat16 is what the CPU int4 kernel takes with bf16 activations, so it uses them as they lie."""
-    return packed, scales_and_zeros.to(torch.bfloat16)
+def quantize_matrix(w: torch.Tensor, bits: int, group_size: int | None = None) -> dict[str, torch.Tensor]:
+    """One weight ``w`` [out, in] (F.linear's layout; bf16, fp16 or float32) -> its components as the format stores
+    them, by name: int8 ``qweight`` and float32 ``scales``, or int4 ``qweight`` and ``scales_and_zeros`` [in/G, out, 2].
+    int4's scales and zeros are stored in bfloat16: 0.28 of bf16's bytes at groups of 64, where float32 takes 0.31;
+    and bfloat16 is what the CPU int4 kernel takes with bf16 activations, so it uses them as they lie. The one
+    quantizer of both ``quantize_experts`` and ``offload_experts(quantize=...)``; on the meta device it gives the
+    components' shapes and dtypes without computing them."""
+    w = w.float().contiguous()
+    if bits == 8:
+        return dict(zip(COMPONENTS[8], quantize_int8(w)))
+    packed, scales_and_zeros = quantize_int4(w, group_size)
+    return dict(zip(COMPONENTS[4], (packed, scales_and_zeros.to(torch.bfloat16))))
 
 
 class Shards:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ from torch.func import functional_call
 from .cache import ExpertCache
 from .errors import ConfigError, DeviceError, ExpertLoadError, UnsupportedModelError
 from .experts import compute_grouped
+from .formats import QuantizedWeight
+from .kernels import Scratch, linear
 from .layers import Kernel, LayerPlan, Offloaded
 from .prefetch import Prefetcher
 from .routing import Router
@@ -35,13 +38,59 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 # == the modules that stand in for expert containers ==========================================================
 class _TemplateKernel:
-    """Runs one expert module's forward with a slot's tensors as its parameters and buffers."""
+    """Runs one expert module's forward with a slot's tensors as its parameters and buffers.
 
-    def __init__(self, expert: nn.Module):
+    ``packed``: the weights of the template's ``nn.Linear`` modules that the slots hold packed
+    (``offload_experts(quantize=...)``, ``"0.weight"`` for module ``"0"``); each of those modules becomes a
+    ``_PackedLinear``, handed its ``QuantizedWeight`` for the call. Calls run under the cache's lock, one at a time.
+    """
+
+    def __init__(self, expert: nn.Module, packed: Sequence[str] = ()):
         self.template = copy.deepcopy(expert).to("meta")  # structure only, no memory
+        self.scratch = Scratch()  # where packed weights are dequantized: the model's one (``attach`` sets it)
+        self.packed: dict[str, _PackedLinear] = {}
+        for name in packed:
+            module = name.removesuffix("weight").removesuffix(".")
+            self.packed[name] = replacement = _PackedLinear(self.template.get_submodule(module))
+            if module:
+                self.template.set_submodule(module, replacement)
+            else:
+                self.template = replacement
 
-    def __call__(self, weights: dict[str, torch.Tensor], *args, **kwargs) -> torch.Tensor:
-        return functional_call(self.template, weights, args, kwargs)
+    def __call__(self, weights: dict, *args, **kwargs) -> torch.Tensor:
+        if not self.packed:
+            return functional_call(self.template, weights, args, kwargs)
+        for name, module in self.packed.items():
+            module.packed, module.scratch = weights[name], self.scratch
+        try:
+            return functional_call(self.template, {n: t for n, t in weights.items() if n not in self.packed}, args, kwargs)
+        finally:
+            for module in self.packed.values():
+                module.packed = None  # the slot may be reused once the call is over
+
+
+class _PackedLinear(nn.Module):
+    """An expert's ``nn.Linear`` whose weight is packed: ``kernels.linear`` with the ``QuantizedWeight`` of the call."""
+
+    def __init__(self, original: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = original.in_features, original.out_features
+        self.bias = original.bias  # on meta: a slot's bias takes its place in each call
+        self.packed: QuantizedWeight | None = None
+        self.scratch: Scratch | None = None
+
+    @property
+    def weight(self):
+        raise UnsupportedModelError(
+            "an expert read the weight of one of its nn.Linear modules directly; with quantize=... the weights are "
+            "packed and only the module's own forward computes with them, so leave quantize out for this model"
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=True"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.packed, self.bias, self.scratch)
 
 
 @dataclass

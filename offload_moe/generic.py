@@ -104,11 +104,11 @@ def save_experts(model_or_layers: nn.Module | Sequence[nn.Module], folder: str |
     else:
         holder = nn.ModuleList(list(model_or_layers))  # names "0", "1"...: matched by order later
         plans = plan_layers(holder, list(holder), experts_attr=experts_attr, expert_fn=expert_fn)
-    fmt = expert_format(quantize, group_size)
+    fmt = quantize_format(quantize, group_size)
     return write_plans(plans, Path(folder).expanduser(), parse_dtype(dtype), fmt=fmt, packing=_packing(plans, fmt))
 
 
-def expert_format(quantize: object, group_size: object) -> ExpertFormat:
+def quantize_format(quantize: object, group_size: object) -> ExpertFormat:
     """The packed format ``quantize=`` and ``group_size=`` ask for (``DENSE``: none); a bad value is refused in one line."""
     if quantize is None:
         if group_size is not None:
@@ -202,7 +202,7 @@ def offload_experts(
     ``load``. Put the rest of the model on ``device`` yourself.
     """
     settings = _settings(config, overrides, dropped_tokens)
-    asked = expert_format(quantize, group_size)
+    asked = quantize_format(quantize, group_size)
     plans = plan_layers(model, layers, experts_attr=experts_attr, need_gate=router is None, expert_fn=expert_fn)
     routers = _routers(plans, router) if replace_forward else [None] * len(plans)
     _check_modes(plans, replace_forward, settings.prefetch)

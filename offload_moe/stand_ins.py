@@ -60,8 +60,9 @@ class _TemplateKernel:
     def __call__(self, weights: dict, *args, **kwargs) -> torch.Tensor:
         if not self.packed:
             return functional_call(self.template, weights, args, kwargs)
+        dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         for name, module in self.packed.items():
-            module.packed, module.scratch = weights[name], self.scratch
+            module.packed, module.scratch, module.dtype = weights[name], self.scratch, dtype
         try:
             return functional_call(self.template, {n: t for n, t in weights.items() if n not in self.packed}, args, kwargs)
         finally:
@@ -70,7 +71,11 @@ class _TemplateKernel:
 
 
 class _PackedLinear(nn.Module):
-    """An expert's ``nn.Linear`` whose weight is packed: ``kernels.linear`` with the ``QuantizedWeight`` of the call."""
+    """An expert's ``nn.Linear`` whose weight is packed: ``kernels.linear`` with the ``QuantizedWeight`` of the call.
+
+    ``weight`` is a ``_WeightShape``: its dtype (the call's activations'), shape and device answer the checks T5-style
+    experts make before they call the module (Switch Transformers, NLLB-MoE); computing with it is refused.
+    """
 
     def __init__(self, original: nn.Linear):
         super().__init__()
@@ -78,19 +83,39 @@ class _PackedLinear(nn.Module):
         self.bias = original.bias  # on meta: a slot's bias takes its place in each call
         self.packed: QuantizedWeight | None = None
         self.scratch: Scratch | None = None
+        self.dtype: torch.dtype | None = None  # the call's activations'
 
     @property
-    def weight(self):
-        raise UnsupportedModelError(
-            "an expert read the weight of one of its nn.Linear modules directly; with quantize=... the weights are "
-            "packed and only the module's own forward computes with them, so leave quantize out for this model"
-        )
+    def weight(self) -> torch.Tensor:
+        dtype = self.dtype or torch.get_default_dtype()
+        return torch.empty((self.out_features, self.in_features), dtype=dtype, device="meta").as_subclass(_WeightShape)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=True"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.packed, self.bias, self.scratch)
+
+
+class _WeightShape(torch.Tensor):
+    """What a packed ``nn.Linear``'s ``weight`` reads as: its dtype, shape and device can be asked; any computation
+    with it is refused, naming the setting (the weight is packed, and only the module's own forward computes with it)."""
+
+    ALLOWED = frozenset({"dtype", "shape", "device", "ndim", "is_cuda", "is_meta", "size", "dim"})
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", None)
+        if name == "__get__":  # an attribute read: the attribute's name
+            name = getattr(getattr(func, "__self__", None), "__name__", None)
+        if name not in cls.ALLOWED:
+            raise UnsupportedModelError(
+                f"an expert computed with the weight of one of its nn.Linear modules directly ({name}); "
+                "with quantize=... its weights are packed and only the module's own forward computes with them, so "
+                "leave quantize out for this model"
+            )
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
 
 
 @dataclass

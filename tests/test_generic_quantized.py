@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import offload_moe
 from offload_moe import quant
-from offload_moe.errors import CheckpointError, ConfigError
+from offload_moe.errors import CheckpointError, ConfigError, UnsupportedModelError
 from offload_moe.generic import OffloadedModuleList, SavedExperts, offload_experts, save_experts
 from offload_moe.kernels import INT4_KERNEL_LAYOUT
 from offload_moe.planning import device_slots, workspace_bytes
@@ -202,6 +202,28 @@ def test_dbrx_packs_w2_as_its_transpose(setting):
     handle.close()
 
 
+@pytest.mark.parametrize("family", ["switch_transformers", "nllb_moe"])
+def test_t5_style_experts_that_check_their_weight_dtype_compute_packed(family):
+    """Switch Transformers' and NLLB-MoE's experts read ``wo.weight.dtype`` / ``fc2.weight.dtype`` before calling the
+    module: the packed module's weight answers that (its dtype is the activations'), and the module computes packed."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from test_families_generic import nllb_config, spread, switch_config
+
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config((switch_config if family == "switch_transformers" else nllb_config)()).eval()
+    spread(model, 1)
+    ref = dequantized_model(model, "int4", 16)
+    prompt = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(input_ids=prompt, decoder_input_ids=prompt[:, :4]).logits
+    handle = offload_experts(model, cache_experts=2, quantize="int4", group_size=16)
+    with torch.no_grad():
+        got = model(input_ids=prompt, decoder_input_ids=prompt[:, :4]).logits
+    assert relative_error(want, got) <= RTOL and handle.stats()["misses"] > 0
+    handle.close()
+
+
 # -- stores --------------------------------------------------------------------------------------------------
 def test_a_store_saved_packed_brings_its_format(tmp_path):
     model, x = make_model(), inputs()
@@ -349,6 +371,7 @@ def test_an_expert_reading_a_linear_weight_directly_is_named():
 
     model = nn.Sequential(PeekingMoE())
     handle = offload_experts(model, cache_experts=2, quantize="int8")
-    with pytest.raises(Exception, match="read the weight of one of its nn.Linear modules directly"):
+    with pytest.raises(UnsupportedModelError, match=r"^an expert computed with the weight of one of its nn\.Linear "
+                                                   r"modules directly \(linear\); with quantize=\.\.\."):
         model(inputs())
     handle.close()

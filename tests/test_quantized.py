@@ -144,6 +144,22 @@ def test_plan_counts_packed_bytes(checkpoints):
         assert p.expert_format in str(p) and p.expert_format not in ("", "float32")
 
 
+@pytest.mark.parametrize("kind", ["mixtral-int4", "mixtral-int4-kernel", "gpt_oss-int4"])
+def test_plan_counts_the_bytes_each_miss_moves(checkpoints, prompt, kind):
+    """int4's scales and zeros are stored in bfloat16: plan counts them so (as the slots hold them), and a miss reads
+    exactly plan's bytes per expert (in the checkpoint's own dtype, which GPT-OSS's unpacked biases keep)."""
+    folder = checkpoints(kind)
+    dtype = "bfloat16" if kind.startswith("gpt_oss") else "float32"
+    planned = offload_moe.plan(folder, device_memory="1GiB", dtype=dtype).expert_bytes
+    model = offload_moe.load(folder, cache_experts=2, dtype=dtype, prefetch="none", io="buffered", progress=False)
+    with torch.no_grad():
+        model(prompt)
+    s = model.offload.stats()
+    model.offload.close()
+    assert s["misses"] > 0 and s["bytes_moved"]["disk"] == s["misses"] * planned == s["misses"] * s["expert_bytes"]
+    assert planned == _packed_bytes_per_expert(folder, None)
+
+
 def test_int4_holds_about_3_75x_the_bf16_experts_at_the_same_memory(tmp_path):
     """int4 in groups of 128 with bfloat16 scales and zeros: 0.53 bytes a weight against bf16's 2."""
     sizes = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_local_experts=48)
@@ -253,3 +269,57 @@ def test_cpu_computes_int8_and_int4_with_torchs_packed_kernels(fmt, rows, kernel
     assert got.dtype == dtype and got.shape == (3, sum(rows))
     assert relative_error(want, got) < (1e-5 if dtype == torch.float32 else 1e-2)
     assert (scratch.buffer is None) == kernel
+
+
+# -- traces, replays and checksums on packed experts -------------------------------------------------------------
+@pytest.mark.parametrize("predictor", ["none", "gate"])
+def test_a_trace_recorded_on_int4_experts_replays_as_it_ran(checkpoints, predictor):
+    """The routing recorded from an int4 checkpoint (torch's packed kernel computing) replays through the same
+    policy and predictor with the live counts, and each expert the replay loads costs plan's packed bytes."""
+    from test_profiling import _inline
+
+    from offload_moe.profiling import replay
+    from offload_moe.traces import record_trace
+
+    folder = checkpoints("mixtral-int4-kernel")
+    model = offload_moe.load(folder, cache_experts=3, policy="lru", prefetch=predictor, io="buffered", progress=False)
+    model.offload.cache.mover.pool.submit = _inline  # each prefetch lands before the next layer, as the replay models
+    trace = record_trace(model, [torch.tensor([5])], source="test", max_new_tokens=16, predict_margin=1)
+    live = model.offload.stats()
+    model.offload.close()
+    replayed = replay(trace, "lru", 3, predictor=predictor, margin=1)
+    assert live["evictions"] > 0 and trace.experts.shape == (16, 3, 2)  # the prompt token, 15 fed back
+    assert (replayed.hits, replayed.misses, replayed.evictions) == (live["hits"], live["misses"], live["evictions"])
+    assert replayed.prefetch_issued == live["prefetch_issued"]
+    expert_bytes = offload_moe.plan(folder, device_memory="1GiB", dtype="float32").expert_bytes
+    assert live["bytes_moved"]["disk"] == replayed.loads * expert_bytes
+
+
+@pytest.mark.parametrize(("kind", "tensor"), [
+    ("mixtral-int4", "model.layers.1.block_sparse_moe.experts.2.w2.weight.qweight"),
+    ("mixtral-int8", "model.layers.1.block_sparse_moe.experts.2.w1.weight.scales"),
+    ("gpt_oss-int4", "model.layers.1.mlp.experts.down_proj.scales_and_zeros"),  # fused [E, ...]: expert 2's share
+])
+def test_verify_checks_the_packed_bytes_and_names_a_flipped_one(checkpoints, tmp_path, kind, tensor):
+    from typer.testing import CliRunner
+
+    from offload_moe.cli import app
+    from offload_moe.safetensors_io import read_header
+
+    folder = Path(shutil.copytree(checkpoints(kind), tmp_path / "model"))
+    runner = CliRunner()
+    first = runner.invoke(app, ["verify", str(folder)])
+    assert first.exit_code == 0 and "wrote checksums of 12 experts" in first.output, first.output
+    again = runner.invoke(app, ["verify", str(folder)])
+    assert again.exit_code == 0 and "all 12 experts match" in again.output
+    info = read_header(folder / "model.safetensors")[tensor]
+    at = info.offset + (2 * info.nbytes // 4 if ".experts.down_proj" in tensor else 0) + 1  # a byte of expert 2
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x01]))
+    result = offload_moe.verify(folder)
+    assert [(layer, expert) for layer, expert, _ in result.bad] == [(1, 2)]
+    bad = runner.invoke(app, ["verify", str(folder)])
+    assert bad.exit_code == 1 and "expert 2 of layer 1 differs" in bad.output

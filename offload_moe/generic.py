@@ -185,7 +185,9 @@ def offload_experts(
     leaves after the dense weights, a KV cache and a workspace (as ``load`` and ``plan`` count), else half the free memory. A device budget that holds every expert is
     filled at once. ``host_memory`` adds the warm tier, as in ``load``. ``policy``, ``dtype``, ``readers``, ``io`` and
     ``read_timeout`` as in ``offload_moe.load``: with ``io="mmap"`` (CPU only) an expert missing from the slots is computed in place
-    from the mapped store files.
+    from the mapped store files. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the
+    experts run, so ``replace_forward=True`` or fused containers. A predictor with ``bind(prefetcher)``
+    (``routing.HashPredictor``) is bound to the model's inputs.
 
     ``quantize="int8"`` or ``"int4"`` (``group_size``, default 64): the experts are saved packed as ``save_experts``
     saves them, the slots hold the packed bytes (``stats()["expert_bytes"]``, ``["expert_format"]``; budgets count
@@ -193,9 +195,7 @@ def offload_experts(
     ``nn.Linear`` modules of ModuleList/ModuleDict experts, of transformers' experts modules and of DBRX; anything
     else is refused, naming the setting and the tensor. A ``store`` saved packed brings its own format (``quantize``
     may be left out); a ``store`` saved as it was is read, packed and written to ``offload_folder`` (or a temporary
-    folder), never into the store. ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``Predictor``; it needs the routing before the
-    experts run, so ``replace_forward=True`` or fused containers. A predictor with ``bind(prefetcher)``
-    (``routing.HashPredictor``) is bound to the model's inputs.
+    folder), never into the store.
 
     Returns the handle ``load`` gives as ``model.offload`` (``stats()``, ``reset_stats()``, ``close()``), also set
     as ``model.offload`` if the model has no such attribute; ``forward`` and ``generate`` take its lock, as after

@@ -121,6 +121,24 @@ def test_the_packed_path_is_the_one_torchs_cpu_kernels_take():
         handle.close()
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("setting", ["int8", "int4"])
+def test_packed_experts_on_cuda_are_dequantized_into_the_scratch(setting):
+    """On CUDA the slots hold the packed bytes on the device; each weight is dequantized into the model's one
+    buffer, then multiplied."""
+    options = SETTINGS[setting]
+    model, x = make_model(), inputs()
+    with torch.no_grad():
+        want = dequantized_model(model, **options)(x)
+    model.to("cuda")
+    handle = offload_experts(model, device="cuda", cache_experts=3, **options)
+    with torch.no_grad():
+        got = model(x.to("cuda")).cpu()
+    assert relative_error(want, got) <= 1e-4  # fp32 matmuls on the GPU differ slightly by kernel
+    assert handle.cache.pool.buffer.is_cuda and model[0].experts.runtime.kernel.scratch.buffer.is_cuda
+    handle.close()
+
+
 def test_budgets_count_the_packed_bytes():
     """cache_memory and device_memory size the slots by the packed expert (planning.device_slots)."""
     per_expert = packed_bytes("int4", 32)

@@ -393,3 +393,13 @@ def test_an_expert_reading_a_linear_weight_directly_is_named():
                                                    r"modules directly \(linear\); with quantize=\.\.\."):
         model(inputs())
     handle.close()
+
+
+@pytest.mark.parametrize("version", [3, 0, "2", None])
+def test_a_manifest_version_this_offload_moe_does_not_read_is_named(tmp_path, version):
+    folder = save_experts(make_model(), tmp_path / "s", quantize="int8")
+    manifest = json.loads((folder / "experts.json").read_text())
+    manifest["version"] = version
+    (folder / "experts.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"experts\.json: version .* is not one this offload_moe reads \(1, 2\)"):
+        SavedExperts(folder)

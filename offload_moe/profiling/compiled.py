@@ -17,7 +17,8 @@ to it, counter by counter and layer by layer, by tests/test_replay_engines.py. A
 The policies are the ones in ``offload_moe.policies``: ``lru`` and ``fifo`` a list in insertion order
 (``lru`` moves a requested key to the end), ``lfu`` the lowest (requests, last request), ``belady`` the
 farthest next request (both: ties to the key inserted earliest, as ``policies.heap.LazyHeap`` breaks
-them), ``random`` draws from Python's Mersenne Twister, seeded as ``random.Random(seed)``, in the order
+them; here ``lfu`` keeps one list per request count, ordered by last request, and ``belady`` one binary
+heap of the resident keys updated in place, where the reference's lazy heap leaves stale entries), ``random`` draws from Python's Mersenne Twister, seeded as ``random.Random(seed)``, in the order
 ``policies.rand.Random`` draws. The ``transition`` predictor's guesses do not depend on the cache, so
 they are worked out once per trace (``transition_guesses``, the online ``TransitionPredictor`` token by
 token); ``hybrid`` pools them with the recorded ``gate`` guesses at each step, as ``Prefetcher`` does.
@@ -41,7 +42,7 @@ HITS, MISSES, EVICTIONS, ISSUED, USED = range(5)
 NEVER = np.iinfo(np.int64).max  # belady: a key not requested again
 _TRIES = 8  # policies.rand: random picks before scanning the candidates
 # the scalar state, one int64 array: list ends, heap size, counters of the policies, the generator's index
-_HEAD, _TAIL, _HEAP, _RESIDENT, _PINNED, _TICK, _ADDED, _CURSOR, _MT = range(9)
+_HEAD, _TAIL, _HEAP, _RESIDENT, _PINNED, _TICK, _ADDED, _CURSOR, _MT, _LOW = range(10)
 
 
 # ---------------------------------------------------------------- Python's Mersenne Twister (random.Random)
@@ -107,82 +108,166 @@ def _unlink(prev, after, state, key):
         state[_TAIL] = p
 
 
-def _priority(policy, key, requests, last, next_use, added):
-    """LFU: (requests, last request), a key never requested ranked by when it was inserted; Belady: the
-    farthest next request first, ties (never requested again) by insertion. Lowest goes."""
-    if policy == LFU:
-        count = requests[key]
-        return count, last[key] if count > 0 else added[key]
-    return -next_use[key], added[key]
+def _lfu_rank(key, requests, last, added):
+    """Where ``key`` sits in its LFU bucket: its last request, or for a key never requested its insertion."""
+    return last[key] if requests[key] > 0 else added[key]
 
 
-def _heap_push(heap, state, p1, p2, key):
-    i = state[_HEAP]
-    state[_HEAP] = i + 1
+def _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last, added):
+    """Put a resident ``key`` into the bucket of its request count, ordered by ``_lfu_rank`` (lowest first).
+
+    The bucket list is walked back from its tail: a request or a miss has the newest rank, so it usually
+    lands at the tail at once; only a prefetched key requested long ago walks further.
+    """
+    c = requests[key]
+    rank = _lfu_rank(key, requests, last, added)
+    before = btail[c]
+    while before >= 0 and _lfu_rank(before, requests, last, added) > rank:
+        before = prev[before]
+    nxt = bhead[c] if before < 0 else after[before]
+    prev[key], after[key] = before, nxt
+    if before >= 0:
+        after[before] = key
+    else:
+        bhead[c] = key
+    if nxt >= 0:
+        prev[nxt] = key
+    else:
+        btail[c] = key
+    nonempty[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+    if (c >> 6) < state[_LOW]:
+        state[_LOW] = c >> 6
+
+
+def _lfu_remove(key, count, prev, after, bhead, btail, nonempty):
+    """Take a resident ``key`` out of bucket ``count``."""
+    p, n = prev[key], after[key]
+    if p >= 0:
+        after[p] = n
+    else:
+        bhead[count] = n
+    if n >= 0:
+        prev[n] = p
+    else:
+        btail[count] = p
+    if bhead[count] < 0:
+        nonempty[count >> 6] &= ~(np.uint64(1) << np.uint64(count & 63))
+
+
+def _lowest_bit(word):
+    """The index of ``word``'s lowest set bit (``word`` > 0)."""
+    b = word & (~word + np.uint64(1))
+    i = 0
+    if b >= np.uint64(1) << np.uint64(32):
+        b >>= np.uint64(32)
+        i += 32
+    if b >= np.uint64(1) << np.uint64(16):
+        b >>= np.uint64(16)
+        i += 16
+    if b >= np.uint64(1) << np.uint64(8):
+        b >>= np.uint64(8)
+        i += 8
+    if b >= np.uint64(1) << np.uint64(4):
+        b >>= np.uint64(4)
+        i += 4
+    if b >= np.uint64(1) << np.uint64(2):
+        b >>= np.uint64(2)
+        i += 2
+    if b >= np.uint64(2):
+        i += 1
+    return i
+
+
+def _lfu_victim(state, pins, after, bhead, nonempty):
+    """The unpinned resident key of lowest (requests, rank): the buckets from the lowest count up, each from its head."""
+    while state[_LOW] < nonempty.shape[0] and nonempty[state[_LOW]] == np.uint64(0):
+        state[_LOW] += 1  # no bucket below this word holds a key
+    for w in range(state[_LOW], nonempty.shape[0]):
+        word = nonempty[w]
+        while word != np.uint64(0):
+            bit = _lowest_bit(word)
+            word &= word - np.uint64(1)
+            key = bhead[w * 64 + bit]
+            while key >= 0:
+                if pins[key] == 0:
+                    return key
+                key = after[key]
+    return -1
+
+
+def _before(a, b, next_use, added):
+    """Belady's order: ``a`` goes before ``b`` if its next request is farther, ties (never again) to the key
+    inserted earlier."""
+    return next_use[a] > next_use[b] or (next_use[a] == next_use[b] and added[a] < added[b])
+
+
+def _place(heap, at, i, key):
+    heap[i] = key
+    at[key] = i
+
+
+def _sift_up(heap, at, i, next_use, added):
+    key = heap[i]
     while i > 0:
         parent = (i - 1) >> 1
-        if heap[parent, 0] < p1 or (heap[parent, 0] == p1 and heap[parent, 1] <= p2):
+        if not _before(key, heap[parent], next_use, added):
             break
-        heap[i, 0], heap[i, 1], heap[i, 2] = heap[parent, 0], heap[parent, 1], heap[parent, 2]
+        _place(heap, at, i, heap[parent])
         i = parent
-    heap[i, 0], heap[i, 1], heap[i, 2] = p1, p2, key
+    _place(heap, at, i, key)
 
 
-def _heap_pop(heap, state):
-    """The lowest entry (p1, p2, key), removed."""
-    p1, p2, key = heap[0, 0], heap[0, 1], heap[0, 2]
-    n = state[_HEAP] - 1
-    state[_HEAP] = n
-    l1, l2, lk = heap[n, 0], heap[n, 1], heap[n, 2]
-    i = 0
+def _sift_down(heap, at, state, i, next_use, added):
+    n = state[_HEAP]
+    key = heap[i]
     while True:
         child = 2 * i + 1
         if child >= n:
             break
-        if child + 1 < n and (heap[child + 1, 0] < heap[child, 0]
-                              or (heap[child + 1, 0] == heap[child, 0] and heap[child + 1, 1] < heap[child, 1])):
+        if child + 1 < n and _before(heap[child + 1], heap[child], next_use, added):
             child += 1
-        if l1 < heap[child, 0] or (l1 == heap[child, 0] and l2 <= heap[child, 1]):
+        if not _before(heap[child], key, next_use, added):
             break
-        heap[i, 0], heap[i, 1], heap[i, 2] = heap[child, 0], heap[child, 1], heap[child, 2]
+        _place(heap, at, i, heap[child])
         i = child
-    heap[i, 0], heap[i, 1], heap[i, 2] = l1, l2, lk
-    return p1, p2, key
+    _place(heap, at, i, key)
 
 
-def _heap_add(heap, state, policy, key, requests, last, next_use, added, residents):
-    """Push ``key`` at its current priority; rebuild from the resident keys once stale entries dominate."""
-    p1, p2 = _priority(policy, key, requests, last, next_use, added)
-    _heap_push(heap, state, p1, p2, key)
-    resident = state[_RESIDENT]
-    if state[_HEAP] > 2 * resident + 32:
-        state[_HEAP] = 0
-        for i in range(resident):
-            k = residents[i]
-            q1, q2 = _priority(policy, k, requests, last, next_use, added)
-            _heap_push(heap, state, q1, q2, k)
+def _heap_insert(heap, at, state, key, next_use, added):
+    i = state[_HEAP]
+    state[_HEAP] = i + 1
+    _place(heap, at, i, key)
+    _sift_up(heap, at, i, next_use, added)
 
 
-def _heap_victim(heap, kept, state, policy, pins, is_resident, requests, last, next_use, added):
-    """The unpinned resident key of lowest priority (``policies.heap.LazyHeap.lowest_unpinned``)."""
+def _heap_remove(heap, at, state, key, next_use, added):
+    i = at[key]
+    at[key] = -1
+    n = state[_HEAP] - 1
+    state[_HEAP] = n
+    if i == n:
+        return
+    moved = heap[n]
+    _place(heap, at, i, moved)
+    _sift_up(heap, at, i, next_use, added)
+    _sift_down(heap, at, state, at[moved], next_use, added)
+
+
+def _heap_victim(heap, at, kept, state, pins, next_use, added):
+    """Belady's unpinned resident key that goes first: the keys of one heap (resident keys only, each once,
+    moved in place when a request changes its next use), the pinned ones lifted off the top and put back."""
     held = 0
     victim = -1
     while state[_HEAP] > 0:
-        p1, p2, key = _heap_pop(heap, state)
-        if not is_resident[key]:
-            continue
-        c1, c2 = _priority(policy, key, requests, last, next_use, added)
-        if p1 != c1 or p2 != c2:  # out of date: LFU's priorities only grow, so the entry goes back at its current one
-            if policy == LFU:
-                _heap_push(heap, state, c1, c2, key)
-            continue
-        kept[held, 0], kept[held, 1], kept[held, 2] = p1, p2, key
-        held += 1
+        key = heap[0]
         if pins[key] == 0:
             victim = key
             break
+        _heap_remove(heap, at, state, key, next_use, added)
+        kept[held] = key
+        held += 1
     for i in range(held):
-        _heap_push(heap, state, kept[i, 0], kept[i, 1], kept[i, 2])
+        _heap_insert(heap, at, state, kept[i], next_use, added)
     return victim
 
 
@@ -306,7 +391,7 @@ def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, tra
     """
     space = layers * num_experts
     counts = np.zeros((layers, 5), dtype=np.int64)
-    state = np.zeros(9, dtype=np.int64)
+    state = np.zeros(10, dtype=np.int64)
     state[_HEAD], state[_TAIL], state[_MT] = -1, -1, mt_index
     mt = mt.copy()
     is_resident = np.zeros(space, dtype=np.bool_)
@@ -320,14 +405,19 @@ def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, tra
     last = np.zeros(space, dtype=np.int64)
     next_use = np.full(space, NEVER, dtype=np.int64)
     added = np.zeros(space, dtype=np.int64)
-    heap = np.empty((2 * capacity + 64, 3), dtype=np.int64)
-    kept = np.empty_like(heap)  # entries popped on the way to the victim
+    heap = np.empty(capacity + 1, dtype=np.int64)  # belady: the resident keys, a binary heap in its order
+    at = np.full(space, -1, dtype=np.int64)  # a key's place in ``heap``
+    tokens = (starts.shape[0] - 1) // layers
+    # lfu: one list of resident keys per request count (at most one request a token), a bit per nonempty list
+    bhead = np.full(tokens + 2, -1, dtype=np.int64)
+    btail = np.full(tokens + 2, -1, dtype=np.int64)
+    nonempty = np.zeros((tokens + 2 + 63) // 64, dtype=np.uint64)
+    kept = np.empty_like(heap)  # pinned keys lifted off the heap on the way to the victim
     width = gate.shape[2] + transition.shape[2]
     guesses = np.empty(max(width, 1), dtype=np.int64)
     votes = np.empty(max(width, 1), dtype=np.int64)
     flying = np.empty(max(width, 1), dtype=np.int64)
     in_flight = 0
-    tokens = (starts.shape[0] - 1) // layers
     for t in range(tokens):
         for pos in range(layers):
             for i in range(in_flight):  # the prefetches have landed
@@ -344,14 +434,18 @@ def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, tra
                         _unlink(prev, after, state, key)
                         _append(prev, after, state, key)
                 elif policy == LFU:
+                    if is_resident[key]:
+                        _lfu_remove(key, requests[key], prev, after, bhead, btail, nonempty)
                     requests[key] += 1
                     state[_TICK] += 1
                     last[key] = state[_TICK]
+                    if is_resident[key]:
+                        _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last, added)
                 elif policy == BELADY:
                     next_use[key] = following[state[_CURSOR]]
                     state[_CURSOR] += 1
-                    if is_resident[key]:
-                        _heap_add(heap, state, policy, key, requests, last, next_use, added, residents)
+                    if is_resident[key]:  # its next request is later now: it moves toward the top
+                        _sift_up(heap, at, at[key], next_use, added)
                 if is_resident[key]:
                     counts[pos, HITS] += 1
                     if pins[key] == 0:
@@ -366,7 +460,7 @@ def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, tra
                 key = keys[i]
                 if not is_resident[key]:
                     _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
-                           where, prev, after, requests, last, next_use, added, heap, kept, mt)
+                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty)
             named = _pooled(gate, transition, t, pos, votes, guesses) if pos < layers - 1 and width else 0
             for layer_done in range(0 if named else 1, 2):  # the prefetches: while the layer runs, then once it is done
                 if layer_done:
@@ -382,7 +476,7 @@ def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, tra
                     if state[_RESIDENT] >= capacity and state[_PINNED] >= state[_RESIDENT]:
                         break  # every slot is pinned: the rest wait for the retry
                     _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
-                           where, prev, after, requests, last, next_use, added, heap, kept, mt)
+                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty)
                     prefetched[key] = True
                     flying[in_flight] = key
                     in_flight += 1
@@ -391,7 +485,7 @@ def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, tra
 
 
 def _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents, where, prev,
-           after, requests, last, next_use, added, heap, kept, mt):
+           after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty):
     """``Residency.admit``: a free slot, or the policy's victim evicted; ``key`` comes in pinned."""
     if state[_RESIDENT] >= capacity:
         if policy == LRU or policy == FIFO:
@@ -401,8 +495,12 @@ def _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefe
             _unlink(prev, after, state, victim)
         elif policy == RANDOM:
             victim = _random_victim(mt, state, residents, pins)
+        elif policy == LFU:
+            victim = _lfu_victim(state, pins, after, bhead, nonempty)
+            _lfu_remove(victim, requests[victim], prev, after, bhead, btail, nonempty)
         else:
-            victim = _heap_victim(heap, kept, state, policy, pins, is_resident, requests, last, next_use, added)
+            victim = _heap_victim(heap, at, kept, state, pins, next_use, added)
+            _heap_remove(heap, at, state, victim, next_use, added)
         is_resident[victim] = False
         prefetched[victim] = False
         counts[victim // num_experts, EVICTIONS] += 1
@@ -422,8 +520,10 @@ def _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefe
     added[key] = state[_ADDED]
     if policy == LRU or policy == FIFO:
         _append(prev, after, state, key)
-    elif policy == LFU or policy == BELADY:
-        _heap_add(heap, state, policy, key, requests, last, next_use, added, residents)
+    elif policy == LFU:
+        _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last, added)
+    elif policy == BELADY:
+        _heap_insert(heap, at, state, key, next_use, added)
 
 
 # ---------------------------------------------------------------- from a trace
@@ -493,8 +593,9 @@ def compiled_replay(arrays: TraceArrays, policy: str, capacity: int, predictor: 
 
 # ---------------------------------------------------------------- compiling
 
-_KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_priority", "_heap_push", "_heap_pop", "_heap_add",
-            "_heap_victim", "_random_victim", "_pooled", "_admit", "transition_guesses", "replay_counts")
+_KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_lfu_rank", "_lfu_insert", "_lfu_remove", "_lowest_bit",
+            "_lfu_victim", "_before", "_place", "_sift_up", "_sift_down", "_heap_insert",
+            "_heap_remove", "_heap_victim", "_random_victim", "_pooled", "_admit", "transition_guesses", "replay_counts")
 _ALLOCATING = ("transition_guesses", "replay_counts")
 _compiled: bool | None = None  # None: not tried yet
 

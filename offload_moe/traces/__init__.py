@@ -4,7 +4,8 @@ One module a concern:
 
 - ``format``: ``Trace`` (vLLM's ``experts`` int16 ``[tokens, layers, top_k]`` plus optional scores,
   gate predictions, token ids and sequence lengths), its checks, ``save_trace`` and ``load_trace``, and
-  ``read_trace_chunks`` (a long trace in pieces, in bounded memory);
+  ``TraceFile`` and ``read_trace_chunks`` (a long trace in pieces, in bounded memory; a file, or the parts
+  folder of a chunked recording, ``parts_folder``);
 - ``recording``: ``TraceRecorder``, ``record_trace``, ``read_prompts``, ``record_prompts``;
 - ``summaries``: ``expert_usage_entropy``, ``repeat_rate``, ``random_repeat_rate``;
 - ``synthesis``: ``synthesize_trace``;
@@ -19,8 +20,8 @@ Import the names from here:
 """
 
 from ..errors import TraceError
-from .format import (FORMAT, MAX_EXPERTS, MAX_LAYER, REQUIRED_METADATA, TENSORS, VERSION, Trace, load_trace,
-                     read_trace_chunks, save_trace)
+from .format import (FORMAT, MAX_EXPERTS, MAX_LAYER, REQUIRED_METADATA, TENSORS, VERSION, Trace, TraceFile,
+                     load_trace, parts_folder, read_trace_chunks, save_trace)
 from .recording import TraceRecorder, read_prompts, record_prompts, record_trace
 from .summaries import expert_usage_entropy, random_repeat_rate, repeat_rate
 from .imports import import_routing, parse_layers
@@ -28,7 +29,7 @@ from .synthesis import synthesize_trace
 
 __all__ = [
     "FORMAT", "MAX_EXPERTS", "MAX_LAYER", "REQUIRED_METADATA", "TENSORS", "VERSION",
-    "Trace", "TraceError", "TraceRecorder",
-    "expert_usage_entropy", "import_routing", "load_trace", "parse_layers", "random_repeat_rate", "read_trace_chunks", "read_prompts", "record_prompts", "record_trace",
+    "Trace", "TraceError", "TraceFile", "TraceRecorder",
+    "expert_usage_entropy", "import_routing", "load_trace", "parse_layers", "parts_folder", "random_repeat_rate", "read_trace_chunks", "read_prompts", "record_prompts", "record_trace",
     "repeat_rate", "save_trace", "synthesize_trace",
 ]

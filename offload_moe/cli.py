@@ -28,6 +28,7 @@ from .generation import generate_text
 from .hardware import get_profile, list_profiles, profiles_folder
 from .planning import plan as make_plan
 from .profiling import (
+    CHUNK_TOKENS,
     default_predictors,
     default_workers,
     profile_capacities,
@@ -534,6 +535,7 @@ def profile_command(
     plots: Annotated[bool, typer.Option(metavar=FLAG, help="Draw PNG plots (needs matplotlib: pip install 'offload_moe\\[plot]').")] = True,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes for the replays; default: one per CPU for large sweeps.")] = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Replay only the trace's first N tokens (a quick look at a long trace).")] = None,
+    chunk_tokens: Annotated[int, typer.Option(min=1, help="A --trace longer than this many tokens is read and replayed in pieces of this many, in bounded memory.")] = CHUNK_TOKENS,
     profile: Annotated[str | None, typer.Option(help="Hardware profile: with MODEL, adds the capacity its device memory gives.")] = None,
     ray: Annotated[bool, typer.Option("--ray", metavar=FLAG, help="Run each replay as a task on Ray (pip install 'offload_moe\\[cluster]'): "
                                       "a local Ray of --workers CPUs (default: all), or the cluster at --ray-address.")] = False,
@@ -556,7 +558,7 @@ def profile_command(
             trace = trace_to_profile(model, trace_file=trace_file, prompts=texts, prompts_file=prompts, margin=margin,
                                      source=f"{len(texts)} prompts from {prompts.name}" if texts is not None else "",
                                      max_new_tokens=max_new_tokens, profile=profile, on_prompt=advance,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, chunk_tokens=chunk_tokens)
         if model is not None:
             console.print(f"recorded {save_trace(trace, out / 'trace.safetensors')}", highlight=False, soft_wrap=True,
                           markup=False)
@@ -571,7 +573,7 @@ def profile_command(
         with progress_bar(True, "replaying", replays, unit="items") as advance:
             cluster = ray_address if ray_address is not None else ray
             results = sweep(trace, policies=names, capacities=slots, predictors=chosen, margin=margin,
-                            progress=lambda n: advance(), ray=cluster,
+                            progress=lambda n: advance(n), ray=cluster, chunk_tokens=chunk_tokens,
                             workers=workers or (1 if cluster else default_workers(trace, replays)))
         seconds = time.perf_counter() - start
         console.print(_results_table(results, trace, seconds))

@@ -155,3 +155,22 @@ def test_memory_holds_a_piece_not_the_trace(tmp_path):
     assert all(r.requests == tokens * layers * k for r in results)
     grown = max(peak[0], process.memory_info().rss) - before
     assert grown < 24 * 2**20, f"grew by {grown / 2**20:.1f} MiB replaying a 6 MiB trace in pieces of 16384 tokens"
+
+
+def test_the_command_replays_a_long_trace_in_pieces(stored, tmp_path):
+    """``offload-moe profile --trace FILE --chunk-tokens N``: the same results.json as the trace read whole, also
+    with --max-tokens."""
+    from typer.testing import CliRunner
+
+    from offload_moe.cli import app
+
+    _, path = stored
+    results = {}
+    for name, chunk in (("whole", "1000"), ("pieces", "7")):
+        out = tmp_path / name
+        done = CliRunner().invoke(app, ["profile", "--trace", str(path), "--capacities", "3,6", "--max-tokens", "40",
+                                        "--chunk-tokens", chunk, "--out", str(out), "--no-plots"])
+        assert done.exit_code == 0, done.output
+        document = json.loads((out / "results.json").read_text())
+        results[name] = (document["trace"], document["results"])
+    assert results["whole"] == results["pieces"] and results["whole"][0]["tokens"] == 40

@@ -21,6 +21,7 @@ Import the names from here:
     write_results(results, trace, "profile-out")
 """
 
+from .chunked import CHUNK_TOKENS
 from .compiled import TraceArrays
 from .inputs import parse_capacities, profile_capacities, recording_device, reference_trace_path, trace_to_profile
 from .replays import (
@@ -38,7 +39,7 @@ from .results import HEATMAP_MAX_EXPERTS, HEATMAP_MAX_LAYERS, activation_counts,
 from .sweeps import default_predictors, default_workers, sweep, sweep_size
 
 __all__ = [
-    "ENGINES", "HEATMAP_MAX_EXPERTS", "HEATMAP_MAX_LAYERS", "RecordedGatePredictor", "ReplayResult", "TraceArrays",
+    "CHUNK_TOKENS", "ENGINES", "HEATMAP_MAX_EXPERTS", "HEATMAP_MAX_LAYERS", "RecordedGatePredictor", "ReplayResult", "TraceArrays",
     "activation_counts", "default_predictors", "default_workers", "drive", "layer_groups", "parse_capacities",
     "predictions", "profile_capacities", "recording_device", "reference_trace_path", "replay", "replay_in_pieces",
     "replay_predictor",

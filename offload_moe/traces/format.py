@@ -364,7 +364,7 @@ def concatenate(pieces: list[Trace]) -> Trace:
 
 def _row_layout(part: _Part) -> dict[str, tuple]:
     """A part's tensors by name: dtype and the shape of one row, which every part of a trace shares."""
-    return {name: (info.dtype, info.shape[1:]) for name, info in part.infos.items() if name != "sequence_lengths"}
+    return {name: (info.dtype, info.shape[1:]) for name, info in part.infos.items()}
 
 
 def _sequence_ends(reader: FileReader, part: _Part) -> torch.Tensor | None:

@@ -135,3 +135,36 @@ def test_a_parts_folder_is_checked_as_a_trace_file_is(tmp_path):
                                  "parts": ["part-000000.safetensors", "part-000001.safetensors"]}))
     with pytest.raises(TraceError, match="are not of one trace"):
         TraceFile.open(folder)
+
+
+def test_the_commands_record_in_parts_show_and_merge_a_parts_folder(tmp_path):
+    """`trace record --chunk-tokens 2` writes a part a prompt and joins them; `trace show` and `trace merge` take a
+    parts folder."""
+    from typer.testing import CliRunner
+
+    from offload_moe.cli import app
+
+    runner = CliRunner()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\nimport os\nclass A:\n")
+    recorded = tmp_path / "t.safetensors"
+    done = runner.invoke(app, ["trace", "record", "--prompts", str(prompts), "--out", str(recorded),
+                               "--chunk-tokens", "2", "--margin", "1"])
+    assert done.exit_code == 0, done.output
+    assert not parts_folder(recorded).exists() and len(load_trace(recorded).sequences()) == 3
+    folder = parts_folder(tmp_path / "k.safetensors")
+    folder.mkdir()
+    whole = load_trace(recorded)
+    pieces = list(read_trace_chunks(recorded, tokens=4))  # parts of 4 rows, as a recording in parts of 4 would
+    names = [f"part-{i:06d}.safetensors" for i in range(len(pieces))]
+    for name, piece in zip(names, pieces):
+        save_trace(piece, folder / name)
+    (folder / "index.json").write_text(json.dumps({"format": "offload_moe.trace.parts", "version": "1", "parts": names}))
+    shown = runner.invoke(app, ["trace", "show", str(folder)])
+    assert shown.exit_code == 0 and f"{whole.num_tokens} tokens x 6 layers" in shown.output, shown.output
+    merged = runner.invoke(app, ["trace", "merge", str(folder), "--out", str(tmp_path / "m.safetensors")])
+    assert merged.exit_code == 0, merged.output
+    joined = load_trace(tmp_path / "m.safetensors")
+    assert_same(joined, load_trace(folder))
+    for name in ("experts", "scores", "predicted", "token_ids"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name))

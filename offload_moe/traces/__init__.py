@@ -22,7 +22,7 @@ Import the names from here:
 """
 
 from ..errors import TraceError
-from .format import (FORMAT, MAX_EXPERTS, MAX_LAYER, REQUIRED_METADATA, TENSORS, VERSION, Trace, TraceFile,
+from .format import (FORMAT, MAX_EXPERTS, MAX_LAYER, PARTS_INDEX, REQUIRED_METADATA, TENSORS, VERSION, Trace, TraceFile,
                      load_trace, parts_folder, read_trace_chunks, save_trace)
 from .parts import TraceParts, merge_trace_parts
 from .recording import (RECORD_CHUNK_TOKENS, TraceRecorder, read_prompts, record_prompts, record_prompts_file,
@@ -32,7 +32,7 @@ from .imports import import_routing, parse_layers
 from .synthesis import synthesize_trace
 
 __all__ = [
-    "FORMAT", "MAX_EXPERTS", "RECORD_CHUNK_TOKENS", "MAX_LAYER", "REQUIRED_METADATA", "TENSORS", "VERSION",
+    "FORMAT", "MAX_EXPERTS", "MAX_LAYER", "PARTS_INDEX", "RECORD_CHUNK_TOKENS", "REQUIRED_METADATA", "TENSORS", "VERSION",
     "Trace", "TraceError", "TraceFile", "TraceParts", "TraceRecorder",
     "expert_usage_entropy", "import_routing", "load_trace", "merge_trace_parts", "parse_layers", "parts_folder", "random_repeat_rate", "read_trace_chunks", "read_prompts", "record_prompts", "record_prompts_file", "record_trace", "record_trace_file",
     "repeat_rate", "save_trace", "synthesize_trace",

@@ -5,7 +5,8 @@ that is the definition of what a replay counts. ``engine="fast"`` (``profiling.c
 bookkeeping over arrays, compiled with numba when it is installed, held equal to the reference counter by
 counter and layer by layer by tests/test_replay_engines.py. ``predictions`` lists what a predictor names at
 each token and layer (``transition`` as the online predictor would, ``gate`` read from the trace, which keeps
-what the gate predictor named while it was recorded, ``hybrid`` the two pooled).
+what the gate predictor named while it was recorded, ``hybrid`` the two pooled). A trace file is replayed in
+pieces, in bounded memory, with the same counts (``replay_in_pieces``, ``profiling.chunked``).
 """
 
 from __future__ import annotations
@@ -290,17 +291,22 @@ def _reference_replay(trace: Trace, policy: str, capacity: int, predictor: str, 
     cache = replay_cache(replay_slots(trace, capacity), make_policy(policy, seed=seed, future=future), readers)
     prefetcher = Prefetcher(predictor_, trace.layers, cache) if predictor != "none" else None
     try:
-        prefetches = drive(trace, cache, prefetcher)  # [L, 2]
-        per_layer = cache.residency.per_layer
+        counts = cache_counts(cache, trace.layers, drive(trace, cache, prefetcher))
     finally:
         cache.close()
-    counts = np.zeros((len(trace.layers), len(COUNTERS)), dtype=np.int64)
-    for pos, layer in enumerate(trace.layers):
-        c = per_layer.get(layer)
+    return _result(trace, policy, capacity, predictor, counts)
+
+
+def cache_counts(cache: ExpertCache, layers: list[int], flow: np.ndarray) -> np.ndarray:
+    """Counters [L, 5] (``compiled.COUNTERS``) by layer position: the cache's hits, misses and evictions per layer,
+    and ``flow`` [L, 2] (``drive``'s prefetches issued and used)."""
+    counts = np.zeros((len(layers), len(COUNTERS)), dtype=np.int64)
+    for pos, layer in enumerate(layers):
+        c = cache.residency.per_layer.get(layer)
         if c is not None:
             counts[pos, :3] = (c.hits, c.misses, c.evictions)
-    counts[:, ISSUED:] = prefetches
-    return _result(trace, policy, capacity, predictor, counts)
+    counts[:, ISSUED:] = flow
+    return counts
 
 
 # ---------------------------------------------------------------- a trace file, in pieces
@@ -315,19 +321,19 @@ def replay_in_pieces(source: TraceFile, jobs: Sequence[tuple[str, int, str]], *,
     ``replay`` counts on the whole trace in memory. Belady's next uses are worked out first, in a backward
     pass into a temporary file. ``engine``, ``seed``, ``readers``: as ``replay``'s."""
     checked_chunk_tokens(chunk_tokens)
-    jobs = [(*checked_replay(source, policy, capacity, predictor, margin, engine), capacity)
-            for policy, capacity, predictor in jobs]  # (policy, predictor, capacity)
-    belady = any(policy == "belady" for policy, _, _ in jobs)
+    checked = [(*checked_replay(source, policy, capacity, predictor, margin, engine), capacity)
+               for policy, capacity, predictor in jobs]  # (policy, predictor, capacity)
+    belady = any(policy == "belady" for policy, _, _ in checked)
     fast_transition = any(engine == "fast" and _compiled(policy) and predictor in ("transition", "hybrid")
-                          for policy, predictor, _ in jobs)
-    gate = any(predictor in ("gate", "hybrid") for _, predictor, _ in jobs)
+                          for policy, predictor, _ in checked)
+    gate = any(predictor in ("gate", "hybrid") for _, predictor, _ in checked)
     width = source.top_k + margin
     with tempfile.TemporaryDirectory(prefix="offload-moe-replay-") as folder:
         next_file = Path(folder) / "next-uses.int64" if belady else None
         num_experts, requests = scan(source, chunk_tokens, next_file)
         replays: list[_FastReplay | _ReferenceReplay] = []
         try:
-            for policy, predictor, capacity in jobs:
+            for policy, predictor, capacity in checked:
                 kind = _FastReplay if engine == "fast" and _compiled(policy) else _ReferenceReplay
                 replays.append(kind(source, policy, capacity, predictor, margin, seed, readers, num_experts, requests))
             transition = TransitionGuesses(len(source.layers), num_experts, width) if fast_transition else None
@@ -392,12 +398,7 @@ class _ReferenceReplay:
 
     def result(self) -> ReplayResult:
         self.cache.drain()
-        counts = np.zeros((len(self.source.layers), len(COUNTERS)), dtype=np.int64)
-        for pos, layer in enumerate(self.source.layers):
-            c = self.cache.residency.per_layer.get(layer)
-            if c is not None:
-                counts[pos, :3] = (c.hits, c.misses, c.evictions)
-        counts[:, ISSUED:] = self.flow
+        counts = cache_counts(self.cache, self.source.layers, self.flow)
         return _result(self.source, self.policy, self.capacity, self.predictor, counts)
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from .chat import ChatSession, prompt_lines, run_chat
 from .checksums import verify as check
 from .config import MIN_CACHE_EXPERTS, OffloadConfig
 from .demo import run_demo
-from .errors import OffloadMoEError, TraceError
+from .errors import OffloadMoEError
 from .generation import generate_text
 from .hardware import get_profile, list_profiles, profiles_folder
 from .planning import plan as make_plan
@@ -451,6 +451,8 @@ def trace_record(
     """
     settings = _settings(profile, device=device, cache_experts=cache_experts, cache_memory=cache_memory, dtype=dtype)
     texts = read_prompts(prompts)
+    folder = parts_folder(out)
+    earlier = folder.exists()  # an earlier recording's parts: refused, and not this recording's to report
     try:
         with output_folder(out.parent), progress_bar(True, "recording", len(texts), unit="items") as advance:
             path = record_prompts_file(model, texts, out, source=f"{len(texts)} prompts from {prompts.name}"
@@ -458,9 +460,8 @@ def trace_record(
                                        chunk_tokens=chunk_tokens, predict_margin=margin if predictions else None,
                                        max_new_tokens=max_new_tokens, on_prompt=advance, config=settings,
                                        trust_remote_code=trust_remote_code)
-    except (Exception, KeyboardInterrupt) as e:
-        folder = parts_folder(out)
-        if not isinstance(e, TraceError) and (folder / PARTS_INDEX).exists():  # a TraceError may be the folder refused
+    except (Exception, KeyboardInterrupt):
+        if not earlier and (folder / PARTS_INDEX).exists():
             err.print(f"the tokens recorded before this stopped are kept in {folder}: a trace that `offload-moe profile "
                       f"--trace` reads; `offload-moe trace merge {folder} --out FILE` makes it one file",
                       highlight=False, soft_wrap=True, markup=False)

@@ -168,3 +168,24 @@ def test_the_commands_record_in_parts_show_and_merge_a_parts_folder(tmp_path):
     assert_same(joined, load_trace(folder))
     for name in ("experts", "scores", "predicted", "token_ids"):
         assert torch.equal(getattr(joined, name), getattr(whole, name))
+
+
+def test_the_command_says_where_a_stopped_recording_kept_its_parts(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import offload_moe.cli as cli
+    from offload_moe.traces import TraceParts
+
+    def stopped(model, texts, out, **options):  # a recording that wrote a part, then failed
+        TraceParts(out).append(Trace(experts=torch.zeros(2, 1, 1, dtype=torch.int16), metadata={
+            "model": "m", "num_experts": "2", "top_k": "1", "layers": "[0]", "source": "t"}))
+        raise RuntimeError("the machine went away")
+
+    monkeypatch.setattr(cli, "record_prompts_file", stopped)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("import os\n")
+    out = tmp_path / "t.safetensors"
+    result = CliRunner().invoke(cli.app, ["trace", "record", "--prompts", str(prompts), "--out", str(out)])
+    assert isinstance(result.exception, RuntimeError)
+    assert f"kept in {parts_folder(out)}" in " ".join(result.output.split()) and "trace merge" in result.output
+    assert load_trace(parts_folder(out)).num_tokens == 2

@@ -21,6 +21,8 @@ them), ``random`` draws from Python's Mersenne Twister, seeded as ``random.Rando
 ``policies.rand.Random`` draws. The ``transition`` predictor's guesses do not depend on the cache, so
 they are worked out once per trace (``transition_guesses``, the online ``TransitionPredictor`` token by
 token); ``hybrid`` pools them with the recorded ``gate`` guesses at each step, as ``Prefetcher`` does.
+A replay's state (``ReplayState``) and the predictor's counts (``TransitionGuesses``) can be fed a trace in
+consecutive pieces, for a trace file read in bounded memory (``profiling.chunked``).
 
 Without numba the same functions run as plain Python, far slower; ``compile_kernels`` says which.
 """

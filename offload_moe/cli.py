@@ -28,6 +28,7 @@ from .generation import generate_text
 from .hardware import get_profile, list_profiles, profiles_folder
 from .planning import plan as make_plan
 from .profiling import (
+    CHUNK_TOKENS,
     default_predictors,
     default_workers,
     profile_capacities,
@@ -40,13 +41,18 @@ from .progress import progress_bar
 from .quantize import quantize_experts
 from .serve import MAX_QUEUE, SHUTDOWN_TIMEOUT, serve_model
 from .traces import (
+    PARTS_INDEX,
+    RECORD_CHUNK_TOKENS,
+    Trace,
+    TraceFile,
     expert_usage_entropy,
     import_routing,
-    load_trace,
+    merge_trace_parts,
     parse_layers,
+    parts_folder,
     random_repeat_rate,
     read_prompts,
-    record_prompts,
+    record_prompts_file,
     repeat_rate,
     save_trace,
     synthesize_trace,
@@ -436,6 +442,7 @@ def trace_record(
     cache_memory: CacheMemory = None,
     dtype: Dtype = None,
     profile: HardwareProfile = None,
+    chunk_tokens: Annotated[int, typer.Option(min=1, help="Write the trace in parts of this many tokens (or more: whole prompts) as it is recorded; an interrupted recording keeps them in OUT.parts.")] = RECORD_CHUNK_TOKENS,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Record which experts each token of each prompt is routed to, with router scores and gate predictions.
@@ -444,13 +451,36 @@ def trace_record(
     """
     settings = _settings(profile, device=device, cache_experts=cache_experts, cache_memory=cache_memory, dtype=dtype)
     texts = read_prompts(prompts)
-    with output_folder(out.parent), progress_bar(True, "recording", len(texts), unit="items") as advance:
-        trace = record_prompts(model, texts, source=f"{len(texts)} prompts from {prompts.name}"
-                               + (f", {max_new_tokens} greedy tokens after each" if max_new_tokens else ""),
-                               predict_margin=margin if predictions else None, max_new_tokens=max_new_tokens,
-                               on_prompt=advance, config=settings, trust_remote_code=trust_remote_code)
-        path = save_trace(trace, out)
-    _print_trace_summary(trace, path)
+    folder = parts_folder(out)
+    earlier = folder.exists()  # an earlier recording's parts: refused, and not this recording's to report
+    try:
+        with output_folder(out.parent), progress_bar(True, "recording", len(texts), unit="items") as advance:
+            path = record_prompts_file(model, texts, out, source=f"{len(texts)} prompts from {prompts.name}"
+                                       + (f", {max_new_tokens} greedy tokens after each" if max_new_tokens else ""),
+                                       chunk_tokens=chunk_tokens, predict_margin=margin if predictions else None,
+                                       max_new_tokens=max_new_tokens, on_prompt=advance, config=settings,
+                                       trust_remote_code=trust_remote_code)
+    except (Exception, KeyboardInterrupt):
+        if not earlier and (folder / PARTS_INDEX).exists():
+            err.print(f"the tokens recorded before this stopped are kept in {folder}: a trace that `offload-moe profile "
+                      f"--trace` reads; `offload-moe trace merge {folder} --out FILE` makes it one file",
+                      highlight=False, soft_wrap=True, markup=False)
+        raise
+    _print_trace_summary(path)
+
+
+@trace_app.command("merge")
+def trace_merge(
+    folder: Annotated[Path, typer.Argument(help="The parts folder an interrupted recording left (OUT.parts).")],
+    out: Annotated[Path, typer.Option(help="The trace file to write (.safetensors).")] = ...,
+) -> None:
+    """Join the parts an interrupted `trace record` left into one trace file (the folder is left as it is).
+
+    Example: offload-moe trace merge trace.safetensors.parts --out trace.safetensors
+    """
+    with output_folder(out.parent):
+        path = merge_trace_parts(folder, out)
+    _print_trace_summary(path)
 
 
 @trace_app.command("synth")
@@ -471,7 +501,7 @@ def trace_synth(
     """
     trace = synthesize_trace(tokens=tokens, layers=layers, num_experts=experts, top_k=top_k, skew=skew,
                              locality=locality, sequences=sequences, seed=seed)
-    _print_trace_summary(trace, save_trace(trace, out))
+    _print_trace_summary(save_trace(trace, out), trace)
 
 
 @trace_app.command("import")
@@ -493,31 +523,39 @@ def trace_import(
                            layers=parse_layers(layers) if layers is not None else None, model=model)
     with output_folder(out.parent):
         path = save_trace(trace, out)
-    _print_trace_summary(trace, path)
+    _print_trace_summary(path, trace)
 
 
 @trace_app.command("show")
-def trace_show(trace_file: Annotated[Path, typer.Argument(help="A trace file (.safetensors).")]) -> None:
+def trace_show(trace_file: Annotated[Path, typer.Argument(help="A trace file (.safetensors), or the parts folder of an interrupted recording.")]) -> None:
     """Summarise a trace: its size, metadata, and per-layer expert usage and locality.
 
     Example: offload-moe trace show trace.safetensors
     """
-    trace = load_trace(trace_file)
-    _print_trace_summary(trace, trace_file)
-    for key, value in sorted(trace.metadata.items()):
+    source = _print_trace_summary(trace_file)
+    for key, value in sorted(source.metadata.items()):
         console.print(f"  {key}: {value}", highlight=False, soft_wrap=True, markup=False)
 
 
-def _print_trace_summary(trace, path: Path) -> None:
-    stored = [name for name in ("scores", "predicted", "token_ids") if getattr(trace, name) is not None]
-    console.print(f"{path}: {trace.num_tokens} tokens x {len(trace.layers)} layers x top-{trace.top_k} of "
-                  f"{trace.num_experts} experts" + (f"; also {', '.join(stored)}" if stored else ""), highlight=False,
+SUMMARY_TOKENS = 65536  # a longer trace is summarised over its first this many tokens, in bounded memory
+
+
+def _print_trace_summary(path: Path, trace: Trace | None = None) -> TraceFile:
+    """Print the trace at ``path``: its size, and its usage and locality over ``trace`` (the whole trace, held
+    already) or its first ``SUMMARY_TOKENS`` tokens."""
+    source = TraceFile.open(path)
+    stored = [name for name in ("scores", "predicted", "token_ids") if name in source.tensors]
+    console.print(f"{path}: {source.num_tokens} tokens x {len(source.layers)} layers x top-{source.top_k} of "
+                  f"{source.num_experts} experts" + (f"; also {', '.join(stored)}" if stored else ""), highlight=False,
                   markup=False)
+    trace = trace if trace is not None else source.first(SUMMARY_TOKENS).load()
+    over = f" (over the first {trace.num_tokens} tokens)" if trace.num_tokens < source.num_tokens else ""
     entropy, repeats = expert_usage_entropy(trace), repeat_rate(trace)
     console.print(f"  usage entropy per layer, bits (uniform {math.log2(trace.num_experts):.2f}): "
-                  f"mean {sum(entropy) / len(entropy):.2f}, min {min(entropy):.2f}", highlight=False)
+                  f"mean {sum(entropy) / len(entropy):.2f}, min {min(entropy):.2f}{over}", highlight=False)
     console.print(f"  first-choice repeat rate of consecutive tokens (random {random_repeat_rate(trace.num_experts, trace.top_k):.3f}): "
-                  f"mean {sum(repeats) / len(repeats):.3f}", highlight=False)
+                  f"mean {sum(repeats) / len(repeats):.3f}{over}", highlight=False)
+    return source
 
 
 @app.command("profile")
@@ -534,6 +572,7 @@ def profile_command(
     plots: Annotated[bool, typer.Option(metavar=FLAG, help="Draw PNG plots (needs matplotlib: pip install 'offload_moe\\[plot]').")] = True,
     workers: Annotated[int | None, typer.Option(min=1, help="Processes for the replays; default: one per CPU for large sweeps.")] = None,
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Replay only the trace's first N tokens (a quick look at a long trace).")] = None,
+    chunk_tokens: Annotated[int, typer.Option(min=1, help="A --trace longer than this many tokens is read and replayed in pieces of this many, in bounded memory.")] = CHUNK_TOKENS,
     profile: Annotated[str | None, typer.Option(help="Hardware profile: with MODEL, adds the capacity its device memory gives.")] = None,
     ray: Annotated[bool, typer.Option("--ray", metavar=FLAG, help="Run each replay as a task on Ray (pip install 'offload_moe\\[cluster]'): "
                                       "a local Ray of --workers CPUs (default: all), or the cluster at --ray-address.")] = False,
@@ -556,7 +595,7 @@ def profile_command(
             trace = trace_to_profile(model, trace_file=trace_file, prompts=texts, prompts_file=prompts, margin=margin,
                                      source=f"{len(texts)} prompts from {prompts.name}" if texts is not None else "",
                                      max_new_tokens=max_new_tokens, profile=profile, on_prompt=advance,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, chunk_tokens=chunk_tokens)
         if model is not None:
             console.print(f"recorded {save_trace(trace, out / 'trace.safetensors')}", highlight=False, soft_wrap=True,
                           markup=False)
@@ -571,7 +610,7 @@ def profile_command(
         with progress_bar(True, "replaying", replays, unit="items") as advance:
             cluster = ray_address if ray_address is not None else ray
             results = sweep(trace, policies=names, capacities=slots, predictors=chosen, margin=margin,
-                            progress=lambda n: advance(), ray=cluster,
+                            progress=lambda n: advance(n), ray=cluster, chunk_tokens=chunk_tokens,
                             workers=workers or (1 if cluster else default_workers(trace, replays)))
         seconds = time.perf_counter() - start
         console.print(_results_table(results, trace, seconds))

@@ -261,7 +261,8 @@ def _threaded_live_and_replayed(policy: str, predictor: str, *, io: str, slow: f
     import offload_moe
     from offload_moe.prefetch import Prefetcher
     from offload_moe.profiling import drive, replay_predictor
-    from offload_moe.profiling.replays import _replay_cache
+    from offload_moe.policies import make_policy
+    from offload_moe.profiling.replays import replay_cache, replay_slots
     from offload_moe.traces import record_trace
 
     model = offload_moe.load(offload_moe.demo_model_path(), cache_experts=24, policy=policy, prefetch=predictor,
@@ -274,7 +275,7 @@ def _threaded_live_and_replayed(policy: str, predictor: str, *, io: str, slow: f
     finally:
         model.offload.close()
     replayed = replay(trace, policy, 24, predictor=predictor, margin=1, readers=2)
-    cache = _replay_cache(trace, policy, 24, 0, 2, None)
+    cache = replay_cache(replay_slots(trace, 24), make_policy(policy), readers=2)
     prefetcher = Prefetcher(replay_predictor(trace, predictor, 1), trace.layers, cache) if predictor != "none" else None
     try:
         drive(trace, cache, prefetcher)

@@ -18,14 +18,16 @@ class Belady(EvictionPolicy):
 
     ``future`` must be exactly the keys ``on_access`` will receive, in order;
     any divergence raises ``PolicyError``. A heap on next use makes ``victim`` O(log n) amortised.
+    ``next_after``: for each position of ``future``, the next position of the same key (infinity: none), when
+    the caller has it already; a replay in pieces hands windows onto both that hold one piece at a time.
     """
 
     name = "belady"
 
-    def __init__(self, future: Sequence[Key]) -> None:
+    def __init__(self, future: Sequence[Key], next_after: Sequence[float] | None = None) -> None:
         self.future = future
         self.cursor = 0  # position of the next expected access
-        self._next_after = _next_positions(future)
+        self._next_after = _next_positions(future) if next_after is None else next_after
         self._rank: dict[Key, tuple[float]] = {}  # key -> (minus its next use,): farthest next use first
         self._heap = LazyHeap(self._rank, self.name)
 

@@ -22,6 +22,8 @@ heap of the resident keys updated in place, where the reference's lazy heap leav
 ``policies.rand.Random`` draws. The ``transition`` predictor's guesses do not depend on the cache, so
 they are worked out once per trace (``transition_guesses``, the online ``TransitionPredictor`` token by
 token); ``hybrid`` pools them with the recorded ``gate`` guesses at each step, as ``Prefetcher`` does.
+A replay's state (``ReplayState``) and the predictor's counts (``TransitionGuesses``) can be fed a trace in
+consecutive pieces, for a trace file read in bounded memory (``profiling.chunked``).
 
 Without numba the same functions run as plain Python, far slower; ``compile_kernels`` says which.
 """
@@ -41,8 +43,9 @@ COUNTERS = ("hits", "misses", "evictions", "prefetch_issued", "prefetch_used")  
 HITS, MISSES, EVICTIONS, ISSUED, USED = range(5)
 NEVER = np.iinfo(np.int64).max  # belady: a key not requested again
 _TRIES = 8  # policies.rand: random picks before scanning the candidates
-# the scalar state, one int64 array: list ends, heap size, counters of the policies, the generator's index
-_HEAD, _TAIL, _HEAP, _RESIDENT, _PINNED, _TICK, _ADDED, _CURSOR, _MT, _LOW = range(10)
+# the scalar state, one int64 array: list ends, heap size, counters of the policies, the generator's index,
+# the prefetches in flight, lfu's lowest word of nonempty buckets
+_HEAD, _TAIL, _HEAP, _RESIDENT, _PINNED, _TICK, _ADDED, _CURSOR, _MT, _FLYING, _LOW = range(11)
 
 
 # ---------------------------------------------------------------- Python's Mersenne Twister (random.Random)
@@ -338,13 +341,36 @@ def transition_guesses(experts, num_experts, width):
     [T, L-1, width], best first, -1 where fewer experts have any evidence. The same float32 arithmetic
     as the predictor's numpy (exact while no expert is followed more than 2**24 times).
     """
+    return TransitionGuesses(experts.shape[1], num_experts, width).next(experts)
+
+
+class TransitionGuesses:
+    """``transition_guesses`` of a trace fed in consecutive pieces: the predictor's counts carry from one piece
+    to the next, so the pieces' guesses put together are the whole trace's."""
+
+    def __init__(self, layers: int, num_experts: int, width: int):
+        ahead = max(layers - 1, 0)
+        self.width = width
+        self.counts = np.zeros((ahead, num_experts, num_experts), dtype=np.float32)  # [L-1, E, E]
+        self.totals = np.zeros((ahead, num_experts), dtype=np.float32)
+        self._scores = np.zeros(num_experts, dtype=np.float32)
+        self._best = np.empty(width, dtype=np.int64)
+
+    def next(self, experts: np.ndarray) -> np.ndarray:
+        """The guesses int16 [T, L-1, width] for the next piece ``experts`` [T, L, k]."""
+        compile_kernels()
+        tokens, layers, _ = experts.shape
+        out = np.full((tokens, max(layers - 1, 0), self.width), -1, dtype=np.int16)
+        _transition_into(np.ascontiguousarray(experts), self.counts, self.totals, self._scores, self._best, out)
+        return out
+
+
+def _transition_into(experts, counts, totals, scores, best, out):
+    """``TransitionGuesses.next``'s loop: observe each token's layer pairs, name the top ``width`` into ``out``."""
     tokens, layers, k = experts.shape
     ahead = max(layers - 1, 0)
-    out = np.full((tokens, ahead, width), -1, dtype=np.int16)
-    counts = np.zeros((ahead, num_experts, num_experts), dtype=np.float32)  # [L-1, E, E]
-    totals = np.zeros((ahead, num_experts), dtype=np.float32)
-    scores = np.zeros(num_experts, dtype=np.float32)
-    best = np.empty(width, dtype=np.int64)
+    num_experts = scores.shape[0]
+    width = best.shape[0]
     one = np.float32(1.0)
     for t in range(tokens):
         for pos in range(layers):
@@ -376,7 +402,6 @@ def transition_guesses(experts, num_experts, width):
                 named = min(named + 1, width)
             for j in range(named):
                 out[t, pos, j] = best[j]
-    return out
 
 
 # ---------------------------------------------------------------- the replay
@@ -389,35 +414,80 @@ def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, tra
     guesses for the next layer (-1: none; m = 0: no such predictor). ``following`` [N]: the next position
     of the same key (``NEVER``: none), for Belady; ``mt``, ``mt_index``: the random policy's generator.
     """
-    space = layers * num_experts
-    counts = np.zeros((layers, 5), dtype=np.int64)
-    state = np.zeros(10, dtype=np.int64)
-    state[_HEAD], state[_TAIL], state[_MT] = -1, -1, mt_index
-    mt = mt.copy()
-    is_resident = np.zeros(space, dtype=np.bool_)
-    prefetched = np.zeros(space, dtype=np.bool_)
-    pins = np.zeros(space, dtype=np.int32)
-    residents = np.empty(capacity, dtype=np.int64)  # in policies.rand's order: appended, the last moved into a hole
-    where = np.full(space, -1, dtype=np.int64)
-    prev = np.full(space, -1, dtype=np.int64)
-    after = np.full(space, -1, dtype=np.int64)
-    requests = np.zeros(space, dtype=np.int64)
-    last = np.zeros(space, dtype=np.int64)
-    next_use = np.full(space, NEVER, dtype=np.int64)
-    added = np.zeros(space, dtype=np.int64)
-    heap = np.empty(capacity + 1, dtype=np.int64)  # belady: the resident keys, a binary heap in its order
-    at = np.full(space, -1, dtype=np.int64)  # a key's place in ``heap``
-    tokens = (starts.shape[0] - 1) // layers
-    # lfu: one list of resident keys per request count (at most one request a token), a bit per nonempty list
-    bhead = np.full(tokens + 2, -1, dtype=np.int64)
-    btail = np.full(tokens + 2, -1, dtype=np.int64)
-    nonempty = np.zeros((tokens + 2 + 63) // 64, dtype=np.uint64)
-    kept = np.empty_like(heap)  # pinned keys lifted off the heap on the way to the victim
+    state = ReplayState(layers, num_experts, capacity, policy, gate.shape[2] + transition.shape[2], mt, mt_index)
+    state.feed(keys, starts, gate, transition, following)
+    return state.counts
+
+
+class ReplayState:
+    """One replay's cache, policy and counters, fed a trace in consecutive pieces (``feed``): what a piece leaves
+    (resident keys, pins of prefetches in flight, the policy's order, the generator) is where the next one
+    starts, so feeding the pieces of a trace counts what replaying it whole counts. ``counts`` int64 [L, 5]."""
+
+    def __init__(self, layers: int, num_experts: int, capacity: int, policy: int, width: int, mt: np.ndarray,
+                 mt_index: int):
+        space = layers * num_experts
+        self.layers, self.num_experts, self.capacity, self.policy = layers, num_experts, capacity, policy
+        self.counts = np.zeros((layers, 5), dtype=np.int64)
+        self.state = np.zeros(11, dtype=np.int64)
+        self.state[_HEAD], self.state[_TAIL], self.state[_MT] = -1, -1, mt_index
+        self.mt = mt.copy()
+        self.is_resident = np.zeros(space, dtype=np.bool_)
+        self.prefetched = np.zeros(space, dtype=np.bool_)
+        self.pins = np.zeros(space, dtype=np.int32)
+        self.residents = np.empty(capacity, dtype=np.int64)  # in policies.rand's order: appended, the last moved into a hole
+        self.where = np.full(space, -1, dtype=np.int64)
+        self.prev = np.full(space, -1, dtype=np.int64)
+        self.after = np.full(space, -1, dtype=np.int64)
+        self.requests = np.zeros(space, dtype=np.int64)
+        self.last = np.zeros(space, dtype=np.int64)
+        self.next_use = np.full(space, NEVER, dtype=np.int64)
+        self.added = np.zeros(space, dtype=np.int64)
+        self.heap = np.empty(capacity + 1, dtype=np.int64)  # belady: the resident keys, a binary heap in its order
+        self.at = np.full(space, -1, dtype=np.int64)  # a key's place in ``heap``
+        self.kept = np.empty_like(self.heap)  # pinned keys lifted off the heap on the way to the victim
+        # lfu: one list of resident keys per request count, a bit per nonempty list; a key is requested at most
+        # once a token, so the lists grow with the tokens fed
+        self.tokens = 0
+        self.bhead = np.full(0, -1, dtype=np.int64)
+        self.btail = np.full(0, -1, dtype=np.int64)
+        self.nonempty = np.zeros(0, dtype=np.uint64)
+        self.guesses = np.empty(max(width, 1), dtype=np.int64)
+        self.votes = np.empty(max(width, 1), dtype=np.int64)
+        self.flying = np.empty(max(width, 1), dtype=np.int64)  # the prefetches in flight, state[_FLYING] of them
+
+    def feed(self, keys: np.ndarray, starts: np.ndarray, gate: np.ndarray, transition: np.ndarray,
+             following: np.ndarray) -> None:
+        """Replay the next piece: its ``keys`` and ``starts`` (``request_keys``), the guesses for its tokens, and for
+        Belady ``following`` [N], the next position of each request's key counted from the piece's first request
+        (it may lie in a later piece; ``NEVER``: none)."""
+        compile_kernels()
+        self.state[_CURSOR] = 0
+        self.tokens += (starts.shape[0] - 1) // self.layers
+        if self.policy == LFU and self.bhead.shape[0] < self.tokens + 2:
+            self._grow_buckets(max(self.tokens + 2, 2 * self.bhead.shape[0]))
+        _replay_piece(keys, starts, self.layers, self.num_experts, self.capacity, self.policy, gate, transition,
+                      following, self.counts, self.state, self.mt, self.is_resident, self.prefetched, self.pins,
+                      self.residents, self.where, self.prev, self.after, self.requests, self.last, self.next_use,
+                      self.added, self.heap, self.at, self.kept, self.bhead, self.btail, self.nonempty, self.guesses,
+                      self.votes, self.flying)
+
+    def _grow_buckets(self, size: int) -> None:
+        words = (size + 63) // 64
+        size = 64 * words
+        old = self.bhead.shape[0]
+        self.bhead = np.concatenate([self.bhead, np.full(size - old, -1, dtype=np.int64)])
+        self.btail = np.concatenate([self.btail, np.full(size - old, -1, dtype=np.int64)])
+        self.nonempty = np.concatenate([self.nonempty, np.zeros(words - self.nonempty.shape[0], dtype=np.uint64)])
+
+
+def _replay_piece(keys, starts, layers, num_experts, capacity, policy, gate, transition, following, counts, state, mt,
+                  is_resident, prefetched, pins, residents, where, prev, after, requests, last, next_use, added, heap,
+                  at, kept, bhead, btail, nonempty, guesses, votes, flying):
+    """``ReplayState.feed``'s loop over the piece's tokens and layers."""
     width = gate.shape[2] + transition.shape[2]
-    guesses = np.empty(max(width, 1), dtype=np.int64)
-    votes = np.empty(max(width, 1), dtype=np.int64)
-    flying = np.empty(max(width, 1), dtype=np.int64)
-    in_flight = 0
+    in_flight = state[_FLYING]
+    tokens = (starts.shape[0] - 1) // layers
     for t in range(tokens):
         for pos in range(layers):
             for i in range(in_flight):  # the prefetches have landed
@@ -481,7 +551,7 @@ def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, tra
                     flying[in_flight] = key
                     in_flight += 1
                     counts[pos + 1, ISSUED] += 1
-    return counts
+    state[_FLYING] = in_flight
 
 
 def _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents, where, prev,
@@ -545,21 +615,13 @@ class TraceArrays:
         self.num_experts = int(experts.max()) + 1
         if trace.predicted is not None:
             self.num_experts = max(self.num_experts, int(trace.predicted.max()) + 1)
-        ordered = np.sort(experts.astype(np.int32), axis=-1)
-        distinct = np.ones(ordered.shape, dtype=bool)
-        distinct[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
-        self.keys = (ordered + np.arange(layers, dtype=np.int32)[None, :, None] * self.num_experts)[distinct]  # [N]
-        self.starts = np.zeros(tokens * layers + 1, dtype=np.int64)
-        np.cumsum(distinct.sum(-1).reshape(-1), out=self.starts[1:])
+        self.keys, self.starts = request_keys(experts, self.num_experts)  # [N], [T * L + 1]
         self._following: np.ndarray | None = None
         self._transition: dict[int, np.ndarray] = {}  # width -> [T, L-1, width]
 
     def following(self) -> np.ndarray:
         if self._following is None:
-            order = np.argsort(self.keys, kind="stable")
-            same = self.keys[order[1:]] == self.keys[order[:-1]]
-            self._following = np.full(len(self.keys), NEVER, dtype=np.int64)
-            self._following[order[:-1][same]] = order[1:][same]
+            self._following = next_positions(self.keys)
         return self._following
 
     def guesses(self, predictor: str, margin: int) -> tuple[np.ndarray, np.ndarray]:
@@ -572,11 +634,45 @@ class TraceArrays:
             gate = np.ascontiguousarray(trace.predicted.numpy()[:, :-1, :width])
         if predictor in ("transition", "hybrid"):
             if width not in self._transition:
-                compile_kernels()
-                self._transition[width] = transition_guesses(np.ascontiguousarray(trace.experts.numpy()),
-                                                             self.num_experts, width)
+                self._transition[width] = transition_guesses(trace.experts.numpy(), self.num_experts, width)
             transition = self._transition[width]
         return gate, transition
+
+
+def request_keys(experts: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The requests of routing ``experts`` [T, L, k] as the engine reads them: ``keys`` int32 [N], each token and
+    layer's distinct experts, ascending, as ``layer position * num_experts + expert`` (``layer_groups``' order),
+    and ``starts`` int64 [T * L + 1], where each token and layer's run of keys begins."""
+    tokens, layers, _ = experts.shape
+    ordered = np.sort(experts.astype(np.int32), axis=-1)
+    distinct = np.ones(ordered.shape, dtype=bool)
+    distinct[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    keys = (ordered + np.arange(layers, dtype=np.int32)[None, :, None] * num_experts)[distinct]
+    starts = np.zeros(tokens * layers + 1, dtype=np.int64)
+    np.cumsum(distinct.sum(-1).reshape(-1), out=starts[1:])
+    return keys, starts
+
+
+def next_positions(keys: np.ndarray, later: np.ndarray | None = None, offset: int = 0) -> np.ndarray:
+    """For each request of ``keys`` [N], the position of the next request of the same key, ``NEVER`` if none.
+
+    Positions count from ``offset`` (the first request's position). ``later`` [keys space]: where each key is
+    requested first after these requests (``NEVER``: not at all), for a backward pass over the pieces of a
+    trace; it is updated to the first requests here, for the piece before.
+    """
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    same = ordered[1:] == ordered[:-1]
+    following = np.full(len(keys), NEVER, dtype=np.int64)
+    following[order[:-1][same]] = order[1:][same] + offset
+    if later is not None and len(keys):
+        last = np.ones(len(keys), dtype=bool)
+        last[:-1] = ~same  # the last request of each key here: its next one is in a later piece
+        following[order[last]] = later[ordered[last]]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = ~same
+        later[ordered[first]] = order[first] + offset
+    return following
 
 
 def compiled_replay(arrays: TraceArrays, policy: str, capacity: int, predictor: str, margin: int,
@@ -594,9 +690,9 @@ def compiled_replay(arrays: TraceArrays, policy: str, capacity: int, predictor: 
 # ---------------------------------------------------------------- compiling
 
 _KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_lfu_rank", "_lfu_insert", "_lfu_remove", "_lowest_bit",
-            "_lfu_victim", "_before", "_place", "_sift_up", "_sift_down", "_heap_insert",
-            "_heap_remove", "_heap_victim", "_random_victim", "_pooled", "_admit", "transition_guesses", "replay_counts")
-_ALLOCATING = ("transition_guesses", "replay_counts")
+            "_lfu_victim", "_before", "_place", "_sift_up", "_sift_down", "_heap_insert", "_heap_remove", "_heap_victim",
+            "_random_victim", "_pooled", "_admit", "_transition_into", "_replay_piece")
+_ALLOCATING = ("_transition_into", "_replay_piece")
 _compiled: bool | None = None  # None: not tried yet
 
 

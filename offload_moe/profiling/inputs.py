@@ -11,7 +11,8 @@ import torch
 from ..errors import ConfigError
 from ..hardware import get_profile, profiles_folder
 from ..planning import plan
-from ..traces import Trace, load_trace, record_prompts
+from ..traces import Trace, TraceFile, load_trace, record_prompts
+from .chunked import checked_chunk_tokens
 
 
 def reference_trace_path() -> Path:
@@ -30,26 +31,33 @@ def recording_device(profile: str | None) -> str:
 def trace_to_profile(model: str | Path | None = None, *, trace_file: str | Path | None = None,
                      prompts: Sequence[str] | None = None, prompts_file: str | Path | None = None,
                      source: str = "prompts", margin: int = 1, max_new_tokens: int = 0, profile: str | None = None,
-                     on_prompt: Callable[[], None] | None = None, trust_remote_code: bool = False) -> Trace:
+                     on_prompt: Callable[[], None] | None = None, trust_remote_code: bool = False,
+                     chunk_tokens: int | None = None) -> Trace | TraceFile:
     """The trace a profiling run replays, chosen as ``offload-moe profile`` chooses it: recorded from
     ``model`` on ``prompts`` (with the gate's top-k + ``margin`` guesses; on ``profile``'s GPU if this machine
     has it), read from ``trace_file``, or, given neither, the bundled model's reference trace.
     ``prompts_file``: the file the prompts come from, when a caller reads it only for a ``model`` (the CLI):
-    given without ``model`` it is refused as ``prompts`` is."""
+    given without ``model`` it is refused as ``prompts`` is. With ``chunk_tokens``, a ``trace_file`` of more
+    tokens than that is returned opened, not read (a ``TraceFile``), for replays that read it in pieces."""
     if model is not None and trace_file is not None:
         raise ConfigError("give MODEL (with --prompts) or --trace FILE, not both")
     if model is None:
         if prompts is not None or prompts_file is not None:
             raise ConfigError("--prompts needs MODEL; to profile the bundled model, pass its folder "
                               "(python -c 'import offload_moe; print(offload_moe.demo_model_path())')")
-        return load_trace(trace_file if trace_file is not None else reference_trace_path())
+        path = trace_file if trace_file is not None else reference_trace_path()
+        if chunk_tokens is not None:
+            source = TraceFile.open(path)
+            if source.num_tokens > checked_chunk_tokens(chunk_tokens):
+                return source
+        return load_trace(path)
     if prompts is None:
         raise ConfigError("profiling MODEL records a trace first: give --prompts FILE (one prompt per line)")
     return record_prompts(model, list(prompts), source=source, predict_margin=margin, max_new_tokens=max_new_tokens,
                           on_prompt=on_prompt, device=recording_device(profile), trust_remote_code=trust_remote_code)
 
 
-def profile_capacities(text: str, trace: Trace, *, model: str | Path | None = None, profile: str | None = None,
+def profile_capacities(text: str, trace: Trace | TraceFile, *, model: str | Path | None = None, profile: str | None = None,
                        trust_remote_code: bool = False) -> list[int]:
     """The capacities to replay: ``text`` as ``parse_capacities`` reads it, plus, for a ``model`` with a
     hardware ``profile``, the expert slots that profile's device memory gives (``plan``)."""

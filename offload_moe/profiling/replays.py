@@ -5,12 +5,17 @@ that is the definition of what a replay counts. ``engine="fast"`` (``profiling.c
 bookkeeping over arrays, compiled with numba when it is installed, held equal to the reference counter by
 counter and layer by layer by tests/test_replay_engines.py. ``predictions`` lists what a predictor names at
 each token and layer (``transition`` as the online predictor would, ``gate`` read from the trace, which keeps
-what the gate predictor named while it was recorded, ``hybrid`` the two pooled).
+what the gate predictor named while it was recorded, ``hybrid`` the two pooled). A trace file is replayed in
+pieces, in bounded memory, with the same counts (``replay_in_pieces``, ``profiling.chunked``).
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,12 +23,14 @@ import torch
 from ..cache import ExpertCache, Residency, SlotLayout, SlotPool
 from ..errors import BudgetError, ConfigError
 from ..experts import use_layer
-from ..policies import BUILT_IN, POLICIES, make_policy
+from ..policies import BUILT_IN, POLICIES, Belady, EvictionPolicy, make_policy
 from ..prefetch import HybridPredictor, Predictor, Prefetcher, TransitionPredictor, pooled_row
-from ..traces import Trace
+from ..traces import Trace, TraceFile
 from ..transfer import NullMover
 from ..values import PREDICTORS
-from .compiled import COUNTERS, EVICTIONS, ISSUED, POLICY_CODES, USED, TraceArrays, compiled_replay
+from .chunked import CHUNK_TOKENS, NextUses, Piece, Window, checked_chunk_tokens, scan
+from .compiled import (COUNTERS, EVICTIONS, ISSUED, POLICY_CODES, USED, ReplayState, TraceArrays, TransitionGuesses,
+                       compiled_replay, mt_state)
 
 ENGINES = ("reference", "fast")
 
@@ -78,7 +85,7 @@ def layer_groups(trace: Trace) -> list[list[tuple[int, int]]]:
     return [[(layers[pos], e) for e in sorted(set(chosen))] for token in rows for pos, chosen in enumerate(token)]
 
 
-def checked_predictor(trace: Trace, predictor: str, margin: int) -> str:
+def checked_predictor(trace: Trace | TraceFile, predictor: str, margin: int) -> str:
     """``predictor`` in lower case, once it is known that ``trace`` can replay it with ``margin``."""
     predictor = predictor.lower()
     if predictor not in PREDICTORS:
@@ -86,7 +93,7 @@ def checked_predictor(trace: Trace, predictor: str, margin: int) -> str:
     if margin < 0:
         raise ConfigError(f"margin={margin} must be 0 or more")
     if predictor in ("gate", "hybrid"):
-        if trace.predicted is None or trace.metadata.get("predicted_by") != "gate":
+        if trace.prediction_margin is None or trace.metadata.get("predicted_by") != "gate":
             raise ConfigError(f"this trace stores no gate predictions, so {predictor!r} cannot be replayed; record the "
                               "trace with `offload-moe trace record` (it keeps them), or profile 'transition' instead")
         if margin > trace.prediction_margin:
@@ -116,8 +123,9 @@ def predictions(trace: Trace, predictor: str, margin: int = 1) -> list[list[list
             for token_rows in zip(*named)]
 
 
-def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none", margin: int = 1, seed: int = 0,
-           engine: str = "reference", readers: int = 0, arrays: TraceArrays | None = None) -> ReplayResult:
+def replay(trace: Trace | TraceFile | str | Path, policy: str, capacity: int, *, predictor: str = "none",
+           margin: int = 1, seed: int = 0, engine: str = "reference", readers: int = 0, arrays: TraceArrays | None = None,
+           chunk_tokens: int = CHUNK_TOKENS) -> ReplayResult:
     """Replay ``trace`` through a cache of ``capacity`` expert slots run by ``policy``, with ``predictor`` prefetching.
 
     ``engine="reference"`` drives the runtime's own ``ExpertCache``, ``Prefetcher`` and predictors, one
@@ -128,22 +136,43 @@ def replay(trace: Trace, policy: str, capacity: int, *, predictor: str = "none",
     (``TraceArrays(trace)``) keeps what it works out once per trace when one trace is replayed many
     times. A policy with no compiled form (``forecast``, or one registered at run time) replays with the
     reference under either engine.
+
+    A trace file (a path, or ``TraceFile.open(path)``) is read ``chunk_tokens`` rows at a time
+    (``replay_in_pieces``): memory holds one piece, and the counts are those of the whole trace.
     """
+    if not isinstance(trace, Trace):
+        source = trace if isinstance(trace, TraceFile) else TraceFile.open(trace)
+        return replay_in_pieces(source, [(policy, capacity, predictor)], margin=margin, seed=seed, engine=engine,
+                                readers=readers, chunk_tokens=chunk_tokens)[0]
+    policy, predictor = checked_replay(trace, policy, capacity, predictor, margin, engine)
+    if engine == "fast" and _compiled(policy):
+        arrays = arrays if arrays is not None else TraceArrays(trace)
+        counts = compiled_replay(arrays, policy, replay_slots(trace, capacity), predictor, margin, seed)  # [L, 5]
+        return _result(trace, policy, capacity, predictor, counts)
+    return _reference_replay(trace, policy, capacity, predictor, margin, seed, readers)
+
+
+def checked_replay(trace: Trace | TraceFile, policy: str, capacity: int, predictor: str, margin: int,
+                   engine: str) -> tuple[str, str]:
+    """``(policy, predictor)`` in lower case, once it is known that ``trace`` can be replayed so."""
     if engine not in ENGINES:
         raise ConfigError(f"engine={engine!r} is not a replay engine; use one of {', '.join(ENGINES)}")
     if capacity < trace.top_k:
         raise BudgetError(f"capacity={capacity} is below the trace's top_k={trace.top_k}: a layer could not hold its experts")
     policy, predictor = policy.lower(), checked_predictor(trace, predictor, margin)
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown eviction policy {policy!r}; choose one of: {', '.join(POLICIES)}")
     if policy == "belady" and predictor != "none":
         raise ConfigError("Belady's optimum is defined without prefetch; replay it with predictor='none'")
-    if engine == "fast" and policy in POLICY_CODES and POLICIES.get(policy) is BUILT_IN.get(policy, ()):  # compiled: the standard policies
-        arrays = arrays if arrays is not None else TraceArrays(trace)
-        counts = compiled_replay(arrays, policy, _slots(trace, capacity), predictor, margin, seed)  # [L, 5]
-        return _result(trace, policy, capacity, predictor, counts)
-    return _reference_replay(trace, policy, capacity, predictor, margin, seed, readers)
+    return policy, predictor
 
 
-def _result(trace: Trace, policy: str, capacity: int, predictor: str, counts: np.ndarray) -> ReplayResult:
+def _compiled(policy: str) -> bool:
+    """Whether the fast engine has ``policy`` compiled: the standard policies, not one registered over them."""
+    return policy in POLICY_CODES and POLICIES.get(policy) is BUILT_IN.get(policy, ())
+
+
+def _result(trace: Trace | TraceFile, policy: str, capacity: int, predictor: str, counts: np.ndarray) -> ReplayResult:
     """A ``ReplayResult`` from counters [L, 5] (``compiled.COUNTERS``) by layer position."""
     total = dict(zip(COUNTERS, counts.sum(0).tolist()))
     rows = counts.tolist()
@@ -176,16 +205,20 @@ class RecordedGatePredictor(Predictor):
         return {pos + 1: row[None]} if row.size else {}
 
 
-def replay_predictor(trace: Trace, predictor: str, margin: int = 1) -> Predictor:
+def replay_predictor(trace: Trace | TraceFile, predictor: str, margin: int = 1, *,
+                     num_experts: int | None = None) -> Predictor:
     """The live predictor called ``predictor`` as a replay of ``trace`` feeds it: ``transition`` learns from the
-    trace's routing, ``gate`` reads the trace's recorded guesses, ``hybrid`` pools the two."""
+    trace's routing, ``gate`` reads the trace's recorded guesses, ``hybrid`` pools the two. ``num_experts``:
+    what the transition counts are sized by (at least the largest expert id routed plus one; a ``TraceFile``
+    needs it); by default the largest id routed plus one."""
     predictor = checked_predictor(trace, predictor, margin)
     if predictor == "none":
         return Predictor()
     gate = RecordedGatePredictor(trace.top_k + margin)
     # sized by the largest expert id routed, not the metadata's num_experts: an expert never routed to
     # has no evidence, so it is never named, and the counts stay as large as the data
-    transition = TransitionPredictor(len(trace.layers), int(trace.experts.max()) + 1, trace.top_k, margin)
+    num_experts = num_experts if num_experts is not None else int(trace.experts.max()) + 1
+    transition = TransitionPredictor(len(trace.layers), num_experts, trace.top_k, margin)
     return {"gate": gate, "transition": transition, "hybrid": HybridPredictor(gate, transition)}[predictor]
 
 
@@ -201,19 +234,18 @@ class _NoFiles:
         pass
 
 
-def _slots(trace: Trace, capacity: int) -> int:
+def replay_slots(trace: Trace | TraceFile, capacity: int) -> int:
     """Slots a replay needs: slots beyond the keys the trace can ever admit stay empty and change no count,
     so none are made (a capacity of 50% of a huge num_experts costs no memory)."""
-    admissible = trace.experts.numel() + (trace.predicted.numel() if trace.predicted is not None else 0)
-    return min(capacity, admissible)
+    row = trace.top_k + (trace.top_k + trace.prediction_margin if trace.prediction_margin is not None else 0)
+    return min(capacity, trace.num_tokens * len(trace.layers) * row)
 
 
-def _replay_cache(trace: Trace, policy: str, capacity: int, seed: int, readers: int,
-                  future: list[tuple[int, int]] | None) -> ExpertCache:
-    """An ``ExpertCache`` of zero-byte slots with a ``NullMover``."""
-    slots = _slots(trace, capacity)
-    residency = Residency(slots, make_policy(policy, seed=seed, future=future))
-    return ExpertCache(residency, SlotPool(slots, _NO_BYTES, torch.device("cpu")), _NoFiles(), NullMover(readers))
+def replay_cache(slots: int, policy: EvictionPolicy, readers: int = 0) -> ExpertCache:
+    """An ``ExpertCache`` of ``slots`` zero-byte slots run by ``policy``, with a ``NullMover`` (``readers``: its
+    reader threads)."""
+    return ExpertCache(Residency(slots, policy), SlotPool(slots, _NO_BYTES, torch.device("cpu")), _NoFiles(),
+                       NullMover(readers))
 
 
 _NO_BYTES = SlotLayout({}, torch.uint8)
@@ -228,11 +260,19 @@ def drive(trace: Trace, cache: ExpertCache, prefetcher: Prefetcher | None) -> np
     layer the prefetcher predicts (``gate`` from the recorded guesses), then ``experts.use_layer``; then wait
     for the loads still in flight. Returns [L, 2] by layer position: the prefetches issued for it (a replay's
     predictors look one layer ahead, so those the layer before started) and the prefetched experts it used."""
+    flow = np.zeros((len(trace.layers), 2), dtype=np.int64)
+    drive_tokens(trace, cache, prefetcher, flow)
+    cache.drain()
+    return flow
+
+
+def drive_tokens(trace: Trace, cache: ExpertCache, prefetcher: Prefetcher | None, flow: np.ndarray) -> None:
+    """``drive`` without the wait at the end, adding to ``flow`` [L, 2]: a trace fed in pieces is driven piece
+    after piece through one cache and prefetcher, and drained once, after the last."""
     routing = trace.experts.long()  # [T, L, k], in the router's order, as the live layer hands it on
     recorded = trace.predicted.long().numpy() if trace.predicted is not None and prefetcher is not None else None
     experts = [[sorted(set(chosen)) for chosen in token] for token in routing.tolist()]
     layers = trace.layers
-    flow = np.zeros((len(layers), 2), dtype=np.int64)
     for token in range(trace.num_tokens):
         rows = routing[token]
         for pos, layer in enumerate(layers):
@@ -242,25 +282,124 @@ def drive(trace: Trace, cache: ExpertCache, prefetcher: Prefetcher | None) -> np
             if cache.flow.prefetch_issued > issued:
                 flow[pos + 1, 0] += cache.flow.prefetch_issued - issued
             flow[pos, 1] += cache.flow.prefetch_used - used
-    cache.drain()
-    return flow
 
 
 def _reference_replay(trace: Trace, policy: str, capacity: int, predictor: str, margin: int, seed: int,
                       readers: int) -> ReplayResult:
     predictor_ = replay_predictor(trace, predictor, margin)
     future = [key for group in layer_groups(trace) for key in group] if policy == "belady" else None
-    cache = _replay_cache(trace, policy, capacity, seed, readers, future)
+    cache = replay_cache(replay_slots(trace, capacity), make_policy(policy, seed=seed, future=future), readers)
     prefetcher = Prefetcher(predictor_, trace.layers, cache) if predictor != "none" else None
     try:
-        prefetches = drive(trace, cache, prefetcher)  # [L, 2]
-        per_layer = cache.residency.per_layer
+        counts = cache_counts(cache, trace.layers, drive(trace, cache, prefetcher))
     finally:
         cache.close()
-    counts = np.zeros((len(trace.layers), len(COUNTERS)), dtype=np.int64)
-    for pos, layer in enumerate(trace.layers):
-        c = per_layer.get(layer)
+    return _result(trace, policy, capacity, predictor, counts)
+
+
+def cache_counts(cache: ExpertCache, layers: list[int], flow: np.ndarray) -> np.ndarray:
+    """Counters [L, 5] (``compiled.COUNTERS``) by layer position: the cache's hits, misses and evictions per layer,
+    and ``flow`` [L, 2] (``drive``'s prefetches issued and used)."""
+    counts = np.zeros((len(layers), len(COUNTERS)), dtype=np.int64)
+    for pos, layer in enumerate(layers):
+        c = cache.residency.per_layer.get(layer)
         if c is not None:
             counts[pos, :3] = (c.hits, c.misses, c.evictions)
-    counts[:, ISSUED:] = prefetches
-    return _result(trace, policy, capacity, predictor, counts)
+    counts[:, ISSUED:] = flow
+    return counts
+
+
+# ---------------------------------------------------------------- a trace file, in pieces
+
+
+def replay_in_pieces(source: TraceFile, jobs: Sequence[tuple[str, int, str]], *, margin: int = 1, seed: int = 0,
+                     engine: str = "reference", readers: int = 0,
+                     chunk_tokens: int = CHUNK_TOKENS) -> list[ReplayResult]:
+    """Replay the trace file ``source`` once for each ``(policy, capacity, predictor)`` of ``jobs``, reading it
+    ``chunk_tokens`` rows at a time (``profiling.chunked``). The replays advance together, piece by piece, each
+    with its own cache, policy and predictor carried from one piece to the next, so each counts what
+    ``replay`` counts on the whole trace in memory. Belady's next uses are worked out first, in a backward
+    pass into a temporary file. ``engine``, ``seed``, ``readers``: as ``replay``'s."""
+    checked_chunk_tokens(chunk_tokens)
+    checked = [(*checked_replay(source, policy, capacity, predictor, margin, engine), capacity)
+               for policy, capacity, predictor in jobs]  # (policy, predictor, capacity)
+    belady = any(policy == "belady" for policy, _, _ in checked)
+    fast_transition = any(engine == "fast" and _compiled(policy) and predictor in ("transition", "hybrid")
+                          for policy, predictor, _ in checked)
+    gate = any(predictor in ("gate", "hybrid") for _, predictor, _ in checked)
+    width = source.top_k + margin
+    with tempfile.TemporaryDirectory(prefix="offload-moe-replay-") as folder:
+        next_file = Path(folder) / "next-uses.int64" if belady else None
+        num_experts, requests = scan(source, chunk_tokens, next_file)
+        replays: list[_FastReplay | _ReferenceReplay] = []
+        try:
+            for policy, predictor, capacity in checked:
+                kind = _FastReplay if engine == "fast" and _compiled(policy) else _ReferenceReplay
+                replays.append(kind(source, policy, capacity, predictor, margin, seed, readers, num_experts, requests))
+            transition = TransitionGuesses(len(source.layers), num_experts, width) if fast_transition else None
+            with open(next_file, "rb") if belady else nullcontext() as uses:
+                next_uses = NextUses(uses, requests) if belady else None
+                position = 0
+                for trace in source.pieces(chunk_tokens, tensors=("predicted",) if gate else ()):
+                    piece = Piece(trace, num_experts, width, position, gate=gate, transition=transition,
+                                  next_uses=next_uses)
+                    for r in replays:
+                        r.feed(piece)
+                    position += len(piece.keys)
+            return [r.result() for r in replays]
+        finally:
+            for r in replays:
+                r.close()
+
+
+class _FastReplay:
+    """One replay in pieces on the fast engine: ``compiled.ReplayState`` fed each piece."""
+
+    def __init__(self, source: TraceFile, policy: str, capacity: int, predictor: str, margin: int, seed: int,
+                 readers: int, num_experts: int, requests: int):
+        self.source, self.policy, self.capacity, self.predictor = source, policy, capacity, predictor
+        self.gate, self.transition = predictor in ("gate", "hybrid"), predictor in ("transition", "hybrid")
+        width = (source.top_k + margin) * (self.gate + self.transition)
+        mt, index = mt_state(seed) if policy == "random" else (np.zeros(624, dtype=np.int64), 624)
+        self.state = ReplayState(len(source.layers), num_experts, replay_slots(source, capacity), POLICY_CODES[policy],
+                                 width, mt, index)
+
+    def feed(self, piece: Piece) -> None:
+        self.state.feed(piece.keys, piece.starts, piece.gate if self.gate else piece.none,
+                        piece.transition if self.transition else piece.none, piece.following)
+
+    def result(self) -> ReplayResult:
+        return _result(self.source, self.policy, self.capacity, self.predictor, self.state.counts)
+
+    def close(self) -> None:
+        pass
+
+
+class _ReferenceReplay:
+    """One replay in pieces on the reference engine: one ``ExpertCache``, ``Prefetcher`` and predictor driven
+    through each piece (``drive_tokens``), drained after the last. Belady reads its future through windows
+    onto the piece at hand."""
+
+    def __init__(self, source: TraceFile, policy: str, capacity: int, predictor: str, margin: int, seed: int,
+                 readers: int, num_experts: int, requests: int):
+        self.source, self.policy, self.capacity, self.predictor = source, policy, capacity, predictor
+        self.num_experts = num_experts
+        self.windows = (Window(requests), Window(requests)) if policy == "belady" else None
+        rule = Belady(*self.windows) if self.windows is not None else make_policy(policy, seed=seed)
+        self.cache = replay_cache(replay_slots(source, capacity), rule, readers)
+        live = replay_predictor(source, predictor, margin, num_experts=num_experts)
+        self.prefetcher = Prefetcher(live, source.layers, self.cache) if predictor != "none" else None
+        self.flow = np.zeros((len(source.layers), 2), dtype=np.int64)  # [L, 2], as drive returns it
+
+    def feed(self, piece: Piece) -> None:
+        if self.windows is not None:
+            piece.window(*self.windows, self.source.layers, self.num_experts)
+        drive_tokens(piece.trace, self.cache, self.prefetcher, self.flow)
+
+    def result(self) -> ReplayResult:
+        self.cache.drain()
+        counts = cache_counts(self.cache, self.source.layers, self.flow)
+        return _result(self.source, self.policy, self.capacity, self.predictor, counts)
+
+    def close(self) -> None:
+        self.cache.close()

@@ -15,20 +15,24 @@ import torch
 
 from .._version import __version__
 from ..atomic import atomic_write_all
-from ..traces import Trace
+from ..traces import Trace, TraceFile
+from .chunked import CHUNK_TOKENS
 from .replays import ReplayResult
 
 HEATMAP_MAX_EXPERTS, HEATMAP_MAX_LAYERS = 1024, 512  # beyond, the image is larger than matplotlib draws
 
 
-def activation_counts(trace: Trace) -> torch.Tensor:
-    """How often each expert was chosen at each layer: [layers, experts] (for the heatmap)."""
+def activation_counts(trace: Trace | TraceFile) -> torch.Tensor:
+    """How often each expert was chosen at each layer: [layers, experts] (for the heatmap); a trace file is
+    counted a piece at a time."""
     layers, experts = len(trace.layers), trace.num_experts
+    if isinstance(trace, TraceFile):
+        return sum(activation_counts(piece) for piece in trace.pieces(CHUNK_TOKENS, tensors=()))
     flat = trace.experts.long() + torch.arange(layers).view(1, -1, 1) * experts  # [T, L, k]
     return torch.bincount(flat.reshape(-1), minlength=layers * experts).view(layers, experts)
 
 
-def write_results(results: Sequence[ReplayResult], trace: Trace, out: str | Path, *, seconds: float | None = None,
+def write_results(results: Sequence[ReplayResult], trace: Trace | TraceFile, out: str | Path, *, seconds: float | None = None,
                   plots: bool = True) -> dict[str, Path | str]:
     """Write ``results.json`` and ``results.csv`` into ``out``, and the PNG plots when matplotlib is there, as one
     set: if any file cannot be written, none of them changes.

@@ -4,8 +4,11 @@ One module a concern:
 
 - ``format``: ``Trace`` (vLLM's ``experts`` int16 ``[tokens, layers, top_k]`` plus optional scores,
   gate predictions, token ids and sequence lengths), its checks, ``save_trace`` and ``load_trace``, and
-  ``read_trace_chunks`` (a long trace in pieces, in bounded memory);
-- ``recording``: ``TraceRecorder``, ``record_trace``, ``read_prompts``, ``record_prompts``;
+  ``TraceFile`` and ``read_trace_chunks`` (a long trace in pieces, in bounded memory; a file, or the parts
+  folder of a chunked recording, ``parts_folder``);
+- ``recording``: ``TraceRecorder``, ``record_trace``, ``read_prompts``, ``record_prompts``, and
+  ``record_trace_file``/``record_prompts_file``, which write the trace in parts as they go;
+- ``parts``: the parts folder of a chunked recording (``TraceParts``) and ``merge_trace_parts``;
 - ``summaries``: ``expert_usage_entropy``, ``repeat_rate``, ``random_repeat_rate``;
 - ``synthesis``: ``synthesize_trace``;
 - ``imports``: ``import_routing``, the routed experts vLLM and SGLang return, as a trace.
@@ -19,16 +22,18 @@ Import the names from here:
 """
 
 from ..errors import TraceError
-from .format import (FORMAT, MAX_EXPERTS, MAX_LAYER, REQUIRED_METADATA, TENSORS, VERSION, Trace, load_trace,
-                     read_trace_chunks, save_trace)
-from .recording import TraceRecorder, read_prompts, record_prompts, record_trace
+from .format import (FORMAT, MAX_EXPERTS, MAX_LAYER, PARTS_INDEX, REQUIRED_METADATA, TENSORS, VERSION, Trace, TraceFile,
+                     load_trace, parts_folder, read_trace_chunks, save_trace)
+from .parts import TraceParts, merge_trace_parts
+from .recording import (RECORD_CHUNK_TOKENS, TraceRecorder, read_prompts, record_prompts, record_prompts_file,
+                        record_trace, record_trace_file)
 from .summaries import expert_usage_entropy, random_repeat_rate, repeat_rate
 from .imports import import_routing, parse_layers
 from .synthesis import synthesize_trace
 
 __all__ = [
-    "FORMAT", "MAX_EXPERTS", "MAX_LAYER", "REQUIRED_METADATA", "TENSORS", "VERSION",
-    "Trace", "TraceError", "TraceRecorder",
-    "expert_usage_entropy", "import_routing", "load_trace", "parse_layers", "random_repeat_rate", "read_trace_chunks", "read_prompts", "record_prompts", "record_trace",
+    "FORMAT", "MAX_EXPERTS", "MAX_LAYER", "PARTS_INDEX", "RECORD_CHUNK_TOKENS", "REQUIRED_METADATA", "TENSORS", "VERSION",
+    "Trace", "TraceError", "TraceFile", "TraceParts", "TraceRecorder",
+    "expert_usage_entropy", "import_routing", "load_trace", "merge_trace_parts", "parse_layers", "parts_folder", "random_repeat_rate", "read_trace_chunks", "read_prompts", "record_prompts", "record_prompts_file", "record_trace", "record_trace_file",
     "repeat_rate", "save_trace", "synthesize_trace",
 ]

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from safetensors.torch import save
 
 from ..atomic import atomic_write
 from ..errors import CheckpointError, TraceError
-from ..files import open_regular, parse_json
+from ..files import open_regular, parse_json, read_json
 from ..safetensors_io import FileReader, TensorInfo, read_header
 
 FORMAT = "offload_moe.trace"
@@ -208,8 +208,11 @@ def save_trace(trace: Trace, path: str | Path) -> Path:
 
 
 def load_trace(path: str | Path) -> Trace:
-    """Read and validate a trace written by ``save_trace`` (or any file in the same layout)."""
+    """Read and validate a trace written by ``save_trace`` (or any file in the same layout), or the parts folder
+    a chunked recording leaves (``parts_folder``), its parts one after another."""
     path = _existing(path)
+    if path.is_dir():
+        return TraceFile.open(path).load()
     with _safe_open(path) as (f, metadata):
         tensors = {name: f.get_tensor(name) for name in f.keys() if name in TENSORS}
     if "experts" not in tensors:
@@ -228,36 +231,180 @@ def _existing(path: str | Path) -> Path:
 
 
 def read_trace_chunks(path: str | Path, *, tokens: int = 65536) -> Iterator[Trace]:
-    """The trace file at ``path`` as consecutive pieces of at most ``tokens`` rows, each a ``Trace`` with the
-    file's metadata, read with positional reads: memory holds one piece (and the sequence lengths), however
-    long the file. Each piece is validated as ``load_trace`` validates a whole trace, the rows named in the
-    error. A piece's ``sequence_lengths`` are those of the sequences cut to its rows, so a sequence that
-    crosses a piece's end continues in the next piece."""
+    """The trace at ``path`` (a file, or the parts folder of a chunked recording) as consecutive pieces of at most
+    ``tokens`` rows, each a ``Trace`` with the file's metadata, read with positional reads: memory holds one piece
+    (and the sequence lengths of one file), however long the trace. Each piece is validated as ``load_trace``
+    validates a whole trace, the rows named in the error. A piece's ``sequence_lengths`` are those of the
+    sequences cut to its rows, so a sequence that crosses a piece's end continues in the next piece. A piece
+    never spans two parts of a folder. ``TraceFile`` offers more: the size before reading, fewer tensors,
+    the pieces last first."""
     if tokens < 1:
         raise TraceError(f"tokens={tokens}: a piece holds at least one token")
-    path = _existing(path)
-    infos = _read_header(path)
-    metadata = _file_metadata(path)
-    _check_metadata(metadata, path)
-    total = _check_layout(path, infos)
-    reader = FileReader("buffered")
-    try:
-        lengths = None
-        if "sequence_lengths" in infos:
-            if infos["sequence_lengths"].shape[0] > total:  # more sequences than tokens: refused before it is read
-                raise TraceError(f"{path}: 'sequence_lengths' names more sequences than the {total} traced tokens")
-            lengths = _read_rows(reader, infos["sequence_lengths"], 0, None)
-        _check_sequence_lengths(lengths, total, path)
-        ends = torch.cumsum(lengths, 0) if lengths is not None else None
-        for start in range(0, total, tokens):
-            end = min(start + tokens, total)
-            rows = {name: _read_rows(reader, info, start, end) for name, info in infos.items()
-                    if name in TENSORS and name != "sequence_lengths"}
-            piece = Trace(metadata=dict(metadata), **rows, sequence_lengths=_cut(ends, start, end))
-            piece.validate(f"{path}, rows {start}..{end - 1}")
-            yield piece
-    finally:
-        reader.close()
+    return TraceFile.open(path).pieces(tokens)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One safetensors file of a trace: where its tensors are and how many rows it holds."""
+
+    path: Path
+    infos: dict[str, TensorInfo]
+    tokens: int
+
+
+@dataclass(frozen=True)
+class TraceFile:
+    """A trace on disk, opened but not read: its metadata, its size, and its rows in pieces (``pieces``).
+
+    ``path`` is one trace file, or the parts folder a chunked recording writes (``parts_folder``), whose
+    parts hold consecutive rows. Only the headers are read here; ``first`` keeps the first rows, as
+    ``Trace.first`` does. A ``TraceFile`` is small to pickle: processes that replay it read the file themselves.
+    """
+
+    path: Path
+    metadata: dict[str, str]
+    parts: tuple[_Part, ...]
+    num_tokens: int
+
+    @classmethod
+    def open(cls, path: str | Path) -> TraceFile:
+        """Read the headers of the trace at ``path`` and check them as ``load_trace`` would (the rows are checked
+        as they are read)."""
+        path = _existing(path)
+        files = _part_files(path) if path.is_dir() else [path]
+        parts, metadata = [], None
+        for file in files:
+            infos = _read_header(file)
+            meta = _file_metadata(file)
+            _check_metadata(meta, file)
+            part = _Part(file, infos, _check_layout(file, infos))
+            if parts and (meta != metadata or _row_layout(part) != _row_layout(parts[0])):
+                raise TraceError(f"{file}: its metadata or tensors differ from {parts[0].path}'s; the parts of "
+                                 f"{path} are not of one trace")
+            parts.append(part)
+            metadata = meta
+        return cls(path, metadata, tuple(parts), sum(p.tokens for p in parts))
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.metadata["num_experts"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.metadata["top_k"])
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(x) for x in json.loads(self.metadata["layers"])]
+
+    @property
+    def tensors(self) -> list[str]:
+        """The trace tensors the file holds."""
+        return [name for name in TENSORS if name in self.parts[0].infos]
+
+    @property
+    def prediction_margin(self) -> int | None:
+        """How many experts beyond top_k the stored predictions name, or None without predictions."""
+        info = self.parts[0].infos.get("predicted")
+        return None if info is None else info.shape[2] - self.top_k
+
+    def first(self, tokens: int) -> TraceFile:
+        """The trace's first ``tokens`` rows (all of it if it is shorter); the sequence they end in is cut there."""
+        if tokens < 1:
+            raise TraceError(f"tokens={tokens}: keep at least one token of the trace")
+        return replace(self, num_tokens=min(tokens, self.num_tokens))
+
+    def pieces(self, tokens: int = 65536, *, tensors: Collection[str] | None = None,
+               reverse: bool = False) -> Iterator[Trace]:
+        """The rows as consecutive ``Trace`` pieces of at most ``tokens`` rows (``read_trace_chunks``), each validated.
+
+        ``tensors``: read only these of the trace's tensors (``experts`` and the sequence lengths always);
+        ``reverse``: the same pieces, last first.
+        """
+        if tokens < 1:
+            raise TraceError(f"tokens={tokens}: a piece holds at least one token")
+        wanted = set(TENSORS) if tensors is None else {"experts", "sequence_lengths", *tensors}
+        ranges = []  # (part, start, end)
+        offset = 0
+        for part in self.parts:
+            rows = min(part.tokens, self.num_tokens - offset)
+            ranges += [(part, start, min(start + tokens, rows)) for start in range(0, rows, tokens)]
+            offset += part.tokens
+        reader = FileReader("buffered")
+        try:
+            ends, ends_of = None, None
+            for part, start, end in reversed(ranges) if reverse else ranges:
+                if ends_of is not part:  # the sequence lengths of one part at a time
+                    ends, ends_of = _sequence_ends(reader, part), part
+                rows = {name: _read_rows(reader, info, start, end) for name, info in part.infos.items()
+                        if name in wanted and name in TENSORS and name != "sequence_lengths"}
+                piece = Trace(metadata=dict(self.metadata), **rows, sequence_lengths=_cut(ends, start, end))
+                piece.validate(f"{part.path}, rows {start}..{end - 1}")
+                yield piece
+        finally:
+            reader.close()
+
+    def load(self) -> Trace:
+        """The whole trace (its first ``num_tokens`` rows) in memory, as ``load_trace`` reads it."""
+        return concatenate(list(self.pieces(max(p.tokens for p in self.parts))))
+
+
+def concatenate(pieces: list[Trace]) -> Trace:
+    """Consecutive pieces of one trace (same metadata and tensors) as one ``Trace``; the sequences are the
+    pieces' sequences, one after another."""
+    def joined(name: str) -> torch.Tensor | None:
+        parts = [getattr(p, name) for p in pieces]
+        return None if parts[0] is None else torch.cat(parts)
+
+    trace = Trace(metadata=dict(pieces[0].metadata), **{name: joined(name) for name in TENSORS if name != "experts"},
+                  experts=joined("experts"))
+    trace.validate("joined trace")
+    return trace
+
+
+def _row_layout(part: _Part) -> dict[str, tuple]:
+    """A part's tensors by name: dtype and the shape of one row, which every part of a trace shares."""
+    return {name: (info.dtype, info.shape[1:]) for name, info in part.infos.items()}
+
+
+def _sequence_ends(reader: FileReader, part: _Part) -> torch.Tensor | None:
+    """Where each sequence of ``part`` ends (cumulative lengths), checked; None without sequence lengths."""
+    info = part.infos.get("sequence_lengths")
+    if info is None:
+        return None
+    if info.shape[0] > part.tokens:  # more sequences than tokens: refused before it is read
+        raise TraceError(f"{part.path}: 'sequence_lengths' names more sequences than the {part.tokens} traced tokens")
+    lengths = _read_rows(reader, info, 0, None)
+    _check_sequence_lengths(lengths, part.tokens, part.path)
+    return torch.cumsum(lengths, 0)
+
+
+# ---------------------------------------------------------------- the parts folder of a chunked recording
+
+PARTS_FORMAT = "offload_moe.trace.parts"
+PARTS_INDEX = "index.json"
+_PART_NAME = re.compile(r"part-[0-9]{6,9}\.safetensors")
+
+
+def parts_folder(path: str | Path) -> Path:
+    """Where a chunked recording to ``path`` keeps its parts until it finishes: ``PATH.parts``."""
+    path = Path(path)
+    return path.with_name(path.name + ".parts")
+
+
+def _part_files(folder: Path) -> list[Path]:
+    """The parts a trace's parts folder lists in its index, in order; each a plain file name in the folder."""
+    index = folder / PARTS_INDEX
+    if not index.exists():
+        raise TraceError(f"{folder} is a folder without {PARTS_INDEX}; give a trace file, or the parts folder of a "
+                         "chunked recording")
+    data = read_json(index, "trace parts index", TraceError)
+    names = data.get("parts") if isinstance(data, dict) and data.get("format") == PARTS_FORMAT else None
+    if (not isinstance(names, list) or not names or not all(isinstance(n, str) and _PART_NAME.fullmatch(n) for n in names)
+            or len(set(names)) != len(names)):
+        raise TraceError(f"{index} is not a trace parts index (format {PARTS_FORMAT!r} with a non-empty list of "
+                         f"distinct 'parts' named part-NNNNNN.safetensors); re-record the trace")
+    return [folder / name for name in names]
 
 
 def _file_metadata(path: Path) -> dict[str, str]:

@@ -2,12 +2,13 @@
 
     model = offload_moe.load(folder, cache_experts=32)
     trace = record_trace(model, [input_ids], source="held-out stdlib files")
+    path = record_trace_file(model, batches, "long.safetensors", source="...")  # written in parts as it goes
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -20,8 +21,10 @@ from ..generation import load_with_tokenizer
 from ..prefetch import GatePredictor
 from ..routing import find_routers
 from .format import Trace
+from .parts import TraceParts
 
 PROMPTS_LIMIT = 64 * 2**20  # bytes of a prompts file
+RECORD_CHUNK_TOKENS = 1024  # tokens a chunked recording keeps in memory before it writes them as a part
 
 
 class TraceRecorder:
@@ -123,6 +126,14 @@ class TraceRecorder:
         trace.validate("recorded trace")
         return trace
 
+    def take(self, **trace_options) -> Trace:
+        """``trace(**trace_options)``, and what was recorded is let go: the next call starts from here."""
+        trace = self.trace(**trace_options)
+        for kept in (self._experts, self._scores, self._predicted):
+            for calls in kept.values():
+                calls.clear()
+        return trace
+
 
 def record_trace(model: nn.Module, batches_of_input_ids: Iterable[torch.Tensor], *, source: str,
                  model_name: str | None = None, predict_margin: int | None = None, max_new_tokens: int = 0,
@@ -136,30 +147,73 @@ def record_trace(model: nn.Module, batches_of_input_ids: Iterable[torch.Tensor],
     predictor's guesses (``Trace.predicted``). ``source`` says where the tokens came from and is
     stored in the metadata. ``on_batch`` is called after each batch (for progress bars).
     """
-    device = _input_device(model)
     ids, lengths = [], []
     with TraceRecorder(model, predict_margin=predict_margin) as recorder:
-        with torch.inference_mode():
-            for batch in batches_of_input_ids:
-                batch = torch.as_tensor(batch)
-                batch = batch.unsqueeze(0) if batch.dim() == 1 else batch  # [B, S]
-                if max_new_tokens > 0:
-                    for row in batch:
-                        before = recorder.num_tokens
-                        out = model.generate(row[None].to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                                             pad_token_id=_pad_id(model))
-                        fed = recorder.num_tokens - before  # the prompt, then one step per new token but the last
-                        ids.append(out[0, :fed].cpu())
-                        lengths.append(fed)
-                else:
-                    model(input_ids=batch.to(device))
-                    ids.append(batch.reshape(-1).cpu())
-                    lengths.extend([batch.shape[1]] * batch.shape[0])
-                if on_batch is not None:
-                    on_batch()
+        for sequence_ids, sequence_lengths in _sequences(model, recorder, batches_of_input_ids, max_new_tokens, on_batch):
+            ids.append(sequence_ids)
+            lengths.extend(sequence_lengths)
         # built outside inference mode, so that the trace's tensors can be edited like any others
         return recorder.trace(source=source, model_name=model_name, token_ids=torch.cat(ids) if ids else None,
                               sequence_lengths=lengths)
+
+
+def record_trace_file(model: nn.Module, batches_of_input_ids: Iterable[torch.Tensor], out: str | Path, *, source: str,
+                      chunk_tokens: int = RECORD_CHUNK_TOKENS, model_name: str | None = None,
+                      predict_margin: int | None = None, max_new_tokens: int = 0,
+                      on_batch: Callable[[], None] | None = None) -> Path:
+    """``record_trace``, written to the trace file ``out`` as it goes: memory holds ``chunk_tokens`` tokens (and
+    one batch, or one prompt and its generated tokens), however long the recording.
+
+    Once ``chunk_tokens`` or more are recorded, at the end of a batch (or of a prompt's generation), they
+    are written as a part into ``PATH.parts`` (``traces.parts``); at the end the parts are joined into
+    ``out``, which then holds what ``save_trace(record_trace(...), out)`` would, and the folder goes. Killed
+    or failing midway, the recording leaves the parts folder, a valid trace of every part written, which
+    ``load_trace`` and ``offload-moe profile --trace`` read; a folder left by an earlier recording to ``out``
+    is refused, never written over. Returns ``out``.
+    """
+    if chunk_tokens < 1:
+        raise TraceError(f"chunk_tokens={chunk_tokens}: a part of the recording holds at least one token")
+    parts = TraceParts(out)
+    ids, lengths = [], []
+    with TraceRecorder(model, predict_margin=predict_margin) as recorder:
+        def write_part() -> None:
+            parts.append(recorder.take(source=source, model_name=model_name, token_ids=torch.cat(ids),
+                                       sequence_lengths=lengths))
+            ids.clear()
+            lengths.clear()
+
+        for sequence_ids, sequence_lengths in _sequences(model, recorder, batches_of_input_ids, max_new_tokens, on_batch):
+            ids.append(sequence_ids)
+            lengths.extend(sequence_lengths)
+            if recorder.num_tokens >= chunk_tokens:
+                write_part()
+        if lengths:
+            write_part()
+    return parts.finish()
+
+
+def _sequences(model: nn.Module, recorder: TraceRecorder, batches_of_input_ids: Iterable[torch.Tensor],
+               max_new_tokens: int, on_batch: Callable[[], None] | None) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """Run each batch through the model inside ``recorder``; yields, as each is recorded, the token ids fed [n]
+    and the lengths of the sequences they make: a batch's rows, or a prompt and its generated tokens."""
+    device = _input_device(model)
+    for batch in batches_of_input_ids:
+        batch = torch.as_tensor(batch)
+        batch = batch.unsqueeze(0) if batch.dim() == 1 else batch  # [B, S]
+        if max_new_tokens > 0:
+            for row in batch:
+                before = recorder.num_tokens
+                with torch.inference_mode():
+                    out = model.generate(row[None].to(device), max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=_pad_id(model))
+                fed = recorder.num_tokens - before  # the prompt, then one step per new token but the last
+                yield out[0, :fed].cpu(), [fed]
+        else:
+            with torch.inference_mode():
+                model(input_ids=batch.to(device))
+            yield batch.reshape(-1).cpu(), [batch.shape[1]] * batch.shape[0]
+        if on_batch is not None:
+            on_batch()
 
 
 def _pad_id(model: nn.Module) -> int | None:
@@ -225,6 +279,28 @@ def record_prompts(model_path: str | Path | None, prompts: list[str], *, source:
     Each prompt is one sequence: its tokens, then ``max_new_tokens`` greedy decoding steps. The gate
     predictor's guesses are kept with ``predict_margin`` (None: not recorded).
     """
+    model, batches = _loaded(model_path, prompts, load_options)
+    try:
+        return record_trace(model, batches, source=source, predict_margin=predict_margin,
+                            max_new_tokens=max_new_tokens, on_batch=on_prompt)
+    finally:
+        model.offload.close()
+
+
+def record_prompts_file(model_path: str | Path | None, prompts: list[str], out: str | Path, *, source: str,
+                        chunk_tokens: int = RECORD_CHUNK_TOKENS, predict_margin: int | None = 1, max_new_tokens: int = 0,
+                        on_prompt: Callable[[], None] | None = None, **load_options) -> Path:
+    """``record_prompts``, written to the trace file ``out`` in parts as it goes (``record_trace_file``); returns ``out``."""
+    model, batches = _loaded(model_path, prompts, load_options)
+    try:
+        return record_trace_file(model, batches, out, source=source, chunk_tokens=chunk_tokens,
+                                 predict_margin=predict_margin, max_new_tokens=max_new_tokens, on_batch=on_prompt)
+    finally:
+        model.offload.close()
+
+
+def _loaded(model_path: str | Path | None, prompts: list[str], load_options: dict) -> tuple[nn.Module, list[torch.Tensor]]:
+    """The model at ``model_path`` loaded with ``load_options``, and ``prompts`` tokenized by its tokenizer [1, S] each."""
     if not prompts:
         raise TraceError("no prompts to record")
     batches = []
@@ -236,8 +312,4 @@ def record_prompts(model_path: str | Path | None, prompts: list[str], *, source:
             raise TraceError(f"prompt {empty[0] + 1} tokenizes to nothing; remove it")
 
     model, _ = load_with_tokenizer(model_path, before_load=tokenize, **{"progress": False, **load_options})
-    try:
-        return record_trace(model, batches, source=source, predict_margin=predict_margin,
-                            max_new_tokens=max_new_tokens, on_batch=on_prompt)
-    finally:
-        model.offload.close()
+    return model, batches

@@ -313,7 +313,8 @@ def convert_int4_tiles(packed: torch.Tensor, layout: Int4Layout, *, out: torch.T
 
 _LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F  # of each byte of an int64 word
 _HIGH_NIBBLES_OF_EVEN_BYTES = 0x00F000F000F000F0
-TILES_AT_ONCE = 4  # 64-row tiles converted together: 4 x in x 32 bytes (512 KiB for in = 4096) stay in cache
+CONVERT_CHUNK = 2**21  # bytes of 64-row tiles converted together (at least one tile): few torch calls (each may wake
+# torch's threads), and temporaries of a few MiB that stay in cache
 
 
 def _split_tiles(src: torch.Tensor, dst: torch.Tensor, halves: bool) -> None:
@@ -322,7 +323,7 @@ def _split_tiles(src: torch.Tensor, dst: torch.Tensor, halves: bool) -> None:
     2c + 1; the first new tile takes ``a_lo | b_lo << 4``, the second ``a_hi | b_hi << 4``. One delta swap (exchange
     a's high nibble with b's low one) makes both, on int64 words of contiguous bytes."""
     tiles, cols = src.shape[0], src.shape[1]
-    n = min(TILES_AT_ONCE, tiles)
+    n = min(max(1, CONVERT_CHUNK // (32 * cols)), tiles)
     scratch = None if halves else torch.empty(n, cols * 4, dtype=torch.int64)  # [n, in x 32 bytes]
     swap = torch.empty(n, cols * 2 if halves else cols * 4, dtype=torch.int64)
     for start in range(0, tiles, n):

@@ -376,14 +376,14 @@ def test_int4_converting_stored_bytes_equals_packing_in_that_layout(layout, rows
 
 
 def test_int4_conversion_works_tile_group_by_tile_group(monkeypatch):
-    """Tiles converted a few at a time (``TILES_AT_ONCE``), with a short last group, give the same bytes."""
+    """Tiles converted a few at a time (``CONVERT_CHUNK`` bytes), with a short last group, give the same bytes."""
     from offload_moe import quant
 
     codes = torch.randint(0, 16, (7 * 64 + 48, 64), generator=generator(3)).to(torch.uint8)
     for layout in (AVX2, DEFAULT):
         want = pack_int4_tiles(codes, layout)
-        for at_once in (1, 3, 100):
-            monkeypatch.setattr(quant, "TILES_AT_ONCE", at_once)
+        for at_once in (1, 3, 100):  # 64 columns: a tile is 2 KiB
+            monkeypatch.setattr(quant, "CONVERT_CHUNK", at_once * 2048)
             assert torch.equal(convert_int4_tiles(pack_int4_tiles(codes), layout), want), (layout, at_once)
 
 

@@ -48,7 +48,8 @@ PER_PART = ("scale_inv", "scales_and_zeros")  # components a slot holds one entr
 class ExpertFormat:
     """How a checkpoint stores its experts: ``kind`` None (plain tensors), ``fp8``, ``mxfp4``, ``int8`` or ``int4``;
     ``block`` is FP8's block (rows, columns) or int4's group size (one number). ``int4_layout``: the byte layout of
-    int4's ``qweight`` (``quant.Int4Layout``): files store ``AVX512``; slots may hold another (``kernels.held_format``)."""
+    int4's ``qweight`` (``quant.Int4Layout``): files store ``AVX512``; slots may hold another
+    (``kernels.held_format``)."""
 
     kind: str | None = None
     block: tuple[int, ...] = ()

@@ -93,7 +93,7 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
 PACKED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # activations torch's CPU int8/int4 kernels take
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 INT4_KERNEL_ROWS = 16  # the kernel takes row counts (of each row part) that are multiples of this
-_PROBE_ROWS = 112  # one tile of 64 and a partial one of 48; or three of 32 and one of 16: tells every known layout apart
+_PROBE_ROWS = 112  # a tile of 64 and a last one of 48, or three of 32 and one of 16: tells the known layouts apart
 
 
 @functools.cache

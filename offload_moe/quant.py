@@ -37,6 +37,7 @@ int4 (offload_moe's own)
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -220,12 +221,11 @@ def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> tupl
 
 def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
                     name: str = "int4 weight", out: torch.Tensor | None = None,
-                    layout: Int4Layout | None = None) -> torch.Tensor:
+                    layout: Int4Layout = AVX512) -> torch.Tensor:
     """``packed`` uint8 [..., out, in/2] (tiles) and ``scales_and_zeros`` [..., G, out, 2] -> [..., out, in] in
     ``dtype``, the group size being in / G: ``(code - 8) * scale``, then ``+ zero``, each in float32, rounded once
     to ``dtype``. ``out`` (floating, that shape): written in place and returned; a 16-bit one through float32
-    chunks of at most ``INT4_CHUNK`` values, a float32 one directly. ``layout``: the bytes' (default ``AVX512``)."""
-    layout = layout or AVX512
+    chunks of at most ``INT4_CHUNK`` values, a float32 one directly. ``layout``: the bytes' (``Int4Layout``)."""
     _expect_dtype(packed, torch.uint8, name)
     sz = scales_and_zeros
     rows, cols = (packed.shape[-2], 2 * packed.shape[-1]) if packed.dim() >= 2 else (0, 0)
@@ -244,7 +244,8 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype:
     elif not out.is_contiguous():
         return out.copy_(dequantize_int4(packed, sz, out.dtype, name=name, layout=layout))
     # addcmul would do it in one pass, but may fuse the multiply and add (one rounding, not two): not bit-equal
-    codes = unpack_int4_tiles(packed, layout).view(torch.int8).sub_(INT4_MID).view(-1, groups, cols // groups)  # [N, G, group]
+    codes = unpack_int4_tiles(packed, layout).view(torch.int8).sub_(INT4_MID)
+    codes = codes.view(-1, groups, cols // groups)  # [N, G, group]
     scale, zero = (t[..., None].reshape(-1, groups, 1) for t in sz.float().transpose(-3, -2).unbind(-1))
     target = out.unflatten(-1, (groups, cols // groups)).view(-1, groups, cols // groups)
     if out.dtype == torch.float32:
@@ -297,13 +298,14 @@ def convert_int4_tiles(packed: torch.Tensor, layout: Int4Layout, *, out: torch.T
     Into tiles of 32 rows (``AVX2``, ``DEFAULT``) the nibbles move by byte-wise operations on int64 words, with no
     unpacking: a 64-row tile's low nibbles are its rows 0..31 (byte b of a column holds row b) and its high nibbles
     rows 32..63, so each tile of 32 rows pairs the low (or the high) nibbles of two bytes. A last tile of fewer rows
-    (and any other layout) goes through the codes."""
+    (and any other layout, or a big-endian machine) goes through the codes."""
     rows, half = packed.shape
     if out is None:
         out = torch.empty_like(packed)
     if layout == AVX512:
         return out.copy_(packed)
-    full = rows - rows % AVX512.tile if layout.tile == AVX512.tile // 2 else 0
+    words = layout.tile == AVX512.tile // 2 and sys.byteorder == "little"  # int16 lanes read a byte pair low first
+    full = rows - rows % AVX512.tile if words else 0
     if full:
         _split_tiles(packed[:full].view(-1, 2 * half, 32), out[:full].view(-1, 2, 2 * half, 16), layout.halves)
     if full < rows:

@@ -308,7 +308,8 @@ class Mover:
         for piece in self.store.expert_pieces(layer, expert):
             dest = views[piece.param][piece.index]
             if self._int4_layout is not None and piece.param.endswith(".qweight"):  # an int4 weight's tiles
-                convert_int4_tiles(_source(land(self.store, piece, self._staging()), piece), self._int4_layout, out=dest)
+                stored = _source(land(self.store, piece, self._staging()), piece)
+                convert_int4_tiles(stored, self._int4_layout, out=dest)
             elif piece.whole and piece.dtype == dest.dtype and dest.is_contiguous():
                 self.store.read_piece(piece, dest)
             else:

@@ -51,7 +51,7 @@ quant.dequantize_int4 = counted
 layout = kernels.int4_kernel_layout()
 out = {"capability": torch.backends.cpu.get_cpu_capability(), "layout": layout and layout.name, "runs": {}}
 g = torch.Generator().manual_seed(0)
-w, x = torch.randn(240, 128, generator=g), torch.randn(3, 128, generator=g)  # 240 rows: tiles of 64 (32) and a last of 48 (16)
+w, x = torch.randn(240, 128, generator=g), torch.randn(3, 128, generator=g)  # 240 rows: a last tile of 48 (16) rows
 packed, sz = quant.quantize_int4(w, 32)
 want = x @ dequantize(packed, sz, torch.float32).T
 got = torch._weight_int4pack_mm_for_cpu(x, quant.convert_int4_tiles(packed, layout), 32, sz)
@@ -106,12 +106,13 @@ def run_under(mode: str, folder: Path, prompt: torch.Tensor) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize(("mode", "capability", "layout"), [("avx2", "AVX2", "avx2"), ("default", "DEFAULT", "default")])
+@pytest.mark.parametrize(("mode", "capability", "layout"),
+                         [("avx2", "AVX2", "avx2"), ("default", "DEFAULT", "default")])
 def test_int4_runs_torchs_kernel_under_each_cpu_code(int4_model, mode, capability, layout):
     """No int4 weight is dequantized to compute: each runs torch's kernel from a slot's converted bytes, in every
     way experts reach a slot (a miss, a prefetch, the host tier, the fill at load, ``io="mmap"``), under ``load`` and
-    ``offload_experts(quantize="int4")``; logits within RTOL and the same greedy tokens as transformers' dequantized model; a
-    miss moves the stored bytes, no more; the model's files are untouched."""
+    ``offload_experts(quantize="int4")``; logits within RTOL and the same greedy tokens as transformers' dequantized
+    model; a miss moves the stored bytes, no more; the model's files are untouched."""
     folder, prompt, want_logits, want_tokens = int4_model
     before = digest(folder)
     out = run_under(mode, folder, prompt)
@@ -128,8 +129,9 @@ def test_int4_runs_torchs_kernel_under_each_cpu_code(int4_model, mode, capabilit
         if name in ("slots", "mmap"):  # each miss read one expert's stored bytes, no more
             assert run["misses"] > 0 and disk == run["misses"] * expert, name
     mmap = out["runs"]["mmap"]
-    assert mmap["mapped"] == 0 and mmap["moved"]["mapped"] == 0 and "converted into this CPU's kernel layout" in mmap["io_reason"]
-    assert out["runs"]["host tier"]["moved"]["host_to_device"] > 0  # the host tier held converted bytes, copied as they are
+    assert mmap["mapped"] == 0 and mmap["moved"]["mapped"] == 0  # read into slots, never computed from the mapping
+    assert "converted into this CPU's kernel layout" in mmap["io_reason"]
+    assert out["runs"]["host tier"]["moved"]["host_to_device"] > 0  # host slots hold converted bytes, copied as they are
     assert out["runs"]["prefetch"]["prefetched"] > 0
     assert digest(folder) == before
 

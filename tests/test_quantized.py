@@ -22,8 +22,8 @@ from offload_moe import quant
 from offload_moe.formats import ExpertFormat
 from offload_moe.kernels import Scratch, int4_kernel_layout, quantized_linear
 from offload_moe.errors import CheckpointError, ConfigError
-from tiny_models import (dequantized_copy, load_dequantized, make_fp8_model, make_int_model, make_model, make_mxfp4_model,
-                         relative_error)
+from tiny_models import (dequantized_copy, load_dequantized, make_fp8_model, make_int_model, make_model,
+                         make_mxfp4_model, relative_error)
 
 RTOL = 1e-3
 KERNEL_SIZES = dict(hidden_size=64, intermediate_size=96)

@@ -158,3 +158,18 @@ def test_cpu_slots_hold_int4_in_the_kernels_layout_where_it_takes_every_weight(m
 def test_cpu_slots_hold_int4_as_stored_where_the_kernel_reads_it_or_none_is_known(monkeypatch, kernel_layout):
     monkeypatch.setattr(kernels, "int4_kernel_layout", lambda: kernel_layout)
     assert kernels.held_format(INT4, SHAPES, torch.device("cpu")) == INT4
+
+
+def test_the_benchmark_runs_quick_and_writes_its_json(tmp_path):
+    """benchmarks/int4_layouts.py --quick (this process's CPU code): every row measured, the kernel path taken."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("int4_layouts_benchmark", ROOT / "benchmarks" / "int4_layouts.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    report = script.main(["--quick", "--json", str(tmp_path / "int4.json")])
+    result = json.loads((tmp_path / "int4.json").read_text())["result"]
+    assert result == json.loads(json.dumps(report["result"]))
+    assert set(result["seconds"]) == {"fallback", "kernel", "convert", "copy", "unpack+torch pack"}
+    assert all(min(row["rounds"]) > 0 for row in result["seconds"].values())
+    assert result["kernel_path"] and result["relative_error"] < 2e-2  # bf16 activations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from . import memory
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
 from .config import MIN_CACHE_EXPERTS, Budget, OffloadConfig, check_within, format_bytes, parse_bytes, shown
 from .errors import BudgetError, ConfigError, UnsupportedModelError
-from .kernels import Scratch
+from .kernels import Scratch, held_format
 from .memory import IoChoice, MemoryRoom, choose_io
 from .policies import make_policy
 from .planning import device_slots, host_slots, kv_reserve, workspace_bytes
@@ -146,17 +146,21 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
     the layers' stand-ins in the order of ``assembly.layers``; each gets the cache and the prefetcher. A
     tier that holds every expert is filled here. ``forward`` and ``generate`` take the cache's lock.
     ``store`` (and ``owned_folder``, a folder made for it) belong to the handle from here on: closed with
-    the model, or here on an error.
+    the model, or here on an error. int4 experts on a CPU whose torch kernel reads another byte layout are held in
+    that one (``kernels.held_format``): the mover converts each as it fills a slot, and none computes from a mapping.
     """
     config, layers, layout, total = assembly.config, assembly.layers, assembly.layout, assembly.total_experts
     dev, predictor = config.device, assembly.predictor
+    held = held_format(layout.format, layout.shapes, dev)
+    if held != layout.format:
+        layout = replace(layout, format=held)
     mover = cache = host = None
     try:
         if assembly.host_slots:
             host = HostTier(Residency(assembly.host_slots, make_policy(config.host_policy, seed=config.seed)),
                             SlotPool(assembly.host_slots, layout, torch.device("cpu"),
                                      pin=dev if dev.type == "cuda" else False))
-        mover = make_mover(dev, store, config.readers)
+        mover = make_mover(dev, store, config.readers, held)
         cache = ExpertCache(Residency(assembly.capacity, make_policy(config.policy, seed=config.seed)),
                             SlotPool(assembly.capacity, layout, dev), store, mover, host,
                             {layer.layer: layer.where for layer in layers}, read_timeout=config.read_timeout)
@@ -182,6 +186,9 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
     modules = [s if isinstance(s, nn.Module) else s.module for s in stand_ins]
     handle = OffloadHandle(model, cache, prefetcher, layers, modules, folder, name, owned_folder, cleanups)
     handle.io_reason = assembly.io.reason
+    if held != assembly.layout.format and assembly.io.io == "mmap":
+        handle.io_reason += (f"; int4 experts are converted into this CPU's kernel layout ({held.int4_layout.name}) as "
+                             "they fill slots, so they are read into slots, not computed from the mapping")
     serialise(model, cache)
     if getattr(model, "offload", None) is None:
         model.offload = handle

@@ -404,7 +404,7 @@ class ExpertCache:
         self.mover = mover
         self.host = host
         self.layer_names = layer_names or {}
-        self.source = make_source(store, pool.device, pool.layout.dtype)
+        self.source = make_source(store, pool.device, pool.layout.dtype, pool.layout.format)
         self.reuse = True  # False: drop each expert after use (the no-reuse baseline of the benchmarks)
         self.read_timeout = read_timeout  # seconds a layer waits for one expert before giving up; None: forever
         self.flow = FlowCounters()

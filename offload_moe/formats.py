@@ -18,6 +18,8 @@ The formats, each component per expert, logical weight W [out, in] (``F.linear``
 - ``int4`` (offload_moe's own): ``qweight`` uint8 [out, in/2] in torch's CPU tile layout (``quant.pack_int4_tiles``),
   ``scales_and_zeros`` bfloat16 (or float32) [parts, in/G, out_part, 2], one entry per row part as FP8's scales, as
   ``torch._weight_int4pack_mm_for_cpu`` takes them: each row part is a matrix that kernel computes as it lies.
+  Stored in the kernel's AVX-512 layout; slots on a CPU whose torch packs another way hold that one instead
+  (``int4_layout``: the mover converts each weight as it fills a slot, ``kernels.held_format``).
 
 Components stored per row part (``PER_PART``) lead with the part in a slot, so a slot's weight still knows its parts.
 """
@@ -45,10 +47,13 @@ PER_PART = ("scale_inv", "scales_and_zeros")  # components a slot holds one entr
 @dataclass(frozen=True)
 class ExpertFormat:
     """How a checkpoint stores its experts: ``kind`` None (plain tensors), ``fp8``, ``mxfp4``, ``int8`` or ``int4``;
-    ``block`` is FP8's block (rows, columns) or int4's group size (one number)."""
+    ``block`` is FP8's block (rows, columns) or int4's group size (one number). ``int4_layout``: the byte layout of
+    int4's ``qweight`` (``quant.Int4Layout``): files store ``AVX512``; slots may hold another
+    (``kernels.held_format``)."""
 
     kind: str | None = None
     block: tuple[int, ...] = ()
+    int4_layout: quant.Int4Layout = quant.AVX512
 
     @property
     def name(self) -> str:
@@ -121,7 +126,7 @@ class ExpertFormat:
             else:
                 out[name] = t
         for param, components in packed.items():
-            out[param] = QuantizedWeight(self.kind, _parts(components), self.block)
+            out[param] = QuantizedWeight(self.kind, _parts(components), self.block, self.int4_layout)
         return out
 
 
@@ -177,11 +182,13 @@ def quant_method(quantization_config: object, path: object) -> str:
 
 @dataclass(frozen=True, eq=False)
 class QuantizedWeight:
-    """A weight [out, in] in a packed ``kind``, as consecutive blocks of rows (``parts``), each its components."""
+    """A weight [out, in] in a packed ``kind``, as consecutive blocks of rows (``parts``), each its components;
+    int4's bytes in ``int4_layout``."""
 
     kind: str
     parts: tuple[dict[str, torch.Tensor], ...]
     block: tuple[int, ...] = ()
+    int4_layout: quant.Int4Layout = quant.AVX512
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -192,7 +199,7 @@ class QuantizedWeight:
         row = 0
         for part in self.parts:
             rows = _rows(self.kind, part)
-            _dequantize_into(self.kind, part, self.block, out[row : row + rows])
+            _dequantize_into(self.kind, part, self.block, out[row : row + rows], self.int4_layout)
             row += rows
         return out
 
@@ -226,7 +233,8 @@ def _cols(kind: str, part: dict[str, torch.Tensor]) -> int:
     return part["qweight"].shape[1] * (2 if kind == "int4" else 1)
 
 
-def _dequantize_into(kind: str, part: dict[str, torch.Tensor], block: tuple[int, ...], out: torch.Tensor) -> None:
+def _dequantize_into(kind: str, part: dict[str, torch.Tensor], block: tuple[int, ...], out: torch.Tensor,
+                     int4_layout: quant.Int4Layout) -> None:
     if kind == "fp8":
         quant.dequantize_fp8_blocks(part["weight"], part["scale_inv"], block, out.dtype, out=out)
     elif kind == "mxfp4":
@@ -234,7 +242,7 @@ def _dequantize_into(kind: str, part: dict[str, torch.Tensor], block: tuple[int,
     elif kind == "int8":
         quant.dequantize_int8(part["qweight"], part["scales"], out.dtype, out=out)
     else:
-        quant.dequantize_int4(part["qweight"], part["scales_and_zeros"], out.dtype, out=out)
+        quant.dequantize_int4(part["qweight"], part["scales_and_zeros"], out.dtype, out=out, layout=int4_layout)
 
 
 def dequantize_dense(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, ...], name: str,

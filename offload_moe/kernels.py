@@ -7,13 +7,18 @@ checkpoint, where a weight may come as ``RowBlocks`` (a gate and an up projectio
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from .formats import QuantizedWeight
+from . import quant
+from .formats import ExpertFormat, QuantizedWeight
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,10 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     On the CPU, int8 and int4 go to torch's weight-only kernels, which read the packed bytes as they lie (a
     slot's, or the mapped file's with ``io="mmap"``): ``torch._weight_int8pack_mm`` and
     ``torch._weight_int4pack_mm_for_cpu`` took 57 and 60-67 ms per Mixtral expert where dequantizing first took
-    363 and 1,100-1,500 ms (BENCHMARKS.md, "Expert kernels on CPU"). Everything else (FP8, MXFP4; CUDA; an int4
-    weight the kernel cannot take) is dequantized into ``scratch`` (the model's one), then the usual matmul.
+    363 and 1,100-1,500 ms (BENCHMARKS.md, "Expert kernels on CPU"). int4 bytes must be in the layout this
+    torch's kernel reads (``int4_kernel_layout``): files hold AVX-512's, and slots on other CPUs the converted one
+    (``held_format``). Everything else (FP8, MXFP4; CUDA; an int4 weight the kernel cannot take, or in another
+    layout) is dequantized into ``scratch`` (the model's one), then the usual matmul.
     """
     if x.device.type == "cpu" and x.dtype in PACKED_DTYPES and _packed_kernel_fits(weight):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels take [tokens, in]
@@ -85,16 +92,54 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
 
 PACKED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # activations torch's CPU int8/int4 kernels take
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
-# The int4 kernel's layout is the AVX-512 one only when torch runs its AVX-512 code (ATEN_CPU_CAPABILITY may lower it)
-INT4_KERNEL_LAYOUT = torch.backends.cpu.get_cpu_capability() == "AVX512"
+INT4_KERNEL_ROWS = 16  # the kernel takes row counts (of each row part) that are multiples of this
+_PROBE_ROWS = 112  # a tile of 64 and a last one of 48, or three of 32 and one of 16: tells the known layouts apart
+
+
+@functools.cache
+def int4_kernel_layout() -> quant.Int4Layout | None:
+    """The byte layout torch's CPU int4 kernel reads in this process, found once from torch itself: codes packed by
+    ``torch._convert_weight_to_int4pack_for_cpu``, compared with each layout offload_moe knows (``quant.INT4_LAYOUTS``).
+    It follows the CPU code torch runs (AVX-512, AVX2 or plain; ``ATEN_CPU_CAPABILITY`` may lower it), fixed at
+    torch's import. None where torch packs some other way or lacks the kernel: int4 is then dequantized to compute."""
+    codes = torch.randint(0, 16, (_PROBE_ROWS, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    try:
+        theirs = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    except (AttributeError, RuntimeError) as e:  # a torch without the kernel, or built without it
+        log.info("int4 experts are dequantized to compute: torch's CPU int4 packing is unavailable (%s)", e)
+        return None
+    ours = codes.to(torch.uint8)
+    for layout in quant.INT4_LAYOUTS:
+        if theirs.shape == (_PROBE_ROWS, 32) and torch.equal(theirs, quant.pack_int4_tiles(ours, layout)):
+            return layout
+    log.info("int4 experts are dequantized to compute: torch %s packs int4 in a layout offload_moe does not know",
+             torch.__version__)
+    return None
+
+
+def held_format(fmt: ExpertFormat, shapes: dict[str, tuple[int, ...]], device: torch.device) -> ExpertFormat:
+    """The format slots on ``device`` hold experts of ``fmt`` in, their slot tensors being ``shapes``: ``fmt``, but
+    for int4 on a CPU whose torch kernel reads another byte layout than the stored AVX-512 one (AVX2, plain) and
+    takes every weight (``INT4_KERNEL_GROUPS``, row parts of a multiple of ``INT4_KERNEL_ROWS``): then that layout.
+    The mover rearranges each weight's bytes into it as it fills a slot (``quant.convert_int4_tiles``, once a fill,
+    where dequantizing would cost every call), so hits run the kernel from the slot as it lies."""
+    if fmt.kind != "int4" or device.type != "cpu":
+        return fmt
+    layout = int4_kernel_layout()
+    parts = [shape[-2] for name, shape in shapes.items() if name.endswith(".scales_and_zeros")]  # [parts, G, rows, 2]
+    if (layout is None or layout == fmt.int4_layout or fmt.block[0] not in INT4_KERNEL_GROUPS
+            or any(rows % INT4_KERNEL_ROWS for rows in parts)):
+        return fmt
+    return replace(fmt, int4_layout=layout)
 
 
 def _packed_kernel_fits(weight: QuantizedWeight) -> bool:
     if weight.kind == "int8":
         return all(p["qweight"].is_contiguous() for p in weight.parts)
     if weight.kind == "int4":
-        return (INT4_KERNEL_LAYOUT and weight.block[0] in INT4_KERNEL_GROUPS
-                and all(p["qweight"].shape[0] % 16 == 0 and p["qweight"].is_contiguous() for p in weight.parts))
+        return (weight.int4_layout == int4_kernel_layout() and weight.block[0] in INT4_KERNEL_GROUPS
+                and all(p["qweight"].shape[0] % INT4_KERNEL_ROWS == 0 and p["qweight"].is_contiguous()
+                        for p in weight.parts))
     return False
 
 

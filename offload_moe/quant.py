@@ -28,13 +28,17 @@ int4 (offload_moe's own)
     ``scale = (max - min) / 15``, ``zero = min + 8 * scale``. Stored as torch's CPU int4 kernel
     (``torch._weight_int4pack_mm_for_cpu``) takes it on AVX-512, so it computes from the bytes as they lie:
     ``packed`` uint8 [..., out, in/2] in tiles of 64 rows (``pack_int4_tiles``), ``scales_and_zeros``
-    [..., in/group_size, out, 2] (a group's scale, then its zero). ``group_size`` must be even and divide
-    ``in``; ``out`` must be even (the kernel wants a multiple of 16 and groups of 32, 64, 128 or 256).
+    [..., in/group_size, out, 2] (a group's scale, then its zero). On AVX2 and plain CPUs torch's kernel reads
+    another tile layout (``Int4Layout``); ``convert_int4_tiles`` rearranges the stored bytes into it.
+    ``group_size`` must be even and divide ``in``; ``out`` must be even (the kernel wants a multiple of 16 and
+    groups of 32, 64, 128 or 256).
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -46,7 +50,6 @@ E8M0_BIAS = 127
 INT8_MAX = 127
 INT4_LEVELS = 15  # codes 0..15
 INT4_MID = 8
-INT4_TILE = 64  # rows a tile of torch's AVX-512 int4 layout
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel takes
 DEFAULT_GROUP_SIZE = 64  # int4's columns per scale and zero, unless asked otherwise
 FP8_BLOCK = (128, 128)
@@ -180,6 +183,25 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 
 # -- int4, group-wise asymmetric -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Int4Layout:
+    """How torch's CPU int4 kernel wants a packed int4 weight [out, in/2] laid out: it differs by the CPU code torch
+    runs (``torch.backends.cpu.get_cpu_capability()``, lowered by ``ATEN_CPU_CAPABILITY``). Rows go in tiles of
+    ``tile``, each tile column by column: for each column k, ``tile / 2`` bytes, byte d holding rows d (low nibble)
+    and d + tile/2 (high) with ``halves``, else rows 2d and 2d + 1. A last tile of r < ``tile`` rows holds, for
+    each column, r/2 bytes of rows 2m (low) and 2m + 1 (high). offload_moe stores ``AVX512``."""
+
+    name: str
+    tile: int
+    halves: bool
+
+
+AVX512 = Int4Layout("avx512", 64, True)  # the stored layout (format version 1): rows d and d + 32 in a byte
+AVX2 = Int4Layout("avx2", 32, True)  # rows d and d + 16
+DEFAULT = Int4Layout("default", 32, False)  # rows 2d and 2d + 1 (torch's plain C++ code)
+INT4_LAYOUTS = (AVX512, AVX2, DEFAULT)
+
+
 def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` [..., out, in] -> (packed uint8 [..., out, in/2] in torch's CPU tile layout (``pack_int4_tiles``),
     scales-and-zeros float32 [..., in/group_size, out, 2]): each group of ``group_size`` columns spans its
@@ -198,11 +220,12 @@ def quantize_int4(w: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> tupl
 
 
 def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
-                    name: str = "int4 weight", out: torch.Tensor | None = None) -> torch.Tensor:
+                    name: str = "int4 weight", out: torch.Tensor | None = None,
+                    layout: Int4Layout = AVX512) -> torch.Tensor:
     """``packed`` uint8 [..., out, in/2] (tiles) and ``scales_and_zeros`` [..., G, out, 2] -> [..., out, in] in
     ``dtype``, the group size being in / G: ``(code - 8) * scale``, then ``+ zero``, each in float32, rounded once
     to ``dtype``. ``out`` (floating, that shape): written in place and returned; a 16-bit one through float32
-    chunks of at most ``INT4_CHUNK`` values, a float32 one directly."""
+    chunks of at most ``INT4_CHUNK`` values, a float32 one directly. ``layout``: the bytes' (``Int4Layout``)."""
     _expect_dtype(packed, torch.uint8, name)
     sz = scales_and_zeros
     rows, cols = (packed.shape[-2], 2 * packed.shape[-1]) if packed.dim() >= 2 else (0, 0)
@@ -219,9 +242,10 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype:
     if out is None:
         out = torch.empty((*packed.shape[:-1], cols), dtype=dtype, device=packed.device)
     elif not out.is_contiguous():
-        return out.copy_(dequantize_int4(packed, sz, out.dtype, name=name))
+        return out.copy_(dequantize_int4(packed, sz, out.dtype, name=name, layout=layout))
     # addcmul would do it in one pass, but may fuse the multiply and add (one rounding, not two): not bit-equal
-    codes = unpack_int4_tiles(packed).view(torch.int8).sub_(INT4_MID).view(-1, groups, cols // groups)  # [N, G, group]
+    codes = unpack_int4_tiles(packed, layout).view(torch.int8).sub_(INT4_MID)
+    codes = codes.view(-1, groups, cols // groups)  # [N, G, group]
     scale, zero = (t[..., None].reshape(-1, groups, 1) for t in sz.float().transpose(-3, -2).unbind(-1))
     target = out.unflatten(-1, (groups, cols // groups)).view(-1, groups, cols // groups)
     if out.dtype == torch.float32:
@@ -237,30 +261,91 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype:
     return out
 
 
-def pack_int4_tiles(codes: torch.Tensor) -> torch.Tensor:
-    """Codes uint8 0..15 [..., out, in] (``out`` even) -> uint8 [..., out, in/2], the bytes
-    ``torch._convert_weight_to_int4pack_for_cpu`` makes on an AVX-512 CPU. Rows go in tiles of 64, each
-    tile column-major: for each column k, 32 bytes, byte d (d < 16) holding rows d (low nibble) and d + 32
-    (high), byte 16 + d rows d + 16 and d + 48. A last tile of r < 64 rows holds, for each column k, r/2 bytes:
-    rows 2m (low) and 2m + 1 (high). A tile's bytes depend only on its rows, so row blocks concatenate."""
+def pack_int4_tiles(codes: torch.Tensor, layout: Int4Layout = AVX512) -> torch.Tensor:
+    """Codes uint8 0..15 [..., out, in] (``out`` even) -> uint8 [..., out, in/2] in ``layout`` (``Int4Layout``), by
+    default the bytes ``torch._convert_weight_to_int4pack_for_cpu`` makes on an AVX-512 CPU, which offload_moe
+    stores. A tile's bytes depend only on its rows, so row blocks concatenate."""
     *lead, out, cols = codes.shape
-    full = out - out % INT4_TILE
-    tiles = codes[..., :full, :].unflatten(-2, (-1, 2, 2, INT4_TILE // 4))  # [..., T, high?, half, 16, in]
-    tiles = (tiles[..., 0, :, :, :] | (tiles[..., 1, :, :, :] << 4)).movedim(-1, -3)  # [..., T, in, 2, 16]
+    full = out - out % layout.tile
+    half = layout.tile // 2
+    tiles = codes[..., :full, :].unflatten(-2, (-1, 2, half) if layout.halves else (-1, half, 2))
+    if layout.halves:  # [..., T, high?, tile/2, in]
+        tiles = tiles[..., 0, :, :] | (tiles[..., 1, :, :] << 4)
+    else:  # [..., T, tile/2, high?, in]
+        tiles = tiles[..., 0, :] | (tiles[..., 1, :] << 4)
+    tiles = tiles.transpose(-1, -2)  # [..., T, in, tile/2]
     tail = codes[..., full:, :].unflatten(-2, (-1, 2))  # [..., r/2, 2, in]
     tail = (tail[..., 0, :] | (tail[..., 1, :] << 4)).transpose(-1, -2)  # [..., in, r/2]
     return torch.cat((tiles.reshape(*lead, full, cols // 2), tail.reshape(*lead, out - full, cols // 2)), -2)
 
 
-def unpack_int4_tiles(packed: torch.Tensor) -> torch.Tensor:
-    """``pack_int4_tiles`` undone: uint8 [..., out, in/2] -> codes uint8 [..., out, in]."""
+def unpack_int4_tiles(packed: torch.Tensor, layout: Int4Layout = AVX512) -> torch.Tensor:
+    """``pack_int4_tiles`` undone: uint8 [..., out, in/2] in ``layout`` -> codes uint8 [..., out, in]."""
     *lead, out, half = packed.shape
-    full = out - out % INT4_TILE
+    full = out - out % layout.tile
     nibbles = torch.stack((packed & 0x0F, packed >> 4), -1)  # [..., out, in/2, 2]: each byte's low, high
-    tiles = nibbles[..., :full, :, :].reshape(*lead, -1, 2 * half, 2, INT4_TILE // 4, 2)  # [..., T, in, half, 16, high?]
-    tiles = tiles.movedim(-1, -4).movedim(-3, -1).reshape(*lead, full, 2 * half)  # [..., T, high?, half, 16, in]
+    tiles = nibbles[..., :full, :, :].reshape(*lead, -1, 2 * half, layout.tile // 2, 2)  # [..., T, in, tile/2, high?]
+    tiles = tiles.movedim(-3, -1)  # [..., T, tile/2, high?, in]: rows 2d, 2d + 1 ...
+    tiles = (tiles.transpose(-3, -2) if layout.halves else tiles).reshape(*lead, full, 2 * half)  # ... or d, d + tile/2
     tail = nibbles[..., full:, :, :].reshape(*lead, 2 * half, (out - full) // 2, 2)  # [..., in, r/2, high?]
     return torch.cat((tiles, tail.movedim(-3, -1).reshape(*lead, out - full, 2 * half)), -2)
+
+
+def convert_int4_tiles(packed: torch.Tensor, layout: Int4Layout, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A stored (``AVX512``) int4 weight uint8 [out, in/2] -> the same weight in ``layout``, written into ``out``
+    (contiguous, that shape, not overlapping ``packed``) or a new tensor, and returned.
+
+    Into tiles of 32 rows (``AVX2``, ``DEFAULT``) the nibbles move by byte-wise operations on int64 words, with no
+    unpacking: a 64-row tile's low nibbles are its rows 0..31 (byte b of a column holds row b) and its high nibbles
+    rows 32..63, so each tile of 32 rows pairs the low (or the high) nibbles of two bytes. A last tile of fewer rows
+    (and any other layout, or a big-endian machine) goes through the codes."""
+    rows, half = packed.shape
+    if out is None:
+        out = torch.empty_like(packed)
+    if layout == AVX512:
+        return out.copy_(packed)
+    words = layout.tile == AVX512.tile // 2 and sys.byteorder == "little"  # int16 lanes read a byte pair low first
+    full = rows - rows % AVX512.tile if words else 0
+    if full:
+        _split_tiles(packed[:full].view(-1, 2 * half, 32), out[:full].view(-1, 2, 2 * half, 16), layout.halves)
+    if full < rows:
+        out[full:] = pack_int4_tiles(unpack_int4_tiles(packed[full:]), layout)
+    return out
+
+
+_LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F  # of each byte of an int64 word
+_HIGH_NIBBLES_OF_EVEN_BYTES = 0x00F000F000F000F0
+CONVERT_CHUNK = 2**21  # bytes of 64-row tiles converted together (at least one tile): few torch calls (each may wake
+# torch's threads), and temporaries of a few MiB that stay in cache
+
+
+def _split_tiles(src: torch.Tensor, dst: torch.Tensor, halves: bool) -> None:
+    """AVX-512 tiles ``src`` [T, in, 32] (a column's 32 bytes) -> tiles of 32 rows ``dst`` [T, 2, in, 16]. A new
+    byte pairs two old ones, ``a`` (low nibble) and ``b``: bytes c and c + 16 of a column (``halves``), or 2c and
+    2c + 1; the first new tile takes ``a_lo | b_lo << 4``, the second ``a_hi | b_hi << 4``. One delta swap (exchange
+    a's high nibble with b's low one) makes both, on int64 words of contiguous bytes."""
+    tiles, cols = src.shape[0], src.shape[1]
+    n = min(max(1, CONVERT_CHUNK // (32 * cols)), tiles)
+    scratch = None if halves else torch.empty(n, cols * 4, dtype=torch.int64)  # [n, in x 32 bytes]
+    swap = torch.empty(n, cols * 2 if halves else cols * 4, dtype=torch.int64)
+    for start in range(0, tiles, n):
+        stop = min(start + n, tiles)
+        if halves:  # gather the a bytes into the first new tile, the b bytes into the second, then swap in place
+            d = dst[start:stop]
+            d.copy_(src[start:stop].unflatten(-1, (2, 16)).transpose(1, 2))
+            a, b = (t.flatten(1).view(torch.int64) for t in d.unbind(1))  # [n, in x 2] words each
+            t = torch.bitwise_right_shift(a, 4, out=swap[: stop - start]).bitwise_xor_(b).bitwise_and_(_LOW_NIBBLES)
+            b.bitwise_xor_(t)
+            a.bitwise_xor_(t.bitwise_left_shift_(4))
+        else:  # a and b are adjacent bytes: swap within 16-bit lanes of a copy, then deal even and odd bytes out
+            w = scratch[: stop - start]
+            w.view(torch.uint8).view(-1, cols, 32).copy_(src[start:stop])
+            t = torch.bitwise_right_shift(w, 4, out=swap[: stop - start]).bitwise_xor_(w)
+            t.bitwise_and_(_HIGH_NIBBLES_OF_EVEN_BYTES)
+            w.bitwise_xor_(t).bitwise_xor_(t.bitwise_left_shift_(4))
+            lanes = w.view(torch.int16).view(stop - start, -1)  # [n, in x 16]: a | b << 8, little-endian
+            dst[start:stop, 0].view(stop - start, -1).copy_(lanes)  # a cast to uint8 keeps the low byte
+            dst[start:stop, 1].view(stop - start, -1).copy_(lanes.bitwise_right_shift_(8))
 
 
 def check_group_size(group_size: object, cols: int | None = None, where: str = "the weight") -> int:

@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 
 from .errors import CheckpointError
+from .formats import ExpertFormat
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -87,9 +88,13 @@ class MappedSource:
                 self._ahead.add(key)
 
 
-def make_source(store, device: torch.device, dtype: torch.dtype) -> Source | None:
+def make_source(store, device: torch.device, dtype: torch.dtype, held: ExpertFormat | None = None) -> Source | None:
     """The source for a store opened with ``io`` and slots on ``device``; None when every missing expert is read
-    into a slot."""
-    if getattr(store, "maps", None) is not None and device.type == "cpu":
-        return MappedSource(store, dtype)
-    return None
+    into a slot: without a mapping, and where the slots hold the experts in another ``held`` format than the store
+    (int4 in this CPU's kernel layout, ``kernels.held_format``): a view of the mapping would need that conversion at
+    every call, where a slot needs it once a fill."""
+    if getattr(store, "maps", None) is None or device.type != "cpu":
+        return None
+    if held is not None and held.int4_layout != store.format.int4_layout:
+        return None
+    return MappedSource(store, dtype)

@@ -18,7 +18,8 @@ The buffers a piece's bytes pass through, disk to slot, by I/O mode:
   they disagree) disk -> scratch -> slot.
 - with a host tier on CUDA, the host slot is filled as above, then one whole-slot copy -> GPU.
 
-A piece the slot does not hold as the file does (a row block, transposed, another dtype) lands in a
+A piece the slot does not hold as the file does (a row block, transposed, another dtype; an int4 weight the
+slots hold in the byte layout of this CPU's kernel, ``kernels.held_format``) lands in a
 staging buffer first (pinned, on CUDA) and is converted by the copy out of it: with ``direct`` the
 staging gives each piece room for its whole blocks (``staging_layout``), so the read fills it in
 place, with no scratch. ``io="mmap"`` on CPU reads nothing for an expert it can map: compute views
@@ -44,7 +45,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import ExpertLoadError
+from .formats import ExpertFormat
 from .pinned import PinnedMemory
+from .quant import convert_int4_tiles
 from .safetensors_io import DIRECT_ALIGN, aligned_empty, span
 from .store import ExpertStore, Piece
 
@@ -219,13 +222,17 @@ def _done(value: Transfer) -> Future:
 
 
 class Mover:
-    """Reads and copies on the CPU: ``readers`` threads for disk reads, copies inline."""
+    """Reads and copies on the CPU: ``readers`` threads for disk reads, copies inline. ``held``: the format the
+    slots hold experts in, if not the store's (``kernels.held_format``: int4 in this CPU's kernel layout)."""
 
-    def __init__(self, store: ExpertStore, readers: int = 2):
+    def __init__(self, store: ExpertStore, readers: int = 2, held: ExpertFormat | None = None):
         self.store = store
         self.pool = ReaderPool(readers)
         self._staging_size = staging_bytes(store)
         self._local = threading.local()
+        # int4 weights are rearranged into the slots' byte layout as they are read: None where it is the stored one
+        converts = held is not None and held.kind == "int4" and held.int4_layout != store.format.int4_layout
+        self._int4_layout = held.int4_layout if converts else None
 
     # -- the API the caches use ------------------------------------------------
     def from_disk(self, layer: int, expert: int, views: dict[str, torch.Tensor],
@@ -295,11 +302,15 @@ class Mover:
         """Read every piece of an expert into ``views`` (CPU tensors), converting dtype or layout if needed.
 
         A piece the slot holds as the file does is read straight into it; any other lands in this thread's
-        staging buffer (in place, with ``O_DIRECT``) and is converted from there by one copy."""
+        staging buffer (in place, with ``O_DIRECT``) and is converted from there by one copy (an int4 weight into
+        the slots' byte layout: by one rearrangement of its bytes)."""
         total = 0
         for piece in self.store.expert_pieces(layer, expert):
             dest = views[piece.param][piece.index]
-            if piece.whole and piece.dtype == dest.dtype and dest.is_contiguous():
+            if self._int4_layout is not None and piece.param.endswith(".qweight"):  # an int4 weight's tiles
+                stored = _source(land(self.store, piece, self._staging()), piece)
+                convert_int4_tiles(stored, self._int4_layout, out=dest)
+            elif piece.whole and piece.dtype == dest.dtype and dest.is_contiguous():
                 self.store.read_piece(piece, dest)
             else:
                 dest.copy_(_source(land(self.store, piece, self._staging()), piece))
@@ -480,8 +491,9 @@ class NullMover(Mover):
             self.pool.shutdown(wait=wait, cancel_futures=True)
 
 
-def make_mover(device: torch.device, store: ExpertStore, readers: int = 2) -> Mover:
-    """The mover for ``device``, with ``readers`` disk-reader threads."""
+def make_mover(device: torch.device, store: ExpertStore, readers: int = 2, held: ExpertFormat | None = None) -> Mover:
+    """The mover for ``device``, with ``readers`` disk-reader threads; ``held``: the slots' format, if not the store's
+    (``kernels.held_format``, the CPU only)."""
     if device.type == "cuda":
         return CudaMover(store, device, readers)
-    return Mover(store, readers)
+    return Mover(store, readers, held)

@@ -9,7 +9,12 @@ import torch
 
 from offload_moe.errors import CheckpointError, ConfigError
 from offload_moe.quant import (
+    AVX2,
+    AVX512,
+    DEFAULT,
     FP4_VALUES,
+    INT4_LAYOUTS,
+    convert_int4_tiles,
     dequantize_fp8_blocks,
     dequantize_int4,
     dequantize_int8,
@@ -254,7 +259,7 @@ def test_int8_takes_a_floating_matrix_only(w):
 
 
 # -- int4 ----------------------------------------------------------------------------------------------------
-AVX512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+ON_AVX512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
                             reason="torch's CPU int4 layout is the stored one on AVX-512 only")
 
 
@@ -288,7 +293,7 @@ def test_int4_tiles_of_64_rows_pair_rows_d_with_d_plus_32():
     assert torch.equal(unpack_int4_tiles(pack_int4_tiles(codes)), codes)
 
 
-@AVX512
+@ON_AVX512
 @pytest.mark.parametrize("rows", [16, 48, 64, 80, 192, 240])
 def test_int4_bytes_are_the_ones_torch_packs_for_its_cpu_kernel(rows):
     codes = torch.randint(0, 16, (rows, 96), generator=generator(12)).to(torch.uint8)
@@ -297,7 +302,7 @@ def test_int4_bytes_are_the_ones_torch_packs_for_its_cpu_kernel(rows):
     assert torch.equal(unpack_int4_tiles(theirs.view(rows, 48)), codes)
 
 
-@AVX512
+@ON_AVX512
 def test_int4_kernel_computes_from_the_stored_tensors_as_they_are():
     w = torch.randn(128, 256, generator=generator(10))
     x = torch.randn(3, 256, generator=generator(11)).bfloat16()
@@ -334,6 +339,78 @@ def test_int4_into_out_is_bit_equal_to_the_float32_rule(monkeypatch, dtype, scal
         wide = torch.zeros(3, 80, 100, dtype=dtype)
         dequantize_int4(packed, sz, dtype, out=wide[..., :96])
         assert same_bits(wide[..., :96], want) and not wide[..., 96:].any()
+
+
+LAYOUT_ROWS = [2, 16, 30, 32, 48, 64, 80, 96, 112, 176, 240]  # whole tiles of 64 and 32, and every kind of last tile
+
+
+@pytest.mark.parametrize("layout", INT4_LAYOUTS, ids=lambda layout: layout.name)
+def test_int4_layouts_pair_rows_as_torch_does_on_each_cpu(layout):
+    """AVX-512: rows d and d + 32 of a 64-row tile in a byte; AVX2: d and d + 16 of a 32-row tile; plain: 2d and
+    2d + 1. A last tile of fewer rows pairs rows 2m and 2m + 1. Column by column within a tile."""
+    rows = 2 * layout.tile + 16
+    codes = (torch.arange(rows)[:, None] % 16 + torch.zeros(rows, 2, dtype=torch.long)).to(torch.uint8)  # row r: r % 16
+    packed = pack_int4_tiles(codes, layout)
+    half = layout.tile // 2
+    first = packed.flatten()[:half].tolist()  # the first tile's column 0
+    pair = (lambda d: (d, d + half)) if layout.halves else (lambda d: (2 * d, 2 * d + 1))
+    assert first == [codes[pair(d)[0], 0] | codes[pair(d)[1], 0] << 4 for d in range(half)]
+    tail = packed.flatten()[2 * layout.tile:].view(2, 8)  # the last 16 rows: 8 bytes a column
+    assert tail[0].tolist() == [codes[2 * layout.tile + 2 * m, 0] | codes[2 * layout.tile + 2 * m + 1, 0] << 4
+                                for m in range(8)]
+
+
+@pytest.mark.parametrize("layout", INT4_LAYOUTS, ids=lambda layout: layout.name)
+@pytest.mark.parametrize("rows", LAYOUT_ROWS)
+def test_int4_converting_stored_bytes_equals_packing_in_that_layout(layout, rows):
+    """``convert_int4_tiles`` rearranges the stored (AVX-512) bytes into each layout exactly as packing the codes in
+    it would, into ``out`` or a new tensor; unpacking the result gives the codes; the stored bytes are unchanged."""
+    codes = torch.randint(0, 16, (rows, 96), generator=generator(rows)).to(torch.uint8)
+    stored = pack_int4_tiles(codes)
+    before = stored.clone()
+    want = pack_int4_tiles(codes, layout)
+    assert torch.equal(convert_int4_tiles(stored, layout), want)
+    out = torch.full_like(stored, 0xAA)
+    assert convert_int4_tiles(stored, layout, out=out) is out and torch.equal(out, want)
+    assert torch.equal(unpack_int4_tiles(want, layout), codes) and torch.equal(stored, before)
+
+
+def test_int4_conversion_works_tile_group_by_tile_group(monkeypatch):
+    """Tiles converted a few at a time (``CONVERT_CHUNK`` bytes), with a short last group, give the same bytes."""
+    from offload_moe import quant
+
+    codes = torch.randint(0, 16, (7 * 64 + 48, 64), generator=generator(3)).to(torch.uint8)
+    for layout in (AVX2, DEFAULT):
+        want = pack_int4_tiles(codes, layout)
+        for at_once in (1, 3, 100):  # 64 columns: a tile is 2 KiB
+            monkeypatch.setattr(quant, "CONVERT_CHUNK", at_once * 2048)
+            assert torch.equal(convert_int4_tiles(pack_int4_tiles(codes), layout), want), (layout, at_once)
+
+
+@pytest.mark.parametrize("layout", INT4_LAYOUTS, ids=lambda layout: layout.name)
+def test_int4_dequantizes_the_same_weight_from_each_layout(layout):
+    w = torch.randn(2, 112, 64, generator=generator(5))
+    packed, sz = quantize_int4(w, 32)
+    held = torch.stack([convert_int4_tiles(p, layout) for p in packed])
+    want = dequantize_int4(packed, sz, torch.float32)
+    assert same_bits(dequantize_int4(held, sz, torch.float32, layout=layout), want)
+
+
+@pytest.mark.parametrize("rows", [16, 48, 112, 240])
+def test_int4_this_torch_packs_in_the_layout_offload_moe_found(rows):
+    """``kernels.int4_kernel_layout`` (found once from torch) is the layout torch's own packing makes for this
+    process's CPU code; the stored bytes converted into it are those bytes. (Each CPU code:
+    tests/test_int4_cpu_modes.py, in subprocesses.)"""
+    from offload_moe.kernels import int4_kernel_layout
+
+    expected = {"AVX512": AVX512, "AVX2": AVX2, "DEFAULT": DEFAULT}.get(torch.backends.cpu.get_cpu_capability())
+    if expected is None:
+        pytest.skip(f"torch runs {torch.backends.cpu.get_cpu_capability()} code, not one of x86's three")
+    assert int4_kernel_layout() == expected, f"torch {torch.__version__} packs int4 unlike offload_moe's layouts"
+    layout = expected
+    codes = torch.randint(0, 16, (rows, 96), generator=generator(12)).to(torch.uint8)
+    theirs = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1).view(rows, 48)
+    assert torch.equal(convert_int4_tiles(pack_int4_tiles(codes), layout), theirs)
 
 
 def test_int4_an_odd_row_count_is_refused():

@@ -156,6 +156,52 @@ def make_mxfp4_model(folder: Path, seed: int = 0, **overrides) -> Path:
     return folder
 
 
+def dequantized_copy(folder: Path, out: Path) -> Path:
+    """``folder`` with every packed tensor dequantized to float32 and no quantization_config: what transformers
+    builds from the quantized checkpoint on the CPU, by the format's own rule."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from offload_moe import quant
+
+    shutil.copytree(folder, out)
+    tensors = load_file(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    q = config.pop("quantization_config")
+    if q["quant_method"] == "fp8":
+        for name in [n for n in tensors if n.endswith("_scale_inv")]:
+            weight = name.removesuffix("_scale_inv")
+            tensors[weight] = quant.dequantize_fp8_blocks(tensors[weight], tensors.pop(name),
+                                                          tuple(q["weight_block_size"]), torch.float32)
+    else:  # offload_moe's own: T.qweight, T.scales (int8) or T.scales_and_zeros (int4)
+        for name in [n for n in tensors if n.endswith(".qweight")]:
+            base = name.removesuffix(".qweight")
+            if q["bits"] == 8:
+                w = quant.dequantize_int8(tensors.pop(name), tensors.pop(base + ".scales"), torch.float32)
+            else:
+                w = quant.dequantize_int4(tensors.pop(name), tensors.pop(base + ".scales_and_zeros"), torch.float32)
+            tensors[base] = w.transpose(-1, -2).contiguous() if base.endswith("gate_up_proj") or base.endswith("experts.down_proj") else w
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def make_int_model(family: str, folder: Path, bits: int, group_size: int = 8, **overrides) -> Path:
+    """A tiny ``family`` checkpoint in offload_moe's own int8/int4 format (QUANT_FORMAT.md), as
+    ``quantize_experts`` writes it (int4 in groups of ``group_size``) from ``make_model``'s beside it; its one
+    shard is renamed model.safetensors, the file the tests here read and rewrite."""
+    import offload_moe
+
+    source = make_model(family, folder.with_name(f"{folder.name}-source"), **overrides)
+    offload_moe.quantize_experts(source, folder, bits=bits, group_size=group_size if bits == 4 else None,
+                                 progress=False)
+    (shard,) = folder.glob("*.safetensors")
+    shard.rename(folder / "model.safetensors")
+    return folder
+
+
 def _set_quantization_config(folder: Path, quantization_config: dict) -> None:
     import json
 

@@ -15,6 +15,10 @@ cgroup v1 (``memory.limit_in_bytes``) and v2 (``memory.max``) alike.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,3 +217,84 @@ def choose_io(io: str, *, device: torch.device, experts_bytes: int, slots_bytes:
         return IoChoice("direct", f"auto: {experts} exceed {where}; the slots keep the hot ones")
     return IoChoice("mmap", f"auto: neither {experts} nor the slots, {format_bytes(slots_bytes)}, fit in {where}; "
                             "the page cache gives way where full slots would not (lower the budget for speed)")
+
+
+class AllocationCounter:
+    """The peak of the bytes this process holds in large allocations (``threshold`` bytes or more: tensors,
+    buffers) while the block runs, on every thread, counted by glibc's malloc: for tests and benchmarks that must
+    not read RSS, which the page cache, the allocator's free lists and the kernel's timing make noisy.
+
+    On entry it has malloc serve every allocation of ``threshold`` bytes or more with its own mapping
+    (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc raising that threshold by itself), so each one is
+    counted when it is made and uncounted when it is freed; ``peak`` is then the highest count (malloc's own
+    "max mmap bytes") less the count on entry. Torch's CPU tensors come from malloc, so they are all counted;
+    mapped files (``io="mmap"``) are not allocations and are not counted. The setting stays for the rest of the
+    process (malloc cannot be told to go back to raising the threshold), and malloc's maximum is process-wide and
+    never reset: use it in a fresh process, where nothing before the block allocated more than the block will.
+    ``supported`` is False off glibc (``peak`` is then None).
+    """
+
+    M_MMAP_THRESHOLD = -3  # mallopt's parameter number, <malloc.h>
+
+    def __init__(self, threshold: int = 64 * 2**10):
+        self.threshold = threshold
+        self.peak: int | None = None
+        self._libc = _glibc()
+        self._start = 0
+
+    @property
+    def supported(self) -> bool:
+        return self._libc is not None
+
+    def __enter__(self) -> "AllocationCounter":
+        if self._libc is not None:
+            self._libc.mallopt(self.M_MMAP_THRESHOLD, self.threshold)
+            self._start = self.held()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak = self.maximum() - self._start if self._libc is not None else None
+
+    def held(self) -> int:
+        """The bytes held in large allocations now (mallinfo2's ``hblkhd``)."""
+        return self._libc.mallinfo2().hblkhd
+
+    def maximum(self) -> int:
+        """The most bytes ever held in large allocations by this process (malloc_stats' "max mmap bytes")."""
+        for line in _malloc_stats(self._libc).splitlines():
+            if line.startswith("max mmap bytes"):
+                return int(line.split("=")[1])
+        raise RuntimeError("glibc's malloc_stats printed no 'max mmap bytes' line")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _glibc():
+    """This process's glibc, with ``mallopt``, ``mallinfo2`` and ``malloc_stats`` typed; None elsewhere."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _MallInfo2
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_stats  # noqa: B018 (present?)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _malloc_stats(libc) -> str:
+    """What ``malloc_stats()`` prints to file descriptor 2, captured."""
+    with tempfile.TemporaryFile() as f:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(f.fileno(), 2)
+            libc.malloc_stats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        return f.read().decode("ascii", "replace")

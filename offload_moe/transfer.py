@@ -15,14 +15,17 @@ The buffers a piece's bytes pass through, disk to slot, by I/O mode:
 - ``direct`` (``O_DIRECT``): disk -> pinned staging -> GPU slot on CUDA without a host tier;
   into a CPU or host slot, disk -> slot for the whole 4096-byte blocks when the slot's address
   and the file offset agree modulo 4096, and the partial blocks at its ends (or all of it, when
-  they disagree) disk -> scratch -> slot.
+  they disagree, 8 MiB at a time: ``SCRATCH_BYTES``) disk -> scratch -> slot.
 - with a host tier on CUDA, the host slot is filled as above, then one whole-slot copy -> GPU.
 
-A piece the slot does not hold as the file does (a row block, transposed, another dtype) lands in a
-staging buffer first (pinned, on CUDA) and is converted by the copy out of it: with ``direct`` the
-staging gives each piece room for its whole blocks (``staging_layout``), so the read fills it in
-place, with no scratch. ``io="mmap"`` on CPU reads nothing for an expert it can map: compute views
-the page cache (``sources.MappedSource``); one it cannot map is read as ``buffered``.
+A piece the slot does not hold as the file does (transposed, another dtype) lands in a staging buffer
+first and is converted by the copy out of it: with ``direct`` the staging gives each piece room for its
+whole blocks (``span``, ``staging_layout``), so the read fills it in place, with no scratch. Into a CPU
+or host slot one piece at a time, ``SCRATCH_BYTES`` of its rows at a time (``row_parts``), so a reader
+thread's staging stays that size; on CUDA every piece of the expert at once, in pinned memory, as the
+copies are queued together. A block of a slot tensor's rows (a gate or an up projection stored apart)
+is read straight into the slot. ``io="mmap"`` on CPU reads nothing for an expert it can map: compute
+views the page cache (``sources.MappedSource``); one it cannot map is read as ``buffered``.
 
 On CUDA every copy goes on one side stream and records an event; ``Ticket.wait``
 makes the compute stream wait on that event alone, so compute waits only for the
@@ -39,13 +42,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .errors import ExpertLoadError
 from .pinned import PinnedMemory
-from .safetensors_io import DIRECT_ALIGN, aligned_empty, span
+from .safetensors_io import DIRECT_ALIGN, SCRATCH_BYTES, aligned_empty, span
 from .store import ExpertStore, Piece
 
 ALIGN = 64  # bytes; keeps each piece's region in a shared staging buffer aligned for any dtype
@@ -64,9 +67,10 @@ def staging_layout(pieces: list[Piece], align: int) -> tuple[list[tuple[int, int
 
 
 def staging_bytes(store: ExpertStore) -> int:
-    """Room for the largest expert's pieces laid out by ``staging_layout``."""
+    """Room for the largest expert's pieces laid out by ``staging_layout`` (CUDA: all of them are copied at once)."""
     align = store.reader.align
     return max((staging_layout(ps, align)[1] for ps in store.pieces.values()), default=0)
+
 
 
 def land(store: ExpertStore, piece: Piece, region: torch.Tensor) -> torch.Tensor:
@@ -85,6 +89,19 @@ def land(store: ExpertStore, piece: Piece, region: torch.Tensor) -> torch.Tensor
 def _source(data: torch.Tensor, piece: Piece) -> torch.Tensor:
     src = data.view(piece.dtype).view(piece.shape)
     return src.T if piece.transpose else src
+
+
+def row_parts(piece: Piece, nbytes: int) -> list[tuple[Piece, slice]]:
+    """``piece`` as consecutive blocks of its rows (its first dimension) of at most ``nbytes`` each (one row at
+    least): each block as a piece of its own, and the rows it covers. A piece that fits is itself."""
+    rows = piece.shape[0] if piece.shape else 1
+    row_bytes = piece.nbytes // max(rows, 1)
+    per = max(1, nbytes // max(row_bytes, 1))
+    if rows <= per:
+        return [(piece, slice(None))]
+    return [(replace(piece, offset=piece.offset + r * row_bytes, nbytes=(min(r + per, rows) - r) * row_bytes,
+                     shape=(min(r + per, rows) - r, *piece.shape[1:])), slice(r, min(r + per, rows)))
+            for r in range(0, rows, per)]
 
 
 @dataclass
@@ -224,7 +241,6 @@ class Mover:
     def __init__(self, store: ExpertStore, readers: int = 2):
         self.store = store
         self.pool = ReaderPool(readers)
-        self._staging_size = staging_bytes(store)
         self._local = threading.local()
 
     # -- the API the caches use ------------------------------------------------
@@ -294,22 +310,28 @@ class Mover:
     def _read(self, layer: int, expert: int, views: dict[str, torch.Tensor]) -> int:
         """Read every piece of an expert into ``views`` (CPU tensors), converting dtype or layout if needed.
 
-        A piece the slot holds as the file does is read straight into it; any other lands in this thread's
-        staging buffer (in place, with ``O_DIRECT``) and is converted from there by one copy."""
+        A piece the slot holds as the file does (the whole tensor, or a block of its rows: a gate or an up
+        projection stored apart) is read straight into it; any other lands in this thread's staging buffer (in
+        place, with ``O_DIRECT``), ``SCRATCH_BYTES`` of its rows at a time, and is converted from there by one copy
+        each."""
         total = 0
         for piece in self.store.expert_pieces(layer, expert):
             dest = views[piece.param][piece.index]
-            if piece.whole and piece.dtype == dest.dtype and dest.is_contiguous():
+            if not piece.transpose and piece.dtype == dest.dtype and dest.is_contiguous():
                 self.store.read_piece(piece, dest)
             else:
-                dest.copy_(_source(land(self.store, piece, self._staging()), piece))
+                for part, rows in row_parts(piece, SCRATCH_BYTES):
+                    room = self._staging(span(part.offset, part.nbytes, self.store.reader.align)[1])
+                    target = dest[:, rows] if piece.transpose else dest[rows]  # the source's rows: transposed, columns
+                    target.copy_(_source(land(self.store, part, room), part))
             total += piece.nbytes
         return total
 
-    def _staging(self) -> torch.Tensor:
+    def _staging(self, nbytes: int) -> torch.Tensor:
+        """This thread's staging buffer, of at least ``nbytes`` (``SCRATCH_BYTES`` of rows and their blocks)."""
         buf = getattr(self._local, "staging", None)
-        if buf is None:
-            buf = self._local.staging = aligned_empty(max(self._staging_size, 1), DIRECT_ALIGN)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._local.staging = aligned_empty(nbytes, DIRECT_ALIGN)
         return buf
 
     def _copy(self, host_flat: torch.Tensor, device_flat: torch.Tensor, compute=None) -> Transfer:
@@ -421,7 +443,8 @@ class CudaMover(Mover):
     def _pinned_staging(self):
         buf = getattr(self._local, "pinned", None)
         if buf is None:
-            memory = PinnedMemory(max(self._staging_size, 1), "a reader thread's staging buffer", device=self.device)
+            # room for every piece of the largest expert: all of them land before their copies are queued
+            memory = PinnedMemory(max(staging_bytes(self.store), 1), "a reader thread's staging buffer", device=self.device)
             buf = self._local.pinned = memory.tensor
             with self._lock:
                 self._stagings.append(buf)

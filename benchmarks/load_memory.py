@@ -11,8 +11,9 @@ as growth over its memory just before ``offload_moe.load`` (the modules already 
 - ``file``: the peak of RssFile, sampled likewise: mapped file pages, which with ``io="mmap"`` are the
   checkpoint's, page cache that the kernel may reclaim (clean, never written) rather than memory this process
   owns;
-- ``runtime``: the peak of the bytes torch's CPU allocator holds (``offload_moe.memory.AllocationCounter``),
-  our runtime's allocations without the noise of RSS;
+- ``runtime``: the peak of the bytes held in allocations of 64 KiB or more (torch's tensors and buffers), counted
+  by malloc (``offload_moe.memory.AllocationPeak``), in a second child process: what the runtime allocates,
+  without the noise of RSS;
 - with ``--cgroup``: the peak of the memory cgroup the child runs in (no limit that binds), that is RSS plus the
   page cache its reads brought in (buffered reads, the mapped pages), as a machine's memory accounting sees it.
 
@@ -101,11 +102,11 @@ def own_cgroup_usage() -> int | None:
 
 def child(folder: str, fraction: float, io: str, steps: int, count: bool) -> dict:
     """Runs in a fresh process: measure the load, then the load and ``steps`` decode steps. With ``count``, the
-    bytes torch allocates (``AllocationCounter``, which changes how malloc serves large allocations, so RSS is
-    measured in another process); else RSS."""
+    bytes allocated (``AllocationPeak``, which changes how malloc serves large allocations, so RSS is measured in
+    another process); else RSS."""
     import offload_moe
     from offload_moe.loader import build_skeleton, checkpoint_renamer, load_config, swap_experts
-    from offload_moe.memory import AllocationCounter
+    from offload_moe.memory import AllocationPeak
 
     # Import everything the load imports before measuring (first imports compile and allocate);
     # the skeleton holds no weights.
@@ -116,7 +117,7 @@ def child(folder: str, fraction: float, io: str, steps: int, count: bool) -> dic
     settings = {} if io == "auto" else {"io": io}
     before, cgroup_before = status(), own_cgroup_usage()
     sampler = None if count else Sampler()
-    counter = AllocationCounter() if count else None
+    counter = AllocationPeak() if count else None
     if sampler is not None:
         sampler.start()
     if counter is not None:
@@ -125,7 +126,7 @@ def child(folder: str, fraction: float, io: str, steps: int, count: bool) -> dic
     model = offload_moe.load(folder, device="cpu", cache_experts=max(2, round(total_experts * fraction)),
                              prefetch="none", progress=False, **settings)
     seconds = time.perf_counter() - start
-    at_load = counter.maximum() - counter._start if counter is not None else status()["VmHWM"] - before["VmRSS"]
+    at_load = counter.so_far() if counter is not None else status()["VmHWM"] - before["VmRSS"]
     decoded = decode(model, "cpu", steps, None, warmup=0)
     stats = model.offload.stats()
     dense = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -16,6 +16,7 @@ cgroup v1 (``memory.limit_in_bytes``) and v2 (``memory.max``) alike.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import tempfile
@@ -219,18 +220,30 @@ def choose_io(io: str, *, device: torch.device, experts_bytes: int, slots_bytes:
                             "the page cache gives way where full slots would not (lower the budget for speed)")
 
 
-class AllocationCounter:
-    """The peak of the bytes this process holds in large allocations (``threshold`` bytes or more: tensors,
-    buffers) while the block runs, on every thread, counted by glibc's malloc: for tests and benchmarks that must
-    not read RSS, which the page cache, the allocator's free lists and the kernel's timing make noisy.
 
-    On entry it has malloc serve every allocation of ``threshold`` bytes or more with its own mapping
+def malloc_held() -> int | None:
+    """The bytes malloc has handed out on every thread and not had back (glibc's ``mallinfo2``: ``uordblks`` in
+    its arenas plus ``hblkhd`` in chunks of their own), now; None off glibc. Torch's CPU tensors come from malloc,
+    so this is what the runtime allocates, without the page cache, mapped files and freed-but-kept memory that make
+    RSS noisy. For tests that hold a memory bound."""
+    libc = _glibc()
+    if libc is None:
+        return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class AllocationPeak:
+    """The peak of the bytes this process holds in large allocations (``threshold`` bytes or more: tensors,
+    buffers) while the block runs, on every thread, however briefly: for benchmarks in a fresh process.
+
+    On entry it has malloc serve every allocation of ``threshold`` bytes or more with a mapping of its own
     (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc raising that threshold by itself), so each one is
     counted when it is made and uncounted when it is freed; ``peak`` is then the highest count (malloc's own
-    "max mmap bytes") less the count on entry. Torch's CPU tensors come from malloc, so they are all counted;
-    mapped files (``io="mmap"``) are not allocations and are not counted. The setting stays for the rest of the
-    process (malloc cannot be told to go back to raising the threshold), and malloc's maximum is process-wide and
-    never reset: use it in a fresh process, where nothing before the block allocated more than the block will.
+    "max mmap bytes") less the count on entry. Mapped files (``io="mmap"``) are not allocations and are not
+    counted. The setting stays for the rest of the process (malloc cannot be told to go back to raising the
+    threshold) and changes how freed memory is kept, so measure RSS in another process; and malloc's maximum is
+    process-wide and never reset, so nothing before the block may have held more than the block will.
     ``supported`` is False off glibc (``peak`` is then None).
     """
 
@@ -246,24 +259,22 @@ class AllocationCounter:
     def supported(self) -> bool:
         return self._libc is not None
 
-    def __enter__(self) -> "AllocationCounter":
+    def __enter__(self) -> "AllocationPeak":
         if self._libc is not None:
             self._libc.mallopt(self.M_MMAP_THRESHOLD, self.threshold)
-            self._start = self.held()
+            self._start = self._libc.mallinfo2().hblkhd
         return self
 
     def __exit__(self, *exc) -> None:
-        self.peak = self.maximum() - self._start if self._libc is not None else None
+        self.peak = self.so_far()
 
-    def held(self) -> int:
-        """The bytes held in large allocations now (mallinfo2's ``hblkhd``)."""
-        return self._libc.mallinfo2().hblkhd
-
-    def maximum(self) -> int:
-        """The most bytes ever held in large allocations by this process (malloc_stats' "max mmap bytes")."""
+    def so_far(self) -> int | None:
+        """The peak since entry, so far."""
+        if self._libc is None:
+            return None
         for line in _malloc_stats(self._libc).splitlines():
             if line.startswith("max mmap bytes"):
-                return int(line.split("=")[1])
+                return int(line.split("=")[1]) - self._start
         raise RuntimeError("glibc's malloc_stats printed no 'max mmap bytes' line")
 
 
@@ -273,8 +284,10 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
+@functools.cache
 def _glibc():
-    """This process's glibc, with ``mallopt``, ``mallinfo2`` and ``malloc_stats`` typed; None elsewhere."""
+    """This process's glibc, with ``mallopt``, ``mallinfo2`` (2.33 and later) and ``malloc_stats`` typed; None
+    elsewhere."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallinfo2.restype = _MallInfo2

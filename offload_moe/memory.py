@@ -11,6 +11,10 @@ The memory the process may use (``memory_room``) is the least of what the kernel
 each of their ancestors, its limit less what it uses, plus the file pages it holds (the kernel drops those
 first). The cgroups are found as the kernel lists them (``/proc/self/cgroup``, ``/proc/self/mountinfo``),
 cgroup v1 (``memory.limit_in_bytes``) and v2 (``memory.max``) alike.
+
+``malloc_held`` and ``AllocationPeak`` count what this process allocates (glibc's malloc, every thread), for the
+tests and benchmarks that hold the runtime to dense weights + budget + 10% of the checkpoint (issue 17) without
+reading RSS.
 """
 
 from __future__ import annotations

@@ -190,6 +190,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--io {','.join(unknown)}: not a mode; use some of {','.join(IO_MODES)}")
     limit = psutil.virtual_memory().total if args.cgroup else None
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="load-memory-") as tmp:
         folder = Path(args.folder or Path(tmp) / f"{args.shape}-{args.layers}")
         if not (folder / "config.json").exists():
@@ -203,7 +204,8 @@ def main() -> None:
         r["checkpoint_bytes"] = checkpoint
         r["target_bytes"] = r["dense_bytes"] + r["budget_bytes"] + checkpoint // 10
     report = {"shape": args.shape, "layers": args.layers, "fraction": args.fraction, "steps": args.steps,
-              "checkpoint_bytes": checkpoint, "load_average": os.getloadavg(), "machine": machine("cpu"),
+              "checkpoint_bytes": checkpoint, "load_average": {"start": load_start, "end": os.getloadavg()},
+              "machine": machine("cpu"),
               "results": results}
     print_table(report)
     if args.json:
@@ -223,25 +225,24 @@ def _write_small(folder: Path, layers: int) -> None:
 
 def print_table(report: dict) -> None:
     mib = 2**20
-    r0 = report["results"][0]
-    print(f"\n{report['shape']} shape, {report['layers']} layers, checkpoint {report['checkpoint_bytes'] / mib:.0f} MiB, "
-          f"dense {r0['dense_bytes'] / mib:.0f} MiB, budget {r0['budget_bytes'] / mib:.0f} MiB "
+    r0, load = report["results"][0], report["load_average"]
+
+    def m(v):
+        return "-" if v is None else f"{v / mib:.0f}"
+
+    print(f"\n{report['shape']} shape, {report['layers']} layers, checkpoint {m(report['checkpoint_bytes'])} MiB, "
+          f"dense {m(r0['dense_bytes'])} MiB, budget {m(r0['budget_bytes'])} MiB "
           f"({r0['capacity_experts']}/{r0['total_experts']} experts), 16-token prefill + {report['steps']} steps, "
-          f"load average {report['load_average'][0]:.1f}")
-    print("| io (chosen) | bound | load RSS | RSS | anon | mapped file | runtime alloc | cgroup | x bound (RSS, anon, cgroup) |")
+          f"load average {load['start'][0]:.1f} -> {load['end'][0]:.1f}")
+    print("| io (chosen) | bound | load RSS | RSS | anon | mapped file | allocated | cgroup "
+          "| x bound (RSS, anon, allocated, cgroup) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in report["results"]:
-        bound = r["target_bytes"]
-        cg = r.get("cgroup")
-
-        def m(v):
-            return "-" if v is None else f"{v / mib:.0f}"
-
-        ratios = ", ".join("-" if v is None else f"{v / bound:.2f}" for v in (r["rss"], r["anon"], cg))
+        bound, cg = r["target_bytes"], r.get("cgroup")
+        ratios = ", ".join("-" if v is None else f"{v / bound:.2f}" for v in (r["rss"], r["anon"], r["runtime"], cg))
         print(f"| {r['io']} ({r['io_chosen']}) | {m(bound)} | {m(r['load_rss'])} | {m(r['rss'])} | {m(r['anon'])} | "
               f"{m(r['file'])} | {m(r['runtime'])} | {m(cg)} | {ratios} |")
     print("(MiB of growth over the process just before load)")
-
 
 if __name__ == "__main__":
     main()

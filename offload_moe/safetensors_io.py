@@ -475,11 +475,15 @@ class FileReader:
             buf = self._local.scratch = _bytes(aligned_empty(nbytes))
         return buf
 
-    def read_tensor(self, info: TensorInfo) -> torch.Tensor:
-        """A fresh CPU tensor holding ``info``'s data."""
+    def read_tensor(self, info: TensorInfo, *, keep_cached: bool = True) -> torch.Tensor:
+        """A fresh CPU tensor holding ``info``'s data. ``keep_cached=False`` (a tensor read once into memory of its
+        own: the dense weights) drops the pages a ``buffered`` or ``mmap`` read brought into the page cache, where
+        they would be a second copy, charged to the process's memory cgroup and taking room from the experts."""
         out = torch.empty(info.shape, dtype=info.dtype)
         if info.nbytes:
             self.read_into(info.file, info.offset, out)
+            if not keep_cached and self.io in ("buffered", "mmap") and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
         return out
 
     def close(self) -> None:

@@ -444,7 +444,8 @@ class CudaMover(Mover):
         buf = getattr(self._local, "pinned", None)
         if buf is None:
             # room for every piece of the largest expert: all of them land before their copies are queued
-            memory = PinnedMemory(max(staging_bytes(self.store), 1), "a reader thread's staging buffer", device=self.device)
+            memory = PinnedMemory(max(staging_bytes(self.store), 1), "a reader thread's staging buffer",
+                                  device=self.device)
             buf = self._local.pinned = memory.tensor
             with self._lock:
                 self._stagings.append(buf)

@@ -15,7 +15,7 @@ from test_pinned import cpu_cuda_mover
 
 from offload_moe.errors import CheckpointError
 from offload_moe.files import open_fd
-from offload_moe.safetensors_io import DIRECT_ALIGN, FileReader, aligned_empty, span
+from offload_moe.safetensors_io import DIRECT_ALIGN, FileReader, TensorInfo, aligned_empty, span
 from offload_moe.store import Piece, PieceStore
 from offload_moe import safetensors_io, transfer
 from offload_moe.transfer import ALIGN, Mover, row_parts, staging_bytes, staging_layout
@@ -104,6 +104,28 @@ def test_direct_reads_touch_no_scratch_with_room_and_only_partial_blocks_without
     reader.read_into(path, offset, out)
     assert len(reader._local.scratch) == 2 * A and bytes(out.numpy()) == data[offset : offset + n]
     assert reader.io == "direct"
+    reader.close()
+
+
+@pytest.mark.parametrize("io", MODES)
+def test_a_tensor_read_once_leaves_no_page_cache_behind(io, data_file, monkeypatch):
+    """The dense weights are copied into the model: with buffered reads (buffered, mmap) their pages are dropped,
+    else they would stay in the page cache as a second copy, charged to the process's memory cgroup."""
+    path, data = data_file
+    advice = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, how: advice.append((offset, n, how)))
+    reader = FileReader(io)
+    info = TensorInfo("t", path, 12, 4 * A, torch.int32, (A,))
+    kept = reader.read_tensor(info)
+    dropped = reader.read_tensor(info, keep_cached=False)
+    assert bytes(kept.view(torch.uint8).numpy()) == bytes(dropped.view(torch.uint8).numpy()) == data[12 : 12 + 4 * A]
+    mine = [a for a in advice if a[2] == os.POSIX_FADV_DONTNEED]
+    if io in ("buffered", "mmap"):
+        assert mine == [(12, 4 * A, os.POSIX_FADV_DONTNEED)]  # once: the read that drops
+    elif reader.io == "dontneed":  # dontneed, or direct where the file system refuses O_DIRECT: every read drops
+        assert len(mine) == 2
+    else:
+        assert mine == []  # O_DIRECT bypasses the page cache
     reader.close()
 
 

@@ -3,8 +3,9 @@
 Counted as the bytes malloc has handed out (``memory.malloc_held``, every thread), not RSS, which the page cache,
 mapped files, the allocator's free lists and the kernel's timing make noisy: sampled after the load and at every
 module's entry and exit while the model decodes. Torch's own first-use buffers (the attention kernel's, oneDNN's
-primitives) are allocated before counting, by the same model on the same prompt once. ``benchmarks/load_memory.py`` measures RSS, the mapped pages and the cgroup's charge on a 2-6 GB
-checkpoint (BENCHMARKS.md, "Host memory while loading and decoding").
+primitives) are allocated before counting, by the same model on the same prompt once. ``benchmarks/load_memory.py``
+measures RSS, the mapped pages and the cgroup's charge on a 2-6 GB checkpoint (BENCHMARKS.md, "Host memory while
+loading and decoding").
 """
 
 from __future__ import annotations

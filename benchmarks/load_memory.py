@@ -1,19 +1,20 @@
 """Host memory over a load and a few decode steps, per io mode, against dense + budget + 10% of the checkpoint.
 
 Writes a Mixtral-structured random checkpoint (``benchmarks/decode.py``'s shapes and writer; by default the
-``mini`` shape with 12 layers, 2.06 GiB), then, for each ``--io`` mode in a fresh child process with the
-checkpoint's pages dropped from the page cache first: load it on CPU with ``--fraction`` of its experts as
-slots, prefill 16 tokens and take ``--steps`` greedy decode steps (router-chosen routing). The child reports,
-as growth over its memory just before ``offload_moe.load`` (the modules already imported):
+``mini`` shape with 12 layers, 2.06 GiB, fused experts; ``--layout per_expert`` stores them as hub checkpoints
+do), then, for each ``--io`` mode in a fresh child process with the checkpoint's pages dropped from the page cache
+first: load it on CPU with ``--fraction`` of its experts as slots, prefill 16 tokens and take ``--steps`` greedy
+decode steps (router-chosen routing). The child reports, as growth over its memory just before
+``offload_moe.load`` (the modules already imported):
 
 - ``rss``: peak resident memory (VmHWM) over the load alone and over load + decode;
 - ``anon``: the peak of RssAnon, sampled every millisecond by a thread: the process's own memory;
 - ``file``: the peak of RssFile, sampled likewise: mapped file pages, which with ``io="mmap"`` are the
   checkpoint's, page cache that the kernel may reclaim (clean, never written) rather than memory this process
   owns;
-- ``runtime``: the peak of the bytes held in allocations of 64 KiB or more (torch's tensors and buffers), counted
-  by malloc (``offload_moe.memory.AllocationPeak``), in a second child process: what the runtime allocates,
-  without the noise of RSS;
+- ``runtime`` ("allocated"): the peak of the bytes held in allocations of 64 KiB or more (torch's tensors and
+  buffers), counted by malloc (``offload_moe.memory.AllocationPeak``), in a second child process: what the
+  runtime allocates, without the noise of RSS;
 - with ``--cgroup``: the peak of the memory cgroup the child runs in (no limit that binds), that is RSS plus the
   page cache its reads brought in (buffered reads, the mapped pages), as a machine's memory accounting sees it.
 
@@ -22,7 +23,8 @@ Target (issue 17): each <= dense weights + budget + 10% of the checkpoint.
     python benchmarks/load_memory.py                                  # mini shape, 12 layers, 2.06 GiB
     python benchmarks/load_memory.py --shape mixtral --layers 2       # Mixtral-8x7B layers, 5.6 GB
     python benchmarks/load_memory.py --cgroup --json out.json         # + the cgroup's peak (Linux, root)
-    python benchmarks/load_memory.py --shape small --layers 4         # ~40 MiB, what the test suite runs
+    python benchmarks/load_memory.py --layers 8 --layout per_expert   # experts stored apart, as on the hub
+    python benchmarks/load_memory.py --shape small --layers 2         # ~25 MiB, what the test suite runs
 """
 
 from __future__ import annotations
@@ -169,6 +171,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mini")
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--layout", choices=("fused", "per_expert"), default="fused",
+                        help="experts as fused 3D tensors (decode.py's checkpoints) or a tensor per expert (the hub's)")
     parser.add_argument("--io", default=",".join(IO_MODES), help="modes to measure, comma separated")
     parser.add_argument("--fraction", type=float, default=0.25, help="share of experts in the budget")
     parser.add_argument("--steps", type=int, default=4, help="decode steps after the 16-token prefill")
@@ -192,18 +196,19 @@ def main() -> None:
     limit = psutil.virtual_memory().total if args.cgroup else None
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="load-memory-") as tmp:
-        folder = Path(args.folder or Path(tmp) / f"{args.shape}-{args.layers}")
+        folder = Path(args.folder or Path(tmp) / f"{args.shape}-{args.layers}-{args.layout}")
         if not (folder / "config.json").exists():
-            if args.shape == "small":
-                _write_small(folder, args.layers)
-            else:
+            if args.layout == "fused":
                 write_checkpoint(args.shape, args.layers, folder, torch.bfloat16)
+            else:
+                write_per_expert(args.shape, args.layers, folder)
         checkpoint = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         results = [run_mode(folder, io, args, limit) for io in modes]
     for r in results:
         r["checkpoint_bytes"] = checkpoint
         r["target_bytes"] = r["dense_bytes"] + r["budget_bytes"] + checkpoint // 10
-    report = {"shape": args.shape, "layers": args.layers, "fraction": args.fraction, "steps": args.steps,
+    report = {"shape": args.shape, "layers": args.layers, "layout": args.layout, "fraction": args.fraction,
+              "steps": args.steps,
               "checkpoint_bytes": checkpoint, "load_average": {"start": load_start, "end": os.getloadavg()},
               "machine": machine("cpu"),
               "results": results}
@@ -214,13 +219,15 @@ def main() -> None:
         atomic_write(args.json, json.dumps(report, indent=2).encode())
 
 
-def _write_small(folder: Path, layers: int) -> None:
-    """The test suite's size, per-expert tensors as most hub checkpoints hold them."""
+def write_per_expert(shape: str, layers: int, folder: Path) -> None:
+    """The checkpoint as most hub checkpoints hold experts: a tensor per projection per expert (the gate and up
+    projections apart: row blocks of the slot's ``gate_up_proj``)."""
     from offload_moe.synthetic import write_synthetic_checkpoint
 
-    kwargs = dict(SHAPES["small"])
+    kwargs = dict(SHAPES[shape])
+    print(f"writing a per-expert {shape}-shaped checkpoint with {layers} layers to {folder} ...", file=sys.stderr)
     write_synthetic_checkpoint(folder, kwargs.pop("model_type"), dtype=torch.bfloat16, num_hidden_layers=layers,
-                               **kwargs)
+                               tie_word_embeddings=False, shard_bytes=2 * 2**30, **kwargs)
 
 
 def print_table(report: dict) -> None:
@@ -230,8 +237,9 @@ def print_table(report: dict) -> None:
     def m(v):
         return "-" if v is None else f"{v / mib:.0f}"
 
-    print(f"\n{report['shape']} shape, {report['layers']} layers, checkpoint {m(report['checkpoint_bytes'])} MiB, "
-          f"dense {m(r0['dense_bytes'])} MiB, budget {m(r0['budget_bytes'])} MiB "
+    print(f"\n{report['shape']} shape, {report['layers']} layers ({report['layout']}), "
+          f"checkpoint {m(report['checkpoint_bytes'])} MiB, dense {m(r0['dense_bytes'])} MiB, "
+          f"budget {m(r0['budget_bytes'])} MiB "
           f"({r0['capacity_experts']}/{r0['total_experts']} experts), 16-token prefill + {report['steps']} steps, "
           f"load average {load['start'][0]:.1f} -> {load['end'][0]:.1f}")
     print("| io (chosen) | bound | load RSS | RSS | anon | mapped file | allocated | cgroup "

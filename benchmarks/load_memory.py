@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # benchmarks.decode, benchmarks.cgroups
 
-from benchmarks.decode import SHAPES, decode, drop_file_pages, machine, write_checkpoint  # noqa: E402
+from benchmarks.decode import SHAPES, decode, drop_file_pages, machine  # noqa: E402
 
 SHAPES = dict(SHAPES, small=dict(model_type="mixtral", hidden_size=256, intermediate_size=896, num_local_experts=8,
                                  num_experts_per_tok=2, num_attention_heads=8, num_key_value_heads=4,
@@ -198,10 +198,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="load-memory-") as tmp:
         folder = Path(args.folder or Path(tmp) / f"{args.shape}-{args.layers}-{args.layout}")
         if not (folder / "config.json").exists():
-            if args.layout == "fused":
-                write_checkpoint(args.shape, args.layers, folder, torch.bfloat16)
-            else:
-                write_per_expert(args.shape, args.layers, folder)
+            write_checkpoint(args.shape, args.layers, args.layout, folder)
         checkpoint = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         results = [run_mode(folder, io, args, limit) for io in modes]
     for r in results:
@@ -219,15 +216,17 @@ def main() -> None:
         atomic_write(args.json, json.dumps(report, indent=2).encode())
 
 
-def write_per_expert(shape: str, layers: int, folder: Path) -> None:
-    """The checkpoint as most hub checkpoints hold experts: a tensor per projection per expert (the gate and up
-    projections apart: row blocks of the slot's ``gate_up_proj``)."""
+def write_checkpoint(shape: str, layers: int, layout: str, folder: Path) -> None:
+    """``benchmarks/decode.py``'s checkpoint (bf16, fused experts), or with ``layout="per_expert"`` a tensor per
+    projection per expert, as most hub checkpoints hold them (the gate and up projections apart: row blocks of the
+    slot's ``gate_up_proj``)."""
     from offload_moe.synthetic import write_synthetic_checkpoint
 
     kwargs = dict(SHAPES[shape])
-    print(f"writing a per-expert {shape}-shaped checkpoint with {layers} layers to {folder} ...", file=sys.stderr)
+    print(f"writing a {shape}-shaped checkpoint ({layout}) with {layers} layers to {folder} ...", file=sys.stderr)
     write_synthetic_checkpoint(folder, kwargs.pop("model_type"), dtype=torch.bfloat16, num_hidden_layers=layers,
-                               tie_word_embeddings=False, shard_bytes=2 * 2**30, **kwargs)
+                               max_position_embeddings=4096, tie_word_embeddings=False, shard_bytes=2 * 2**30,
+                               layout=layout, **kwargs)
 
 
 def print_table(report: dict) -> None:

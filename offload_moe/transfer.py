@@ -320,9 +320,11 @@ class Mover:
             if not piece.transpose and piece.dtype == dest.dtype and dest.is_contiguous():
                 self.store.read_piece(piece, dest)
             else:
-                for part, rows in row_parts(piece, SCRATCH_BYTES):
+                parts = row_parts(piece, SCRATCH_BYTES)
+                for part, rows in parts:
                     room = self._staging(span(part.offset, part.nbytes, self.store.reader.align)[1])
-                    target = dest[:, rows] if piece.transpose else dest[rows]  # the source's rows: transposed, columns
+                    # the source's rows are the slot tensor's columns when it is stored transposed
+                    target = dest if len(parts) == 1 else dest[:, rows] if piece.transpose else dest[rows]
                     target.copy_(_source(land(self.store, part, room), part))
             total += piece.nbytes
         return total

@@ -278,6 +278,8 @@ def test_row_parts_split_a_piece_into_blocks_of_whole_rows():
         (172, 12, (1, 3), slice(6, 7))]
     assert all(p.transpose and p.dtype == torch.float32 for p, _ in parts)
     assert row_parts(piece, 84) == [(piece, slice(None))] and len(row_parts(piece, 1)) == 7  # one row at least
+    scalar = Piece("s", (), Path("f"), 0, 4, torch.float32, (), False, "s")
+    assert row_parts(scalar, 1) == [(scalar, slice(None))]
 
 
 @pytest.mark.parametrize("io", MODES)

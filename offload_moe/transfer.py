@@ -72,7 +72,6 @@ def staging_bytes(store: ExpertStore) -> int:
     return max((staging_layout(ps, align)[1] for ps in store.pieces.values()), default=0)
 
 
-
 def land(store: ExpertStore, piece: Piece, region: torch.Tensor) -> torch.Tensor:
     """Read ``piece`` into ``region`` (its room in a staging buffer); the uint8 bytes, viewable as its dtype.
 

@@ -5,7 +5,7 @@ its slot (or a reused staging buffer), keeps the process's resident memory at wh
 it asked for, and releases the GIL while the disk works. ``O_DIRECT`` reads whole
 blocks: given a buffer with room for them (``span``, ``FileReader.read_span``) the
 disk fills it in place; into an exact destination only the partial blocks at its
-ends (or all, when its address and the file offset disagree) go through scratch.
+ends (or all, when its address and the file offset disagree, ``SCRATCH_BYTES`` at a time) go through scratch.
 
 ``MappedFiles`` is the other way in, for ``io="mmap"`` on CPU: tensors that view a
 private (copy-on-write) mapping of the file, so compute reads the page cache in place
@@ -294,6 +294,9 @@ def _present(path: Path, follow: bool = False) -> bool:
 
 
 DIRECT_ALIGN = 4096  # O_DIRECT: file offset, length and address on a multiple of the logical block size (512 or 4096)
+# O_DIRECT bytes that cannot land in place go through a per-thread scratch buffer this many bytes at a time, so that
+# a reader thread keeps 8 MiB, not the largest tensor it ever read (a Mixtral-8x7B expert's gate_up: 224 MiB)
+SCRATCH_BYTES = 8 * 2**20
 
 
 def span(offset: int, nbytes: int, align: int) -> tuple[int, int]:
@@ -354,7 +357,8 @@ class FileReader:
 
         With ``direct``, the whole blocks of the range go straight into ``out`` when its address and
         ``offset`` agree modulo ``DIRECT_ALIGN``; the partial blocks at either end (or, when they
-        disagree, the whole range) go through a per-thread scratch buffer and are copied."""
+        disagree, the whole range, ``SCRATCH_BYTES`` at a time) go through a per-thread scratch buffer and are
+        copied."""
         view = _bytes(out)
         if self.io == "direct":
             try:
@@ -418,10 +422,7 @@ class FileReader:
         head = -offset % a  # bytes of ``view`` before the first block boundary of the file
         middle = (offset + n) // a * a - offset - head  # whole blocks that can land in place
         if (address - offset) % a or middle <= 0:
-            scratch = self._scratch(size)
-            done = self._read_blocks(path, start, [scratch[:size]])
-            self._check_end(path, offset, n, start + done)
-            view[:] = scratch[offset - start : offset - start + n]
+            self._read_through_scratch(path, start, size, offset, view)
             return n
         tail = n - head - middle
         scratch = self._scratch(2 * a) if head or tail else None  # a range of whole blocks needs none
@@ -433,6 +434,22 @@ class FileReader:
         if tail:
             view[n - tail :] = scratch[a : a + tail]
         return n
+
+    def _read_through_scratch(self, path: Path, start: int, size: int, offset: int, view: memoryview) -> None:
+        """``O_DIRECT`` reads of the ``size`` bytes of whole blocks from ``start`` into this thread's scratch, at
+        most ``SCRATCH_BYTES`` at a time, each copied on to the part of ``view`` (the bytes at ``offset``) it holds."""
+        step = min(size, max(SCRATCH_BYTES // self.align, 1) * self.align)
+        scratch, pos, end = self._scratch(step), start, offset + len(view)
+        while pos < end:
+            want = min(step, start + size - pos)
+            got = self._read_blocks(path, pos, [scratch[:want]])
+            lo, hi = max(pos, offset), min(pos + got, end)
+            if hi > lo:
+                view[lo - offset : hi - offset] = scratch[lo - pos : hi - pos]
+            pos += got
+            if got < want:  # the end of the file
+                break
+        self._check_end(path, offset, len(view), pos)
 
     def _read_blocks(self, path: Path, start: int, bufs: list[memoryview]) -> int:
         """``O_DIRECT`` reads of ``bufs`` laid end to end from ``start``, up to the end of the file; bytes read."""
@@ -458,11 +475,15 @@ class FileReader:
             buf = self._local.scratch = _bytes(aligned_empty(nbytes))
         return buf
 
-    def read_tensor(self, info: TensorInfo) -> torch.Tensor:
-        """A fresh CPU tensor holding ``info``'s data."""
+    def read_tensor(self, info: TensorInfo, *, keep_cached: bool = True) -> torch.Tensor:
+        """A fresh CPU tensor holding ``info``'s data. ``keep_cached=False`` (a tensor read once into memory of its
+        own: the dense weights) drops the pages a ``buffered`` or ``mmap`` read brought into the page cache, where
+        they would be a second copy, charged to the process's memory cgroup and taking room from the experts."""
         out = torch.empty(info.shape, dtype=info.dtype)
         if info.nbytes:
             self.read_into(info.file, info.offset, out)
+            if not keep_cached and self.io in ("buffered", "mmap") and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
         return out
 
     def close(self) -> None:

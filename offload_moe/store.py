@@ -227,11 +227,13 @@ class ExpertStore(PieceStore):
                                       f"{short_repr(info.name + '_scale_inv')}; without its scales it cannot be read")
 
     def read_dense(self, info: TensorInfo) -> torch.Tensor:
-        """A dense tensor; a block-FP8 weight comes back dequantized (float32), as transformers loads it on the CPU."""
-        value = self.reader.read_tensor(info)
+        """A dense tensor; a block-FP8 weight comes back dequantized (float32), as transformers loads it on the CPU.
+        Its pages are dropped from the page cache after a buffered read (``FileReader.read_tensor``)."""
+        value = self.reader.read_tensor(info, keep_cached=False)  # the model keeps its own copy
         scale = self.dense_scales.get(info.name)
         if scale is not None:
-            value = dequantize_dense(value, self.reader.read_tensor(scale), self.format.block, info.name, info.file)
+            value = dequantize_dense(value, self.reader.read_tensor(scale, keep_cached=False), self.format.block,
+                                     info.name, info.file)
         return value
 
     # -- index ---------------------------------------------------------------

@@ -15,15 +15,18 @@ The buffers a piece's bytes pass through, disk to slot, by I/O mode:
 - ``direct`` (``O_DIRECT``): disk -> pinned staging -> GPU slot on CUDA without a host tier;
   into a CPU or host slot, disk -> slot for the whole 4096-byte blocks when the slot's address
   and the file offset agree modulo 4096, and the partial blocks at its ends (or all of it, when
-  they disagree) disk -> scratch -> slot.
+  they disagree, 8 MiB at a time: ``SCRATCH_BYTES``) disk -> scratch -> slot.
 - with a host tier on CUDA, the host slot is filled as above, then one whole-slot copy -> GPU.
 
-A piece the slot does not hold as the file does (a row block, transposed, another dtype; an int4 weight the
-slots hold in the byte layout of this CPU's kernel, ``kernels.held_format``) lands in a
-staging buffer first (pinned, on CUDA) and is converted by the copy out of it: with ``direct`` the
-staging gives each piece room for its whole blocks (``staging_layout``), so the read fills it in
-place, with no scratch. ``io="mmap"`` on CPU reads nothing for an expert it can map: compute views
-the page cache (``sources.MappedSource``); one it cannot map is read as ``buffered``.
+A piece the slot does not hold as the file does (transposed, another dtype; an int4 weight the slots hold
+in the byte layout of this CPU's kernel, ``kernels.held_format``) lands in a staging buffer first and is
+converted by the copy out of it: with ``direct`` the staging gives each piece room for its whole blocks
+(``span``, ``staging_layout``), so the read fills it in place, with no scratch. Into a CPU or host slot one
+piece at a time, ``SCRATCH_BYTES`` of its rows at a time (``row_parts``; an int4 weight's tiles whole), so a
+reader thread's staging stays that size; on CUDA every piece of the expert at once, in pinned memory, as the
+copies are queued together. A block of a slot tensor's rows (a gate or an up projection stored apart) is
+read straight into the slot. ``io="mmap"`` on CPU reads nothing for an expert it can map: compute views the
+page cache (``sources.MappedSource``); one it cannot map is read as ``buffered``.
 
 On CUDA every copy goes on one side stream and records an event; ``Ticket.wait``
 makes the compute stream wait on that event alone, so compute waits only for the
@@ -40,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -48,7 +51,7 @@ from .errors import ExpertLoadError
 from .formats import ExpertFormat
 from .pinned import PinnedMemory
 from .quant import convert_int4_tiles
-from .safetensors_io import DIRECT_ALIGN, aligned_empty, span
+from .safetensors_io import DIRECT_ALIGN, SCRATCH_BYTES, aligned_empty, span
 from .store import ExpertStore, Piece
 
 ALIGN = 64  # bytes; keeps each piece's region in a shared staging buffer aligned for any dtype
@@ -67,7 +70,7 @@ def staging_layout(pieces: list[Piece], align: int) -> tuple[list[tuple[int, int
 
 
 def staging_bytes(store: ExpertStore) -> int:
-    """Room for the largest expert's pieces laid out by ``staging_layout``."""
+    """Room for the largest expert's pieces laid out by ``staging_layout`` (CUDA: all of them are copied at once)."""
     align = store.reader.align
     return max((staging_layout(ps, align)[1] for ps in store.pieces.values()), default=0)
 
@@ -88,6 +91,19 @@ def land(store: ExpertStore, piece: Piece, region: torch.Tensor) -> torch.Tensor
 def _source(data: torch.Tensor, piece: Piece) -> torch.Tensor:
     src = data.view(piece.dtype).view(piece.shape)
     return src.T if piece.transpose else src
+
+
+def row_parts(piece: Piece, nbytes: int) -> list[tuple[Piece, slice]]:
+    """``piece`` as consecutive blocks of its rows (its first dimension) of at most ``nbytes`` each (one row at
+    least): each block as a piece of its own, and the rows it covers. A piece that fits is itself."""
+    rows = piece.shape[0] if piece.shape else 1
+    row_bytes = piece.nbytes // max(rows, 1)
+    per = max(1, nbytes // max(row_bytes, 1))
+    if rows <= per:
+        return [(piece, slice(None))]
+    return [(replace(piece, offset=piece.offset + r * row_bytes, nbytes=(min(r + per, rows) - r) * row_bytes,
+                     shape=(min(r + per, rows) - r, *piece.shape[1:])), slice(r, min(r + per, rows)))
+            for r in range(0, rows, per)]
 
 
 @dataclass
@@ -228,7 +244,6 @@ class Mover:
     def __init__(self, store: ExpertStore, readers: int = 2, held: ExpertFormat | None = None):
         self.store = store
         self.pool = ReaderPool(readers)
-        self._staging_size = staging_bytes(store)
         self._local = threading.local()
         # int4 weights are rearranged into the slots' byte layout as they are read: None where it is the stored one
         converts = held is not None and held.kind == "int4" and held.int4_layout != store.format.int4_layout
@@ -301,26 +316,33 @@ class Mover:
     def _read(self, layer: int, expert: int, views: dict[str, torch.Tensor]) -> int:
         """Read every piece of an expert into ``views`` (CPU tensors), converting dtype or layout if needed.
 
-        A piece the slot holds as the file does is read straight into it; any other lands in this thread's
-        staging buffer (in place, with ``O_DIRECT``) and is converted from there by one copy (an int4 weight into
-        the slots' byte layout: by one rearrangement of its bytes)."""
+        A piece the slot holds as the file does (the whole tensor, or a block of its rows: a gate or an up
+        projection stored apart) is read straight into it; any other lands in this thread's staging buffer (in
+        place, with ``O_DIRECT``), ``SCRATCH_BYTES`` of its rows at a time, and is converted from there by one copy
+        each (an int4 weight, whole, into the slots' byte layout: by one rearrangement of its bytes)."""
         total = 0
         for piece in self.store.expert_pieces(layer, expert):
             dest = views[piece.param][piece.index]
             if self._int4_layout is not None and piece.param.endswith(".qweight"):  # an int4 weight's tiles
-                stored = _source(land(self.store, piece, self._staging()), piece)
-                convert_int4_tiles(stored, self._int4_layout, out=dest)
-            elif piece.whole and piece.dtype == dest.dtype and dest.is_contiguous():
+                room = self._staging(span(piece.offset, piece.nbytes, self.store.reader.align)[1])
+                convert_int4_tiles(_source(land(self.store, piece, room), piece), self._int4_layout, out=dest)
+            elif not piece.transpose and piece.dtype == dest.dtype and dest.is_contiguous():
                 self.store.read_piece(piece, dest)
             else:
-                dest.copy_(_source(land(self.store, piece, self._staging()), piece))
+                parts = row_parts(piece, SCRATCH_BYTES)
+                for part, rows in parts:
+                    room = self._staging(span(part.offset, part.nbytes, self.store.reader.align)[1])
+                    # the source's rows are the slot tensor's columns when it is stored transposed
+                    target = dest if len(parts) == 1 else dest[:, rows] if piece.transpose else dest[rows]
+                    target.copy_(_source(land(self.store, part, room), part))
             total += piece.nbytes
         return total
 
-    def _staging(self) -> torch.Tensor:
+    def _staging(self, nbytes: int) -> torch.Tensor:
+        """This thread's staging buffer, of at least ``nbytes`` (``SCRATCH_BYTES`` of rows and their blocks)."""
         buf = getattr(self._local, "staging", None)
-        if buf is None:
-            buf = self._local.staging = aligned_empty(max(self._staging_size, 1), DIRECT_ALIGN)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._local.staging = aligned_empty(nbytes, DIRECT_ALIGN)
         return buf
 
     def _copy(self, host_flat: torch.Tensor, device_flat: torch.Tensor, compute=None) -> Transfer:
@@ -432,7 +454,9 @@ class CudaMover(Mover):
     def _pinned_staging(self):
         buf = getattr(self._local, "pinned", None)
         if buf is None:
-            memory = PinnedMemory(max(self._staging_size, 1), "a reader thread's staging buffer", device=self.device)
+            # room for every piece of the largest expert: all of them land before their copies are queued
+            memory = PinnedMemory(max(staging_bytes(self.store), 1), "a reader thread's staging buffer",
+                                  device=self.device)
             buf = self._local.pinned = memory.tensor
             with self._lock:
                 self._stagings.append(buf)

@@ -15,9 +15,10 @@ from test_pinned import cpu_cuda_mover
 
 from offload_moe.errors import CheckpointError
 from offload_moe.files import open_fd
-from offload_moe.safetensors_io import DIRECT_ALIGN, FileReader, aligned_empty, span
+from offload_moe.safetensors_io import DIRECT_ALIGN, FileReader, TensorInfo, aligned_empty, span
 from offload_moe.store import Piece, PieceStore
-from offload_moe.transfer import ALIGN, Mover, staging_layout, staging_bytes
+from offload_moe import safetensors_io, transfer
+from offload_moe.transfer import ALIGN, Mover, row_parts, staging_bytes, staging_layout
 
 A = DIRECT_ALIGN
 SIZE = 5 * A + 123  # the last block is partial
@@ -81,7 +82,7 @@ def test_read_span_lands_where_span_says(io, reader, data_file):
         reader.read_span(path, 1, A, room[: span(1, A, reader.align)[1] - 1])  # direct: 2 blocks; else A bytes
 
 
-def test_direct_reads_touch_no_scratch_with_room_and_only_partial_blocks_without(data_file):
+def test_direct_reads_touch_no_scratch_with_room_and_only_partial_blocks_without(data_file, monkeypatch):
     path, data = data_file
     if not direct_works(path):
         pytest.skip("this file system refuses O_DIRECT")
@@ -97,7 +98,34 @@ def test_direct_reads_touch_no_scratch_with_room_and_only_partial_blocks_without
     out = room[1 : 1 + n]  # disagrees: the whole range goes through scratch
     reader.read_into(path, offset, out)
     assert len(reader._local.scratch) == span(offset, n, A)[1] and bytes(out.numpy()) == data[offset : offset + n]
+    reader._local.scratch = None
+    monkeypatch.setattr(safetensors_io, "SCRATCH_BYTES", 2 * A)  # ... SCRATCH_BYTES at a time
+    out.fill_(0)
+    reader.read_into(path, offset, out)
+    assert len(reader._local.scratch) == 2 * A and bytes(out.numpy()) == data[offset : offset + n]
     assert reader.io == "direct"
+    reader.close()
+
+
+@pytest.mark.parametrize("io", MODES)
+def test_a_tensor_read_once_leaves_no_page_cache_behind(io, data_file, monkeypatch):
+    """The dense weights are copied into the model: with buffered reads (buffered, mmap) their pages are dropped,
+    else they would stay in the page cache as a second copy, charged to the process's memory cgroup."""
+    path, data = data_file
+    advice = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, n, how: advice.append((offset, n, how)))
+    reader = FileReader(io)
+    info = TensorInfo("t", path, 12, 4 * A, torch.int32, (A,))
+    kept = reader.read_tensor(info)
+    dropped = reader.read_tensor(info, keep_cached=False)
+    assert bytes(kept.view(torch.uint8).numpy()) == bytes(dropped.view(torch.uint8).numpy()) == data[12 : 12 + 4 * A]
+    mine = [a for a in advice if a[2] == os.POSIX_FADV_DONTNEED]
+    if io in ("buffered", "mmap"):
+        assert mine == [(12, 4 * A, os.POSIX_FADV_DONTNEED)]  # once: the read that drops
+    elif reader.io == "dontneed":  # dontneed, or direct where the file system refuses O_DIRECT: every read drops
+        assert len(mine) == 2
+    else:
+        assert mine == []  # O_DIRECT bypasses the page cache
     reader.close()
 
 
@@ -214,10 +242,44 @@ def test_cpu_mover_fills_a_slot_exactly(io, tmp_path):
     views = store.views()
     assert mover._read(0, 0, views) == sum(p.nbytes for p in store.pieces[(0, 0)])
     assert_exact(views, store.expected)
-    staging = mover._local.staging
-    assert staging.data_ptr() % A == 0 and staging.numel() == staging_bytes(store)
+    staging = mover._local.staging  # room for the largest converted piece; a row block goes straight into the slot
+    converted = [p for p in store.pieces[(0, 0)] if p.transpose or p.dtype != views[p.param].dtype]
+    assert [p.name for p in converted] == ["gate_up(slice(3, 6, None),)", "conv(slice(None, None, None),)"]
+    assert staging.data_ptr() % A == 0 and staging.numel() == max(span(p.offset, p.nbytes, store.reader.align)[1]
+                                                                  for p in converted)
     mover.close()
     store.close()
+
+
+@pytest.mark.parametrize("io", MODES)
+def test_cpu_mover_converts_and_reads_a_few_rows_at_a_time(io, tmp_path, monkeypatch):
+    """Staging and the reader's scratch hold SCRATCH_BYTES of rows, not a whole tensor (a Mixtral expert's gate_up is
+    224 MiB): each converted piece is staged a few rows at a time, and a direct read into a destination whose
+    address disagrees with the file offset goes through scratch block by block."""
+    monkeypatch.setattr(transfer, "SCRATCH_BYTES", 40)  # 2 rows of 5 float32, 2 of 7 bfloat16
+    monkeypatch.setattr(safetensors_io, "SCRATCH_BYTES", A)
+    store = RawStore(tmp_path, io)
+    mover = Mover(store, readers=1)
+    views = store.views()
+    mover._read(0, 0, views)
+    assert_exact(views, store.expected)
+    assert mover._local.staging.numel() <= 40 + 2 * store.reader.align
+    scratch = getattr(store.reader._local, "scratch", None)
+    assert scratch is None or len(scratch) <= 2 * A
+    mover.close()
+    store.close()
+
+
+def test_row_parts_split_a_piece_into_blocks_of_whole_rows():
+    piece = Piece("p", (slice(None),), Path("f"), 100, 7 * 12, torch.float32, (7, 3), True, "t")
+    parts = row_parts(piece, 25)  # 2 rows of 12 bytes a part
+    assert [(p.offset, p.nbytes, p.shape, rows) for p, rows in parts] == [
+        (100, 24, (2, 3), slice(0, 2)), (124, 24, (2, 3), slice(2, 4)), (148, 24, (2, 3), slice(4, 6)),
+        (172, 12, (1, 3), slice(6, 7))]
+    assert all(p.transpose and p.dtype == torch.float32 for p, _ in parts)
+    assert row_parts(piece, 84) == [(piece, slice(None))] and len(row_parts(piece, 1)) == 7  # one row at least
+    scalar = Piece("s", (), Path("f"), 0, 4, torch.float32, (), False, "s")
+    assert row_parts(scalar, 1) == [(scalar, slice(None))]
 
 
 @pytest.mark.parametrize("io", MODES)

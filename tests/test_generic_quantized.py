@@ -299,6 +299,36 @@ def test_a_bad_quantization_in_the_manifest_is_named(tmp_path, quantization):
         SavedExperts(folder)
 
 
+@pytest.mark.parametrize(("quantization", "shape"), [
+    ({"bits": 4, "group_size": 32}, [2, 2**31 - 1]),  # no group divides it: the quantizer's advice scans 2**31 numbers
+    ({"bits": 4, "group_size": 32}, [3, 32]),  # rows int4 cannot pair
+    ({"bits": 4, "group_size": 32}, [2**31 - 32, 2**31 - 32]),  # more bytes than torch can size, even on meta
+    ({"bits": 8}, [2**31 - 1, 2**31 - 1]),
+])
+def test_a_packed_shape_the_format_cannot_hold_is_named_before_anything_is_sized(tmp_path, monkeypatch, quantization,
+                                                                                  shape):
+    """A manifest is untrusted: a packed weight's shape that int4 cannot group, or too large to size, is one
+    CheckpointError naming the manifest; the quantizer is not asked about a shape already known to be wrong."""
+    import offload_moe.saved_experts as saved_experts
+
+    folder = save_experts(make_model(), tmp_path / "s", quantize="int4" if quantization["bits"] == 4 else "int8",
+                          group_size=quantization.get("group_size"))
+    manifest = json.loads((folder / "experts.json").read_text())
+    manifest["layers"][0]["params"]["0.weight"]["shape"] = shape
+    (folder / "experts.json").write_text(json.dumps(manifest))
+    quantizer = saved_experts.quantize_matrix
+
+    def quantize(w, bits, group_size=None):
+        if bits == 4 and (w.shape[0] % 2 or w.shape[1] % group_size):
+            raise AssertionError(f"the quantizer was asked to size a shape int4 cannot hold: {list(w.shape)}")
+        return quantizer(w, bits, group_size)
+
+    monkeypatch.setattr(saved_experts, "quantize_matrix", quantize)
+    with pytest.raises(CheckpointError, match=r"^save_experts manifest .*experts\.json: layer 0 \(0\): .*the manifest "
+                                              r"is corrupted, save the experts again$"):
+        SavedExperts(folder)
+
+
 def test_a_packed_tensor_of_another_dtype_is_named(tmp_path):
     from offload_moe.safetensors_io import read_header, write_safetensors
 

@@ -189,3 +189,25 @@ def test_the_command_says_where_a_stopped_recording_kept_its_parts(tmp_path, mon
     assert isinstance(result.exception, RuntimeError)
     assert f"kept in {parts_folder(out)}" in " ".join(result.output.split()) and "trace merge" in result.output
     assert load_trace(parts_folder(out)).num_tokens == 2
+
+
+def test_a_merge_never_writes_into_the_parts_it_joins(tmp_path):
+    """An ``out`` inside the parts folder (its index, a part, the folder itself, a new file there) or the trace file
+    merged is refused before anything is written: the folder is left as it is and still reads as the trace."""
+    folder = parts_folder(tmp_path / "t.safetensors")
+    folder.mkdir()
+    metadata = {"model": "m", "num_experts": "4", "top_k": "1", "layers": "[0, 1]", "source": "t"}
+    names = [f"part-{i:06d}.safetensors" for i in range(2)]
+    for i, name in enumerate(names):
+        save_trace(Trace(experts=torch.full((3, 2, 1), i, dtype=torch.int16), metadata=metadata), folder / name)
+    (folder / "index.json").write_text(json.dumps({"format": "offload_moe.trace.parts", "version": "1", "parts": names}))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for out in (folder / "index.json", folder / names[0], folder, folder / "joined.safetensors"):
+        with pytest.raises(TraceError, match=r"would replace what the merge reads .* write the joined trace to a file "
+                                             r"outside it$"):
+            merge_trace_parts(folder, out)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    joined = merge_trace_parts(folder, tmp_path / "t.safetensors")
+    with pytest.raises(TraceError, match="would replace what the merge reads"):
+        merge_trace_parts(joined, joined)
+    assert_same(load_trace(joined), load_trace(folder))

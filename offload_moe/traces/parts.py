@@ -64,6 +64,7 @@ def merge_trace_parts(folder: str | Path, out: str | Path) -> Path:
     """Join the parts folder ``folder`` (a chunked recording's) into the one trace file ``out``, atomically, copying
     bytes a few MB at a time: the file reads as ``load_trace(folder)`` does. The folder is left as it is."""
     source = TraceFile.open(folder)
+    _check_outside(source, Path(out))
     header: dict = {"__metadata__": {**source.metadata, "format": FORMAT, "version": VERSION}}
     offset = 0
     names = [name for name in TENSORS if name in source.tensors]
@@ -85,6 +86,15 @@ def merge_trace_parts(folder: str | Path, out: str | Path) -> Path:
     path = atomic_write(out, write)
     TraceFile.open(path)  # the header written is one a reader takes
     return path
+
+
+def _check_outside(source: TraceFile, out: Path) -> None:
+    """Refuse an ``out`` that would replace a file the merge reads (a part, the index) or lies in the parts folder."""
+    target = out.resolve()
+    read = {part.path.resolve() for part in source.parts} | ({source.path.resolve()} if source.path.is_dir() else set())
+    if target in read or any(parent in read for parent in target.parents):
+        raise TraceError(f"{out} would replace what the merge reads ({source.path}), which it leaves as it is; write "
+                         "the joined trace to a file outside it")
 
 
 def _copy(path: Path, offset: int, nbytes: int, out: BinaryIO) -> None:

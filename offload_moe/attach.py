@@ -151,6 +151,7 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
     config, layers, layout, total = assembly.config, assembly.layers, assembly.layout, assembly.total_experts
     dev, predictor = config.device, assembly.predictor
     mover = cache = host = None
+    cleanups: list[Callable[[], object]] = []  # hooks on the model: removed by the handle, or here on an error
     try:
         if assembly.host_slots:
             host = HostTier(Residency(assembly.host_slots, make_policy(config.host_policy, seed=config.seed)),
@@ -167,7 +168,7 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
             stand_in.cache, stand_in.prefetcher, stand_in.pos = cache, prefetcher, pos
             if isinstance(getattr(getattr(stand_in, "kernel", None), "scratch", None), Scratch):  # kernels of packed weights
                 stand_in.kernel.scratch = scratch
-        cleanups = [_count_tokens(layers, cache)]
+        cleanups.append(_count_tokens(layers, cache))
         bind = getattr(predictor, "bind", None)
         if bind is not None:
             cleanups.append(bind(prefetcher))
@@ -177,6 +178,8 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
         if assembly.capacity >= total:
             fill_device_cache(cache, keys, progress)
     except BaseException:
+        for cleanup in cleanups:
+            cleanup()
         _release(cache, mover, host, store, owned_folder)
         raise
     modules = [s if isinstance(s, nn.Module) else s.module for s in stand_ins]

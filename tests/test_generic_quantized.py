@@ -433,3 +433,59 @@ def test_a_manifest_version_this_offload_moe_does_not_read_is_named(tmp_path, ve
     (folder / "experts.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"experts\.json: version .* is not one this offload_moe reads \(1, 2\)"):
         SavedExperts(folder)
+
+
+# -- a failure after the experts were swapped puts the model back ---------------------------------------------
+def _mixtral() -> nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(make_config("mixtral")).eval()
+
+
+def _dbrx() -> nn.Module:
+    from test_families_generic import dbrx_config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(dbrx_config()).eval()
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(("build", "call", "options"), [
+    (make_model, lambda m: m(inputs()), {"quantize": "int8"}),
+    (make_model, lambda m: m(inputs()), {"quantize": "int4", "group_size": 32, "replace_forward": True}),
+    (make_model, lambda m: m(inputs()), {}),
+    (_mixtral, lambda m: m(_ids()).logits, {"quantize": "int8"}),
+    (_dbrx, lambda m: m(_ids()).logits, {"quantize": "int8"}),
+], ids=["module_list", "replace_forward", "unquantized", "transformers", "fused"])
+def test_an_offload_stopped_after_the_swap_leaves_the_model_as_it_was(monkeypatch, build, call, options):
+    """Ctrl-C (or a read that fails) while every expert is loaded into the slots, after the containers were swapped:
+    the model gets its containers, expert parameters and forward back, with no hook left, and runs as before."""
+    import offload_moe.attach as attach
+
+    model = build()
+    with torch.no_grad():
+        want = call(model)
+    before = list(model.named_parameters())
+    modules = dict(model.named_modules())
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attach, "fill_device_cache", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        offload_experts(model, cache_experts=10_000, **options)  # every expert fits: all are loaded at once
+    assert [(n, id(p)) for n, p in model.named_parameters()] == [(n, id(p)) for n, p in before]
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(m is modules[n] for n, m in model.named_modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks or "forward" in vars(m) for m in model.modules())
+    assert getattr(model, "offload", None) is None
+    with torch.no_grad():
+        assert torch.equal(call(model), want)
+    monkeypatch.undo()
+    handle = offload_experts(model, cache_experts=2, **options)  # and it can be offloaded again
+    with torch.no_grad():
+        call(model)
+    assert handle.stats()["misses"] > 0
+    handle.close()

@@ -211,3 +211,17 @@ def test_a_merge_never_writes_into_the_parts_it_joins(tmp_path):
     with pytest.raises(TraceError, match="would replace what the merge reads"):
         merge_trace_parts(joined, joined)
     assert_same(load_trace(joined), load_trace(folder))
+
+
+def test_an_earlier_recordings_parts_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import offload_moe.traces.recording as recording
+    from offload_moe.traces import record_prompts_file
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the parts folder was refused")
+
+    monkeypatch.setattr(recording, "load_with_tokenizer", load)
+    out = tmp_path / "t.safetensors"
+    parts_folder(out).mkdir()
+    with pytest.raises(TraceError, match=r"t\.safetensors\.parts holds the parts of an earlier recording"):
+        record_prompts_file(tmp_path / "model", ["import os"], out, source="prompts")

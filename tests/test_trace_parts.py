@@ -225,3 +225,40 @@ def test_an_earlier_recordings_parts_are_refused_before_the_model_loads(tmp_path
     parts_folder(out).mkdir()
     with pytest.raises(TraceError, match=r"t\.safetensors\.parts holds the parts of an earlier recording"):
         record_prompts_file(tmp_path / "model", ["import os"], out, source="prompts")
+
+
+@pytest.mark.parametrize("tensors", [
+    {"experts": torch.full((3, 2, 1), 9, dtype=torch.int16), "sequence_lengths": torch.tensor([3])},  # id 9 of 4
+    {"experts": torch.zeros((3, 2, 1), dtype=torch.int16), "sequence_lengths": torch.tensor([5, 5])},  # not 3 tokens
+], ids=["expert_id", "sequence_lengths"])
+def test_a_merge_of_parts_that_do_not_read_makes_no_file(tmp_path, tensors):
+    """The rows are checked as load_trace checks them before anything is written: no joined file that fails later."""
+    from safetensors.torch import save_file
+
+    folder = parts_folder(tmp_path / "t.safetensors")
+    folder.mkdir()
+    metadata = {"model": "m", "num_experts": "4", "top_k": "1", "layers": "[0, 1]", "source": "t"}
+    save_trace(Trace(experts=torch.zeros(3, 2, 1, dtype=torch.int16), metadata=metadata,
+                     sequence_lengths=torch.tensor([1, 2])), folder / "part-000000.safetensors")
+    save_file(tensors, str(folder / "part-000001.safetensors"), metadata=metadata)
+    (folder / "index.json").write_text(json.dumps({"format": "offload_moe.trace.parts", "version": "1",
+                                                   "parts": ["part-000000.safetensors", "part-000001.safetensors"]}))
+    with pytest.raises(TraceError, match=r"part-000001\.safetensors"):
+        load_trace(folder)
+    with pytest.raises(TraceError, match=r"part-000001\.safetensors"):
+        merge_trace_parts(folder, tmp_path / "t.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors.parts"]
+
+
+def test_a_truncated_part_says_to_record_again(tmp_path):
+    folder = parts_folder(tmp_path / "t.safetensors")
+    folder.mkdir()
+    metadata = {"model": "m", "num_experts": "4", "top_k": "1", "layers": "[0, 1]", "source": "t"}
+    part = save_trace(Trace(experts=torch.zeros(3, 2, 1, dtype=torch.int16), metadata=metadata),
+                      folder / "part-000000.safetensors")
+    part.write_bytes(part.read_bytes()[:-2])
+    (folder / "index.json").write_text(json.dumps({"format": "offload_moe.trace.parts", "version": "1",
+                                                   "parts": ["part-000000.safetensors"]}))
+    for path in (folder, part):
+        with pytest.raises(TraceError, match=r"part-000000\.safetensors is truncated: .*; re-record the trace$"):
+            TraceFile.open(path)

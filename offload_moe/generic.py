@@ -225,7 +225,7 @@ def offload_experts(
         if given is not None:
             given.close()
         raise
-    undo: list[Callable[[], None]] = []  # one a layer swapped: a failure in attach (a read, Ctrl-C) puts it back
+    undo: list[Callable[[], None]] = []  # one per layer swapped: a failure in attach (a read, Ctrl-C) undoes the swaps
     try:
         return attach(model, assembly, opened,
                       install=lambda: [_swap(plan, routers[i], dropped_tokens, packing[i] if packing else {}, undo)

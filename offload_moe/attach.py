@@ -155,6 +155,7 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
     if held != layout.format:
         layout = replace(layout, format=held)
     mover = cache = host = None
+    cleanups: list[Callable[[], object]] = []  # hooks on the model: removed by the handle, or here on an error
     try:
         if assembly.host_slots:
             host = HostTier(Residency(assembly.host_slots, make_policy(config.host_policy, seed=config.seed)),
@@ -171,7 +172,7 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
             stand_in.cache, stand_in.prefetcher, stand_in.pos = cache, prefetcher, pos
             if isinstance(getattr(getattr(stand_in, "kernel", None), "scratch", None), Scratch):  # kernels of packed weights
                 stand_in.kernel.scratch = scratch
-        cleanups = [_count_tokens(layers, cache)]
+        cleanups.append(_count_tokens(layers, cache))
         bind = getattr(predictor, "bind", None)
         if bind is not None:
             cleanups.append(bind(prefetcher))
@@ -181,6 +182,8 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
         if assembly.capacity >= total:
             fill_device_cache(cache, keys, progress)
     except BaseException:
+        for cleanup in cleanups:
+            cleanup()
         _release(cache, mover, host, store, owned_folder)
         raise
     modules = [s if isinstance(s, nn.Module) else s.module for s in stand_ins]

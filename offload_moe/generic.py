@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -225,10 +225,16 @@ def offload_experts(
         if given is not None:
             given.close()
         raise
-    return attach(model, assembly, opened,
-                  install=lambda: [_swap(plan, routers[i], dropped_tokens, packing[i] if packing else {})
-                                   for i, plan in enumerate(plans)],
-                  folder=opened.folder, name=_model_name(model), owned_folder=owned)
+    undo: list[Callable[[], None]] = []  # one per layer swapped: a failure in attach (a read, Ctrl-C) undoes the swaps
+    try:
+        return attach(model, assembly, opened,
+                      install=lambda: [_swap(plan, routers[i], dropped_tokens, packing[i] if packing else {}, undo)
+                                       for i, plan in enumerate(plans)],
+                      folder=opened.folder, name=_model_name(model), owned_folder=owned)
+    except BaseException:
+        for restore in reversed(undo):
+            restore()
+        raise
 
 
 def _store_format(asked: ExpertFormat, given: SavedExperts | None, quantize: str | None) -> ExpertFormat:
@@ -327,9 +333,11 @@ def _open_store(plans, given: SavedExperts | None, opened_here: bool, offload_fo
     return opened, owned
 
 
-def _swap(plan: LayerPlan, router: Router | None, dropped: str, packed: dict[str, bool]):
+def _swap(plan: LayerPlan, router: Router | None, dropped: str, packed: dict[str, bool],
+          undo: list[Callable[[], None]]):
     """Replace the layer's container by its offloaded stand-in (the expert weights are dropped here); ``packed``:
-    the weights its slots hold packed."""
+    the weights its slots hold packed. Appends to ``undo`` what puts the layer back as it was."""
+    undo.append(_restorer(plan))
     if plan.kind == "transformers":
         spec = _transformers_spec(plan)
         stand_in = OffloadedExperts(plan.container, spec)
@@ -351,6 +359,30 @@ def _swap(plan: LayerPlan, router: Router | None, dropped: str, packed: dict[str
         plan.module.forward = RoutedForward(plan.module, runtime, router, dropped)
         stand_in.sees_routing = False  # the grouped computation runs from the layer's forward, past the container
     return runtime
+
+
+def _restorer(plan: LayerPlan) -> Callable[[], None]:
+    """What puts ``plan``'s layer back as ``_swap`` found it: its container with the expert parameters ``_swap``
+    deletes from it (and its submodules), and the layer's own forward."""
+    module, attr, container = plan.module, plan.attr, plan.container
+    parameters = [(m, dict(m._parameters)) for m in container.modules()]
+    forward = module.__dict__.get("forward", _ABSENT)
+
+    def restore() -> None:
+        for owner, kept in parameters:
+            owner._parameters.clear()
+            owner._parameters.update(kept)
+        setattr(module, attr, container)
+        plan.container = container
+        if forward is _ABSENT:
+            module.__dict__.pop("forward", None)
+        else:
+            module.__dict__["forward"] = forward
+
+    return restore
+
+
+_ABSENT = object()
 
 
 def _kernel(plan: LayerPlan, packed: dict[str, bool]) -> Kernel:

@@ -202,11 +202,19 @@ class SavedExperts(PieceStore):
 
 
 def _slots(path: Path, entry: SavedLayer, fmt: ExpertFormat) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
+    where = f"save_experts manifest {path}: layer {entry.layer} ({entry.name or '?'})"
+    for name, transposed in entry.packed.items():
+        rows, cols = entry.shapes[name][::-1] if transposed else entry.shapes[name]
+        # checked here, before the quantizer: its advice on a group size that fits scans every divisor of the
+        # columns, which for a manifest's 2**31 - 1 takes minutes
+        if fmt.kind == "int4" and (rows % 2 or cols % fmt.block[0]):
+            raise CheckpointError(f"{where}: packed weight {name!r} of {rows} rows x {cols} columns is no int4 matrix "
+                                  f"in groups of {fmt.block[0]} (an even row count, columns a multiple of the group); "
+                                  "the manifest is corrupted, save the experts again")
     try:
         return packed_slots(entry.shapes, entry.packed, fmt)
-    except (ConfigError, ValueError) as e:  # a shape the format cannot pack
-        raise CheckpointError(f"save_experts manifest {path}: layer {entry.layer} ({entry.name or '?'}): {e}; the "
-                              "manifest is corrupted, save the experts again") from None
+    except (ConfigError, ValueError, RuntimeError) as e:  # a shape the format cannot pack, or too large to size
+        raise CheckpointError(f"{where}: {e}; the manifest is corrupted, save the experts again") from None
 
 
 def _read_manifest(folder: Path) -> tuple[ExpertFormat, dict[int, SavedLayer], list[Path]]:

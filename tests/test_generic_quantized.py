@@ -302,6 +302,36 @@ def test_a_bad_quantization_in_the_manifest_is_named(tmp_path, quantization):
         SavedExperts(folder)
 
 
+@pytest.mark.parametrize(("quantization", "shape"), [
+    ({"bits": 4, "group_size": 32}, [2, 2**31 - 1]),  # no group divides it: the quantizer's advice scans 2**31 numbers
+    ({"bits": 4, "group_size": 32}, [3, 32]),  # rows int4 cannot pair
+    ({"bits": 4, "group_size": 32}, [2**31 - 32, 2**31 - 32]),  # more bytes than torch can size, even on meta
+    ({"bits": 8}, [2**31 - 1, 2**31 - 1]),
+])
+def test_a_packed_shape_the_format_cannot_hold_is_named_before_anything_is_sized(tmp_path, monkeypatch, quantization,
+                                                                                  shape):
+    """A manifest is untrusted: a packed weight's shape that int4 cannot group, or too large to size, is one
+    CheckpointError naming the manifest; the quantizer is not asked about a shape already known to be wrong."""
+    import offload_moe.saved_experts as saved_experts
+
+    folder = save_experts(make_model(), tmp_path / "s", quantize="int4" if quantization["bits"] == 4 else "int8",
+                          group_size=quantization.get("group_size"))
+    manifest = json.loads((folder / "experts.json").read_text())
+    manifest["layers"][0]["params"]["0.weight"]["shape"] = shape
+    (folder / "experts.json").write_text(json.dumps(manifest))
+    quantizer = saved_experts.quantize_matrix
+
+    def quantize(w, bits, group_size=None):
+        if bits == 4 and (w.shape[0] % 2 or w.shape[1] % group_size):
+            raise AssertionError(f"the quantizer was asked to size a shape int4 cannot hold: {list(w.shape)}")
+        return quantizer(w, bits, group_size)
+
+    monkeypatch.setattr(saved_experts, "quantize_matrix", quantize)
+    with pytest.raises(CheckpointError, match=r"^save_experts manifest .*experts\.json: layer 0 \(0\): .*the manifest "
+                                              r"is corrupted, save the experts again$"):
+        SavedExperts(folder)
+
+
 def test_a_packed_tensor_of_another_dtype_is_named(tmp_path):
     from offload_moe.safetensors_io import read_header, write_safetensors
 
@@ -406,3 +436,59 @@ def test_a_manifest_version_this_offload_moe_does_not_read_is_named(tmp_path, ve
     (folder / "experts.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"experts\.json: version .* is not one this offload_moe reads \(1, 2\)"):
         SavedExperts(folder)
+
+
+# -- a failure after the experts were swapped puts the model back ---------------------------------------------
+def _mixtral() -> nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(make_config("mixtral")).eval()
+
+
+def _dbrx() -> nn.Module:
+    from test_families_generic import dbrx_config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(dbrx_config()).eval()
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(("build", "call", "options"), [
+    (make_model, lambda m: m(inputs()), {"quantize": "int8"}),
+    (make_model, lambda m: m(inputs()), {"quantize": "int4", "group_size": 32, "replace_forward": True}),
+    (make_model, lambda m: m(inputs()), {}),
+    (_mixtral, lambda m: m(_ids()).logits, {"quantize": "int8"}),
+    (_dbrx, lambda m: m(_ids()).logits, {"quantize": "int8"}),
+], ids=["module_list", "replace_forward", "unquantized", "transformers", "fused"])
+def test_an_offload_stopped_after_the_swap_leaves_the_model_as_it_was(monkeypatch, build, call, options):
+    """Ctrl-C (or a read that fails) while every expert is loaded into the slots, after the containers were swapped:
+    the model gets its containers, expert parameters and forward back, with no hook left, and runs as before."""
+    import offload_moe.attach as attach
+
+    model = build()
+    with torch.no_grad():
+        want = call(model)
+    before = list(model.named_parameters())
+    modules = dict(model.named_modules())
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attach, "fill_device_cache", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        offload_experts(model, cache_experts=10_000, **options)  # every expert fits: all are loaded at once
+    assert [(n, id(p)) for n, p in model.named_parameters()] == [(n, id(p)) for n, p in before]
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(m is modules[n] for n, m in model.named_modules())
+    assert not any(m._forward_pre_hooks or m._forward_hooks or "forward" in vars(m) for m in model.modules())
+    assert getattr(model, "offload", None) is None
+    with torch.no_grad():
+        assert torch.equal(call(model), want)
+    monkeypatch.undo()
+    handle = offload_experts(model, cache_experts=2, **options)  # and it can be offloaded again
+    with torch.no_grad():
+        call(model)
+    assert handle.stats()["misses"] > 0
+    handle.close()

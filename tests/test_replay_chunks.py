@@ -174,3 +174,57 @@ def test_the_command_replays_a_long_trace_in_pieces(stored, tmp_path):
         document = json.loads((out / "results.json").read_text())
         results[name] = (document["trace"], document["results"])
     assert results["whole"] == results["pieces"] and results["whole"][0]["tokens"] == 40
+
+
+def test_a_replay_in_pieces_keeps_its_temporary_files_in_the_folder_given(stored, tmp_path, monkeypatch):
+    """``scratch``: the folder of Belady's next uses goes there (a sweep's processes are handed their parent's
+    folder, which the parent removes even when it ends them mid-replay), and is gone after the replay."""
+    import offload_moe.profiling.replays as replays
+
+    _, path = stored
+    seen = []
+
+    def watched_scan(source, chunk_tokens, next_uses=None):
+        seen.append(next_uses)
+        return scan(source, chunk_tokens, next_uses)
+
+    monkeypatch.setattr(replays, "scan", watched_scan)
+    replay_in_pieces(TraceFile.open(path), [("belady", 4, "none")], engine="fast", chunk_tokens=8, scratch=tmp_path)
+    assert seen[0].parent.parent == tmp_path and not seen[0].parent.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow  # spawns 2 processes (seconds each); the folder handed to a replay is tested above
+def test_ctrl_c_during_a_sweep_of_a_file_in_processes_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """The processes are ended mid-replay (SIGTERM: nothing of theirs runs after it); the folders their replays made
+    for Belady's next uses (8 bytes a request) were in the sweep's own, which goes with them."""
+    import os
+    import signal
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # the spawned processes' temporary folder too
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    trace = synthesize_trace(tokens=20_000, layers=4, num_experts=8, top_k=2, seed=0)
+    path = save_trace(trace, tmp_path / "long.safetensors")
+    started, done = threading.Event(), threading.Event()
+
+    def interrupt_once_a_replay_runs() -> None:
+        while not done.is_set():
+            if any(temp.rglob("offload-moe-replay-*")):
+                started.set()
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            done.wait(0.01)
+
+    watcher = threading.Thread(target=interrupt_once_a_replay_runs)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            # the reference engine: each replay takes seconds, the Ctrl-C comes within milliseconds of its start
+            sweep(path, policies=["lru"], capacities=[4], engine="reference", workers=2, chunk_tokens=4096)
+    finally:
+        done.set()
+        watcher.join()
+    assert started.is_set()
+    assert not list(temp.iterdir())

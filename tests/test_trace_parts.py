@@ -189,3 +189,76 @@ def test_the_command_says_where_a_stopped_recording_kept_its_parts(tmp_path, mon
     assert isinstance(result.exception, RuntimeError)
     assert f"kept in {parts_folder(out)}" in " ".join(result.output.split()) and "trace merge" in result.output
     assert load_trace(parts_folder(out)).num_tokens == 2
+
+
+def test_a_merge_never_writes_into_the_parts_it_joins(tmp_path):
+    """An ``out`` inside the parts folder (its index, a part, the folder itself, a new file there) or the trace file
+    merged is refused before anything is written: the folder is left as it is and still reads as the trace."""
+    folder = parts_folder(tmp_path / "t.safetensors")
+    folder.mkdir()
+    metadata = {"model": "m", "num_experts": "4", "top_k": "1", "layers": "[0, 1]", "source": "t"}
+    names = [f"part-{i:06d}.safetensors" for i in range(2)]
+    for i, name in enumerate(names):
+        save_trace(Trace(experts=torch.full((3, 2, 1), i, dtype=torch.int16), metadata=metadata), folder / name)
+    (folder / "index.json").write_text(json.dumps({"format": "offload_moe.trace.parts", "version": "1", "parts": names}))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for out in (folder / "index.json", folder / names[0], folder, folder / "joined.safetensors"):
+        with pytest.raises(TraceError, match=r"would replace what the merge reads .* write the joined trace to a file "
+                                             r"outside it$"):
+            merge_trace_parts(folder, out)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    joined = merge_trace_parts(folder, tmp_path / "t.safetensors")
+    with pytest.raises(TraceError, match="would replace what the merge reads"):
+        merge_trace_parts(joined, joined)
+    assert_same(load_trace(joined), load_trace(folder))
+
+
+def test_an_earlier_recordings_parts_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import offload_moe.traces.recording as recording
+    from offload_moe.traces import record_prompts_file
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the parts folder was refused")
+
+    monkeypatch.setattr(recording, "load_with_tokenizer", load)
+    out = tmp_path / "t.safetensors"
+    parts_folder(out).mkdir()
+    with pytest.raises(TraceError, match=r"t\.safetensors\.parts holds the parts of an earlier recording"):
+        record_prompts_file(tmp_path / "model", ["import os"], out, source="prompts")
+
+
+@pytest.mark.parametrize("tensors", [
+    {"experts": torch.full((3, 2, 1), 9, dtype=torch.int16), "sequence_lengths": torch.tensor([3])},  # id 9 of 4
+    {"experts": torch.zeros((3, 2, 1), dtype=torch.int16), "sequence_lengths": torch.tensor([5, 5])},  # not 3 tokens
+], ids=["expert_id", "sequence_lengths"])
+def test_a_merge_of_parts_that_do_not_read_makes_no_file(tmp_path, tensors):
+    """The rows are checked as load_trace checks them before anything is written: no joined file that fails later."""
+    from safetensors.torch import save_file
+
+    folder = parts_folder(tmp_path / "t.safetensors")
+    folder.mkdir()
+    metadata = {"model": "m", "num_experts": "4", "top_k": "1", "layers": "[0, 1]", "source": "t"}
+    save_trace(Trace(experts=torch.zeros(3, 2, 1, dtype=torch.int16), metadata=metadata,
+                     sequence_lengths=torch.tensor([1, 2])), folder / "part-000000.safetensors")
+    save_file(tensors, str(folder / "part-000001.safetensors"), metadata=metadata)
+    (folder / "index.json").write_text(json.dumps({"format": "offload_moe.trace.parts", "version": "1",
+                                                   "parts": ["part-000000.safetensors", "part-000001.safetensors"]}))
+    with pytest.raises(TraceError, match=r"part-000001\.safetensors"):
+        load_trace(folder)
+    with pytest.raises(TraceError, match=r"part-000001\.safetensors"):
+        merge_trace_parts(folder, tmp_path / "t.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors.parts"]
+
+
+def test_a_truncated_part_says_to_record_again(tmp_path):
+    folder = parts_folder(tmp_path / "t.safetensors")
+    folder.mkdir()
+    metadata = {"model": "m", "num_experts": "4", "top_k": "1", "layers": "[0, 1]", "source": "t"}
+    part = save_trace(Trace(experts=torch.zeros(3, 2, 1, dtype=torch.int16), metadata=metadata),
+                      folder / "part-000000.safetensors")
+    part.write_bytes(part.read_bytes()[:-2])
+    (folder / "index.json").write_text(json.dumps({"format": "offload_moe.trace.parts", "version": "1",
+                                                   "parts": ["part-000000.safetensors"]}))
+    for path in (folder, part):
+        with pytest.raises(TraceError, match=r"part-000000\.safetensors is truncated: .*; re-record the trace$"):
+            TraceFile.open(path)

@@ -313,13 +313,15 @@ def cache_counts(cache: ExpertCache, layers: list[int], flow: np.ndarray) -> np.
 
 
 def replay_in_pieces(source: TraceFile, jobs: Sequence[tuple[str, int, str]], *, margin: int = 1, seed: int = 0,
-                     engine: str = "reference", readers: int = 0,
-                     chunk_tokens: int = CHUNK_TOKENS) -> list[ReplayResult]:
+                     engine: str = "reference", readers: int = 0, chunk_tokens: int = CHUNK_TOKENS,
+                     scratch: str | Path | None = None) -> list[ReplayResult]:
     """Replay the trace file ``source`` once for each ``(policy, capacity, predictor)`` of ``jobs``, reading it
     ``chunk_tokens`` rows at a time (``profiling.chunked``). The replays advance together, piece by piece, each
     with its own cache, policy and predictor carried from one piece to the next, so each counts what
     ``replay`` counts on the whole trace in memory. Belady's next uses are worked out first, in a backward
-    pass into a temporary file. ``engine``, ``seed``, ``readers``: as ``replay``'s."""
+    pass into a temporary file, in a folder made in ``scratch`` (default: the system's temporary folder; a sweep's
+    processes are given their parent's, which the parent removes also when it ends them mid-replay, where their
+    own cleanup never runs). ``engine``, ``seed``, ``readers``: as ``replay``'s."""
     checked_chunk_tokens(chunk_tokens)
     checked = [(*checked_replay(source, policy, capacity, predictor, margin, engine), capacity)
                for policy, capacity, predictor in jobs]  # (policy, predictor, capacity)
@@ -328,7 +330,7 @@ def replay_in_pieces(source: TraceFile, jobs: Sequence[tuple[str, int, str]], *,
                           for policy, predictor, _ in checked)
     gate = any(predictor in ("gate", "hybrid") for _, predictor, _ in checked)
     width = source.top_k + margin
-    with tempfile.TemporaryDirectory(prefix="offload-moe-replay-") as folder:
+    with tempfile.TemporaryDirectory(prefix="offload-moe-replay-", dir=scratch) as folder:
         next_file = Path(folder) / "next-uses.int64" if belady else None
         num_experts, requests = scan(source, chunk_tokens, next_file)
         replays: list[_FastReplay | _ReferenceReplay] = []

@@ -116,7 +116,8 @@ def _replay_jobs(jobs: list[tuple[str, int, str]], margin: int, engine: str, chu
     """The replays ``jobs`` of the worker's trace: one after another, or, of a file, together in one pass."""
     trace, arrays = _WORKER["trace"], _WORKER["arrays"]
     if isinstance(trace, TraceFile):
-        return replay_in_pieces(trace, jobs, margin=margin, engine=engine, chunk_tokens=chunk_tokens)
+        return replay_in_pieces(trace, jobs, margin=margin, engine=engine, chunk_tokens=chunk_tokens,
+                                scratch=_WORKER.get("scratch"))
     return [replay(trace, policy, capacity, predictor=predictor, margin=margin, engine=engine, arrays=arrays)
             for policy, capacity, predictor in jobs]
 
@@ -169,6 +170,9 @@ def _sweep_in_processes(trace: Trace | TraceFile, arrays: TraceArrays | None, ta
 def _start_worker_process(shared: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _start_worker(*pickle.loads(Path(shared).read_bytes()))  # our own file, written by _sweep_in_processes
+    # the replays' temporary files go into the parent's folder: it ends this process without warning (Ctrl-C,
+    # another replay's error), so the cleanup of a folder of its own would never run
+    _WORKER["scratch"] = str(Path(shared).parent)
 
 
 @contextmanager

@@ -434,7 +434,8 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         message = str(e)
         if message.startswith("checkpoint file "):  # the file could not be opened or read
             message = "trace file " + message.removeprefix("checkpoint file ")
-        raise TraceError(message.replace("re-download or re-save", "re-record")) from None
+        raise TraceError(message.replace("re-download or re-save", "re-record")
+                         .replace("re-download this shard", "re-record the trace")) from None
 
 
 def _check_layout(path: Path, infos: dict[str, TensorInfo]) -> int:

@@ -55,15 +55,24 @@ class TraceParts:
         """Join the parts into ``out`` and remove the folder; returns ``out``."""
         if not self.names:
             raise TraceError("nothing was recorded: run at least one forward pass inside the recorder")
-        merge_trace_parts(self.folder, self.out)
+        _join(TraceFile.open(self.folder), self.out)  # each part was checked as it was saved
         shutil.rmtree(self.folder)
         return self.out
 
 
 def merge_trace_parts(folder: str | Path, out: str | Path) -> Path:
     """Join the parts folder ``folder`` (a chunked recording's) into the one trace file ``out``, atomically, copying
-    bytes a few MB at a time: the file reads as ``load_trace(folder)`` does. The folder is left as it is."""
+    bytes a few MB at a time: the file reads as ``load_trace(folder)`` does. The folder is left as it is. Its rows
+    are checked first, a piece at a time, as ``load_trace`` checks them: a folder that does not read makes no file."""
     source = TraceFile.open(folder)
+    _check_outside(source, Path(out))
+    for _ in source.pieces(tensors=("predicted",)):  # each piece validated: expert ids, sequence lengths
+        pass
+    return _join(source, out)
+
+
+def _join(source: TraceFile, out: str | Path) -> Path:
+    """``source``'s parts, one tensor after another, copied into the one trace file ``out``."""
     header: dict = {"__metadata__": {**source.metadata, "format": FORMAT, "version": VERSION}}
     offset = 0
     names = [name for name in TENSORS if name in source.tensors]
@@ -85,6 +94,15 @@ def merge_trace_parts(folder: str | Path, out: str | Path) -> Path:
     path = atomic_write(out, write)
     TraceFile.open(path)  # the header written is one a reader takes
     return path
+
+
+def _check_outside(source: TraceFile, out: Path) -> None:
+    """Refuse an ``out`` that would replace a file the merge reads (a part, the index) or lies in the parts folder."""
+    target = out.resolve()
+    read = {part.path.resolve() for part in source.parts} | ({source.path.resolve()} if source.path.is_dir() else set())
+    if target in read or any(parent in read for parent in target.parents):
+        raise TraceError(f"{out} would replace what the merge reads ({source.path}), which it leaves as it is; write "
+                         "the joined trace to a file outside it")
 
 
 def _copy(path: Path, offset: int, nbytes: int, out: BinaryIO) -> None:

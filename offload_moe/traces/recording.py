@@ -291,6 +291,7 @@ def record_prompts_file(model_path: str | Path | None, prompts: list[str], out: 
                         chunk_tokens: int = RECORD_CHUNK_TOKENS, predict_margin: int | None = 1, max_new_tokens: int = 0,
                         on_prompt: Callable[[], None] | None = None, **load_options) -> Path:
     """``record_prompts``, written to the trace file ``out`` in parts as it goes (``record_trace_file``); returns ``out``."""
+    TraceParts(out)  # an earlier recording's parts folder is refused before the model loads (minutes, for a large one)
     model, batches = _loaded(model_path, prompts, load_options)
     try:
         return record_trace_file(model, batches, out, source=source, chunk_tokens=chunk_tokens,

@@ -15,6 +15,8 @@ from test_pinned import cpu_cuda_mover
 
 from offload_moe.errors import CheckpointError
 from offload_moe.files import open_fd
+from offload_moe.formats import ExpertFormat
+from offload_moe.quant import AVX2, DEFAULT, pack_int4_tiles
 from offload_moe.safetensors_io import DIRECT_ALIGN, FileReader, TensorInfo, aligned_empty, span
 from offload_moe.store import Piece, PieceStore
 from offload_moe import safetensors_io, transfer
@@ -280,6 +282,63 @@ def test_row_parts_split_a_piece_into_blocks_of_whole_rows():
     assert row_parts(piece, 84) == [(piece, slice(None))] and len(row_parts(piece, 1)) == 7  # one row at least
     scalar = Piece("s", (), Path("f"), 0, 4, torch.float32, (), False, "s")
     assert row_parts(scalar, 1) == [(scalar, slice(None))]
+
+
+class Int4Store(PieceStore):
+    """An int4 expert as offload_moe stores it (AVX-512 tiles): a gate and an up projection of 96 rows each (a tile
+    of 64 and a last one of 32) as row blocks of one slot tensor, a down projection of 160 rows, at offsets off the
+    block edges, the file ending mid-block; beside them a plain tensor the slot holds in another dtype."""
+
+    format = ExpertFormat("int4", (32,))
+
+    def __init__(self, folder: Path, io: str):
+        super().__init__(io)
+        g = torch.Generator().manual_seed(4)
+        self.codes = {"gate_up.qweight": torch.randint(0, 16, (192, 64), generator=g, dtype=torch.uint8),
+                      "down.qweight": torch.randint(0, 16, (160, 64), generator=g, dtype=torch.uint8)}
+        self.plain = torch.randn(40, 6, generator=g).bfloat16()
+        raw = bytearray(torch.randint(0, 256, (A - 8,), dtype=torch.uint8, generator=g).numpy().tobytes())
+        file = folder / "int4.bin"
+
+        def put(param, index, tensor):
+            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            self.pieces[(0, 0)].append(Piece(param, index, file, len(raw), len(data), tensor.dtype,
+                                             tuple(tensor.shape), False, param))
+            raw.extend(data + b"\x07" * 13)
+
+        put("gate_up.qweight", (slice(0, 96),), pack_int4_tiles(self.codes["gate_up.qweight"][:96]))
+        put("gate_up.qweight", (slice(96, 192),), pack_int4_tiles(self.codes["gate_up.qweight"][96:]))
+        put("plain", (slice(None),), self.plain)
+        put("down.qweight", (slice(None),), pack_int4_tiles(self.codes["down.qweight"]))
+        assert len(raw) % A
+        file.write_bytes(bytes(raw))
+
+    def views(self) -> dict[str, torch.Tensor]:
+        return {"gate_up.qweight": torch.zeros(192, 32, dtype=torch.uint8),
+                "down.qweight": torch.zeros(160, 32, dtype=torch.uint8), "plain": torch.zeros(40, 6)}
+
+
+@pytest.mark.parametrize("layout", [AVX2, DEFAULT], ids=lambda layout: layout.name)
+@pytest.mark.parametrize("io", MODES)
+def test_cpu_mover_converts_int4_into_the_held_layout_and_stages_the_rest_in_row_parts(io, layout, tmp_path,
+                                                                                         monkeypatch):
+    """Slots holding int4 in another layout than the stored one (AVX2, plain CPUs: ``kernels.held_format``): each
+    weight's stored bytes land whole in staging (in place with O_DIRECT) and are rearranged into its slot rows,
+    part by part, while a piece converted by dtype is still staged a few rows at a time; byte-exact in every mode."""
+    monkeypatch.setattr(transfer, "SCRATCH_BYTES", 48)  # 2 rows of the plain piece (6 bfloat16 values)
+    monkeypatch.setattr(safetensors_io, "SCRATCH_BYTES", A)
+    store = Int4Store(tmp_path, io)
+    mover = Mover(store, readers=1, held=ExpertFormat("int4", (32,), layout))
+    views = store.views()
+    assert mover._read(0, 0, views) == sum(p.nbytes for p in store.pieces[(0, 0)])
+    gate_up = store.codes["gate_up.qweight"]
+    assert torch.equal(views["gate_up.qweight"], torch.cat([pack_int4_tiles(gate_up[:96], layout),
+                                                            pack_int4_tiles(gate_up[96:], layout)]))
+    assert torch.equal(views["down.qweight"], pack_int4_tiles(store.codes["down.qweight"], layout))
+    assert torch.equal(views["plain"], store.plain.float())
+    assert store.reader.io == io or not direct_works(tmp_path / "int4.bin")
+    mover.close()
+    store.close()
 
 
 @pytest.mark.parametrize("io", MODES)

@@ -183,7 +183,7 @@ def test_transition_predictions_are_the_online_predictors_token_by_token():
 
 def test_a_sweep_gives_the_reference_counts():
     trace = synthesize_trace(tokens=30, layers=3, num_experts=8, top_k=2, seed=2)
-    kwargs = dict(policies=["lru", "lfu", "fifo", "random"], capacities=[2, 6], predictors=["none", "transition"])
+    kwargs = dict(policies=["lru", "lfu", "fifo", "random", "forecast"], capacities=[2, 6], predictors=["none", "transition"])
     assert sweep(trace, **kwargs) == sweep(trace, engine="reference", **kwargs)
 
 

@@ -126,16 +126,17 @@ def test_forecast_counts_what_the_reference_counts_at_any_half_life(trace, predi
     margin = data.draw(st.integers(0, trace.prediction_margin))
     slots = replay_slots(trace, data.draw(st.integers(trace.top_k, len(trace.layers) * trace.num_experts)))
     cache = replay_cache(slots, Forecast(half_life))
-    prefetcher = Prefetcher(replay_predictor(trace, predictor, margin), trace.layers, cache) if predictor != "none" else None
+    live = replay_predictor(trace, predictor, margin)
+    prefetcher = Prefetcher(live, trace.layers, cache) if predictor != "none" else None
     try:
         want = cache_counts(cache, trace.layers, drive(trace, cache, prefetcher))
     finally:
         cache.close()
     arrays = compiled.TraceArrays(trace)
     gate, transition = arrays.guesses(predictor, margin)
-    got = compiled.replay_counts(arrays.keys, arrays.starts, arrays.layers, arrays.num_experts, slots, compiled.FORECAST,
-                                 gate, transition, np.empty(0, dtype=np.int64), np.zeros(624, dtype=np.int64), 624,
-                                 half_life=half_life)
+    got = compiled.replay_counts(arrays.keys, arrays.starts, arrays.layers, arrays.num_experts, slots,
+                                 compiled.FORECAST, gate, transition, np.empty(0, dtype=np.int64),
+                                 np.zeros(624, dtype=np.int64), 624, half_life=half_life)
     assert np.array_equal(got, want)
 
 
@@ -183,7 +184,8 @@ def test_transition_predictions_are_the_online_predictors_token_by_token():
 
 def test_a_sweep_gives_the_reference_counts():
     trace = synthesize_trace(tokens=30, layers=3, num_experts=8, top_k=2, seed=2)
-    kwargs = dict(policies=["lru", "lfu", "fifo", "random", "forecast"], capacities=[2, 6], predictors=["none", "transition"])
+    kwargs = dict(policies=["lru", "lfu", "fifo", "random", "forecast"], capacities=[2, 6],
+                  predictors=["none", "transition"])
     assert sweep(trace, **kwargs) == sweep(trace, engine="reference", **kwargs)
 
 

@@ -454,7 +454,7 @@ def _fc_cell(age, rate):
 
 def _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table, powers, decay,
                heap, at, kept, added):
-    """``Forecast.on_access``: a request at another layer than the last ends that layer's visit and starts this one's."""
+    """``Forecast.on_access``: a request at another layer than the last ends that layer's visit, starts this one's."""
     layer = key // num_experts
     if layer != state[_LAYER]:
         if state[_LAYER] >= 0:
@@ -660,7 +660,8 @@ def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, tra
 class ReplayState:
     """One replay's cache, policy and counters, fed a trace in consecutive pieces (``feed``): what a piece leaves
     (resident keys, pins of prefetches in flight, the policy's order, the generator) is where the next one
-    starts, so feeding the pieces of a trace counts what replaying it whole counts. ``counts`` int64 [L, 5]."""
+    starts, so feeding the pieces of a trace counts what replaying it whole counts. ``counts`` int64 [L, 5].
+    ``half_life``: forecast's, as ``Forecast(half_life)`` takes it (a replay through ``replay`` has the default)."""
 
     def __init__(self, layers: int, num_experts: int, capacity: int, policy: int, width: int, mt: np.ndarray,
                  mt_index: int, *, half_life: float = HALF_LIFE):
@@ -696,7 +697,7 @@ class ReplayState:
         self.fints = np.zeros((3, space if forecast else 0), dtype=np.int64)
         self.fints[_RANK_LAST] = -1
         self.flayers = np.zeros((6, layers), dtype=np.int64)
-        self.known = np.zeros(space if forecast else 0, dtype=np.int64)  # each layer's experts, in order of first request
+        self.known = np.zeros(space if forecast else 0, dtype=np.int64)  # each layer's experts, by first request
         self.group = np.zeros((2, num_experts), dtype=np.int64)  # this visit's experts, in request order; 1 where in it
         # lfu: one list of resident keys per request count, a bit per nonempty list; a key is requested at most
         # once a token, so the lists grow with the tokens fed
@@ -720,7 +721,7 @@ class ReplayState:
             self._grow_buckets(max(self.tokens + 2, 2 * self.bhead.shape[0]))
         if self.policy == FORECAST and self.powers.shape[0] < self.tokens + 2:  # a layer's visits: one a token at most
             size = max(self.tokens + 2, 2 * self.powers.shape[0])
-            more = [self.decay ** n for n in range(self.powers.shape[0], size)]  # CPython's float ** int, as the policy's
+            more = [self.decay ** n for n in range(self.powers.shape[0], size)]  # CPython's float ** int
             self.powers = np.concatenate([self.powers, np.array(more, dtype=np.float64)])
         _replay_piece(keys, starts, self.layers, self.num_experts, self.capacity, self.policy, gate, transition,
                       following, self.counts, self.state, self.mt, self.is_resident, self.prefetched, self.pins,
@@ -740,8 +741,8 @@ class ReplayState:
 
 def _replay_piece(keys, starts, layers, num_experts, capacity, policy, gate, transition, following, counts, state, mt,
                   is_resident, prefetched, pins, residents, where, prev, after, requests, last, next_use, added, heap,
-                  at, kept, bhead, btail, nonempty, guesses, votes, flying, fvalues, fints, flayers, known, group, table,
-                  powers, decay):
+                  at, kept, bhead, btail, nonempty, guesses, votes, flying, fvalues, fints, flayers, known, group,
+                  table, powers, decay):
     """``ReplayState.feed``'s loop over the piece's tokens and layers."""
     width = gate.shape[2] + transition.shape[2]
     in_flight = state[_FLYING]
@@ -791,8 +792,8 @@ def _replay_piece(keys, starts, layers, num_experts, capacity, policy, gate, tra
                 key = keys[i]
                 if not is_resident[key]:
                     _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
-                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty,
-                           group, fvalues, fints, flayers)
+                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail,
+                           nonempty, group, fvalues, fints, flayers)
             named = _pooled(gate, transition, t, pos, votes, guesses) if pos < layers - 1 and width else 0
             for layer_done in range(0 if named else 1, 2):  # the prefetches: while the layer runs, then once it is done
                 if layer_done:
@@ -808,8 +809,8 @@ def _replay_piece(keys, starts, layers, num_experts, capacity, policy, gate, tra
                     if state[_RESIDENT] >= capacity and state[_PINNED] >= state[_RESIDENT]:
                         break  # every slot is pinned: the rest wait for the retry
                     _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
-                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty,
-                           group, fvalues, fints, flayers)
+                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail,
+                           nonempty, group, fvalues, fints, flayers)
                     prefetched[key] = True
                     flying[in_flight] = key
                     in_flight += 1

@@ -19,7 +19,7 @@ from offload_moe.profiling.chunked import scan
 from offload_moe.profiling.compiled import NEVER, TraceArrays
 from offload_moe.traces import Trace, TraceFile, save_trace, synthesize_trace
 
-POLICIES = ["lru", "lfu", "fifo", "random", "belady"]
+POLICIES = ["lru", "lfu", "fifo", "random", "belady", "forecast"]
 
 
 def guessed_trace(tokens: int = 45, layers: int = 3, experts: int = 6, k: int = 2, seed: int = 0) -> Trace:

@@ -18,11 +18,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload_moe.prefetch import TransitionPredictor
+from offload_moe.policies import POLICIES as POLICIES_BY_NAME
+from offload_moe.policies import Forecast
+from offload_moe.prefetch import Prefetcher, TransitionPredictor
 from offload_moe.profiling import compiled, predictions, replay, sweep
+from offload_moe.profiling.replays import cache_counts, drive, replay_cache, replay_predictor, replay_slots
 from offload_moe.traces import Trace, synthesize_trace
 
-POLICIES = ["lru", "lfu", "fifo", "random", "belady"]
+POLICIES = ["lru", "lfu", "fifo", "random", "belady", "forecast"]
 PREDICTORS = ["none", "transition", "gate", "hybrid"]
 
 
@@ -114,6 +117,44 @@ def test_on_a_synthetic_trace_with_every_layer_evicting(policy):
                 assert fast.evictions > 0 and set(fast.per_layer_flow) == set(trace.layers)
 
 
+@given(trace=recorded_traces(most_tokens=30, most_experts=10, most_k=3), predictor=st.sampled_from(PREDICTORS),
+       half_life=st.sampled_from([0.05, 0.5, 3.0, 100.0, 1e6]), data=st.data())
+@settings(max_examples=150, deadline=None)
+def test_forecast_counts_what_the_reference_counts_at_any_half_life(trace, predictor, half_life, data):
+    """``forecast`` on its own, with the half-lives the policy takes: a short one drives its rates down to the
+    last frequency bin, a long one keeps its decayed counts near the request counts; few slots or many."""
+    margin = data.draw(st.integers(0, trace.prediction_margin))
+    slots = replay_slots(trace, data.draw(st.integers(trace.top_k, len(trace.layers) * trace.num_experts)))
+    cache = replay_cache(slots, Forecast(half_life))
+    live = replay_predictor(trace, predictor, margin)
+    prefetcher = Prefetcher(live, trace.layers, cache) if predictor != "none" else None
+    try:
+        want = cache_counts(cache, trace.layers, drive(trace, cache, prefetcher))
+    finally:
+        cache.close()
+    arrays = compiled.TraceArrays(trace)
+    gate, transition = arrays.guesses(predictor, margin)
+    got = compiled.replay_counts(arrays.keys, arrays.starts, arrays.layers, arrays.num_experts, slots,
+                                 compiled.FORECAST, gate, transition, np.empty(0, dtype=np.int64),
+                                 np.zeros(624, dtype=np.int64), 624, half_life=half_life)
+    assert np.array_equal(got, want)
+
+
+def test_a_policy_registered_at_run_time_replays_with_the_reference(monkeypatch):
+    """The fast engine compiles the built-in policies only: one registered under a new name, or over a built-in
+    one, replays with the reference under either engine."""
+    class MostRecent(POLICIES_BY_NAME["lru"]):  # evicts the most recently used: counts unlike lru's
+        def victim(self, pinned):
+            return next(key for key in reversed(self._order) if key not in pinned)
+
+    trace = synthesize_trace(tokens=40, layers=3, num_experts=8, top_k=2, seed=1)
+    lru = replay(trace, "lru", 4, engine="fast")
+    for name in ("mine", "lru"):
+        monkeypatch.setitem(POLICIES_BY_NAME, name, type("Mine", (MostRecent,), {"name": name}))
+        fast = replay(trace, name, 4, engine="fast")
+        assert fast == replay(trace, name, 4, engine="reference") and fast.hits != lru.hits
+
+
 def test_python_mersenne_twister_draws_are_reproduced():
     for seed in (0, 1, 12345, 2**40 + 3):
         words, index = compiled.mt_state(seed)
@@ -143,7 +184,8 @@ def test_transition_predictions_are_the_online_predictors_token_by_token():
 
 def test_a_sweep_gives_the_reference_counts():
     trace = synthesize_trace(tokens=30, layers=3, num_experts=8, top_k=2, seed=2)
-    kwargs = dict(policies=["lru", "lfu", "fifo", "random"], capacities=[2, 6], predictors=["none", "transition"])
+    kwargs = dict(policies=["lru", "lfu", "fifo", "random", "forecast"], capacities=[2, 6],
+                  predictors=["none", "transition"])
     assert sweep(trace, **kwargs) == sweep(trace, engine="reference", **kwargs)
 
 
@@ -157,7 +199,7 @@ from offload_moe.traces import synthesize_trace
 trace = synthesize_trace(tokens=12, layers=3, num_experts=8, top_k=2, seed=3)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    for policy in ["lru", "lfu", "fifo", "random", "belady"]:
+    for policy in ["lru", "lfu", "fifo", "random", "belady", "forecast"]:
         predictor = "none" if policy == "belady" else "transition"
         assert replay(trace, policy, 3, predictor=predictor, engine="fast") == replay(trace, policy, 3, predictor=predictor)
 notes = [str(w.message) for w in caught if "numba" in str(w.message)]

@@ -21,6 +21,7 @@ from ..errors import PolicyError
 from .base import EvictionPolicy, Key
 from .heap import LazyHeap
 
+HALF_LIFE = 100.0  # the default: visits of a layer after which a request counts half
 _BINS = 8  # age bins: 1, 2, 3-4, 5-8, ..., 65+ visits; frequency bins: >= 1/2, >= 1/4, ..., below 1/128
 _PRIOR = 4.0  # weight, in observations, of an expert's own frequency against its bin's learned rate
 _UNSEEN = 0.0  # chance given to a key never requested at its layer, once that layer has run without it
@@ -36,16 +37,19 @@ class Forecast(EvictionPolicy):
 
     name = "forecast"
 
-    def __init__(self, half_life: float = 100.0) -> None:
+    def __init__(self, half_life: float = HALF_LIFE) -> None:
         if not half_life > 0:
             raise PolicyError(f"forecast: half_life={half_life} must be a positive number of visits")
         self.decay = 0.5 ** (1.0 / half_life)
-        self._layer = None  # the layer being requested now, and the experts requested at this visit
-        self._group: set = set()
+        self._layer = None  # the layer being requested now, and the experts requested at this visit, in request
+        # order (a dict: a set's order would follow its hash table, which the compiled replay cannot follow)
+        self._group: dict = {}
         self._step = 0  # layer visits so far, all layers together
         self._visited_at: dict = {}  # layer -> step of its latest visit
         self._visits: dict = {}  # layer -> visits so far
-        self._stats: dict = {}  # layer -> {expert: [decayed requests, at visit, last request's visit]}
+        # layer -> {expert: [decayed requests, at visit, last request's visit]}, in order of first request: the order
+        # in which a visit's scores update the table, which the chances read as they go
+        self._stats: dict = {}
         self._table = [[0.0, 0.0] for _ in range(_BINS * _BINS)]  # (age bin, frequency bin) -> [reuses, tries]
         self._rank: dict[Key, tuple[float, int]] = {}  # key -> (chance at its layer's next visit, last use)
         self._heaps: dict = {}  # layer -> LazyHeap of its resident keys, lowest chance first
@@ -59,7 +63,7 @@ class Forecast(EvictionPolicy):
             self._step += 1
             self._visited_at[layer] = self._step
             self._visits[layer] = self._visits.get(layer, 0) + 1
-        self._group.add(key[1])
+        self._group[key[1]] = None
 
     def on_insert(self, key: Key) -> None:
         layer = key[0]
@@ -102,7 +106,7 @@ class Forecast(EvictionPolicy):
         if layer is None:
             return
         visit = self._visits[layer]
-        chosen, self._group = self._group, set()
+        chosen, self._group = self._group, {}
         stats = self._stats.setdefault(layer, {})
         table, decay, rank = self._table, self.decay, self._rank
         seen = 1.0 - decay ** visit  # the decayed count of visits, times (1 - decay)
@@ -123,7 +127,7 @@ class Forecast(EvictionPolicy):
             rank[key] = ((hits + _PRIOR * rate) / (tries + _PRIOR), last)
             if heap is not None and key in heap.resident:
                 heap.push(key)
-        for expert in chosen - stats.keys():  # first requests at this layer: no try to score yet
+        for expert in [e for e in chosen if e not in stats]:  # first requests at this layer: no try to score yet
             stats[expert] = [1.0, visit, visit]
             key = (layer, expert)
             rate = (1.0 - decay) / seen

@@ -18,11 +18,16 @@ The policies are the ones in ``offload_moe.policies``: ``lru`` and ``fifo`` a li
 (``lru`` moves a requested key to the end), ``lfu`` the lowest (requests, last request), ``belady`` the
 farthest next request (both: ties to the key inserted earliest, as ``policies.heap.LazyHeap`` breaks
 them; here ``lfu`` keeps one list per request count, ordered by last request, and ``belady`` one binary
-heap of the resident keys updated in place, where the reference's lazy heap leaves stale entries), ``random`` draws from Python's Mersenne Twister, seeded as ``random.Random(seed)``, in the order
-``policies.rand.Random`` draws. The ``transition`` predictor's guesses do not depend on the cache, so
-they are worked out once per trace (``transition_guesses``, the online ``TransitionPredictor`` token by
-token); ``hybrid`` pools them with the recorded ``gate`` guesses at each step, as ``Prefetcher`` does.
-A replay's state (``ReplayState``) and the predictor's counts (``TransitionGuesses``) can be fed a trace in
+heap of the resident keys updated in place, where the reference's lazy heap leaves stale entries),
+``random`` draws from Python's Mersenne Twister, seeded as ``random.Random(seed)``, in the order
+``policies.rand.Random`` draws. ``forecast`` keeps the policy's statistics per layer and expert, its
+learned table and one heap per layer (lowest (chance, last use) first, ties as ``LazyHeap``'s) in arrays,
+and computes the same doubles in the same order: its powers ``decay ** n`` are Python's own, worked out
+once per replay (numba's power with an integer exponent is not the C library's ``pow``), and
+``math.log2`` is the C library's in both. The ``transition`` predictor's guesses do not depend on the
+cache, so they are worked out once per trace (``transition_guesses``, the online ``TransitionPredictor``
+token by token); ``hybrid`` pools them with the recorded ``gate`` guesses at each step, as ``Prefetcher``
+does. A replay's state (``ReplayState``) and the predictor's counts (``TransitionGuesses``) can be fed a trace in
 consecutive pieces, for a trace file read in bounded memory (``profiling.chunked``).
 
 Without numba the same functions run as plain Python, far slower; ``compile_kernels`` says which.
@@ -30,22 +35,34 @@ Without numba the same functions run as plain Python, far slower; ``compile_kern
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 
 import numpy as np
 
+from ..policies.forecast import _BINS, _PRIOR, HALF_LIFE, Forecast
 from ..traces import Trace
 
-LRU, FIFO, LFU, RANDOM, BELADY = 0, 1, 2, 3, 4
-POLICY_CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "random": RANDOM, "belady": BELADY}
+LRU, FIFO, LFU, RANDOM, BELADY, FORECAST = 0, 1, 2, 3, 4, 5
+POLICY_CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "random": RANDOM, "belady": BELADY, "forecast": FORECAST}
 COUNTERS = ("hits", "misses", "evictions", "prefetch_issued", "prefetch_used")  # the columns of replay_counts
 HITS, MISSES, EVICTIONS, ISSUED, USED = range(5)
 NEVER = np.iinfo(np.int64).max  # belady: a key not requested again
 _TRIES = 8  # policies.rand: random picks before scanning the candidates
 # the scalar state, one int64 array: list ends, heap size, counters of the policies, the generator's index,
-# the prefetches in flight, lfu's lowest word of nonempty buckets
-_HEAD, _TAIL, _HEAP, _RESIDENT, _PINNED, _TICK, _ADDED, _CURSOR, _MT, _FLYING, _LOW = range(11)
+# the prefetches in flight, lfu's lowest word of nonempty buckets; forecast's layer visits so far (all layers),
+# the layer being requested (-1: none yet), the layers visited, the layers with a heap, the experts of this visit
+_HEAD, _TAIL, _HEAP, _RESIDENT, _PINNED, _TICK, _ADDED, _CURSOR, _MT, _FLYING, _LOW, _STEP, _LAYER, _PERIOD, _HEAPS, \
+    _GROUP = range(16)
+# forecast's rows: of ``fvalues`` [2, keys], a key's chance at its layer's next visit and its decayed requests; of
+# ``fints`` [3, keys], the last use its rank holds (-1: none), the visit its requests were counted at (0: never
+# requested at its layer) and its last request's visit; of ``flayers`` [6, L], a layer's latest visit (its step;
+# 0: not yet), its visits, the experts it has seen, its heap's size, whether it has a heap, and the layers with a
+# heap in the order they got it
+_CHANCE, _DECAYED = 0, 1
+_RANK_LAST, _COUNTED_AT, _USED_AT = 0, 1, 2
+_VISITED_AT, _VISITS, _KNOWN, _SIZE, _MADE, _ORDER = range(6)
 
 
 # ---------------------------------------------------------------- Python's Mersenne Twister (random.Random)
@@ -294,6 +311,224 @@ def _random_victim(mt, state, residents, pins):
     return -1
 
 
+# ---------------------------------------------------------------- forecast (policies.forecast)
+
+def _fc_before(a, b, fvalues, fints, added):
+    """Forecast's order in a layer's heap, ``LazyHeap``'s: lower (chance, last use) first, ties to the key inserted
+    earlier."""
+    if fvalues[_CHANCE, a] != fvalues[_CHANCE, b]:
+        return fvalues[_CHANCE, a] < fvalues[_CHANCE, b]
+    if fints[_RANK_LAST, a] != fints[_RANK_LAST, b]:
+        return fints[_RANK_LAST, a] < fints[_RANK_LAST, b]
+    return added[a] < added[b]
+
+
+def _fc_sift_up(heap, at, base, i, fvalues, fints, added):
+    key = heap[base + i]
+    while i > 0:
+        parent = (i - 1) >> 1
+        above = heap[base + parent]
+        if not _fc_before(key, above, fvalues, fints, added):
+            break
+        heap[base + i] = above
+        at[above] = i
+        i = parent
+    heap[base + i] = key
+    at[key] = i
+
+
+def _fc_sift_down(heap, at, base, size, i, fvalues, fints, added):
+    key = heap[base + i]
+    while True:
+        child = 2 * i + 1
+        if child >= size:
+            break
+        if child + 1 < size and _fc_before(heap[base + child + 1], heap[base + child], fvalues, fints, added):
+            child += 1
+        below = heap[base + child]
+        if not _fc_before(below, key, fvalues, fints, added):
+            break
+        heap[base + i] = below
+        at[below] = i
+        i = child
+    heap[base + i] = key
+    at[key] = i
+
+
+def _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added):
+    """A resident ``key``'s rank changed: its place in its layer's heap."""
+    layer = key // num_experts
+    base = layer * num_experts
+    _fc_sift_up(heap, at, base, at[key], fvalues, fints, added)
+    _fc_sift_down(heap, at, base, flayers[_SIZE, layer], at[key], fvalues, fints, added)
+
+
+def _fc_insert(key, num_experts, state, group, fvalues, fints, flayers, heap, at, added):
+    """``Forecast.on_insert``: a key requested at this visit keeps its rank (a new one: chance 0) until the visit
+    ends; one named by a prefetch gets chance 1, kept until its layer has run. It joins its layer's heap."""
+    layer = key // num_experts
+    if flayers[_MADE, layer] == 0:
+        flayers[_MADE, layer] = 1
+        flayers[_ORDER, state[_HEAPS]] = layer
+        state[_HEAPS] += 1
+    if layer != state[_LAYER] or group[1, key - layer * num_experts] == 0:
+        fvalues[_CHANCE, key] = 1.0
+    i = flayers[_SIZE, layer]
+    flayers[_SIZE, layer] = i + 1
+    base = layer * num_experts
+    heap[base + i] = key
+    at[key] = i
+    _fc_sift_up(heap, at, base, i, fvalues, fints, added)
+
+
+def _fc_remove(key, num_experts, heap, at, fvalues, fints, flayers, added):
+    """``Forecast.on_evict``: ``key`` leaves its layer's heap."""
+    layer = key // num_experts
+    base = layer * num_experts
+    i = at[key]
+    at[key] = -1
+    size = flayers[_SIZE, layer] - 1
+    flayers[_SIZE, layer] = size
+    if i == size:
+        return
+    moved = heap[base + size]
+    heap[base + i] = moved
+    at[moved] = i
+    _fc_sift_up(heap, at, base, i, fvalues, fints, added)
+    _fc_sift_down(heap, at, base, size, at[moved], fvalues, fints, added)
+
+
+def _fc_lowest_unpinned(heap, base, size, pins, stack, fvalues, fints, added):
+    """The first unpinned key of one layer's heap (-1: none): the lowest of the unpinned keys reached from the top
+    through pinned ones only (any key below an unpinned one comes after it)."""
+    best = -1
+    n = 1 if size > 0 else 0
+    stack[0] = 0
+    while n > 0:
+        n -= 1
+        i = stack[n]
+        key = heap[base + i]
+        if pins[key] == 0:
+            if best < 0 or _fc_before(key, best, fvalues, fints, added):
+                best = key
+            continue
+        for child in range(2 * i + 1, min(2 * i + 3, size)):
+            stack[n] = child
+            n += 1
+    return best
+
+
+def _fc_victim(num_experts, state, pins, heap, kept, fvalues, fints, flayers, added):
+    """``Forecast.victim``: of each layer's first unpinned key, the one whose next request is expected farthest
+    away, the same doubles as the policy's; ties to the layer whose heap came first."""
+    period = state[_PERIOD] if state[_PERIOD] > 0 else 1
+    step = state[_STEP]
+    best, best_score = -1, -1.0
+    for h in range(state[_HEAPS]):
+        layer = flayers[_ORDER, h]
+        key = _fc_lowest_unpinned(heap, layer * num_experts, flayers[_SIZE, layer], pins, kept, fvalues, fints, added)
+        if key < 0:
+            continue
+        visited = flayers[_VISITED_AT, layer]
+        distance = (visited if visited > 0 else step) + period - step
+        if distance <= 0:
+            distance += period
+        chance = fvalues[_CHANCE, key]
+        score = distance + period * (1.0 - chance) / chance if chance > 0 else math.inf
+        if score > best_score:
+            best, best_score = key, score
+    return best
+
+
+def _fc_cell(age, rate):
+    """``policies.forecast._cell``: the table row of a key last requested ``age`` visits ago at ``rate`` a visit
+    (math.log2 here is the C library's log2, as CPython's is)."""
+    age_bin = 0
+    rest = age - 1
+    while rest > 0:  # (age - 1).bit_length()
+        rest >>= 1
+        age_bin += 1
+    rate_bin = min(int(-math.log2(rate)), _BINS - 1) if rate > 0 else _BINS - 1
+    return min(age_bin, _BINS - 1) * _BINS + max(rate_bin, 0)
+
+
+def _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table, powers, decay,
+               heap, at, kept, added):
+    """``Forecast.on_access``: a request at another layer than the last ends that layer's visit, starts this one's."""
+    layer = key // num_experts
+    if layer != state[_LAYER]:
+        if state[_LAYER] >= 0:
+            _fc_close_visit(state[_LAYER], num_experts, state, is_resident, group, fvalues, fints, flayers, known,
+                            table, powers, decay, heap, at, kept, added)
+        state[_LAYER] = layer
+        state[_STEP] += 1
+        if flayers[_VISITED_AT, layer] == 0:
+            state[_PERIOD] += 1
+        flayers[_VISITED_AT, layer] = state[_STEP]
+        flayers[_VISITS, layer] += 1
+    expert = key - layer * num_experts
+    if group[1, expert] == 0:
+        group[1, expert] = 1
+        group[0, state[_GROUP]] = expert
+        state[_GROUP] += 1
+
+
+def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table, powers,
+                    decay, heap, at, kept, added):
+    """``Forecast._close_visit``, in the same order and with the same doubles: each expert seen at ``layer`` scores
+    the visit in its table cell, then reads its chance from the table as it is by then. ``known`` [L * E]: each
+    layer's experts in order of first request; ``powers[n]``: ``decay ** n`` as Python computes it."""
+    visit = flayers[_VISITS, layer]
+    base = layer * num_experts
+    seen = 1.0 - powers[visit]  # the decayed count of visits, times (1 - decay)
+    for s in range(flayers[_KNOWN, layer]):
+        expert = known[base + s]
+        key = base + expert
+        count, counted_at, last = fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key]
+        count *= powers[visit - 1 - counted_at]
+        rate = count * (1.0 - decay) / (1.0 - powers[visit - 1]) if visit > 1 else 0.0
+        cell = _fc_cell(visit - last, rate)
+        table[cell, 1] += 1.0
+        if group[1, expert]:
+            table[cell, 0] += 1.0
+            count = count * decay + 1.0
+            counted_at = last = visit
+            fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key] = count, visit, visit
+        rate = count * powers[visit - counted_at] * (1.0 - decay) / seen
+        cell = _fc_cell(visit + 1 - last, rate)
+        fvalues[_CHANCE, key] = (table[cell, 0] + _PRIOR * rate) / (table[cell, 1] + _PRIOR)
+        fints[_RANK_LAST, key] = last
+        if is_resident[key]:
+            _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added)
+    for g in range(state[_GROUP]):  # first requests at this layer: no try to score yet
+        expert = group[0, g]
+        key = base + expert
+        if fints[_COUNTED_AT, key] > 0:
+            continue
+        fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key] = 1.0, visit, visit
+        known[base + flayers[_KNOWN, layer]] = expert
+        flayers[_KNOWN, layer] += 1
+        rate = (1.0 - decay) / seen
+        cell = _fc_cell(1, rate)
+        fvalues[_CHANCE, key] = (table[cell, 0] + _PRIOR * rate) / (table[cell, 1] + _PRIOR)
+        fints[_RANK_LAST, key] = visit
+        if is_resident[key]:
+            _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added)
+    unseen = 0  # resident keys inserted, then their layer ran without them: chance 0
+    for i in range(flayers[_SIZE, layer]):
+        key = heap[base + i]
+        if fints[_COUNTED_AT, key] == 0 and fvalues[_CHANCE, key] != 0.0:
+            kept[unseen] = key
+            unseen += 1
+    for i in range(unseen):
+        key = kept[i]
+        fvalues[_CHANCE, key], fints[_RANK_LAST, key] = 0.0, -1
+        _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added)
+    for g in range(state[_GROUP]):
+        group[1, group[0, g]] = 0
+    state[_GROUP] = 0
+
+
 # ---------------------------------------------------------------- the guesses a prefetcher starts
 
 def _pooled(gate, transition, t, pos, votes, out):
@@ -406,15 +641,18 @@ def _transition_into(experts, counts, totals, scores, best, out):
 
 # ---------------------------------------------------------------- the replay
 
-def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, transition, following, mt, mt_index):
+def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, transition, following, mt, mt_index,
+                  half_life=HALF_LIFE):
     """Replay one trace; returns int64 [layers, 5]: ``COUNTERS`` per layer position.
 
     ``keys`` int32 [N]: each token and layer's distinct experts, ascending, as keys; ``starts`` int64
     [T * L + 1] where each token and layer's run begins. ``gate`` and ``transition`` [T, L-1, m] hold the
     guesses for the next layer (-1: none; m = 0: no such predictor). ``following`` [N]: the next position
-    of the same key (``NEVER``: none), for Belady; ``mt``, ``mt_index``: the random policy's generator.
+    of the same key (``NEVER``: none), for Belady; ``mt``, ``mt_index``: the random policy's generator;
+    ``half_life``: forecast's (``Forecast(half_life)``).
     """
-    state = ReplayState(layers, num_experts, capacity, policy, gate.shape[2] + transition.shape[2], mt, mt_index)
+    state = ReplayState(layers, num_experts, capacity, policy, gate.shape[2] + transition.shape[2], mt, mt_index,
+                        half_life=half_life)
     state.feed(keys, starts, gate, transition, following)
     return state.counts
 
@@ -422,15 +660,16 @@ def replay_counts(keys, starts, layers, num_experts, capacity, policy, gate, tra
 class ReplayState:
     """One replay's cache, policy and counters, fed a trace in consecutive pieces (``feed``): what a piece leaves
     (resident keys, pins of prefetches in flight, the policy's order, the generator) is where the next one
-    starts, so feeding the pieces of a trace counts what replaying it whole counts. ``counts`` int64 [L, 5]."""
+    starts, so feeding the pieces of a trace counts what replaying it whole counts. ``counts`` int64 [L, 5].
+    ``half_life``: forecast's, as ``Forecast(half_life)`` takes it (a replay through ``replay`` has the default)."""
 
     def __init__(self, layers: int, num_experts: int, capacity: int, policy: int, width: int, mt: np.ndarray,
-                 mt_index: int):
+                 mt_index: int, *, half_life: float = HALF_LIFE):
         space = layers * num_experts
         self.layers, self.num_experts, self.capacity, self.policy = layers, num_experts, capacity, policy
         self.counts = np.zeros((layers, 5), dtype=np.int64)
-        self.state = np.zeros(11, dtype=np.int64)
-        self.state[_HEAD], self.state[_TAIL], self.state[_MT] = -1, -1, mt_index
+        self.state = np.zeros(16, dtype=np.int64)
+        self.state[_HEAD], self.state[_TAIL], self.state[_MT], self.state[_LAYER] = -1, -1, mt_index, -1
         self.mt = mt.copy()
         self.is_resident = np.zeros(space, dtype=np.bool_)
         self.prefetched = np.zeros(space, dtype=np.bool_)
@@ -443,9 +682,23 @@ class ReplayState:
         self.last = np.zeros(space, dtype=np.int64)
         self.next_use = np.full(space, NEVER, dtype=np.int64)
         self.added = np.zeros(space, dtype=np.int64)
-        self.heap = np.empty(capacity + 1, dtype=np.int64)  # belady: the resident keys, a binary heap in its order
-        self.at = np.full(space, -1, dtype=np.int64)  # a key's place in ``heap``
-        self.kept = np.empty_like(self.heap)  # pinned keys lifted off the heap on the way to the victim
+        # belady: the resident keys, a binary heap in its order; forecast: one heap a layer, layer l's in
+        # heap[l * E : (l + 1) * E]
+        forecast = policy == FORECAST
+        self.heap = np.empty(space if forecast else capacity + 1, dtype=np.int64)
+        self.at = np.full(space, -1, dtype=np.int64)  # a key's place in its heap
+        self.kept = np.empty_like(self.heap)  # keys set aside on the way to the victim or through a heap
+        # forecast (see the rows at the top): Python's float decay and its powers, decay ** n at [n], as the policy
+        # computes them (the visits of a layer grow with the tokens fed, so they grow too); the learned table
+        self.decay = Forecast(half_life).decay
+        self.powers = np.empty(0, dtype=np.float64)
+        self.table = np.zeros((_BINS * _BINS, 2), dtype=np.float64)  # (age bin, frequency bin) -> [reuses, tries]
+        self.fvalues = np.zeros((2, space if forecast else 0), dtype=np.float64)
+        self.fints = np.zeros((3, space if forecast else 0), dtype=np.int64)
+        self.fints[_RANK_LAST] = -1
+        self.flayers = np.zeros((6, layers), dtype=np.int64)
+        self.known = np.zeros(space if forecast else 0, dtype=np.int64)  # each layer's experts, by first request
+        self.group = np.zeros((2, num_experts), dtype=np.int64)  # this visit's experts, in request order; 1 where in it
         # lfu: one list of resident keys per request count, a bit per nonempty list; a key is requested at most
         # once a token, so the lists grow with the tokens fed
         self.tokens = 0
@@ -466,11 +719,16 @@ class ReplayState:
         self.tokens += (starts.shape[0] - 1) // self.layers
         if self.policy == LFU and self.bhead.shape[0] < self.tokens + 2:
             self._grow_buckets(max(self.tokens + 2, 2 * self.bhead.shape[0]))
+        if self.policy == FORECAST and self.powers.shape[0] < self.tokens + 2:  # a layer's visits: one a token at most
+            size = max(self.tokens + 2, 2 * self.powers.shape[0])
+            more = [self.decay ** n for n in range(self.powers.shape[0], size)]  # CPython's float ** int
+            self.powers = np.concatenate([self.powers, np.array(more, dtype=np.float64)])
         _replay_piece(keys, starts, self.layers, self.num_experts, self.capacity, self.policy, gate, transition,
                       following, self.counts, self.state, self.mt, self.is_resident, self.prefetched, self.pins,
                       self.residents, self.where, self.prev, self.after, self.requests, self.last, self.next_use,
                       self.added, self.heap, self.at, self.kept, self.bhead, self.btail, self.nonempty, self.guesses,
-                      self.votes, self.flying)
+                      self.votes, self.flying, self.fvalues, self.fints, self.flayers, self.known, self.group,
+                      self.table, self.powers, self.decay)
 
     def _grow_buckets(self, size: int) -> None:
         words = (size + 63) // 64
@@ -483,7 +741,8 @@ class ReplayState:
 
 def _replay_piece(keys, starts, layers, num_experts, capacity, policy, gate, transition, following, counts, state, mt,
                   is_resident, prefetched, pins, residents, where, prev, after, requests, last, next_use, added, heap,
-                  at, kept, bhead, btail, nonempty, guesses, votes, flying):
+                  at, kept, bhead, btail, nonempty, guesses, votes, flying, fvalues, fints, flayers, known, group,
+                  table, powers, decay):
     """``ReplayState.feed``'s loop over the piece's tokens and layers."""
     width = gate.shape[2] + transition.shape[2]
     in_flight = state[_FLYING]
@@ -516,6 +775,9 @@ def _replay_piece(keys, starts, layers, num_experts, capacity, policy, gate, tra
                     state[_CURSOR] += 1
                     if is_resident[key]:  # its next request is later now: it moves toward the top
                         _sift_up(heap, at, at[key], next_use, added)
+                elif policy == FORECAST:
+                    _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table,
+                               powers, decay, heap, at, kept, added)
                 if is_resident[key]:
                     counts[pos, HITS] += 1
                     if pins[key] == 0:
@@ -530,7 +792,8 @@ def _replay_piece(keys, starts, layers, num_experts, capacity, policy, gate, tra
                 key = keys[i]
                 if not is_resident[key]:
                     _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
-                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty)
+                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail,
+                           nonempty, group, fvalues, fints, flayers)
             named = _pooled(gate, transition, t, pos, votes, guesses) if pos < layers - 1 and width else 0
             for layer_done in range(0 if named else 1, 2):  # the prefetches: while the layer runs, then once it is done
                 if layer_done:
@@ -546,7 +809,8 @@ def _replay_piece(keys, starts, layers, num_experts, capacity, policy, gate, tra
                     if state[_RESIDENT] >= capacity and state[_PINNED] >= state[_RESIDENT]:
                         break  # every slot is pinned: the rest wait for the retry
                     _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
-                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty)
+                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail,
+                           nonempty, group, fvalues, fints, flayers)
                     prefetched[key] = True
                     flying[in_flight] = key
                     in_flight += 1
@@ -555,7 +819,8 @@ def _replay_piece(keys, starts, layers, num_experts, capacity, policy, gate, tra
 
 
 def _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents, where, prev,
-           after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty):
+           after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty, group, fvalues, fints,
+           flayers):
     """``Residency.admit``: a free slot, or the policy's victim evicted; ``key`` comes in pinned."""
     if state[_RESIDENT] >= capacity:
         if policy == LRU or policy == FIFO:
@@ -568,6 +833,9 @@ def _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefe
         elif policy == LFU:
             victim = _lfu_victim(state, pins, after, bhead, nonempty)
             _lfu_remove(victim, requests[victim], prev, after, bhead, btail, nonempty)
+        elif policy == FORECAST:
+            victim = _fc_victim(num_experts, state, pins, heap, kept, fvalues, fints, flayers, added)
+            _fc_remove(victim, num_experts, heap, at, fvalues, fints, flayers, added)
         else:
             victim = _heap_victim(heap, at, kept, state, pins, next_use, added)
             _heap_remove(heap, at, state, victim, next_use, added)
@@ -594,6 +862,8 @@ def _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefe
         _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last, added)
     elif policy == BELADY:
         _heap_insert(heap, at, state, key, next_use, added)
+    elif policy == FORECAST:
+        _fc_insert(key, num_experts, state, group, fvalues, fints, flayers, heap, at, added)
 
 
 # ---------------------------------------------------------------- from a trace
@@ -691,7 +961,9 @@ def compiled_replay(arrays: TraceArrays, policy: str, capacity: int, predictor: 
 
 _KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_lfu_rank", "_lfu_insert", "_lfu_remove", "_lowest_bit",
             "_lfu_victim", "_before", "_place", "_sift_up", "_sift_down", "_heap_insert", "_heap_remove", "_heap_victim",
-            "_random_victim", "_pooled", "_admit", "_transition_into", "_replay_piece")
+            "_random_victim", "_fc_before", "_fc_sift_up", "_fc_sift_down", "_fc_moved", "_fc_insert", "_fc_remove",
+            "_fc_lowest_unpinned", "_fc_victim", "_fc_cell", "_fc_close_visit", "_fc_access", "_pooled", "_admit",
+            "_transition_into", "_replay_piece")
 _ALLOCATING = ("_transition_into", "_replay_piece")
 _compiled: bool | None = None  # None: not tried yet
 

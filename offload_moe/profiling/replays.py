@@ -134,8 +134,8 @@ def replay(trace: Trace | TraceFile | str | Path, policy: str, capacity: int, *,
     (reference only) runs that mover's empty loads on reader threads, as a live model's reads run.
     ``engine="fast"`` counts the same (``profiling.compiled``), for sweeps; ``arrays``
     (``TraceArrays(trace)``) keeps what it works out once per trace when one trace is replayed many
-    times. A policy with no compiled form (``forecast``, or one registered at run time) replays with the
-    reference under either engine.
+    times. A policy registered at run time has no compiled form: it replays with the reference under either
+    engine.
 
     A trace file (a path, or ``TraceFile.open(path)``) is read ``chunk_tokens`` rows at a time
     (``replay_in_pieces``): memory holds one piece, and the counts are those of the whole trace.

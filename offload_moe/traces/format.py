@@ -275,9 +275,9 @@ class TraceFile:
         parts, metadata = [], None
         for file in files:
             infos = _read_header(file)
+            part = _Part(file, infos, _check_layout(file, infos))  # a file with no routing is named as such first
             meta = _file_metadata(file)
             _check_metadata(meta, file)
-            part = _Part(file, infos, _check_layout(file, infos))
             if parts and (meta != metadata or _row_layout(part) != _row_layout(parts[0])):
                 raise TraceError(f"{file}: its metadata or tensors differ from {parts[0].path}'s; the parts of "
                                  f"{path} are not of one trace")

@@ -25,8 +25,8 @@ class Spy:
                                "computed": [], "loaded": [], "bad_evictions": []})
             return hits, misses
 
-        def spy_admit(key):
-            slot, evicted = admit(key)
+        def spy_admit(key, *args):
+            slot, evicted = admit(key, *args)
             call = self.calls[-1]
             if key[0] == call["layer"]:  # not a prefetch for a later layer
                 call["loaded"].append(key[1])
@@ -35,10 +35,10 @@ class Spy:
                 call["bad_evictions"].append(evicted)
             return slot, evicted
 
-        def spy_start(layer, expert, prefetch=False):
+        def spy_start(layer, expert, *args, **kwargs):
             self.loading = True
             try:
-                return start(layer, expert, prefetch)
+                return start(layer, expert, *args, **kwargs)
             finally:
                 self.loading = False
 
@@ -120,3 +120,19 @@ def test_the_layers_share_one_dequantization_buffer(model_dir):
         assert len(model.offload.modules) > 1 and len(scratches) == 1
     finally:
         model.offload.close()
+
+
+def test_batched_decoding_recycles_a_steps_own_slots_and_loads_less(model_dir):
+    """Four sequences decoded together need more experts per step than 3 slots hold: with the cache's rule for
+    steps of several tokens (``ExpertCache.recycle``) the same greedy tokens come out for fewer loads."""
+    ids = torch.randint(0, 96, (4, 6), generator=torch.Generator().manual_seed(4))
+    out, stats = {}, {}
+    for recycle in (False, True):
+        model = offload_moe.load(model_dir("mixtral"), cache_experts=3, dtype="float32", progress=False)
+        model.offload.cache.recycle = recycle
+        out[recycle] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        stats[recycle] = model.offload.stats()
+        model.offload.close()
+    assert torch.equal(out[False], out[True])
+    assert stats[True]["hits"] + stats[True]["misses"] == stats[False]["hits"] + stats[False]["misses"]
+    assert stats[True]["misses"] < stats[False]["misses"]

@@ -1,15 +1,22 @@
 """Serving under concurrent streaming clients: aggregate tokens/s, time to first token and expert loads per
-generated token, for 1, 2, 4 and 8 clients side by side in one run. A benchmark, not a test.
+generated token, for 1, 2, 4 and 8 clients and for several cache configurations side by side in one run.
+A benchmark, not a test.
 
-One ``offload-moe serve`` server (in this process, on a free port of 127.0.0.1) runs the model with a
-quarter of its experts in slots; each client is a thread that streams ``--requests`` completions of
-``--tokens`` greedy tokens one after the other through the HTTP API. Expert loads are the cache's
-misses plus prefetches over the run, divided by the tokens generated. The clients run in this process
-too, so on a small machine they take some CPU from the server: the figures are a lower bound.
+Each configuration (``--configs``: an eviction policy, ``:off`` for the cache's rule for steps of several
+tokens turned off, as it was before that rule) is one ``offload-moe serve`` server (in this process, on a
+free port of 127.0.0.1) over its own copy of the model with a quarter of its experts in slots. Each
+client is a thread that streams ``--requests`` completions of ``--tokens`` greedy tokens one after the
+other through the HTTP API. The client counts run in turn and, for each, the configurations one after
+the other, so that the machine's load falls on all of them alike. Expert loads are the cache's misses
+plus prefetches over the run, divided by the tokens generated. ``floor`` is the fewest loads per token
+any cache of that many slots could have paid for the same steps: a step that asks for more experts
+than there are slots must load the rest. The clients run in this process too, so on a small machine
+they take some CPU from the server: the figures are a lower bound.
 
     python benchmarks/serve.py                                   # the bundled model, 25% of its experts in slots
-    python benchmarks/serve.py --synthetic mini --layers 4       # a Mixtral-structured synthetic checkpoint
-    python benchmarks/serve.py --clients 1,8 --tokens 32 --json serve.json
+    python benchmarks/serve.py --synthetic mini --layers 2       # a Mixtral-structured synthetic checkpoint
+    python benchmarks/serve.py --clients 1,8 --configs lru:off,forecast --tokens 32 --json serve.json
+    python benchmarks/serve.py --peer llama.cpp --synthetic mini --layers 2 --configs lru   # beside llama-server
 
 ``--synthetic SHAPE`` writes (once, into ``--folder``) a checkpoint of ``benchmarks/decode.py``'s shapes
 (``mixtral``: Mixtral-8x7B's layer dimensions; ``mini``: the same structure, smaller) with random weights,
@@ -20,7 +27,9 @@ the experts more evenly than a trained model does.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -28,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -37,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from decode import SHAPES, expert_capacity  # noqa: E402
 
+import offload_moe  # noqa: E402
+import transformers  # noqa: E402
 from offload_moe import demo_model_path  # noqa: E402
 from offload_moe.generation import load_with_tokenizer  # noqa: E402
 from offload_moe.serve import Engine, build_server  # noqa: E402
@@ -85,7 +97,98 @@ def stream_one(url: str, prompt: str, tokens: int) -> dict:
     return {"ttft": ttft if ttft is not None else time.perf_counter() - start, "tokens": used}
 
 
-def run_clients(url: str, engine: Engine, clients: int, requests: int, tokens: int) -> dict:
+class StepCounter:
+    """Counts the experts each forward pass asks the cache for (a wrapper around ``cache.use``; a step begins at
+    the first MoE layer), to give the fewest loads any cache of ``slots`` slots could pay for those steps."""
+
+    def __init__(self, cache):
+        self.slots = cache.capacity
+        self.first = min(cache.layer_names)
+        self.steps: list[int] = []  # distinct experts asked for, all layers together, per step
+        use = cache.use
+
+        def counted(layer, experts, **kwargs):
+            if layer == self.first or not self.steps:
+                self.steps.append(0)
+            self.steps[-1] += len(experts)
+            return use(layer, experts, **kwargs)
+
+        cache.use = counted
+
+    def floor(self, since: int) -> int:
+        """Loads that no cache of this size avoids over the steps from ``since`` on: a step asking for ``n`` experts
+        finds at most ``slots`` of them resident."""
+        return sum(max(0, n - self.slots) for n in self.steps[since:])
+
+
+@dataclass
+class Served:
+    """One configuration: its model, engine, server thread and URL."""
+
+    label: str
+    engine: Engine
+    counter: StepCounter
+    url: str
+    server: object
+    thread: threading.Thread
+
+
+def parse_configs(text: str) -> list[tuple[str, str, bool]]:
+    """``lru:off,lru,forecast`` -> (label, policy, the rule for steps of several tokens on)."""
+    out = []
+    for item in text.split(","):
+        policy, _, rule = item.strip().partition(":")
+        if rule not in ("", "on", "off"):
+            raise SystemExit(f"--configs: {item!r}: write POLICY or POLICY:off")
+        out.append((item.strip(), policy, rule != "off"))
+    return out
+
+
+def serve_config(path: Path, label: str, policy: str, rule: bool, slots: int, dtype: str) -> Served:
+    model, tokenizer = load_with_tokenizer(path, cache_experts=slots, dtype=dtype, policy=policy, progress=False)
+    model.offload.cache.recycle = rule
+    counter = StepCounter(model.offload.cache)
+    engine = Engine(model, tokenizer, max_batch=8, max_queue=64)
+    server, sock = build_server(engine, model_name="bench", port=0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    stream_one(url, PROMPTS[0], 4)  # warm-up: first-call costs out of the figures
+    return Served(label, engine, counter, url, server, thread)
+
+
+def stop(served: Served) -> None:
+    served.server.should_exit = True
+    served.thread.join(30)
+    served.engine.shutdown(timeout=0)
+
+
+def run_clients(served: Served, clients: int, requests: int, tokens: int) -> dict:
+    engine, url = served.engine, served.url
+    model = engine.model
+    model.offload.reset_stats()
+    before, first_step = engine.stats(), len(served.counter.steps)
+    load_before = os.getloadavg()[0]
+    results = drive_clients(url, clients, requests, tokens)
+    s, after = model.offload.stats(), engine.stats()
+    row = summarise(results, clients)
+    steps = after["decode_steps"] - before["decode_steps"]
+    asked = served.counter.steps[first_step:]
+    loads = s["misses"] + s["prefetch_issued"]
+    row.update({"config": served.label, "policy": s["policy"], "expert_loads": loads,
+                "loads_per_token": loads / max(1, row["tokens"]),
+                "floor_per_token": served.counter.floor(first_step) / max(1, row["tokens"]),
+                "experts_per_step": sum(asked) / max(1, len(asked)), "steps": len(asked),
+                "mean_batch": (after["decode_rows"] - before["decode_rows"]) / max(1, steps), "hit_rate": s["hit_rate"],
+                "load_average": [load_before, os.getloadavg()[0]]})
+    return row
+
+
+def drive_clients(url: str, clients: int, requests: int, tokens: int) -> list[dict]:
+    """``clients`` threads, each streaming ``requests`` completions one after the other; returns each one's
+    ``stream_one`` result, and the wall time of the whole as ``seconds`` in the first."""
     results: list[dict] = []
     lock = threading.Lock()
 
@@ -95,9 +198,6 @@ def run_clients(url: str, engine: Engine, clients: int, requests: int, tokens: i
             with lock:
                 results.append(out)
 
-    model = engine.model
-    model.offload.reset_stats()
-    before = engine.stats()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
     for t in threads:
@@ -105,21 +205,25 @@ def run_clients(url: str, engine: Engine, clients: int, requests: int, tokens: i
     for t in threads:
         t.join()
     seconds = time.perf_counter() - start
-    s, after = model.offload.stats(), engine.stats()
+    return [{**r, "wall": seconds} for r in results]
+
+
+def summarise(results: list[dict], clients: int) -> dict:
+    """Aggregate tokens/s and TTFT median and p95 of one client count's requests."""
+    seconds = results[0]["wall"]
     generated = sum(r["tokens"] for r in results)
     ttfts = sorted(r["ttft"] for r in results)
-    steps = after["decode_steps"] - before["decode_steps"]
     return {"clients": clients, "requests": len(results), "tokens": generated, "seconds": seconds,
             "tokens_per_s": generated / seconds, "ttft_median": statistics.median(ttfts),
-            "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
-            "expert_loads": s["misses"] + s["prefetch_issued"],
-            "loads_per_token": (s["misses"] + s["prefetch_issued"]) / max(1, generated),
-            "mean_batch": (after["decode_rows"] - before["decode_rows"]) / max(1, steps), "hit_rate": s["hit_rate"]}
+            "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1,2,4,8", help="comma-separated numbers of concurrent clients")
+    parser.add_argument("--configs", default="lru:off,lru,forecast",
+                        help="comma-separated cache configurations: an eviction policy, ':off' for the rule for steps "
+                             "of several tokens turned off (ExpertCache.recycle, as before it existed)")
     parser.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
     parser.add_argument("--tokens", type=int, default=48, help="greedy tokens per request")
     parser.add_argument("--resident", type=float, default=0.25, help="share of all experts in slots")
@@ -138,23 +242,23 @@ def main() -> None:
     config = json.loads((Path(path) / "config.json").read_text())
     total = config["num_hidden_layers"] * (config.get("num_local_experts") or config.get("num_experts"))
     slots = expert_capacity(args.resident, total)
-    model, tokenizer = load_with_tokenizer(path, cache_experts=slots, dtype=args.dtype, progress=False)
-    engine = Engine(model, tokenizer, max_batch=8, max_queue=64)
-    server, sock = build_server(engine, model_name="bench", port=0)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    clients = [int(c) for c in args.clients.split(",")]
+    load_at_start = os.getloadavg()
+    served = []
     try:
-        stream_one(url, PROMPTS[0], 4)  # warm-up: first-call costs out of the figures
-        rows = [run_clients(url, engine, int(c), args.requests, args.tokens) for c in args.clients.split(",")]
+        for label, policy, rule in parse_configs(args.configs):
+            served.append(serve_config(path, label, policy, rule, slots, args.dtype))
+        rows = [run_clients(s, c, args.requests, args.tokens) for c in clients for s in served]
     finally:
-        server.should_exit = True
-        thread.join(30)
-        engine.shutdown(timeout=0)
-    report = {"model": str(path), "experts": f"{slots} of {total} in slots", "tokens_per_request": args.tokens,
-              "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
+        for s in served:
+            stop(s)
+    report = {"model": str(path), "shape": args.synthetic or "bundled", "experts": f"{slots} of {total} in slots",
+              "slots": slots, "tokens_per_request": args.tokens, "requests_per_client": args.requests,
+              "dtype": args.dtype, "date": datetime.date.today().isoformat(),
+              "load_average": {"start": load_at_start, "end": os.getloadavg()},
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "transformers": transformers.__version__,
+                          "offload_moe": offload_moe.__version__},
               "rows": rows}
     print_table(report)
     if args.json:
@@ -163,16 +267,27 @@ def main() -> None:
 
 def print_table(report: dict) -> None:
     rows = report["rows"]
-    one = rows[0]
-    print(f"\n{report['model']}: {report['experts']}, {report['tokens_per_request']} greedy tokens per request\n")
-    print("| clients | requests | tokens/s | vs first row | TTFT median s | TTFT p95 s | loads/token | vs first row "
-          "| mean batch | hit rate |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ones = {r["config"]: r for r in rows if r["clients"] == min(x["clients"] for x in rows)}
+    base = next(iter(ones.values()))  # the first configuration's fewest clients: "before"
+    la = report["load_average"]
+    print(f"\n{report['model']} ({report['shape']}, {report['dtype']}): {report['experts']}, "
+          f"{report['requests_per_client']} x {report['tokens_per_request']} greedy tokens per client; "
+          f"load average {la['start'][0]:.2f} at start, {la['end'][0]:.2f} at end\n")
+    print("| config | clients | tokens/s | vs 1 client | TTFT median / p95 s | loads/token | vs 1 client "
+          f"| vs {base['config']} 1 client | floor/token | experts/step | mean batch | hit rate | load avg |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / one['tokens_per_s']:.2f}x "
-              f"| {r['ttft_median']:.3f} | {r['ttft_p95']:.3f} | {r['loads_per_token']:.2f} "
-              f"| {r['loads_per_token'] / max(1e-9, one['loads_per_token']):.2f} | {r['mean_batch']:.2f} "
-              f"| {r['hit_rate']:.3f} |")
+        one = ones[r["config"]]
+        print(f"| {r['config']} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / one['tokens_per_s']:.2f}x "
+              f"| {r['ttft_median']:.3f} / {r['ttft_p95']:.3f} | {r['loads_per_token']:.2f} "
+              f"| {_ratio(r['loads_per_token'], one['loads_per_token'])} "
+              f"| {_ratio(r['loads_per_token'], base['loads_per_token'])} | {r['floor_per_token']:.2f} "
+              f"| {r['experts_per_step']:.1f} | {r['mean_batch']:.2f} | {r['hit_rate']:.3f} "
+              f"| {r['load_average'][0]:.1f} |")
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else ""
 
 
 if __name__ == "__main__":

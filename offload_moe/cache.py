@@ -428,6 +428,8 @@ class ExpertCache:
         self.recycle = True  # False: a step of several tokens loads as one token's does (the benchmarks' baseline)
         self.read_timeout = read_timeout  # seconds a layer waits for one expert before giving up; None: forever
         self.flow = FlowCounters()
+        self._asked: dict[int, int] = {}  # layer -> experts asked for at its latest use (``_outgrown``)
+        self._step_experts = 0  # their sum
         self._inflight: dict[Key, "Ticket"] = {}  # reads still moving bytes (or not yet accounted for)
         self._flight_pins: set[Key] = set()  # keys holding their flight pin (logical: see the class docstring)
         self._unread: set[Key] = set()  # resident prefetches whose read was called off: read if a layer asks
@@ -463,7 +465,8 @@ class ExpertCache:
         need (``Lease``). Raises ``ExpertLoadError`` (a load failed or exceeded ``read_timeout``),
         ``BudgetError`` (every slot is pinned) or ``ModelClosedError``.
         """
-        return Lease(self, layer, experts, recycle=tokens > 1 and self.recycle)
+        outgrown = self._outgrown(layer, len(experts))
+        return Lease(self, layer, experts, recycle=tokens > 1 and self.recycle and outgrown)
 
     def fill(self, keys: Sequence[Key], advance: Callable[[int], None] | None = None) -> None:
         """Load every one of ``keys`` into the device slots (they hold them all), 64 reads at a time, so that
@@ -506,6 +509,13 @@ class ExpertCache:
         with self.lock:
             self.check_open()
             return self._prefetch(layer, experts)
+
+    def _outgrown(self, layer: int, asked: int) -> bool:
+        """Whether a step asks for more experts than the slots hold: the experts asked for at the latest use of each
+        layer (this one's now), all layers together, exceed the capacity."""
+        self._step_experts += asked - self._asked.get(layer, 0)
+        self._asked[layer] = asked
+        return self._step_experts > self.capacity
 
     # -- the protocol behind use() ---------------------------------------------
     def _acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[int], list[int]]:

@@ -406,15 +406,19 @@ def test_a_cycle_of_steps_larger_than_the_cache_is_no_longer_lrus_worst_case():
 
 
 def _reference_recycling(groups, capacity, policy):
-    """Steps of several tokens through the bare bookkeeping: pin the hits; admit the misses while a slot is free,
+    """Steps of several tokens through the bare bookkeeping. A step outgrows the cache when the experts asked for
+    at the latest use of each layer exceed the slots; then: pin the hits; admit the misses while a slot is free,
     then ``STEP_AHEAD`` more evicting anywhere; then each expert in use order, released after use, a waiting one
-    admitted when reached, recycling its own layer's keys."""
+    admitted when reached, recycling its own layer's keys. Otherwise as ``_reference``."""
     from offload_moe.cache import STEP_AHEAD
 
     table = Residency(capacity, make_policy(policy, seed=0))
+    latest = {}
     for group in groups:
+        latest[group[0][0]] = len(group)
+        recycle = sum(latest.values()) > capacity
         hits, misses = table.request(group)
-        waiting, ahead = [], STEP_AHEAD
+        waiting, ahead = [], STEP_AHEAD if recycle else len(misses)
         for key in misses:
             if not table.free:
                 if ahead == 0 or table.full():
@@ -424,7 +428,7 @@ def _reference_recycling(groups, capacity, policy):
             table.admit(key)
         for key in [k for k, _ in hits] + misses:
             if key in waiting:
-                table.admit(key, recycle=True)
+                table.admit(key, recycle=recycle)
             table.release(key)
     return table.totals()
 

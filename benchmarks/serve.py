@@ -231,6 +231,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="layers of the synthetic checkpoint")
     parser.add_argument("--folder", type=Path, help="where the synthetic checkpoint is (written once)")
     parser.add_argument("--dtype", default="float32", help="compute dtype (float32 is fastest on most CPUs)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every (clients, configuration) this many times, in turn; the table gives medians")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -248,12 +250,15 @@ def main() -> None:
     try:
         for label, policy, rule in parse_configs(args.configs):
             served.append(serve_config(path, label, policy, rule, slots, args.dtype))
-        rows = [run_clients(s, c, args.requests, args.tokens) for c in clients for s in served]
+        runs = [run_clients(s, c, args.requests, args.tokens) for _ in range(args.rounds) for c in clients for s in served]
+        rows = [merge_rounds([r for r in runs if r["config"] == s.label and r["clients"] == c])
+                for c in clients for s in served]
     finally:
         for s in served:
             stop(s)
     report = {"model": str(path), "shape": args.synthetic or "bundled", "experts": f"{slots} of {total} in slots",
               "slots": slots, "tokens_per_request": args.tokens, "requests_per_client": args.requests,
+              "rounds": args.rounds,
               "dtype": args.dtype, "date": datetime.date.today().isoformat(),
               "load_average": {"start": load_at_start, "end": os.getloadavg()},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -265,25 +270,40 @@ def main() -> None:
         args.json.write_text(json.dumps(report, indent=2))
 
 
+def merge_rounds(runs: list[dict]) -> dict:
+    """One row from the rounds of a (clients, configuration): medians of the timings and of the loads, each
+    round's tokens/s kept."""
+    row = dict(runs[0])
+    for key in ("tokens_per_s", "ttft_median", "ttft_p95", "loads_per_token", "floor_per_token", "experts_per_step",
+                "mean_batch", "hit_rate", "seconds"):
+        row[key] = statistics.median(r[key] for r in runs)
+    row["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    row["load_average"] = [min(r["load_average"][0] for r in runs), max(r["load_average"][1] for r in runs)]
+    return row
+
+
 def print_table(report: dict) -> None:
     rows = report["rows"]
     ones = {r["config"]: r for r in rows if r["clients"] == min(x["clients"] for x in rows)}
     base = next(iter(ones.values()))  # the first configuration's fewest clients: "before"
     la = report["load_average"]
     print(f"\n{report['model']} ({report['shape']}, {report['dtype']}): {report['experts']}, "
-          f"{report['requests_per_client']} x {report['tokens_per_request']} greedy tokens per client; "
+          f"{report['requests_per_client']} x {report['tokens_per_request']} greedy tokens per client, "
+          f"{report['rounds']} round(s), medians; "
           f"load average {la['start'][0]:.2f} at start, {la['end'][0]:.2f} at end\n")
-    print("| config | clients | tokens/s | vs 1 client | TTFT median / p95 s | loads/token | vs 1 client "
+    print("| config | clients | tokens/s (rounds) | vs 1 client | TTFT median / p95 s | loads/token | vs 1 client "
           f"| vs {base['config']} 1 client | floor/token | experts/step | mean batch | hit rate | load avg |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         one = ones[r["config"]]
-        print(f"| {r['config']} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / one['tokens_per_s']:.2f}x "
+        spread = "/".join(f"{x:.0f}" for x in r["rounds_tokens_per_s"]) if len(r["rounds_tokens_per_s"]) > 1 else ""
+        print(f"| {r['config']} | {r['clients']} | {r['tokens_per_s']:.1f}{f' ({spread})' if spread else ''} "
+              f"| {r['tokens_per_s'] / one['tokens_per_s']:.2f}x "
               f"| {r['ttft_median']:.3f} / {r['ttft_p95']:.3f} | {r['loads_per_token']:.2f} "
               f"| {_ratio(r['loads_per_token'], one['loads_per_token'])} "
               f"| {_ratio(r['loads_per_token'], base['loads_per_token'])} | {r['floor_per_token']:.2f} "
               f"| {r['experts_per_step']:.1f} | {r['mean_batch']:.2f} | {r['hit_rate']:.3f} "
-              f"| {r['load_average'][0]:.1f} |")
+              f"| {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |")
 
 
 def _ratio(a: float, b: float) -> str:

@@ -411,7 +411,9 @@ class ExpertCache:
     resident in the books: a layer that later asks for it starts its read then. A prefetch never
     evicts a pinned key, so it never takes an expert the current layer still needs. Where an
     expert's tensors come from when it has no slot is the ``source``'s business
-    (``offload_moe.sources``; None: every missing expert is read into a slot).
+    (``offload_moe.sources``; None: every missing expert is read into a slot). A step of several tokens
+    that asks for more experts than the slots hold (a batch, a prompt) streams the excess through its own
+    layer's slots (``Lease``), a rule on the calls alone, like the rest of the books.
     """
 
     def __init__(self, residency: Residency, pool: SlotPool, store: "ExpertStore", mover: "Mover",
@@ -465,8 +467,7 @@ class ExpertCache:
         need (``Lease``). Raises ``ExpertLoadError`` (a load failed or exceeded ``read_timeout``),
         ``BudgetError`` (every slot is pinned) or ``ModelClosedError``.
         """
-        outgrown = self._outgrown(layer, len(experts))
-        return Lease(self, layer, experts, recycle=tokens > 1 and self.recycle and outgrown)
+        return Lease(self, layer, experts, tokens)
 
     def fill(self, keys: Sequence[Key], advance: Callable[[int], None] | None = None) -> None:
         """Load every one of ``keys`` into the device slots (they hold them all), 64 reads at a time, so that
@@ -940,7 +941,8 @@ class Lease:
     Holds the cache's lock for the whole block: the layer's one acquisition. The tensors are a slot's views,
     or whatever the cache's source serves without a slot; the user never needs to know which.
 
-    ``recycle`` (a step of several tokens): of the missing experts that find no free slot, only the first
+    ``recycle`` (a step of several ``tokens`` that outgrows the cache, ``ExpertCache._outgrown``; unless
+    ``ExpertCache.recycle`` is False): of the missing experts that find no free slot, only the first
     ``STEP_AHEAD`` start at once, evicting whichever key the policy chooses. The others wait; each starts as
     the loop moves past an expert (one load ahead of compute), and evicts one of this layer's own unpinned
     experts, which the policy chooses among: those the loop is done with, or ones this step does not need.
@@ -950,14 +952,15 @@ class Lease:
     is narrowed; which key goes is still its call.
     """
 
-    __slots__ = ("cache", "layer", "experts", "recycle", "pinned", "waiting", "_order", "_in_place", "_open", "_loads",
-                 "_held")
+    __slots__ = ("cache", "layer", "experts", "tokens", "recycle", "pinned", "waiting", "_order", "_in_place", "_open",
+                 "_loads", "_held")
 
-    def __init__(self, cache: ExpertCache, layer: int, experts: Sequence[int], recycle: bool = False):
+    def __init__(self, cache: ExpertCache, layer: int, experts: Sequence[int], tokens: int = 1):
         self.cache = cache
         self.layer = layer
         self.experts = experts
-        self.recycle = recycle
+        self.tokens = tokens
+        self.recycle = False  # set on entering
         self.pinned: set[int] = set()  # released however the block ends
         self.waiting: list[int] = []  # missing experts not started yet (no slot, or recycling): started when reached
         self._order: list[int] = []
@@ -970,6 +973,8 @@ class Lease:
         cache, layer = self.cache, self.layer
         cache.lock.acquire()
         try:
+            outgrown = cache._outgrown(layer, len(self.experts))
+            self.recycle = self.tokens > 1 and cache.recycle and outgrown
             hits, misses = cache._acquire(layer, self.experts)
             self.pinned.update(hits)
             if misses and cache.source is not None:

@@ -18,6 +18,13 @@ they take some CPU from the server: the figures are a lower bound.
     python benchmarks/serve.py --clients 1,8 --configs lru:off,forecast --tokens 32 --json serve.json
     python benchmarks/serve.py --peer llama.cpp --synthetic mini --layers 2 --configs lru   # beside llama-server
 
+``--peer llama.cpp`` serves the same checkpoint with llama.cpp's ``llama-server`` too (``benchmarks/peers``: the
+checkpoint written per expert with the hub's Mixtral names and a synthetic tokenizer, converted to f16 GGUF,
+the precision the bf16 checkpoint pairs with there; ``llama-server`` built once with
+``python -m benchmarks.peers.llama_cpp build-server``), with ``--parallel 8`` slots (continuous batching) and
+the same threads, and the same clients stream from it. It holds the whole model in RAM (mapped): it does
+not offload, so its row has no loads.
+
 ``--synthetic SHAPE`` writes (once, into ``--folder``) a checkpoint of ``benchmarks/decode.py``'s shapes
 (``mixtral``: Mixtral-8x7B's layer dimensions; ``mini``: the same structure, smaller) with random weights,
 the bundled model's vocabulary and tokenizer, so that it can be served. Random routing spreads tokens over
@@ -32,7 +39,9 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -218,6 +227,56 @@ def summarise(results: list[dict], clients: int) -> dict:
             "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
 
 
+class LlamaServer:
+    """llama.cpp's ``llama-server`` on a free port of 127.0.0.1, over the GGUF conversion of ``folder``."""
+
+    def __init__(self, folder: Path, *, threads: int, parallel: int = 8, context: int = 512):
+        from benchmarks.peers import llama_cpp, side_by_side
+
+        self.llama = llama = llama_cpp.LlamaCpp(llama_cpp.default_cache_dir())
+        llama_cpp.build_server(llama)
+        self.gguf = llama_cpp.convert(llama, folder, side_by_side.PAIRS["bf16"], threads=threads)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = folder.parent / f"{folder.name}-llama-server.log"
+        command = llama_cpp.server_command(llama, self.gguf, port=port, threads=threads, parallel=parallel,
+                                           context=context)
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not self._healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit(f"llama-server did not start: see {self.log}")
+            time.sleep(0.5)
+        stream_one(self.url, PROMPTS[0], 4)  # warm-up
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def run_clients(self, clients: int, requests: int, tokens: int) -> dict:
+        load_before = os.getloadavg()[0]
+        row = summarise(drive_clients(self.url, clients, requests, tokens), clients)
+        row.update({"config": f"llama.cpp {self.gguf.name.rsplit('-', 1)[-1].removesuffix('.gguf')}",
+                    "policy": None, "expert_loads": None, "loads_per_token": None, "floor_per_token": None,
+                    "experts_per_step": None, "steps": None, "mean_batch": None, "hit_rate": None,
+                    "load_average": [load_before, os.getloadavg()[0]]})
+        return row
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1,2,4,8", help="comma-separated numbers of concurrent clients")
@@ -231,12 +290,21 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="layers of the synthetic checkpoint")
     parser.add_argument("--folder", type=Path, help="where the synthetic checkpoint is (written once)")
     parser.add_argument("--dtype", default="float32", help="compute dtype (float32 is fastest on most CPUs)")
+    parser.add_argument("--peer", choices=["llama.cpp"],
+                        help="serve the same checkpoint with llama.cpp's llama-server too (needs --synthetic)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every (clients, configuration) this many times, in turn; the table gives medians")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    if args.synthetic:
+    if args.peer and not args.synthetic:
+        raise SystemExit("--peer llama.cpp: give --synthetic mini or mixtral (the bundled model has no GGUF conversion)")
+    if args.peer:
+        from benchmarks.peers.side_by_side import write_checkpoint
+
+        folder = args.folder or Path(tempfile.gettempdir()) / f"offload-moe-serve-peer-{args.synthetic}-{args.layers}"
+        path = write_checkpoint(SHAPES[args.synthetic], args.layers, folder)
+    elif args.synthetic:
         folder = args.folder or Path(tempfile.gettempdir()) / f"offload-moe-serve-{args.synthetic}-{args.layers}"
         path = synthetic_checkpoint(args.synthetic, args.layers, folder)
     else:
@@ -246,19 +314,32 @@ def main() -> None:
     slots = expert_capacity(args.resident, total)
     clients = [int(c) for c in args.clients.split(",")]
     load_at_start = os.getloadavg()
-    served = []
+    served, peer = [], None
     try:
         for label, policy, rule in parse_configs(args.configs):
             served.append(serve_config(path, label, policy, rule, slots, args.dtype))
-        runs = [run_clients(s, c, args.requests, args.tokens) for _ in range(args.rounds) for c in clients for s in served]
-        rows = [merge_rounds([r for r in runs if r["config"] == s.label and r["clients"] == c])
-                for c in clients for s in served]
+        if args.peer:
+            peer = LlamaServer(Path(path), threads=torch.get_num_threads(),
+                               context=args.tokens + 64)  # the longest prompt and its tokens, per slot
+        runs = []
+        for _ in range(args.rounds):
+            for c in clients:
+                runs += [run_clients(s, c, args.requests, args.tokens) for s in served]
+                if peer is not None:
+                    runs.append(peer.run_clients(c, args.requests, args.tokens))
+        labels = [s.label for s in served] + ([runs[-1]["config"]] if peer is not None else [])
+        rows = [merge_rounds([r for r in runs if r["config"] == label and r["clients"] == c])
+                for c in clients for label in labels]
     finally:
         for s in served:
             stop(s)
+        if peer is not None:
+            peer.stop()
     report = {"model": str(path), "shape": args.synthetic or "bundled", "experts": f"{slots} of {total} in slots",
               "slots": slots, "tokens_per_request": args.tokens, "requests_per_client": args.requests,
               "rounds": args.rounds,
+              "peer": {"gguf": str(peer.gguf), "llama_cpp": peer.llama.commit(), "threads": torch.get_num_threads(),
+                       "parallel": 8} if peer is not None else None,
               "dtype": args.dtype, "date": datetime.date.today().isoformat(),
               "load_average": {"start": load_at_start, "end": os.getloadavg()},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -276,7 +357,8 @@ def merge_rounds(runs: list[dict]) -> dict:
     row = dict(runs[0])
     for key in ("tokens_per_s", "ttft_median", "ttft_p95", "loads_per_token", "floor_per_token", "experts_per_step",
                 "mean_batch", "hit_rate", "seconds"):
-        row[key] = statistics.median(r[key] for r in runs)
+        if row[key] is not None:
+            row[key] = statistics.median(r[key] for r in runs)
     row["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
     row["load_average"] = [min(r["load_average"][0] for r in runs), max(r["load_average"][1] for r in runs)]
     return row
@@ -284,30 +366,49 @@ def merge_rounds(runs: list[dict]) -> dict:
 
 def print_table(report: dict) -> None:
     rows = report["rows"]
-    ones = {r["config"]: r for r in rows if r["clients"] == min(x["clients"] for x in rows)}
+    fewest = min(x["clients"] for x in rows)
+    ones = {r["config"]: r for r in rows if r["clients"] == fewest}
     base = next(iter(ones.values()))  # the first configuration's fewest clients: "before"
     la = report["load_average"]
     print(f"\n{report['model']} ({report['shape']}, {report['dtype']}): {report['experts']}, "
           f"{report['requests_per_client']} x {report['tokens_per_request']} greedy tokens per client, "
           f"{report['rounds']} round(s), medians; "
           f"load average {la['start'][0]:.2f} at start, {la['end'][0]:.2f} at end\n")
-    print("| config | clients | tokens/s (rounds) | vs 1 client | TTFT median / p95 s | loads/token | vs 1 client "
-          f"| vs {base['config']} 1 client | floor/token | experts/step | mean batch | hit rate | load avg |")
+    print(f"| config | clients | tokens/s (rounds) | vs {fewest} client | TTFT median / p95 s | loads/token "
+          f"| vs {fewest} client | vs {base['config']} {fewest} client | floor/token | experts/step | mean batch "
+          "| hit rate | load avg |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         one = ones[r["config"]]
         spread = "/".join(f"{x:.0f}" for x in r["rounds_tokens_per_s"]) if len(r["rounds_tokens_per_s"]) > 1 else ""
         print(f"| {r['config']} | {r['clients']} | {r['tokens_per_s']:.1f}{f' ({spread})' if spread else ''} "
               f"| {r['tokens_per_s'] / one['tokens_per_s']:.2f}x "
-              f"| {r['ttft_median']:.3f} / {r['ttft_p95']:.3f} | {r['loads_per_token']:.2f} "
+              f"| {r['ttft_median']:.3f} / {r['ttft_p95']:.3f} | {_num(r['loads_per_token'])} "
               f"| {_ratio(r['loads_per_token'], one['loads_per_token'])} "
-              f"| {_ratio(r['loads_per_token'], base['loads_per_token'])} | {r['floor_per_token']:.2f} "
-              f"| {r['experts_per_step']:.1f} | {r['mean_batch']:.2f} | {r['hit_rate']:.3f} "
+              f"| {_ratio(r['loads_per_token'], base['loads_per_token'])} | {_num(r['floor_per_token'])} "
+              f"| {_num(r['experts_per_step'], 1)} | {_num(r['mean_batch'])} | {_num(r['hit_rate'], 3)} "
               f"| {r['load_average'][0]:.1f}-{r['load_average'][1]:.1f} |")
+    peer = next((r["config"] for r in rows if r["policy"] is None), None)
+    if peer is None:
+        return
+    ours = [c for c in ones if c != peer]
+    print(f"\nAggregate tokens/s, ours / {peer}, and TTFT median s (ours, {peer}):\n")
+    print("| clients | " + " | ".join(ours) + " |")
+    print("|---:|" + "---:|" * len(ours))
+    for clients in sorted({r["clients"] for r in rows}):
+        at = {r["config"]: r for r in rows if r["clients"] == clients}
+        theirs = at[peer]
+        print(f"| {clients} | " + " | ".join(
+            f"{at[c]['tokens_per_s'] / theirs['tokens_per_s']:.2f}x ({at[c]['ttft_median']:.2f}, "
+            f"{theirs['ttft_median']:.2f})" for c in ours) + " |")
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b else ""
+def _num(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else ""
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ A benchmark, not a test.
 Each configuration (``--configs``: an eviction policy, ``:off`` for the cache's rule for steps of several
 tokens turned off, as it was before that rule) is one ``offload-moe serve`` server (in this process, on a
 free port of 127.0.0.1) over its own copy of the model with a quarter of its experts in slots. Each
-client is a thread that streams ``--requests`` completions of ``--tokens`` greedy tokens one after the
-other through the HTTP API. The client counts run in turn and, for each, the configurations one after
-the other, so that the machine's load falls on all of them alike. Expert loads are the cache's misses
+client is a thread that streams completions of ``--tokens`` greedy tokens one after the
+other through the HTTP API: every client count serves the same ``--requests`` requests (each of the 8
+prompts in turn), shared out among its clients, so that one client and eight decode the same tokens.
+The client counts run in turn and, for each, the configurations one after the other, so that the
+machine's load falls on all of them alike. Expert loads are the cache's misses
 plus prefetches over the run, divided by the tokens generated. ``floor`` is the fewest loads per token
 any cache of that many slots could have paid for the same steps: a step that asks for more experts
 than there are slots must load the rest. The clients run in this process too, so on a small machine
@@ -196,14 +198,15 @@ def run_clients(served: Served, clients: int, requests: int, tokens: int) -> dic
 
 
 def drive_clients(url: str, clients: int, requests: int, tokens: int) -> list[dict]:
-    """``clients`` threads, each streaming ``requests`` completions one after the other; returns each one's
-    ``stream_one`` result, and the wall time of the whole as ``seconds`` in the first."""
+    """``clients`` threads streaming ``requests`` completions in all, request ``j`` (prompt ``j`` of ``PROMPTS``, in
+    turn) by client ``j % clients``, each client's one after the other; returns each request's ``stream_one``
+    result with the wall time of the whole run as ``wall``."""
     results: list[dict] = []
     lock = threading.Lock()
 
     def client(i: int) -> None:
-        for r in range(requests):
-            out = stream_one(url, PROMPTS[(i + r * clients) % len(PROMPTS)], tokens)
+        for j in range(i, requests, clients):
+            out = stream_one(url, PROMPTS[j % len(PROMPTS)], tokens)
             with lock:
                 results.append(out)
 
@@ -283,7 +286,8 @@ def main() -> None:
     parser.add_argument("--configs", default="lru:off,lru,forecast",
                         help="comma-separated cache configurations: an eviction policy, ':off' for the rule for steps "
                              "of several tokens turned off (ExpertCache.recycle, as before it existed)")
-    parser.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
+    parser.add_argument("--requests", type=int, default=16,
+                        help="requests in all at every client count, shared out among the clients")
     parser.add_argument("--tokens", type=int, default=48, help="greedy tokens per request")
     parser.add_argument("--resident", type=float, default=0.25, help="share of all experts in slots")
     parser.add_argument("--synthetic", choices=sorted(SHAPES), help="serve a synthetic checkpoint of this shape")
@@ -336,7 +340,7 @@ def main() -> None:
         if peer is not None:
             peer.stop()
     report = {"model": str(path), "shape": args.synthetic or "bundled", "experts": f"{slots} of {total} in slots",
-              "slots": slots, "tokens_per_request": args.tokens, "requests_per_client": args.requests,
+              "slots": slots, "tokens_per_request": args.tokens, "requests": args.requests,
               "rounds": args.rounds,
               "peer": {"gguf": str(peer.gguf), "llama_cpp": peer.llama.commit(), "threads": torch.get_num_threads(),
                        "parallel": 8} if peer is not None else None,
@@ -371,7 +375,7 @@ def print_table(report: dict) -> None:
     base = next(iter(ones.values()))  # the first configuration's fewest clients: "before"
     la = report["load_average"]
     print(f"\n{report['model']} ({report['shape']}, {report['dtype']}): {report['experts']}, "
-          f"{report['requests_per_client']} x {report['tokens_per_request']} greedy tokens per client, "
+          f"{report['requests']} requests of {report['tokens_per_request']} greedy tokens at every client count, "
           f"{report['rounds']} round(s), medians; "
           f"load average {la['start'][0]:.2f} at start, {la['end'][0]:.2f} at end\n")
     print(f"| config | clients | tokens/s (rounds) | vs {fewest} client | TTFT median / p95 s | loads/token "

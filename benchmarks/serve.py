@@ -302,7 +302,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.peer and not args.synthetic:
-        raise SystemExit("--peer llama.cpp: give --synthetic mini or mixtral (the bundled model has no GGUF conversion)")
+        raise SystemExit("--peer llama.cpp: give --synthetic mini or mixtral (the bundled model is not converted "
+                         "to GGUF)")
     if args.peer:
         from benchmarks.peers.side_by_side import write_checkpoint
 

@@ -155,7 +155,8 @@ def main() -> None:
                    **describe(steps, slots, generated), "loads_per_token": {}}
             for policy in policies:
                 for rule in (False, True):
-                    row["loads_per_token"][f"{policy}{'' if rule else ':off'}"] = replay(steps, policy, slots, rule) / generated
+                    name = policy if rule else f"{policy}:off"
+                    row["loads_per_token"][name] = replay(steps, policy, slots, rule) / generated
             results.append(row)
     print_table(str(path), results, policies)
     if args.json:

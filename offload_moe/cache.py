@@ -943,9 +943,10 @@ class Lease:
 
     ``recycle`` (a step of several ``tokens`` that outgrows the cache, ``ExpertCache._outgrown``; unless
     ``ExpertCache.recycle`` is False): of the missing experts that find no free slot, only the first
-    ``STEP_AHEAD`` start at once, evicting whichever key the policy chooses. The others wait; each starts as
-    the loop moves past an expert (one load ahead of compute), and evicts one of this layer's own unpinned
-    experts, which the policy chooses among: those the loop is done with, or ones this step does not need.
+    ``STEP_AHEAD`` start at once, evicting whichever key the policy chooses. The others wait until the loop is
+    past the experts the block began with; then ``STREAM_DEPTH`` of them load ahead of compute, each started
+    as the loop moves past an expert, and each evicts one of this layer's own unpinned experts, which the
+    policy chooses among: those the loop is done with, or ones this step does not need.
     A step that needs more experts than the slots hold then streams its excess through its own slots
     instead of evicting, expert by expert, what the next layers will need (for LRU, the whole cache each
     step: a cycle longer than the cache is its worst case). Only a policy's choice among the layer's keys
@@ -1023,10 +1024,11 @@ class Lease:
             yield expert, cache.pool.weights(cache._ready(layer, expert))
             cache._release([(layer, expert)])  # the caller is done with it: its slot may serve the next one
             pinned.discard(expert)
-            if self.recycle and self.waiting and done > self._held \
-                    and cache._start(layer, self.waiting[0], recycle=True):
-                # the next one loads while the caller computes this one; not before the loop is past every expert
-                # the block began with, so that the policy chooses the victim among all of them
+            # the next ones load while the caller computes: STREAM_DEPTH of them, once the loop is past every
+            # expert the block began with, so that the policy chooses their victims among all of those
+            while (self.recycle and self.waiting and done >= self._held
+                   and len(self._order) - done - len(self.waiting) < STREAM_DEPTH
+                   and cache._start(layer, self.waiting[0], recycle=True)):
                 pinned.add(self.waiting.pop(0))
 
     def __exit__(self, exc_type, *_) -> None:
@@ -1044,6 +1046,8 @@ class Lease:
 
 
 STEP_AHEAD = 1  # loads a step of several tokens starts at once beyond the free slots (``Lease``)
+STREAM_DEPTH = 2  # loads in flight ahead of compute while such a step streams through its own slots (as many as
+# the default reader threads: a step whose loads cost more than its compute keeps both busy)
 
 
 def _batches(keys: Sequence[Key], size: int = 64) -> Iterator[Sequence[Key]]:

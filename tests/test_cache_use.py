@@ -408,9 +408,10 @@ def test_a_cycle_of_steps_larger_than_the_cache_is_no_longer_lrus_worst_case():
 def _reference_recycling(groups, capacity, policy):
     """Steps of several tokens through the bare bookkeeping. A step outgrows the cache when the experts asked for
     at the latest use of each layer exceed the slots; then: pin the hits; admit the misses while a slot is free,
-    then ``STEP_AHEAD`` more evicting anywhere; then each expert in use order, released after use, a waiting one
-    admitted when reached, recycling its own layer's keys. Otherwise as ``_reference``."""
-    from offload_moe.cache import STEP_AHEAD
+    then ``STEP_AHEAD`` more evicting anywhere; then each expert in use order, released after use; once past
+    those, ``STREAM_DEPTH`` waiting ones admitted ahead, recycling their own layer's keys. Otherwise as
+    ``_reference``."""
+    from offload_moe.cache import STEP_AHEAD, STREAM_DEPTH
 
     table = Residency(capacity, make_policy(policy, seed=0))
     latest = {}
@@ -426,10 +427,15 @@ def _reference_recycling(groups, capacity, policy):
                     continue
                 ahead -= 1
             table.admit(key)
-        for key in [k for k, _ in hits] + misses:
+        order = [k for k, _ in hits] + misses
+        held = len(order) - len(waiting)
+        for done, key in enumerate(order, 1):
             if key in waiting:
+                waiting.remove(key)
                 table.admit(key, recycle=recycle)
             table.release(key)
+            while recycle and waiting and done >= held and len(order) - done - len(waiting) < STREAM_DEPTH:
+                table.admit(waiting.pop(0), recycle=True)
     return table.totals()
 
 

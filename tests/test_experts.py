@@ -122,17 +122,19 @@ def test_the_layers_share_one_dequantization_buffer(model_dir):
         model.offload.close()
 
 
-def test_batched_decoding_recycles_a_steps_own_slots_and_loads_less(model_dir):
-    """Four sequences decoded together need more experts per step than 3 slots hold: with the cache's rule for
-    steps of several tokens (``ExpertCache.recycle``) the same greedy tokens come out for fewer loads."""
-    ids = torch.randint(0, 96, (4, 6), generator=torch.Generator().manual_seed(4))
+def test_batched_decoding_recycles_a_steps_own_slots_and_loads_less():
+    """Eight sequences decoded together on the bundled model (6 layers x 16 experts, 24 slots) ask for about 33
+    experts a step: with the cache's rule for steps that outgrow it (``ExpertCache.recycle``) the same greedy
+    tokens come out for fewer loads; without it LRU evicts, load by load, what the next layer needs."""
+    ids = torch.randint(3, 4000, (8, 6), generator=torch.Generator().manual_seed(4))
     out, stats = {}, {}
     for recycle in (False, True):
-        model = offload_moe.load(model_dir("mixtral"), cache_experts=3, dtype="float32", progress=False)
+        model = offload_moe.load(offload_moe.demo_model_path(), cache_experts=24, dtype="float32", progress=False)
         model.offload.cache.recycle = recycle
         out[recycle] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
         stats[recycle] = model.offload.stats()
         model.offload.close()
     assert torch.equal(out[False], out[True])
-    assert stats[True]["hits"] + stats[True]["misses"] == stats[False]["hits"] + stats[False]["misses"]
-    assert stats[True]["misses"] < stats[False]["misses"]
+    off, on = stats[False], stats[True]
+    assert on["hits"] + on["misses"] == off["hits"] + off["misses"]  # the same experts asked for
+    assert on["misses"] < 0.7 * off["misses"] and on["hits"] > off["hits"]

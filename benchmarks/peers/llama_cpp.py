@@ -5,9 +5,11 @@
     python -m benchmarks.peers.llama_cpp bench MODEL.gguf --threads 2 --tokens 16
     python -m benchmarks.peers.llama_cpp build-server                # llama-server too (for benchmarks/serve.py)
 
-``build-server`` adds ``llama-server`` to a build: it configures the build again with the server on and builds that
-one target, which needs the multimodal library (``mtmd``) too: about 50 minutes on 2 busy cores, no network
-(the server's web UI, downloaded where there is a network, is left out). ``build`` needs the package index once: it fetches the ``llama-cpp-python`` source distribution (which vendors
+``build-server`` adds ``llama-server`` to a build: it configures the build again with the server on and builds
+that one target, which needs the multimodal library (``mtmd``) too: about 50 minutes on 2 busy cores, no
+network (the server's web UI, downloaded where there is a network, is left out).
+
+``build`` needs the package index once: it fetches the ``llama-cpp-python`` source distribution (which vendors
 llama.cpp with ``convert_hf_to_gguf.py``) with ``pip download``, installs what conversion imports and the build
 tools that are missing (``cmake``, ``ninja``, ``sentencepiece``: ``pip install``), and builds ``llama-bench``
 and ``llama-quantize`` in the cache folder. A second call finds them and does nothing. Conversion and timing

@@ -385,7 +385,8 @@ def print_table(report: dict) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         one = ones[r["config"]]
-        spread = "/".join(f"{x:.0f}" for x in r["rounds_tokens_per_s"]) if len(r["rounds_tokens_per_s"]) > 1 else ""
+        spread = "/".join(f"{x:.{0 if x >= 10 else 1}f}" for x in r["rounds_tokens_per_s"]) \
+            if len(r["rounds_tokens_per_s"]) > 1 else ""
         print(f"| {r['config']} | {r['clients']} | {r['tokens_per_s']:.1f}{f' ({spread})' if spread else ''} "
               f"| {r['tokens_per_s'] / one['tokens_per_s']:.2f}x "
               f"| {r['ttft_median']:.3f} / {r['ttft_p95']:.3f} | {_num(r['loads_per_token'])} "

@@ -125,8 +125,12 @@ class Residency:
                 hits.append((key, slot))
         return hits, misses
 
-    def admit(self, key: Key) -> tuple[int, Key | None]:
-        """Give ``key`` a slot, evicting an unpinned key if none is free. The key comes back pinned."""
+    def admit(self, key: Key, recycle: bool = False) -> tuple[int, Key | None]:
+        """Give ``key`` a slot, evicting an unpinned key if none is free. The key comes back pinned.
+
+        ``recycle``: the victim is one of the unpinned keys of ``key``'s own layer, if it has any (the policy
+        chooses which); the keys of other layers are then off limits to it, as pinned ones are.
+        """
         if key in self.slot_of:
             raise AssertionError(f"{key} is already resident")
         evicted = None
@@ -138,8 +142,11 @@ class Residency:
                     f"all {self.capacity} expert slots are in use by the layer being computed; "
                     "raise cache_experts / cache_memory"
                 )
-            evicted = self.policy.victim(self.pins)  # the policy's keys are the resident ones
-            if evicted not in self.slot_of or evicted in self.pins:
+            kept = self.pins
+            if recycle and any(k[0] == key[0] and k not in kept for k in self.slot_of):
+                kept = _PinnedOrOtherLayer(self.pins, key[0])
+            evicted = self.policy.victim(kept)  # the policy's keys are the resident ones
+            if evicted not in self.slot_of or evicted in kept:
                 raise AssertionError(f"policy {self.policy.name} chose {evicted}, which is not evictable")
             slot = self.slot_of.pop(evicted)
             self.policy.on_evict(evicted)
@@ -194,6 +201,18 @@ class Residency:
             assert self.owner[slot] == key
         assert all(self.owner[s] is None for s in self.free) and not self.quarantined & set(self.free)
         assert all(k in self.slot_of for k, n in self.pins.items() if n > 0)
+
+
+class _PinnedOrOtherLayer:
+    """What a victim may not be when a layer recycles its own slots: a pinned key, or a key of another layer."""
+
+    __slots__ = ("pins", "layer")
+
+    def __init__(self, pins: dict[Key, int], layer: int):
+        self.pins, self.layer = pins, layer
+
+    def __contains__(self, key: Key) -> bool:
+        return key[0] != self.layer or key in self.pins
 
 
 def simulate(accesses: Sequence[Key], policy: EvictionPolicy, capacity: int) -> Counters:
@@ -392,7 +411,9 @@ class ExpertCache:
     resident in the books: a layer that later asks for it starts its read then. A prefetch never
     evicts a pinned key, so it never takes an expert the current layer still needs. Where an
     expert's tensors come from when it has no slot is the ``source``'s business
-    (``offload_moe.sources``; None: every missing expert is read into a slot).
+    (``offload_moe.sources``; None: every missing expert is read into a slot). A step of several tokens
+    that asks for more experts than the slots hold (a batch, a prompt) streams the excess through its own
+    layer's slots (``Lease``), a rule on the calls alone, like the rest of the books.
     """
 
     def __init__(self, residency: Residency, pool: SlotPool, store: "ExpertStore", mover: "Mover",
@@ -406,8 +427,11 @@ class ExpertCache:
         self.layer_names = layer_names or {}
         self.source = make_source(store, pool.device, pool.layout.dtype, pool.layout.format)
         self.reuse = True  # False: drop each expert after use (the no-reuse baseline of the benchmarks)
+        self.recycle = True  # False: a step of several tokens loads as one token's does (the benchmarks' baseline)
         self.read_timeout = read_timeout  # seconds a layer waits for one expert before giving up; None: forever
         self.flow = FlowCounters()
+        self._asked: dict[int, int] = {}  # layer -> experts asked for at its latest use (``_outgrown``)
+        self._step_experts = 0  # their sum
         self._inflight: dict[Key, "Ticket"] = {}  # reads still moving bytes (or not yet accounted for)
         self._flight_pins: set[Key] = set()  # keys holding their flight pin (logical: see the class docstring)
         self._unread: set[Key] = set()  # resident prefetches whose read was called off: read if a layer asks
@@ -430,17 +454,20 @@ class ExpertCache:
                 "released, so it cannot run any more; load it again (offload_moe.load or offload_experts)"
             )
 
-    def use(self, layer: int, experts: Sequence[int]) -> "Lease":
+    def use(self, layer: int, experts: Sequence[int], *, tokens: int = 1) -> "Lease":
         """Use ``experts`` of ``layer`` in a ``with`` block: ``for expert, tensors in lease`` yields each one's
         tensors, the resident ones first, then each missing one once it is ready, in the order their loads
         started. Every expert stays pinned until the loop moves past it or the block ends, however it ends.
 
-        Entering pins the resident experts and starts loading the missing ones that find a free slot;
+        Entering pins the resident experts and starts loading the missing ones that find a slot;
         ``lease.waiting`` is true while some found none (they start when the loop reaches them).
-        Raises ``ExpertLoadError`` (a load failed or exceeded ``read_timeout``), ``BudgetError`` (every
-        slot is pinned) or ``ModelClosedError``.
+
+        ``tokens``: how many tokens the layer computes. A step of several (a batch, a prompt) may need more
+        experts than the slots hold; then it recycles its own slots instead of evicting what the next layers
+        need (``Lease``). Raises ``ExpertLoadError`` (a load failed or exceeded ``read_timeout``),
+        ``BudgetError`` (every slot is pinned) or ``ModelClosedError``.
         """
-        return Lease(self, layer, experts)
+        return Lease(self, layer, experts, tokens)
 
     def fill(self, keys: Sequence[Key], advance: Callable[[int], None] | None = None) -> None:
         """Load every one of ``keys`` into the device slots (they hold them all), 64 reads at a time, so that
@@ -483,6 +510,13 @@ class ExpertCache:
         with self.lock:
             self.check_open()
             return self._prefetch(layer, experts)
+
+    def _outgrown(self, layer: int, asked: int) -> bool:
+        """Whether a step asks for more experts than the slots hold: the experts asked for at the latest use of each
+        layer (this one's now), all layers together, exceed the capacity."""
+        self._step_experts += asked - self._asked.get(layer, 0)
+        self._asked[layer] = asked
+        return self._step_experts > self.capacity
 
     # -- the protocol behind use() ---------------------------------------------
     def _acquire(self, layer: int, experts: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -551,19 +585,20 @@ class ExpertCache:
             started += 1
         return started
 
-    def _start(self, layer: int, expert: int, prefetch: bool = False) -> bool:
-        """Begin loading a missing expert into a slot; False when every slot is pinned (try again later)."""
+    def _start(self, layer: int, expert: int, prefetch: bool = False, recycle: bool = False) -> bool:
+        """Begin loading a missing expert into a slot; False when every slot is pinned (try again later).
+        ``recycle``: evict one of the layer's own unpinned experts if it has one (``Residency.admit``)."""
         key = (layer, expert)
         if self.residency.full():
             return False
-        slot, evicted = self.residency.admit(key)  # admit's pin is the flight pin (see the class docstring)
+        slot, evicted = self.residency.admit(key, recycle)  # admit's pin is the flight pin (see the class docstring)
         self._flight_pins.add(key)
         if evicted is not None:
             if evicted in self._prefetched:
                 self._prefetched.discard(evicted)
                 self.flow.prefetch_wasted += 1
             if not self._vacated(evicted, slot):  # the evicted read hung: its slot is quarantined, find another
-                return self._start(layer, expert, prefetch)
+                return self._start(layer, expert, prefetch, recycle)
         try:
             self._inflight[key] = self._begin(key, slot, urgent=not prefetch)
         except BaseException:
@@ -600,12 +635,12 @@ class ExpertCache:
             self.residency.release(key)
         return self.residency.slot_of[key]
 
-    def _start_blocking(self, layer: int, expert: int) -> None:
+    def _start_blocking(self, layer: int, expert: int, recycle: bool = False) -> None:
         """``_start``, first releasing the flight pins of the loads started so far if they hold every free slot."""
-        if self._start(layer, expert):
+        if self._start(layer, expert, recycle=recycle):
             return
         self._release_flight_pins()
-        if not self._start(layer, expert):
+        if not self._start(layer, expert, recycle=recycle):
             raise BudgetError(
                 f"all {self.capacity} expert slots are pinned by the layer being computed; "
                 "raise cache_experts / cache_memory"
@@ -905,18 +940,33 @@ class Lease:
 
     Holds the cache's lock for the whole block: the layer's one acquisition. The tensors are a slot's views,
     or whatever the cache's source serves without a slot; the user never needs to know which.
+
+    ``recycle`` (a step of several ``tokens`` that outgrows the cache, ``ExpertCache._outgrown``; unless
+    ``ExpertCache.recycle`` is False): of the missing experts that find no free slot, only the first
+    ``STEP_AHEAD`` start at once, evicting whichever key the policy chooses. The others wait until the loop is
+    past the experts the block began with; then ``STREAM_DEPTH`` of them load ahead of compute, each started
+    as the loop moves past an expert, and each evicts one of this layer's own unpinned experts, which the
+    policy chooses among: those the loop is done with, or ones this step does not need.
+    A step that needs more experts than the slots hold then streams its excess through its own slots
+    instead of evicting, expert by expert, what the next layers will need (for LRU, the whole cache each
+    step: a cycle longer than the cache is its worst case). Only a policy's choice among the layer's keys
+    is narrowed; which key goes is still its call.
     """
 
-    __slots__ = ("cache", "layer", "experts", "pinned", "waiting", "_order", "_in_place", "_open", "_loads")
+    __slots__ = ("cache", "layer", "experts", "tokens", "recycle", "pinned", "waiting", "_order", "_in_place", "_open",
+                 "_loads", "_held")
 
-    def __init__(self, cache: ExpertCache, layer: int, experts: Sequence[int]):
+    def __init__(self, cache: ExpertCache, layer: int, experts: Sequence[int], tokens: int = 1):
         self.cache = cache
         self.layer = layer
         self.experts = experts
+        self.tokens = tokens
+        self.recycle = False  # set on entering
         self.pinned: set[int] = set()  # released however the block ends
-        self.waiting: list[int] = []  # missing experts that found no free slot yet: started when reached
+        self.waiting: list[int] = []  # missing experts not started yet (no slot, or recycling): started when reached
         self._order: list[int] = []
         self._in_place: dict[int, dict] = {}
+        self._held = 0  # the first experts of the order: resident, served in place or started when the block began
         self._open = False
         self._loads: Sequence[tuple[int, Sequence[int]]] = ()  # the prefetches of the layers ahead
 
@@ -924,17 +974,26 @@ class Lease:
         cache, layer = self.cache, self.layer
         cache.lock.acquire()
         try:
+            outgrown = cache._outgrown(layer, len(self.experts))
+            self.recycle = self.tokens > 1 and cache.recycle and outgrown
             hits, misses = cache._acquire(layer, self.experts)
             self.pinned.update(hits)
             if misses and cache.source is not None:
                 self._in_place = cache._in_place(layer, misses)
                 misses = [e for e in misses if e not in self._in_place]
+            ahead = STEP_AHEAD
             for expert in misses:
+                if self.recycle and not cache.residency.free:  # this start would evict
+                    if ahead == 0:
+                        self.waiting.append(expert)
+                        continue
+                    ahead -= 1
                 if cache._start(layer, expert):
                     self.pinned.add(expert)
                 else:
                     self.waiting.append(expert)
             self._order = hits + list(self._in_place) + misses  # resident first, then in the order loads started
+            self._held = len(self._order) - len(self.waiting)
             self._open = True
         except BaseException:
             self.__exit__(None, None, None)
@@ -951,7 +1010,7 @@ class Lease:
 
     def __iter__(self) -> Iterator[tuple[int, dict]]:
         cache, layer, in_place, pinned = self.cache, self.layer, self._in_place, self.pinned
-        for expert in self._order:
+        for done, expert in enumerate(self._order, 1):
             if not self._open:
                 raise ExpertLoadError(f"the experts of layer {layer} were used after their `with cache.use(...)` block "
                                       "ended; iterate them inside the block")
@@ -959,11 +1018,18 @@ class Lease:
                 yield expert, in_place[expert]
                 continue
             if expert in self.waiting:
-                cache._start_blocking(layer, expert)
+                cache._start_blocking(layer, expert, recycle=self.recycle)
+                self.waiting.remove(expert)
                 pinned.add(expert)
             yield expert, cache.pool.weights(cache._ready(layer, expert))
             cache._release([(layer, expert)])  # the caller is done with it: its slot may serve the next one
             pinned.discard(expert)
+            # the next ones load while the caller computes: STREAM_DEPTH of them, once the loop is past every
+            # expert the block began with, so that the policy chooses their victims among all of those
+            while (self.recycle and self.waiting and done >= self._held
+                   and len(self._order) - done - len(self.waiting) < STREAM_DEPTH
+                   and cache._start(layer, self.waiting[0], recycle=True)):
+                pinned.add(self.waiting.pop(0))
 
     def __exit__(self, exc_type, *_) -> None:
         cache = self.cache
@@ -977,6 +1043,11 @@ class Lease:
                     cache._prefetch(layer, experts)
         finally:
             cache.lock.release()
+
+
+STEP_AHEAD = 1  # loads a step of several tokens starts at once beyond the free slots (``Lease``)
+STREAM_DEPTH = 2  # loads in flight ahead of compute while such a step streams through its own slots (as many as
+# the default reader threads: a step whose loads cost more than its compute keeps both busy)
 
 
 def _batches(keys: Sequence[Key], size: int = 64) -> Iterator[Sequence[Key]]:

@@ -137,21 +137,23 @@ def compute_grouped(cache: ExpertCache, prefetcher: Prefetcher | None, layer: in
         pairs = order[lo:hi]
         out[pairs] = kernel(hidden[pairs // top_k], tensors) * pair_weights[pairs, None]
 
-    use_layer(cache, prefetcher, layer, pos, list(spans), _kept(routing, num_tokens, top_k), predicted, compute)
+    use_layer(cache, prefetcher, layer, pos, list(spans), _kept(routing, num_tokens, top_k), predicted, compute,
+              tokens=num_tokens)
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
 
 
 def use_layer(cache: ExpertCache, prefetcher: Prefetcher | None, layer: int, pos: int, experts: list[int],
               routing: torch.Tensor, predicted: dict[int, torch.Tensor],
-              compute: Callable[[int, dict[str, torch.Tensor]], None]) -> None:
+              compute: Callable[[int, dict[str, torch.Tensor]], None], *, tokens: int = 1) -> None:
     """One layer's turn at the cache and the prefetcher, as the runtime takes it and a trace replay repeats it.
 
     ``experts`` are the layer's distinct experts, ascending; ``routing`` [T, k] (on the host) and the
     device-side ``predicted`` go to the prefetcher, whose loads the lease starts while the layer computes
     and again once the layer has let go of its slots. ``compute(expert, tensors)`` runs each expert,
     resident first, then each missing one once it is ready. All of it under the cache's lock, taken once.
+    ``tokens``: the tokens the layer computes (a batched step or a prompt: several; ``ExpertCache.use``).
     """
-    with cache.use(layer, experts) as lease:
+    with cache.use(layer, experts, tokens=tokens) as lease:
         if prefetcher is not None:
             lease.prefetch(prefetcher.after_routing(pos, routing, predicted))
         for expert, tensors in lease:

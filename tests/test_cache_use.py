@@ -352,3 +352,130 @@ def test_a_prefetch_called_off_before_its_read_stays_resident_and_is_read_when_a
     assert mover.reads[1][2].cancelled()
     cache.drain()
     assert not cache.residency.pins
+
+
+# -- a step of several tokens (a batch, a prompt) recycles its own slots ---------------------------------------
+
+
+def _null_cache(capacity: int, policy: str = "lru", recycle: bool = True):
+    """An ``ExpertCache`` of zero-byte slots whose loads land at once (as a trace replay builds it)."""
+    from offload_moe.cache import ExpertCache, SlotLayout, SlotPool
+    from offload_moe.profiling.replays import _NoFiles
+    from offload_moe.transfer import NullMover
+
+    pool = SlotPool(capacity, SlotLayout({}, torch.uint8), torch.device("cpu"))
+    cache = ExpertCache(Residency(capacity, make_policy(policy, seed=0)), pool, _NoFiles(), NullMover(0))
+    cache.recycle = recycle
+    return cache
+
+
+def _step(cache, layer: int, experts: list[int], tokens: int) -> list[int]:
+    with cache.use(layer, experts, tokens=tokens) as lease:
+        return [e for e, _ in lease]
+
+
+@pytest.mark.parametrize("recycle", [False, True])
+def test_a_step_larger_than_the_cache_evicts_one_key_of_other_layers_then_recycles_its_own(recycle):
+    """4 slots; layer 1 holds experts 0 and 1; a step of 4 tokens at layer 0 needs 4 experts. Two take the free
+    slots, the third evicts LRU's victim (1, 0). Without the rule the fourth evicts (1, 1) too; with it, it waits
+    and takes the slot of layer 0's least recently used expert, (0, 0), so layer 1 still finds (1, 1)."""
+    cache = _null_cache(4, recycle=recycle)
+    _step(cache, 1, [0, 1], tokens=1)
+    assert _step(cache, 0, [0, 1, 2, 3], tokens=4) == [0, 1, 2, 3]
+    assert sorted(cache.residency.slot_of) == ([(0, 1), (0, 2), (0, 3), (1, 1)] if recycle else
+                                               [(0, 0), (0, 1), (0, 2), (0, 3)])
+    _step(cache, 1, [0, 1], tokens=2)
+    c = cache.residency.totals()
+    assert (c.hits, c.misses) == ((1, 7) if recycle else (0, 8))
+    assert _no_pins(cache)
+
+
+def test_a_cycle_of_steps_larger_than_the_cache_is_no_longer_lrus_worst_case():
+    """Two layers needing the same 3 experts each step (6 keys, 4 slots): the rule keeps part of each layer's
+    experts resident across steps, so fewer loads."""
+    counts = {}
+    for recycle in (False, True):
+        cache = _null_cache(4, recycle=recycle)
+        for _ in range(6):
+            for layer in (0, 1):
+                assert sorted(_step(cache, layer, [0, 1, 2], tokens=4)) == [0, 1, 2]
+        c = cache.residency.totals()
+        counts[recycle] = (c.hits, c.misses)
+        assert _no_pins(cache)
+    assert counts == {False: (10, 26), True: (15, 21)}
+
+
+def _reference_recycling(groups, capacity, policy):
+    """Steps of several tokens through the bare bookkeeping. A step outgrows the cache when the experts asked for
+    at the latest use of each layer exceed the slots; then: pin the hits; admit the misses while a slot is free,
+    then ``STEP_AHEAD`` more evicting anywhere; then each expert in use order, released after use; once past
+    those, ``STREAM_DEPTH`` waiting ones admitted ahead, recycling their own layer's keys. Otherwise as
+    ``_reference``."""
+    from offload_moe.cache import STEP_AHEAD, STREAM_DEPTH
+
+    table = Residency(capacity, make_policy(policy, seed=0))
+    latest = {}
+    for group in groups:
+        latest[group[0][0]] = len(group)
+        recycle = sum(latest.values()) > capacity
+        hits, misses = table.request(group)
+        waiting, ahead = [], STEP_AHEAD if recycle else len(misses)
+        for key in misses:
+            if not table.free:
+                if ahead == 0 or table.full():
+                    waiting.append(key)
+                    continue
+                ahead -= 1
+            table.admit(key)
+        order = [k for k, _ in hits] + misses
+        held = len(order) - len(waiting)
+        for done, key in enumerate(order, 1):
+            if key in waiting:
+                waiting.remove(key)
+                table.admit(key, recycle=recycle)
+            table.release(key)
+            while recycle and waiting and done >= held and len(order) - done - len(waiting) < STREAM_DEPTH:
+                table.admit(waiting.pop(0), recycle=True)
+    return table.totals()
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "random", "forecast"])
+def test_recycling_steps_count_what_the_bookkeeping_counts(policy):
+    rng = random.Random(11)
+    groups = []
+    for _ in range(300):
+        layer = rng.randrange(3)
+        groups.append([(layer, e) for e in sorted(rng.sample(range(8), rng.randint(1, 8)))])
+    cache = _null_cache(6, policy)
+    for group in groups:
+        experts = [e for _, e in group]
+        assert sorted(_step(cache, group[0][0], experts, tokens=8)) == experts  # each needed expert, once
+        cache.residency.check()
+    want = _reference_recycling(groups, 6, policy)
+    got = cache.residency.totals()
+    assert (got.hits, got.misses, got.evictions) == (want.hits, want.misses, want.evictions)
+    assert got.evictions > 0 and _no_pins(cache)
+
+
+def test_steps_of_one_token_do_not_recycle():
+    """One token's layer loads as it always did (a trace replay counts what the live runtime counted)."""
+    rng = random.Random(5)
+    groups = [sorted(rng.sample(range(8), rng.randint(1, 4))) for _ in range(200)]
+    counts = []
+    for recycle in (False, True):
+        cache = _null_cache(5, recycle=recycle)
+        for i, experts in enumerate(groups):
+            _step(cache, i % 3, experts, tokens=1)
+        c = cache.residency.totals()
+        counts.append((c.hits, c.misses, c.evictions))
+    assert counts[0] == counts[1]
+
+
+def test_residency_recycles_a_layers_own_key_or_any_when_it_has_none():
+    table = Residency(3, make_policy("lru"))
+    for key in [(1, 0), (0, 0), (1, 1)]:
+        table.admit(key)
+        table.release(key)
+    assert table.admit((0, 5), recycle=True) == (1, (0, 0))  # LRU's pick among layer 0's keys, not (1, 0)
+    assert table.admit((2, 0), recycle=True) == (0, (1, 0))  # layer 2 holds nothing: LRU's pick among all
+    table.check()

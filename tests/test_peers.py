@@ -98,6 +98,12 @@ def test_command_lines():
     assert llama_cpp.bench_command(llama, Path("/m/b.gguf"), threads=1, tokens=4, warmup=False)[-1] == "--no-warmup"
     assert llama_cpp.gguf_path(Path("/m/ck"), "q4_0") == Path("/m/ck-q4_0.gguf")
     assert llama_cpp.default_cache_dir("0.3.36") == Path.home() / ".cache/offload-moe/llama.cpp/0.3.36"
+    assert llama_cpp.server_build_commands(llama, 2) == [
+        ["cmake", "-S", src, "-B", "/cache/0.3.36/build", "-DLLAMA_BUILD_SERVER=ON"],
+        ["cmake", "--build", "/cache/0.3.36/build", "-j", "2", "--target", "llama-server"]]
+    assert llama_cpp.server_command(llama, Path("/m/b.gguf"), port=8123, threads=2, parallel=8, context=128) == [
+        "/cache/0.3.36/build/bin/llama-server", "-m", "/m/b.gguf", "--host", "127.0.0.1", "--port", "8123",
+        "-t", "2", "-np", "8", "-c", "1024", "--no-webui"]
 
 
 def test_parse_bench_reads_the_decode_test_from_a_saved_sample():

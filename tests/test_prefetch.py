@@ -129,8 +129,8 @@ def test_prefetch_never_takes_a_slot_the_layer_needs(model_dir):
     cache = model.offload.cache
     admit = cache.residency.admit
 
-    def checked_admit(key):
-        slot, evicted = admit(key)
+    def checked_admit(key, *args):
+        slot, evicted = admit(key, *args)
         assert evicted is None or not cache.residency.is_pinned(evicted)
         return slot, evicted
 

@@ -3,6 +3,11 @@
     python -m benchmarks.peers.llama_cpp build                       # ~/.cache/offload-moe/llama.cpp/<version>
     python -m benchmarks.peers.llama_cpp convert FOLDER --type q4_0  # FOLDER/../NAME-q4_0.gguf
     python -m benchmarks.peers.llama_cpp bench MODEL.gguf --threads 2 --tokens 16
+    python -m benchmarks.peers.llama_cpp build-server                # llama-server too (for benchmarks/serve.py)
+
+``build-server`` adds ``llama-server`` to a build: it configures the build again with the server on and builds
+that one target, which needs the multimodal library (``mtmd``) too: about 50 minutes on 2 busy cores, no
+network (the server's web UI, downloaded where there is a network, is left out).
 
 ``build`` needs the package index once: it fetches the ``llama-cpp-python`` source distribution (which vendors
 llama.cpp with ``convert_hf_to_gguf.py``) with ``pip download``, installs what conversion imports and the build
@@ -77,6 +82,9 @@ class LlamaCpp:
         return m[1] if m else "unknown"
 
 
+SERVER = "llama-server"
+
+
 # -- command lines (pure: tested without a build) ------------------------------------------------------------
 def download_command(version: str, dest: Path) -> list[str]:
     return [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
@@ -89,6 +97,20 @@ def configure_command(llama: LlamaCpp) -> list[str]:
 
 def build_command(llama: LlamaCpp, jobs: int) -> list[str]:
     return ["cmake", "--build", str(llama.build_dir), "-j", str(jobs), "--target", *TARGETS]
+
+
+def server_build_commands(llama: LlamaCpp, jobs: int) -> list[list[str]]:
+    """Configure the build with the server on, then build ``llama-server``."""
+    return [["cmake", "-S", str(llama.source), "-B", str(llama.build_dir), "-DLLAMA_BUILD_SERVER=ON"],
+            ["cmake", "--build", str(llama.build_dir), "-j", str(jobs), "--target", SERVER]]
+
+
+def server_command(llama: LlamaCpp, model: Path, *, port: int, threads: int, parallel: int,
+                   context: int) -> list[str]:
+    """llama-server on 127.0.0.1:``port`` with ``parallel`` slots (continuous batching, its default) of ``context``
+    tokens each, ``threads`` threads, no web UI."""
+    return [str(llama.binary(SERVER)), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "-t", str(threads), "-np", str(parallel), "-c", str(parallel * context), "--no-webui"]
 
 
 def convert_command(llama: LlamaCpp, hf_folder: Path, out: Path, outtype: str) -> list[str]:
@@ -154,6 +176,25 @@ def build(cache_dir: str | Path | None = None, *, version: str = VERSION, jobs: 
                 raise SystemExit(f"building llama.cpp failed: {' '.join(command)}; the last lines of {log}:\n"
                                  + "".join(log.read_text().splitlines(keepends=True)[-20:]))
     return llama
+
+
+def build_server(llama: LlamaCpp, *, jobs: int | None = None) -> Path:
+    """Build ``llama-server`` in ``llama``'s build (once); returns the binary."""
+    binary = llama.binary(SERVER)
+    if binary.exists():
+        return binary
+    if not llama.built:
+        raise SystemExit(f"llama.cpp is not built in {llama.root}; run: python -m benchmarks.peers.llama_cpp build")
+    log = llama.root / "build.log"
+    print(f"building {SERVER} in {llama.build_dir} (log: {log}); about 50 minutes on 2 busy cores", file=sys.stderr)
+    with open(log, "a") as out:
+        for command in server_build_commands(llama, jobs or os.cpu_count() or 2):
+            out.write("$ " + " ".join(command) + "\n")
+            out.flush()
+            if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode:
+                raise SystemExit(f"building {SERVER} failed: {' '.join(command)}; the last lines of {log}:\n"
+                                 + "".join(log.read_text().splitlines(keepends=True)[-20:]))
+    return binary
 
 
 def missing_conversion_packages() -> list[str]:
@@ -230,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="download, build (once)")
     b.add_argument("--jobs", type=int, help="parallel compile jobs (default: the CPU count)")
+    bs = sub.add_parser("build-server", help="add llama-server to the build (once)")
+    bs.add_argument("--jobs", type=int, help="parallel compile jobs (default: the CPU count)")
     c = sub.add_parser("convert", help="a transformers checkpoint folder to GGUF")
     c.add_argument("folder")
     c.add_argument("--type", default="f16", choices=CONVERT_TYPES + QUANTIZE_TYPES)
@@ -247,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "build":
         llama = build(root, version=args.version, jobs=args.jobs)
         print(f"llama.cpp {llama.commit()} built in {llama.build_dir / 'bin'}")
+    elif args.command == "build-server":
+        print(build_server(LlamaCpp(root, args.version), jobs=args.jobs))
     elif args.command == "convert":
         if args.synthetic:
             from benchmarks.peers.synthetic import prepare

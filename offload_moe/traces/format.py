@@ -43,8 +43,26 @@ TENSORS = {
 }
 
 
+class _Described:
+    """What a trace's metadata says of its shape, for a trace in memory and a trace on disk alike."""
+
+    metadata: dict[str, str]
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.metadata["num_experts"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.metadata["top_k"])
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(x) for x in json.loads(self.metadata["layers"])]
+
+
 @dataclass
-class Trace:
+class Trace(_Described):
     """Routed experts of a run of tokens through a model, ``experts[t, l]`` being token t's top-k at layer l.
 
     ``metadata`` maps str to str as stored in the file: ``model``, ``num_experts``, ``top_k``,
@@ -62,18 +80,6 @@ class Trace:
     @property
     def num_tokens(self) -> int:
         return self.experts.shape[0]
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.metadata["num_experts"])
-
-    @property
-    def top_k(self) -> int:
-        return int(self.metadata["top_k"])
-
-    @property
-    def layers(self) -> list[int]:
-        return [int(x) for x in json.loads(self.metadata["layers"])]
 
     @property
     def prediction_margin(self) -> int | None:
@@ -253,7 +259,7 @@ class _Part:
 
 
 @dataclass(frozen=True)
-class TraceFile:
+class TraceFile(_Described):
     """A trace on disk, opened but not read: its metadata, its size, and its rows in pieces (``pieces``).
 
     ``path`` is one trace file, or the parts folder a chunked recording writes (``parts_folder``), whose
@@ -284,18 +290,6 @@ class TraceFile:
             parts.append(part)
             metadata = meta
         return cls(path, metadata, tuple(parts), sum(p.tokens for p in parts))
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.metadata["num_experts"])
-
-    @property
-    def top_k(self) -> int:
-        return int(self.metadata["top_k"])
-
-    @property
-    def layers(self) -> list[int]:
-        return [int(x) for x in json.loads(self.metadata["layers"])]
 
     @property
     def tensors(self) -> list[str]:

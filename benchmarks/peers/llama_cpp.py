@@ -168,13 +168,7 @@ def build(cache_dir: str | Path | None = None, *, version: str = VERSION, jobs: 
     log = llama.root / "build.log"
     print(f"building llama.cpp {version} in {llama.build_dir} (log: {log}); about 10 minutes on 2 cores",
           file=sys.stderr)
-    with open(log, "a") as out:
-        for command in (configure_command(llama), build_command(llama, jobs or os.cpu_count() or 2)):
-            out.write("$ " + " ".join(command) + "\n")
-            out.flush()
-            if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode:
-                raise SystemExit(f"building llama.cpp failed: {' '.join(command)}; the last lines of {log}:\n"
-                                 + "".join(log.read_text().splitlines(keepends=True)[-20:]))
+    _run_logged([configure_command(llama), build_command(llama, jobs or os.cpu_count() or 2)], log, "llama.cpp")
     return llama
 
 
@@ -187,14 +181,19 @@ def build_server(llama: LlamaCpp, *, jobs: int | None = None) -> Path:
         raise SystemExit(f"llama.cpp is not built in {llama.root}; run: python -m benchmarks.peers.llama_cpp build")
     log = llama.root / "build.log"
     print(f"building {SERVER} in {llama.build_dir} (log: {log}); about 50 minutes on 2 busy cores", file=sys.stderr)
+    _run_logged(server_build_commands(llama, jobs or os.cpu_count() or 2), log, SERVER)
+    return binary
+
+
+def _run_logged(commands: list[list[str]], log: Path, what: str) -> None:
+    """Run ``commands`` in turn, their output appended to ``log``; the first that fails stops with its last lines."""
     with open(log, "a") as out:
-        for command in server_build_commands(llama, jobs or os.cpu_count() or 2):
+        for command in commands:
             out.write("$ " + " ".join(command) + "\n")
             out.flush()
             if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode:
-                raise SystemExit(f"building {SERVER} failed: {' '.join(command)}; the last lines of {log}:\n"
+                raise SystemExit(f"building {what} failed: {' '.join(command)}; the last lines of {log}:\n"
                                  + "".join(log.read_text().splitlines(keepends=True)[-20:]))
-    return binary
 
 
 def missing_conversion_packages() -> list[str]:

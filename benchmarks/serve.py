@@ -87,6 +87,21 @@ def synthetic_checkpoint(shape: str, layers: int, folder: Path) -> Path:
     return folder
 
 
+def served_checkpoint(shape: str | None, layers: int, folder: Path | None) -> Path:
+    """A synthetic checkpoint of ``shape`` with ``layers`` layers (in ``folder``, default a temporary folder named
+    after them, written once), or the bundled model when ``shape`` is None."""
+    if shape is None:
+        return demo_model_path()
+    folder = folder or Path(tempfile.gettempdir()) / f"offload-moe-serve-{shape}-{layers}"
+    return synthetic_checkpoint(shape, layers, folder)
+
+
+def total_experts(path: str | Path) -> int:
+    """The routed experts of the checkpoint at ``path``, all layers together, from its config.json."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return config["num_hidden_layers"] * (config.get("num_local_experts") or config.get("num_experts"))
+
+
 def stream_one(url: str, prompt: str, tokens: int) -> dict:
     """One streamed greedy completion: time to first text, tokens generated (from the usage chunk)."""
     start = time.perf_counter()
@@ -309,13 +324,9 @@ def main() -> None:
 
         folder = args.folder or Path(tempfile.gettempdir()) / f"offload-moe-serve-peer-{args.synthetic}-{args.layers}"
         path = write_checkpoint(SHAPES[args.synthetic], args.layers, folder)
-    elif args.synthetic:
-        folder = args.folder or Path(tempfile.gettempdir()) / f"offload-moe-serve-{args.synthetic}-{args.layers}"
-        path = synthetic_checkpoint(args.synthetic, args.layers, folder)
     else:
-        path = demo_model_path()
-    config = json.loads((Path(path) / "config.json").read_text())
-    total = config["num_hidden_layers"] * (config.get("num_local_experts") or config.get("num_experts"))
+        path = served_checkpoint(args.synthetic, args.layers, args.folder)
+    total = total_experts(path)
     slots = expert_capacity(args.resident, total)
     clients = [int(c) for c in args.clients.split(",")]
     load_at_start = os.getloadavg()

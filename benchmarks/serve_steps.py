@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from decode import SHAPES, expert_capacity  # noqa: E402
-from serve import PROMPTS, synthetic_checkpoint  # noqa: E402
+from serve import PROMPTS, served_checkpoint, total_experts  # noqa: E402
 
-from offload_moe import demo_model_path  # noqa: E402
 from offload_moe.cache import ExpertCache, Residency, SlotLayout, SlotPool  # noqa: E402
 from offload_moe.generation import load_with_tokenizer  # noqa: E402
 from offload_moe.policies import make_policy  # noqa: E402
@@ -130,13 +128,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    if args.synthetic:
-        folder = args.folder or Path(tempfile.gettempdir()) / f"offload-moe-serve-{args.synthetic}-{args.layers}"
-        path = synthetic_checkpoint(args.synthetic, args.layers, folder)
-    else:
-        path = demo_model_path()
-    config = json.loads((Path(path) / "config.json").read_text())
-    total = config["num_hidden_layers"] * (config.get("num_local_experts") or config.get("num_experts"))
+    path = served_checkpoint(args.synthetic, args.layers, args.folder)
+    total = total_experts(path)
     shares = [float(x) for x in args.resident.split(",")]
     policies = args.policies.split(",")
     model, tokenizer = load_with_tokenizer(path, cache_experts=expert_capacity(shares[0], total), dtype="float32",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,6 +288,15 @@ def test_a_store_saved_in_float_is_packed_into_a_folder_of_its_own(tmp_path):
     assert SavedExperts(tmp_path / "int8").format.name == "int8"
 
 
+def edit_manifest(folder: Path, edit: Callable[[dict], object]) -> Path:
+    """``folder`` (a save_experts folder) with its manifest changed in place by ``edit``."""
+    path = folder / "experts.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    return folder
+
+
 def test_a_packed_file_alone_is_refused_naming_its_folder(tmp_path):
     folder = save_experts(make_model(), tmp_path / "s", quantize="int8")
     with pytest.raises(CheckpointError, match=r"experts-00000\.safetensors holds packed experts .*open the folder"):
@@ -294,10 +305,8 @@ def test_a_packed_file_alone_is_refused_naming_its_folder(tmp_path):
 
 @pytest.mark.parametrize("quantization", [{"bits": 3}, {"bits": 4}, {"bits": 4, "group_size": 7}, {"bits": 8, "x": 1}, "int8"])
 def test_a_bad_quantization_in_the_manifest_is_named(tmp_path, quantization):
-    folder = save_experts(make_model(), tmp_path / "s", quantize="int8")
-    manifest = json.loads((folder / "experts.json").read_text())
-    manifest["quantization"] = quantization
-    (folder / "experts.json").write_text(json.dumps(manifest))
+    folder = edit_manifest(save_experts(make_model(), tmp_path / "s", quantize="int8"),
+                           lambda manifest: manifest.update(quantization=quantization))
     with pytest.raises(CheckpointError, match=r"experts\.json: quantization is .* where \{\"bits\": 8\}"):
         SavedExperts(folder)
 
@@ -316,9 +325,7 @@ def test_a_packed_shape_the_format_cannot_hold_is_named_before_anything_is_sized
 
     folder = save_experts(make_model(), tmp_path / "s", quantize="int4" if quantization["bits"] == 4 else "int8",
                           group_size=quantization.get("group_size"))
-    manifest = json.loads((folder / "experts.json").read_text())
-    manifest["layers"][0]["params"]["0.weight"]["shape"] = shape
-    (folder / "experts.json").write_text(json.dumps(manifest))
+    edit_manifest(folder, lambda manifest: manifest["layers"][0]["params"]["0.weight"].update(shape=shape))
     quantizer = saved_experts.quantize_matrix
 
     def quantize(w, bits, group_size=None):
@@ -430,10 +437,8 @@ def test_an_expert_reading_a_linear_weight_directly_is_named():
 
 @pytest.mark.parametrize("version", [3, 0, "2", None])
 def test_a_manifest_version_this_offload_moe_does_not_read_is_named(tmp_path, version):
-    folder = save_experts(make_model(), tmp_path / "s", quantize="int8")
-    manifest = json.loads((folder / "experts.json").read_text())
-    manifest["version"] = version
-    (folder / "experts.json").write_text(json.dumps(manifest))
+    folder = edit_manifest(save_experts(make_model(), tmp_path / "s", quantize="int8"),
+                           lambda manifest: manifest.update(version=version))
     with pytest.raises(CheckpointError, match=r"experts\.json: version .* is not one this offload_moe reads \(1, 2\)"):
         SavedExperts(folder)
 

@@ -105,7 +105,7 @@ def save_experts(model_or_layers: nn.Module | Sequence[nn.Module], folder: str |
         holder = nn.ModuleList(list(model_or_layers))  # names "0", "1"...: matched by order later
         plans = plan_layers(holder, list(holder), experts_attr=experts_attr, expert_fn=expert_fn)
     fmt = quantize_format(quantize, group_size)
-    return write_plans(plans, Path(folder).expanduser(), parse_dtype(dtype), fmt=fmt, packing=_packing(plans, fmt))
+    return write_plans(plans, Path(folder).expanduser(), parse_dtype(dtype), fmt=fmt, packed=_packing(plans, fmt))
 
 
 def quantize_format(quantize: object, group_size: object) -> ExpertFormat:
@@ -126,8 +126,9 @@ def quantize_format(quantize: object, group_size: object) -> ExpertFormat:
     return ExpertFormat("int4", (DEFAULT_GROUP_SIZE if group_size is None else check_group_size(group_size),))
 
 
-def _packing(plans: Sequence[LayerPlan], fmt: ExpertFormat) -> list[dict[str, bool]] | None:
-    """Each layer's packed weights (``layers.packed_weights``), every one checked against ``fmt``'s shape rules."""
+def _packing(plans: Sequence[LayerPlan], fmt: ExpertFormat) -> dict[str, bool] | None:
+    """The weights ``fmt`` packs (``layers.packed_weights``; None: it packs none), the same in every layer (refused
+    otherwise), and checked against ``fmt``'s shape rules in each layer."""
     if fmt.kind is None:
         return None
     setting = f"quantize={fmt.kind!r}"
@@ -144,7 +145,7 @@ def _packing(plans: Sequence[LayerPlan], fmt: ExpertFormat) -> list[dict[str, bo
                                   "even count. Use quantize='int8' for this model")
             if fmt.kind == "int4":
                 check_group_size(fmt.block[0], cols, where)
-    return packing
+    return packing[0]
 
 
 # == offload_experts ============================================================================================
@@ -213,14 +214,14 @@ def offload_experts(
     given = store if isinstance(store, SavedExperts) or store is None else SavedExperts(store, io="buffered")
     try:
         fmt = _store_format(asked, given, quantize)
-        packing = _packing(plans, fmt)
+        packed = _packing(plans, fmt)
         layout = None
-        if packing is not None:
-            slots, packed = packed_slots(plans[0].shapes, packing[0], fmt)
-            layout = SlotLayout(slots, dtype, packed, fmt)
+        if packed is not None:
+            slots, dtypes = packed_slots(plans[0].shapes, packed, fmt)
+            layout = SlotLayout(slots, dtype, dtypes, fmt)
         assembly = check_assembly(found, settings, dtype=dtype, dense_bytes=dense, top_k=top_k_of(plans[0].module) or 2,
                                   layout=layout, model_config=getattr(model, "config", None))
-        opened, owned = _open_store(plans, given, store is not given, offload_folder, assembly.io.io, fmt, packing)
+        opened, owned = _open_store(plans, given, store is not given, offload_folder, assembly.io.io, fmt, packed)
     except BaseException:
         if given is not None:
             given.close()
@@ -228,7 +229,7 @@ def offload_experts(
     undo: list[Callable[[], None]] = []  # one per layer swapped: a failure in attach (a read, Ctrl-C) undoes the swaps
     try:
         return attach(model, assembly, opened,
-                      install=lambda: [_swap(plan, routers[i], dropped_tokens, packing[i] if packing else {}, undo)
+                      install=lambda: [_swap(plan, routers[i], dropped_tokens, packed or {}, undo)
                                        for i, plan in enumerate(plans)],
                       folder=opened.folder, name=_model_name(model), owned_folder=owned)
     except BaseException:
@@ -299,14 +300,14 @@ def _check_modes(plans: Sequence[LayerPlan], replace_forward: bool, prefetch) ->
 
 
 def _open_store(plans, given: SavedExperts | None, opened_here: bool, offload_folder, io: str, fmt: ExpertFormat,
-                packing) -> tuple[SavedExperts, Path | None]:
+                packed: dict[str, bool] | None) -> tuple[SavedExperts, Path | None]:
     """The store the experts run from, and the folder made for it (None: not ours). ``given`` (``store=``) as it is
     when its format is ``fmt`` (its read mode set to ``io`` if it was opened here), else its experts are packed
     into ``offload_folder`` or a temporary folder; without ``given``, the model's experts are written there."""
     if given is not None and given.format == fmt:
         if opened_here:
             given.set_io(io)
-        given.match(plans, packing)
+        given.match(plans, packed)
         return given, None
     owned = opened = None
     if offload_folder is None:
@@ -314,16 +315,16 @@ def _open_store(plans, given: SavedExperts | None, opened_here: bool, offload_fo
     folder = owned or Path(offload_folder).expanduser()
     try:
         if given is None:
-            write_plans(plans, folder, fmt=fmt, packing=packing)
+            write_plans(plans, folder, fmt=fmt, packed=packed)
         else:  # saved as it was: read each expert back, pack it into a folder of its own
             given.match(plans)
             if folder.resolve() == given.folder.resolve():
                 raise ConfigError(f"offload_folder={str(offload_folder)!r} is the store= folder; the packed experts "
                                   "go to another folder, so give another offload_folder (or none: a temporary one)")
-            write_plans(plans, folder, fmt=fmt, packing=packing, source=lambda plan, e: given.read_tensors(plan.layer, e))
+            write_plans(plans, folder, fmt=fmt, packed=packed, source=lambda plan, e: given.read_tensors(plan.layer, e))
             given.close()
         opened = SavedExperts(folder, io=io)
-        opened.match(plans, packing)
+        opened.match(plans, packed)
     except BaseException:
         if opened is not None:
             opened.close()

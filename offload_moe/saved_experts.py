@@ -157,11 +157,11 @@ class SavedExperts(PieceStore):
                         "experts again"
                     )
 
-    def match(self, plans: Sequence[LayerPlan], packing: Sequence[dict[str, bool]] | None = None) -> None:
+    def match(self, plans: Sequence[LayerPlan], packed: dict[str, bool] | None = None) -> None:
         """Give each plan the store's layer id (by module name, or by order for a store without names);
         raises CheckpointError if the store lacks a layer or its experts differ from the model's. A packed store
-        also needs each layer's packed weights to be the ones ``packing`` (one per plan) says the model computes
-        packed (``layers.packed_weights``)."""
+        also needs each layer's packed weights to be ``packed``, the ones the model computes packed
+        (``layers.packed_weights``)."""
         by_name = {e.name: e for e in self.layers.values() if e.name is not None}
         ordered = sorted(self.layers.values(), key=lambda e: e.layer)
         named = bool(by_name) and all(p.name in by_name for p in plans)
@@ -177,10 +177,10 @@ class SavedExperts(PieceStore):
                     f"{self.folder}: layer {plan.name!r} has {entry.num_experts} saved experts of {entry.shapes}, but "
                     f"the model's {plan.where} has {plan.num_experts} of {plan.shapes}; save this model's experts again"
                 )
-            if packing is not None and entry.packed != packing[i]:
+            if packed is not None and entry.packed != packed:
                 raise CheckpointError(
                     f"{self.folder}: layer {plan.name!r} has its {sorted(entry.packed)} packed as {self.format.name}, but "
-                    f"the model's {plan.where} computes {sorted(packing[i])} packed; save this model's experts again"
+                    f"the model's {plan.where} computes {sorted(packed)} packed; save this model's experts again"
                 )
             plan.layer = entry.layer
 
@@ -299,10 +299,10 @@ def _bad(path: Path, field: str, value: object, want: str) -> CheckpointError:
 
 
 def write_plans(plans: Sequence[LayerPlan], folder: Path, dtype: torch.dtype | None = None, *,
-                fmt: ExpertFormat = DENSE, packing: Sequence[dict[str, bool]] | None = None,
+                fmt: ExpertFormat = DENSE, packed: dict[str, bool] | None = None,
                 source: Callable[[LayerPlan, int], dict[str, torch.Tensor]] | None = None) -> Path:
     """Write the experts of ``plans`` and the manifest into ``folder`` (see ``save_experts``). Packed (``fmt``
-    int8 or int4): the weights ``packing`` names (one dict per plan, ``layers.packed_weights``) as their
+    int8 or int4): the weights ``packed`` names (the same in every layer, ``layers.packed_weights``) as their
     components, a layer's experts quantized in memory before its file is written. ``source(plan, expert)``: the
     expert's tensors (default: the model's, ``plan.expert_tensors``)."""
     if (folder / "config.json").exists():
@@ -315,9 +315,9 @@ def write_plans(plans: Sequence[LayerPlan], folder: Path, dtype: torch.dtype | N
     folder.mkdir(parents=True, exist_ok=True)
     _uncommit(folder)
     entries = []
-    for i, plan in enumerate(plans):
+    packed = packed if fmt.kind is not None else {}
+    for plan in plans:
         file = f"experts-{plan.layer:05d}.safetensors"
-        packed = packing[i] if fmt.kind is not None else {}
         tensors = []
         for e in range(plan.num_experts):
             for n, t in (source or LayerPlan.expert_tensors)(plan, e).items():

@@ -132,7 +132,7 @@ def table(r: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="mixtral", choices=sorted(SHAPES))
-    parser.add_argument("--group", type=int, default=64, choices=kernels.INT4_KERNEL_GROUPS)
+    parser.add_argument("--group", type=int, default=64, choices=sorted(quant.INT4_KERNEL_GROUPS))
     parser.add_argument("--copies", type=int, default=4, help="experts cycled through by the per-call rows")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a tiny expert, 2 rounds: a smoke run")

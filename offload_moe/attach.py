@@ -109,7 +109,8 @@ def check_assembly(layers: Sequence[MoELayer], config: OffloadConfig, *, dtype: 
         capacity = _device_capacity(config.device_memory, layout, total, dense_bytes,
                                     kv_reserve(model_config, dtype).nbytes, dev)
     else:
-        capacity = budget.slots(layout.nbytes, total, default_cache_bytes(dev, dense_bytes, room), dev)
+        default = default_cache_bytes(dev, dense_bytes, room) if budget == Budget() else 0  # unread with a budget
+        capacity = budget.slots(layout.nbytes, total, default, dev)
     predictor = _predictor(config, layers, top_k)
     host_slots = _host_slots(config.host_memory, layout, total, capacity)
     io = choose_io(config.io, device=dev, experts_bytes=total * layout.nbytes, slots_bytes=capacity * layout.nbytes,

@@ -91,7 +91,6 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
 
 
 PACKED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # activations torch's CPU int8/int4 kernels take
-INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 INT4_KERNEL_ROWS = 16  # the kernel takes row counts (of each row part) that are multiples of this
 _PROBE_ROWS = 112  # a tile of 64 and a last one of 48, or three of 32 and one of 16: tells the known layouts apart
 
@@ -120,14 +119,14 @@ def int4_kernel_layout() -> quant.Int4Layout | None:
 def held_format(fmt: ExpertFormat, shapes: dict[str, tuple[int, ...]], device: torch.device) -> ExpertFormat:
     """The format slots on ``device`` hold experts of ``fmt`` in, their slot tensors being ``shapes``: ``fmt``, but
     for int4 on a CPU whose torch kernel reads another byte layout than the stored AVX-512 one (AVX2, plain) and
-    takes every weight (``INT4_KERNEL_GROUPS``, row parts of a multiple of ``INT4_KERNEL_ROWS``): then that layout.
-    The mover rearranges each weight's bytes into it as it fills a slot (``quant.convert_int4_tiles``, once a fill,
-    where dequantizing would cost every call), so hits run the kernel from the slot as it lies."""
+    takes every weight (``quant.INT4_KERNEL_GROUPS``, row parts of a multiple of ``INT4_KERNEL_ROWS``): then that
+    layout. The mover rearranges each weight's bytes into it as it fills a slot (``quant.convert_int4_tiles``, once a
+    fill, where dequantizing would cost every call), so hits run the kernel from the slot as it lies."""
     if fmt.kind != "int4" or device.type != "cpu":
         return fmt
     layout = int4_kernel_layout()
     parts = [shape[-2] for name, shape in shapes.items() if name.endswith(".scales_and_zeros")]  # [parts, G, rows, 2]
-    if (layout is None or layout == fmt.int4_layout or fmt.block[0] not in INT4_KERNEL_GROUPS
+    if (layout is None or layout == fmt.int4_layout or fmt.block[0] not in quant.INT4_KERNEL_GROUPS
             or any(rows % INT4_KERNEL_ROWS for rows in parts)):
         return fmt
     return replace(fmt, int4_layout=layout)
@@ -137,7 +136,7 @@ def _packed_kernel_fits(weight: QuantizedWeight) -> bool:
     if weight.kind == "int8":
         return all(p["qweight"].is_contiguous() for p in weight.parts)
     if weight.kind == "int4":
-        return (weight.int4_layout == int4_kernel_layout() and weight.block[0] in INT4_KERNEL_GROUPS
+        return (weight.int4_layout == int4_kernel_layout() and weight.block[0] in quant.INT4_KERNEL_GROUPS
                 and all(p["qweight"].shape[0] % INT4_KERNEL_ROWS == 0 and p["qweight"].is_contiguous()
                         for p in weight.parts))
     return False
@@ -163,12 +162,12 @@ class ExpertMLP:
     """
 
     def __init__(self, *, gated: bool, transposed: bool, activation: Callable[[torch.Tensor], torch.Tensor],
-                 post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None, scratch: Scratch | None = None):
+                 post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.first = "gate_up_proj" if gated else "up_proj"
         self.transposed = transposed
         self.activation = activation
         self.post_norm = post_norm
-        self.scratch = scratch if scratch is not None else Scratch()  # where packed weights are dequantized
+        self.scratch = Scratch()  # where packed weights are dequantized; attach puts the model's one here
 
     def __call__(self, x: torch.Tensor, w: dict) -> torch.Tensor:
         h = self.activation(self._project(x, w, self.first))

@@ -224,7 +224,6 @@ def choose_io(io: str, *, device: torch.device, experts_bytes: int, slots_bytes:
                             "the page cache gives way where full slots would not (lower the budget for speed)")
 
 
-
 def malloc_held() -> int | None:
     """The bytes malloc has handed out on every thread and not had back (glibc's ``mallinfo2``: ``uordblks`` in
     its arenas plus ``hblkhd`` in chunks of their own), now; None off glibc. Torch's CPU tensors come from malloc,

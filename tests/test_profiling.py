@@ -421,6 +421,8 @@ def test_a_huge_num_experts_in_the_metadata_allocates_nothing_in_proportion():
 
     small = skewed_trace(tokens=200, layers=3, experts=8)
     huge = make_trace(small.experts, 32767)  # the same routing, claimed to come from a model of 32767 experts
+    # the small trace's first: they also load numba's kernels into this process, which is not what is measured
+    small_named, small_misses = predictions(small, "transition"), replay(small, "lru", 24).misses
     tracemalloc.start()
     try:
         named = predictions(huge, "transition")
@@ -429,8 +431,8 @@ def test_a_huge_num_experts_in_the_metadata_allocates_nothing_in_proportion():
     finally:
         tracemalloc.stop()
     assert peak < 8 * 2**20
-    assert named == predictions(small, "transition")
-    assert counted.misses == replay(small, "lru", 24).misses  # every key fits in both
+    assert named == small_named
+    assert counted.misses == small_misses  # every key fits in both
 
 
 def test_no_heatmap_is_drawn_for_more_experts_than_it_can_show(tmp_path):

@@ -107,9 +107,12 @@ class Piece:
         self.gate = np.ascontiguousarray(trace.predicted.numpy()[:, :-1, :width]) if gate else self.none
         self.transition = transition.next(trace.experts.numpy()) if transition is not None else self.none
         self.following = next_uses.next(len(self.keys)) if next_uses is not None else np.empty(0, dtype=np.int64)
+        self._windowed: tuple[list, list] | None = None  # Belady's values, made once for all its replays of the piece
 
     def window(self, future: Window, next_after: Window, layers: list[int], num_experts: int) -> None:
         """Point Belady's windows at this piece: its requests as the reference's keys, and their next uses."""
+        if self._windowed is None:
+            self._windowed = ([(layers[key // num_experts], key % num_experts) for key in self.keys.tolist()],
+                              [math.inf if f == NEVER else f for f in self.following.tolist()])
         future.start = next_after.start = self.position
-        future.values = [(layers[key // num_experts], key % num_experts) for key in self.keys.tolist()]
-        next_after.values = [math.inf if f == NEVER else f for f in self.following.tolist()]
+        future.values, next_after.values = self._windowed

@@ -30,7 +30,7 @@ from ..transfer import NullMover
 from ..values import PREDICTORS
 from .chunked import CHUNK_TOKENS, NextUses, Piece, Window, checked_chunk_tokens, scan
 from .compiled import (COUNTERS, EVICTIONS, ISSUED, POLICY_CODES, USED, ReplayState, TraceArrays, TransitionGuesses,
-                       compiled_replay, mt_state)
+                       compiled_replay, mt_state, transition_guesses)
 
 ENGINES = ("reference", "fast")
 
@@ -116,7 +116,8 @@ def predictions(trace: Trace, predictor: str, margin: int = 1) -> list[list[list
     if predictor in ("gate", "hybrid"):
         named.append(trace.predicted[:, :-1, :width].long().tolist())
     if predictor in ("transition", "hybrid"):  # the fast engine's guesses: the online predictor's, token by token
-        named.append(TraceArrays(trace).guesses("transition", margin)[1].tolist())
+        # sized by the largest expert id routed: an expert never routed to has no evidence, so it is never named
+        named.append(transition_guesses(trace.experts.numpy(), int(trace.experts.max()) + 1, width).tolist())
     if len(named) == 1:
         return [[[e for e in row if e >= 0] for row in token] for token in named[0]]
     return [[pooled_row([[e for e in row if e >= 0] for row in rows]) for rows in zip(*token_rows)]

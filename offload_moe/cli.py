@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -114,6 +115,9 @@ def root(
     profile: Annotated[str | None, typer.Option(
         help="Hardware profile (name or TOML path) for every command that loads or sizes a model; "
              "a command's own --profile wins.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads for compute (torch.set_num_threads); default: torch's, one per core. On a "
+                    "machine busy with other work, fewer threads than cores can be several times faster.")] = None,
 ) -> None:
     """Run Mixture-of-Experts models whose experts do not fit on your GPU (or in RAM).
 
@@ -123,6 +127,8 @@ def root(
     if profile is not None:
         get_profile(profile)  # a typo fails here, before any work
     state["profile"] = profile
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _profile(option: str | None) -> str | None:

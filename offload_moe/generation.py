@@ -33,7 +33,7 @@ class Generation:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "threads": torch.get_num_threads()}
 
 
 def kv_cache_kwargs(model, cache) -> dict:

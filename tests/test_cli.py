@@ -119,6 +119,17 @@ def test_generate_json_is_stable_and_has_stats():
 
 
 @pytest.mark.slow
+def test_threads_sets_the_compute_threads():
+    import json
+
+    result = run_cli("--threads", "1", "generate", "--prompt", "x = ", "--max-new-tokens", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["threads"] == 1
+    bad = run_cli("--threads", "0", "plan")
+    assert bad.returncode != 0 and "--threads" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
 def test_a_bad_io_mode_is_named():
     result = run_cli("generate", "--prompt", "x", "--io", "aio")
     assert result.returncode == 1 and "io='aio' is not an I/O mode" in result.stderr and "Traceback" not in result.stderr

@@ -82,7 +82,8 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     """
     if x.device.type == "cpu" and x.dtype in PACKED_DTYPES and _packed_kernel_fits(weight):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels take [tokens, in]
-        ys = [_packed_matmul(x2, weight.kind, part, weight.block) for part in weight.parts]
+        scratch = scratch if scratch is not None else Scratch()
+        ys = [_packed_matmul(x2, weight.kind, _aligned(part, weight.kind, scratch), weight.block) for part in weight.parts]
         y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)).view(*x.shape[:-1], -1)
         return y + bias if bias is not None else y
     scratch = scratch if scratch is not None else Scratch()
@@ -130,6 +131,24 @@ def held_format(fmt: ExpertFormat, shapes: dict[str, tuple[int, ...]], device: t
             or any(rows % INT4_KERNEL_ROWS for rows in parts)):
         return fmt
     return replace(fmt, int4_layout=layout)
+
+
+PACKED_ALIGN = 64  # bytes: torch's CPU int8 kernel reads its weight with aligned vector loads (see _aligned)
+
+
+def _aligned(part: dict[str, torch.Tensor], kind: str, scratch: Scratch) -> dict[str, torch.Tensor]:
+    """``part`` with an int8 weight that does not start on a ``PACKED_ALIGN`` boundary copied into ``scratch``.
+
+    ``torch._weight_int8pack_mm`` crashes the process (SIGSEGV, torch 2.13 on AVX-512) on a weight 8 bytes past a
+    16-byte boundary once it gets 4 tokens or more: it assumes the alignment torch's allocator gives. Slots have it;
+    a view of a mapped file has the file's (safetensors promises 8 bytes; ``write_safetensors`` gives 64, so files
+    offload_moe wrote map in place). A copy costs a pass over the weight; a crash costs the process."""
+    q = part["qweight"]
+    if kind != "int8" or q.data_ptr() % PACKED_ALIGN == 0:
+        return part
+    staged = scratch.take(tuple(q.shape), q.dtype, q.device)
+    staged.copy_(q)
+    return {**part, "qweight": staged}
 
 
 def _packed_kernel_fits(weight: QuantizedWeight) -> bool:

@@ -215,10 +215,14 @@ def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, data_s
         )
 
 
+DATA_ALIGN = 64  # where write_safetensors starts a file's tensor data
+
+
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None, *,
                       aligned: bool = False) -> Path:
     """Stream ``tensors`` (cast to ``dtype``) into the safetensors file ``path`` one at a time, atomically
-    (``atomic_write``: flushed to disk, mode 0o644), with no copy of the set; metadata ``{"format": "pt"}``.
+    (``atomic_write``: flushed to disk, mode 0o644), with no copy of the set; metadata ``{"format": "pt"}``; the
+    tensor data starts at a multiple of ``DATA_ALIGN`` bytes.
     ``aligned``: in order of element size, largest first (stable), as the safetensors library orders them, so that
     each tensor's bytes start at a multiple of its element size; else in the order given."""
     tensors = list(tensors)
@@ -231,7 +235,9 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], d
         header[name] = {"dtype": _DTYPE_NAMES[out], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    # The data starts 64-byte aligned (the format asks for 8): mapped views of tensors whose sizes are multiples of 64
+    # bytes start on a cache line, which torch's int8 CPU kernel needs (kernels.PACKED_ALIGN)
+    raw += b" " * (-(8 + len(raw)) % DATA_ALIGN)
 
     def write(f) -> None:
         f.write(struct.pack("<Q", len(raw)) + raw)

@@ -236,6 +236,36 @@ def test_cpu_computes_int8_and_int4_with_torchs_packed_kernels(fmt, rows, kernel
     assert (scratch.buffer is None) == kernel
 
 
+@pytest.mark.parametrize("offset", [0, 8, 40])
+def test_an_int8_weight_off_its_alignment_is_staged_not_crashed_on(offset):
+    """torch's int8 kernel assumes an aligned weight and crashes the process (SIGSEGV) on one 8 bytes past a 16-byte
+    boundary from 4 tokens on; a mapped file can give such a view. It is copied into the scratch first, and computes
+    the same numbers as the aligned weight; an aligned one runs in place."""
+    g = torch.Generator().manual_seed(0)
+    q, scales = quant.quantize_int8(torch.randn(64, 96, generator=g))
+    room = torch.zeros(q.numel() + 128, dtype=torch.int8)
+    start = -room.data_ptr() % 64 + offset
+    view = room[start : start + q.numel()].view(q.shape)
+    view.copy_(q)
+    weight = ExpertFormat("int8").weights({"w.qweight": view, "w.scales": scales})["w"]
+    x = torch.randn(8, 96, generator=g).bfloat16()
+    scratch = Scratch()
+    got = quantized_linear(x, weight, None, scratch)
+    want = quantized_linear(x, ExpertFormat("int8").weights({"w.qweight": q, "w.scales": scales})["w"], None, Scratch())
+    assert torch.equal(got, want)
+    assert (scratch.buffer is None) == (offset == 0)
+
+
+def test_files_offload_moe_writes_start_their_data_on_a_cache_line(tmp_path):
+    from offload_moe.safetensors_io import DATA_ALIGN, write_safetensors
+
+    for names in (["a"], ["a", "bb", "a_much_longer_name_for_the_header"]):
+        path = write_safetensors(tmp_path / f"{len(names)}.safetensors", [(n, torch.zeros(3, dtype=torch.int8)) for n in names])
+        header_bytes = int.from_bytes(path.read_bytes()[:8], "little")
+        assert (8 + header_bytes) % DATA_ALIGN == 0
+        assert load_file(path)["a"].tolist() == [0, 0, 0]
+
+
 # -- traces, replays and checksums on packed experts -------------------------------------------------------------
 @pytest.mark.parametrize("predictor", ["none", "gate"])
 def test_a_trace_recorded_on_int4_experts_replays_as_it_ran(checkpoints, predictor):

@@ -75,15 +75,20 @@ SHAPES = {
 }
 
 
+def shape_kwargs(shape: str, vocab: int | None = None) -> dict:
+    """``SHAPES[shape]``, with ``vocab`` tokens instead of its own where given."""
+    return {**SHAPES[shape], **({"vocab_size": vocab} if vocab else {})}
+
+
 VARIANTS = ("no reuse", "lru", "full", "full buffered", "lru buffered", "lru mmap", "full mmap", "lru auto", "full auto")
 
 
-def write_checkpoint(shape: str, layers: int, folder: Path, dtype: torch.dtype) -> Path:
+def write_checkpoint(shape: str, layers: int, folder: Path, dtype: torch.dtype, vocab: int | None = None) -> Path:
     from offload_moe.synthetic import write_synthetic_checkpoint
 
     if (folder / "config.json").exists():
         return folder
-    kwargs = dict(SHAPES[shape])
+    kwargs = shape_kwargs(shape, vocab)
     model_type = kwargs.pop("model_type")
     print(f"writing a {shape}-shaped checkpoint with {layers} layers to {folder} ...", file=sys.stderr)
     # Fused experts: transformers' disk offload cannot serve per-expert checkpoints, whose experts it fuses
@@ -286,6 +291,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mixtral")
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="vocabulary size instead of the shape's: a small one keeps a few-layer checkpoint's "
+                             "dense share (embeddings, lm_head) near a full model's")
     parser.add_argument("--tokens", type=int, default=8, help="decode steps timed per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones")
     parser.add_argument("--budgets", default="0.125,0.25,0.5,1.0", help="shares of all experts resident")
@@ -322,7 +330,7 @@ def main() -> None:
     tmp = None if args.folder else tempfile.mkdtemp(prefix="decode-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
     folder = Path(args.folder or Path(tmp) / f"{args.shape}-{args.layers}")
     try:
-        write_checkpoint(args.shape, args.layers, folder, dtype)
+        write_checkpoint(args.shape, args.layers, folder, dtype, args.vocab)
         import offload_moe
 
         full_plan = offload_moe.plan(folder, device_memory="1TiB")
@@ -514,7 +522,7 @@ def quant_main(args) -> None:
 
         trace = load_file(args.trace)["experts"]
     try:
-        write_checkpoint(args.shape, args.layers, folder, getattr(torch, args.dtype))
+        write_checkpoint(args.shape, args.layers, folder, getattr(torch, args.dtype), args.vocab)
         folders = {f: quantized_copy(folder, QUANT_FORMATS[f]) for f in formats}
         report = quant_rounds(folders, args, trace)
     finally:
@@ -617,10 +625,10 @@ def run_peers(args) -> None:
     from benchmarks.peers import side_by_side
 
     tmp = None if args.folder else tempfile.mkdtemp(prefix="peers-bench-", dir=os.environ.get("TMPDIR", "/var/tmp"))
-    folder = Path(args.folder or tmp) / f"{args.shape}-{args.layers}-hub"
+    folder = Path(args.folder or tmp) / f"{args.shape}-{args.layers}{f'-v{args.vocab}' if args.vocab else ''}-hub"
     in_ram, limited = [v.strip() for v in args.peer_variants.split(",")]
     try:
-        side_by_side.run(shape_kwargs=SHAPES[args.shape], layers=args.layers, folder=folder,
+        side_by_side.run(shape_kwargs=shape_kwargs(args.shape, args.vocab), layers=args.layers, folder=folder,
                          precisions=[p.strip() for p in args.peer_precisions.split(",") if p.strip()],
                          budgets=[float(b) for b in args.budgets.split(",")], threads=args.threads,
                          tokens=args.tokens, repeats=args.peer_repeats, limit_share=args.peer_memory_limit,

@@ -132,7 +132,8 @@ class TraceRouting:
 def decode(model, device: str, tokens: int, trace: torch.Tensor | None, warmup: int = 2) -> dict:
     """Prefill 16 tokens, take ``warmup`` untimed decode steps, then time ``tokens`` greedy decode steps."""
     hooks = TraceRouting(model, trace) if trace is not None else None
-    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    vocab = min(1000, model.config.get_text_config().vocab_size)
+    ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
     try:
         with torch.inference_mode():
             out = model(ids, use_cache=True)
@@ -509,7 +510,9 @@ def quant_main(args) -> None:
     """``--quant``: decode the same synthetic checkpoint as stored (bf16) and as ``quantize_experts`` writes it
     (int8, int4 in groups of 64), each with the same number of experts resident (``--budgets``), LRU and
     prefetch, ``io="direct"``. The formats run interleaved, ``--rounds`` times, because the machine is shared:
-    the table gives each one's median tokens/s, its ratio to bf16, and the load average around the runs."""
+    the table gives each one's median tokens/s, its ratio to bf16, and the load average around the runs. With
+    ``--memory-limit`` (one size, or a share of the first format's checkpoint) each run is a child process in a
+    fresh memory cgroup of that size, as a machine with that much RAM: the case of a checkpoint larger than RAM."""
     formats = [f.strip() for f in args.quant.split(",") if f.strip()]
     unknown = [f for f in formats if f not in QUANT_FORMATS]
     if unknown:
@@ -555,6 +558,12 @@ def quant_rounds(folders: dict[str, Path], args, trace) -> dict:
     report = {"shape": args.shape, "layers": args.layers, "tokens": args.tokens, "device": args.device,
               "dtype": args.dtype, "trace": args.trace, "rounds": args.rounds, "threads": torch.get_num_threads(),
               "total_experts": total, "load_average": [os.getloadavg()], "machine": machine(args.device), "rows": []}
+    limit = None
+    if args.memory_limit:  # one limit for every format: a share like 0.3x is of the first format's checkpoint
+        first = folders[next(iter(folders))]
+        limit = parse_limit(args.memory_limit, sum(f.stat().st_size for f in first.glob("*.safetensors")))
+        report.update(limit_bytes=limit, checkpoint_bytes={f: sum(x.stat().st_size for x in d.glob("*.safetensors"))
+                                                          for f, d in folders.items()})
     for share in [float(b) for b in args.budgets.split(",")]:
         capacity = expert_capacity(share, total)
         runs: dict[str, list[dict]] = {f: [] for f in folders}
@@ -562,12 +571,21 @@ def quant_rounds(folders: dict[str, Path], args, trace) -> dict:
             for name, folder in folders.items():  # interleaved: each round runs every format once
                 if args.drop_caches:
                     drop_caches()
-                runs[name].append(run_format(folder, args.device, capacity, args.tokens, trace))
-                print(f"budget {share:.1%} round {r + 1}: {name} {runs[name][-1]['tokens_per_s']:.3f} tok/s",
-                      file=sys.stderr)
+                if limit is None:
+                    runs[name].append(run_format(folder, args.device, capacity, args.tokens, trace))
+                else:  # in a fresh memory cgroup, the files' pages dropped first: "full" is run_format's settings
+                    drop_file_pages(folder.glob("*.safetensors"))
+                    spec = dict(kind="offload", folder=str(folder), trace=args.trace, host_memory=None,
+                                device=args.device, tokens=args.tokens, warmup=2, capacity=capacity, variant="full")
+                    result = run_in_cgroup(spec, limit)
+                    if "error" in result:  # killed at the limit, say: the slowest possible, and said
+                        result.update(tokens_per_s=0.0, expert_bytes=0)
+                    runs[name].append(result)
+                shown = runs[name][-1].get("error") or f"{runs[name][-1]['tokens_per_s']:.3f} tok/s"
+                print(f"budget {share:.1%} round {r + 1}: {name} {shown}", file=sys.stderr)
         medians = {f: sorted(x["tokens_per_s"] for x in v)[len(v) // 2] for f, v in runs.items()}
         report["rows"].append({"budget": share, "capacity_experts": capacity, "runs": runs, "median_tokens_per_s": medians,
-                               "expert_bytes": {f: v[0]["expert_bytes"] for f, v in runs.items()}})
+                               "expert_bytes": {f: max(x["expert_bytes"] for x in v) for f, v in runs.items()}})
         report["load_average"].append(os.getloadavg())
     return report
 
@@ -591,6 +609,10 @@ def print_quant_table(report: dict) -> None:
     print(f"\n{report['shape']} shape, {report['layers']} layers, {report['total_experts']} experts, {report['device']}, "
           f"{report['threads']} threads, io=direct, LRU + prefetch; median of {report['rounds']} interleaved rounds of "
           f"{report['tokens']} tokens; load average (1 min) {load}; {m['date']}, torch {m['torch']}")
+    if report.get("limit_bytes"):
+        sizes = ", ".join(f"{f} {b / 2**30:.2f} GiB" for f, b in report["checkpoint_bytes"].items())
+        print(f"each run in a memory cgroup of {report['limit_bytes'] / 2**30:.2f} GiB, the files dropped from the page "
+              f"cache first (checkpoints: {sizes}); 0.000 tok/s: killed at the limit")
     formats = list(report["rows"][0]["median_tokens_per_s"]) if report["rows"] else []
     print("\n| budget | " + " | ".join(f"{f} tok/s (MiB/expert)" for f in formats)
           + " | " + " | ".join(f"{f} / bf16" for f in formats if f != "bf16") + " |")
@@ -598,7 +620,7 @@ def print_quant_table(report: dict) -> None:
     for row in report["rows"]:
         med = row["median_tokens_per_s"]
         cells = [f"{med[f]:.3f} ({row['expert_bytes'][f] / 2**20:.0f})" for f in formats]
-        ratios = [f"{med[f] / med['bf16']:.2f}x" if "bf16" in med else "-" for f in formats if f != "bf16"]
+        ratios = [f"{med[f] / med['bf16']:.2f}x" if med.get("bf16") else "-" for f in formats if f != "bf16"]
         print(f"| {row['budget']:.1%} ({row['capacity_experts']}) | " + " | ".join(cells + ratios) + " |")
 
 

@@ -8,17 +8,33 @@ an f32 with its low 16 bits cut off: shifting its bits left by 16 gives that f32
 as torch's bf16 matmul does, over row blocks run in parallel; only its output is rounded to bf16. It takes 1 to
 ``MAX_TOKENS`` tokens and a weight [out, in] with contiguous rows, or one stored transposed [in, out].
 
-Without numba, ``available()`` is False and callers keep ``F.linear``. The kernels are compiled on first use
-(``compile_kernels``; cached on disk by numba, so later processes load them in a fraction of a second).
+Whether it beats torch's kernel depends on the machine, so ``use`` asks a verdict per weight shape (``choose``):
+a short calibration (``calibrate``: both kernels, alternately, over a few hundred MiB of weights) the first time a
+shape is seen on a machine, then kept in a small JSON file (``cache_path``), keyed by CPU model, torch and numba
+versions, thread count, shape and dtype. ``$OFFLOAD_MOE_GEMV`` overrides it: ``auto`` (the default), ``on`` (use it
+wherever it fits, without timing) or ``off``. Without numba, ``available()`` is False and callers keep ``F.linear``.
+The kernels are compiled by ``compile_kernels`` (which ``kernels.prepare_cpu_kernels`` calls at load; numba keeps
+them on disk, so later processes load them in about a second).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from .atomic import atomic_write
+from .errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +78,11 @@ def compile_kernels() -> bool:
     return True
 
 
-def bf16_linear(x: torch.Tensor, weight: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
-    """``F.linear(x, weight)`` (or ``x @ weight`` with ``transposed``) for bf16 on the CPU at 1 to ``MAX_TOKENS``
-    tokens (``fits``): x [..., in] -> [..., out], summed in f32 and rounded to bf16 once. Needs numba."""
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                transposed: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (or ``x @ weight + bias`` with ``transposed``) for bf16 on the CPU at 1 to
+    ``MAX_TOKENS`` tokens (``fits``): x [..., in] -> [..., out], summed (bias included) in f32 and rounded to bf16
+    once. Needs numba."""
     kernels = _kernels()
     threads = _threads()
     x2 = x.reshape(-1, x.shape[-1])  # [T, in]
@@ -86,6 +104,8 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, *, transposed: bool = Fal
             out = np.empty((MAX_TOKENS, weight.shape[0]), np.float32)
             kernels._rows_4(bits, xf, out, threads)
         y = torch.from_numpy(out[:tokens])
+    if bias is not None:
+        y = y + bias.float()
     return y.to(torch.bfloat16).view(*x.shape[:-1], -1)
 
 
@@ -101,3 +121,143 @@ def _threads() -> int:
         numba.set_num_threads(threads)
         _numba_threads[:] = [threads]
     return threads
+
+
+# ---- choosing it -------------------------------------------------------------------------------------------
+
+ENV = "OFFLOAD_MOE_GEMV"
+MODES = ("auto", "on", "off")
+CALIBRATION_BYTES = 256 * 2**20  # weights each kernel streams per round: well past the caches that matter
+CALIBRATION_ROUNDS = 5
+MIN_SPEEDUP = 1.05  # below this (noise, or a tie) torch's kernel stays: it is the reference path
+_FILE_VERSION = 1
+_verdicts: dict[str, bool] = {}  # this process's verdicts, by ``_key``
+
+
+def mode() -> str:
+    """``$OFFLOAD_MOE_GEMV``: ``auto`` (default), ``on`` or ``off``; another value is a ``ConfigError``."""
+    value = os.environ.get(ENV, "").strip().lower() or "auto"
+    if value not in MODES:
+        raise ConfigError(f"${ENV}={os.environ[ENV]!r} is not one of {', '.join(MODES)}; unset it or pick one")
+    return value
+
+
+def wanted() -> bool:
+    """Whether ``use`` may pick the kernel at all: numba is installed and ``$OFFLOAD_MOE_GEMV`` is not ``off``."""
+    return mode() != "off" and available()
+
+
+def use(x: torch.Tensor, weight: torch.Tensor, *, transposed: bool = False) -> bool:
+    """Whether to compute ``x`` times ``weight`` with ``bf16_linear``: it ``fits``, it is ``wanted``, and (in
+    ``auto`` mode) ``choose`` found it faster on this machine for this shape."""
+    if x.dtype != torch.bfloat16 or not fits(x, weight, transposed=transposed):  # the cheap tests first
+        return False
+    chosen = mode()
+    if chosen == "off" or not available():
+        return False
+    return chosen == "on" or choose(tuple(weight.shape), transposed=transposed)
+
+
+def cache_path() -> Path:
+    """The verdicts file: ``$OFFLOAD_MOE_CACHE_DIR/kernels.json``, else under ``$XDG_CACHE_HOME`` (default
+    ``~/.cache``) in ``offload-moe/``."""
+    folder = os.environ.get("OFFLOAD_MOE_CACHE_DIR")
+    if folder:
+        return Path(folder) / "kernels.json"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "offload-moe" / "kernels.json"
+
+
+def choose(shape: tuple[int, int], *, transposed: bool = False,
+           calibrate_fn: "Callable[..., dict] | None" = None) -> bool:
+    """Whether ``bf16_linear`` beats torch on this machine for a bf16 weight of ``shape`` (as stored: [out, in],
+    or [in, out] with ``transposed``) at torch's thread count: from this process's verdicts, else the cache
+    file's, else a calibration (``calibrate``, or ``calibrate_fn``), whose verdict is added to the file. A file
+    that cannot be read as verdicts is ignored and written anew; one that cannot be written only logs."""
+    key = _key(shape, transposed)
+    if key in _verdicts:
+        return _verdicts[key]
+    path = cache_path()
+    entries = _read(path)
+    if key in entries and isinstance(entries[key].get("gemv"), bool):
+        _verdicts[key] = entries[key]["gemv"]
+        return _verdicts[key]
+    found = (calibrate_fn or calibrate)(shape, transposed=transposed)
+    _verdicts[key] = bool(found["gemv"])
+    entries = _read(path)  # again: another process may have added verdicts meanwhile
+    entries[key] = {**found, "date": time.strftime("%Y-%m-%d")}
+    try:
+        atomic_write(path, json.dumps({"version": _FILE_VERSION, "verdicts": entries}, indent=1).encode())
+    except OutputError as e:
+        log.warning("bf16 GEMV verdict not saved (%s); it will be measured again in the next process", e)
+    log.info("bf16 GEMV for %s%s: %s (%.2fx torch's)", shape, " transposed" if transposed else "",
+             "used" if found["gemv"] else "not used", found["speedup"])
+    return _verdicts[key]
+
+
+def calibrate(shape: tuple[int, int], *, transposed: bool = False, timer: Callable[[], float] = time.perf_counter,
+              working_set: int = CALIBRATION_BYTES, rounds: int = CALIBRATION_ROUNDS) -> dict:
+    """Time torch's bf16 kernel and ``bf16_linear`` at one token over copies of a weight of ``shape`` that add up
+    to ``working_set`` bytes or more (two at least), so both read from RAM as at decode. Each round times one
+    pass of torch's, then one of ours (``timer`` before and after each). Returns {"gemv": speedup of the median
+    round >= MIN_SPEEDUP, "speedup": that ratio, "rounds": rounds}."""
+    rows, cols = shape
+    copies = max(2, -(-working_set // (2 * rows * cols)))
+    weights = torch.empty(copies, rows, cols, dtype=torch.bfloat16).fill_(0.01)  # written: real pages
+    x = torch.full((1, rows if transposed else cols), 0.5, dtype=torch.bfloat16)
+    theirs = (lambda w: x @ w) if transposed else (lambda w: F.linear(x, w))
+
+    def ours(w):
+        return bf16_linear(x, w, transposed=transposed)
+
+    def one_pass(fn) -> float:
+        start = timer()
+        for w in weights:
+            fn(w)
+        return timer() - start
+
+    with torch.inference_mode():
+        theirs(weights[0]), ours(weights[0])  # warm-up: torch's primitives, numba's threads
+        ratios = []
+        for _ in range(rounds):
+            torch_s, ours_s = one_pass(theirs), one_pass(ours)
+            ratios.append(torch_s / max(ours_s, 1e-12))
+    speedup = statistics.median(ratios)
+    return {"gemv": speedup >= MIN_SPEEDUP, "speedup": round(speedup, 3), "rounds": rounds}
+
+
+def _key(shape: tuple[int, int], transposed: bool) -> str:
+    import numba
+
+    layout = "[in, out]" if transposed else "[out, in]"
+    return (f"{_cpu_model()} | torch {torch.__version__} | numba {numba.__version__} | {torch.get_num_threads()} "
+            f"threads | bf16 {shape[0]}x{shape[1]} {layout}")
+
+
+@functools.cache
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _read(path: Path) -> dict[str, dict]:
+    """The file's verdicts, or none when it is missing or not what this module writes."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring the bf16 GEMV verdicts in %s (%s); they will be measured again", path, e)
+        return {}
+    entries = data.get("verdicts") if isinstance(data, dict) and data.get("version") == _FILE_VERSION else None
+    if not isinstance(entries, dict):
+        log.warning("ignoring the bf16 GEMV verdicts in %s (not a version-%d verdicts file); they will be measured "
+                    "again", path, _FILE_VERSION)
+        return {}
+    return {k: v for k, v in entries.items() if isinstance(v, dict)}

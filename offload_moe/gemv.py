@@ -129,6 +129,7 @@ ENV = "OFFLOAD_MOE_GEMV"
 MODES = ("auto", "on", "off")
 CALIBRATION_BYTES = 256 * 2**20  # weights each kernel streams per round: well past the caches that matter
 CALIBRATION_ROUNDS = 5
+CALIBRATION_COPIES = 64  # at most: a tiny weight is timed in cache rather than for many thousand calls
 MIN_SPEEDUP = 1.05  # below this (noise, or a tie) torch's kernel stays: it is the reference path
 _FILE_VERSION = 1
 _verdicts: dict[str, bool] = {}  # this process's verdicts, by ``_key``
@@ -155,7 +156,8 @@ def use(x: torch.Tensor, weight: torch.Tensor, *, transposed: bool = False) -> b
     chosen = mode()
     if chosen == "off" or not available():
         return False
-    return chosen == "on" or choose(tuple(weight.shape), transposed=transposed)
+    tokens = x.numel() // x.shape[-1]
+    return chosen == "on" or choose(tuple(weight.shape), transposed=transposed, tokens=_token_class(tokens))
 
 
 def cache_path() -> Path:
@@ -168,13 +170,14 @@ def cache_path() -> Path:
     return Path(base) / "offload-moe" / "kernels.json"
 
 
-def choose(shape: tuple[int, int], *, transposed: bool = False,
+def choose(shape: tuple[int, int], *, transposed: bool = False, tokens: int = 1,
            calibrate_fn: "Callable[..., dict] | None" = None) -> bool:
     """Whether ``bf16_linear`` beats torch on this machine for a bf16 weight of ``shape`` (as stored: [out, in],
-    or [in, out] with ``transposed``) at torch's thread count: from this process's verdicts, else the cache
-    file's, else a calibration (``calibrate``, or ``calibrate_fn``), whose verdict is added to the file. A file
-    that cannot be read as verdicts is ignored and written anew; one that cannot be written only logs."""
-    key = _key(shape, transposed)
+    or [in, out] with ``transposed``) at torch's thread count, for one token (``tokens`` 1) or 2 to ``MAX_TOKENS``
+    (``tokens`` ``MAX_TOKENS``, timed at that many: its kernel differs): from this process's verdicts, else the
+    cache file's, else a calibration (``calibrate``, or ``calibrate_fn``), whose verdict is added to the file. A
+    file that cannot be read as verdicts is ignored and written anew; one that cannot be written only logs."""
+    key = _key(shape, transposed, tokens)
     if key in _verdicts:
         return _verdicts[key]
     path = cache_path()
@@ -182,7 +185,7 @@ def choose(shape: tuple[int, int], *, transposed: bool = False,
     if key in entries and isinstance(entries[key].get("gemv"), bool):
         _verdicts[key] = entries[key]["gemv"]
         return _verdicts[key]
-    found = (calibrate_fn or calibrate)(shape, transposed=transposed)
+    found = (calibrate_fn or calibrate)(shape, transposed=transposed, tokens=tokens)
     _verdicts[key] = bool(found["gemv"])
     entries = _read(path)  # again: another process may have added verdicts meanwhile
     entries[key] = {**found, "date": time.strftime("%Y-%m-%d")}
@@ -190,21 +193,22 @@ def choose(shape: tuple[int, int], *, transposed: bool = False,
         atomic_write(path, json.dumps({"version": _FILE_VERSION, "verdicts": entries}, indent=1).encode())
     except OutputError as e:
         log.warning("bf16 GEMV verdict not saved (%s); it will be measured again in the next process", e)
-    log.info("bf16 GEMV for %s%s: %s (%.2fx torch's)", shape, " transposed" if transposed else "",
-             "used" if found["gemv"] else "not used", found["speedup"])
+    log.info("bf16 GEMV for %s%s at %d token(s): %s (%.2fx torch's)", shape, " transposed" if transposed else "",
+             tokens, "used" if found["gemv"] else "not used", found["speedup"])
     return _verdicts[key]
 
 
-def calibrate(shape: tuple[int, int], *, transposed: bool = False, timer: Callable[[], float] = time.perf_counter,
-              working_set: int = CALIBRATION_BYTES, rounds: int = CALIBRATION_ROUNDS) -> dict:
-    """Time torch's bf16 kernel and ``bf16_linear`` at one token over copies of a weight of ``shape`` that add up
-    to ``working_set`` bytes or more (two at least), so both read from RAM as at decode. Each round times one
-    pass of torch's, then one of ours (``timer`` before and after each). Returns {"gemv": speedup of the median
-    round >= MIN_SPEEDUP, "speedup": that ratio, "rounds": rounds}."""
+def calibrate(shape: tuple[int, int], *, transposed: bool = False, tokens: int = 1,
+              timer: Callable[[], float] = time.perf_counter, working_set: int = CALIBRATION_BYTES,
+              rounds: int = CALIBRATION_ROUNDS) -> dict:
+    """Time torch's bf16 kernel and ``bf16_linear`` at ``tokens`` tokens over copies of a weight of ``shape`` that
+    add up to ``working_set`` bytes or more (two at least, ``CALIBRATION_COPIES`` at most), so both read from RAM as
+    at decode. Each round times one pass of torch's, then one of ours (``timer`` before and after each). Returns
+    {"gemv": the median round's speedup >= MIN_SPEEDUP, "speedup": that ratio, "rounds": rounds}."""
     rows, cols = shape
-    copies = max(2, -(-working_set // (2 * rows * cols)))
+    copies = min(CALIBRATION_COPIES, max(2, -(-working_set // (2 * rows * cols))))
     weights = torch.empty(copies, rows, cols, dtype=torch.bfloat16).fill_(0.01)  # written: real pages
-    x = torch.full((1, rows if transposed else cols), 0.5, dtype=torch.bfloat16)
+    x = torch.full((tokens, rows if transposed else cols), 0.5, dtype=torch.bfloat16)
     theirs = (lambda w: x @ w) if transposed else (lambda w: F.linear(x, w))
 
     def ours(w):
@@ -226,12 +230,16 @@ def calibrate(shape: tuple[int, int], *, transposed: bool = False, timer: Callab
     return {"gemv": speedup >= MIN_SPEEDUP, "speedup": round(speedup, 3), "rounds": rounds}
 
 
-def _key(shape: tuple[int, int], transposed: bool) -> str:
+def _token_class(tokens: int) -> int:
+    return 1 if tokens == 1 else MAX_TOKENS  # one kernel for one token, another for 2 to MAX_TOKENS
+
+
+def _key(shape: tuple[int, int], transposed: bool, tokens: int) -> str:
     import numba
 
     layout = "[in, out]" if transposed else "[out, in]"
     return (f"{_cpu_model()} | torch {torch.__version__} | numba {numba.__version__} | {torch.get_num_threads()} "
-            f"threads | bf16 {shape[0]}x{shape[1]} {layout}")
+            f"threads | bf16 {shape[0]}x{shape[1]} {layout} | {tokens} token{'s' if tokens > 1 else ''}")
 
 
 @functools.cache

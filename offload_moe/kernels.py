@@ -66,8 +66,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def prepare_cpu_kernels(kernels: list, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
                         device: torch.device) -> None:
-    """At load, for bf16 experts on the CPU: compile ``gemv``'s kernels and settle its verdict (``gemv.choose``)
-    for each 2-d tensor of ``shapes`` (an expert's, as its slots hold them), so that neither the compiler nor a
+    """At load, for bf16 experts on the CPU: compile ``gemv``'s kernels and settle its verdicts (``gemv.choose``,
+    at 1 token and at 2-4) for each 2-d tensor of ``shapes`` (an expert's, as its slots hold them), so that neither the compiler nor a
     calibration runs in the middle of decoding. ``kernels`` are the stand-ins' ones (an ``ExpertMLP`` says
     whether its weights are stored transposed). Shapes first met later (a mapped checkpoint's row blocks) are
     settled at their first call."""
@@ -79,7 +79,8 @@ def prepare_cpu_kernels(kernels: list, shapes: dict[str, tuple[int, ...]], dtype
     layouts = {bool(getattr(k, "transposed", False)) for k in kernels} or {False}
     for shape in {tuple(s) for s in shapes.values() if len(s) == 2}:
         for transposed in layouts:
-            gemv.choose(shape, transposed=transposed)
+            for tokens in (1, gemv.MAX_TOKENS):
+                gemv.choose(shape, transposed=transposed, tokens=tokens)
 
 
 class Scratch:

@@ -131,8 +131,8 @@ class Stub:
     def __init__(self, verdict: bool):
         self.verdict, self.calls = verdict, []
 
-    def __call__(self, shape, *, transposed=False):
-        self.calls.append((shape, transposed))
+    def __call__(self, shape, *, transposed=False, tokens=1):
+        self.calls.append((shape, transposed, tokens))
         return {"gemv": self.verdict, "speedup": 1.5 if self.verdict else 0.9, "rounds": 5}
 
 
@@ -140,15 +140,17 @@ def test_choice_is_calibrated_once_then_read_from_the_file(auto):
     stub = Stub(True)
     assert gemv.choose((16, 32), calibrate_fn=stub) is True
     assert gemv.choose((16, 32), calibrate_fn=stub) is True  # this process's verdict
-    assert stub.calls == [((16, 32), False)]
+    assert stub.calls == [((16, 32), False, 1)]
     saved = json.loads(auto.read_text())
     (key, entry), = saved["verdicts"].items()
     assert entry["gemv"] is True and entry["speedup"] == 1.5
-    assert "16x32 [out, in]" in key and f"{torch.get_num_threads()} threads" in key and torch.__version__ in key
+    assert "16x32 [out, in] | 1 token" in key and f"{torch.get_num_threads()} threads" in key and torch.__version__ in key
     gemv._verdicts.clear()  # a new process: the file answers
     assert gemv.choose((16, 32), calibrate_fn=Stub(False)) is True
     assert gemv.choose((16, 32), transposed=True, calibrate_fn=stub) is True  # another layout: measured
-    assert stub.calls[-1] == ((16, 32), True) and len(json.loads(auto.read_text())["verdicts"]) == 2
+    assert stub.calls[-1] == ((16, 32), True, 1) and len(json.loads(auto.read_text())["verdicts"]) == 2
+    assert gemv.choose((16, 32), tokens=4, calibrate_fn=stub) is True  # 2-4 tokens: another kernel, measured
+    assert stub.calls[-1] == ((16, 32), False, 4)
 
 
 def test_thread_count_is_part_of_the_key(auto):
@@ -188,6 +190,8 @@ def test_use_follows_the_mode_and_the_verdict(auto, monkeypatch):
     w, x = bf16(16, 32), bf16(1, 32)
     assert not gemv.use(x, w) and len(stub.calls) == 1
     assert not gemv.use(x.float(), w.float()) and not gemv.use(bf16(8, 32), w) and len(stub.calls) == 1
+    assert not gemv.use(bf16(3, 32), w) and not gemv.use(bf16(2, 32), w)
+    assert stub.calls == [((16, 32), False, 1), ((16, 32), False, 4)]  # 2 and 3 tokens share the verdict at 4
     monkeypatch.setenv(gemv.ENV, "on")
     assert gemv.use(x, w)
     monkeypatch.setenv(gemv.ENV, "off")
@@ -202,7 +206,7 @@ def test_prepare_settles_each_shape_at_load(auto, monkeypatch):
     kernels.prepare_cpu_kernels([transposed, transposed], shapes, torch.float32, torch.device("cpu"))
     assert stub.calls == []  # f32 experts: MKL's GEMV already reads at the bound
     kernels.prepare_cpu_kernels([transposed, transposed], shapes, torch.bfloat16, torch.device("cpu"))
-    assert sorted(stub.calls) == [((16, 16), True), ((32, 16), True)]
+    assert sorted(stub.calls) == [((16, 16), True, 1), ((16, 16), True, 4), ((32, 16), True, 1), ((32, 16), True, 4)]
 
 
 def test_calibration_times_torch_then_ours_each_round():
@@ -224,5 +228,13 @@ def test_calibration_times_torch_then_ours_each_round():
 
     found = gemv.calibrate((16, 32), timer=timer_of(3, 2), working_set=1, rounds=3)
     assert found == {"gemv": True, "speedup": 1.5, "rounds": 3}
-    found = gemv.calibrate((32, 16), transposed=True, timer=timer_of(2, 3), working_set=1, rounds=3)
+    found = gemv.calibrate((32, 16), transposed=True, tokens=4, timer=timer_of(2, 3), working_set=1, rounds=3)
     assert found["gemv"] is False and found["speedup"] == pytest.approx(0.667)
+
+
+def test_a_real_calibration_gives_a_verdict():
+    """Unstubbed, on a tiny weight: only the form of the answer is checked (its verdict is the machine's)."""
+    if not gemv.available():
+        pytest.skip("needs numba")
+    found = gemv.calibrate((24, 40), tokens=4, working_set=2**16, rounds=2)
+    assert isinstance(found["gemv"], bool) and found["speedup"] > 0 and found["rounds"] == 2

@@ -6,7 +6,7 @@ where its f32 GEMV (MKL) reads at about 1.0 (BENCHMARKS.md, "Expert kernels on C
 back by computing, not by memory. ``bf16_linear`` reads each bf16 weight as the top half of an f32 (a bf16 is
 an f32 with its low 16 bits cut off: shifting its bits left by 16 gives that f32 exactly) and accumulates in f32,
 as torch's bf16 matmul does, over row blocks run in parallel; only its output is rounded to bf16. It takes 1 to
-``MAX_TOKENS`` tokens and a weight [out, in] with contiguous rows, or one stored transposed [in, out].
+``MAX_TOKENS`` tokens and a contiguous weight [out, in], or one stored transposed [in, out].
 
 Whether it beats torch's kernel depends on the machine, so ``use`` asks a verdict per weight shape (``choose``):
 a short calibration (``calibrate``: both kernels, alternately, over a few hundred MiB of weights) the first time a
@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,11 +57,12 @@ def available() -> bool:
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, *, transposed: bool = False) -> bool:
-    """Whether ``bf16_linear`` takes these: bf16 on the CPU, 1 to ``MAX_TOKENS`` tokens, a weight with
-    contiguous rows ([out, in], or [in, out] with ``transposed``) whose inner size matches x's."""
+    """Whether ``bf16_linear`` takes these: bf16 on the CPU, 1 to ``MAX_TOKENS`` tokens, a contiguous weight
+    ([out, in], or [in, out] with ``transposed``: the layouts the kernels are compiled for) whose inner size
+    matches x's."""
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
-            and weight.dim() == 2 and 1 <= tokens <= MAX_TOKENS and weight.stride(-1) == 1
+            and weight.dim() == 2 and 1 <= tokens <= MAX_TOKENS and weight.is_contiguous()
             and weight.shape[0 if transposed else 1] == x.shape[-1] and not x.requires_grad
             and not weight.requires_grad)
 
@@ -109,17 +111,18 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y.to(torch.bfloat16).view(*x.shape[:-1], -1)
 
 
-_numba_threads: list[int] = []  # the count last handed to numba
+_handed = threading.local()  # the count last handed to numba, per Python thread (numba keeps one per thread)
 
 
 def _threads() -> int:
-    """torch's thread count (what the user set), within numba's pool; handed to numba when it changes."""
+    """torch's thread count (what the user set), within numba's pool; handed to numba when it changes (the call
+    costs several microseconds, so not every time)."""
     import numba
 
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if _numba_threads != [threads]:
+    if getattr(_handed, "threads", None) != threads:
         numba.set_num_threads(threads)
-        _numba_threads[:] = [threads]
+        _handed.threads = threads
     return threads
 
 
@@ -171,7 +174,7 @@ def cache_path() -> Path:
 
 
 def choose(shape: tuple[int, int], *, transposed: bool = False, tokens: int = 1,
-           calibrate_fn: "Callable[..., dict] | None" = None) -> bool:
+           calibrate_fn: Callable[..., dict] | None = None) -> bool:
     """Whether ``bf16_linear`` beats torch on this machine for a bf16 weight of ``shape`` (as stored: [out, in],
     or [in, out] with ``transposed``) at torch's thread count, for one token (``tokens`` 1) or 2 to ``MAX_TOKENS``
     (``tokens`` ``MAX_TOKENS``, timed at that many: its kernel differs): from this process's verdicts, else the

@@ -49,8 +49,8 @@ def test_matches_f32_rounded_once_and_torch(shape, tokens, threads):
 
 
 @needs_numba
-def test_keeps_leading_dimensions_and_reads_a_strided_weight_view_of_rows():
-    w = bf16(48, 64)[8:40]  # rows of a bigger tensor: rows contiguous, as a slot's or a mapped file's views are
+def test_keeps_leading_dimensions_and_reads_a_view_of_rows_in_place():
+    w = bf16(48, 64)[8:40]  # rows of a bigger tensor, as a slot's or a mapped file's views are
     x = bf16(1, 2, 64, seed=1)
     y = gemv.bf16_linear(x, w)
     assert y.shape == (1, 2, 32)
@@ -63,6 +63,7 @@ def test_fits_only_bf16_cpu_few_tokens_and_contiguous_rows():
     assert not gemv.fits(bf16(5, 32), w)                    # prefill: torch's kernels
     assert not gemv.fits(x.float(), w.float())
     assert not gemv.fits(x, bf16(32, 16).t())               # columns contiguous, rows not
+    assert not gemv.fits(x, bf16(16, 64)[:, :32])           # rows contiguous, not the whole
     assert not gemv.fits(x, bf16(16, 31))                   # inner sizes differ
     assert gemv.fits(x, bf16(32, 16), transposed=True)
     assert not gemv.fits(x, w, transposed=True)

@@ -1,10 +1,28 @@
 """The numba kernels of ``gemv`` (imported only where numba is installed): bf16 weights read as uint16 bits, widened
 to f32 in registers, multiplied and summed in f32. ``fastmath`` lets the sums be reordered into vector lanes."""
 
+import os
+
 import numba
 import numpy as np
 from numba import prange, types
 from numba.extending import intrinsic
+
+
+def _prefer_workqueue() -> None:
+    """numba's own thread pool rather than OpenMP, unless the user chose (``$NUMBA_THREADING_LAYER``) or a pool
+    already runs. numba's OpenMP is a second OpenMP runtime beside torch's: on a busy 2-core VM each waited on the
+    other's spinning threads, and a DeepSeek-V2-Lite expert took 40 ms with it against 3.6 ms (BENCHMARKS.md).
+    That pool takes one caller at a time: ``gemv`` serialises its calls."""
+    if "NUMBA_THREADING_LAYER" in os.environ or numba.config.THREADING_LAYER != "default":
+        return
+    try:
+        numba.threading_layer()  # raises until a pool has started
+    except ValueError:
+        numba.config.THREADING_LAYER = "workqueue"
+
+
+_prefer_workqueue()
 
 
 @intrinsic

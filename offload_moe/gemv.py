@@ -85,6 +85,14 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """``F.linear(x, weight, bias)`` (or ``x @ weight + bias`` with ``transposed``) for bf16 on the CPU at 1 to
     ``MAX_TOKENS`` tokens (``fits``): x [..., in] -> [..., out], summed (bias included) in f32 and rounded to bf16
     once. Needs numba."""
+    with _one_at_a_time:  # numba's workqueue pool takes one caller at a time (_gemv_numba._prefer_workqueue)
+        return _bf16_linear(x, weight, bias, transposed)
+
+
+_one_at_a_time = threading.Lock()
+
+
+def _bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
     kernels = _kernels()
     threads = _threads()
     x2 = x.reshape(-1, x.shape[-1])  # [T, in]

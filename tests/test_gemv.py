@@ -239,3 +239,15 @@ def test_a_real_calibration_gives_a_verdict():
         pytest.skip("needs numba")
     found = gemv.calibrate((24, 40), tokens=4, working_set=2**16, rounds=2)
     assert isinstance(found["gemv"], bool) and found["speedup"] > 0 and found["rounds"] == 2
+
+
+@needs_numba
+def test_calls_from_several_threads_at_once_are_served_one_at_a_time():
+    """numba's workqueue pool aborts the process if two threads launch kernels at once: gemv serialises them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    w, x = bf16(200, 64), bf16(1, 64, seed=1)
+    want = gemv.bf16_linear(x, w)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: gemv.bf16_linear(x, w), range(64)))
+    assert all(torch.equal(r, want) for r in results)

@@ -67,20 +67,21 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def prepare_cpu_kernels(kernels: list, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
                         device: torch.device) -> None:
     """At load, for bf16 experts on the CPU: compile ``gemv``'s kernels and settle its verdicts (``gemv.choose``,
-    at 1 token and at 2-4) for each 2-d tensor of ``shapes`` (an expert's, as its slots hold them), so that neither the compiler nor a
-    calibration runs in the middle of decoding. ``kernels`` are the stand-ins' ones (an ``ExpertMLP`` says
-    whether its weights are stored transposed). Shapes first met later (a mapped checkpoint's row blocks) are
-    settled at their first call."""
+    at 1 token and at 2-4) for each 2-d tensor of ``shapes`` (an expert's, as its slots hold them), and for each half
+    of a ``gate_up_proj`` [2I, H] (a mapped checkpoint's ``RowBlocks`` when gate and up are stored apart), so that
+    neither the compiler nor a calibration runs in the middle of decoding. ``kernels`` are the stand-ins' ones (an
+    ``ExpertMLP`` says whether its weights are stored transposed)."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not gemv.wanted():
         return
     gemv.compile_kernels()
     if gemv.mode() == "on":
         return
     layouts = {bool(getattr(k, "transposed", False)) for k in kernels} or {False}
-    for shape in {tuple(s) for s in shapes.values() if len(s) == 2}:
-        for transposed in layouts:
-            for tokens in (1, gemv.MAX_TOKENS):
-                gemv.choose(shape, transposed=transposed, tokens=tokens)
+    found = {(tuple(s), t) for s in shapes.values() if len(s) == 2 for t in layouts}
+    found |= {((s[0] // 2, s[1]), False) for n, s in shapes.items() if n == "gate_up_proj" and False in layouts}
+    for shape, transposed in sorted(found):
+        for tokens in (1, gemv.MAX_TOKENS):
+            gemv.choose(shape, transposed=transposed, tokens=tokens)
 
 
 class Scratch:

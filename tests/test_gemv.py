@@ -208,6 +208,11 @@ def test_prepare_settles_each_shape_at_load(auto, monkeypatch):
     assert stub.calls == []  # f32 experts: MKL's GEMV already reads at the bound
     kernels.prepare_cpu_kernels([transposed, transposed], shapes, torch.bfloat16, torch.device("cpu"))
     assert sorted(stub.calls) == [((16, 16), True, 1), ((16, 16), True, 4), ((32, 16), True, 1), ((32, 16), True, 4)]
+    stub.calls.clear()
+    plain = ExpertMLP(gated=True, transposed=False, activation=F.silu)
+    kernels.prepare_cpu_kernels([plain], shapes, torch.bfloat16, torch.device("cpu"))
+    halves = [((16, 16), False, 1), ((16, 16), False, 4)]  # down_proj, and gate or up alone (mapped row blocks)
+    assert sorted(stub.calls) == halves + [((32, 16), False, 1), ((32, 16), False, 4)]
 
 
 def test_calibration_times_torch_then_ours_each_round():

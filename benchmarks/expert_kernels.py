@@ -7,6 +7,8 @@ for T = 1 and 4 tokens, this times one expert's gate, up and down projections un
 - f32, bf16 and f16 ``F.linear`` (f32 is the reference for errors);
 - bf16 and f16 weights reordered once into oneDNN's blocked layout (``mkldnn._reorder_linear_weight``,
   run by ``mkldnn._linear_pointwise``), and f16 weights prepacked for fbgemm (``quantized.linear_dynamic_fp16``);
+- offload_moe's bf16 GEMV (``gemv.bf16_linear``, compiled with numba; 1 to 4 tokens, torch's beyond), on weights [out, in]
+  (``bf16 numba``) or stored [in, out] as GPT-OSS stores them (``bf16 numba.T``); only with numba installed;
 - int8 weight-only (per-channel scales): ``torch._weight_int8pack_mm``, and dequantize-then-matmul
   (int8 -> bf16 or f16 into a reused buffer, ``F.linear``, scales applied to the output);
 - int4 weight-only (group-wise scale and zero): ``torch._weight_int4pack_mm_for_cpu`` at group sizes
@@ -40,6 +42,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from offload_moe import gemv
 from offload_moe.atomic import atomic_write
 
 # (hidden H, expert intermediate I) of one routed expert.
@@ -128,6 +131,16 @@ def _onednn(dtype: torch.dtype, name: str) -> Kernel:
                   lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
 
 
+def _numba_bf16(transposed: bool) -> Kernel:
+    """offload_moe's bf16 GEMV (``gemv.bf16_linear``), on a weight [out, in] or one stored [in, out]."""
+    if transposed:
+        return Kernel("bf16 numba.T", "16-bit", torch.bfloat16, lambda w, s: w.f32.t().to(torch.bfloat16).contiguous(),
+                      lambda x, w: gemv.bf16_linear(x, w, transposed=True) if gemv.fits(x, w, transposed=True)
+                      else x @ w)
+    return Kernel("bf16 numba", "16-bit", torch.bfloat16, lambda w, s: w.f32.to(torch.bfloat16).contiguous(),
+                  lambda x, w: gemv.bf16_linear(x, w) if gemv.fits(x, w) else F.linear(x, w))
+
+
 def _fbgemm_f16() -> Kernel:
     return Kernel("f16 fbgemm", "16-bit", torch.float32,
                   lambda w, s: torch.ops.quantized.linear_prepack_fp16(w.f32.contiguous()),
@@ -212,6 +225,7 @@ def kernels() -> dict[str, Kernel]:
         _onednn(torch.bfloat16, "bf16 onednn"),
         _onednn(torch.float16, "f16 onednn"),
         _fbgemm_f16(),
+        *((_numba_bf16(False), _numba_bf16(True)) if gemv.available() else ()),
         _int8_mm(),
         _int8_dequant(torch.bfloat16, "int8>bf16"),
         _int8_dequant(torch.float16, "int8>f16"),
@@ -530,6 +544,7 @@ def main(argv=None) -> dict:
     settings = Settings(threads=args.threads, working_set=int(working_set * GiB), rounds=rounds, tokens=tuple(int(t) for t in args.tokens.split(",")),
                         max_seconds=args.max_seconds, options=options, shapes=shapes)
     torch.set_num_threads(settings.threads)
+    gemv.compile_kernels()  # numba's compile (or disk-cache load) stays out of the timings
     probe = Probe(settings.working_set)
     sums = [probe.sum() for _ in range(5)]
     mvs = [probe.mv() for _ in range(5)]

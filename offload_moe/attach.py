@@ -22,7 +22,7 @@ from . import memory
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
 from .config import MIN_CACHE_EXPERTS, Budget, OffloadConfig, check_within, format_bytes, parse_bytes, shown
 from .errors import BudgetError, ConfigError, UnsupportedModelError
-from .kernels import Scratch, held_format
+from .kernels import Scratch, held_format, prepare_cpu_kernels
 from .memory import IoChoice, MemoryRoom, choose_io
 from .policies import make_policy
 from .planning import device_slots, host_slots, kv_reserve, workspace_bytes
@@ -173,6 +173,8 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
             stand_in.cache, stand_in.prefetcher, stand_in.pos = cache, prefetcher, pos
             if isinstance(getattr(getattr(stand_in, "kernel", None), "scratch", None), Scratch):  # kernels of packed weights
                 stand_in.kernel.scratch = scratch
+        dense = {n: shape for n, shape in layout.shapes.items() if n not in layout.packed}
+        prepare_cpu_kernels([getattr(s, "kernel", None) for s in stand_ins], dense, layout.dtype, dev)
         cleanups.append(_count_tokens(layers, cache))
         bind = getattr(predictor, "bind", None)
         if bind is not None:

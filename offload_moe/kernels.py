@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from . import quant
+from . import gemv, quant
 from .formats import ExpertFormat, QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor | RowBlocks | QuantizedWeight, 
     if isinstance(weight, QuantizedWeight):
         return quantized_linear(x, weight, bias, scratch)
     if isinstance(weight, RowBlocks):
-        y = torch.cat([F.linear(x, w) for w in weight.blocks], dim=-1)
+        y = torch.cat([dense_linear(x, w) for w in weight.blocks], dim=-1)
+        return y + bias if bias is not None else y
+    return dense_linear(x, weight, bias)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 transposed: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, or ``x @ weight + bias`` for a weight stored [in, out] (``transposed``).
+
+    bf16 on the CPU at 1 to 4 tokens goes to ``gemv.bf16_linear`` where ``gemv.use`` says it beats torch's kernel
+    on this machine: torch's bf16 GEMV reads the weights at 0.4-0.7 of the read bandwidth, which bounds decode.
+    """
+    if gemv.use(x, weight, transposed=transposed):
+        return gemv.bf16_linear(x, weight, bias, transposed=transposed)
+    if transposed:
+        y = x @ weight
         return y + bias if bias is not None else y
     return F.linear(x, weight, bias)
+
+
+def prepare_cpu_kernels(kernels: list, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                        device: torch.device) -> None:
+    """At load, for bf16 experts on the CPU: compile ``gemv``'s kernels and settle its verdicts (``gemv.choose``,
+    at 1 token and at 2-4) for each 2-d tensor of ``shapes`` (an expert's, as its slots hold them), and for each half
+    of a ``gate_up_proj`` [2I, H] (a mapped checkpoint's ``RowBlocks`` when gate and up are stored apart), so that
+    neither the compiler nor a calibration runs in the middle of decoding. ``kernels`` are the stand-ins' ones (an
+    ``ExpertMLP`` says whether its weights are stored transposed)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not gemv.wanted():
+        return
+    gemv.compile_kernels()
+    if gemv.mode() == "on":
+        return
+    layouts = {bool(getattr(k, "transposed", False)) for k in kernels} or {False}
+    found = {(tuple(s), t) for s in shapes.values() if len(s) == 2 for t in layouts}
+    found |= {((s[0] // 2, s[1]), False) for n, s in shapes.items() if n == "gate_up_proj" and False in layouts}
+    for shape, transposed in sorted(found):
+        for tokens in (1, gemv.MAX_TOKENS):
+            gemv.choose(shape, transposed=transposed, tokens=tokens)
 
 
 class Scratch:
@@ -196,6 +231,5 @@ class ExpertMLP:
     def _project(self, x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
         weight, bias = w[name], w.get(name + "_bias")
         if self.transposed and isinstance(weight, torch.Tensor):  # a plain weight [in, out], never in row blocks
-            y = x @ weight
-            return y + bias if bias is not None else y
+            return dense_linear(x, weight, bias, transposed=True)
         return linear(x, weight, bias, self.scratch)  # weight [out, in], maybe as row blocks or packed

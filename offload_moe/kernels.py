@@ -73,15 +73,16 @@ def prepare_cpu_kernels(kernels: list, shapes: dict[str, tuple[int, ...]], dtype
     ``ExpertMLP`` says whether its weights are stored transposed)."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not gemv.wanted():
         return
-    gemv.compile_kernels()
     if gemv.mode() == "on":
+        gemv.compile_kernels()
         return
     layouts = {bool(getattr(k, "transposed", False)) for k in kernels} or {False}
     found = {(tuple(s), t) for s in shapes.values() if len(s) == 2 for t in layouts}
     found |= {((s[0] // 2, s[1]), False) for n, s in shapes.items() if n == "gate_up_proj" and False in layouts}
-    for shape, transposed in sorted(found):
-        for tokens in (1, gemv.MAX_TOKENS):
-            gemv.choose(shape, transposed=transposed, tokens=tokens)
+    chosen = [gemv.choose(shape, transposed=transposed, tokens=tokens)
+              for shape, transposed in sorted(found) for tokens in (1, gemv.MAX_TOKENS)]
+    if any(chosen):  # loading numba's compiled code costs a second or two: only where a kernel will run
+        gemv.compile_kernels()
 
 
 class Scratch:

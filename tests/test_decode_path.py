@@ -18,7 +18,8 @@ SCRIPT = Path(__file__).parent.parent / "benchmarks" / "decode_path.py"
 ARROWS = {"experts -> cache", "experts -> prefetch", "experts -> kernels", "runtime -> cache",
           "cache -> policies.lru", "cache -> policies.fifo", "cache -> policies.lfu", "policies.lfu -> policies.heap",
           "cache -> transfer", "cache -> sources", "sources -> store", "store -> safetensors_io", "store -> kernels",
-          "store -> formats", "cache -> formats", "kernels -> formats"}  # a packed weight made from its components
+          "store -> formats", "cache -> formats", "kernels -> formats",  # a packed weight made from its components
+          "kernels -> gemv"}  # bf16 at 1-4 tokens on the CPU, where the calibration chose it
 # The most entries within one layer, whatever it loads: the experts module opens the cache's lease once
 # (use, enter, prefetch, exit, and one step of its iterator per expert and one to end: 7 for two experts),
 # asks the prefetcher twice (predict on the device, then name the loads) and runs a kernel per expert.

@@ -53,8 +53,8 @@ _TRIES = 8  # policies.rand: random picks before scanning the candidates
 # the scalar state, one int64 array: list ends, heap size, counters of the policies, the generator's index,
 # the prefetches in flight, lfu's lowest word of nonempty buckets; forecast's layer visits so far (all layers),
 # the layer being requested (-1: none yet), the layers visited, the layers with a heap, the experts of this visit
-_HEAD, _TAIL, _HEAP, _RESIDENT, _PINNED, _TICK, _ADDED, _CURSOR, _MT, _FLYING, _LOW, _STEP, _LAYER, _PERIOD, _HEAPS, \
-    _GROUP = range(16)
+_HEAD, _TAIL, _HEAP, _RESIDENT, _VISIT, _TICK, _ADDED, _CURSOR, _MT, _LOW, _STEP, _LAYER, _PERIOD, _HEAPS, _GROUP = \
+    range(15)
 # forecast's rows: of ``fvalues`` [2, keys], a key's chance at its layer's next visit and its decayed requests; of
 # ``fints`` [3, keys], the last use its rank holds (-1: none), the visit its requests were counted at (0: never
 # requested at its layer) and its last request's visit; of ``flayers`` [6, L], a layer's latest visit (its step;
@@ -198,7 +198,7 @@ def _lowest_bit(word):
     return i
 
 
-def _lfu_victim(state, pins, after, bhead, nonempty):
+def _lfu_victim(state, pinned_at, low, after, bhead, nonempty):
     """The unpinned resident key of lowest (requests, rank): the buckets from the lowest count up, each from its head."""
     while state[_LOW] < nonempty.shape[0] and nonempty[state[_LOW]] == np.uint64(0):
         state[_LOW] += 1  # no bucket below this word holds a key
@@ -209,7 +209,7 @@ def _lfu_victim(state, pins, after, bhead, nonempty):
             word &= word - np.uint64(1)
             key = bhead[w * 64 + bit]
             while key >= 0:
-                if pins[key] == 0:
+                if pinned_at[key] < low:
                     return key
                 key = after[key]
     return -1
@@ -273,14 +273,14 @@ def _heap_remove(heap, at, state, key, next_use, added):
     _sift_down(heap, at, state, at[moved], next_use, added)
 
 
-def _heap_victim(heap, at, kept, state, pins, next_use, added):
+def _heap_victim(heap, at, kept, state, pinned_at, low, next_use, added):
     """Belady's unpinned resident key that goes first: the keys of one heap (resident keys only, each once,
     moved in place when a request changes its next use), the pinned ones lifted off the top and put back."""
     held = 0
     victim = -1
     while state[_HEAP] > 0:
         key = heap[0]
-        if pins[key] == 0:
+        if pinned_at[key] < low:
             victim = key
             break
         _heap_remove(heap, at, state, key, next_use, added)
@@ -291,20 +291,20 @@ def _heap_victim(heap, at, kept, state, pins, next_use, added):
     return victim
 
 
-def _random_victim(mt, state, residents, pins):
+def _random_victim(mt, state, residents, pinned_at, low):
     """``policies.rand.Random.victim``: a few uniform picks among the resident keys, then one among the unpinned."""
     n = state[_RESIDENT]
     for _ in range(_TRIES if n else 0):
         key = residents[_randbelow(mt, state, n)]
-        if pins[key] == 0:
+        if pinned_at[key] < low:
             return key
     unpinned = 0
     for i in range(n):
-        if pins[residents[i]] == 0:
+        if pinned_at[residents[i]] < low:
             unpinned += 1
     chosen = _randbelow(mt, state, unpinned)
     for i in range(n):
-        if pins[residents[i]] == 0:
+        if pinned_at[residents[i]] < low:
             if chosen == 0:
                 return residents[i]
             chosen -= 1
@@ -398,7 +398,7 @@ def _fc_remove(key, num_experts, heap, at, fvalues, fints, flayers, added):
     _fc_sift_down(heap, at, base, size, at[moved], fvalues, fints, added)
 
 
-def _fc_lowest_unpinned(heap, base, size, pins, stack, fvalues, fints, added):
+def _fc_lowest_unpinned(heap, base, size, pinned_at, low, stack, fvalues, fints, added):
     """The first unpinned key of one layer's heap (-1: none): the lowest of the unpinned keys reached from the top
     through pinned ones only (any key below an unpinned one comes after it)."""
     best = -1
@@ -408,7 +408,7 @@ def _fc_lowest_unpinned(heap, base, size, pins, stack, fvalues, fints, added):
         n -= 1
         i = stack[n]
         key = heap[base + i]
-        if pins[key] == 0:
+        if pinned_at[key] < low:
             if best < 0 or _fc_before(key, best, fvalues, fints, added):
                 best = key
             continue
@@ -418,7 +418,7 @@ def _fc_lowest_unpinned(heap, base, size, pins, stack, fvalues, fints, added):
     return best
 
 
-def _fc_victim(num_experts, state, pins, heap, kept, fvalues, fints, flayers, added):
+def _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, flayers, added):
     """``Forecast.victim``: of each layer's first unpinned key, the one whose next request is expected farthest
     away, the same doubles as the policy's; ties to the layer whose heap came first."""
     period = state[_PERIOD] if state[_PERIOD] > 0 else 1
@@ -426,7 +426,7 @@ def _fc_victim(num_experts, state, pins, heap, kept, fvalues, fints, flayers, ad
     best, best_score = -1, -1.0
     for h in range(state[_HEAPS]):
         layer = flayers[_ORDER, h]
-        key = _fc_lowest_unpinned(heap, layer * num_experts, flayers[_SIZE, layer], pins, kept, fvalues, fints, added)
+        key = _fc_lowest_unpinned(heap, layer * num_experts, flayers[_SIZE, layer], pinned_at, low, kept, fvalues, fints, added)
         if key < 0:
             continue
         visited = flayers[_VISITED_AT, layer]
@@ -668,12 +668,13 @@ class ReplayState:
         space = layers * num_experts
         self.layers, self.num_experts, self.capacity, self.policy = layers, num_experts, capacity, policy
         self.counts = np.zeros((layers, 5), dtype=np.int64)
-        self.state = np.zeros(16, dtype=np.int64)
+        self.state = np.zeros(15, dtype=np.int64)
         self.state[_HEAD], self.state[_TAIL], self.state[_MT], self.state[_LAYER] = -1, -1, mt_index, -1
         self.mt = mt.copy()
         self.is_resident = np.zeros(space, dtype=np.bool_)
         self.prefetched = np.zeros(space, dtype=np.bool_)
-        self.pins = np.zeros(space, dtype=np.int32)
+        self.pinned_at = np.full(space, -1, dtype=np.int64)  # a key's pin stamp (see _replay_piece)
+        self.evicted = np.zeros(space, dtype=np.int64)  # evictions per key, folded into counts at each piece's end
         self.residents = np.empty(capacity, dtype=np.int64)  # in policies.rand's order: appended, the last moved into a hole
         self.where = np.full(space, -1, dtype=np.int64)
         self.prev = np.full(space, -1, dtype=np.int64)
@@ -707,7 +708,6 @@ class ReplayState:
         self.nonempty = np.zeros(0, dtype=np.uint64)
         self.guesses = np.empty(max(width, 1), dtype=np.int64)
         self.votes = np.empty(max(width, 1), dtype=np.int64)
-        self.flying = np.empty(max(width, 1), dtype=np.int64)  # the prefetches in flight, state[_FLYING] of them
 
     def feed(self, keys: np.ndarray, starts: np.ndarray, gate: np.ndarray, transition: np.ndarray,
              following: np.ndarray) -> None:
@@ -723,12 +723,12 @@ class ReplayState:
             size = max(self.tokens + 2, 2 * self.powers.shape[0])
             more = [self.decay ** n for n in range(self.powers.shape[0], size)]  # CPython's float ** int
             self.powers = np.concatenate([self.powers, np.array(more, dtype=np.float64)])
-        _replay_piece(keys, starts, self.layers, self.num_experts, self.capacity, self.policy, gate, transition,
-                      following, self.counts, self.state, self.mt, self.is_resident, self.prefetched, self.pins,
-                      self.residents, self.where, self.prev, self.after, self.requests, self.last, self.next_use,
-                      self.added, self.heap, self.at, self.kept, self.bhead, self.btail, self.nonempty, self.guesses,
-                      self.votes, self.flying, self.fvalues, self.fints, self.flayers, self.known, self.group,
-                      self.table, self.powers, self.decay)
+        _PIECES[self.policy](keys, starts, self.layers, self.num_experts, self.capacity, gate, transition, following,
+                             self.counts, self.state, self.mt, self.is_resident, self.prefetched, self.pinned_at,
+                             self.evicted, self.residents, self.where, self.prev, self.after, self.requests, self.last,
+                             self.next_use, self.added, self.heap, self.at, self.kept, self.bhead, self.btail,
+                             self.nonempty, self.guesses, self.votes, self.fvalues, self.fints, self.flayers, self.known,
+                             self.group, self.table, self.powers, self.decay)
 
     def _grow_buckets(self, size: int) -> None:
         words = (size + 63) // 64
@@ -739,121 +739,126 @@ class ReplayState:
         self.nonempty = np.concatenate([self.nonempty, np.zeros(words - self.nonempty.shape[0], dtype=np.uint64)])
 
 
-def _replay_piece(keys, starts, layers, num_experts, capacity, policy, gate, transition, following, counts, state, mt,
-                  is_resident, prefetched, pins, residents, where, prev, after, requests, last, next_use, added, heap,
-                  at, kept, bhead, btail, nonempty, guesses, votes, flying, fvalues, fints, flayers, known, group,
+def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state, mt,
+                  is_resident, prefetched, pinned_at, evicted, residents, where, prev, after, requests, last, next_use,
+                  added, heap, at, kept, bhead, btail, nonempty, guesses, votes, fvalues, fints, flayers, known, group,
                   table, powers, decay):
-    """``ReplayState.feed``'s loop over the piece's tokens and layers."""
+    """``ReplayState.feed``'s loop over the piece's tokens and layers, for one ``policy``: each policy's replay is
+    compiled apart (``_PIECES``), so the tests of ``policy`` fold away.
+
+    A key is pinned at most once at a time (a layer's keys and the prefetches for the next layer differ), so a pin
+    is a stamp: the layer visit ``v`` pins its keys with ``2v`` and its prefetches with ``2v + 1``, and a key is
+    pinned while ``pinned_at[key] >= low``; ``low`` moves past ``2v`` once the layer is done and past both at the
+    next visit, when the prefetches have landed. Evictions are tallied per key (``evicted``) and folded into the
+    counts per layer at the end of the piece."""
     width = gate.shape[2] + transition.shape[2]
-    in_flight = state[_FLYING]
+    visit = state[_VISIT]
     tokens = (starts.shape[0] - 1) // layers
     for t in range(tokens):
         for pos in range(layers):
-            for i in range(in_flight):  # the prefetches have landed
-                key = flying[i]
-                pins[key] -= 1
-                if pins[key] == 0:
-                    state[_PINNED] -= 1
-            in_flight = 0
+            visit += 1
+            low = 2 * visit  # the previous visit's prefetches have landed
             first, end = starts[t * layers + pos], starts[t * layers + pos + 1]
+            hits = 0
             for i in range(first, end):  # the requests: on_access, then hit or miss
                 key = keys[i]
+                resident = is_resident[key]
                 if policy == LRU:
-                    if is_resident[key]:
+                    if resident and key != state[_TAIL]:  # the key at the end stays there
                         _unlink(prev, after, state, key)
                         _append(prev, after, state, key)
                 elif policy == LFU:
-                    if is_resident[key]:
+                    if resident:
                         _lfu_remove(key, requests[key], prev, after, bhead, btail, nonempty)
                     requests[key] += 1
                     state[_TICK] += 1
                     last[key] = state[_TICK]
-                    if is_resident[key]:
+                    if resident:
                         _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last, added)
                 elif policy == BELADY:
                     next_use[key] = following[state[_CURSOR]]
                     state[_CURSOR] += 1
-                    if is_resident[key]:  # its next request is later now: it moves toward the top
+                    if resident:  # its next request is later now: it moves toward the top
                         _sift_up(heap, at, at[key], next_use, added)
                 elif policy == FORECAST:
                     _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table,
                                powers, decay, heap, at, kept, added)
-                if is_resident[key]:
-                    counts[pos, HITS] += 1
-                    if pins[key] == 0:
-                        state[_PINNED] += 1
-                    pins[key] += 1
+                if resident:
+                    hits += 1
+                    pinned_at[key] = low
                     if prefetched[key]:
                         prefetched[key] = False
                         counts[pos, USED] += 1
-                else:
-                    counts[pos, MISSES] += 1
-            for i in range(first, end):  # the misses, admitted
-                key = keys[i]
-                if not is_resident[key]:
-                    _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
-                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail,
-                           nonempty, group, fvalues, fints, flayers)
+            counts[pos, HITS] += hits
+            counts[pos, MISSES] += end - first - hits
+            if hits < end - first:
+                for i in range(first, end):  # the misses, admitted
+                    key = keys[i]
+                    if not is_resident[key]:
+                        _admit(key, low, low, policy, capacity, num_experts, state, is_resident, prefetched, pinned_at,
+                               evicted, residents, where, prev, after, requests, last, next_use, added, heap, at, kept,
+                               mt, bhead, btail, nonempty, group, fvalues, fints, flayers)
             named = _pooled(gate, transition, t, pos, votes, guesses) if pos < layers - 1 and width else 0
+            pinned = end - first  # the layer's keys, all resident by now
             for layer_done in range(0 if named else 1, 2):  # the prefetches: while the layer runs, then once it is done
                 if layer_done:
-                    for i in range(first, end):
-                        key = keys[i]
-                        pins[key] -= 1
-                        if pins[key] == 0:
-                            state[_PINNED] -= 1
+                    low = 2 * visit + 1
+                    pinned -= end - first
                 for j in range(named):
                     key = (pos + 1) * num_experts + guesses[j]
                     if is_resident[key]:
                         continue
-                    if state[_RESIDENT] >= capacity and state[_PINNED] >= state[_RESIDENT]:
+                    if state[_RESIDENT] >= capacity and pinned >= state[_RESIDENT]:
                         break  # every slot is pinned: the rest wait for the retry
-                    _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
-                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail,
-                           nonempty, group, fvalues, fints, flayers)
+                    _admit(key, 2 * visit + 1, low, policy, capacity, num_experts, state, is_resident, prefetched,
+                           pinned_at, evicted, residents, where, prev, after, requests, last, next_use, added, heap, at,
+                           kept, mt, bhead, btail, nonempty, group, fvalues, fints, flayers)
+                    pinned += 1
                     prefetched[key] = True
-                    flying[in_flight] = key
-                    in_flight += 1
                     counts[pos + 1, ISSUED] += 1
-    state[_FLYING] = in_flight
+    state[_VISIT] = visit
+    for key in range(evicted.shape[0]):
+        if evicted[key] > 0:
+            counts[key // num_experts, EVICTIONS] += evicted[key]
+            evicted[key] = 0
 
 
-def _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents, where, prev,
-           after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty, group, fvalues, fints,
-           flayers):
-    """``Residency.admit``: a free slot, or the policy's victim evicted; ``key`` comes in pinned."""
+def _admit(key, stamp, low, policy, capacity, num_experts, state, is_resident, prefetched, pinned_at, evicted,
+           residents, where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty,
+           group, fvalues, fints, flayers):
+    """``Residency.admit``: a free slot, or the policy's victim (a key pinned below ``low``) evicted; ``key`` comes in
+    pinned with ``stamp``."""
     if state[_RESIDENT] >= capacity:
         if policy == LRU or policy == FIFO:
             victim = state[_HEAD]
-            while pins[victim] > 0:
+            while pinned_at[victim] >= low:
                 victim = after[victim]
             _unlink(prev, after, state, victim)
         elif policy == RANDOM:
-            victim = _random_victim(mt, state, residents, pins)
+            victim = _random_victim(mt, state, residents, pinned_at, low)
         elif policy == LFU:
-            victim = _lfu_victim(state, pins, after, bhead, nonempty)
+            victim = _lfu_victim(state, pinned_at, low, after, bhead, nonempty)
             _lfu_remove(victim, requests[victim], prev, after, bhead, btail, nonempty)
         elif policy == FORECAST:
-            victim = _fc_victim(num_experts, state, pins, heap, kept, fvalues, fints, flayers, added)
+            victim = _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, flayers, added)
             _fc_remove(victim, num_experts, heap, at, fvalues, fints, flayers, added)
         else:
-            victim = _heap_victim(heap, at, kept, state, pins, next_use, added)
+            victim = _heap_victim(heap, at, kept, state, pinned_at, low, next_use, added)
             _heap_remove(heap, at, state, victim, next_use, added)
         is_resident[victim] = False
         prefetched[victim] = False
-        counts[victim // num_experts, EVICTIONS] += 1
-        hole, moved = where[victim], residents[state[_RESIDENT] - 1]
-        residents[hole] = moved
-        where[moved] = hole
-        where[victim] = -1
+        evicted[victim] += 1
         state[_RESIDENT] -= 1
+        if policy == RANDOM:  # its draws index the resident keys: the last one moves into the hole
+            hole, moved = where[victim], residents[state[_RESIDENT]]
+            residents[hole] = moved
+            where[moved] = hole
     is_resident[key] = True
-    residents[state[_RESIDENT]] = key
-    where[key] = state[_RESIDENT]
+    if policy == RANDOM:
+        residents[state[_RESIDENT]] = key
+        where[key] = state[_RESIDENT]
     state[_RESIDENT] += 1
-    if pins[key] == 0:
-        state[_PINNED] += 1
-    pins[key] += 1
+    pinned_at[key] = stamp
     state[_ADDED] += 1
     added[key] = state[_ADDED]
     if policy == LRU or policy == FIFO:
@@ -864,6 +869,22 @@ def _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefe
         _heap_insert(heap, at, state, key, next_use, added)
     elif policy == FORECAST:
         _fc_insert(key, num_experts, state, group, fvalues, fints, flayers, heap, at, added)
+
+
+def _piece_for(policy):
+    """``_replay_piece`` with ``policy`` fixed: compiled, a replay specialised to it."""
+    def piece(keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state, mt, is_resident,
+              prefetched, pinned_at, evicted, residents, where, prev, after, requests, last, next_use, added, heap, at,
+              kept, bhead, btail, nonempty, guesses, votes, fvalues, fints, flayers, known, group, table, powers,
+              decay):
+        _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state,
+                      mt, is_resident, prefetched, pinned_at, evicted, residents, where, prev, after, requests, last,
+                      next_use, added, heap, at, kept, bhead, btail, nonempty, guesses, votes, fvalues, fints, flayers,
+                      known, group, table, powers, decay)
+    return piece
+
+
+_PIECES = {code: _piece_for(code) for code in POLICY_CODES.values()}
 
 
 # ---------------------------------------------------------------- from a trace
@@ -964,7 +985,8 @@ _KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_lfu_rank", "_lfu_i
             "_random_victim", "_fc_before", "_fc_sift_up", "_fc_sift_down", "_fc_moved", "_fc_insert", "_fc_remove",
             "_fc_lowest_unpinned", "_fc_victim", "_fc_cell", "_fc_close_visit", "_fc_access", "_pooled", "_admit",
             "_transition_into", "_replay_piece")
-_ALLOCATING = ("_transition_into", "_replay_piece")
+_ALLOCATING = ("_transition_into",)
+_INLINED = ("_replay_piece", "_admit")
 _compiled: bool | None = None  # None: not tried yet
 
 
@@ -984,7 +1006,12 @@ def compile_kernels() -> bool:
             for name in _KERNELS:
                 # The helpers allocate nothing, so they go without numba's reference counts: with them, each
                 # call that hands over arrays costs atomic increments that outweigh the work (5-10x slower).
-                helper = name not in _ALLOCATING
-                names[name] = numba.njit(cache=True, nogil=True, **({"_nrt": False} if helper else {}))(names[name])
+                # error_model="numpy": no test for a zero divisor before each division (none is zero here).
+                options = {"error_model": "numpy"} if name in _ALLOCATING else {"_nrt": False, "error_model": "numpy"}
+                if name in _INLINED:  # into each policy's replay, where its tests of the policy fold away
+                    options["forceinline"] = True
+                names[name] = numba.njit(cache=True, nogil=True, **options)(names[name])
+            for code in _PIECES:
+                _PIECES[code] = numba.njit(cache=True, nogil=True, error_model="numpy")(_piece_for(code))
             _compiled = True
     return _compiled

@@ -441,15 +441,27 @@ def _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, f
 
 
 def _fc_cell(age, rate):
-    """``policies.forecast._cell``: the table row of a key last requested ``age`` visits ago at ``rate`` a visit
-    (math.log2 here is the C library's log2, as CPython's is)."""
-    age_bin = 0
+    """``policies.forecast._cell``: the table row of a key last requested ``age`` visits ago at ``rate`` a visit.
+
+    Its frequency bin, ``int(-math.log2(rate))`` in [0, _BINS - 1], mostly follows from the exponent: with
+    ``rate = m * 2**e``, 0.5 <= m < 1, ``-log2(rate)`` lies in (-e, 1 - e], so it truncates to -e unless m is so
+    close to 0.5 that log2's rounding may give 1 - e; only then is ``math.log2`` (the C library's, as CPython's)
+    called."""
+    age_bin = _BINS - 1
     rest = age - 1
-    while rest > 0:  # (age - 1).bit_length()
-        rest >>= 1
-        age_bin += 1
-    rate_bin = min(int(-math.log2(rate)), _BINS - 1) if rate > 0 else _BINS - 1
-    return min(age_bin, _BINS - 1) * _BINS + max(rate_bin, 0)
+    if rest < 1 << (_BINS - 1):  # (age - 1).bit_length(), below _BINS - 1
+        age_bin = 0
+        while rest > 0:
+            rest >>= 1
+            age_bin += 1
+    rate_bin = _BINS - 1
+    if rate > 0:
+        m, e = math.frexp(rate)
+        if e >= 1:  # rate >= 1: -log2(rate) <= 0
+            rate_bin = 0
+        elif -e < _BINS - 1:
+            rate_bin = -e if m >= 0.5 + 2.0 ** -20 else max(min(int(-math.log2(rate)), _BINS - 1), 0)
+    return age_bin * _BINS + rate_bin
 
 
 def _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table, powers, decay,
@@ -498,8 +510,6 @@ def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fint
         cell = _fc_cell(visit + 1 - last, rate)
         fvalues[_CHANCE, key] = (table[cell, 0] + _PRIOR * rate) / (table[cell, 1] + _PRIOR)
         fints[_RANK_LAST, key] = last
-        if is_resident[key]:
-            _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added)
     for g in range(state[_GROUP]):  # first requests at this layer: no try to score yet
         expert = group[0, g]
         key = base + expert
@@ -512,18 +522,15 @@ def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fint
         cell = _fc_cell(1, rate)
         fvalues[_CHANCE, key] = (table[cell, 0] + _PRIOR * rate) / (table[cell, 1] + _PRIOR)
         fints[_RANK_LAST, key] = visit
-        if is_resident[key]:
-            _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added)
-    unseen = 0  # resident keys inserted, then their layer ran without them: chance 0
-    for i in range(flayers[_SIZE, layer]):
+    size = flayers[_SIZE, layer]
+    for i in range(size):  # resident keys inserted, then their layer ran without them: chance 0
         key = heap[base + i]
-        if fints[_COUNTED_AT, key] == 0 and fvalues[_CHANCE, key] != 0.0:
-            kept[unseen] = key
-            unseen += 1
-    for i in range(unseen):
-        key = kept[i]
-        fvalues[_CHANCE, key], fints[_RANK_LAST, key] = 0.0, -1
-        _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added)
+        if fints[_COUNTED_AT, key] == 0:
+            fvalues[_CHANCE, key], fints[_RANK_LAST, key] = 0.0, -1
+    # the resident keys' ranks changed: the layer's heap made again (its victim, the lowest unpinned key, does not
+    # depend on how the heap is laid out: the order is total, ties going to the key inserted earlier)
+    for i in range(size // 2 - 1, -1, -1):
+        _fc_sift_down(heap, at, base, size, i, fvalues, fints, added)
     for g in range(state[_GROUP]):
         group[1, group[0, g]] = 0
     state[_GROUP] = 0

@@ -50,6 +50,8 @@ COUNTERS = ("hits", "misses", "evictions", "prefetch_issued", "prefetch_used")  
 HITS, MISSES, EVICTIONS, ISSUED, USED = range(5)
 NEVER = np.iinfo(np.int64).max  # belady: a key not requested again
 _TRIES = 8  # policies.rand: random picks before scanning the candidates
+_HALVES = np.array([0.5 ** (k + 1) for k in range(_BINS)])  # forecast: the frequency bins' lower ends, 1/2, 1/4, ..
+_NEAR = 2.0 ** -20  # forecast: a rate this close (relatively) to a bin's end has its bin worked out with care
 # the scalar state, one int64 array: list ends, heap size, counters of the policies, the generator's index,
 # the prefetches in flight, lfu's lowest word of nonempty buckets; forecast's layer visits so far (all layers),
 # the layer being requested (-1: none yet), the layers visited, the layers with a heap, the experts of this visit
@@ -440,28 +442,47 @@ def _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, f
     return best
 
 
-def _fc_cell(age, rate):
-    """``policies.forecast._cell``: the table row of a key last requested ``age`` visits ago at ``rate`` a visit.
-
-    Its frequency bin, ``int(-math.log2(rate))`` in [0, _BINS - 1], mostly follows from the exponent: with
-    ``rate = m * 2**e``, 0.5 <= m < 1, ``-log2(rate)`` lies in (-e, 1 - e], so it truncates to -e unless m is so
-    close to 0.5 that log2's rounding may give 1 - e; only then is ``math.log2`` (the C library's, as CPython's)
-    called."""
-    age_bin = _BINS - 1
+def _fc_age_bin(age):
+    """``min((age - 1).bit_length(), _BINS - 1)``: how many of 1, 2, 4, .. ``age - 1`` reaches (no branch to
+    mispredict)."""
     rest = age - 1
-    if rest < 1 << (_BINS - 1):  # (age - 1).bit_length(), below _BINS - 1
-        age_bin = 0
-        while rest > 0:
-            rest >>= 1
-            age_bin += 1
-    rate_bin = _BINS - 1
-    if rate > 0:
-        m, e = math.frexp(rate)
-        if e >= 1:  # rate >= 1: -log2(rate) <= 0
-            rate_bin = 0
-        elif -e < _BINS - 1:
-            rate_bin = -e if m >= 0.5 + 2.0 ** -20 else max(min(int(-math.log2(rate)), _BINS - 1), 0)
-    return age_bin * _BINS + rate_bin
+    age_bin = 0
+    for k in range(_BINS - 1):
+        age_bin += rest >= (1 << k)
+    return age_bin
+
+
+def _fc_rate_bin(rate):
+    """``int(-math.log2(rate))`` in [0, _BINS - 1] (``_BINS - 1`` for 0), as ``policies.forecast._cell`` has it.
+
+    Mostly how many of 1/2, 1/4, .. rate is below: with ``rate = m * 2**e``, 0.5 <= m < 1, ``-log2(rate)`` lies in
+    (-e, 1 - e], so it truncates to -e unless m is so close to 0.5 that log2's rounding may give 1 - e; only there
+    is ``math.log2`` (the C library's, as CPython's) called."""
+    rate_bin = 0
+    for k in range(_BINS - 1):
+        rate_bin += rate < _HALVES[k]
+    if rate_bin < _BINS - 1 and rate < _HALVES[rate_bin] * (1.0 + _NEAR):
+        rate_bin = max(min(int(-math.log2(rate)), _BINS - 1), 0) if rate > 0 else _BINS - 1
+    return rate_bin
+
+
+def _fc_cell(age, rate):
+    """``policies.forecast._cell``: the table row of a key last requested ``age`` visits ago at ``rate`` a visit."""
+    return _fc_age_bin(age) * _BINS + _fc_rate_bin(rate)
+
+
+def _fc_cell_of_quotient(age, numerator, denominator, inverse):
+    """``_fc_cell(age, numerator / denominator)``, where the division waits on nothing: the bin of the rate is read
+    off ``numerator * inverse`` (within a few units in the last place of the quotient, ``inverse`` being
+    ``1 / denominator``), unless that lies near a bin's end, where the quotient is worked out."""
+    approx = numerator * inverse
+    rate_bin = 0
+    for k in range(_BINS - 1):
+        rate_bin += approx < _HALVES[k]
+    if (rate_bin < _BINS - 1 and approx < _HALVES[rate_bin] * (1.0 + 2.0 * _NEAR)) or (
+            rate_bin > 0 and approx >= _HALVES[rate_bin - 1] * (1.0 - _NEAR)):
+        rate_bin = _fc_rate_bin(numerator / denominator)
+    return _fc_age_bin(age) * _BINS + rate_bin
 
 
 def _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table, powers, decay,
@@ -493,21 +514,27 @@ def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fint
     visit = flayers[_VISITS, layer]
     base = layer * num_experts
     seen = 1.0 - powers[visit]  # the decayed count of visits, times (1 - decay)
+    before = 1.0 - powers[visit - 1]  # and before this visit
+    inverse_before, inverse_seen = 1.0 / before if visit > 1 else 0.0, 1.0 / seen
     for s in range(flayers[_KNOWN, layer]):
         expert = known[base + s]
         key = base + expert
         count, counted_at, last = fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key]
         count *= powers[visit - 1 - counted_at]
-        rate = count * (1.0 - decay) / (1.0 - powers[visit - 1]) if visit > 1 else 0.0
-        cell = _fc_cell(visit - last, rate)
+        # the rate count * (1.0 - decay) / (1.0 - powers[visit - 1]) (0 at the first visit) only picks the cell
+        if visit > 1:
+            cell = _fc_cell_of_quotient(visit - last, count * (1.0 - decay), before, inverse_before)
+        else:
+            cell = _fc_cell(visit - last, 0.0)
         table[cell, 1] += 1.0
         if group[1, expert]:
             table[cell, 0] += 1.0
             count = count * decay + 1.0
             counted_at = last = visit
             fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key] = count, visit, visit
-        rate = count * powers[visit - counted_at] * (1.0 - decay) / seen
-        cell = _fc_cell(visit + 1 - last, rate)
+        numerator = count * powers[visit - counted_at] * (1.0 - decay)
+        cell = _fc_cell_of_quotient(visit + 1 - last, numerator, seen, inverse_seen)
+        rate = numerator / seen
         fvalues[_CHANCE, key] = (table[cell, 0] + _PRIOR * rate) / (table[cell, 1] + _PRIOR)
         fints[_RANK_LAST, key] = last
     for g in range(state[_GROUP]):  # first requests at this layer: no try to score yet
@@ -990,7 +1017,7 @@ def compiled_replay(arrays: TraceArrays, policy: str, capacity: int, predictor: 
 _KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_lfu_rank", "_lfu_insert", "_lfu_remove", "_lowest_bit",
             "_lfu_victim", "_before", "_place", "_sift_up", "_sift_down", "_heap_insert", "_heap_remove", "_heap_victim",
             "_random_victim", "_fc_before", "_fc_sift_up", "_fc_sift_down", "_fc_moved", "_fc_insert", "_fc_remove",
-            "_fc_lowest_unpinned", "_fc_victim", "_fc_cell", "_fc_close_visit", "_fc_access", "_pooled", "_admit",
+            "_fc_lowest_unpinned", "_fc_victim", "_fc_age_bin", "_fc_rate_bin", "_fc_cell", "_fc_cell_of_quotient", "_fc_close_visit", "_fc_access", "_pooled", "_admit",
             "_transition_into", "_replay_piece")
 _ALLOCATING = ("_transition_into",)
 _INLINED = ("_replay_piece", "_admit")

@@ -52,6 +52,9 @@ NEVER = np.iinfo(np.int64).max  # belady: a key not requested again
 _TRIES = 8  # policies.rand: random picks before scanning the candidates
 _HALVES = np.array([0.5 ** (k + 1) for k in range(_BINS)])  # forecast: the frequency bins' lower ends, 1/2, 1/4, ..
 _NEAR = 2.0 ** -20  # forecast: a rate this close (relatively) to a bin's end has its bin worked out with care
+_AGE_BINS = np.array([min(n.bit_length(), _BINS - 1) for n in range(1 << (_BINS - 1))])  # [age - 1]; beyond: _BINS - 1
+_MANTISSA = (1 << 52) - 1  # a double's fraction bits
+_EDGE = 1 << 33  # a fraction this close to 0 or to the top: within 2**-19 of a power of two
 # the scalar state, one int64 array: list ends, heap size, counters of the policies, the generator's index,
 # the prefetches in flight, lfu's lowest word of nonempty buckets; forecast's layer visits so far (all layers),
 # the layer being requested (-1: none yet), the layers visited, the layers with a heap, the experts of this visit
@@ -443,13 +446,9 @@ def _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, f
 
 
 def _fc_age_bin(age):
-    """``min((age - 1).bit_length(), _BINS - 1)``: how many of 1, 2, 4, .. ``age - 1`` reaches (no branch to
-    mispredict)."""
+    """``min((age - 1).bit_length(), _BINS - 1)``."""
     rest = age - 1
-    age_bin = 0
-    for k in range(_BINS - 1):
-        age_bin += rest >= (1 << k)
-    return age_bin
+    return _AGE_BINS[rest] if rest < _AGE_BINS.shape[0] else _BINS - 1
 
 
 def _fc_rate_bin(rate):
@@ -472,16 +471,15 @@ def _fc_cell(age, rate):
 
 
 def _fc_cell_of_quotient(age, numerator, denominator, inverse):
-    """``_fc_cell(age, numerator / denominator)``, where the division waits on nothing: the bin of the rate is read
-    off ``numerator * inverse`` (within a few units in the last place of the quotient, ``inverse`` being
-    ``1 / denominator``), unless that lies near a bin's end, where the quotient is worked out."""
-    approx = numerator * inverse
-    rate_bin = 0
-    for k in range(_BINS - 1):
-        rate_bin += approx < _HALVES[k]
-    if (rate_bin < _BINS - 1 and approx < _HALVES[rate_bin] * (1.0 + 2.0 * _NEAR)) or (
-            rate_bin > 0 and approx >= _HALVES[rate_bin - 1] * (1.0 - _NEAR)):
+    """``_fc_cell(age, numerator / denominator)``, where the division waits on nothing: the rate's bin is the
+    exponent of ``numerator * inverse`` (``inverse``: ``1 / denominator``; within a few units in the last place of
+    the quotient), unless its mantissa puts it near a power of two, where the quotient is worked out."""
+    bits = np.float64(numerator * inverse).view(np.int64)  # a rate is >= 0: no sign bit
+    fraction = bits & _MANTISSA
+    if fraction < _EDGE or fraction > _MANTISSA - _EDGE:
         rate_bin = _fc_rate_bin(numerator / denominator)
+    else:  # m * 2**e, 0.5 < m < 1 not near either end: -log2 truncates to -e, and the exponent field is e + 1022
+        rate_bin = min(max(1022 - (bits >> 52), 0), _BINS - 1)
     return _fc_age_bin(age) * _BINS + rate_bin
 
 

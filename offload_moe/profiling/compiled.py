@@ -66,6 +66,10 @@ _HEAD, _TAIL, _HEAP, _RESIDENT, _VISIT, _TICK, _ADDED, _CURSOR, _MT, _LOW, _STEP
 # 0: not yet), its visits, the experts it has seen, its heap's size, whether it has a heap, and the layers with a
 # heap in the order they got it
 _CHANCE, _DECAYED = 0, 1
+# of ``fwork`` [6, max(E, L)]: a layer visit's scores as it ends, per expert in ``known`` order (the hits and tries of
+# its chance's table cell, read in turn, and its rate's numerator), and per layer the last ``period * (1 - chance) /
+# chance`` of ``_fc_victim`` with the chance and period it was worked out for
+_SNAP_HITS, _SNAP_TRIES, _SNAP_RATE, _Q_CHANCE, _Q_PERIOD, _Q = range(6)
 _RANK_LAST, _COUNTED_AT, _USED_AT = 0, 1, 2
 _VISITED_AT, _VISITS, _KNOWN, _SIZE, _MADE, _ORDER = range(6)
 
@@ -423,9 +427,10 @@ def _fc_lowest_unpinned(heap, base, size, pinned_at, low, stack, fvalues, fints,
     return best
 
 
-def _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, flayers, added):
+def _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, flayers, added, fwork):
     """``Forecast.victim``: of each layer's first unpinned key, the one whose next request is expected farthest
-    away, the same doubles as the policy's; ties to the layer whose heap came first."""
+    away, the same doubles as the policy's; ties to the layer whose heap came first. A layer's key changes
+    seldom between evictions: the division of its score is kept (``fwork``) until its chance or the period does."""
     period = state[_PERIOD] if state[_PERIOD] > 0 else 1
     step = state[_STEP]
     best, best_score = -1, -1.0
@@ -439,7 +444,10 @@ def _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, f
         if distance <= 0:
             distance += period
         chance = fvalues[_CHANCE, key]
-        score = distance + period * (1.0 - chance) / chance if chance > 0 else math.inf
+        if chance > 0 and (fwork[_Q_CHANCE, layer] != chance or fwork[_Q_PERIOD, layer] != period):
+            fwork[_Q_CHANCE, layer], fwork[_Q_PERIOD, layer] = chance, period
+            fwork[_Q, layer] = period * (1.0 - chance) / chance
+        score = distance + fwork[_Q, layer] if chance > 0 else math.inf
         if score > best_score:
             best, best_score = key, score
     return best
@@ -484,13 +492,13 @@ def _fc_cell_of_quotient(age, numerator, denominator, inverse):
 
 
 def _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table, powers, decay,
-               heap, at, kept, added):
+               heap, at, kept, added, fwork):
     """``Forecast.on_access``: a request at another layer than the last ends that layer's visit, starts this one's."""
     layer = key // num_experts
     if layer != state[_LAYER]:
         if state[_LAYER] >= 0:
             _fc_close_visit(state[_LAYER], num_experts, state, is_resident, group, fvalues, fints, flayers, known,
-                            table, powers, decay, heap, at, kept, added)
+                            table, powers, decay, heap, at, kept, added, fwork)
         state[_LAYER] = layer
         state[_STEP] += 1
         if flayers[_VISITED_AT, layer] == 0:
@@ -505,7 +513,7 @@ def _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flay
 
 
 def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table, powers,
-                    decay, heap, at, kept, added):
+                    decay, heap, at, kept, added, fwork):
     """``Forecast._close_visit``, in the same order and with the same doubles: each expert seen at ``layer`` scores
     the visit in its table cell, then reads its chance from the table as it is by then. ``known`` [L * E]: each
     layer's experts in order of first request; ``powers[n]``: ``decay ** n`` as Python computes it."""
@@ -532,9 +540,11 @@ def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fint
             fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key] = count, visit, visit
         numerator = count * powers[visit - counted_at] * (1.0 - decay)
         cell = _fc_cell_of_quotient(visit + 1 - last, numerator, seen, inverse_seen)
-        rate = numerator / seen
-        fvalues[_CHANCE, key] = (table[cell, 0] + _PRIOR * rate) / (table[cell, 1] + _PRIOR)
+        fwork[_SNAP_HITS, s], fwork[_SNAP_TRIES, s], fwork[_SNAP_RATE, s] = table[cell, 0], table[cell, 1], numerator
         fints[_RANK_LAST, key] = last
+    for s in range(flayers[_KNOWN, layer]):  # the chances: divisions that wait on nothing above, apart
+        rate = fwork[_SNAP_RATE, s] / seen
+        fvalues[_CHANCE, base + known[base + s]] = (fwork[_SNAP_HITS, s] + _PRIOR * rate) / (fwork[_SNAP_TRIES, s] + _PRIOR)
     for g in range(state[_GROUP]):  # first requests at this layer: no try to score yet
         expert = group[0, g]
         key = base + expert
@@ -730,6 +740,7 @@ class ReplayState:
         self.fints = np.zeros((3, space if forecast else 0), dtype=np.int64)
         self.fints[_RANK_LAST] = -1
         self.flayers = np.zeros((6, layers), dtype=np.int64)
+        self.fwork = np.full((6, max(num_experts, layers) if forecast else 0), -1.0)  # see the rows at the top
         self.known = np.zeros(space if forecast else 0, dtype=np.int64)  # each layer's experts, by first request
         self.group = np.zeros((2, num_experts), dtype=np.int64)  # this visit's experts, in request order; 1 where in it
         # lfu: one list of resident keys per request count, a bit per nonempty list; a key is requested at most
@@ -760,7 +771,7 @@ class ReplayState:
                              self.evicted, self.residents, self.where, self.prev, self.after, self.requests, self.last,
                              self.next_use, self.added, self.heap, self.at, self.kept, self.bhead, self.btail,
                              self.nonempty, self.guesses, self.votes, self.fvalues, self.fints, self.flayers, self.known,
-                             self.group, self.table, self.powers, self.decay)
+                             self.group, self.table, self.powers, self.decay, self.fwork)
 
     def _grow_buckets(self, size: int) -> None:
         words = (size + 63) // 64
@@ -774,7 +785,7 @@ class ReplayState:
 def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state, mt,
                   is_resident, prefetched, pinned_at, evicted, residents, where, prev, after, requests, last, next_use,
                   added, heap, at, kept, bhead, btail, nonempty, guesses, votes, fvalues, fints, flayers, known, group,
-                  table, powers, decay):
+                  table, powers, decay, fwork):
     """``ReplayState.feed``'s loop over the piece's tokens and layers, for one ``policy``: each policy's replay is
     compiled apart (``_PIECES``), so the tests of ``policy`` fold away.
 
@@ -814,7 +825,7 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
                         _sift_up(heap, at, at[key], next_use, added)
                 elif policy == FORECAST:
                     _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table,
-                               powers, decay, heap, at, kept, added)
+                               powers, decay, heap, at, kept, added, fwork)
                 if resident:
                     hits += 1
                     pinned_at[key] = low
@@ -829,7 +840,7 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
                     if not is_resident[key]:
                         _admit(key, low, low, policy, capacity, num_experts, state, is_resident, prefetched, pinned_at,
                                evicted, residents, where, prev, after, requests, last, next_use, added, heap, at, kept,
-                               mt, bhead, btail, nonempty, group, fvalues, fints, flayers)
+                               mt, bhead, btail, nonempty, group, fvalues, fints, flayers, fwork)
             named = _pooled(gate, transition, t, pos, votes, guesses) if pos < layers - 1 and width else 0
             pinned = end - first  # the layer's keys, all resident by now
             for layer_done in range(0 if named else 1, 2):  # the prefetches: while the layer runs, then once it is done
@@ -844,7 +855,7 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
                         break  # every slot is pinned: the rest wait for the retry
                     _admit(key, 2 * visit + 1, low, policy, capacity, num_experts, state, is_resident, prefetched,
                            pinned_at, evicted, residents, where, prev, after, requests, last, next_use, added, heap, at,
-                           kept, mt, bhead, btail, nonempty, group, fvalues, fints, flayers)
+                           kept, mt, bhead, btail, nonempty, group, fvalues, fints, flayers, fwork)
                     pinned += 1
                     prefetched[key] = True
                     counts[pos + 1, ISSUED] += 1
@@ -857,7 +868,7 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
 
 def _admit(key, stamp, low, policy, capacity, num_experts, state, is_resident, prefetched, pinned_at, evicted,
            residents, where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty,
-           group, fvalues, fints, flayers):
+           group, fvalues, fints, flayers, fwork):
     """``Residency.admit``: a free slot, or the policy's victim (a key pinned below ``low``) evicted; ``key`` comes in
     pinned with ``stamp``."""
     if state[_RESIDENT] >= capacity:
@@ -872,7 +883,7 @@ def _admit(key, stamp, low, policy, capacity, num_experts, state, is_resident, p
             victim = _lfu_victim(state, pinned_at, low, after, bhead, nonempty)
             _lfu_remove(victim, requests[victim], prev, after, bhead, btail, nonempty)
         elif policy == FORECAST:
-            victim = _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, flayers, added)
+            victim = _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, flayers, added, fwork)
             _fc_remove(victim, num_experts, heap, at, fvalues, fints, flayers, added)
         else:
             victim = _heap_victim(heap, at, kept, state, pinned_at, low, next_use, added)
@@ -908,11 +919,11 @@ def _piece_for(policy):
     def piece(keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state, mt, is_resident,
               prefetched, pinned_at, evicted, residents, where, prev, after, requests, last, next_use, added, heap, at,
               kept, bhead, btail, nonempty, guesses, votes, fvalues, fints, flayers, known, group, table, powers,
-              decay):
+              decay, fwork):
         _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state,
                       mt, is_resident, prefetched, pinned_at, evicted, residents, where, prev, after, requests, last,
                       next_use, added, heap, at, kept, bhead, btail, nonempty, guesses, votes, fvalues, fints, flayers,
-                      known, group, table, powers, decay)
+                      known, group, table, powers, decay, fwork)
     return piece
 
 

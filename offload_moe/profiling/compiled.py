@@ -168,6 +168,21 @@ def _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last,
         state[_LOW] = c >> 6
 
 
+def _lfu_append(key, state, prev, after, bhead, btail, nonempty, requests):
+    """``_lfu_insert`` of a key just requested, at a hit: its rank is the newest, so it goes to the end of its bucket."""
+    c = requests[key]
+    tail = btail[c]
+    prev[key], after[key] = tail, -1
+    btail[c] = key
+    if tail >= 0:
+        after[tail] = key
+    else:
+        bhead[c] = key
+        nonempty[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+        if (c >> 6) < state[_LOW]:
+            state[_LOW] = c >> 6
+
+
 def _lfu_remove(key, count, prev, after, bhead, btail, nonempty):
     """Take a resident ``key`` out of bucket ``count``."""
     p, n = prev[key], after[key]
@@ -795,7 +810,7 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
     next visit, when the prefetches have landed. Evictions are tallied per key (``evicted``) and folded into the
     counts per layer at the end of the piece."""
     width = gate.shape[2] + transition.shape[2]
-    visit = state[_VISIT]
+    visit, tick, cursor = state[_VISIT], state[_TICK], state[_CURSOR]
     tokens = (starts.shape[0] - 1) // layers
     for t in range(tokens):
         for pos in range(layers):
@@ -811,16 +826,17 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
                         _unlink(prev, after, state, key)
                         _append(prev, after, state, key)
                 elif policy == LFU:
+                    tick += 1
+                    last[key] = tick
                     if resident:
                         _lfu_remove(key, requests[key], prev, after, bhead, btail, nonempty)
-                    requests[key] += 1
-                    state[_TICK] += 1
-                    last[key] = state[_TICK]
-                    if resident:
-                        _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last, added)
+                        requests[key] += 1
+                        _lfu_append(key, state, prev, after, bhead, btail, nonempty, requests)
+                    else:
+                        requests[key] += 1
                 elif policy == BELADY:
-                    next_use[key] = following[state[_CURSOR]]
-                    state[_CURSOR] += 1
+                    next_use[key] = following[cursor]
+                    cursor += 1
                     if resident:  # its next request is later now: it moves toward the top
                         _sift_up(heap, at, at[key], next_use, added)
                 elif policy == FORECAST:
@@ -859,7 +875,7 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
                     pinned += 1
                     prefetched[key] = True
                     counts[pos + 1, ISSUED] += 1
-    state[_VISIT] = visit
+    state[_VISIT], state[_TICK], state[_CURSOR] = visit, tick, cursor
     for key in range(evicted.shape[0]):
         if evicted[key] > 0:
             counts[key // num_experts, EVICTIONS] += evicted[key]
@@ -1023,7 +1039,7 @@ def compiled_replay(arrays: TraceArrays, policy: str, capacity: int, predictor: 
 
 # ---------------------------------------------------------------- compiling
 
-_KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_lfu_rank", "_lfu_insert", "_lfu_remove", "_lowest_bit",
+_KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_lfu_rank", "_lfu_insert", "_lfu_append", "_lfu_remove", "_lowest_bit",
             "_lfu_victim", "_before", "_place", "_sift_up", "_sift_down", "_heap_insert", "_heap_remove", "_heap_victim",
             "_random_victim", "_fc_before", "_fc_sift_up", "_fc_sift_down", "_fc_moved", "_fc_insert", "_fc_remove",
             "_fc_lowest_unpinned", "_fc_victim", "_fc_age_bin", "_fc_rate_bin", "_fc_cell", "_fc_cell_of_quotient", "_fc_close_visit", "_fc_access", "_pooled", "_admit",

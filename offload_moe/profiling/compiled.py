@@ -142,59 +142,48 @@ def _lfu_rank(key, requests, last, added):
     return last[key] if requests[key] > 0 else added[key]
 
 
-def _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last, added):
+def _lfu_insert(key, space, state, prev, after, nonempty, requests, last, added):
     """Put a resident ``key`` into the bucket of its request count, ordered by ``_lfu_rank`` (lowest first).
 
-    The bucket list is walked back from its tail: a request or a miss has the newest rank, so it usually
-    lands at the tail at once; only a prefetched key requested long ago walks further.
+    A bucket ``c`` is a ring through its sentinel ``space + c`` (no branch for its ends). It is walked back from
+    its end: a miss has the newest rank but for the other requests of its layer visit, so it lands at once or
+    nearly; only a prefetched key requested long ago walks further.
     """
     c = requests[key]
+    end = space + c
     rank = _lfu_rank(key, requests, last, added)
-    before = btail[c]
-    while before >= 0 and _lfu_rank(before, requests, last, added) > rank:
+    before = prev[end]
+    while before != end and _lfu_rank(before, requests, last, added) > rank:
         before = prev[before]
-    nxt = bhead[c] if before < 0 else after[before]
+    nxt = after[before]
     prev[key], after[key] = before, nxt
-    if before >= 0:
-        after[before] = key
-    else:
-        bhead[c] = key
-    if nxt >= 0:
-        prev[nxt] = key
-    else:
-        btail[c] = key
+    after[before] = key
+    prev[nxt] = key
     nonempty[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
     if (c >> 6) < state[_LOW]:
         state[_LOW] = c >> 6
 
 
-def _lfu_append(key, state, prev, after, bhead, btail, nonempty, requests):
+def _lfu_append(key, space, state, prev, after, nonempty, requests):
     """``_lfu_insert`` of a key just requested, at a hit: its rank is the newest, so it goes to the end of its bucket."""
     c = requests[key]
-    tail = btail[c]
-    prev[key], after[key] = tail, -1
-    btail[c] = key
-    if tail >= 0:
-        after[tail] = key
-    else:
-        bhead[c] = key
+    end = space + c
+    tail = prev[end]
+    prev[key], after[key] = tail, end
+    after[tail] = key
+    prev[end] = key
+    if tail == end:  # the bucket was empty
         nonempty[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
         if (c >> 6) < state[_LOW]:
             state[_LOW] = c >> 6
 
 
-def _lfu_remove(key, count, prev, after, bhead, btail, nonempty):
+def _lfu_remove(key, count, space, prev, after, nonempty):
     """Take a resident ``key`` out of bucket ``count``."""
     p, n = prev[key], after[key]
-    if p >= 0:
-        after[p] = n
-    else:
-        bhead[count] = n
-    if n >= 0:
-        prev[n] = p
-    else:
-        btail[count] = p
-    if bhead[count] < 0:
+    after[p] = n
+    prev[n] = p
+    if p == n:  # both the sentinel: the bucket is empty now
         nonempty[count >> 6] &= ~(np.uint64(1) << np.uint64(count & 63))
 
 
@@ -222,7 +211,7 @@ def _lowest_bit(word):
     return i
 
 
-def _lfu_victim(state, pinned_at, low, after, bhead, nonempty):
+def _lfu_victim(space, state, pinned_at, low, after, nonempty):
     """The unpinned resident key of lowest (requests, rank): the buckets from the lowest count up, each from its head."""
     while state[_LOW] < nonempty.shape[0] and nonempty[state[_LOW]] == np.uint64(0):
         state[_LOW] += 1  # no bucket below this word holds a key
@@ -231,8 +220,9 @@ def _lfu_victim(state, pinned_at, low, after, bhead, nonempty):
         while word != np.uint64(0):
             bit = _lowest_bit(word)
             word &= word - np.uint64(1)
-            key = bhead[w * 64 + bit]
-            while key >= 0:
+            end = space + w * 64 + bit
+            key = after[end]
+            while key != end:
                 if pinned_at[key] < low:
                     return key
                 key = after[key]
@@ -758,11 +748,10 @@ class ReplayState:
         self.fwork = np.full((6, max(num_experts, layers) if forecast else 0), -1.0)  # see the rows at the top
         self.known = np.zeros(space if forecast else 0, dtype=np.int64)  # each layer's experts, by first request
         self.group = np.zeros((2, num_experts), dtype=np.int64)  # this visit's experts, in request order; 1 where in it
-        # lfu: one list of resident keys per request count, a bit per nonempty list; a key is requested at most
-        # once a token, so the lists grow with the tokens fed
+        # lfu: one ring of resident keys per request count c, through its sentinel space + c in prev and after, a
+        # bit per nonempty ring; a key is requested at most once a token, so the rings grow with the tokens fed
         self.tokens = 0
-        self.bhead = np.full(0, -1, dtype=np.int64)
-        self.btail = np.full(0, -1, dtype=np.int64)
+        self.buckets = 0
         self.nonempty = np.zeros(0, dtype=np.uint64)
         self.guesses = np.empty(max(width, 1), dtype=np.int64)
         self.votes = np.empty(max(width, 1), dtype=np.int64)
@@ -775,8 +764,8 @@ class ReplayState:
         compile_kernels()
         self.state[_CURSOR] = 0
         self.tokens += (starts.shape[0] - 1) // self.layers
-        if self.policy == LFU and self.bhead.shape[0] < self.tokens + 2:
-            self._grow_buckets(max(self.tokens + 2, 2 * self.bhead.shape[0]))
+        if self.policy == LFU and self.buckets < self.tokens + 2:
+            self._grow_buckets(max(self.tokens + 2, 2 * self.buckets))
         if self.policy == FORECAST and self.powers.shape[0] < self.tokens + 2:  # a layer's visits: one a token at most
             size = max(self.tokens + 2, 2 * self.powers.shape[0])
             more = [self.decay ** n for n in range(self.powers.shape[0], size)]  # CPython's float ** int
@@ -784,22 +773,23 @@ class ReplayState:
         _PIECES[self.policy](keys, starts, self.layers, self.num_experts, self.capacity, gate, transition, following,
                              self.counts, self.state, self.mt, self.is_resident, self.prefetched, self.pinned_at,
                              self.evicted, self.residents, self.where, self.prev, self.after, self.requests, self.last,
-                             self.next_use, self.added, self.heap, self.at, self.kept, self.bhead, self.btail,
-                             self.nonempty, self.guesses, self.votes, self.fvalues, self.fints, self.flayers, self.known,
+                             self.next_use, self.added, self.heap, self.at, self.kept, self.nonempty,
+                             self.guesses, self.votes, self.fvalues, self.fints, self.flayers, self.known,
                              self.group, self.table, self.powers, self.decay, self.fwork)
 
     def _grow_buckets(self, size: int) -> None:
         words = (size + 63) // 64
         size = 64 * words
-        old = self.bhead.shape[0]
-        self.bhead = np.concatenate([self.bhead, np.full(size - old, -1, dtype=np.int64)])
-        self.btail = np.concatenate([self.btail, np.full(size - old, -1, dtype=np.int64)])
+        sentinels = np.arange(self.prev.shape[0], self.is_resident.shape[0] + size, dtype=np.int64)  # each its own ring
+        self.prev = np.concatenate([self.prev, sentinels])
+        self.after = np.concatenate([self.after, sentinels])
+        self.buckets = size
         self.nonempty = np.concatenate([self.nonempty, np.zeros(words - self.nonempty.shape[0], dtype=np.uint64)])
 
 
 def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state, mt,
                   is_resident, prefetched, pinned_at, evicted, residents, where, prev, after, requests, last, next_use,
-                  added, heap, at, kept, bhead, btail, nonempty, guesses, votes, fvalues, fints, flayers, known, group,
+                  added, heap, at, kept, nonempty, guesses, votes, fvalues, fints, flayers, known, group,
                   table, powers, decay, fwork):
     """``ReplayState.feed``'s loop over the piece's tokens and layers, for one ``policy``: each policy's replay is
     compiled apart (``_PIECES``), so the tests of ``policy`` fold away.
@@ -811,6 +801,7 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
     counts per layer at the end of the piece."""
     width = gate.shape[2] + transition.shape[2]
     visit, tick, cursor = state[_VISIT], state[_TICK], state[_CURSOR]
+    space = layers * num_experts  # lfu: bucket c's sentinel is space + c in prev and after
     tokens = (starts.shape[0] - 1) // layers
     for t in range(tokens):
         for pos in range(layers):
@@ -829,9 +820,9 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
                     tick += 1
                     last[key] = tick
                     if resident:
-                        _lfu_remove(key, requests[key], prev, after, bhead, btail, nonempty)
+                        _lfu_remove(key, requests[key], space, prev, after, nonempty)
                         requests[key] += 1
-                        _lfu_append(key, state, prev, after, bhead, btail, nonempty, requests)
+                        _lfu_append(key, space, state, prev, after, nonempty, requests)
                     else:
                         requests[key] += 1
                 elif policy == BELADY:
@@ -856,7 +847,7 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
                     if not is_resident[key]:
                         _admit(key, low, low, policy, capacity, num_experts, state, is_resident, prefetched, pinned_at,
                                evicted, residents, where, prev, after, requests, last, next_use, added, heap, at, kept,
-                               mt, bhead, btail, nonempty, group, fvalues, fints, flayers, fwork)
+                               mt, space, nonempty, group, fvalues, fints, flayers, fwork)
             named = _pooled(gate, transition, t, pos, votes, guesses) if pos < layers - 1 and width else 0
             pinned = end - first  # the layer's keys, all resident by now
             for layer_done in range(0 if named else 1, 2):  # the prefetches: while the layer runs, then once it is done
@@ -871,7 +862,7 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
                         break  # every slot is pinned: the rest wait for the retry
                     _admit(key, 2 * visit + 1, low, policy, capacity, num_experts, state, is_resident, prefetched,
                            pinned_at, evicted, residents, where, prev, after, requests, last, next_use, added, heap, at,
-                           kept, mt, bhead, btail, nonempty, group, fvalues, fints, flayers, fwork)
+                           kept, mt, space, nonempty, group, fvalues, fints, flayers, fwork)
                     pinned += 1
                     prefetched[key] = True
                     counts[pos + 1, ISSUED] += 1
@@ -883,7 +874,7 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
 
 
 def _admit(key, stamp, low, policy, capacity, num_experts, state, is_resident, prefetched, pinned_at, evicted,
-           residents, where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty,
+           residents, where, prev, after, requests, last, next_use, added, heap, at, kept, mt, space, nonempty,
            group, fvalues, fints, flayers, fwork):
     """``Residency.admit``: a free slot, or the policy's victim (a key pinned below ``low``) evicted; ``key`` comes in
     pinned with ``stamp``."""
@@ -896,8 +887,8 @@ def _admit(key, stamp, low, policy, capacity, num_experts, state, is_resident, p
         elif policy == RANDOM:
             victim = _random_victim(mt, state, residents, pinned_at, low)
         elif policy == LFU:
-            victim = _lfu_victim(state, pinned_at, low, after, bhead, nonempty)
-            _lfu_remove(victim, requests[victim], prev, after, bhead, btail, nonempty)
+            victim = _lfu_victim(space, state, pinned_at, low, after, nonempty)
+            _lfu_remove(victim, requests[victim], space, prev, after, nonempty)
         elif policy == FORECAST:
             victim = _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, flayers, added, fwork)
             _fc_remove(victim, num_experts, heap, at, fvalues, fints, flayers, added)
@@ -923,7 +914,7 @@ def _admit(key, stamp, low, policy, capacity, num_experts, state, is_resident, p
     if policy == LRU or policy == FIFO:
         _append(prev, after, state, key)
     elif policy == LFU:
-        _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last, added)
+        _lfu_insert(key, space, state, prev, after, nonempty, requests, last, added)
     elif policy == BELADY:
         _heap_insert(heap, at, state, key, next_use, added)
     elif policy == FORECAST:
@@ -934,11 +925,11 @@ def _piece_for(policy):
     """``_replay_piece`` with ``policy`` fixed: compiled, a replay specialised to it."""
     def piece(keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state, mt, is_resident,
               prefetched, pinned_at, evicted, residents, where, prev, after, requests, last, next_use, added, heap, at,
-              kept, bhead, btail, nonempty, guesses, votes, fvalues, fints, flayers, known, group, table, powers,
+              kept, nonempty, guesses, votes, fvalues, fints, flayers, known, group, table, powers,
               decay, fwork):
         _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state,
                       mt, is_resident, prefetched, pinned_at, evicted, residents, where, prev, after, requests, last,
-                      next_use, added, heap, at, kept, bhead, btail, nonempty, guesses, votes, fvalues, fints, flayers,
+                      next_use, added, heap, at, kept, nonempty, guesses, votes, fvalues, fints, flayers,
                       known, group, table, powers, decay, fwork)
     return piece
 

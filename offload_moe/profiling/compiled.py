@@ -415,8 +415,10 @@ def _fc_remove(key, num_experts, heap, at, fvalues, fints, flayers, added):
 def _fc_lowest_unpinned(heap, base, size, pinned_at, low, stack, fvalues, fints, added):
     """The first unpinned key of one layer's heap (-1: none): the lowest of the unpinned keys reached from the top
     through pinned ones only (any key below an unpinned one comes after it)."""
+    if size == 0 or pinned_at[heap[base]] < low:  # most layers: the top
+        return heap[base] if size > 0 else -1
     best = -1
-    n = 1 if size > 0 else 0
+    n = 1
     stack[0] = 0
     while n > 0:
         n -= 1
@@ -537,9 +539,9 @@ def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fint
             cell = _fc_cell_of_quotient(visit - last, count * (1.0 - decay), before, inverse_before)
         else:
             cell = _fc_cell(visit - last, 0.0)
-        table[cell, 1] += 1.0
+        table[cell, 1] += 1
         if group[1, expert]:
-            table[cell, 0] += 1.0
+            table[cell, 0] += 1
             count = count * decay + 1.0
             counted_at = last = visit
             fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key] = count, visit, visit
@@ -560,7 +562,7 @@ def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fint
         flayers[_KNOWN, layer] += 1
         rate = (1.0 - decay) / seen
         cell = _fc_cell(1, rate)
-        fvalues[_CHANCE, key] = (table[cell, 0] + _PRIOR * rate) / (table[cell, 1] + _PRIOR)
+        fvalues[_CHANCE, key] = (float(table[cell, 0]) + _PRIOR * rate) / (float(table[cell, 1]) + _PRIOR)
         fints[_RANK_LAST, key] = visit
     size = flayers[_SIZE, layer]
     for i in range(size):  # resident keys inserted, then their layer ran without them: chance 0
@@ -740,7 +742,9 @@ class ReplayState:
         # computes them (the visits of a layer grow with the tokens fed, so they grow too); the learned table
         self.decay = Forecast(half_life).decay
         self.powers = np.empty(0, dtype=np.float64)
-        self.table = np.zeros((_BINS * _BINS, 2), dtype=np.float64)  # (age bin, frequency bin) -> [reuses, tries]
+        # (age bin, frequency bin) -> [reuses, tries]; whole numbers, which the policy keeps as floats (exact below
+        # 2**53), kept as integers here: an integer add is quicker where one cell takes many tries in a row
+        self.table = np.zeros((_BINS * _BINS, 2), dtype=np.int64)
         self.fvalues = np.zeros((2, space if forecast else 0), dtype=np.float64)
         self.fints = np.zeros((3, space if forecast else 0), dtype=np.int64)
         self.fints[_RANK_LAST] = -1

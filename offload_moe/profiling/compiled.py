@@ -188,27 +188,8 @@ def _lfu_remove(key, count, space, prev, after, nonempty):
 
 
 def _lowest_bit(word):
-    """The index of ``word``'s lowest set bit (``word`` > 0)."""
-    b = word & (~word + np.uint64(1))
-    i = 0
-    if b >= np.uint64(1) << np.uint64(32):
-        b >>= np.uint64(32)
-        i += 32
-    if b >= np.uint64(1) << np.uint64(16):
-        b >>= np.uint64(16)
-        i += 16
-    if b >= np.uint64(1) << np.uint64(8):
-        b >>= np.uint64(8)
-        i += 8
-    if b >= np.uint64(1) << np.uint64(4):
-        b >>= np.uint64(4)
-        i += 4
-    if b >= np.uint64(1) << np.uint64(2):
-        b >>= np.uint64(2)
-        i += 2
-    if b >= np.uint64(2):
-        i += 1
-    return i
+    """The index of ``word``'s lowest set bit (``word`` > 0): the exponent of that bit alone, as a double."""
+    return (np.float64(word & (~word + np.uint64(1))).view(np.int64) >> 52) - 1023
 
 
 def _lfu_victim(space, state, pinned_at, low, after, nonempty):

@@ -60,9 +60,10 @@ _EDGE = 1 << 33  # a fraction this close to 0 or to the top: within 2**-19 of a 
 # the layer being requested (-1: none yet), the layers visited, the layers with a heap, the experts of this visit
 _HEAD, _TAIL, _HEAP, _RESIDENT, _VISIT, _TICK, _ADDED, _CURSOR, _MT, _LOW, _STEP, _LAYER, _PERIOD, _HEAPS, _GROUP = \
     range(15)
-# forecast's rows: of ``fvalues`` [2, keys], a key's chance at its layer's next visit and its decayed requests; of
-# ``fints`` [3, keys], the last use its rank holds (-1: none), the visit its requests were counted at (0: never
-# requested at its layer) and its last request's visit; of ``flayers`` [6, L], a layer's latest visit (its step;
+# forecast's columns and rows: of ``fvalues`` [keys, 2], a key's chance at its layer's next visit and its decayed
+# requests; of ``fints`` [keys, 3], the last use its rank holds (-1: none), the visit its requests were counted at (0:
+# never requested at its layer) and its last request's visit (a key's values side by side, read together at each
+# visit of its layer); of the rows of ``flayers`` [6, L], a layer's latest visit (its step;
 # 0: not yet), its visits, the experts it has seen, its heap's size, whether it has a heap, and the layers with a
 # heap in the order they got it
 _CHANCE, _DECAYED = 0, 1
@@ -311,10 +312,10 @@ def _random_victim(mt, state, residents, pinned_at, low):
 def _fc_before(a, b, fvalues, fints, added):
     """Forecast's order in a layer's heap, ``LazyHeap``'s: lower (chance, last use) first, ties to the key inserted
     earlier."""
-    if fvalues[_CHANCE, a] != fvalues[_CHANCE, b]:
-        return fvalues[_CHANCE, a] < fvalues[_CHANCE, b]
-    if fints[_RANK_LAST, a] != fints[_RANK_LAST, b]:
-        return fints[_RANK_LAST, a] < fints[_RANK_LAST, b]
+    if fvalues[a, _CHANCE] != fvalues[b, _CHANCE]:
+        return fvalues[a, _CHANCE] < fvalues[b, _CHANCE]
+    if fints[a, _RANK_LAST] != fints[b, _RANK_LAST]:
+        return fints[a, _RANK_LAST] < fints[b, _RANK_LAST]
     return added[a] < added[b]
 
 
@@ -367,7 +368,7 @@ def _fc_insert(key, num_experts, state, group, fvalues, fints, flayers, heap, at
         flayers[_ORDER, state[_HEAPS]] = layer
         state[_HEAPS] += 1
     if layer != state[_LAYER] or group[1, key - layer * num_experts] == 0:
-        fvalues[_CHANCE, key] = 1.0
+        fvalues[key, _CHANCE] = 1.0
     i = flayers[_SIZE, layer]
     flayers[_SIZE, layer] = i + 1
     base = layer * num_experts
@@ -431,7 +432,7 @@ def _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, f
         distance = (visited if visited > 0 else step) + period - step
         if distance <= 0:
             distance += period
-        chance = fvalues[_CHANCE, key]
+        chance = fvalues[key, _CHANCE]
         if chance > 0 and (fwork[_Q_CHANCE, layer] != chance or fwork[_Q_PERIOD, layer] != period):
             fwork[_Q_CHANCE, layer], fwork[_Q_PERIOD, layer] = chance, period
             fwork[_Q, layer] = period * (1.0 - chance) / chance
@@ -513,7 +514,7 @@ def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fint
     for s in range(flayers[_KNOWN, layer]):
         expert = known[base + s]
         key = base + expert
-        count, counted_at, last = fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key]
+        count, counted_at, last = fvalues[key, _DECAYED], fints[key, _COUNTED_AT], fints[key, _USED_AT]
         count *= powers[visit - 1 - counted_at]
         # the rate count * (1.0 - decay) / (1.0 - powers[visit - 1]) (0 at the first visit) only picks the cell
         if visit > 1:
@@ -525,31 +526,31 @@ def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fint
             table[cell, 0] += 1
             count = count * decay + 1.0
             counted_at = last = visit
-            fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key] = count, visit, visit
+            fvalues[key, _DECAYED], fints[key, _COUNTED_AT], fints[key, _USED_AT] = count, visit, visit
         numerator = count * powers[visit - counted_at] * (1.0 - decay)
         cell = _fc_cell_of_quotient(visit + 1 - last, numerator, seen, inverse_seen)
         fwork[_SNAP_HITS, s], fwork[_SNAP_TRIES, s], fwork[_SNAP_RATE, s] = table[cell, 0], table[cell, 1], numerator
-        fints[_RANK_LAST, key] = last
+        fints[key, _RANK_LAST] = last
     for s in range(flayers[_KNOWN, layer]):  # the chances: divisions that wait on nothing above, apart
         rate = fwork[_SNAP_RATE, s] / seen
-        fvalues[_CHANCE, base + known[base + s]] = (fwork[_SNAP_HITS, s] + _PRIOR * rate) / (fwork[_SNAP_TRIES, s] + _PRIOR)
+        fvalues[base + known[base + s], _CHANCE] = (fwork[_SNAP_HITS, s] + _PRIOR * rate) / (fwork[_SNAP_TRIES, s] + _PRIOR)
     for g in range(state[_GROUP]):  # first requests at this layer: no try to score yet
         expert = group[0, g]
         key = base + expert
-        if fints[_COUNTED_AT, key] > 0:
+        if fints[key, _COUNTED_AT] > 0:
             continue
-        fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key] = 1.0, visit, visit
+        fvalues[key, _DECAYED], fints[key, _COUNTED_AT], fints[key, _USED_AT] = 1.0, visit, visit
         known[base + flayers[_KNOWN, layer]] = expert
         flayers[_KNOWN, layer] += 1
         rate = (1.0 - decay) / seen
         cell = _fc_cell(1, rate)
-        fvalues[_CHANCE, key] = (float(table[cell, 0]) + _PRIOR * rate) / (float(table[cell, 1]) + _PRIOR)
-        fints[_RANK_LAST, key] = visit
+        fvalues[key, _CHANCE] = (float(table[cell, 0]) + _PRIOR * rate) / (float(table[cell, 1]) + _PRIOR)
+        fints[key, _RANK_LAST] = visit
     size = flayers[_SIZE, layer]
     for i in range(size):  # resident keys inserted, then their layer ran without them: chance 0
         key = heap[base + i]
-        if fints[_COUNTED_AT, key] == 0:
-            fvalues[_CHANCE, key], fints[_RANK_LAST, key] = 0.0, -1
+        if fints[key, _COUNTED_AT] == 0:
+            fvalues[key, _CHANCE], fints[key, _RANK_LAST] = 0.0, -1
     # the resident keys' ranks changed: the layer's heap made again (its victim, the lowest unpinned key, does not
     # depend on how the heap is laid out: the order is total, ties going to the key inserted earlier)
     for i in range(size // 2 - 1, -1, -1):
@@ -726,9 +727,9 @@ class ReplayState:
         # (age bin, frequency bin) -> [reuses, tries]; whole numbers, which the policy keeps as floats (exact below
         # 2**53), kept as integers here: an integer add is quicker where one cell takes many tries in a row
         self.table = np.zeros((_BINS * _BINS, 2), dtype=np.int64)
-        self.fvalues = np.zeros((2, space if forecast else 0), dtype=np.float64)
-        self.fints = np.zeros((3, space if forecast else 0), dtype=np.int64)
-        self.fints[_RANK_LAST] = -1
+        self.fvalues = np.zeros((space if forecast else 0, 2), dtype=np.float64)  # a key's values side by side
+        self.fints = np.zeros((space if forecast else 0, 3), dtype=np.int64)
+        self.fints[:, _RANK_LAST] = -1
         self.flayers = np.zeros((6, layers), dtype=np.int64)
         self.fwork = np.full((6, max(num_experts, layers) if forecast else 0), -1.0)  # see the rows at the top
         self.known = np.zeros(space if forecast else 0, dtype=np.int64)  # each layer's experts, by first request

@@ -351,14 +351,6 @@ def _fc_sift_down(heap, at, base, size, i, fvalues, fints, added):
     at[key] = i
 
 
-def _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added):
-    """A resident ``key``'s rank changed: its place in its layer's heap."""
-    layer = key // num_experts
-    base = layer * num_experts
-    _fc_sift_up(heap, at, base, at[key], fvalues, fints, added)
-    _fc_sift_down(heap, at, base, flayers[_SIZE, layer], at[key], fvalues, fints, added)
-
-
 def _fc_insert(key, num_experts, state, group, fvalues, fints, flayers, heap, at, added):
     """``Forecast.on_insert``: a key requested at this visit keeps its rank (a new one: chance 0) until the visit
     ends; one named by a prefetch gets chance 1, kept until its layer has run. It joins its layer's heap."""
@@ -480,14 +472,14 @@ def _fc_cell_of_quotient(age, numerator, denominator, inverse):
     return _fc_age_bin(age) * _BINS + rate_bin
 
 
-def _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table, powers, decay,
-               heap, at, kept, added, fwork):
+def _fc_access(key, num_experts, state, group, fvalues, fints, flayers, known, table, powers, decay, heap, at,
+               added, fwork):
     """``Forecast.on_access``: a request at another layer than the last ends that layer's visit, starts this one's."""
     layer = key // num_experts
     if layer != state[_LAYER]:
         if state[_LAYER] >= 0:
-            _fc_close_visit(state[_LAYER], num_experts, state, is_resident, group, fvalues, fints, flayers, known,
-                            table, powers, decay, heap, at, kept, added, fwork)
+            _fc_close_visit(state[_LAYER], num_experts, state, group, fvalues, fints, flayers, known, table, powers,
+                            decay, heap, at, added, fwork)
         state[_LAYER] = layer
         state[_STEP] += 1
         if flayers[_VISITED_AT, layer] == 0:
@@ -501,8 +493,8 @@ def _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flay
         state[_GROUP] += 1
 
 
-def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table, powers,
-                    decay, heap, at, kept, added, fwork):
+def _fc_close_visit(layer, num_experts, state, group, fvalues, fints, flayers, known, table, powers, decay, heap,
+                    at, added, fwork):
     """``Forecast._close_visit``, in the same order and with the same doubles: each expert seen at ``layer`` scores
     the visit in its table cell, then reads its chance from the table as it is by then. ``known`` [L * E]: each
     layer's experts in order of first request; ``powers[n]``: ``decay ** n`` as Python computes it."""
@@ -817,8 +809,8 @@ def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, tra
                     if resident:  # its next request is later now: it moves toward the top
                         _sift_up(heap, at, at[key], next_use, added)
                 elif policy == FORECAST:
-                    _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table,
-                               powers, decay, heap, at, kept, added, fwork)
+                    _fc_access(key, num_experts, state, group, fvalues, fints, flayers, known, table, powers, decay,
+                               heap, at, added, fwork)
                 if resident:
                     hits += 1
                     pinned_at[key] = low
@@ -1018,7 +1010,7 @@ def compiled_replay(arrays: TraceArrays, policy: str, capacity: int, predictor: 
 
 _KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_lfu_rank", "_lfu_insert", "_lfu_append", "_lfu_remove", "_lowest_bit",
             "_lfu_victim", "_before", "_place", "_sift_up", "_sift_down", "_heap_insert", "_heap_remove", "_heap_victim",
-            "_random_victim", "_fc_before", "_fc_sift_up", "_fc_sift_down", "_fc_moved", "_fc_insert", "_fc_remove",
+            "_random_victim", "_fc_before", "_fc_sift_up", "_fc_sift_down", "_fc_insert", "_fc_remove",
             "_fc_lowest_unpinned", "_fc_victim", "_fc_age_bin", "_fc_rate_bin", "_fc_cell", "_fc_cell_of_quotient", "_fc_close_visit", "_fc_access", "_pooled", "_admit",
             "_transition_into", "_replay_piece")
 _ALLOCATING = ("_transition_into",)

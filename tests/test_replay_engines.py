@@ -165,6 +165,27 @@ def test_python_mersenne_twister_draws_are_reproduced():
             assert compiled._randbelow(words, state, n) == rng.randrange(n)
 
 
+def test_forecast_cells_are_the_policys_near_every_bin_end():
+    """The compiled engine reads a cell's frequency bin off the exponent of an approximate rate, and works the rate
+    out only near a power of two: the cells are ``policies.forecast._cell``'s, there above all."""
+    from offload_moe.policies.forecast import _cell
+
+    compiled.compile_kernels()
+    rng = random.Random(0)
+    rates = [0.0, 1e-300, 5e-324, 1.0, 2.0, 3.5]
+    for j in range(-2, 12):  # each side of the bins' ends, 1/2, 1/4, .., and of other powers of two
+        for ulps in (0, 1, 2, 3, 10, 2**20, 2**33, 2**34):
+            rates += [0.5**j * (1 + ulps * 2.0**-52), 0.5**j * (1 - ulps * 2.0**-53)]
+    rates += [rng.random() ** 4 for _ in range(2000)]
+    for rate in rates:
+        for denominator in (1.0, 0.3, rng.uniform(1e-3, 1.0)):
+            numerator = rate * denominator
+            for age in (1, 2, 3, 4, 5, 9, 33, 64, 65, 66, 1000):
+                expected = _cell(age, numerator / denominator)
+                assert compiled._fc_cell_of_quotient(age, numerator, denominator, 1.0 / denominator) == expected
+                assert compiled._fc_cell(age, numerator / denominator) == expected
+
+
 def test_transition_predictions_are_the_online_predictors_token_by_token():
     """``profiling.predictions(trace, "transition")`` (the compiled ``transition_guesses``) names what the runtime's
     ``TransitionPredictor`` names when the trace is fed to it one token at a time."""

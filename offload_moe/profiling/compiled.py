@@ -50,17 +50,27 @@ COUNTERS = ("hits", "misses", "evictions", "prefetch_issued", "prefetch_used")  
 HITS, MISSES, EVICTIONS, ISSUED, USED = range(5)
 NEVER = np.iinfo(np.int64).max  # belady: a key not requested again
 _TRIES = 8  # policies.rand: random picks before scanning the candidates
+_HALVES = np.array([0.5 ** (k + 1) for k in range(_BINS)])  # forecast: the frequency bins' lower ends, 1/2, 1/4, ..
+_NEAR = 2.0 ** -20  # forecast: a rate this close (relatively) to a bin's end has its bin worked out with care
+_AGE_BINS = np.array([min(n.bit_length(), _BINS - 1) for n in range(1 << (_BINS - 1))])  # [age - 1]; beyond: _BINS - 1
+_MANTISSA = (1 << 52) - 1  # a double's fraction bits
+_EDGE = 1 << 33  # a fraction this close to 0 or to the top: within 2**-19 of a power of two
 # the scalar state, one int64 array: list ends, heap size, counters of the policies, the generator's index,
 # the prefetches in flight, lfu's lowest word of nonempty buckets; forecast's layer visits so far (all layers),
 # the layer being requested (-1: none yet), the layers visited, the layers with a heap, the experts of this visit
-_HEAD, _TAIL, _HEAP, _RESIDENT, _PINNED, _TICK, _ADDED, _CURSOR, _MT, _FLYING, _LOW, _STEP, _LAYER, _PERIOD, _HEAPS, \
-    _GROUP = range(16)
-# forecast's rows: of ``fvalues`` [2, keys], a key's chance at its layer's next visit and its decayed requests; of
-# ``fints`` [3, keys], the last use its rank holds (-1: none), the visit its requests were counted at (0: never
-# requested at its layer) and its last request's visit; of ``flayers`` [6, L], a layer's latest visit (its step;
+_HEAD, _TAIL, _HEAP, _RESIDENT, _VISIT, _TICK, _ADDED, _CURSOR, _MT, _LOW, _STEP, _LAYER, _PERIOD, _HEAPS, _GROUP = \
+    range(15)
+# forecast's columns and rows: of ``fvalues`` [keys, 2], a key's chance at its layer's next visit and its decayed
+# requests; of ``fints`` [keys, 3], the last use its rank holds (-1: none), the visit its requests were counted at (0:
+# never requested at its layer) and its last request's visit (a key's values side by side, read together at each
+# visit of its layer); of the rows of ``flayers`` [6, L], a layer's latest visit (its step;
 # 0: not yet), its visits, the experts it has seen, its heap's size, whether it has a heap, and the layers with a
 # heap in the order they got it
 _CHANCE, _DECAYED = 0, 1
+# of ``fwork`` [6, max(E, L)]: a layer visit's scores as it ends, per expert in ``known`` order (the hits and tries of
+# its chance's table cell, read in turn, and its rate's numerator), and per layer the last ``period * (1 - chance) /
+# chance`` of ``_fc_victim`` with the chance and period it was worked out for
+_SNAP_HITS, _SNAP_TRIES, _SNAP_RATE, _Q_CHANCE, _Q_PERIOD, _Q = range(6)
 _RANK_LAST, _COUNTED_AT, _USED_AT = 0, 1, 2
 _VISITED_AT, _VISITS, _KNOWN, _SIZE, _MADE, _ORDER = range(6)
 
@@ -133,72 +143,57 @@ def _lfu_rank(key, requests, last, added):
     return last[key] if requests[key] > 0 else added[key]
 
 
-def _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last, added):
+def _lfu_insert(key, space, state, prev, after, nonempty, requests, last, added):
     """Put a resident ``key`` into the bucket of its request count, ordered by ``_lfu_rank`` (lowest first).
 
-    The bucket list is walked back from its tail: a request or a miss has the newest rank, so it usually
-    lands at the tail at once; only a prefetched key requested long ago walks further.
+    A bucket ``c`` is a ring through its sentinel ``space + c`` (no branch for its ends). It is walked back from
+    its end: a miss has the newest rank but for the other requests of its layer visit, so it lands at once or
+    nearly; only a prefetched key requested long ago walks further.
     """
     c = requests[key]
+    end = space + c
     rank = _lfu_rank(key, requests, last, added)
-    before = btail[c]
-    while before >= 0 and _lfu_rank(before, requests, last, added) > rank:
+    before = prev[end]
+    while before != end and _lfu_rank(before, requests, last, added) > rank:
         before = prev[before]
-    nxt = bhead[c] if before < 0 else after[before]
+    nxt = after[before]
     prev[key], after[key] = before, nxt
-    if before >= 0:
-        after[before] = key
-    else:
-        bhead[c] = key
-    if nxt >= 0:
-        prev[nxt] = key
-    else:
-        btail[c] = key
+    after[before] = key
+    prev[nxt] = key
     nonempty[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
     if (c >> 6) < state[_LOW]:
         state[_LOW] = c >> 6
 
 
-def _lfu_remove(key, count, prev, after, bhead, btail, nonempty):
+def _lfu_append(key, space, state, prev, after, nonempty, requests):
+    """``_lfu_insert`` of a key just requested, at a hit: its rank is the newest, so it goes to the end of its bucket."""
+    c = requests[key]
+    end = space + c
+    tail = prev[end]
+    prev[key], after[key] = tail, end
+    after[tail] = key
+    prev[end] = key
+    if tail == end:  # the bucket was empty
+        nonempty[c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+        if (c >> 6) < state[_LOW]:
+            state[_LOW] = c >> 6
+
+
+def _lfu_remove(key, count, space, prev, after, nonempty):
     """Take a resident ``key`` out of bucket ``count``."""
     p, n = prev[key], after[key]
-    if p >= 0:
-        after[p] = n
-    else:
-        bhead[count] = n
-    if n >= 0:
-        prev[n] = p
-    else:
-        btail[count] = p
-    if bhead[count] < 0:
+    after[p] = n
+    prev[n] = p
+    if p == n:  # both the sentinel: the bucket is empty now
         nonempty[count >> 6] &= ~(np.uint64(1) << np.uint64(count & 63))
 
 
 def _lowest_bit(word):
-    """The index of ``word``'s lowest set bit (``word`` > 0)."""
-    b = word & (~word + np.uint64(1))
-    i = 0
-    if b >= np.uint64(1) << np.uint64(32):
-        b >>= np.uint64(32)
-        i += 32
-    if b >= np.uint64(1) << np.uint64(16):
-        b >>= np.uint64(16)
-        i += 16
-    if b >= np.uint64(1) << np.uint64(8):
-        b >>= np.uint64(8)
-        i += 8
-    if b >= np.uint64(1) << np.uint64(4):
-        b >>= np.uint64(4)
-        i += 4
-    if b >= np.uint64(1) << np.uint64(2):
-        b >>= np.uint64(2)
-        i += 2
-    if b >= np.uint64(2):
-        i += 1
-    return i
+    """The index of ``word``'s lowest set bit (``word`` > 0): the exponent of that bit alone, as a double."""
+    return (np.float64(word & (~word + np.uint64(1))).view(np.int64) >> 52) - 1023
 
 
-def _lfu_victim(state, pins, after, bhead, nonempty):
+def _lfu_victim(space, state, pinned_at, low, after, nonempty):
     """The unpinned resident key of lowest (requests, rank): the buckets from the lowest count up, each from its head."""
     while state[_LOW] < nonempty.shape[0] and nonempty[state[_LOW]] == np.uint64(0):
         state[_LOW] += 1  # no bucket below this word holds a key
@@ -207,9 +202,10 @@ def _lfu_victim(state, pins, after, bhead, nonempty):
         while word != np.uint64(0):
             bit = _lowest_bit(word)
             word &= word - np.uint64(1)
-            key = bhead[w * 64 + bit]
-            while key >= 0:
-                if pins[key] == 0:
+            end = space + w * 64 + bit
+            key = after[end]
+            while key != end:
+                if pinned_at[key] < low:
                     return key
                 key = after[key]
     return -1
@@ -273,14 +269,14 @@ def _heap_remove(heap, at, state, key, next_use, added):
     _sift_down(heap, at, state, at[moved], next_use, added)
 
 
-def _heap_victim(heap, at, kept, state, pins, next_use, added):
+def _heap_victim(heap, at, kept, state, pinned_at, low, next_use, added):
     """Belady's unpinned resident key that goes first: the keys of one heap (resident keys only, each once,
     moved in place when a request changes its next use), the pinned ones lifted off the top and put back."""
     held = 0
     victim = -1
     while state[_HEAP] > 0:
         key = heap[0]
-        if pins[key] == 0:
+        if pinned_at[key] < low:
             victim = key
             break
         _heap_remove(heap, at, state, key, next_use, added)
@@ -291,20 +287,20 @@ def _heap_victim(heap, at, kept, state, pins, next_use, added):
     return victim
 
 
-def _random_victim(mt, state, residents, pins):
+def _random_victim(mt, state, residents, pinned_at, low):
     """``policies.rand.Random.victim``: a few uniform picks among the resident keys, then one among the unpinned."""
     n = state[_RESIDENT]
     for _ in range(_TRIES if n else 0):
         key = residents[_randbelow(mt, state, n)]
-        if pins[key] == 0:
+        if pinned_at[key] < low:
             return key
     unpinned = 0
     for i in range(n):
-        if pins[residents[i]] == 0:
+        if pinned_at[residents[i]] < low:
             unpinned += 1
     chosen = _randbelow(mt, state, unpinned)
     for i in range(n):
-        if pins[residents[i]] == 0:
+        if pinned_at[residents[i]] < low:
             if chosen == 0:
                 return residents[i]
             chosen -= 1
@@ -316,10 +312,10 @@ def _random_victim(mt, state, residents, pins):
 def _fc_before(a, b, fvalues, fints, added):
     """Forecast's order in a layer's heap, ``LazyHeap``'s: lower (chance, last use) first, ties to the key inserted
     earlier."""
-    if fvalues[_CHANCE, a] != fvalues[_CHANCE, b]:
-        return fvalues[_CHANCE, a] < fvalues[_CHANCE, b]
-    if fints[_RANK_LAST, a] != fints[_RANK_LAST, b]:
-        return fints[_RANK_LAST, a] < fints[_RANK_LAST, b]
+    if fvalues[a, _CHANCE] != fvalues[b, _CHANCE]:
+        return fvalues[a, _CHANCE] < fvalues[b, _CHANCE]
+    if fints[a, _RANK_LAST] != fints[b, _RANK_LAST]:
+        return fints[a, _RANK_LAST] < fints[b, _RANK_LAST]
     return added[a] < added[b]
 
 
@@ -355,14 +351,6 @@ def _fc_sift_down(heap, at, base, size, i, fvalues, fints, added):
     at[key] = i
 
 
-def _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added):
-    """A resident ``key``'s rank changed: its place in its layer's heap."""
-    layer = key // num_experts
-    base = layer * num_experts
-    _fc_sift_up(heap, at, base, at[key], fvalues, fints, added)
-    _fc_sift_down(heap, at, base, flayers[_SIZE, layer], at[key], fvalues, fints, added)
-
-
 def _fc_insert(key, num_experts, state, group, fvalues, fints, flayers, heap, at, added):
     """``Forecast.on_insert``: a key requested at this visit keeps its rank (a new one: chance 0) until the visit
     ends; one named by a prefetch gets chance 1, kept until its layer has run. It joins its layer's heap."""
@@ -372,7 +360,7 @@ def _fc_insert(key, num_experts, state, group, fvalues, fints, flayers, heap, at
         flayers[_ORDER, state[_HEAPS]] = layer
         state[_HEAPS] += 1
     if layer != state[_LAYER] or group[1, key - layer * num_experts] == 0:
-        fvalues[_CHANCE, key] = 1.0
+        fvalues[key, _CHANCE] = 1.0
     i = flayers[_SIZE, layer]
     flayers[_SIZE, layer] = i + 1
     base = layer * num_experts
@@ -398,17 +386,19 @@ def _fc_remove(key, num_experts, heap, at, fvalues, fints, flayers, added):
     _fc_sift_down(heap, at, base, size, at[moved], fvalues, fints, added)
 
 
-def _fc_lowest_unpinned(heap, base, size, pins, stack, fvalues, fints, added):
+def _fc_lowest_unpinned(heap, base, size, pinned_at, low, stack, fvalues, fints, added):
     """The first unpinned key of one layer's heap (-1: none): the lowest of the unpinned keys reached from the top
     through pinned ones only (any key below an unpinned one comes after it)."""
+    if size == 0 or pinned_at[heap[base]] < low:  # most layers: the top
+        return heap[base] if size > 0 else -1
     best = -1
-    n = 1 if size > 0 else 0
+    n = 1
     stack[0] = 0
     while n > 0:
         n -= 1
         i = stack[n]
         key = heap[base + i]
-        if pins[key] == 0:
+        if pinned_at[key] < low:
             if best < 0 or _fc_before(key, best, fvalues, fints, added):
                 best = key
             continue
@@ -418,48 +408,78 @@ def _fc_lowest_unpinned(heap, base, size, pins, stack, fvalues, fints, added):
     return best
 
 
-def _fc_victim(num_experts, state, pins, heap, kept, fvalues, fints, flayers, added):
+def _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, flayers, added, fwork):
     """``Forecast.victim``: of each layer's first unpinned key, the one whose next request is expected farthest
-    away, the same doubles as the policy's; ties to the layer whose heap came first."""
+    away, the same doubles as the policy's; ties to the layer whose heap came first. A layer's key changes
+    seldom between evictions: the division of its score is kept (``fwork``) until its chance or the period does."""
     period = state[_PERIOD] if state[_PERIOD] > 0 else 1
     step = state[_STEP]
     best, best_score = -1, -1.0
     for h in range(state[_HEAPS]):
         layer = flayers[_ORDER, h]
-        key = _fc_lowest_unpinned(heap, layer * num_experts, flayers[_SIZE, layer], pins, kept, fvalues, fints, added)
+        key = _fc_lowest_unpinned(heap, layer * num_experts, flayers[_SIZE, layer], pinned_at, low, kept, fvalues, fints, added)
         if key < 0:
             continue
         visited = flayers[_VISITED_AT, layer]
         distance = (visited if visited > 0 else step) + period - step
         if distance <= 0:
             distance += period
-        chance = fvalues[_CHANCE, key]
-        score = distance + period * (1.0 - chance) / chance if chance > 0 else math.inf
+        chance = fvalues[key, _CHANCE]
+        if chance > 0 and (fwork[_Q_CHANCE, layer] != chance or fwork[_Q_PERIOD, layer] != period):
+            fwork[_Q_CHANCE, layer], fwork[_Q_PERIOD, layer] = chance, period
+            fwork[_Q, layer] = period * (1.0 - chance) / chance
+        score = distance + fwork[_Q, layer] if chance > 0 else math.inf
         if score > best_score:
             best, best_score = key, score
     return best
 
 
-def _fc_cell(age, rate):
-    """``policies.forecast._cell``: the table row of a key last requested ``age`` visits ago at ``rate`` a visit
-    (math.log2 here is the C library's log2, as CPython's is)."""
-    age_bin = 0
+def _fc_age_bin(age):
+    """``min((age - 1).bit_length(), _BINS - 1)``."""
     rest = age - 1
-    while rest > 0:  # (age - 1).bit_length()
-        rest >>= 1
-        age_bin += 1
-    rate_bin = min(int(-math.log2(rate)), _BINS - 1) if rate > 0 else _BINS - 1
-    return min(age_bin, _BINS - 1) * _BINS + max(rate_bin, 0)
+    return _AGE_BINS[rest] if rest < _AGE_BINS.shape[0] else _BINS - 1
 
 
-def _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table, powers, decay,
-               heap, at, kept, added):
+def _fc_rate_bin(rate):
+    """``int(-math.log2(rate))`` in [0, _BINS - 1] (``_BINS - 1`` for 0), as ``policies.forecast._cell`` has it.
+
+    Mostly how many of 1/2, 1/4, .. rate is below: with ``rate = m * 2**e``, 0.5 <= m < 1, ``-log2(rate)`` lies in
+    (-e, 1 - e], so it truncates to -e unless m is so close to 0.5 that log2's rounding may give 1 - e; only there
+    is ``math.log2`` (the C library's, as CPython's) called."""
+    rate_bin = 0
+    for k in range(_BINS - 1):
+        rate_bin += rate < _HALVES[k]
+    if rate_bin < _BINS - 1 and rate < _HALVES[rate_bin] * (1.0 + _NEAR):
+        rate_bin = max(min(int(-math.log2(rate)), _BINS - 1), 0) if rate > 0 else _BINS - 1
+    return rate_bin
+
+
+def _fc_cell(age, rate):
+    """``policies.forecast._cell``: the table row of a key last requested ``age`` visits ago at ``rate`` a visit."""
+    return _fc_age_bin(age) * _BINS + _fc_rate_bin(rate)
+
+
+def _fc_cell_of_quotient(age, numerator, denominator, inverse):
+    """``_fc_cell(age, numerator / denominator)``, where the division waits on nothing: the rate's bin is the
+    exponent of ``numerator * inverse`` (``inverse``: ``1 / denominator``; within a few units in the last place of
+    the quotient), unless its mantissa puts it near a power of two, where the quotient is worked out."""
+    bits = np.float64(numerator * inverse).view(np.int64)  # a rate is >= 0: no sign bit
+    fraction = bits & _MANTISSA
+    if fraction < _EDGE or fraction > _MANTISSA - _EDGE:
+        rate_bin = _fc_rate_bin(numerator / denominator)
+    else:  # m * 2**e, 0.5 < m < 1 not near either end: -log2 truncates to -e, and the exponent field is e + 1022
+        rate_bin = min(max(1022 - (bits >> 52), 0), _BINS - 1)
+    return _fc_age_bin(age) * _BINS + rate_bin
+
+
+def _fc_access(key, num_experts, state, group, fvalues, fints, flayers, known, table, powers, decay, heap, at,
+               added, fwork):
     """``Forecast.on_access``: a request at another layer than the last ends that layer's visit, starts this one's."""
     layer = key // num_experts
     if layer != state[_LAYER]:
         if state[_LAYER] >= 0:
-            _fc_close_visit(state[_LAYER], num_experts, state, is_resident, group, fvalues, fints, flayers, known,
-                            table, powers, decay, heap, at, kept, added)
+            _fc_close_visit(state[_LAYER], num_experts, state, group, fvalues, fints, flayers, known, table, powers,
+                            decay, heap, at, added, fwork)
         state[_LAYER] = layer
         state[_STEP] += 1
         if flayers[_VISITED_AT, layer] == 0:
@@ -473,57 +493,60 @@ def _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flay
         state[_GROUP] += 1
 
 
-def _fc_close_visit(layer, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table, powers,
-                    decay, heap, at, kept, added):
+def _fc_close_visit(layer, num_experts, state, group, fvalues, fints, flayers, known, table, powers, decay, heap,
+                    at, added, fwork):
     """``Forecast._close_visit``, in the same order and with the same doubles: each expert seen at ``layer`` scores
     the visit in its table cell, then reads its chance from the table as it is by then. ``known`` [L * E]: each
     layer's experts in order of first request; ``powers[n]``: ``decay ** n`` as Python computes it."""
     visit = flayers[_VISITS, layer]
     base = layer * num_experts
     seen = 1.0 - powers[visit]  # the decayed count of visits, times (1 - decay)
+    before = 1.0 - powers[visit - 1]  # and before this visit
+    inverse_before, inverse_seen = 1.0 / before if visit > 1 else 0.0, 1.0 / seen
     for s in range(flayers[_KNOWN, layer]):
         expert = known[base + s]
         key = base + expert
-        count, counted_at, last = fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key]
+        count, counted_at, last = fvalues[key, _DECAYED], fints[key, _COUNTED_AT], fints[key, _USED_AT]
         count *= powers[visit - 1 - counted_at]
-        rate = count * (1.0 - decay) / (1.0 - powers[visit - 1]) if visit > 1 else 0.0
-        cell = _fc_cell(visit - last, rate)
-        table[cell, 1] += 1.0
+        # the rate count * (1.0 - decay) / (1.0 - powers[visit - 1]) (0 at the first visit) only picks the cell
+        if visit > 1:
+            cell = _fc_cell_of_quotient(visit - last, count * (1.0 - decay), before, inverse_before)
+        else:
+            cell = _fc_cell(visit - last, 0.0)
+        table[cell, 1] += 1
         if group[1, expert]:
-            table[cell, 0] += 1.0
+            table[cell, 0] += 1
             count = count * decay + 1.0
             counted_at = last = visit
-            fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key] = count, visit, visit
-        rate = count * powers[visit - counted_at] * (1.0 - decay) / seen
-        cell = _fc_cell(visit + 1 - last, rate)
-        fvalues[_CHANCE, key] = (table[cell, 0] + _PRIOR * rate) / (table[cell, 1] + _PRIOR)
-        fints[_RANK_LAST, key] = last
-        if is_resident[key]:
-            _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added)
+            fvalues[key, _DECAYED], fints[key, _COUNTED_AT], fints[key, _USED_AT] = count, visit, visit
+        numerator = count * powers[visit - counted_at] * (1.0 - decay)
+        cell = _fc_cell_of_quotient(visit + 1 - last, numerator, seen, inverse_seen)
+        fwork[_SNAP_HITS, s], fwork[_SNAP_TRIES, s], fwork[_SNAP_RATE, s] = table[cell, 0], table[cell, 1], numerator
+        fints[key, _RANK_LAST] = last
+    for s in range(flayers[_KNOWN, layer]):  # the chances: divisions that wait on nothing above, apart
+        rate = fwork[_SNAP_RATE, s] / seen
+        fvalues[base + known[base + s], _CHANCE] = (fwork[_SNAP_HITS, s] + _PRIOR * rate) / (fwork[_SNAP_TRIES, s] + _PRIOR)
     for g in range(state[_GROUP]):  # first requests at this layer: no try to score yet
         expert = group[0, g]
         key = base + expert
-        if fints[_COUNTED_AT, key] > 0:
+        if fints[key, _COUNTED_AT] > 0:
             continue
-        fvalues[_DECAYED, key], fints[_COUNTED_AT, key], fints[_USED_AT, key] = 1.0, visit, visit
+        fvalues[key, _DECAYED], fints[key, _COUNTED_AT], fints[key, _USED_AT] = 1.0, visit, visit
         known[base + flayers[_KNOWN, layer]] = expert
         flayers[_KNOWN, layer] += 1
         rate = (1.0 - decay) / seen
         cell = _fc_cell(1, rate)
-        fvalues[_CHANCE, key] = (table[cell, 0] + _PRIOR * rate) / (table[cell, 1] + _PRIOR)
-        fints[_RANK_LAST, key] = visit
-        if is_resident[key]:
-            _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added)
-    unseen = 0  # resident keys inserted, then their layer ran without them: chance 0
-    for i in range(flayers[_SIZE, layer]):
+        fvalues[key, _CHANCE] = (float(table[cell, 0]) + _PRIOR * rate) / (float(table[cell, 1]) + _PRIOR)
+        fints[key, _RANK_LAST] = visit
+    size = flayers[_SIZE, layer]
+    for i in range(size):  # resident keys inserted, then their layer ran without them: chance 0
         key = heap[base + i]
-        if fints[_COUNTED_AT, key] == 0 and fvalues[_CHANCE, key] != 0.0:
-            kept[unseen] = key
-            unseen += 1
-    for i in range(unseen):
-        key = kept[i]
-        fvalues[_CHANCE, key], fints[_RANK_LAST, key] = 0.0, -1
-        _fc_moved(key, num_experts, heap, at, fvalues, fints, flayers, added)
+        if fints[key, _COUNTED_AT] == 0:
+            fvalues[key, _CHANCE], fints[key, _RANK_LAST] = 0.0, -1
+    # the resident keys' ranks changed: the layer's heap made again (its victim, the lowest unpinned key, does not
+    # depend on how the heap is laid out: the order is total, ties going to the key inserted earlier)
+    for i in range(size // 2 - 1, -1, -1):
+        _fc_sift_down(heap, at, base, size, i, fvalues, fints, added)
     for g in range(state[_GROUP]):
         group[1, group[0, g]] = 0
     state[_GROUP] = 0
@@ -668,12 +691,13 @@ class ReplayState:
         space = layers * num_experts
         self.layers, self.num_experts, self.capacity, self.policy = layers, num_experts, capacity, policy
         self.counts = np.zeros((layers, 5), dtype=np.int64)
-        self.state = np.zeros(16, dtype=np.int64)
+        self.state = np.zeros(15, dtype=np.int64)
         self.state[_HEAD], self.state[_TAIL], self.state[_MT], self.state[_LAYER] = -1, -1, mt_index, -1
         self.mt = mt.copy()
         self.is_resident = np.zeros(space, dtype=np.bool_)
         self.prefetched = np.zeros(space, dtype=np.bool_)
-        self.pins = np.zeros(space, dtype=np.int32)
+        self.pinned_at = np.full(space, -1, dtype=np.int64)  # a key's pin stamp (see _replay_piece)
+        self.evicted = np.zeros(space, dtype=np.int64)  # evictions per key, folded into counts at each piece's end
         self.residents = np.empty(capacity, dtype=np.int64)  # in policies.rand's order: appended, the last moved into a hole
         self.where = np.full(space, -1, dtype=np.int64)
         self.prev = np.full(space, -1, dtype=np.int64)
@@ -692,22 +716,23 @@ class ReplayState:
         # computes them (the visits of a layer grow with the tokens fed, so they grow too); the learned table
         self.decay = Forecast(half_life).decay
         self.powers = np.empty(0, dtype=np.float64)
-        self.table = np.zeros((_BINS * _BINS, 2), dtype=np.float64)  # (age bin, frequency bin) -> [reuses, tries]
-        self.fvalues = np.zeros((2, space if forecast else 0), dtype=np.float64)
-        self.fints = np.zeros((3, space if forecast else 0), dtype=np.int64)
-        self.fints[_RANK_LAST] = -1
+        # (age bin, frequency bin) -> [reuses, tries]; whole numbers, which the policy keeps as floats (exact below
+        # 2**53), kept as integers here: an integer add is quicker where one cell takes many tries in a row
+        self.table = np.zeros((_BINS * _BINS, 2), dtype=np.int64)
+        self.fvalues = np.zeros((space if forecast else 0, 2), dtype=np.float64)  # a key's values side by side
+        self.fints = np.zeros((space if forecast else 0, 3), dtype=np.int64)
+        self.fints[:, _RANK_LAST] = -1
         self.flayers = np.zeros((6, layers), dtype=np.int64)
+        self.fwork = np.full((6, max(num_experts, layers) if forecast else 0), -1.0)  # see the rows at the top
         self.known = np.zeros(space if forecast else 0, dtype=np.int64)  # each layer's experts, by first request
         self.group = np.zeros((2, num_experts), dtype=np.int64)  # this visit's experts, in request order; 1 where in it
-        # lfu: one list of resident keys per request count, a bit per nonempty list; a key is requested at most
-        # once a token, so the lists grow with the tokens fed
+        # lfu: one ring of resident keys per request count c, through its sentinel space + c in prev and after, a
+        # bit per nonempty ring; a key is requested at most once a token, so the rings grow with the tokens fed
         self.tokens = 0
-        self.bhead = np.full(0, -1, dtype=np.int64)
-        self.btail = np.full(0, -1, dtype=np.int64)
+        self.buckets = 0
         self.nonempty = np.zeros(0, dtype=np.uint64)
         self.guesses = np.empty(max(width, 1), dtype=np.int64)
         self.votes = np.empty(max(width, 1), dtype=np.int64)
-        self.flying = np.empty(max(width, 1), dtype=np.int64)  # the prefetches in flight, state[_FLYING] of them
 
     def feed(self, keys: np.ndarray, starts: np.ndarray, gate: np.ndarray, transition: np.ndarray,
              following: np.ndarray) -> None:
@@ -717,153 +742,177 @@ class ReplayState:
         compile_kernels()
         self.state[_CURSOR] = 0
         self.tokens += (starts.shape[0] - 1) // self.layers
-        if self.policy == LFU and self.bhead.shape[0] < self.tokens + 2:
-            self._grow_buckets(max(self.tokens + 2, 2 * self.bhead.shape[0]))
+        if self.policy == LFU and self.buckets < self.tokens + 2:
+            self._grow_buckets(max(self.tokens + 2, 2 * self.buckets))
         if self.policy == FORECAST and self.powers.shape[0] < self.tokens + 2:  # a layer's visits: one a token at most
             size = max(self.tokens + 2, 2 * self.powers.shape[0])
             more = [self.decay ** n for n in range(self.powers.shape[0], size)]  # CPython's float ** int
             self.powers = np.concatenate([self.powers, np.array(more, dtype=np.float64)])
-        _replay_piece(keys, starts, self.layers, self.num_experts, self.capacity, self.policy, gate, transition,
-                      following, self.counts, self.state, self.mt, self.is_resident, self.prefetched, self.pins,
-                      self.residents, self.where, self.prev, self.after, self.requests, self.last, self.next_use,
-                      self.added, self.heap, self.at, self.kept, self.bhead, self.btail, self.nonempty, self.guesses,
-                      self.votes, self.flying, self.fvalues, self.fints, self.flayers, self.known, self.group,
-                      self.table, self.powers, self.decay)
+        _PIECES[self.policy](keys, starts, self.layers, self.num_experts, self.capacity, gate, transition, following,
+                             self.counts, self.state, self.mt, self.is_resident, self.prefetched, self.pinned_at,
+                             self.evicted, self.residents, self.where, self.prev, self.after, self.requests, self.last,
+                             self.next_use, self.added, self.heap, self.at, self.kept, self.nonempty,
+                             self.guesses, self.votes, self.fvalues, self.fints, self.flayers, self.known,
+                             self.group, self.table, self.powers, self.decay, self.fwork)
 
     def _grow_buckets(self, size: int) -> None:
         words = (size + 63) // 64
         size = 64 * words
-        old = self.bhead.shape[0]
-        self.bhead = np.concatenate([self.bhead, np.full(size - old, -1, dtype=np.int64)])
-        self.btail = np.concatenate([self.btail, np.full(size - old, -1, dtype=np.int64)])
+        sentinels = np.arange(self.prev.shape[0], self.is_resident.shape[0] + size, dtype=np.int64)  # each its own ring
+        self.prev = np.concatenate([self.prev, sentinels])
+        self.after = np.concatenate([self.after, sentinels])
+        self.buckets = size
         self.nonempty = np.concatenate([self.nonempty, np.zeros(words - self.nonempty.shape[0], dtype=np.uint64)])
 
 
-def _replay_piece(keys, starts, layers, num_experts, capacity, policy, gate, transition, following, counts, state, mt,
-                  is_resident, prefetched, pins, residents, where, prev, after, requests, last, next_use, added, heap,
-                  at, kept, bhead, btail, nonempty, guesses, votes, flying, fvalues, fints, flayers, known, group,
-                  table, powers, decay):
-    """``ReplayState.feed``'s loop over the piece's tokens and layers."""
+def _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state, mt,
+                  is_resident, prefetched, pinned_at, evicted, residents, where, prev, after, requests, last, next_use,
+                  added, heap, at, kept, nonempty, guesses, votes, fvalues, fints, flayers, known, group,
+                  table, powers, decay, fwork):
+    """``ReplayState.feed``'s loop over the piece's tokens and layers, for one ``policy``: each policy's replay is
+    compiled apart (``_PIECES``), so the tests of ``policy`` fold away.
+
+    A key is pinned at most once at a time (a layer's keys and the prefetches for the next layer differ), so a pin
+    is a stamp: the layer visit ``v`` pins its keys with ``2v`` and its prefetches with ``2v + 1``, and a key is
+    pinned while ``pinned_at[key] >= low``; ``low`` moves past ``2v`` once the layer is done and past both at the
+    next visit, when the prefetches have landed. Evictions are tallied per key (``evicted``) and folded into the
+    counts per layer at the end of the piece."""
     width = gate.shape[2] + transition.shape[2]
-    in_flight = state[_FLYING]
+    visit, tick, cursor = state[_VISIT], state[_TICK], state[_CURSOR]
+    space = layers * num_experts  # lfu: bucket c's sentinel is space + c in prev and after
     tokens = (starts.shape[0] - 1) // layers
     for t in range(tokens):
         for pos in range(layers):
-            for i in range(in_flight):  # the prefetches have landed
-                key = flying[i]
-                pins[key] -= 1
-                if pins[key] == 0:
-                    state[_PINNED] -= 1
-            in_flight = 0
+            visit += 1
+            low = 2 * visit  # the previous visit's prefetches have landed
             first, end = starts[t * layers + pos], starts[t * layers + pos + 1]
+            hits = 0
             for i in range(first, end):  # the requests: on_access, then hit or miss
                 key = keys[i]
+                resident = is_resident[key]
                 if policy == LRU:
-                    if is_resident[key]:
+                    if resident and key != state[_TAIL]:  # the key at the end stays there
                         _unlink(prev, after, state, key)
                         _append(prev, after, state, key)
                 elif policy == LFU:
-                    if is_resident[key]:
-                        _lfu_remove(key, requests[key], prev, after, bhead, btail, nonempty)
-                    requests[key] += 1
-                    state[_TICK] += 1
-                    last[key] = state[_TICK]
-                    if is_resident[key]:
-                        _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last, added)
+                    tick += 1
+                    last[key] = tick
+                    if resident:
+                        _lfu_remove(key, requests[key], space, prev, after, nonempty)
+                        requests[key] += 1
+                        _lfu_append(key, space, state, prev, after, nonempty, requests)
+                    else:
+                        requests[key] += 1
                 elif policy == BELADY:
-                    next_use[key] = following[state[_CURSOR]]
-                    state[_CURSOR] += 1
-                    if is_resident[key]:  # its next request is later now: it moves toward the top
+                    next_use[key] = following[cursor]
+                    cursor += 1
+                    if resident:  # its next request is later now: it moves toward the top
                         _sift_up(heap, at, at[key], next_use, added)
                 elif policy == FORECAST:
-                    _fc_access(key, num_experts, state, is_resident, group, fvalues, fints, flayers, known, table,
-                               powers, decay, heap, at, kept, added)
-                if is_resident[key]:
-                    counts[pos, HITS] += 1
-                    if pins[key] == 0:
-                        state[_PINNED] += 1
-                    pins[key] += 1
+                    _fc_access(key, num_experts, state, group, fvalues, fints, flayers, known, table, powers, decay,
+                               heap, at, added, fwork)
+                if resident:
+                    hits += 1
+                    pinned_at[key] = low
                     if prefetched[key]:
                         prefetched[key] = False
                         counts[pos, USED] += 1
-                else:
-                    counts[pos, MISSES] += 1
-            for i in range(first, end):  # the misses, admitted
-                key = keys[i]
-                if not is_resident[key]:
-                    _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
-                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail,
-                           nonempty, group, fvalues, fints, flayers)
+            counts[pos, HITS] += hits
+            counts[pos, MISSES] += end - first - hits
+            if hits < end - first:
+                for i in range(first, end):  # the misses, admitted
+                    key = keys[i]
+                    if not is_resident[key]:
+                        _admit(key, low, low, policy, capacity, num_experts, state, is_resident, prefetched, pinned_at,
+                               evicted, residents, where, prev, after, requests, last, next_use, added, heap, at, kept,
+                               mt, space, nonempty, group, fvalues, fints, flayers, fwork)
             named = _pooled(gate, transition, t, pos, votes, guesses) if pos < layers - 1 and width else 0
+            pinned = end - first  # the layer's keys, all resident by now
             for layer_done in range(0 if named else 1, 2):  # the prefetches: while the layer runs, then once it is done
                 if layer_done:
-                    for i in range(first, end):
-                        key = keys[i]
-                        pins[key] -= 1
-                        if pins[key] == 0:
-                            state[_PINNED] -= 1
+                    low = 2 * visit + 1
+                    pinned -= end - first
                 for j in range(named):
                     key = (pos + 1) * num_experts + guesses[j]
                     if is_resident[key]:
                         continue
-                    if state[_RESIDENT] >= capacity and state[_PINNED] >= state[_RESIDENT]:
+                    if state[_RESIDENT] >= capacity and pinned >= state[_RESIDENT]:
                         break  # every slot is pinned: the rest wait for the retry
-                    _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents,
-                           where, prev, after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail,
-                           nonempty, group, fvalues, fints, flayers)
+                    _admit(key, 2 * visit + 1, low, policy, capacity, num_experts, state, is_resident, prefetched,
+                           pinned_at, evicted, residents, where, prev, after, requests, last, next_use, added, heap, at,
+                           kept, mt, space, nonempty, group, fvalues, fints, flayers, fwork)
+                    pinned += 1
                     prefetched[key] = True
-                    flying[in_flight] = key
-                    in_flight += 1
                     counts[pos + 1, ISSUED] += 1
-    state[_FLYING] = in_flight
+    state[_VISIT], state[_TICK], state[_CURSOR] = visit, tick, cursor
+    for key in range(evicted.shape[0]):
+        if evicted[key] > 0:
+            counts[key // num_experts, EVICTIONS] += evicted[key]
+            evicted[key] = 0
 
 
-def _admit(key, policy, capacity, num_experts, counts, state, is_resident, prefetched, pins, residents, where, prev,
-           after, requests, last, next_use, added, heap, at, kept, mt, bhead, btail, nonempty, group, fvalues, fints,
-           flayers):
-    """``Residency.admit``: a free slot, or the policy's victim evicted; ``key`` comes in pinned."""
+def _admit(key, stamp, low, policy, capacity, num_experts, state, is_resident, prefetched, pinned_at, evicted,
+           residents, where, prev, after, requests, last, next_use, added, heap, at, kept, mt, space, nonempty,
+           group, fvalues, fints, flayers, fwork):
+    """``Residency.admit``: a free slot, or the policy's victim (a key pinned below ``low``) evicted; ``key`` comes in
+    pinned with ``stamp``."""
     if state[_RESIDENT] >= capacity:
         if policy == LRU or policy == FIFO:
             victim = state[_HEAD]
-            while pins[victim] > 0:
+            while pinned_at[victim] >= low:
                 victim = after[victim]
             _unlink(prev, after, state, victim)
         elif policy == RANDOM:
-            victim = _random_victim(mt, state, residents, pins)
+            victim = _random_victim(mt, state, residents, pinned_at, low)
         elif policy == LFU:
-            victim = _lfu_victim(state, pins, after, bhead, nonempty)
-            _lfu_remove(victim, requests[victim], prev, after, bhead, btail, nonempty)
+            victim = _lfu_victim(space, state, pinned_at, low, after, nonempty)
+            _lfu_remove(victim, requests[victim], space, prev, after, nonempty)
         elif policy == FORECAST:
-            victim = _fc_victim(num_experts, state, pins, heap, kept, fvalues, fints, flayers, added)
+            victim = _fc_victim(num_experts, state, pinned_at, low, heap, kept, fvalues, fints, flayers, added, fwork)
             _fc_remove(victim, num_experts, heap, at, fvalues, fints, flayers, added)
         else:
-            victim = _heap_victim(heap, at, kept, state, pins, next_use, added)
+            victim = _heap_victim(heap, at, kept, state, pinned_at, low, next_use, added)
             _heap_remove(heap, at, state, victim, next_use, added)
         is_resident[victim] = False
         prefetched[victim] = False
-        counts[victim // num_experts, EVICTIONS] += 1
-        hole, moved = where[victim], residents[state[_RESIDENT] - 1]
-        residents[hole] = moved
-        where[moved] = hole
-        where[victim] = -1
+        evicted[victim] += 1
         state[_RESIDENT] -= 1
+        if policy == RANDOM:  # its draws index the resident keys: the last one moves into the hole
+            hole, moved = where[victim], residents[state[_RESIDENT]]
+            residents[hole] = moved
+            where[moved] = hole
     is_resident[key] = True
-    residents[state[_RESIDENT]] = key
-    where[key] = state[_RESIDENT]
+    if policy == RANDOM:
+        residents[state[_RESIDENT]] = key
+        where[key] = state[_RESIDENT]
     state[_RESIDENT] += 1
-    if pins[key] == 0:
-        state[_PINNED] += 1
-    pins[key] += 1
+    pinned_at[key] = stamp
     state[_ADDED] += 1
     added[key] = state[_ADDED]
     if policy == LRU or policy == FIFO:
         _append(prev, after, state, key)
     elif policy == LFU:
-        _lfu_insert(key, state, prev, after, bhead, btail, nonempty, requests, last, added)
+        _lfu_insert(key, space, state, prev, after, nonempty, requests, last, added)
     elif policy == BELADY:
         _heap_insert(heap, at, state, key, next_use, added)
     elif policy == FORECAST:
         _fc_insert(key, num_experts, state, group, fvalues, fints, flayers, heap, at, added)
+
+
+def _piece_for(policy):
+    """``_replay_piece`` with ``policy`` fixed: compiled, a replay specialised to it."""
+    def piece(keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state, mt, is_resident,
+              prefetched, pinned_at, evicted, residents, where, prev, after, requests, last, next_use, added, heap, at,
+              kept, nonempty, guesses, votes, fvalues, fints, flayers, known, group, table, powers,
+              decay, fwork):
+        _replay_piece(policy, keys, starts, layers, num_experts, capacity, gate, transition, following, counts, state,
+                      mt, is_resident, prefetched, pinned_at, evicted, residents, where, prev, after, requests, last,
+                      next_use, added, heap, at, kept, nonempty, guesses, votes, fvalues, fints, flayers,
+                      known, group, table, powers, decay, fwork)
+    return piece
+
+
+_PIECES = {code: _piece_for(code) for code in POLICY_CODES.values()}
 
 
 # ---------------------------------------------------------------- from a trace
@@ -959,12 +1008,13 @@ def compiled_replay(arrays: TraceArrays, policy: str, capacity: int, predictor: 
 
 # ---------------------------------------------------------------- compiling
 
-_KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_lfu_rank", "_lfu_insert", "_lfu_remove", "_lowest_bit",
+_KERNELS = ("_mt_next", "_randbelow", "_append", "_unlink", "_lfu_rank", "_lfu_insert", "_lfu_append", "_lfu_remove", "_lowest_bit",
             "_lfu_victim", "_before", "_place", "_sift_up", "_sift_down", "_heap_insert", "_heap_remove", "_heap_victim",
-            "_random_victim", "_fc_before", "_fc_sift_up", "_fc_sift_down", "_fc_moved", "_fc_insert", "_fc_remove",
-            "_fc_lowest_unpinned", "_fc_victim", "_fc_cell", "_fc_close_visit", "_fc_access", "_pooled", "_admit",
+            "_random_victim", "_fc_before", "_fc_sift_up", "_fc_sift_down", "_fc_insert", "_fc_remove",
+            "_fc_lowest_unpinned", "_fc_victim", "_fc_age_bin", "_fc_rate_bin", "_fc_cell", "_fc_cell_of_quotient", "_fc_close_visit", "_fc_access", "_pooled", "_admit",
             "_transition_into", "_replay_piece")
-_ALLOCATING = ("_transition_into", "_replay_piece")
+_ALLOCATING = ("_transition_into",)
+_INLINED = ("_replay_piece", "_admit")
 _compiled: bool | None = None  # None: not tried yet
 
 
@@ -984,7 +1034,12 @@ def compile_kernels() -> bool:
             for name in _KERNELS:
                 # The helpers allocate nothing, so they go without numba's reference counts: with them, each
                 # call that hands over arrays costs atomic increments that outweigh the work (5-10x slower).
-                helper = name not in _ALLOCATING
-                names[name] = numba.njit(cache=True, nogil=True, **({"_nrt": False} if helper else {}))(names[name])
+                # error_model="numpy": no test for a zero divisor before each division (none is zero here).
+                options = {"error_model": "numpy"} if name in _ALLOCATING else {"_nrt": False, "error_model": "numpy"}
+                if name in _INLINED:  # into each policy's replay, where its tests of the policy fold away
+                    options["forceinline"] = True
+                names[name] = numba.njit(cache=True, nogil=True, **options)(names[name])
+            for code in _PIECES:
+                _PIECES[code] = numba.njit(cache=True, nogil=True, error_model="numpy")(_piece_for(code))
             _compiled = True
     return _compiled

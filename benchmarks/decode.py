@@ -575,9 +575,7 @@ def quant_rounds(folders: dict[str, Path], args, trace) -> dict:
                     runs[name].append(run_format(folder, args.device, capacity, args.tokens, trace))
                 else:  # in a fresh memory cgroup, the files' pages dropped first: "full" is run_format's settings
                     drop_file_pages(folder.glob("*.safetensors"))
-                    spec = dict(kind="offload", folder=str(folder), trace=args.trace, host_memory=None,
-                                device=args.device, tokens=args.tokens, warmup=2, capacity=capacity, variant="full")
-                    result = run_in_cgroup(spec, limit)
+                    result = Runner(folder, args, limit)("offload", {"capacity": capacity, "variant": "full"})
                     if "error" in result:  # killed at the limit, say: the slowest possible, and said
                         result.update(tokens_per_s=0.0, expert_bytes=0)
                     runs[name].append(result)

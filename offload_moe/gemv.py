@@ -143,7 +143,7 @@ CALIBRATION_ROUNDS = 5
 CALIBRATION_COPIES = 64  # at most: a tiny weight is timed in cache rather than for many thousand calls
 MIN_SPEEDUP = 1.05  # below this (noise, or a tie) torch's kernel stays: it is the reference path
 _FILE_VERSION = 1
-_verdicts: dict[str, bool] = {}  # this process's verdicts, by ``_key``
+_verdicts: dict[tuple, bool] = {}  # this process's verdicts, by (shape, transposed, token class, threads)
 
 
 def mode() -> str:
@@ -188,16 +188,17 @@ def choose(shape: tuple[int, int], *, transposed: bool = False, tokens: int = 1,
     (``tokens`` ``MAX_TOKENS``, timed at that many: its kernel differs): from this process's verdicts, else the
     cache file's, else a calibration (``calibrate``, or ``calibrate_fn``), whose verdict is added to the file. A
     file that cannot be read as verdicts is ignored and written anew; one that cannot be written only logs."""
+    memo = (shape, transposed, tokens, torch.get_num_threads())  # every call asks: no file key built for a known one
+    if memo in _verdicts:
+        return _verdicts[memo]
     key = _key(shape, transposed, tokens)
-    if key in _verdicts:
-        return _verdicts[key]
     path = cache_path()
     entries = _read(path)
     if key in entries and isinstance(entries[key].get("gemv"), bool):
-        _verdicts[key] = entries[key]["gemv"]
-        return _verdicts[key]
+        _verdicts[memo] = entries[key]["gemv"]
+        return _verdicts[memo]
     found = (calibrate_fn or calibrate)(shape, transposed=transposed, tokens=tokens)
-    _verdicts[key] = bool(found["gemv"])
+    _verdicts[memo] = bool(found["gemv"])
     entries = _read(path)  # again: another process may have added verdicts meanwhile
     entries[key] = {**found, "date": time.strftime("%Y-%m-%d")}
     try:
@@ -206,7 +207,7 @@ def choose(shape: tuple[int, int], *, transposed: bool = False, tokens: int = 1,
         log.warning("bf16 GEMV verdict not saved (%s); it will be measured again in the next process", e)
     log.info("bf16 GEMV for %s%s at %d token(s): %s (%.2fx torch's)", shape, " transposed" if transposed else "",
              tokens, "used" if found["gemv"] else "not used", found["speedup"])
-    return _verdicts[key]
+    return _verdicts[memo]
 
 
 def calibrate(shape: tuple[int, int], *, transposed: bool = False, tokens: int = 1,

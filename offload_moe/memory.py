@@ -4,7 +4,9 @@
 tier: fast while the experts stay in the page cache, and a cliff when they do not (the kernel evicts the pages
 it just read, every step). ``io="direct"`` reads missing experts into slots, whose hot set the cache's own
 policy keeps, and uses no page cache. So ``choose_io`` picks ``mmap`` where the checkpoint's experts fit in
-the memory this process may use beside the dense weights, and ``direct`` elsewhere (BENCHMARKS.md, "io=auto").
+the memory this process may use beside the dense weights, or where that memory holds well over what the slots
+hold (the page cache then keeps more experts than the slots could), and ``direct`` elsewhere (BENCHMARKS.md,
+"io=auto under memory limits").
 
 The memory the process may use (``memory_room``) is the least of what the kernel calls available
 (MemAvailable, which counts the page cache it can drop) and, for each memory cgroup the process is in and
@@ -35,6 +37,10 @@ from .values import format_bytes
 UNLIMITED = 2**60  # a limit above this is "no limit" (v1 writes 9223372036854771712, v2 "max")
 MARGIN = 0.10  # of the room, kept free beside the experts: the KV cache, activations, other programs' growth
 MIN_MARGIN = 64 * 2**20
+# io="auto" maps experts that do not fit where the page cache can hold this many times the slots' bytes: a miss from
+# the mapping (page faults, read-ahead) cost about 1.5x a direct read into a slot where each held as many experts
+# (BENCHMARKS.md, "io=auto under memory limits": direct won at 1.2x, mmap at 2.1x and above)
+MAPPED_OVER_SLOTS = 1.5
 
 
 @dataclass(frozen=True)
@@ -201,8 +207,10 @@ def choose_io(io: str, *, device: torch.device, experts_bytes: int, slots_bytes:
     (``mmap`` is CPU only), where the slots (``slots_bytes``) hold every expert (each is read once; the page
     cache would hold a second copy), and beside a host tier (it keeps the hot set). Else, with ``room`` (default
     ``memory_room()``) less the dense weights and a margin (``MARGIN`` of the room, at least ``MIN_MARGIN``):
-    ``mmap`` while all the experts (``experts_bytes``) fit in it; ``direct`` where they do not but the slots
-    do; ``mmap`` again where not even the slots fit, as the page cache gives way where filled slots cannot."""
+    ``mmap`` while all the experts (``experts_bytes``) fit in it, and where they do not but it holds at least
+    ``MAPPED_OVER_SLOTS`` times the slots (the page cache then keeps more of the experts than the slots would);
+    ``direct`` where the slots fit and it holds less; ``mmap`` again where not even the slots fit, as the page
+    cache gives way where filled slots cannot."""
     if io != "auto":
         return IoChoice(io, "as asked")
     if device.type != "cpu":
@@ -219,7 +227,12 @@ def choose_io(io: str, *, device: torch.device, experts_bytes: int, slots_bytes:
     if experts_bytes <= spare:
         return IoChoice("mmap", f"auto: {experts} fit in {where}")
     if slots_bytes <= spare:
-        return IoChoice("direct", f"auto: {experts} exceed {where}; the slots keep the hot ones")
+        if spare >= MAPPED_OVER_SLOTS * slots_bytes:
+            return IoChoice("mmap", f"auto: {experts} exceed {where}, but the page cache there holds "
+                                    f"{spare / slots_bytes:.1f}x the slots, {format_bytes(slots_bytes)} (mmap from "
+                                    f"{MAPPED_OVER_SLOTS}x)")
+        return IoChoice("direct", f"auto: {experts} exceed {where}, which holds little more than the slots, "
+                                  f"{format_bytes(slots_bytes)}; the slots keep the hot ones")
     return IoChoice("mmap", f"auto: neither {experts} nor the slots, {format_bytes(slots_bytes)}, fit in {where}; "
                             "the page cache gives way where full slots would not (lower the budget for speed)")
 

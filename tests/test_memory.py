@@ -104,7 +104,17 @@ def test_auto_maps_the_experts_while_they_fit_and_reads_into_slots_when_not():
     assert "MemAvailable: 9.80 GiB, less 512.00 MiB of dense weights" in fits.reason
     over = auto(6.0, available=3.0, bound="cgroup memory.max 3.00 GiB")
     assert over.io == "direct" and "exceed the 2.20 GiB this process may use (cgroup memory.max 3.00 GiB" in over.reason
-    assert auto(9.0, available=10).io == "direct"  # a margin: 9 + 0.5 GiB of dense weights leave less than 10%
+    margin = auto(9.0, slots=0.7, available=10)  # a margin: 9 + 0.5 GiB of dense weights leave less than 10%
+    assert margin.io == "direct" and "the experts, 9.00 GiB, exceed the 8.50 GiB" in margin.reason
+
+
+def test_auto_maps_experts_that_do_not_fit_where_the_page_cache_holds_well_over_the_slots():
+    over = auto(6.0, slots=0.1, available=3.0)  # 2.2 GiB left for 0.6 GiB of slots: the page cache keeps more
+    assert over.io == "mmap" and "holds 3.7x the slots, 614.40 MiB (mmap from 1.5x)" in over.reason
+    near = auto(6.0, slots=0.3, available=3.0)  # 2.2 GiB against 1.8 GiB of slots: the slots' policy keeps them
+    assert near.io == "direct" and "holds little more than the slots, 1.80 GiB" in near.reason
+    assert auto(6.0, slots=0.24, available=3.0).io == "mmap"  # 1.44 GiB of slots: 2.2 GiB is just over 1.5x
+    assert auto(6.0, slots=0.25, available=3.0).io == "direct"  # 1.5 GiB: just under
 
 
 def test_auto_keeps_the_page_cache_when_not_even_the_slots_fit():

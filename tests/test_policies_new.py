@@ -62,3 +62,22 @@ def test_replays_in_the_reference_engine_with_prefetch():
     result = replay(trace, "forecast", 8, predictor="transition")
     assert result.hits + result.misses == result.requests > 0
     assert result.prefetch_issued > 0
+
+
+def test_an_expert_left_out_of_visits_decays_once_per_visit(monkeypatch):
+    """An expert's decayed count fades by ``decay`` once per visit of its layer since its last request (the
+    score of its next visit reads count * decay ** visits), not twice over the visits it was left out of."""
+    import offload_moe.policies.forecast as forecast
+
+    looked_up = []
+    real_cell = forecast._cell
+    monkeypatch.setattr(forecast, "_cell", lambda age, rate: looked_up.append((age, rate)) or real_cell(age, rate))
+    policy = Forecast(half_life=1.0)  # decay 0.5 a visit
+    for visit_experts in ([0], [1], [1]):  # three visits of layer 0: expert 0 at the first only
+        for expert in visit_experts:
+            policy.on_access((0, expert))
+        policy.on_access((1, 0))  # another layer: the visit of layer 0 ends
+    # at the third visit's end: expert 0 last counted at visit 1, so 1 * 0.5 ** 2, times (1 - decay) over the decayed
+    # count of 3 visits (1 - 0.5 ** 3); it looks its next visit up at age 3
+    age, rate = [call for call in looked_up if call[0] == 3][-1]
+    assert rate == pytest.approx(0.25 * 0.5 / 0.875)

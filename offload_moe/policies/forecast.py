@@ -113,13 +113,13 @@ class Forecast(EvictionPolicy):
         heap = self._heaps.get(layer)
         for expert, entry in stats.items():
             count, at, last = entry
-            count *= decay ** (visit - 1 - at)
-            rate = count * (1.0 - decay) / (1.0 - decay ** (visit - 1)) if visit > 1 else 0.0
+            before = count * decay ** (visit - 1 - at)  # the decayed count up to the visit before this one
+            rate = before * (1.0 - decay) / (1.0 - decay ** (visit - 1)) if visit > 1 else 0.0
             cell = table[_cell(visit - last, rate)]
             cell[1] += 1.0
             if expert in chosen:
                 cell[0] += 1.0
-                entry[0], entry[1], entry[2] = count * decay + 1.0, visit, visit
+                entry[0], entry[1], entry[2] = before * decay + 1.0, visit, visit
                 count, at, last = entry
             rate = count * decay ** (visit - at) * (1.0 - decay) / seen
             hits, tries = table[_cell(visit + 1 - last, rate)]

@@ -507,16 +507,16 @@ def _fc_close_visit(layer, num_experts, state, group, fvalues, fints, flayers, k
         expert = known[base + s]
         key = base + expert
         count, counted_at, last = fvalues[key, _DECAYED], fints[key, _COUNTED_AT], fints[key, _USED_AT]
-        count *= powers[visit - 1 - counted_at]
-        # the rate count * (1.0 - decay) / (1.0 - powers[visit - 1]) (0 at the first visit) only picks the cell
+        past = count * powers[visit - 1 - counted_at]  # the decayed count up to the visit before this one
+        # the rate past * (1.0 - decay) / (1.0 - powers[visit - 1]) (0 at the first visit) only picks the cell
         if visit > 1:
-            cell = _fc_cell_of_quotient(visit - last, count * (1.0 - decay), before, inverse_before)
+            cell = _fc_cell_of_quotient(visit - last, past * (1.0 - decay), before, inverse_before)
         else:
             cell = _fc_cell(visit - last, 0.0)
         table[cell, 1] += 1
         if group[1, expert]:
             table[cell, 0] += 1
-            count = count * decay + 1.0
+            count = past * decay + 1.0
             counted_at = last = visit
             fvalues[key, _DECAYED], fints[key, _COUNTED_AT], fints[key, _USED_AT] = count, visit, visit
         numerator = count * powers[visit - counted_at] * (1.0 - decay)

@@ -22,7 +22,7 @@ from . import memory
 from .cache import ExpertCache, HostTier, Residency, SlotLayout, SlotPool
 from .config import MIN_CACHE_EXPERTS, Budget, OffloadConfig, check_within, format_bytes, parse_bytes, shown
 from .errors import BudgetError, ConfigError, UnsupportedModelError
-from .kernels import Scratch, held_format, prepare_cpu_kernels
+from .kernels import Scratch, held_format, prepare_cpu_kernels, route_dense_linears
 from .memory import IoChoice, MemoryRoom, choose_io
 from .policies import make_policy
 from .planning import device_slots, host_slots, kv_reserve, workspace_bytes
@@ -149,6 +149,8 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
     ``store`` (and ``owned_folder``, a folder made for it) belong to the handle from here on: closed with
     the model, or here on an error. int4 experts on a CPU whose torch kernel reads another byte layout are held in
     that one (``kernels.held_format``): the mover converts each as it fills a slot, and none computes from a mapping.
+    On the CPU the model's dense bf16 ``nn.Linear`` layers compute through ``kernels.dense_linear`` too, until the
+    handle closes (``kernels.route_dense_linears``).
     """
     config, layers, layout, total = assembly.config, assembly.layers, assembly.layout, assembly.total_experts
     dev, predictor = config.device, assembly.predictor
@@ -175,6 +177,8 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
                 stand_in.kernel.scratch = scratch
         dense = {n: shape for n, shape in layout.shapes.items() if n not in layout.packed}
         prepare_cpu_kernels([getattr(s, "kernel", None) for s in stand_ins], dense, layout.dtype, dev)
+        modules = [s if isinstance(s, nn.Module) else s.module for s in stand_ins]
+        cleanups.append(route_dense_linears(model, skip=modules, device=dev))  # attention, shared experts, lm_head
         cleanups.append(_count_tokens(layers, cache))
         bind = getattr(predictor, "bind", None)
         if bind is not None:
@@ -189,7 +193,6 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
             cleanup()
         _release(cache, mover, host, store, owned_folder)
         raise
-    modules = [s if isinstance(s, nn.Module) else s.module for s in stand_ins]
     handle = OffloadHandle(model, cache, prefetcher, layers, modules, folder, name, owned_folder, cleanups)
     handle.io_reason = assembly.io.reason
     if held != assembly.layout.format and assembly.io.io == "mmap":

@@ -215,9 +215,12 @@ def calibrate(shape: tuple[int, int], *, transposed: bool = False, tokens: int =
               rounds: int = CALIBRATION_ROUNDS) -> dict:
     """Time torch's bf16 kernel and ``bf16_linear`` at ``tokens`` tokens over copies of a weight of ``shape`` that
     add up to ``working_set`` bytes or more (two at least, ``CALIBRATION_COPIES`` at most), so both read from RAM as
-    at decode. Each round times one pass of torch's, then one of ours (``timer`` before and after each). Returns
-    {"gemv": the median round's speedup >= MIN_SPEEDUP, "speedup": that ratio, "rounds": rounds}."""
+    at decode. A weight larger than ``working_set`` (an ``lm_head`` [vocab, H]) is timed on its first rows, as many as
+    fill it: as far past the caches, without allocating copies of the whole weight at load. Each round times one pass
+    of torch's, then one of ours (``timer`` before and after each). Returns {"gemv": the median round's speedup >=
+    MIN_SPEEDUP, "speedup": that ratio, "rounds": rounds}."""
     rows, cols = shape
+    rows = min(rows, max(1, working_set // (2 * cols)))
     copies = min(CALIBRATION_COPIES, max(2, -(-working_set // (2 * rows * cols))))
     weights = torch.empty(copies, rows, cols, dtype=torch.bfloat16).fill_(0.01)  # written: real pages
     x = torch.full((tokens, rows if transposed else cols), 0.5, dtype=torch.bfloat16)

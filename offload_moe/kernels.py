@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import gemv, quant
 from .formats import ExpertFormat, QuantizedWeight
@@ -73,16 +75,79 @@ def prepare_cpu_kernels(kernels: list, shapes: dict[str, tuple[int, ...]], dtype
     ``ExpertMLP`` says whether its weights are stored transposed)."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not gemv.wanted():
         return
-    if gemv.mode() == "on":
-        gemv.compile_kernels()
-        return
     layouts = {bool(getattr(k, "transposed", False)) for k in kernels} or {False}
     found = {(tuple(s), t) for s in shapes.values() if len(s) == 2 for t in layouts}
     found |= {((s[0] // 2, s[1]), False) for n, s in shapes.items() if n == "gate_up_proj" and False in layouts}
+    _settle(found)
+
+
+def _settle(found: set[tuple[tuple[int, ...], bool]]) -> None:
+    """Settle ``gemv``'s verdicts for these (shape, transposed) weights at 1 token and at 2-4, and compile its
+    kernels if any verdict uses them (loading numba's compiled code costs a second or two); in ``on`` mode every
+    fitting weight uses them: compiled, nothing timed."""
+    if gemv.mode() == "on":
+        gemv.compile_kernels()
+        return
     chosen = [gemv.choose(shape, transposed=transposed, tokens=tokens)
               for shape, transposed in sorted(found) for tokens in (1, gemv.MAX_TOKENS)]
-    if any(chosen):  # loading numba's compiled code costs a second or two: only where a kernel will run
+    if any(chosen):
         gemv.compile_kernels()
+
+
+def route_dense_linears(model: nn.Module, *, skip: Sequence[nn.Module], device: torch.device) -> Callable[[], None]:
+    """Make the model's dense ``nn.Linear`` layers (attention projections, shared experts, dense MLPs, ``lm_head``)
+    compute through ``dense_linear``, so bf16 on the CPU at 1-4 tokens may take ``gemv.bf16_linear`` as the experts
+    do: torch's bf16 GEMV reads their weights at about half the bandwidth. Returns what undoes it.
+
+    Only modules of exactly ``nn.Linear`` (not a subclass: a quantized or otherwise changed layer computes its own
+    way) with a contiguous bf16 CPU weight, outside the modules of ``skip`` (the experts' stand-ins) and without a
+    ``forward`` of their own already (an accelerate hook's, say), and only where ``device`` (the experts') is the
+    CPU and ``gemv.wanted()``. Their verdicts are settled here (``gemv.choose``), so no calibration runs mid-decode.
+
+    Each module gets an instance-level ``forward`` rather than being swapped for another module: the model's tree,
+    its module types, ``state_dict``, parameters and hooks stay as they are (``nn.Module.__call__`` runs the hooks
+    around whatever ``forward`` is), and undoing it is removing one attribute. A bound method, like accelerate's
+    hooks: a deep copy of the model rebinds it to the copy. Each call still checks what ``gemv.use`` checks (dtype,
+    1-4 tokens, shape), so prefill, other dtypes and a model moved elsewhere keep torch's kernel; with gradients
+    enabled torch's computes (``bf16_linear`` has no backward). After the undo, a forward that something else has
+    since wrapped (and so cannot be removed) hands every call to ``nn.Linear``'s own."""
+    if device.type != "cpu" or not gemv.wanted():
+        return _nothing
+    inside = {id(m) for s in skip for m in s.modules()}
+    linears = [m for m in model.modules() if type(m) is nn.Linear and id(m) not in inside
+               and "forward" not in vars(m) and _bf16_cpu(m.weight)]
+    if not linears:
+        return _nothing
+    _settle({(tuple(m.weight.shape), False) for m in linears})
+    active = [True]  # emptied by the undo
+
+    def forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if not active or torch.is_grad_enabled():
+            return type(self).forward(self, x)
+        bias = self.bias.detach() if self.bias is not None else None
+        return dense_linear(x, self.weight.detach(), bias)  # detached: gemv.fits takes no weight that needs grad
+
+    installed = []
+    for m in linears:
+        m.forward = method = types.MethodType(forward, m)
+        installed.append((m, method))
+
+    def undo() -> None:
+        active.clear()
+        for m, method in installed:
+            if vars(m).get("forward") is method:
+                del m.forward
+
+    return undo
+
+
+def _bf16_cpu(weight: object) -> bool:
+    return (isinstance(weight, torch.Tensor) and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and weight.dim() == 2 and weight.is_contiguous())
+
+
+def _nothing() -> None:
+    pass
 
 
 class Scratch:

@@ -246,6 +246,23 @@ def test_a_real_calibration_gives_a_verdict():
     assert isinstance(found["gemv"], bool) and found["speedup"] > 0 and found["rounds"] == 2
 
 
+def test_a_weight_larger_than_the_working_set_is_timed_on_its_first_rows(monkeypatch):
+    """An lm_head [vocab, H] is not copied whole at load: each copy timed holds the rows that fill the working set."""
+    if not gemv.available():
+        pytest.skip("needs numba")
+    timed = []
+    real = gemv.bf16_linear
+    monkeypatch.setattr(gemv, "bf16_linear", lambda x, w, *a, **k: timed.append(tuple(w.shape)) or real(x, w, *a, **k))
+    gemv.calibrate((4096, 64), working_set=64 * 64 * 2, rounds=1)
+    assert set(timed) == {(64, 64)}
+    timed.clear()
+    gemv.calibrate((4096, 64), transposed=True, working_set=64 * 64 * 2, rounds=1)  # [in, out]: fewer inputs
+    assert set(timed) == {(64, 64)}
+    timed.clear()
+    gemv.calibrate((24, 40), working_set=2**16, rounds=1)  # smaller: whole, in copies
+    assert set(timed) == {(24, 40)}
+
+
 @needs_numba
 def test_calls_from_several_threads_at_once_are_served_one_at_a_time():
     """numba's workqueue pool aborts the process if two threads launch kernels at once: gemv serialises them."""

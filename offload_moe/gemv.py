@@ -34,8 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import memory
 from .atomic import atomic_write
 from .errors import ConfigError, OutputError
+from .values import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,9 @@ MODES = ("auto", "on", "off")
 CALIBRATION_BYTES = 256 * 2**20  # weights each kernel streams per round: well past the caches that matter
 CALIBRATION_ROUNDS = 5
 CALIBRATION_COPIES = 64  # at most: a tiny weight is timed in cache rather than for many thousand calls
+# a calibration needs this much room (memory.memory_room: MemAvailable, a cgroup's limit) beside what it allocates,
+# CALIBRATION_BYTES: in a process near its limit, timing would be what pushes it over (a memory cgroup kills it)
+CALIBRATION_ROOM = 4 * CALIBRATION_BYTES
 MIN_SPEEDUP = 1.05  # below this (noise, or a tie) torch's kernel stays: it is the reference path
 _FILE_VERSION = 1
 _verdicts: dict[tuple, bool] = {}  # this process's verdicts, by (shape, transposed, token class, threads)
@@ -197,6 +202,13 @@ def choose(shape: tuple[int, int], *, transposed: bool = False, tokens: int = 1,
     if key in entries and isinstance(entries[key].get("gemv"), bool):
         _verdicts[memo] = entries[key]["gemv"]
         return _verdicts[memo]
+    if calibrate_fn is None:
+        room = memory.memory_room()
+        if room.available < CALIBRATION_ROOM:  # not timed now, and nothing saved: a roomier process times it
+            log.info("bf16 GEMV for %s not timed: %s left (%s), under the %s a calibration wants; torch's kernel "
+                     "is used", shape, format_bytes(room.available), room.bound, format_bytes(CALIBRATION_ROOM))
+            _verdicts[memo] = False
+            return False
     found = (calibrate_fn or calibrate)(shape, transposed=transposed, tokens=tokens)
     _verdicts[memo] = bool(found["gemv"])
     entries = _read(path)  # again: another process may have added verdicts meanwhile
@@ -215,12 +227,12 @@ def calibrate(shape: tuple[int, int], *, transposed: bool = False, tokens: int =
               rounds: int = CALIBRATION_ROUNDS) -> dict:
     """Time torch's bf16 kernel and ``bf16_linear`` at ``tokens`` tokens over copies of a weight of ``shape`` that
     add up to ``working_set`` bytes or more (two at least, ``CALIBRATION_COPIES`` at most), so both read from RAM as
-    at decode. A weight larger than ``working_set`` (an ``lm_head`` [vocab, H]) is timed on its first rows, as many as
-    fill it: as far past the caches, without allocating copies of the whole weight at load. Each round times one pass
+    at decode. A weight larger than half of ``working_set`` (an ``lm_head`` [vocab, H]) is timed on its first rows, as
+    many as fill that half: as far past the caches, without allocating copies of the whole weight at load. Each round times one pass
     of torch's, then one of ours (``timer`` before and after each). Returns {"gemv": the median round's speedup >=
     MIN_SPEEDUP, "speedup": that ratio, "rounds": rounds}."""
     rows, cols = shape
-    rows = min(rows, max(1, working_set // (2 * cols)))
+    rows = min(rows, max(1, working_set // (4 * cols)))  # two copies at least: each within half the working set
     copies = min(CALIBRATION_COPIES, max(2, -(-working_set // (2 * rows * cols))))
     weights = torch.empty(copies, rows, cols, dtype=torch.bfloat16).fill_(0.01)  # written: real pages
     x = torch.full((tokens, rows if transposed else cols), 0.5, dtype=torch.bfloat16)

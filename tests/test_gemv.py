@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from offload_moe import gemv, kernels
 from offload_moe.errors import ConfigError
 from offload_moe.kernels import ExpertMLP, RowBlocks
+from offload_moe.memory import MemoryRoom
 
 needs_numba = pytest.mark.skipif(not gemv.available(), reason="needs numba (pip install 'offload_moe[fast]')")
 SHAPES = [(1, 8), (37, 100), (64, 256), (203, 96)]  # rows in and out of the kernels' groups of 8 and 4
@@ -253,11 +254,11 @@ def test_a_weight_larger_than_the_working_set_is_timed_on_its_first_rows(monkeyp
     timed = []
     real = gemv.bf16_linear
     monkeypatch.setattr(gemv, "bf16_linear", lambda x, w, *a, **k: timed.append(tuple(w.shape)) or real(x, w, *a, **k))
-    gemv.calibrate((4096, 64), working_set=64 * 64 * 2, rounds=1)
-    assert set(timed) == {(64, 64)}
+    gemv.calibrate((4096, 64), working_set=64 * 64 * 2, rounds=1)  # two copies of 32 rows fill the working set
+    assert set(timed) == {(32, 64)}
     timed.clear()
     gemv.calibrate((4096, 64), transposed=True, working_set=64 * 64 * 2, rounds=1)  # [in, out]: fewer inputs
-    assert set(timed) == {(64, 64)}
+    assert set(timed) == {(32, 64)}
     timed.clear()
     gemv.calibrate((24, 40), working_set=2**16, rounds=1)  # smaller: whole, in copies
     assert set(timed) == {(24, 40)}
@@ -273,3 +274,19 @@ def test_calls_from_several_threads_at_once_are_served_one_at_a_time():
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: gemv.bf16_linear(x, w), range(64)))
     assert all(torch.equal(r, want) for r in results)
+
+
+def test_a_process_short_of_memory_keeps_torchs_kernel_untimed_and_saves_no_verdict(monkeypatch, tmp_path):
+    """Timing allocates CALIBRATION_BYTES of weights: a process near its memory limit (a cgroup) would be killed
+    by it, so it keeps torch's kernel, and the verdict is left for a process with room."""
+    monkeypatch.setenv("OFFLOAD_MOE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gemv, "_verdicts", {})
+    monkeypatch.setattr(gemv.memory, "memory_room", lambda: MemoryRoom(300 * 2**20, "cgroup memory.max 1.00 GiB"))
+    monkeypatch.setattr(gemv, "calibrate", lambda *a, **k: pytest.fail("timed with 300 MiB of room"))
+    assert gemv.choose((4096, 1024)) is False
+    assert not (tmp_path / "kernels.json").exists()
+    monkeypatch.setattr(gemv.memory, "memory_room", lambda: MemoryRoom(8 * 2**30, "MemAvailable"))
+    monkeypatch.setattr(gemv, "_verdicts", {})
+    monkeypatch.setattr(gemv, "calibrate", lambda *a, **k: {"gemv": True, "speedup": 1.5, "rounds": 5})
+    assert gemv.choose((4096, 1024)) is True
+    assert (tmp_path / "kernels.json").exists()

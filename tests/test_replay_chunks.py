@@ -207,16 +207,22 @@ def test_ctrl_c_during_a_sweep_of_a_file_in_processes_leaves_no_temporary_file(t
     monkeypatch.setattr(tempfile, "tempdir", None)
     trace = synthesize_trace(tokens=20_000, layers=4, num_experts=8, top_k=2, seed=0)
     path = save_trace(trace, tmp_path / "long.safetensors")
-    started, done = threading.Event(), threading.Event()
+    started, done, raised = threading.Event(), threading.Event(), threading.Event()
 
     def interrupt_once_a_replay_runs() -> None:
         while not done.is_set():
             if any(temp.rglob("offload-moe-replay-*")):
                 started.set()
+            if started.is_set():  # again until it lands: the sweep ignores Ctrl-C while it spawns its processes
                 os.kill(os.getpid(), signal.SIGINT)
-                return
-            done.wait(0.01)
+            done.wait(0.01 if not started.is_set() else 0.1)
 
+    def ctrl_c(signum, frame) -> None:  # the first raises; later ones, sent before the watcher stops, do nothing
+        if not raised.is_set():
+            raised.set()
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, ctrl_c)
     watcher = threading.Thread(target=interrupt_once_a_replay_runs)
     watcher.start()
     try:
@@ -226,5 +232,6 @@ def test_ctrl_c_during_a_sweep_of_a_file_in_processes_leaves_no_temporary_file(t
     finally:
         done.set()
         watcher.join()
+        signal.signal(signal.SIGINT, previous)
     assert started.is_set()
     assert not list(temp.iterdir())

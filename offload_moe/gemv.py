@@ -167,7 +167,7 @@ def wanted() -> bool:
 def use(x: torch.Tensor, weight: torch.Tensor, *, transposed: bool = False) -> bool:
     """Whether to compute ``x`` times ``weight`` with ``bf16_linear``: it ``fits``, it is ``wanted``, and (in
     ``auto`` mode) ``choose`` found it faster on this machine for this shape."""
-    if x.dtype != torch.bfloat16 or not fits(x, weight, transposed=transposed):  # the cheap tests first
+    if not fits(x, weight, transposed=transposed):  # the cheap tests first
         return False
     chosen = mode()
     if chosen == "off" or not available():
@@ -227,10 +227,10 @@ def calibrate(shape: tuple[int, int], *, transposed: bool = False, tokens: int =
               rounds: int = CALIBRATION_ROUNDS) -> dict:
     """Time torch's bf16 kernel and ``bf16_linear`` at ``tokens`` tokens over copies of a weight of ``shape`` that
     add up to ``working_set`` bytes or more (two at least, ``CALIBRATION_COPIES`` at most), so both read from RAM as
-    at decode. A weight larger than half of ``working_set`` (an ``lm_head`` [vocab, H]) is timed on its first rows, as
-    many as fill that half: as far past the caches, without allocating copies of the whole weight at load. Each round times one pass
-    of torch's, then one of ours (``timer`` before and after each). Returns {"gemv": the median round's speedup >=
-    MIN_SPEEDUP, "speedup": that ratio, "rounds": rounds}."""
+    at decode. A weight larger than half of ``working_set`` (an ``lm_head`` [vocab, H]) is timed on its first rows,
+    as many as fill that half: as far past the caches, without allocating copies of the whole weight at load. Each
+    round times one pass of torch's, then one of ours (``timer`` before and after each). Returns {"gemv": the median
+    round's speedup >= MIN_SPEEDUP, "speedup": that ratio, "rounds": rounds}."""
     rows, cols = shape
     rows = min(rows, max(1, working_set // (4 * cols)))  # two copies at least: each within half the working set
     copies = min(CALIBRATION_COPIES, max(2, -(-working_set // (2 * rows * cols))))

@@ -181,13 +181,12 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     (``held_format``). Everything else (FP8, MXFP4; CUDA; an int4 weight the kernel cannot take, or in another
     layout) is dequantized into ``scratch`` (the model's one), then the usual matmul.
     """
+    scratch = scratch if scratch is not None else Scratch()
     if x.device.type == "cpu" and x.dtype in PACKED_DTYPES and _packed_kernel_fits(weight):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels take [tokens, in]
-        scratch = scratch if scratch is not None else Scratch()
         ys = [_packed_matmul(x2, weight.kind, _aligned(part, weight.kind, scratch), weight.block) for part in weight.parts]
         y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)).view(*x.shape[:-1], -1)
         return y + bias if bias is not None else y
-    scratch = scratch if scratch is not None else Scratch()
     dense = weight.dequantize(scratch.take(weight.shape, x.dtype, x.device))
     return F.linear(x, dense, bias)
 

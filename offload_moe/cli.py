@@ -92,8 +92,8 @@ Policy = Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fif
 Prefetch = Annotated[str | None, typer.Option(help="Predictor: none, gate, transition, hybrid; default: the profile's, else none.")]
 Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")]
 IoMode = Annotated[str | None, typer.Option(
-    "--io", help="How experts are read: auto (mmap on CPU while the experts fit in the memory this process may use, "
-                 "else direct), direct, dontneed, buffered, or mmap (CPU: compute from the mapped checkpoint); "
+    "--io", help="How experts are read: auto (mmap on CPU where the memory this process may use holds the experts, "
+                 "or 1.5x the slots; else direct), direct, dontneed, buffered, or mmap (CPU: compute from the mapped checkpoint); "
                  "default: the profile's, else auto.")]
 HardwareProfile = Annotated[str | None, typer.Option(help="Hardware profile name or TOML path.")]
 TrustRemoteCode = Annotated[bool, typer.Option(

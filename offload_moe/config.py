@@ -113,8 +113,8 @@ class OffloadConfig:
     ``policy``: the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``, ``forecast``), seeded by ``seed``.
     ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``prefetch.Predictor`` of your own,
     naming top-k plus ``prefetch_margin`` experts for the next ``prefetch_depth`` layers.
-    ``io``: ``auto`` (the default: ``mmap`` on CPU while the experts fit in the memory the process may use, else
-    ``direct``; ``memory.choose_io``), ``direct``, ``dontneed``, ``buffered`` or (CPU) ``mmap``; ``readers`` threads read the disk; a
+    ``io``: ``auto`` (the default: ``mmap`` on CPU where the memory the process may use holds the experts, or 1.5x
+    the slots, else ``direct``; ``memory.choose_io``), ``direct``, ``dontneed``, ``buffered`` or (CPU) ``mmap``; ``readers`` threads read the disk; a
     layer waits at most ``read_timeout`` seconds for one expert (None: forever).
     ``profile``: the hardware profile the settings came from (``from_profile`` sets it), for messages only.
     None for ``device``, the policies, the prefetch settings or ``io`` means their default.

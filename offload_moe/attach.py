@@ -24,7 +24,7 @@ from .config import MIN_CACHE_EXPERTS, Budget, OffloadConfig, check_within, form
 from .errors import BudgetError, ConfigError, UnsupportedModelError
 from .kernels import Scratch, held_format, prepare_cpu_kernels, route_dense_linears
 from .memory import IoChoice, MemoryRoom, choose_io
-from .policies import make_policy
+from .policies import make_policy, reads_tokens
 from .planning import device_slots, host_slots, kv_reserve, workspace_bytes
 from .prefetch import Predictor, Prefetcher, make_predictor
 from .progress import progress_bar
@@ -180,6 +180,7 @@ def attach(model: nn.Module, assembly: Assembly, store, *, install: Callable[[],
         modules = [s if isinstance(s, nn.Module) else s.module for s in stand_ins]
         cleanups.append(route_dense_linears(model, skip=modules, device=dev))  # attention, shared experts, lm_head
         cleanups.append(_count_tokens(layers, cache))
+        cleanups.append(_tell_tokens(model, cache))
         bind = getattr(predictor, "bind", None)
         if bind is not None:
             cleanups.append(bind(prefetcher))
@@ -244,6 +245,24 @@ def _host_slots(host_memory, layout: SlotLayout, total: int, capacity: int) -> i
         if slots < 1:
             raise BudgetError(f"host_memory={shown(host_memory)} holds no expert of {layout.nbytes} bytes; raise it or leave it out")
     return slots
+
+
+def _tell_tokens(model: nn.Module, cache: ExpertCache) -> Callable[[], None]:
+    """Name each forward step's token ids to a policy that reads them (``token-forecast``): a forward pre-hook on
+    the model, reading ``input_ids`` (one row; None for several rows, or a step given embeddings)."""
+    policy = cache.residency.policy
+    if not reads_tokens(policy):
+        return lambda: None
+
+    def tell(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        tokens = None
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[0] == 1 and not ids.is_floating_point():
+            tokens = ids[0].tolist()
+        with cache.lock:
+            policy.on_tokens(tokens)
+
+    return model.register_forward_pre_hook(tell, with_kwargs=True).remove
 
 
 def _count_tokens(layers: Sequence[MoELayer], cache: ExpertCache) -> Callable[[], None]:

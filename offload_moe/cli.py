@@ -88,7 +88,7 @@ RepetitionPenalty = Annotated[float, typer.Option(min=0.0, callback=_above_zero,
 Device = Annotated[str | None, typer.Option(help="cpu or cuda; default: the profile's, else cpu.")]
 CacheExperts = Annotated[int | None, typer.Option(min=MIN_CACHE_EXPERTS, help="Expert slots on the device.")]
 CacheMemory = Annotated[str | None, typer.Option(help="Memory for expert slots, e.g. 6GiB.")]
-Policy = Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random, forecast.")]
+Policy = Annotated[str | None, typer.Option(help="Eviction policy: lru, lfu, fifo, random, forecast, token-forecast.")]
 Prefetch = Annotated[str | None, typer.Option(help="Predictor: none, gate, transition, hybrid; default: the profile's, else none.")]
 Dtype = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")]
 IoMode = Annotated[str | None, typer.Option(
@@ -569,7 +569,7 @@ def profile_command(
     model: Annotated[str | None, typer.Argument(help="Model folder to record a trace from (needs --prompts).")] = None,
     trace_file: Annotated[Path | None, typer.Option("--trace", help="Replay this trace instead of recording one.")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompts to record with MODEL (see `trace record`).")] = None,
-    policies: Annotated[str, typer.Option(help="Comma-separated eviction policies: lru, lfu, fifo, random, forecast.")] = "lru,lfu,fifo,random",
+    policies: Annotated[str, typer.Option(help="Comma-separated eviction policies: lru, lfu, fifo, random, forecast, token-forecast.")] = "lru,lfu,fifo,random",
     capacities: Annotated[str, typer.Option(help="Comma-separated capacities: expert slots (32) or shares of all experts (25%).")] = "12.5%,25%,50%",
     predictors: Annotated[str | None, typer.Option(help="Comma-separated predictors: none, transition, gate, hybrid; default: all the trace allows.")] = None,
     margin: Annotated[int, typer.Option(min=0, help="Predictors name top-k + MARGIN experts.")] = 1,

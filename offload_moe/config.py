@@ -110,7 +110,7 @@ class OffloadConfig:
     Budgets: ``cache_experts`` slots or ``cache_memory`` bytes (``"6GiB"``) for the device slots, or neither:
     then ``device_memory`` (a profile's budget for the whole model) is planned into slots by both verbs
     (``attach.check_assembly``), and without it half the free memory is used. ``host_memory``: a warm tier of host RAM, with ``host_policy``.
-    ``policy``: the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``, ``forecast``), seeded by ``seed``.
+    ``policy``: the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``, ``forecast``, ``token-forecast``), seeded by ``seed``.
     ``prefetch``: ``none``, ``gate``, ``transition``, ``hybrid`` or a ``prefetch.Predictor`` of your own,
     naming top-k plus ``prefetch_margin`` experts for the next ``prefetch_depth`` layers.
     ``io``: ``auto`` (the default: ``mmap`` on CPU where the memory the process may use holds the experts, or 1.5x
@@ -220,7 +220,8 @@ def check_names(options: dict[str, object], where: str, own: tuple[str, ...] = (
 
 def _check_policy(setting: str, name: object, seed: int) -> None:
     if not isinstance(name, str):
-        raise ConfigError(f"{setting}={shown(name)} is not an eviction policy name; use lru, lfu, fifo, random or forecast")
+        raise ConfigError(f"{setting}={shown(name)} is not an eviction policy name; "
+                          "use lru, lfu, fifo, random, forecast or token-forecast")
     make_policy(name, seed=seed)  # fails on an unknown name
 
 

@@ -58,7 +58,7 @@ def load(
     ``cache_experts`` (a number of experts, across all layers) or ``cache_memory``
     (bytes or a string such as ``"6GiB"``); without either, half the free memory less the dense weights (counted in
     the compute ``dtype``).
-    ``policy`` is the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``, ``forecast``).
+    ``policy`` is the eviction policy (``lru``, ``lfu``, ``fifo``, ``random``, ``forecast``, ``token-forecast``).
     ``host_memory`` adds a warm tier of (pinned, on CUDA) host RAM between the device
     slots and the disk, with its own ``host_policy``; when it holds every expert it is
     filled at load. ``prefetch`` picks the predictor that starts loads for the next

@@ -10,7 +10,9 @@ Call order the cache guarantees, for every request of a key:
 - on a miss with a full cache: ``victim(pinned)`` then ``on_evict(victim)``;
 - on a miss: ``on_insert(key)`` once the key is resident.
 
-``on_evict`` is also called when the cache drops a key for another reason.
+``on_evict`` is also called when the cache drops a key for another reason. Before each forward step,
+``on_tokens(tokens)`` names the step's token ids (one row), or None where they are not known; a policy
+that reads them overrides it (``token-forecast``), the others never see it.
 The keys a policy has been told about (inserted, not evicted) are exactly the resident ones. A policy
 never calls the cache: ``victim`` is handed the set of pinned keys, the ones it may not choose.
 """
@@ -21,7 +23,7 @@ import functools
 import inspect
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Container, Hashable
+from collections.abc import Container, Hashable, Sequence
 from typing import ClassVar
 
 Key = Hashable  # in the runtime: (layer, expert)
@@ -47,12 +49,21 @@ class EvictionPolicy(ABC):
     def on_evict(self, key: Key) -> None:
         """``key`` is no longer resident."""
 
+    def on_tokens(self, tokens: Sequence[int] | None) -> None:
+        """A forward step of the token ids ``tokens`` (one sequence's row) starts; None: a step whose ids are not
+        known, or of several rows."""
+
     @abstractmethod
     def victim(self, pinned: Container[Key]) -> Key:
         """Return the resident key to evict, never one in ``pinned`` (in use by the layer being computed, or loading).
 
         The cache only calls this when at least one resident key is not pinned.
         """
+
+
+def reads_tokens(policy: EvictionPolicy) -> bool:
+    """Whether ``policy`` overrides ``on_tokens``: only then are a step's token ids worked out for it."""
+    return type(policy).on_tokens is not EvictionPolicy.on_tokens
 
 
 def _from_evictable(cls: type, victim):

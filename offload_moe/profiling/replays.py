@@ -23,7 +23,7 @@ import torch
 from ..cache import ExpertCache, Residency, SlotLayout, SlotPool
 from ..errors import BudgetError, ConfigError
 from ..experts import use_layer
-from ..policies import BUILT_IN, POLICIES, Belady, EvictionPolicy, make_policy
+from ..policies import BUILT_IN, POLICIES, Belady, EvictionPolicy, make_policy, reads_tokens
 from ..prefetch import HybridPredictor, Predictor, Prefetcher, TransitionPredictor, pooled_row
 from ..traces import Trace, TraceFile
 from ..transfer import NullMover
@@ -173,6 +173,12 @@ def _compiled(policy: str) -> bool:
     return policy in POLICY_CODES and POLICIES.get(policy) is BUILT_IN.get(policy, ())
 
 
+def _reads_tokens(policy: str) -> bool:
+    """Whether the policy called ``policy`` reads each step's token ids (``EvictionPolicy.on_tokens``)."""
+    cls = POLICIES.get(policy)
+    return cls is not None and cls.on_tokens is not EvictionPolicy.on_tokens
+
+
 def _result(trace: Trace | TraceFile, policy: str, capacity: int, predictor: str, counts: np.ndarray) -> ReplayResult:
     """A ``ReplayResult`` from counters [L, 5] (``compiled.COUNTERS``) by layer position."""
     total = dict(zip(COUNTERS, counts.sum(0).tolist()))
@@ -274,7 +280,12 @@ def drive_tokens(trace: Trace, cache: ExpertCache, prefetcher: Prefetcher | None
     recorded = trace.predicted.long().numpy() if trace.predicted is not None and prefetcher is not None else None
     experts = [[sorted(set(chosen)) for chosen in token] for token in routing.tolist()]
     layers = trace.layers
+    policy = cache.residency.policy
+    tell = policy.on_tokens if reads_tokens(policy) else None  # token-forecast: each step's token, as the runtime does
+    ids = trace.token_ids.tolist() if trace.token_ids is not None and tell is not None else None
     for token in range(trace.num_tokens):
+        if tell is not None:
+            tell(None if ids is None else [ids[token]])
         rows = routing[token]
         for pos, layer in enumerate(layers):
             predicted = prefetcher.predict_device(pos, recorded[token]) if recorded is not None else {}
@@ -330,6 +341,7 @@ def replay_in_pieces(source: TraceFile, jobs: Sequence[tuple[str, int, str]], *,
     fast_transition = any(engine == "fast" and _compiled(policy) and predictor in ("transition", "hybrid")
                           for policy, predictor, _ in checked)
     gate = any(predictor in ("gate", "hybrid") for _, predictor, _ in checked)
+    wanted = (("predicted",) if gate else ()) + (("token_ids",) if any(_reads_tokens(p) for p, _, _ in checked) else ())
     width = source.top_k + margin
     with tempfile.TemporaryDirectory(prefix="offload-moe-replay-", dir=scratch) as folder:
         next_file = Path(folder) / "next-uses.int64" if belady else None
@@ -343,7 +355,7 @@ def replay_in_pieces(source: TraceFile, jobs: Sequence[tuple[str, int, str]], *,
             with open(next_file, "rb") if belady else nullcontext() as uses:
                 next_uses = NextUses(uses, requests) if belady else None
                 position = 0
-                for trace in source.pieces(chunk_tokens, tensors=("predicted",) if gate else ()):
+                for trace in source.pieces(chunk_tokens, tensors=wanted):
                     piece = Piece(trace, num_experts, width, position, gate=gate, transition=transition,
                                   next_uses=next_uses)
                     for r in replays:

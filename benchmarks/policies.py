@@ -8,10 +8,11 @@ policy's hit rate as a share of Belady's, and with prefetch the hit rate against
 Besides the registered policies it tries candidates that did not earn a place in offload_moe/policies/
 (defined below, registered only for this run): LRFU, per-layer quotas, a LeCaR-style LRU/LFU mix. With
 ``--foresight`` it adds what no online policy can have: ``forecast`` told each key's exact next request
-when it falls within the next layer, token or two tokens, which bounds what any predictor could add.
+when it falls within the next layer, the rest of the token running, the next token or two tokens, which bounds
+what a predictor of that reach could add.
 
 ``--live`` decodes the reference trace's held-out text through the bundled model (teacher forced, one
-token at a time) with 25% of its experts cached, once per policy, and reports the runtime's own hit rates.
+token at a time) with 12.5% and 25% of its experts cached, once per policy, and reports the runtime's own hit rates.
 
     python benchmarks/policies.py                      # table, and results/policies.json
     python benchmarks/policies.py --foresight --live --json out.json
@@ -155,12 +156,13 @@ class LeCaR(EvictionPolicy):
 
 
 class Foresight(Forecast):
-    """``forecast`` told each key's exact next request when it falls within ``horizon`` layer steps: not a
-    policy (it reads the future), a bound on what a predictor of that reach could add."""
+    """``forecast`` told each key's exact next request when it falls within ``horizon`` layer steps (None: within
+    the token running now): not a policy (it reads the future), a bound on what a predictor of that reach could add."""
 
-    def __init__(self, groups: list, horizon: int) -> None:
+    def __init__(self, groups: list, horizon: int | None) -> None:
         super().__init__()
-        self.horizon, self.position = horizon, -1
+        self.horizon, self.position = horizon or 0, -1
+        self.to_token_end = horizon is None
         self.uses: dict = {}
         for i, group in enumerate(groups):
             for key in group:
@@ -174,6 +176,8 @@ class Foresight(Forecast):
 
     def victim(self, pinned):
         period = len(self._visited_at) or 1
+        if self.to_token_end:  # knows the rest of the token running now: its layers after this one
+            self.horizon = period - 1 - self.position % period
         resident = [k for heap in self._heaps.values() for k in heap.resident if k not in pinned]
 
         def expected(key):
@@ -202,12 +206,12 @@ def traces(tokens: int) -> dict[str, Trace]:
     return out
 
 
-def foresight_hits(trace: Trace, capacity: int, horizon: int) -> int:
+def foresight_hits(trace: Trace, capacity: int, horizon: int | None) -> int:
     """Hits of ``Foresight`` over ``trace``, replayed as any policy is (registered a moment under a name)."""
     groups = layer_groups(trace)
 
     class Bound(Foresight):
-        name = f"foresight-{horizon}"
+        name = f"foresight-{horizon or 'token'}"
 
         def __init__(self) -> None:
             super().__init__(groups, horizon)
@@ -228,14 +232,15 @@ def measure(trace: Trace, name: str, policies: list[str], foresight: bool) -> li
         belady = replay(trace, "belady", capacity)
         base = {"trace": name, "fraction": fraction, "capacity": capacity, "belady_hit_rate": belady.hit_rate}
         for policy in policies:
-            for predictor in ["none"] + (predictors if policy in ("lru", "lfu", "forecast") else []):
+            for predictor in ["none"] + (predictors if policy in ("lru", "lfu", "forecast", "token-forecast") else []):
                 start = time.perf_counter()
                 r = replay(trace, policy, capacity, predictor=predictor)
                 rows.append({**base, "policy": policy, "predictor": predictor, "hit_rate": r.hit_rate,
                              "of_belady": r.hit_rate / belady.hit_rate, "loads": r.loads, "requests": r.requests,
                              "belady_loads": belady.loads, "seconds": round(time.perf_counter() - start, 2)})
         if foresight:
-            for horizon, label in ((1, "next layer"), (len(trace.layers), "next token"), (2 * len(trace.layers), "next 2 tokens")):
+            for horizon, label in ((1, "next layer"), (None, "rest of token"), (len(trace.layers), "next token"),
+                                   (2 * len(trace.layers), "next 2 tokens")):
                 hits = foresight_hits(trace, capacity, horizon)
                 rows.append({**base, "policy": f"foresight: {label}", "predictor": "none", "hit_rate": hits / belady.requests,
                              "of_belady": hits / belady.hits, "loads": belady.requests - hits,
@@ -303,10 +308,10 @@ def _grouped(rows, fields):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=1000, help="tokens of each synthetic trace")
-    parser.add_argument("--policies", default="lru,lfu,forecast,lrfu,quota-lfu,lecar")
+    parser.add_argument("--policies", default="lru,lfu,forecast,token-forecast,lrfu,quota-lfu,lecar")
     parser.add_argument("--traces", default="", help="comma-separated trace names (default: all)")
     parser.add_argument("--foresight", action="store_true", help="add the bounds of knowing the next layer/token(s)")
-    parser.add_argument("--live", action="store_true", help="also decode through the bundled model, lru against forecast")
+    parser.add_argument("--live", action="store_true", help="also decode through the bundled model, each policy live")
     parser.add_argument("--live-steps", type=int, default=512, help="tokens decoded per held-out sequence")
     parser.add_argument("--json", type=Path, default=Path("results/policies.json"))
     args = parser.parse_args()
@@ -318,7 +323,10 @@ def main() -> None:
     for name, trace in all_traces.items():
         if not chosen or name in chosen:
             rows += measure(trace, name, policies, args.foresight)
-    live_rows = live(all_traces["bundled (demo-heldout)"], ["lru", "lfu", "forecast"], 0.25, args.live_steps) if args.live else []
+    bundled = all_traces["bundled (demo-heldout)"]
+    live_policies = ["lru", "lfu", "forecast", "token-forecast"]
+    live_rows = [row for fraction in (0.125, 0.25) for row in live(bundled, live_policies, fraction, args.live_steps)
+                 ] if args.live else []
     print_tables(rows, live_rows)
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": _cpus(),
                           "python": platform.python_version(), "torch": torch.__version__,

@@ -61,9 +61,11 @@ class EvictionPolicy(ABC):
         """
 
 
-def reads_tokens(policy: EvictionPolicy) -> bool:
-    """Whether ``policy`` overrides ``on_tokens``: only then are a step's token ids worked out for it."""
-    return type(policy).on_tokens is not EvictionPolicy.on_tokens
+def reads_tokens(policy: EvictionPolicy | type[EvictionPolicy]) -> bool:
+    """Whether ``policy`` (or the policy class) overrides ``on_tokens``: only then are a step's token ids worked out
+    for it."""
+    cls = policy if isinstance(policy, type) else type(policy)
+    return cls.on_tokens is not EvictionPolicy.on_tokens
 
 
 def _from_evictable(cls: type, victim):

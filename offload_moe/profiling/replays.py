@@ -173,12 +173,6 @@ def _compiled(policy: str) -> bool:
     return policy in POLICY_CODES and POLICIES.get(policy) is BUILT_IN.get(policy, ())
 
 
-def _reads_tokens(policy: str) -> bool:
-    """Whether the policy called ``policy`` reads each step's token ids (``EvictionPolicy.on_tokens``)."""
-    cls = POLICIES.get(policy)
-    return cls is not None and cls.on_tokens is not EvictionPolicy.on_tokens
-
-
 def _result(trace: Trace | TraceFile, policy: str, capacity: int, predictor: str, counts: np.ndarray) -> ReplayResult:
     """A ``ReplayResult`` from counters [L, 5] (``compiled.COUNTERS``) by layer position."""
     total = dict(zip(COUNTERS, counts.sum(0).tolist()))
@@ -341,7 +335,8 @@ def replay_in_pieces(source: TraceFile, jobs: Sequence[tuple[str, int, str]], *,
     fast_transition = any(engine == "fast" and _compiled(policy) and predictor in ("transition", "hybrid")
                           for policy, predictor, _ in checked)
     gate = any(predictor in ("gate", "hybrid") for _, predictor, _ in checked)
-    wanted = (("predicted",) if gate else ()) + (("token_ids",) if any(_reads_tokens(p) for p, _, _ in checked) else ())
+    tokens = any(reads_tokens(POLICIES[policy]) for policy, _, _ in checked if policy in POLICIES)
+    wanted = (("predicted",) if gate else ()) + (("token_ids",) if tokens else ())
     width = source.top_k + margin
     with tempfile.TemporaryDirectory(prefix="offload-moe-replay-", dir=scratch) as folder:
         next_file = Path(folder) / "next-uses.int64" if belady else None

@@ -630,8 +630,10 @@ def _results_table(results, trace, seconds: float) -> Table:
                         f"({trace.num_tokens * len(trace.layers)} accesses), {len(results)} replays in {seconds:.1f} s",
                   caption="Belady: the fewest misses any eviction policy reaches without prefetch. "
                           "loads: misses + prefetches, each moving one expert.")
-    for col in ("capacity", "policy", "prefetch", "hit rate", "misses", "loads", "misses / Belady"):
-        table.add_column(col, justify="left" if col in ("policy", "prefetch") else "right")
+    for col in ("capacity", "policy", "prefetch", "hit rate", "misses", "loads", "misses / Belady"):  # a narrow
+        # terminal folds a long policy name (token-forecast) over two lines rather than cutting it short
+        table.add_column(col, justify="left" if col in ("policy", "prefetch") else "right",
+                         overflow="fold" if col == "policy" else "ellipsis")
     last = None
     for r in sorted(results, key=lambda r: (r.capacity, r.policy != "belady", r.misses)):
         if last is not None and r.capacity != last:
